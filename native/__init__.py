@@ -1,0 +1,1 @@
+"""C sources and cffi bindings for the vm_event ABI (installed as policyc.native)."""

@@ -1,0 +1,577 @@
+"""The DSL front end: policy text -> syntax tree, or diagnostics.
+
+One LALR parser, built once per process (and cached on disk by Lark across
+processes so `policyc check` starts fast). Lark's exceptions never leave this
+module: they become `Diagnostic`s. After a syntax error the parser recovers
+by blanking the broken item and parsing again, so one run reports every
+broken item in a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+from typing import Any
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import syntax as S
+from .diagnostics import Diagnostics, Span
+
+__all__ = ["parse_policy_text", "parse_expression", "decode_string", "MAX_ERRORS"]
+
+MAX_ERRORS = 25
+
+
+def parse_policy_text(text: str, path: str, diagnostics: Diagnostics) -> S.PolicyFile:
+    """Parse a whole DSL file. Syntax errors go to `diagnostics`; the tree holds what parsed."""
+    comments: list[S.Comment] = []
+    poisoned: set[str] = set()
+    work = text
+    for _ in range(MAX_ERRORS):
+        _lexed_comments.clear()
+        try:
+            tree = _parser().parse(work, start="file", on_error=None)
+        except UnexpectedInput as err:
+            diagnostics.add(_syntax_diagnostic(err, work, path))
+            repaired = _blank_broken_item(work, err, poisoned)
+            if repaired is None or repaired == work:
+                return S.PolicyFile(path, [], [], "dsl", poisoned)
+            work = repaired
+            continue
+        items = _build(tree, path, diagnostics)
+        comments = [S.Comment(str(t).rstrip(), _tok_span(t, path)) for t in _lexed_comments]
+        return S.PolicyFile(path, items, comments, "dsl", poisoned)
+    return S.PolicyFile(path, [], [], "dsl", poisoned)
+
+
+def parse_expression(text: str, span: Span, diagnostics: Diagnostics) -> S.Expr | None:
+    """Parse an expression written inside a YAML string. `span` locates the string's first character."""
+    try:
+        tree = _parser().parse(text, start="expr")
+    except UnexpectedInput as err:
+        d = _syntax_diagnostic(err, text, span.file)
+        if d.span is not None:
+            d = type(d)(d.code, d.severity, d.span.shifted(span.line - 1, span.col - 1), d.message, d.hint)
+        diagnostics.add(d)
+        return None
+    return _build_expr(tree, span, diagnostics)
+
+
+def decode_string(raw: str) -> str:
+    """Decode a quoted DSL string literal (with its quotes). Raises ValueError on a bad escape."""
+    body = raw[1:-1]
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        if i + 1 >= len(body):
+            raise ValueError("string ends with a lone backslash")
+        esc = body[i + 1]
+        simple = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"'}
+        if esc in simple:
+            out.append(simple[esc])
+            i += 2
+        elif esc == "x":
+            digits = body[i + 2:i + 4]
+            if len(digits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+                raise ValueError(f"\\x needs two hex digits, got '{digits}'")
+            out.append(chr(int(digits, 16)))
+            i += 4
+        else:
+            raise ValueError(f"unknown escape '\\{esc}'")
+    return "".join(out)
+
+
+def encode_string(value: str) -> str:
+    """The canonical quoted spelling of a string (inverse of `decode_string`)."""
+    out = ['"']
+    for ch in value:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ord(ch) < 0x20 or 0x7f <= ord(ch) < 0x100 and not ch.isprintable():
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- the parser
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("policyc.grammar").joinpath("policy.lark").read_text(encoding="utf-8")
+    # Comments are not in the tree; the lexer hands them over so the formatter can keep them.
+    return Lark(grammar, parser="lalr", start=["file", "expr"], propagate_positions=True,
+                maybe_placeholders=True, cache=True, lexer_callbacks={"COMMENT": _lexed_comments.append})
+
+
+_lexed_comments: list[Token] = []
+
+
+# ---------------------------------------------------------------- errors
+
+_TOKEN_WORDS = {
+    "NAME": "a name", "INT": "a number", "STRING": "a string", "VERSION": "a version number",
+    "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "COMMA": "','", "COLON": "':'",
+    "EQUAL": "'='", "DOT": "'.'", "CMP_OP": "a comparison", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/' or '%'",
+    "SHIFT_OP": "'<<' or '>>'", "VBAR": "'|'", "AMPERSAND": "'&'", "CIRCUMFLEX": "'^'", "TILDE": "'~'",
+    "MINUS": "'-'", "SPACE": "'va' or 'pa'", "ACCESS_PREP": "'read of', 'write to' or 'access to'",
+    "VECTOR": "an exception vector such as #UD", "OPTIONAL_SYMBOL": "'symbol?'", "$END": "end of file",
+}
+
+
+def _describe_expected(expected: set[str]) -> str:
+    words = []
+    for t in sorted(expected):
+        if t in _TOKEN_WORDS:
+            words.append(_TOKEN_WORDS[t])
+        elif t.startswith("__ANON") or t.startswith("_"):
+            continue
+        else:
+            words.append(f"'{t.lower()}'")
+    words = sorted(dict.fromkeys(words))
+    if len(words) > 8:
+        words = words[:8] + ["..."]
+    return ", ".join(words)
+
+
+def _syntax_diagnostic(err: UnexpectedInput, text: str, path: str):
+    from .diagnostics import Diagnostic, Severity
+
+    line, col = max(1, err.line or 1), max(1, err.column or 1)
+    if isinstance(err, UnexpectedCharacters):
+        ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        if ch == '"':
+            return Diagnostic("PC113", Severity.ERROR, Span(path, line, col, line, col), "unterminated string",
+                              "strings end with '\"' on the same line; write a newline as \\n")
+        shown = ch if ch.isprintable() else f"\\x{ord(ch):02x}"
+        return Diagnostic("PC111", Severity.ERROR, Span(path, line, col, line, col),
+                          f"unexpected character '{shown}'",
+                          ("expected " + _describe_expected(set(err.allowed))) if err.allowed else None)
+    if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
+        expected = set(getattr(err, "expected", ()) or ())
+        last = text.rstrip()
+        eline = last.count("\n") + 1
+        ecol = len(last) - (last.rfind("\n") + 1) + 1
+        hint = "a '{' was opened and never closed" if "RBRACE" in expected else None
+        if expected and not hint:
+            hint = "expected " + _describe_expected(expected)
+        return Diagnostic("PC112", Severity.ERROR, Span(path, eline, max(ecol, 1)), "unexpected end of file", hint)
+    assert isinstance(err, UnexpectedToken)
+    tok = err.token
+    shown = str(tok).replace("\n", "\\n")
+    end_col = col + max(len(str(tok)), 1) - 1
+    expected = set(err.expected)
+    hint = _hint_for(err, expected)
+    return Diagnostic("PC110", Severity.ERROR, Span(path, line, col, line, end_col),
+                      f"unexpected '{shown}'", hint)
+
+
+def _hint_for(err: UnexpectedToken, expected: set[str]) -> str:
+    prev = getattr(err, "token_history", None) or []
+    prev_tok = prev[-1] if prev else None
+    tok = err.token
+    if prev_tok is not None and prev_tok.type == "NAME" and "COLON" in expected and str(tok) == "on":
+        return "a rule name is followed by ':' (rule NAME: on ...)"
+    if tok.type == "NAME" and str(tok) in ("to", "of", "in"):
+        return "memory triggers read 'on read of R', 'on write to R', 'on execute in R', 'on access to R'"
+    if "ACCESS_PREP" in expected and tok.type == "NAME":
+        return ("a trigger is one of: read of R, write to R, execute in R, access to R, execute symbol S, "
+                "write cr0|cr3|cr4|xcr0, write msr M, read|write idtr|gdtr|ldtr|tr, cpuid, guest_request, "
+                "debug_exception, smc")
+    if tok.type == "EQUAL" and "CMP_OP" in expected:
+        return "compare with '==' ('=' only defines constants and regions)"
+    if str(tok) in ("&&", "||", "!"):
+        return "use 'and', 'or', 'not'"
+    return "expected " + _describe_expected(expected)
+
+
+_ITEM_START = re.compile(r"^[ \t]*(rule|region|const|include|target|symbols|mode|policy)\b", re.M)
+_NAME_AFTER = re.compile(r"^[ \t]*(?:rule|region|const)\s+([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _blank_broken_item(text: str, err: UnexpectedInput, poisoned: set[str]) -> str | None:
+    """Blank out (keeping line breaks) the item holding the error, so the rest can be parsed.
+
+    The item is the nearest line above the error that starts with an item
+    keyword and is not the continuation of an unfinished line (`const X = 1 +`
+    swallows the next line's `rule` as a name).
+    """
+    if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
+        return None
+    lines = text.split("\n")
+    err_idx = min(max(1, getattr(err, "line", 1) or 1), len(lines)) - 1
+    start = None
+    for i in range(err_idx, -1, -1):
+        if lines[i].lstrip().startswith("policy"):
+            break
+        if _ITEM_START.match(lines[i]) and not _continues(lines, i):
+            start = i
+            break
+    if start is None:
+        start, end = err_idx, err_idx + 1  # outside any item: blank just that line
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if _ITEM_START.match(lines[j])), None)
+        if end is None:
+            closers = [j for j in range(len(lines)) if lines[j].strip() == "}"]
+            end = closers[-1] if closers and closers[-1] >= err_idx else len(lines)
+        end = max(end, start + 1)
+    m = _NAME_AFTER.match(lines[start])
+    if m:
+        poisoned.add(m.group(1))
+    return "\n".join(lines[:start] + [""] * (end - start) + lines[end:])
+
+
+_OPEN_ENDINGS = ("+", "-", "*", "/", "%", "&", "|", "^", ",", "=", "(", "..", "<<", ">>", "<", ">", "~",
+                 " and", " or", " not", " size", " where", " in", " to", " of")
+
+
+def _continues(lines: list[str], i: int) -> bool:
+    """Whether line i continues an unfinished previous line."""
+    for j in range(i - 1, -1, -1):
+        prev = lines[j].split("#", 1)[0].rstrip()
+        if prev:
+            return prev.endswith(_OPEN_ENDINGS)
+    return False
+
+
+# ---------------------------------------------------------------- tree -> syntax
+
+def _span_of(meta: Any, path: str) -> Span:
+    if getattr(meta, "empty", True):
+        return S.NOWHERE
+    return Span(path, meta.line, meta.column, meta.end_line, max(meta.end_column - 1, meta.column))
+
+
+def _tok_span(tok: Token, path: str) -> Span:
+    return Span(path, tok.line, tok.column, tok.end_line, max((tok.end_column or tok.column + 1) - 1, tok.column))
+
+
+class _SyntaxBuilder(Transformer):
+    """Turns Lark's parse tree into `policyc.syntax` nodes."""
+
+    def __init__(self, path: str, diagnostics: Diagnostics, base: Span | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.diagnostics = diagnostics
+        self.base = base
+
+    def _span(self, meta: Any) -> Span:
+        s = _span_of(meta, self.path)
+        return s.shifted(self.base.line - 1, self.base.col - 1) if self.base and s is not S.NOWHERE else s
+
+    def _tspan(self, tok: Token) -> Span:
+        s = _tok_span(tok, self.path)
+        return s.shifted(self.base.line - 1, self.base.col - 1) if self.base else s
+
+    def _string(self, tok: Token) -> str:
+        try:
+            return decode_string(str(tok))
+        except ValueError as exc:
+            self.diagnostics.error("PC113", self._tspan(tok), f"invalid string: {exc}",
+                                   "escapes are \\n \\t \\r \\0 \\\\ \\\" and \\xNN")
+            return str(tok)[1:-1]
+
+    # -- file structure
+    def file(self, children):
+        return list(children)
+
+    @v_args(meta=True)
+    def policy_block(self, meta, children):
+        name_tok, *items = children
+        return S.PolicyBlock(self._string(name_tok), list(items), self._span(meta))
+
+    @v_args(meta=True)
+    def target(self, meta, children):
+        hyp, op, version, arch = children
+        return S.Target(str(hyp), str(arch), str(op) if op else None, str(version) if version else None,
+                        self._span(meta))
+
+    @v_args(meta=True)
+    def symbols(self, meta, children):
+        return S.Symbols([self._string(t) for t in children], self._span(meta))
+
+    @v_args(meta=True)
+    def mode(self, meta, children):
+        return S.Mode(str(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def const(self, meta, children):
+        return S.Const(str(children[0]), children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def include(self, meta, children):
+        return S.Include(self._string(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def region(self, meta, children):
+        return S.Region(str(children[0]), children[1], self._span(meta))
+
+    def region_terms(self, children):
+        return list(children)
+
+    @v_args(meta=True)
+    def region_ref(self, meta, children):
+        return S.RegionRef(str(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def range_region(self, meta, children):
+        space, start, end = children
+        return S.RangeRegion(start, end, str(space) if space else None, self._span(meta))
+
+    @v_args(meta=True)
+    def sized_region(self, meta, children):
+        space, base, size = children
+        return S.SizedRegion(base, size, str(space) if space else None, self._span(meta))
+
+    @v_args(meta=True)
+    def register_region(self, meta, children):
+        return S.RegisterRegion(str(children[0]), children[1], self._span(meta))
+
+    # -- rules
+    @v_args(meta=True)
+    def rule(self, meta, children):
+        name, trigger, where, *actions = children
+        return S.Rule(trigger, list(actions), str(name) if name else None, where, self._span(meta))
+
+    def where(self, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def memory_trigger(self, meta, children):
+        prep, regions = children
+        return S.MemoryTrigger(str(prep).split()[0], regions, self._span(meta))
+
+    @v_args(meta=True)
+    def execute_in_trigger(self, meta, children):
+        return S.MemoryTrigger("execute", children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def execute_trigger(self, meta, children):
+        space, address = children
+        return S.ExecuteTrigger(address, str(space) if space else None, self._span(meta))
+
+    @v_args(meta=True)
+    def register_read_trigger(self, meta, children):
+        return S.RegisterTrigger("read", str(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def register_write_trigger(self, meta, children):
+        return S.RegisterTrigger("write", str(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def msr_trigger(self, meta, children):
+        return S.MsrTrigger(children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def msr_name(self, meta, children):
+        return S.Name(str(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def cpuid_trigger(self, meta, children):
+        return S.CpuidTrigger(children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def guest_request_trigger(self, meta, children):
+        return S.EventTrigger("guest_request", self._span(meta))
+
+    @v_args(meta=True)
+    def debug_exception_trigger(self, meta, children):
+        return S.EventTrigger("debug_exception", self._span(meta))
+
+    @v_args(meta=True)
+    def smc_trigger(self, meta, children):
+        return S.EventTrigger("smc", self._span(meta))
+
+    # -- actions
+    @v_args(meta=True)
+    def allow(self, meta, children):
+        return S.Allow(self._span(meta))
+
+    @v_args(meta=True)
+    def deny(self, meta, children):
+        feed, vector = children
+        return S.Deny(feed, vector, self._span(meta))
+
+    def feed(self, children):
+        return self._string(children[0])
+
+    def with_exception(self, children):
+        return str(children[0])
+
+    @v_args(meta=True)
+    def log(self, meta, children):
+        return self._report("log", meta, children)
+
+    @v_args(meta=True)
+    def alert(self, meta, children):
+        return self._report("alert", meta, children)
+
+    def _report(self, kind, meta, children):
+        severity, template = children
+        return S.Report(kind, str(severity), self._string(template), self._span(meta), self._tspan(template))
+
+    @v_args(meta=True)
+    def pause(self, meta, children):
+        return S.Pause(self._span(meta))
+
+    @v_args(meta=True)
+    def disarm(self, meta, children):
+        return S.Disarm(self._span(meta))
+
+    @v_args(meta=True)
+    def limit(self, meta, children):
+        return S.Limit(children[0], children[1], "second", self._span(meta))
+
+    @v_args(meta=True)
+    def priority(self, meta, children):
+        return S.Priority(children[0], self._span(meta))
+
+    # -- expressions
+    @v_args(meta=True)
+    def num(self, meta, children):
+        tok = children[0]
+        text = str(tok).replace("_", "").lower()
+        radix = 16 if text.startswith("0x") else 2 if text.startswith("0b") else 8 if text.startswith("0o") else 10
+        try:
+            value = int(text, 0) if radix != 10 else int(text, 10)
+        except ValueError:
+            self.diagnostics.error("PC114", self._tspan(tok), f"invalid number '{tok}'")
+            value = 0
+        return S.Num(value, radix, self._span(meta) if not meta.empty else self._tspan(tok))
+
+    @v_args(meta=True)
+    def name(self, meta, children):
+        return S.Name(str(children[0]), self._span(meta))
+
+    @v_args(meta=True)
+    def attr(self, meta, children):
+        return S.Attr(str(children[0]), str(children[1]), self._span(meta))
+
+    @v_args(meta=True)
+    def symbol(self, meta, children):
+        return S.SymbolRef(str(children[0]), False, False, self._span(meta))
+
+    @v_args(meta=True)
+    def optional_symbol(self, meta, children):
+        return S.SymbolRef(str(children[1]), True, False, self._span(meta))
+
+    @v_args(meta=True)
+    def percpu_symbol(self, meta, children):
+        return S.SymbolRef(str(children[0]), False, True, self._span(meta))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        func, *args = children
+        args = [a for a in args if a is not None]
+        return S.Call(str(func), args, self._span(meta))
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        return S.Unary("-", children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def invert(self, meta, children):
+        return S.Unary("~", children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def not_op(self, meta, children):
+        return S.Unary("not", children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def compare(self, meta, children):
+        left, op, right = children
+        return S.Binary(str(op), left, right, self._span(meta))
+
+    @v_args(meta=True)
+    def in_region(self, meta, children):
+        return S.InRegion(children[0], str(children[1]), False, self._span(meta), self._tspan(children[1]))
+
+    @v_args(meta=True)
+    def not_in_region(self, meta, children):
+        return S.InRegion(children[0], str(children[1]), True, self._span(meta), self._tspan(children[1]))
+
+    def _chain(self, meta, children, op=None):
+        # Left-associative chains: a op b op c; operators are tokens when they vary (ADD_OP...).
+        items = list(children)
+        left = items[0]
+        i = 1
+        while i < len(items):
+            if isinstance(items[i], Token) and op is None:
+                this_op, right = str(items[i]), items[i + 1]
+                i += 2
+            else:
+                this_op, right = op, items[i]
+                i += 1
+            left = S.Binary(this_op, left, right, _join(left.span, right.span))
+        return left
+
+    @v_args(meta=True)
+    def or_expr(self, meta, children):
+        return self._chain(meta, children, "or")
+
+    @v_args(meta=True)
+    def and_expr(self, meta, children):
+        return self._chain(meta, children, "and")
+
+    @v_args(meta=True)
+    def bor(self, meta, children):
+        return self._chain(meta, children, "|")
+
+    @v_args(meta=True)
+    def bxor(self, meta, children):
+        return self._chain(meta, children, "^")
+
+    @v_args(meta=True)
+    def band(self, meta, children):
+        return self._chain(meta, children, "&")
+
+    @v_args(meta=True)
+    def shift(self, meta, children):
+        return self._chain(meta, children)
+
+    @v_args(meta=True)
+    def sum(self, meta, children):
+        return self._chain(meta, children)
+
+    @v_args(meta=True)
+    def product(self, meta, children):
+        return self._chain(meta, children)
+
+
+def _join(a: Span, b: Span) -> Span:
+    if a is S.NOWHERE or b is S.NOWHERE:
+        return a if b is S.NOWHERE else b
+    return Span(a.file, a.line, a.col, b.end_line or b.line, b.end_col or b.col)
+
+
+def _build(tree: Tree, path: str, diagnostics: Diagnostics) -> list:
+    try:
+        return _SyntaxBuilder(path, diagnostics).transform(tree)
+    except VisitError as exc:  # a bug in the builder, not the user's input
+        raise exc.orig_exc from None
+
+
+def _build_expr(tree: Tree, base: Span, diagnostics: Diagnostics) -> S.Expr:
+    if isinstance(tree, Token):  # a single terminal became the whole expression
+        tree = Tree("num" if tree.type == "INT" else "name", [tree])
+    try:
+        return _SyntaxBuilder(base.file, diagnostics, base).transform(tree)
+    except VisitError as exc:
+        raise exc.orig_exc from None

@@ -1,0 +1,324 @@
+"""The checked model: one policy, names resolved, constants folded, types checked.
+
+This is where the DSL and the YAML spelling meet for good; the compiler back
+end reads only this. Addresses stay relocatable (`Address`): the link-time
+value of a symbol expression, to which the enforcer adds the guest's slide.
+Spans ride along for diagnostics in later stages but never take part in
+equality, so a policy and its reformatted twin give equal models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Union
+
+from .diagnostics import Span
+
+__all__ = [
+    "Address", "BitTest", "Binary", "Breakpoint", "Compare", "Condition", "ControlRegisterTrigger",
+    "CpuidTrigger", "DescriptorTrigger", "EventTrigger", "Extent", "Field", "InRegion", "Literal", "Logic",
+    "LogAction", "MemoryTrigger", "MsrTrigger", "Not", "Policy", "Region", "RegisterExtent", "Rule",
+    "RateLimit", "Target", "Unary", "Verdict", "canonical_json",
+]
+
+NOWHERE = Span("<none>", 1, 1)
+
+
+def _span() -> Span:
+    return field(default=NOWHERE, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A kernel address before binding: `value` (link-time) plus the slide found at install.
+
+    `percpu` addresses are offsets into the per-CPU area of the vCPU that raised the event.
+    """
+    value: int
+    percpu: bool = False
+    origin: str = field(default="", compare=False)  # e.g. "symbol sys_call_table + 0x1f0", for explain
+
+
+@dataclass(frozen=True)
+class Target:
+    hypervisor: str = "xen"
+    min_version: tuple[int, ...] = (4, 17)
+    arch: str = "x86_64"
+
+    def __str__(self) -> str:
+        return f"{self.hypervisor} >= {'.'.join(map(str, self.min_version))} on {self.arch}"
+
+
+# ---------------------------------------------------------------- regions
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range. `space` is "va" (kernel virtual, relocatable when `start` is an Address) or "pa"."""
+    space: str
+    start: Address | int
+    size: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class RegisterExtent:
+    """A range whose base is read from a descriptor-table register at bind time."""
+    register: str  # "idtr" | "gdtr"
+    size: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    extents: tuple[Extent | RegisterExtent, ...]
+    span: Span = _span()
+
+    @property
+    def empty(self) -> bool:
+        return not self.extents
+
+
+# ---------------------------------------------------------------- conditions
+
+@dataclass(frozen=True)
+class Literal:
+    value: int
+
+
+@dataclass(frozen=True)
+class Field:
+    """An event field or a register, read from the request."""
+    name: str
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str  # "-", "~"
+    operand: "Condition"
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # + - * / % << >> & | ^
+    left: "Condition"
+    right: "Condition"
+
+
+@dataclass(frozen=True)
+class Compare:
+    op: str  # == != < <= > >=
+    left: "Condition"
+    right: "Condition"
+
+
+@dataclass(frozen=True)
+class Logic:
+    op: str  # "and" | "or"
+    left: "Condition"
+    right: "Condition"
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Condition"
+
+
+@dataclass(frozen=True)
+class InRegion:
+    value: "Condition"
+    region: str
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class BitTest:
+    """`set(BITS)`, `cleared(BITS)`, `changed(BITS)` on a register write: compares old and new under `mask`."""
+    kind: str  # "set" | "cleared" | "changed"
+    mask: int
+
+
+Condition = Union[Literal, Address, Field, Unary, Binary, Compare, Logic, Not, InRegion, BitTest]
+
+
+# ---------------------------------------------------------------- triggers
+
+@dataclass(frozen=True)
+class MemoryTrigger:
+    access: str  # "read" | "write" | "execute" | "access"
+    regions: tuple[str, ...]  # names into Policy.regions (inline regions get generated names)
+    span: Span = _span()
+    kind: str = field(default="memory", init=False)
+
+
+@dataclass(frozen=True)
+class Breakpoint:
+    address: Address
+    span: Span = _span()
+    kind: str = field(default="breakpoint", init=False)
+
+
+@dataclass(frozen=True)
+class ControlRegisterTrigger:
+    register: str  # cr0 cr3 cr4 xcr0
+    span: Span = _span()
+    kind: str = field(default="control_register", init=False)
+
+
+@dataclass(frozen=True)
+class MsrTrigger:
+    index: int
+    name: str | None = None
+    span: Span = _span()
+    kind: str = field(default="msr", init=False)
+
+
+@dataclass(frozen=True)
+class DescriptorTrigger:
+    access: str  # "read" | "write"
+    register: str  # idtr gdtr ldtr tr
+    span: Span = _span()
+    kind: str = field(default="descriptor", init=False)
+
+
+@dataclass(frozen=True)
+class CpuidTrigger:
+    leaf: int | None = None
+    span: Span = _span()
+    kind: str = field(default="cpuid", init=False)
+
+
+@dataclass(frozen=True)
+class EventTrigger:
+    event: str  # guest_request | debug_exception | smc
+    span: Span = _span()
+
+    @property
+    def kind(self) -> str:
+        return self.event
+
+
+Trigger = Union[MemoryTrigger, Breakpoint, ControlRegisterTrigger, MsrTrigger, DescriptorTrigger, CpuidTrigger,
+                EventTrigger]
+
+
+# ---------------------------------------------------------------- actions and rules
+
+@dataclass(frozen=True)
+class Verdict:
+    """What happens to the access. `deny` details: bytes fed to a read, exception injected on execute."""
+    verdict: str  # "allow" | "deny"
+    feed: bytes | None = None
+    exception: str | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class LogAction:
+    kind: str  # "log" | "alert"
+    severity: str
+    template: str
+    fields: tuple[str, ...] = ()  # the {field}s the template reads
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    per_second: int
+    then: "Action"
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Pause:
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Disarm:
+    span: Span = _span()
+
+
+Action = Union[Verdict, LogAction, RateLimit, Pause, Disarm]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    trigger: Trigger
+    condition: Condition | None
+    actions: tuple[Action, ...]
+    priority: int = 0
+    generated_name: bool = field(default=False, compare=False)
+    span: Span = _span()
+
+    @property
+    def verdict(self) -> str:
+        """The rule's own verdict: deny if it says deny anywhere (also behind a limit), else allow."""
+        def denies(a: Action) -> bool:
+            return (isinstance(a, Verdict) and a.verdict == "deny") or (isinstance(a, RateLimit) and denies(a.then))
+        return "deny" if any(denies(a) for a in self.actions) else "allow"
+
+
+@dataclass(frozen=True)
+class SymbolSource:
+    path: str = field(compare=False)
+    name: str  # the file name as written
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    target: Target
+    mode: str  # "enforce" | "audit"
+    symbols: tuple[SymbolSource, ...]
+    constants: tuple[tuple[str, int], ...]
+    regions: tuple[Region, ...]
+    rules: tuple[Rule, ...]
+    files: tuple[str, ...] = field(default=(), compare=False)
+    span: Span = _span()
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def rule(self, name: str) -> Rule:
+        for r in self.rules:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def content_hash(self) -> str:
+        """A hash of what the policy means (not how it is spelled or where it lives)."""
+        return hashlib.sha256(canonical_json(self).encode()).hexdigest()
+
+
+def canonical_json(obj: object) -> str:
+    """Deterministic JSON of a model object: spans and file paths excluded, integers as hex strings."""
+    return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
+
+
+def _plain(obj: object) -> object:
+    if is_dataclass(obj):
+        out: dict = {"_": type(obj).__name__}
+        for f in fields(obj):
+            if not f.compare:
+                continue
+            out[f.name] = _plain(getattr(obj, f.name))
+        return out
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return hex(obj)
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, (tuple, list)):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    raise TypeError(f"cannot serialise {type(obj).__name__}")

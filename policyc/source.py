@@ -1,0 +1,95 @@
+"""Reading policy files: bytes -> text -> syntax tree, with every failure a diagnostic.
+
+The spelling is chosen by extension: `.yaml`/`.yml` is the YAML spelling,
+anything else the DSL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import syntax as S
+from .diagnostics import Diagnostics, Span
+
+__all__ = ["MAX_POLICY_BYTES", "display_path", "read_policy_file", "is_yaml_path"]
+
+MAX_POLICY_BYTES = 64 * 1024 * 1024
+
+
+def is_yaml_path(path: str | Path) -> bool:
+    return str(path).lower().endswith((".yaml", ".yml"))
+
+
+def display_path(path: Path) -> str:
+    """The path as a user wants to read it in a diagnostic: relative to the working directory when inside it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def read_policy_file(path: Path, diagnostics: Diagnostics, *, at: Span | None = None,
+                     allow_empty: bool = False) -> S.PolicyFile | None:
+    """Read and parse one file. `at` is where it was named (an include), for errors about the file itself."""
+    shown = display_path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_POLICY_BYTES:
+            diagnostics.error("PC100", at or Span(shown, 1, 1),
+                              f"'{shown}' is {size:,} bytes; policy files are limited to {MAX_POLICY_BYTES:,}")
+            return None
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        diagnostics.error("PC100", at or Span(shown, 1, 1), f"'{shown}' is a directory, not a policy file",
+                          "pass the policy files, e.g. dir/*.vmi")
+        return None
+    except OSError as exc:
+        diagnostics.error("PC100", at, f"cannot read '{shown}': {exc.strerror or exc}")
+        return None
+    text = _decode(raw, shown, diagnostics)
+    if text is None:
+        return None
+    if not _has_content(text, is_yaml_path(path)):
+        if allow_empty:
+            return S.PolicyFile(shown, [], [], "yaml" if is_yaml_path(path) else "dsl")
+        diagnostics.error("PC102", Span(shown, 1, 1), f"'{shown}' is empty: it holds no policy",
+                          'a policy file starts with: policy "NAME" { ... }')
+        return None
+    if is_yaml_path(path):
+        from .yaml_form import parse_yaml_text
+        return parse_yaml_text(text, shown, diagnostics)
+    from .dsl import parse_policy_text
+    return parse_policy_text(text, shown, diagnostics)
+
+
+def _decode(raw: bytes, shown: str, diagnostics: Diagnostics) -> str | None:
+    nul = raw.find(b"\x00")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, col = _position(raw, exc.start)
+        diagnostics.error("PC101", Span(shown, line, col), f"'{shown}' is not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+                          "policy files are UTF-8 text; is this a binary file?")
+        return None
+    if nul >= 0:
+        line, col = _position(raw, nul)
+        diagnostics.error("PC101", Span(shown, line, col), f"'{shown}' contains a NUL byte: it is not a text file")
+        return None
+    return text.lstrip("\ufeff")
+
+
+def _position(raw: bytes, offset: int) -> tuple[int, int]:
+    before = raw[:offset]
+    line = before.count(b"\n") + 1
+    col = offset - (before.rfind(b"\n") + 1) + 1
+    return line, col
+
+
+def _has_content(text: str, yaml: bool) -> bool:
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not (yaml and stripped in ("---", "...")):
+            return True
+    return False

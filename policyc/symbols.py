@@ -1,0 +1,189 @@
+"""Symbol tables: System.map and Volatility 3 ISF JSON.
+
+Addresses are link-time (unrandomized) values: guest virtual addresses for a
+Linux System.map or ISF, image-relative (RVA) for a Windows ISF. Either way
+the enforcer adds one slide at bind time, so the model treats them alike.
+Per-CPU symbols (`gdt_page` = 0xb000) are offsets into each CPU's per-CPU
+area, not addresses; the table marks them.
+
+Values are Python ints throughout: symbol addresses are above 2^63 and must
+never pass through a float or a signed 64-bit integer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Symbol", "SymbolTable", "SymbolFileError", "TypeInfo", "load_symbol_table"]
+
+
+class SymbolFileError(Exception):
+    """A symbol file that cannot be used; `line` is set when one line is at fault."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    address: int
+    kind: str  # System.map type letter, or "isf"
+    percpu: bool = False
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    name: str
+    size: int
+    fields: dict[str, tuple[int, str | None]]  # member -> (offset, struct type name when it is one)
+
+
+@dataclass
+class SymbolTable:
+    source: str
+    format: str  # "system.map" | "isf"
+    os: str  # "linux" | "windows"
+    symbols: dict[str, Symbol]
+    types: dict[str, TypeInfo] = field(default_factory=dict)
+
+    def lookup(self, name: str) -> Symbol | None:
+        return self.symbols.get(name)
+
+    def near_names(self, name: str, limit: int = 3) -> list[str]:
+        """Names close to `name`, for "did you mean". Pre-filtered by length: tables hold 160,000 names."""
+        from .diagnostics import closest_names
+
+        pool = [n for n in self.symbols if abs(len(n) - len(name)) <= 3]
+        return closest_names(name, pool, limit)
+
+    def offsetof(self, type_name: str, member_path: list[str]) -> int:
+        """Byte offset of a (possibly nested) member. Raises KeyError with a readable reason."""
+        offset = 0
+        current = type_name
+        for member in member_path:
+            info = self.types.get(current)
+            if info is None:
+                raise KeyError(f"no type '{current}' in {Path(self.source).name}")
+            if member not in info.fields:
+                raise KeyError(f"type '{current}' has no member '{member}'")
+            member_offset, member_type = info.fields[member]
+            offset += member_offset
+            current = member_type or ""
+        return offset
+
+    def sizeof(self, type_name: str) -> int:
+        info = self.types.get(type_name)
+        if info is None:
+            raise KeyError(f"no type '{type_name}' in {Path(self.source).name}")
+        return info.size
+
+
+_CACHE: dict[tuple[str, float, int], SymbolTable] = {}
+
+
+def load_symbol_table(path: str | Path) -> SymbolTable:
+    """Load a System.map or an ISF (optionally .xz/.gz compressed). Cached per file version."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise SymbolFileError(f"cannot read symbol file '{p}': {exc.strerror}") from None
+    key = (str(p.resolve()), st.st_mtime, st.st_size)
+    if key not in _CACHE:
+        _CACHE[key] = _load(p)
+    return _CACHE[key]
+
+
+def _load(p: Path) -> SymbolTable:
+    raw = _read_maybe_compressed(p)
+    head = raw.lstrip()[:1]
+    if head == b"{":
+        return _load_isf(p, raw)
+    return _load_system_map(p, raw)
+
+
+def _read_maybe_compressed(p: Path) -> bytes:
+    try:
+        data = p.read_bytes()
+        if data[:6] == b"\xfd7zXZ\x00":
+            return lzma.decompress(data)
+        if data[:2] == b"\x1f\x8b":
+            return gzip.decompress(data)
+        return data
+    except OSError as exc:
+        raise SymbolFileError(f"cannot read symbol file '{p}': {exc.strerror}") from None
+    except (lzma.LZMAError, EOFError, gzip.BadGzipFile) as exc:
+        raise SymbolFileError(f"'{p}' is a damaged compressed file: {exc}") from None
+
+
+def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise SymbolFileError(f"'{p}' is neither a System.map (text) nor an ISF (JSON)") from None
+    symbols: dict[str, Symbol] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) < 3:
+            raise SymbolFileError(f"'{p}' line {lineno}: expected 'ADDRESS TYPE NAME'", lineno)
+        try:
+            address = int(parts[0], 16)
+        except ValueError:
+            raise SymbolFileError(f"'{p}' line {lineno}: '{parts[0]}' is not a hex address", lineno) from None
+        name = parts[2]
+        # Module symbols ("name [module]") and duplicates: the first core-kernel definition wins.
+        if name not in symbols:
+            symbols[name] = Symbol(name, address, parts[1])
+    if not symbols:
+        raise SymbolFileError(f"'{p}' holds no symbols")
+    _mark_percpu(symbols)
+    return SymbolTable(str(p), "system.map", "linux", symbols)
+
+
+def _mark_percpu(symbols: dict[str, Symbol]) -> None:
+    start, end = symbols.get("__per_cpu_start"), symbols.get("__per_cpu_end")
+    if start is None or end is None or start.address != 0:
+        # Without the markers, a small value in a 64-bit kernel map is still no kernel address.
+        lo, hi = 0, 1 << 32
+    else:
+        lo, hi = start.address, end.address
+    for name, sym in list(symbols.items()):
+        if lo <= sym.address < hi and sym.kind.upper() not in ("A",) and name not in ("__per_cpu_start", "__per_cpu_end"):
+            symbols[name] = Symbol(name, sym.address, sym.kind, True)
+
+
+def _load_isf(p: Path, raw: bytes) -> SymbolTable:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise SymbolFileError(f"'{p}' is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or "metadata" not in doc or not isinstance(doc.get("symbols"), dict):
+        raise SymbolFileError(f"'{p}' is JSON but not a Volatility 3 ISF (no 'metadata'/'symbols')")
+    os_name = "windows" if "windows" in (doc.get("metadata") or {}) else "linux"
+    symbols: dict[str, Symbol] = {}
+    for name, entry in doc["symbols"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("address"), int):
+            raise SymbolFileError(f"'{p}': symbol '{name}' has no integer address")
+        symbols[name] = Symbol(name, entry["address"], "isf")
+    if os_name == "linux":
+        _mark_percpu(symbols)
+    types: dict[str, TypeInfo] = {}
+    for tname, tdef in (doc.get("user_types") or {}).items():
+        if not isinstance(tdef, dict):
+            continue
+        fields: dict[str, tuple[int, str | None]] = {}
+        for fname, fdef in (tdef.get("fields") or {}).items():
+            if isinstance(fdef, dict) and isinstance(fdef.get("offset"), int):
+                ftype = fdef.get("type") or {}
+                nested = ftype.get("name") if ftype.get("kind") in ("struct", "union", "class") else None
+                fields[fname] = (fdef["offset"], nested)
+        types[tname] = TypeInfo(tname, int(tdef.get("size") or 0), fields)
+    return SymbolTable(str(p), "isf", os_name, symbols, types)

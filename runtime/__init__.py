@@ -1,0 +1,1 @@
+"""Hypervisor backends and the enforcer (installed as policyc.runtime)."""
