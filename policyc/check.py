@@ -189,6 +189,7 @@ class _Checker:
         self.regions: dict[str, M.Region] = {}
         self.arch: ArchInfo = ARCHES["x86_64"]
         self.symbols_decl_span: Span | None = None
+        self.reported_no_symbols = False
 
     def run(self) -> M.Policy | None:
         root_tree = self.units[0].tree if self.units else None
@@ -275,7 +276,8 @@ class _Checker:
 
     def lookup_symbol(self, ref: S.SymbolRef) -> Value:
         if not self.tables:
-            if not self.d.has_errors or self.symbols_decl_span is None:
+            if self.symbols_decl_span is None and not self.reported_no_symbols:
+                self.reported_no_symbols = True
                 self.d.error("PC312", ref.span, f"'symbol {ref.name}' needs a symbol file",
                              'declare one: symbols "System.map" (a System.map or a Volatility 3 ISF)')
             return None

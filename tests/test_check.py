@@ -1,0 +1,197 @@
+"""The checked model: what a policy means after names, symbols and types are resolved.
+
+Addresses below are from the real symbol table of Debian 12's 6.1.0-56-amd64
+kernel (examples/policies/linux-6.1.System.map), not made up.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from policyc import model as M
+from policyc.check import check_policy
+from policyc.diagnostics import Diagnostics
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
+SYS_CALL_TABLE = 0xFFFFFFFF82000360
+ENTRY_SYSCALL_64 = 0xFFFFFFFF81C00080
+COMMIT_CREDS = 0xFFFFFFFF810D3BC0
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    shutil.copy(EXAMPLES / "linux-6.1.System.map", tmp_path)
+    shutil.copy(EXAMPLES / "debian12-6.1.0-56-amd64.isf-excerpt.json", tmp_path)
+    return tmp_path
+
+
+def check_text(directory: Path, body: str, name: str = "p.vmi", header: bool = True) -> tuple[M.Policy | None, Diagnostics]:
+    text = body
+    if header:
+        text = ('policy "t" {\n    target xen >= 4.17 on x86_64\n    symbols "linux-6.1.System.map"\n'
+                + body + "\n}\n")
+    (directory / name).write_text(text)
+    d = Diagnostics()
+    return check_policy(directory / name, d), d
+
+
+def codes(d: Diagnostics) -> list[str]:
+    return [x.code for x in d.sorted()]
+
+
+def test_linux_example_means_what_language_md_says():
+    d = Diagnostics()
+    p = check_policy(EXAMPLES / "linux-kernel-integrity.vmi", d)
+    assert p is not None, [x.message for x in d]
+    assert list(d) == []
+    assert p.name == "linux-kernel-integrity"
+    assert p.target == M.Target("xen", (4, 17), "x86_64")
+    assert p.mode == "enforce"
+    syscalls = p.region("syscalls")
+    assert syscalls.extents == (M.Extent("va", M.Address(SYS_CALL_TABLE), 8 * 451),)
+    text = p.region("kernel_text").extents[0]
+    assert (text.start.value, text.size) == (0xFFFFFFFF81000000, 0xFFFFFFFF81E01D32 - 0xFFFFFFFF81000000)
+
+    protect = p.rule("protect_tables")
+    assert protect.trigger == M.MemoryTrigger("write", ("syscalls", "idt"))
+    assert protect.verdict == "deny"
+    assert protect.actions[1] == M.LogAction("alert", "critical", "dispatch table write at {gla:#x} from {rip:#x}",
+                                             ("gla", "rip"))
+
+    wp = p.rule("wp_guard")
+    assert wp.trigger == M.ControlRegisterTrigger("cr0")
+    assert wp.condition == M.BitTest("cleared", 1 << 16)
+    smep = p.rule("smep_smap_guard")
+    assert smep.condition == M.BitTest("cleared", (1 << 20) | (1 << 21))  # SMEP is bit 20, SMAP bit 21
+
+    lstar = p.rule("syscall_entry_guard")
+    assert lstar.trigger == M.MsrTrigger(0xC0000082, "LSTAR")
+    # The symbol stays relocatable: the enforcer adds the guest's KASLR slide.
+    assert lstar.condition == M.Compare("!=", M.Field("new"), M.Address(ENTRY_SYSCALL_64))
+
+    trace = p.rule("trace_creds")
+    assert trace.trigger == M.Breakpoint(M.Address(COMMIT_CREDS))
+    assert trace.verdict == "allow"
+
+
+def test_every_example_policy_checks_without_errors():
+    roots = [f for f in sorted(EXAMPLES.iterdir()) if f.suffix in (".vmi", ".yaml") and f.name != "linux-common.vmi"]
+    assert len(roots) >= 7
+    for f in roots:
+        d = Diagnostics()
+        p = check_policy(f, d)
+        assert p is not None, (f.name, [str(x.span) + " " + x.message for x in d])
+
+
+def test_includes_share_constants_and_regions(policy_dir: Path):
+    (policy_dir / "common.vmi").write_text("const N = 2\nregion t = symbol sys_call_table size 8 * N\n")
+    p, d = check_text(policy_dir, '    include "common.vmi"\n    rule r: on write to t { deny }')
+    assert p is not None, codes(d)
+    assert p.region("t").extents[0].size == 16
+    assert ("N", 2) in p.constants
+
+
+def test_include_cycle_and_escape_are_reported(policy_dir: Path):
+    sub = policy_dir / "sub"
+    sub.mkdir()
+    (sub / "a.vmi").write_text('include "b.vmi"\n')
+    (sub / "b.vmi").write_text('include "a.vmi"\n')
+    (policy_dir.parent / "outside.vmi").write_text("const X = 1\n")
+    (sub / "root.vmi").write_text('policy "r" {\n  target xen >= 4.17 on x86_64\n  include "a.vmi"\n'
+                                  '  include "../../outside.vmi"\n}\n')
+    d = Diagnostics()
+    assert check_policy(sub / "root.vmi", d) is None
+    found = {(x.code, x.span.line) for x in d if x.span}
+    assert ("PC307", 1) in found  # reported where the cycle closes (b.vmi includes a.vmi)
+    assert ("PC306", 4) in found
+    cycle = next(x for x in d if x.code == "PC307")
+    assert "a.vmi -> " in cycle.message and "b.vmi" in cycle.message
+
+
+def test_constants_fold_in_any_order_and_cycles_are_errors(policy_dir: Path):
+    p, d = check_text(policy_dir, "    const A = B * 2\n    const B = 0x10 << 4\n"
+                                  "    region r = symbol sys_call_table + A size B")
+    assert p is not None, codes(d)
+    assert dict(p.constants) == {"A": 0x200, "B": 0x100}
+    assert p.region("r").extents[0].start == M.Address(SYS_CALL_TABLE + 0x200)
+    _, d = check_text(policy_dir, "    const A = B + 1\n    const B = A + 1")
+    assert "PC314" in codes(d)
+
+
+def test_isf_offsets_and_sizes(policy_dir: Path):
+    (policy_dir / "p.vmi").write_text(
+        'policy "t" {\n  target xen >= 4.17 on x86_64\n  symbols "debian12-6.1.0-56-amd64.isf-excerpt.json"\n'
+        "  region cred_ptr = symbol init_task + offsetof(task_struct, cred) size 8\n"
+        "  region creds = symbol init_cred size sizeof(cred)\n"
+        "  rule r: on write to cred_ptr, creds { deny }\n}\n")
+    d = Diagnostics()
+    p = check_policy(policy_dir / "p.vmi", d)
+    assert p is not None, codes(d)
+    assert p.region("cred_ptr").extents[0].start == M.Address(0xFFFFFFFF82A1AA40 + 2960)  # pahole: cred @ 2960
+    assert p.region("creds").extents[0].size == 176
+
+
+def test_percpu_symbols_bind_per_vcpu_and_refuse_plain_use(policy_dir: Path):
+    p, d = check_text(policy_dir, "    region g = percpu symbol gdt_page size 4096\n    rule r: on write to g { deny }")
+    assert p is not None, codes(d)
+    assert p.region("g").extents[0].start == M.Address(0xB000, percpu=True)
+    _, d = check_text(policy_dir, "    region g = symbol gdt_page size 4096")
+    assert codes(d) == ["PC305"]
+
+
+def test_optional_symbol_absent_gives_empty_region_and_warning(policy_dir: Path):
+    p, d = check_text(policy_dir, "    region compat = symbol? ia32_sys_call_table size 8\n"
+                                  "    rule r: on write to compat { deny }")
+    assert p is not None
+    assert p.region("compat").empty
+    assert codes(d) == ["PC303"]
+
+
+def test_conditions_are_typed_per_trigger(policy_dir: Path):
+    p, d = check_text(policy_dir, "    region t = symbol sys_call_table size 8\n"
+                                  "    rule r: on write to t where gla in t and rip & 0xfff != 0 and not vcpu == 3 { deny }")
+    assert p is not None, codes(d)
+    c = p.rule("r").condition
+    assert isinstance(c, M.Logic) and c.op == "and"
+    # bitwise binds tighter than comparison: (rip & 0xfff) != 0
+    assert M.Compare("!=", M.Binary("&", M.Field("rip"), M.Literal(0xFFF)), M.Literal(0)) == c.left.right
+    _, d = check_text(policy_dir, "    region t = symbol sys_call_table size 8\n"
+                                  "    rule r: on write to t where old == 1 { deny }")
+    assert codes(d) == ["PC401"]
+    _, d = check_text(policy_dir, "    rule r: on write cr4 where cleared(cr0.WP) { deny }")
+    assert codes(d) == ["PC400"]
+
+
+def test_constant_condition_warns(policy_dir: Path):
+    p, d = check_text(policy_dir, "    rule r: on write cr0 where 1 == 1 { deny }")
+    assert p is not None
+    assert codes(d) == ["PC421"]
+
+
+def test_target_override_changes_what_is_available(policy_dir: Path):
+    (policy_dir / "p.vmi").write_text('policy "t" {\n  target xen >= 4.17 on x86_64\n'
+                                      '  rule r: on smc { log info "smc on {vcpu}" }\n}\n')
+    d = Diagnostics()
+    assert check_policy(policy_dir / "p.vmi", d) is None
+    assert [x.code for x in d] == ["PC418"]
+    d = Diagnostics()
+    p = check_policy(policy_dir / "p.vmi", d, target_arch="arm64")
+    assert p is not None and p.target.arch == "arm64"
+
+
+def test_unnamed_rules_get_a_name_from_file_and_line(policy_dir: Path):
+    p, d = check_text(policy_dir, "    rule on cpuid leaf 1 { allow }", name="probe-rules.vmi")
+    assert p is not None
+    assert p.rules[0].name == "probe_rules_L4" and p.rules[0].generated_name
+
+
+def test_model_hash_ignores_spelling(policy_dir: Path):
+    a, _ = check_text(policy_dir, "    const N = 4\n    region r = symbol sys_call_table size N * 2\n"
+                                  "    rule x: on write to r { deny }", name="a.vmi")
+    b, _ = check_text(policy_dir, "\n\n    region r = symbol sys_call_table size 8   # same bytes\n"
+                                  "    const N = 4\n    rule x: on write to r {\n deny\n }", name="b.vmi")
+    assert a is not None and b is not None
+    assert a.content_hash() == b.content_hash()
