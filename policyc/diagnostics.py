@@ -131,6 +131,7 @@ CODES: dict[str, str] = {
     "PC112": "syntax error: unexpected end of file",
     "PC113": "invalid string literal",
     "PC114": "invalid number literal",
+    "PC115": "expression nested too deeply",
     # 2xx: the YAML spelling
     "PC200": "YAML syntax error",
     "PC201": "YAML schema violation",
@@ -181,6 +182,15 @@ CODES: dict[str, str] = {
     "PC420": "wrong number of arguments",
     "PC421": "condition is constant",
     "PC422": "unknown mode",
+    # 5xx: lowering for a target
+    "PC500": "the target cannot enforce this rule",
+    "PC501": "the target enforces this rule with a weakness",
+    "PC502": "views merged to fit the target's view limit",
+    "PC503": "conflicting rules",
+    "PC504": "rule can never match",
+    "PC505": "livelock: the access can never complete",
+    "PC506": "sub-page collateral",
+    "PC507": "plan file cannot be used",
 }
 
 

@@ -23,6 +23,8 @@ from .diagnostics import Diagnostics, Span
 __all__ = ["parse_policy_text", "parse_expression", "decode_string", "MAX_ERRORS"]
 
 MAX_ERRORS = 25
+# Deeper expressions are no policy anyone writes, and later stages walk them recursively.
+MAX_EXPR_DEPTH = 200
 
 
 def parse_policy_text(text: str, path: str, diagnostics: Diagnostics) -> S.PolicyFile:
@@ -41,7 +43,13 @@ def parse_policy_text(text: str, path: str, diagnostics: Diagnostics) -> S.Polic
                 return S.PolicyFile(path, [], [], "dsl", poisoned)
             work = repaired
             continue
-        items = _build(tree, path, diagnostics)
+        try:
+            items = _build(tree, path, diagnostics)
+        except RecursionError:
+            diagnostics.error("PC115", Span(path, 1, 1), f"an expression in '{path}' is nested too deeply",
+                              f"expressions may nest at most {MAX_EXPR_DEPTH} levels")
+            return S.PolicyFile(path, [], [], "dsl", poisoned)
+        items = _drop_deep_items(items, diagnostics, poisoned)
         comments = [S.Comment(str(t).rstrip(), _tok_span(t, path)) for t in _lexed_comments]
         return S.PolicyFile(path, items, comments, "dsl", poisoned)
     return S.PolicyFile(path, [], [], "dsl", poisoned)
@@ -51,13 +59,62 @@ def parse_expression(text: str, span: Span, diagnostics: Diagnostics) -> S.Expr 
     """Parse an expression written inside a YAML string. `span` locates the string's first character."""
     try:
         tree = _parser().parse(text, start="expr")
+        expr = _build_expr(tree, span, diagnostics)
+    except RecursionError:
+        diagnostics.error("PC115", span, "expression nested too deeply",
+                          f"expressions may nest at most {MAX_EXPR_DEPTH} levels")
+        return None
     except UnexpectedInput as err:
         d = _syntax_diagnostic(err, text, span.file)
         if d.span is not None:
             d = type(d)(d.code, d.severity, d.span.shifted(span.line - 1, span.col - 1), d.message, d.hint)
         diagnostics.add(d)
         return None
-    return _build_expr(tree, span, diagnostics)
+    if _depth(expr) > MAX_EXPR_DEPTH:
+        diagnostics.error("PC115", span, "expression nested too deeply",
+                          f"expressions may nest at most {MAX_EXPR_DEPTH} levels")
+        return None
+    return expr
+
+
+def _depth(node: object, limit: int = MAX_EXPR_DEPTH) -> int:
+    """Nesting depth of a syntax subtree, without recursion (stops counting past `limit`)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(node, 1)]
+    while stack:
+        current, level = stack.pop()
+        if not hasattr(current, "__dataclass_fields__"):
+            continue
+        deepest = max(deepest, level)
+        if level > limit:
+            return level
+        for name in current.__dataclass_fields__:  # type: ignore[attr-defined]
+            value = getattr(current, name)
+            for child in (value if isinstance(value, list) else [value]):
+                if hasattr(child, "__dataclass_fields__"):
+                    stack.append((child, level + 1))
+    return deepest
+
+
+def _drop_deep_items(items: list, diagnostics: Diagnostics, poisoned: set[str]) -> list:
+    """Report and drop items holding an expression deeper than MAX_EXPR_DEPTH."""
+    kept = []
+    for top in items:
+        inner = top.items if isinstance(top, S.PolicyBlock) else None
+        if inner is not None:
+            top.items = _drop_deep_items(inner, diagnostics, poisoned)
+            kept.append(top)
+            continue
+        # An item adds up to a few levels above its expressions (rule -> action -> limit -> ...).
+        if _depth(top, MAX_EXPR_DEPTH + 4) > MAX_EXPR_DEPTH + 4:
+            diagnostics.error("PC115", top.span, "an expression here is nested too deeply",
+                              f"expressions may nest at most {MAX_EXPR_DEPTH} levels")
+            name = getattr(top, "name", None)
+            if isinstance(name, str):
+                poisoned.add(name)
+            continue
+        kept.append(top)
+    return kept
 
 
 def decode_string(raw: str) -> str:

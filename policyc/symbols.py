@@ -149,15 +149,23 @@ def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
 
 
 def _mark_percpu(symbols: dict[str, Symbol]) -> None:
+    """Mark per-CPU symbols and make their value the offset into a CPU's per-CPU area.
+
+    On x86_64 the per-CPU section is linked at 0, so the value already is the
+    offset (`gdt_page` = 0xb000). On arm64 it is linked at a kernel address
+    (`__per_cpu_start` = 0xffff800009804000): the offset is the distance from it.
+    """
     start, end = symbols.get("__per_cpu_start"), symbols.get("__per_cpu_end")
-    if start is None or end is None or start.address != 0:
-        # Without the markers, a small value in a 64-bit kernel map is still no kernel address.
+    if start is None or end is None or end.address <= start.address:
+        if start is not None or end is not None:
+            return
+        # No markers: a small value in a 64-bit kernel map is still no kernel address.
         lo, hi = 0, 1 << 32
     else:
         lo, hi = start.address, end.address
     for name, sym in list(symbols.items()):
-        if lo <= sym.address < hi and sym.kind.upper() not in ("A",) and name not in ("__per_cpu_start", "__per_cpu_end"):
-            symbols[name] = Symbol(name, sym.address, sym.kind, True)
+        if lo <= sym.address < hi and sym.kind.upper() != "A" and name not in ("__per_cpu_start", "__per_cpu_end"):
+            symbols[name] = Symbol(name, sym.address - lo, sym.kind, True)
 
 
 def _load_isf(p: Path, raw: bytes) -> SymbolTable:
