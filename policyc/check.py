@@ -34,6 +34,10 @@ from .symbols import SymbolFileError, SymbolTable, load_symbol_table
 __all__ = ["check_policy", "check_file_tree", "included_files", "SUPPORTED_XEN"]
 
 SUPPORTED_XEN = (4, 17)
+# Words the DSL reads as keywords exactly where a name would stand (at the start of an
+# expression, a region term, or after `rule`): a name spelled so, possible in YAML, could
+# never be written back in the DSL. Other keywords stay usable as names (contextual lexing).
+KEYWORD_NAMES = frozenset({"va", "pa", "register", "symbol", "percpu", "not", "on"})
 U64 = (1 << 64) - 1
 META_TEMPLATE_FIELDS = ("rule", "verdict", "policy", "domain", "time", "decision")
 
@@ -308,11 +312,21 @@ class _Checker:
         self.d.error("PC302", ref.span, f"unknown symbol '{ref.name}' (not in {files})", hint)
         return None
 
+    def _keyword_name(self, name: str, kind: str, span: Span) -> bool:
+        if name not in KEYWORD_NAMES:
+            return False
+        self.d.error("PC313", span, f"'{name}' is a keyword of the policy language and cannot name a {kind}",
+                     f"rename it, e.g. '{name}_{kind}'")
+        self.broken.add(name)
+        return True
+
     # -- 4. constants
     def fold_constants(self) -> None:
         for u in self.units:
             if isinstance(u.item, S.Const):
                 c = u.item
+                if self._keyword_name(c.name, "constant", c.span):
+                    continue
                 if c.name in self.const_defs:
                     self.d.error("PC301", c.span, f"constant '{c.name}' is defined twice",
                                  f"the first is at {self.const_defs[c.name].span}")
@@ -477,6 +491,8 @@ class _Checker:
         for u in self.units:
             if isinstance(u.item, S.Region):
                 r = u.item
+                if self._keyword_name(r.name, "region", r.span):
+                    continue
                 if r.name in RESERVED_REGION_NAMES:
                     self.d.error("PC313", r.span, f"'{r.name}' is a register name and cannot name a region",
                                  f"rename it, e.g. '{r.name}_region'")
@@ -579,6 +595,8 @@ class _Checker:
             if not isinstance(u.item, S.Rule):
                 continue
             r = u.item
+            if r.name is not None and self._keyword_name(r.name, "rule", r.span):
+                continue
             generated = r.name is None
             name = r.name or _generated_rule_name(u.file, r.span)
             if name in names:

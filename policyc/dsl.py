@@ -252,6 +252,8 @@ def _hint_for(err: UnexpectedToken, expected: set[str]) -> str:
         return ("a trigger is one of: read of R, write to R, execute in R, access to R, execute symbol S, "
                 "write cr0|cr3|cr4|xcr0, write msr M, read|write idtr|gdtr|ldtr|tr, cpuid, guest_request, "
                 "debug_exception, smc")
+    if tok.type == "CMP_OP" and "CMP_OP" not in expected:
+        return "comparisons do not chain: write 'a < b and b < c'"
     if tok.type == "EQUAL" and "CMP_OP" in expected:
         return "compare with '==' ('=' only defines constants and regions)"
     if str(tok) in ("&&", "||", "!"):
