@@ -45,20 +45,24 @@ META_TEMPLATE_FIELDS = ("rule", "verdict", "policy", "domain", "time", "decision
 def check_policy(path: str | Path, diagnostics: Diagnostics, *, target_arch: str | None = None) -> M.Policy | None:
     """Check one root policy file and everything it includes. Returns None when there were errors."""
     root = Path(path)
-    files = gather_files(root, diagnostics)
+    errors_before = diagnostics.error_count
+    tree = read_policy_file(root, diagnostics)
+    if tree is None:
+        return None
+    files = gather_files(root, diagnostics, tree)
     if files is None:
         return None
-    checker = _Checker(files, root, diagnostics, target_arch)
-    policy = checker.run()
-    return None if diagnostics.has_errors else policy
+    policy = _Checker(files, root, diagnostics, target_arch, tree).run()
+    return None if diagnostics.error_count != errors_before else policy
 
 
 def check_file_tree(tree: S.PolicyFile, root: Path, diagnostics: Diagnostics,
                     target_arch: str | None = None) -> M.Policy | None:
     """Check an already parsed root file (used by fmt's round-trip checks). Includes are read from disk."""
+    errors_before = diagnostics.error_count
     files = _Gatherer(root.parent.resolve(), diagnostics).expand(tree, root.resolve(), [])
-    policy = _Checker(files, root, diagnostics, target_arch).run()
-    return None if diagnostics.has_errors else policy
+    policy = _Checker(files, root, diagnostics, target_arch, tree).run()
+    return None if diagnostics.error_count != errors_before else policy
 
 
 def included_files(path: Path) -> set[Path]:
@@ -90,10 +94,7 @@ class _Unit:
     tree: S.PolicyFile
 
 
-def gather_files(root: Path, diagnostics: Diagnostics) -> list[_Unit] | None:
-    tree = read_policy_file(root, diagnostics)
-    if tree is None:
-        return None
+def gather_files(root: Path, diagnostics: Diagnostics, tree: S.PolicyFile) -> list[_Unit] | None:
     blocks = [i for i in tree.items if isinstance(i, S.PolicyBlock)]
     if not blocks:
         if tree.items or not diagnostics.has_errors:
@@ -177,8 +178,10 @@ class _RuleContext:
 
 
 class _Checker:
-    def __init__(self, units: list[_Unit], root: Path, diagnostics: Diagnostics, target_arch: str | None) -> None:
+    def __init__(self, units: list[_Unit], root: Path, diagnostics: Diagnostics, target_arch: str | None,
+                 root_tree: S.PolicyFile) -> None:
         self.units = units
+        self.root_tree = root_tree
         self.root = root
         self.d = diagnostics
         self.target_arch = target_arch
@@ -196,25 +199,25 @@ class _Checker:
         self.reported_no_symbols = False
 
     def run(self) -> M.Policy | None:
-        root_tree = self.units[0].tree if self.units else None
         target, mode, name, span = self.read_settings()
         self.load_symbols()
         self.fold_constants()
         self.resolve_regions()
         rules = self.check_rules()
-        if root_tree is None:
-            return None
+        if self.root_tree.policy is not None and not any(isinstance(u.item, S.Rule) for u in self.units):
+            self.d.warning("PC504", span, f"policy '{name}' has no rules: it traps nothing")
+        files = [display_path(self.root)] + [display_path(u.file) for u in self.units]
         return M.Policy(
             name=name, target=target, mode=mode, symbols=tuple(self.symbol_sources),
             constants=tuple(sorted((k, v.value if isinstance(v, M.Address) else v) for k, v in self.const_values.items()
                                    if isinstance(v, int))),
             regions=tuple(sorted(self.regions.values(), key=lambda r: r.name)),
-            rules=tuple(rules), files=tuple(dict.fromkeys(display_path(u.file) for u in self.units)), span=span)
+            rules=tuple(rules), files=tuple(dict.fromkeys(files)), span=span)
 
     # -- 2. settings
     def read_settings(self) -> tuple[M.Target, str, str, Span]:
-        root_tree = read_root_block(self.units, self.root)
-        name, span = (root_tree.name, root_tree.span) if root_tree else (self.root.stem, M.NOWHERE)
+        block = self.root_tree.policy
+        name, span = (block.name, block.span) if block else (self.root.stem, Span(display_path(self.root), 1, 1))
         targets = [u.item for u in self.units if isinstance(u.item, S.Target)]
         modes = [u.item for u in self.units if isinstance(u.item, S.Mode)]
         for dup in targets[1:]:
@@ -668,6 +671,8 @@ class _Checker:
                 hint = did_you_mean(reg, CONTROL_REGISTERS + DESCRIPTOR_REGISTERS)
                 if reg in self.regions or reg in self.region_defs:
                     hint = f"for writes to the region write 'on {t.access} {'to' if t.access == 'write' else 'of'} {reg}'"
+                elif reg in self.arch.msrs or reg.upper() in self.arch.msrs:
+                    hint = f"'{reg}' is an MSR: write 'on write msr {reg}'"
                 self.d.error("PC402", t.span, f"cannot trap {t.access}s of '{reg}'",
                              hint or "registers: cr0 cr3 cr4 xcr0 (write); idtr gdtr ldtr tr (read, write)")
         elif isinstance(t, S.MsrTrigger):
@@ -953,12 +958,6 @@ class _Checker:
                 continue
             found.append(field_name)
         return list(dict.fromkeys(found))
-
-
-def read_root_block(units: list[_Unit], root: Path) -> S.PolicyBlock | None:
-    if not units:
-        return None
-    return units[0].tree.policy
 
 
 def _generated_rule_name(file: Path, span: Span) -> str:

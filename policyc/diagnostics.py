@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -201,8 +202,14 @@ def closest_names(name: str, candidates: Iterable[str], limit: int = 3) -> list[
     pool = list(dict.fromkeys(candidates))
     lowered = {c.lower(): c for c in pool}
     exact_case = lowered.get(name.lower())
-    found = difflib.get_close_matches(name.lower(), list(lowered), n=limit, cutoff=0.72)
-    result = [lowered[f] for f in found]
+    # Short names need a looser cutoff: one swapped pair in 'itd' already costs a third of it.
+    cutoff = 0.6 if len(name) <= 4 else 0.72
+    found = difflib.get_close_matches(name.lower(), list(lowered), n=max(limit * 4, 12), cutoff=cutoff)
+    # Among equally close names, those sharing the typed prefix come first ('#GF' -> '#GP').
+    def rank(candidate: str) -> tuple[float, int]:
+        prefix = len(os.path.commonprefix([candidate, name.lower()]))
+        return (-round(difflib.SequenceMatcher(None, name.lower(), candidate).ratio(), 3), -prefix)
+    result = [lowered[f] for f in sorted(found, key=rank)[:limit]]
     if exact_case and exact_case not in result:
         result.insert(0, exact_case)
     return result[:limit]

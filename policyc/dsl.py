@@ -43,6 +43,7 @@ def parse_policy_text(text: str, path: str, diagnostics: Diagnostics) -> S.Polic
                 return S.PolicyFile(path, [], [], "dsl", poisoned)
             work = repaired
             continue
+        _prune_deep_items(tree, path, diagnostics, poisoned)
         try:
             items = _build(tree, path, diagnostics)
         except RecursionError:
@@ -96,14 +97,64 @@ def _depth(node: object, limit: int = MAX_EXPR_DEPTH) -> int:
     return deepest
 
 
+def _prune_deep_items(tree: Tree, path: str, diagnostics: Diagnostics, poisoned: set[str]) -> None:
+    """Drop items whose parse tree is deeper than any policy needs, before the (recursive)
+    tree builder sees them, and report each at its own position."""
+    def too_deep(node: Tree) -> bool:
+        stack = [(node, 1)]
+        while stack:
+            current, level = stack.pop()
+            if level > MAX_EXPR_DEPTH + 8:
+                return True
+            stack.extend((c, level + 1) for c in current.children if isinstance(c, Tree))
+        return False
+
+    containers = [tree] + [c for c in tree.children if isinstance(c, Tree) and c.data == "policy_block"]
+    for container in containers:
+        kept = []
+        for child in container.children:
+            if isinstance(child, Tree) and child.data != "policy_block" and too_deep(child):
+                meta = child.meta
+                span = Span(path, meta.line, meta.column) if not getattr(meta, "empty", True) else Span(path, 1, 1)
+                diagnostics.error("PC115", span, "an expression here is nested too deeply",
+                                  f"expressions may nest at most {MAX_EXPR_DEPTH} levels")
+                name = child.children[0] if child.children else None
+                if isinstance(name, Token) and name.type == "NAME":
+                    poisoned.add(str(name))
+                continue
+            kept.append(child)
+        container.children = kept
+
+
+def _has_bad_number(node: object) -> bool:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, S.Num):
+            if current.radix == 0:
+                return True
+            continue
+        if hasattr(current, "__dataclass_fields__") and not isinstance(current, Span):
+            for name in current.__dataclass_fields__:  # type: ignore[attr-defined]
+                value = getattr(current, name)
+                stack.extend(value if isinstance(value, list) else [value])
+    return False
+
+
 def _drop_deep_items(items: list, diagnostics: Diagnostics, poisoned: set[str]) -> list:
-    """Report and drop items holding an expression deeper than MAX_EXPR_DEPTH."""
+    """Report and drop items holding an expression deeper than MAX_EXPR_DEPTH; drop (already
+    reported) items holding a malformed number, so nothing downstream reads it as 0."""
     kept = []
     for top in items:
         inner = top.items if isinstance(top, S.PolicyBlock) else None
         if inner is not None:
             top.items = _drop_deep_items(inner, diagnostics, poisoned)
             kept.append(top)
+            continue
+        if _has_bad_number(top):
+            name = getattr(top, "name", None)
+            if isinstance(name, str):
+                poisoned.add(name)
             continue
         # An item adds up to a few levels above its expressions (rule -> action -> limit -> ...).
         if _depth(top, MAX_EXPR_DEPTH + 4) > MAX_EXPR_DEPTH + 4:
@@ -218,6 +269,9 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, path: str):
             return Diagnostic("PC113", Severity.ERROR, Span(path, line, col, line, col), "unterminated string",
                               "strings end with '\"' on the same line; write a newline as \\n")
         shown = ch if ch.isprintable() else f"\\x{ord(ch):02x}"
+        if ch == "!":
+            return Diagnostic("PC111", Severity.ERROR, Span(path, line, col, line, col), "unexpected '!'",
+                              "use 'not' (and '!=' for inequality)")
         return Diagnostic("PC111", Severity.ERROR, Span(path, line, col, line, col),
                           f"unexpected character '{shown}'",
                           ("expected " + _describe_expected(set(err.allowed))) if err.allowed else None)
@@ -232,6 +286,12 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, path: str):
         return Diagnostic("PC112", Severity.ERROR, Span(path, eline, max(ecol, 1)), "unexpected end of file", hint)
     assert isinstance(err, UnexpectedToken)
     tok = err.token
+    pos = getattr(tok, "start_pos", None)
+    if pos is not None and pos > 0 and text[pos - 1:pos + 1] in ("&&", "||"):
+        # The lexer reads '&&' as '&' '&': point at the first and name the word to use.
+        pair = text[pos - 1:pos + 1]
+        return Diagnostic("PC110", Severity.ERROR, Span(path, line, col - 1, line, col), f"unexpected '{pair}'",
+                          f"use '{'and' if pair == '&&' else 'or'}'")
     shown = str(tok).replace("\n", "\\n")
     end_col = col + max(len(str(tok)), 1) - 1
     expected = set(err.expected)
@@ -511,8 +571,9 @@ class _SyntaxBuilder(Transformer):
         try:
             value = int(text, 0) if radix != 10 else int(text, 10)
         except ValueError:
-            self.diagnostics.error("PC114", self._tspan(tok), f"invalid number '{tok}'")
-            value = 0
+            self.diagnostics.error("PC114", self._tspan(tok), f"invalid number '{tok}'",
+                                   "numbers are decimal, 0x hex, 0b binary or 0o octal (with optional _)")
+            value, radix = 0, 0  # radix 0 marks it: the item holding it is dropped, not misread as 0
         return S.Num(value, radix, self._span(meta) if not meta.empty else self._tspan(tok))
 
     @v_args(meta=True)

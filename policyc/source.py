@@ -54,8 +54,9 @@ def read_policy_file(path: Path, diagnostics: Diagnostics, *, at: Span | None = 
     if not _has_content(text, is_yaml_path(path)):
         if allow_empty:
             return S.PolicyFile(shown, [], [], "yaml" if is_yaml_path(path) else "dsl")
-        diagnostics.error("PC102", Span(shown, 1, 1), f"'{shown}' is empty: it holds no policy",
-                          'a policy file starts with: policy "NAME" { ... }')
+        hint = ("a YAML policy starts with: policy: NAME" if is_yaml_path(path)
+                else 'a policy file starts with: policy "NAME" { ... }')
+        diagnostics.error("PC102", Span(shown, 1, 1), f"'{shown}' is empty: it holds no policy", hint)
         return None
     if is_yaml_path(path):
         from .yaml_form import parse_yaml_text
@@ -81,9 +82,11 @@ def _decode(raw: bytes, shown: str, diagnostics: Diagnostics) -> str | None:
 
 
 def _position(raw: bytes, offset: int) -> tuple[int, int]:
+    """Line and column (in characters, as every diagnostic counts) of a byte offset."""
     before = raw[:offset]
     line = before.count(b"\n") + 1
-    col = offset - (before.rfind(b"\n") + 1) + 1
+    line_start = before.rfind(b"\n") + 1
+    col = len(raw[line_start:offset].decode("utf-8", errors="replace")) + 1
     return line, col
 
 

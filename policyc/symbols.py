@@ -15,6 +15,9 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
+import stat
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,15 +88,21 @@ class SymbolTable:
 
 
 _CACHE: dict[tuple[str, float, int], SymbolTable] = {}
+# The full ISF of a distribution kernel is about 40 MB; anything far larger is no symbol file.
+MAX_SYMBOL_FILE_BYTES = 512 * 1024 * 1024
 
 
 def load_symbol_table(path: str | Path) -> SymbolTable:
     """Load a System.map or an ISF (optionally .xz/.gz compressed). Cached per file version."""
-    p = Path(path)
+    p = Path(os.path.normpath(path))
     try:
         st = p.stat()
     except OSError as exc:
         raise SymbolFileError(f"cannot read symbol file '{p}': {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SymbolFileError(f"symbol file '{p}' is not a regular file")
+    if st.st_size > MAX_SYMBOL_FILE_BYTES:
+        raise SymbolFileError(f"symbol file '{p}' is {st.st_size:,} bytes; the limit is {MAX_SYMBOL_FILE_BYTES:,}")
     key = (str(p.resolve()), st.st_mtime, st.st_size)
     if key not in _CACHE:
         _CACHE[key] = _load(p)
@@ -112,14 +121,22 @@ def _read_maybe_compressed(p: Path) -> bytes:
     try:
         data = p.read_bytes()
         if data[:6] == b"\xfd7zXZ\x00":
-            return lzma.decompress(data)
+            return _bounded(lzma.LZMADecompressor(), data, p)
         if data[:2] == b"\x1f\x8b":
-            return gzip.decompress(data)
+            return _bounded(zlib.decompressobj(wbits=31), data, p)
         return data
     except OSError as exc:
         raise SymbolFileError(f"cannot read symbol file '{p}': {exc.strerror}") from None
-    except (lzma.LZMAError, EOFError, gzip.BadGzipFile) as exc:
+    except (lzma.LZMAError, zlib.error, EOFError, gzip.BadGzipFile, ValueError) as exc:
         raise SymbolFileError(f"'{p}' is a damaged compressed file: {exc}") from None
+
+
+def _bounded(decompressor, data: bytes, p: Path) -> bytes:
+    """Decompress, refusing to grow past the size limit (a compression bomb gets an error)."""
+    out = decompressor.decompress(data, MAX_SYMBOL_FILE_BYTES + 1)
+    if len(out) > MAX_SYMBOL_FILE_BYTES:
+        raise SymbolFileError(f"'{p}' decompresses to more than {MAX_SYMBOL_FILE_BYTES:,} bytes")
+    return out
 
 
 def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
@@ -137,7 +154,7 @@ def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
         try:
             address = int(parts[0], 16)
         except ValueError:
-            raise SymbolFileError(f"'{p}' line {lineno}: '{parts[0]}' is not a hex address", lineno) from None
+            raise SymbolFileError(f"'{p}' line {lineno}: the address is not a hex number", lineno) from None
         name = parts[2]
         # Module symbols ("name [module]") and duplicates: the first core-kernel definition wins.
         if name not in symbols:
@@ -178,20 +195,30 @@ def _load_isf(p: Path, raw: bytes) -> SymbolTable:
     os_name = "windows" if "windows" in (doc.get("metadata") or {}) else "linux"
     symbols: dict[str, Symbol] = {}
     for name, entry in doc["symbols"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("address"), int):
-            raise SymbolFileError(f"'{p}': symbol '{name}' has no integer address")
+        if not isinstance(entry, dict) or not isinstance(entry.get("address"), int) \
+                or isinstance(entry.get("address"), bool) or not 0 <= entry["address"] < 1 << 64:
+            raise SymbolFileError(f"'{p}': a symbol has no 64-bit integer address")
         symbols[name] = Symbol(name, entry["address"], "isf")
     if os_name == "linux":
         _mark_percpu(symbols)
+    user_types = doc.get("user_types") or {}
+    if not isinstance(user_types, dict):
+        raise SymbolFileError(f"'{p}': 'user_types' is not an object")
     types: dict[str, TypeInfo] = {}
-    for tname, tdef in (doc.get("user_types") or {}).items():
+    for tname, tdef in user_types.items():
         if not isinstance(tdef, dict):
             continue
+        size = tdef.get("size", 0)
+        fields_doc = tdef.get("fields") or {}
+        if not isinstance(size, int) or isinstance(size, bool) or not isinstance(fields_doc, dict):
+            raise SymbolFileError(f"'{p}': type '{tname}' is malformed (size or fields)")
         fields: dict[str, tuple[int, str | None]] = {}
-        for fname, fdef in (tdef.get("fields") or {}).items():
+        for fname, fdef in fields_doc.items():
             if isinstance(fdef, dict) and isinstance(fdef.get("offset"), int):
-                ftype = fdef.get("type") or {}
+                ftype = fdef.get("type", {})
+                if not isinstance(ftype, dict):
+                    raise SymbolFileError(f"'{p}': a member of type '{tname}' has a malformed type")
                 nested = ftype.get("name") if ftype.get("kind") in ("struct", "union", "class") else None
-                fields[fname] = (fdef["offset"], nested)
-        types[tname] = TypeInfo(tname, int(tdef.get("size") or 0), fields)
+                fields[fname] = (fdef["offset"], nested if isinstance(nested, str) else None)
+        types[tname] = TypeInfo(tname, size, fields)
     return SymbolTable(str(p), "isf", os_name, symbols, types)

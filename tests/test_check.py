@@ -138,7 +138,7 @@ def test_percpu_symbols_bind_per_vcpu_and_refuse_plain_use(policy_dir: Path):
     p, d = check_text(policy_dir, "    region g = percpu symbol gdt_page size 4096\n    rule r: on write to g { deny }")
     assert p is not None, codes(d)
     assert p.region("g").extents[0].start == M.Address(0xB000, percpu=True)
-    _, d = check_text(policy_dir, "    region g = symbol gdt_page size 4096")
+    _, d = check_text(policy_dir, "    region g = symbol gdt_page size 4096\n    rule r: on write to g { deny }")
     assert codes(d) == ["PC305"]
 
 
