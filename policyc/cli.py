@@ -47,9 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate policy files (DSL or YAML) and report every problem",
-                           description="Validate policy files. Directories are searched for *.vmi, *.yaml, "
-                                       "*.yml. Files with other suffixes (symbol maps, ISF JSON) are skipped, "
-                                       "and so are include-only files that a checked policy includes.")
+                           description="Validate policy files: syntax, names, types, and whether the target can "
+                                       "enforce every rule (the compiler's checks, without writing a plan). "
+                                       "Directories are searched for *.vmi, *.yaml, *.yml. Files with other "
+                                       "suffixes (symbol maps, ISF JSON) are skipped, and so are include-only "
+                                       "files that a checked policy includes.")
     check.add_argument("paths", nargs="+", metavar="PATH", help="policy files or directories")
     check.add_argument("--format", choices=("text", "json", "sarif"), default="text",
                        help="diagnostics format (json and sarif go to stdout; text to stderr)")
@@ -69,8 +71,38 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="write the result back (with --to, next to the source with the new suffix)")
     fmt.set_defaults(run=_cmd_fmt)
 
-    schema = sub.add_parser("schema", help="print the JSON Schema of the YAML spelling (for editors)")
+    schema = sub.add_parser("schema", help="print the JSON Schema of the YAML spelling (for editors), or of plans")
+    schema.add_argument("--plan", action="store_true", help="print the trap plan's schema instead")
     schema.set_defaults(run=_cmd_schema)
+
+    comp = sub.add_parser("compile", help="lower a policy into a trap plan for a target",
+                          description="Lower a policy into a trap plan (deterministic JSON), or with --emit xsm "
+                                      "into the FLASK rules an introspection domain needs for it.")
+    comp.add_argument("policy", metavar="POLICY")
+    comp.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    comp.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-svm, arm64)")
+    comp.add_argument("--emit", choices=("plan", "xsm"), default="plan",
+                      help="plan: the trap plan (default); xsm: FLASK allow rules for an introspection domain")
+    comp.add_argument("--format", choices=("text", "json", "sarif"), default="text", help="diagnostics format")
+    comp.set_defaults(run=_cmd_compile)
+
+    expl = sub.add_parser("explain", help="show what a policy or plan traps, where each rule landed, and why",
+                          description="Explain a policy (compiled on the fly) or a plan file: views and their "
+                                      "page counts, monitors, breakpoints, where each rule landed, warnings, "
+                                      "and sub-page collateral.")
+    expl.add_argument("source", metavar="POLICY|PLAN")
+    expl.add_argument("--target", metavar="ARCH", help="target when explaining a policy")
+    expl.add_argument("--dot", action="store_true", help="print the views and view switches as a Graphviz graph")
+    expl.set_defaults(run=_cmd_explain)
+
+    diff = sub.add_parser("diff", help="semantic diff of two policies or plans: traps added, removed, changed",
+                          description="Compare two policies or plans by what they trap, rule by rule.")
+    diff.add_argument("old", metavar="OLD")
+    diff.add_argument("new", metavar="NEW")
+    diff.add_argument("--target", metavar="ARCH", help="target when comparing policies")
+    diff.add_argument("--format", choices=("text", "json"), default="text")
+    diff.add_argument("--exit-code", action="store_true", help="exit 1 when the two differ (for CI)")
+    diff.set_defaults(run=_cmd_diff)
     return p
 
 
@@ -91,7 +123,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     roots = _exclude_included(files)
     diagnostics = Diagnostics()
     for path in roots:
-        check_policy(path, diagnostics, target_arch=args.target)
+        # Each file is checked as if alone: one file's errors must not hide another's.
+        own = Diagnostics()
+        policy = check_policy(path, own, target_arch=args.target)
+        if policy is not None:
+            # A policy its target cannot enforce, or with rules that contradict each other,
+            # fails the check too: everything short of writing the plan.
+            from .lower import compile_plan
+            compile_plan(policy, own, target=args.target)
+        diagnostics.extend(own)
     items = diagnostics.sorted()
     errors = sum(d.severity is Severity.ERROR for d in items)
     warnings = sum(d.severity is Severity.WARNING for d in items)
@@ -205,10 +245,103 @@ def _format_file(path: Path, diagnostics: Diagnostics, to: str | None) -> tuple[
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     import json
-    from .yaml_form import policy_schema
 
-    print(json.dumps(policy_schema(), indent=2))
+    if args.plan:
+        from .plan import plan_schema
+        print(json.dumps(plan_schema(), indent=2))
+    else:
+        from .yaml_form import policy_schema
+        print(json.dumps(policy_schema(), indent=2))
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- compile, explain, diff
+
+def _plan_for(source: str, target: str | None, diagnostics: Diagnostics) -> dict | None:
+    """A plan from a plan file (.json) or by compiling a policy."""
+    from .plan import PlanError, load_plan
+
+    path = Path(source)
+    if not path.is_file():
+        diagnostics.error("PC100", None, f"no such file: {source}")
+        return None
+    if path.suffix.lower() == ".json":
+        try:
+            return load_plan(path)
+        except PlanError as exc:
+            diagnostics.error("PC507", None, str(exc))
+            return None
+    from .check import check_policy
+    from .lower import compile_plan
+
+    policy = check_policy(path, diagnostics, target_arch=target)
+    if policy is None:
+        return None
+    return compile_plan(policy, diagnostics, target=target)
+
+
+def _target_ok(target: str | None, command: str) -> bool:
+    from .targets import TARGETS
+
+    if target and target not in TARGETS:
+        print(f"policyc {command}: unknown target '{target}' (targets: {', '.join(TARGETS)})", file=sys.stderr)
+        return False
+    return True
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from .plan import dump_plan
+
+    if not _target_ok(args.target, "compile"):
+        return EXIT_USAGE
+    if Path(args.policy).suffix.lower() == ".json":
+        print("policyc compile: takes a policy, not a plan", file=sys.stderr)
+        return EXIT_USAGE
+    diagnostics = Diagnostics()
+    plan = _plan_for(args.policy, args.target, diagnostics)
+    _emit(diagnostics.sorted(), args.format if args.format != "text" else "text")
+    if plan is None:
+        return EXIT_PROBLEMS
+    if args.emit == "xsm":
+        from .xsm import emit_flask
+        text = emit_flask(plan)
+    else:
+        text = dump_plan(plan)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_dot, explain_text
+
+    if not _target_ok(args.target, "explain"):
+        return EXIT_USAGE
+    diagnostics = Diagnostics()
+    plan = _plan_for(args.source, args.target, diagnostics)
+    _emit(diagnostics.sorted(), "text")
+    if plan is None:
+        return EXIT_PROBLEMS
+    sys.stdout.write(explain_dot(plan) if args.dot else explain_text(plan))
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .plan_diff import diff_plans
+
+    if not _target_ok(args.target, "diff"):
+        return EXIT_USAGE
+    diagnostics = Diagnostics()
+    old = _plan_for(args.old, args.target, diagnostics)
+    new = _plan_for(args.new, args.target, diagnostics)
+    _emit(diagnostics.sorted(), "text")
+    if old is None or new is None:
+        return EXIT_PROBLEMS
+    result = diff_plans(old, new)
+    sys.stdout.write(result.to_json() if args.format == "json" else result.render_text())
+    return EXIT_PROBLEMS if args.exit_code and not result.empty else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""(c) Livelock: can every trapped access complete under the plan's responses?
+
+Xen re-executes the faulting instruction unless the response relaxes the
+access, emulates it, steps it in another view, skips it or injects an
+exception (XEN-FACTS.md). This pass builds a state graph (networkx DiGraph)
+from the plan alone (views, responses, breakpoints, dispatch):
+
+    ("run", v)                  a vCPU running in resident view v (host, restricted)
+    ("mem", v, region, a)       access a on a page of `region`, trapped in view v
+    ("bp", v, site)             the int3 of breakpoint `site` planted in view v
+    ("event", kind, key)        a monitor event (CR, MSR, descriptor, CPUID, ...)
+    ("answer", state, verdict)  the response the enforcer gives for `verdict` there
+    ("done",)                   the access completed (or an exception was delivered)
+
+Edges: run -> every fault of its view; fault -> one answer per verdict that
+can happen there (allow always: collateral accesses and unmatched conditions
+are allowed; deny:<access> when a deny rule covers it, enforce mode only);
+answer -> what the response leads to:
+
+  - an exception injected or re-injected, EMULATE (with or without NOWRITE or
+    read data), the instruction pointer advanced, the breakpoint restored, the
+    page relaxed for this access, a CR/MSR write refused with DENY, or a
+    monitor event Xen completes itself (CR, MSR, guest request): done (CPUID
+    is not one: Xen leaves rip alone, so the response must advance it);
+  - ALTERNATE_P2M to view t (with FAST_SINGLESTEP or not): the same access is
+    re-executed in t, so it faults again on every range of t that traps the
+    same access on one of the same pages (and a breakpoint planted in t at
+    the same site fires again); if none, done;
+  - nothing of the above: the instruction re-executes in the same view and
+    faults again.
+
+A livelock is a cycle reachable from a resident view: an access that never
+completes. Each is a PC505 error naming the rules, the view and the cycle.
+The model follows the faulting access only: an instruction that touches a
+second trapped page while it is being stepped is not modelled.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from .. import model as M
+from ..diagnostics import Diagnostics
+from . import _geometry as G
+
+__all__ = ["analyse", "build_graph"]
+
+_LETTER = {"read": "r", "write": "w", "execute": "x"}
+_ACCESS_OF = {"r": "read", "w": "write", "x": "execute"}
+# Monitor events after which Xen itself completes (or refuses, with DENY) the instruction. CPUID is not one:
+# Xen has run it but leaves rip alone, so the response must advance rip (SET_REGISTERS) or it runs again.
+_HYPERVISOR_COMPLETES = {"write_ctrlreg", "mov_to_msr", "guest_request"}
+_SKIPS = ("advance_ip", "advance_pc")
+DONE = ("done",)
+
+
+def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | None) -> dict:
+    graph, _ = build_graph(plan, policy, target)
+    # Only answers that do not complete can take part in a cycle: search those alone (a plan of 100,000
+    # trapped ranges has 100,000 fault states but next to no such edges).
+    pending = nx.DiGraph()
+    for answer in (n for n in graph if n[0] == "answer"):
+        for nxt in graph.successors(answer):
+            if nxt != DONE:
+                via = pending.get_edge_data(answer[1], nxt, {}).get("via")
+                pending.add_edge(answer[1], nxt, via=min(filter(None, (via, answer)), key=repr))
+    roots = sorted(n for n in graph if n[0] == "run")
+    entries = {s: r for r in reversed(roots) for s in graph.successors(r) if s in pending}
+    reachable = set(entries)
+    for s in entries:
+        reachable |= nx.descendants(pending, s)
+    sub = pending.subgraph(reachable)
+    found = []
+    cyclic = [c for c in nx.strongly_connected_components(sub) if len(c) > 1 or any(sub.has_edge(n, n) for n in c)]
+    for component in sorted((sorted(c, key=repr) for c in cyclic), key=repr):
+        cycle = [u for u, _v in nx.find_cycle(sub.subgraph(component), source=component[0])]
+        fault = cycle[0]
+        # How a vCPU gets there from a view it runs in (shortest, first in a fixed order).
+        paths = [nx.shortest_path(sub, e, fault) for e in sorted(entries, key=repr) if nx.has_path(sub, e, fault)]
+        path = min(paths, key=lambda p: (len(p), repr(p)))
+        rules = sorted({r for n in path + cycle for r in graph.nodes[n].get("rules", ())})
+
+        def walk(states: list[tuple]) -> list[str]:
+            out = [_label(states[0])]
+            for u, v in zip(states, states[1:]):
+                out += [_label(sub.edges[u, v]["via"], graph), _label(v)]
+            return out
+
+        entry = {"rules": rules, "view": fault[1] if fault[0] in ("mem", "bp") else None,
+                 "state": _label(fault), "cycle": walk(cycle + [cycle[0]]),
+                 "path": [_label(entries[path[0]])] + walk(path)}
+        found.append(entry)
+        if diagnostics is not None:
+            rule = next((r for r in policy.rules if r.name in rules), None)
+            where = f" in view {entry['view']}" if entry["view"] is not None else ""
+            diagnostics.error(
+                "PC505", rule.span if rule else policy.span,
+                f"livelock{where}: {_label(fault)} ({', '.join(rules) or 'no rule'}) never completes: "
+                + " -> ".join(entry["path"][:-1] + entry["cycle"]),
+                "the response must relax, emulate, skip or step the access in a view that does not trap it")
+    return {"states": sum(1 for n in graph if n[0] not in ("answer", "run", "done")),
+            "transitions": graph.number_of_edges(), "livelocks": found}
+
+
+def build_graph(plan: dict, policy: M.Policy, target) -> tuple[nx.DiGraph, dict]:
+    x86 = (target.name if hasattr(target, "name") else str(target)).startswith("x86_64")
+    enforce = plan.get("policy", {}).get("mode", policy.mode) == "enforce"
+    views = {v["id"]: v for v in plan.get("views", [])}
+    responses = plan.get("responses", {})
+    pages: dict[str, G.SpaceMap] = {}
+
+    def region_pages(name: str) -> G.SpaceMap:
+        if name not in pages:
+            try:
+                pages[name] = G.space_map_pages(G.region_bytes(G.region_table(policy)[name]))
+            except KeyError:
+                pages[name] = {}
+        return pages[name]
+
+    def traps(rng: dict) -> set[str]:
+        t = set(rng.get("traps", ""))
+        return t | {"w"} if x86 and "r" in t else t
+
+    denying = {r.name for r in policy.rules if r.verdict == "deny"}
+    deny_access: dict[str, set[str]] = {}  # rule -> access letters it denies
+    for r in policy.rules:
+        if r.verdict == "deny" and isinstance(r.trigger, M.MemoryTrigger):
+            deny_access[r.name] = set({"access": "rwx"}.get(r.trigger.access, _LETTER.get(r.trigger.access, "")))
+
+    g = nx.DiGraph()
+    g.add_node(DONE)
+
+    trapped: dict[tuple, G.IntervalSet] = {}  # (view, access, space) -> pages some range traps
+    indexed: set = set()
+
+    def view_traps(view_id, access: str, space: str) -> G.IntervalSet:
+        if view_id not in indexed:
+            indexed.add(view_id)
+            for rng in views[view_id].get("ranges", []):
+                for a in traps(rng):
+                    for sp, ivs in region_pages(rng["region"]).items():
+                        for lo, hi in ivs:
+                            trapped.setdefault((view_id, a, sp), G.IntervalSet()).add(lo, hi)
+        return trapped.get((view_id, access, space)) or G.IntervalSet()
+
+    def mem_faults(view_id, region: str, access: str) -> list[tuple]:
+        """Faults of the same access on the same pages, in view `view_id`."""
+        view = views.get(view_id)
+        if view is None:
+            return []
+        mine = region_pages(region)
+        if not any(view_traps(view_id, access, sp).overlaps(lo, hi) for sp, ivs in mine.items() for lo, hi in ivs):
+            return []  # the common case, without walking the view's ranges
+        out = []
+        for rng in view.get("ranges", []):
+            if access in traps(rng) and G.space_maps_overlap(mine, region_pages(rng["region"])):
+                out.append(("mem", view_id, rng["region"], access))
+        return out
+
+    bp_views: dict[str, set] = {}
+    bp_info: dict[str, dict] = {}
+    for site in plan.get("breakpoints", []):
+        bp_info[site["id"]] = site
+        # Shadow frames live in views; an inline int3 or SMC is in the guest's own frame, in every view (None).
+        vs = site.get("views") or ([site["view"]] if "view" in site else [None])
+        bp_views[site["id"]] = set(vs)
+
+    def bp_faults(view_id, site_id: str) -> list[tuple]:
+        out = []
+        if view_id in bp_views.get(site_id, ()):
+            out.append(("bp", view_id, site_id))
+        # Executing the instruction at the site may also hit an execute trap on its page in that view.
+        site = bp_info[site_id]
+        addr = int(site["address"], 16)
+        here = {"va" if site.get("relocatable", True) else "percpu": [(addr // G.PAGE, addr // G.PAGE + 1)]}
+        view = views.get(view_id)
+        for rng in (view or {}).get("ranges", []):
+            if "x" in traps(rng) and G.space_maps_overlap(here, region_pages(rng["region"])):
+                out.append(("mem", view_id, rng["region"], "x"))
+        return out
+
+    def follow(state: tuple, kind: str, response: dict, access: str | None, again) -> list[tuple]:
+        """Where the answer leads. `again(view)` gives the faults of re-executing in a view."""
+        flags = set(response.get("flags", []))
+        if "inject" in response or "reinject" in response:
+            return [DONE]
+        if flags & {"EMULATE", "EMULATE_NOWRITE"} or any(k in response for k in _SKIPS) \
+                or response.get("restore_original"):
+            return [DONE]
+        if access is not None and access in str(response.get("relax_access", "")):
+            return [DONE]
+        if kind in ("write_ctrlreg", "mov_to_msr") and "DENY" in flags:
+            return [DONE]
+        if kind in _HYPERVISOR_COMPLETES:
+            return [DONE]
+        if "ALTERNATE_P2M" in flags and isinstance(response.get("altp2m_idx"), int):
+            return again(response["altp2m_idx"]) or [DONE]
+        return [state]
+
+    def add_answers(state: tuple, kind: str, verdicts: list[str], access: str | None, again) -> None:
+        table = responses.get(kind, {})
+        for verdict in verdicts:
+            response = table.get(verdict)
+            if not isinstance(response, dict):
+                continue
+            answer = ("answer", state, verdict)
+            g.add_node(answer, label=_describe(verdict, response))
+            g.add_edge(state, answer)
+            for nxt in follow(state, kind, response, access, again):
+                g.add_edge(answer, nxt)
+
+    # Memory faults, per view.
+    resident = [v for v in sorted(views) if views[v].get("role") != "unrestricted"]
+    todo: list[tuple] = []
+    for vid in sorted(views):
+        for rng in views[vid].get("ranges", []):
+            for a in sorted(traps(rng)):
+                state = ("mem", vid, rng["region"], a)
+                g.add_node(state, rules=list(rng.get("rules", [])))
+                if vid in resident:
+                    g.add_edge(("run", vid), state)
+                todo.append(state)
+    for site_id, vs in sorted(bp_views.items()):
+        for vid in sorted(vs, key=repr):
+            state = ("bp", vid, site_id)
+            g.add_node(state, rules=list(bp_info[site_id].get("rules", [])))
+            for run in ([vid] if vid is not None else resident or [0]):
+                if run in resident or vid is None:
+                    g.add_edge(("run", run), state)
+            todo.append(state)
+    for state in todo:
+        if state[0] == "mem":
+            _, vid, region, a = state
+            verdicts = ["allow"]
+            if enforce and any(a in deny_access.get(r, ()) for r in g.nodes[state]["rules"]):
+                verdicts.append(f"deny:{_ACCESS_OF[a]}")
+            add_answers(state, "mem_access", verdicts, a,
+                        lambda t, region=region, a=a: mem_faults(t, region, a))
+        else:
+            _, vid, site_id = state
+            verdicts = ["allow"] + (["deny"] if enforce and any(r in denying for r in g.nodes[state]["rules"])
+                                    else [])
+            add_answers(state, "breakpoint", verdicts, "x",
+                        lambda t, site_id=site_id, state=state: bp_faults(t, site_id) if state[1] is not None
+                        else [state])
+
+    # Monitor events: any vCPU, whatever its view.
+    for kind, table in plan.get("dispatch", {}).items():
+        if kind in ("mem_access", "software_breakpoint"):
+            continue
+        keys = sorted(table) if isinstance(table, dict) else ["*"]
+        for key in keys:
+            entries = table[key] if isinstance(table, dict) else table
+            state = ("event", kind, key)
+            g.add_node(state, rules=[e["rule"] for e in entries])
+            for vid in resident or [0]:
+                g.add_edge(("run", vid), state)
+            verdicts = ["allow"] + (["deny"] if enforce and any(e["verdict"]["verdict"] == "deny" for e in entries)
+                                    else [])
+            add_answers(state, kind, verdicts, None, lambda t, state=state: [state])
+    return g, {"resident": resident}
+
+
+def _describe(verdict: str, response: dict) -> str:
+    what = "+".join(response.get("flags", [])) or "no flags"
+    if "altp2m_idx" in response:
+        what += f" to view {response['altp2m_idx']}"
+    for key in ("inject", "reinject", "relax_access", "advance_ip", "advance_pc"):
+        if key in response:
+            what += f", {key.replace('_', ' ')} {response[key]}"
+    return f"{verdict}: {what}"
+
+
+def _label(n: tuple, graph: nx.DiGraph | None = None) -> str:
+    if n[0] == "mem":
+        return f"view {n[1]}: {_ACCESS_OF[n[3]]} in {n[2]}"
+    if n[0] == "bp":
+        return f"view {n[1]}: breakpoint {n[2]}" if n[1] is not None else f"breakpoint {n[2]} (guest frame)"
+    if n[0] == "event":
+        return f"{n[1]} {n[2]}"
+    if n[0] == "answer":
+        return f"[{graph.nodes[n]['label']}]" if graph is not None else f"[{n[2]}]"
+    if n[0] == "run":
+        return f"running in view {n[1]}"
+    return "done"

@@ -1,0 +1,76 @@
+"""Targets: what each kind of Xen host can enforce (XEN-FACTS.md, docs/XEN-SEMANTICS.md).
+
+A target is a set of capabilities. The lowering asks for capabilities by
+name; a missing one is an error naming the rule, the target and what would
+work instead, and a weak one (it works, but with a gap a user must know
+about) is a warning that says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CAPABILITIES", "TARGETS", "TargetInfo", "target_info"]
+
+# Every capability the lowering may ask for, with the words used in diagnostics.
+CAPABILITIES: dict[str, str] = {
+    "mem_access": "EPT/stage-2 access permissions (mem_access)",
+    "altp2m": "alternate p2m views (altp2m)",
+    "singlestep": "single-stepping (monitor trap flag)",
+    "fast_singlestep": "fast single-step with a view switch",
+    "emulate": "emulating the faulting instruction (EMULATE)",
+    "emulate_nowrite": "emulating without the write (EMULATE_NOWRITE)",
+    "emul_read_data": "feeding data to an emulated read (SET_EMUL_READ_DATA)",
+    "emulate_insn": "emulating given instruction bytes (SET_EMUL_INSN_DATA)",
+    "set_registers": "setting registers in the response (SET_REGISTERS)",
+    "deny_cr": "refusing a CR0/CR3/CR4 write (DENY)",
+    "deny_msr": "refusing an MSR write (DENY)",
+    "write_ctrlreg": "control-register write monitor",
+    "mov_to_msr": "MSR write monitor",
+    "software_breakpoint": "int3 breakpoint monitor",
+    "smc_breakpoint": "SMC injection for breakpoints",
+    "descriptor_access": "descriptor-register monitor",
+    "cpuid": "CPUID monitor",
+    "guest_request": "guest request monitor",
+    "debug_exception": "debug exception monitor",
+    "privileged_call": "privileged call (SMC) monitor",
+    "inject_exception": "injecting an exception into the guest",
+    "ve": "#VE delivery into the guest",
+}
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    description: str
+    capabilities: frozenset[str]
+    max_views: int  # altp2m views including view 0 (the host p2m); 0 without altp2m
+    page_size: int = 4096
+    instruction_size: int | None = None  # fixed instruction length (arm64), for skipping a denied access
+
+    def has(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+
+_X86_COMMON = frozenset({"write_ctrlreg", "mov_to_msr", "software_breakpoint", "descriptor_access", "cpuid",
+                         "guest_request", "debug_exception", "deny_cr", "deny_msr", "set_registers",
+                         "inject_exception", "emulate_insn"})
+
+TARGETS: dict[str, TargetInfo] = {
+    "x86_64": TargetInfo(
+        "x86_64", "Xen on Intel VT-x with EPT",
+        _X86_COMMON | {"mem_access", "altp2m", "singlestep", "fast_singlestep", "emulate", "emulate_nowrite",
+                       "emul_read_data", "ve"},
+        max_views=10),
+    "x86_64-svm": TargetInfo(
+        "x86_64-svm", "Xen on AMD SVM with NPT (no mem_access, no altp2m, no single-stepping)",
+        _X86_COMMON, max_views=0),
+    "arm64": TargetInfo(
+        "arm64", "Xen on arm64 (stage-2 mem_access; no single-stepping, emulation, DENY or altp2m)",
+        frozenset({"mem_access", "privileged_call", "smc_breakpoint", "guest_request", "set_registers"}),
+        max_views=0, instruction_size=4),
+}
+
+
+def target_info(name: str) -> TargetInfo:
+    return TARGETS[name]
