@@ -320,9 +320,13 @@ def _reason_enum() -> Any:
     return __getattr__("Reason")
 
 
-def _pack(fields: Mapping[str, Any]) -> bytes:
+def _pack(fields: Mapping[str, Any], u_from: bytes | None = None) -> bytes:
+    """Build an event; `u_from` (a raw event) supplies the `u` union before `fields` apply."""
     ffi, _ = _native()
     p = ffi.new("vm_event_request_t *")
+    if u_from is not None:
+        offset, size = ffi.offsetof("vm_event_request_t", "u"), ffi.sizeof(p.u)
+        ffi.memmove(ffi.addressof(p, "u"), u_from[offset:offset + size], size)
     for path, value in fields.items():
         _assign(ffi, p, path, value)
     return bytes(ffi.buffer(p))
@@ -397,8 +401,10 @@ def make_response(
 ) -> Response:
     """The response to ``request``.
 
-    It always echoes ``version``, ``vcpu_id``, ``reason`` and the
-    VCPU_PAUSED flag (without which the vCPU stays paused). ``flags`` are
+    It always echoes ``version``, ``vcpu_id``, ``reason``, the VCPU_PAUSED
+    flag (without which the vCPU stays paused) and the ``u`` union: Xen reads
+    ``u.mem_access`` (EMULATE) and ``u.write_ctrlreg.index`` (DENY) back from
+    the response and ignores a response whose union was zeroed. ``flags`` are
     added to that. The data arguments also set the flag they need:
 
     - ``altp2m_idx``: ALTERNATE_P2M, resume in that view;
@@ -443,7 +449,7 @@ def make_response(
     values["flags"] = out_flags
     if fields:
         values.update(fields)
-    return parse_response(_pack(values))
+    return parse_response(_pack(values, u_from=req.raw))
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,279 @@
+"""Built-in guest layouts: memory and vCPUs as a booted kernel leaves them.
+
+``linux-x86_64`` (SCENARIOS.md) builds, from a real System.map and a KASLR
+slide, what Linux 6.1 on x86-64 has set up once it has booted:
+
+* the kernel image at the slid addresses, physically at
+  ``LOAD_PHYSICAL_ADDR + phys_slide`` (the physical slide defaults to the
+  virtual one): text ``_stext.._etext`` read-execute, rodata
+  ``__start_rodata..__end_rodata`` read-only, data ``_sdata..__init_begin``
+  and bss ``__bss_start.._end`` read-write and non-executable; init memory
+  is freed (unmapped), as after boot. 2 MiB pages where a whole aligned
+  2 MiB lies inside a section, 4 KiB pages at the edges;
+* the direct map of all RAM at ``page_offset_base`` (1 GiB pages for whole
+  gigabytes, 2 MiB pages for the rest), read-write, non-executable;
+* the CPU entry area's read-only IDT alias at 0xfffffe0000000000 mapping
+  ``idt_table``'s frame, which every vCPU's IDTR points at;
+* one per-CPU area per vCPU in the direct map (2 MiB apart, above the
+  image); GS base = that area, GDTR = its ``gdt_page``; ``__per_cpu_offset``
+  holds the areas;
+* the page tables themselves with CR3 = the physical address of
+  ``init_top_pgt`` (lower tables from the top quarter of RAM);
+* kernel text filled with NOPs (0x90) so fetches execute; ``sys_call_table``
+  filled with pointers into text, ``idt_table`` with interrupt gates,
+  each GDT with Linux's descriptors, ``phys_base`` and ``page_offset_base``
+  with their values;
+* registers as booted: CR0 PE|MP|ET|NE|WP|AM|PG, CR4
+  PSE|PAE|MCE|PGE|OSFXSR|OSXMMEXCPT|FSGSBASE|OSXSAVE|SMEP|SMAP, EFER
+  SCE|LME|LMA|NXE, LSTAR = ``entry_SYSCALL_64``, STAR/CSTAR/SFMASK and the
+  SYSENTER MSRs as Linux sets them, XCR0 = x87|SSE|AVX.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+from ...symbols import load_symbol_table
+
+from ..paging import PAGE_1G, PAGE_2M, PAGE_4K, PageTables
+from .guest import CR0, CR4, EFER, MSR, Guest
+
+__all__ = ["LAYOUTS", "build_guest", "build_linux_x86_64", "build_bare", "parse_size",
+           "START_KERNEL_MAP", "LOAD_PHYSICAL_ADDR", "CPU_ENTRY_AREA_IDT", "DEFAULT_PAGE_OFFSET"]
+
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+LOAD_PHYSICAL_ADDR = 0x1000000
+CPU_ENTRY_AREA_IDT = 0xFFFFFE0000000000
+DEFAULT_PAGE_OFFSET = 0xFFFF888000000000
+VMEMMAP_BASE = 0xFFFFEA0000000000
+PERCPU_STRIDE = PAGE_2M
+
+KERNEL_CS, KERNEL_DS, USER_CS, USER32_CS = 0x10, 0x18, 0x33, 0x23
+GDT_ENTRIES = 16
+
+# Linux 6.1 syscall numbers of the handlers the trimmed map keeps.
+_SYSCALLS = {"__x64_sys_mprotect": 10, "__x64_sys_execve": 59, "__x64_sys_kill": 62,
+             "__x64_sys_ptrace": 101, "__x64_sys_setuid": 105, "__x64_sys_init_module": 175,
+             "__x64_sys_getdents64": 217, "__x64_sys_process_vm_writev": 311,
+             "__x64_sys_finit_module": 313, "__x64_sys_memfd_create": 319, "__x64_sys_bpf": 321}
+NR_SYSCALLS = 451
+
+
+def parse_size(text: int | str) -> int:
+    """``256M``, ``1G``, ``4096``, ``512K`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]i?B?)?\s*", str(text))
+    if not m:
+        raise ValueError(f"'{text}' is not a size (e.g. 256M)")
+    value = int(m.group(1), 0)
+    unit = (m.group(2) or "").upper()[:1]
+    return value << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def _up(x: int, a: int) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+def _down(x: int, a: int) -> int:
+    return x & ~(a - 1)
+
+
+def _map_range(pt: PageTables, va: int, pa: int, size: int, *, writable: bool, executable: bool,
+               large: bool = True) -> None:
+    """Map [va, va+size) with 2 MiB pages where va and pa allow, 4 KiB elsewhere."""
+    end = va + size
+    cur = va
+    while cur < end:
+        p = pa + (cur - va)
+        if large and cur % PAGE_2M == 0 and p % PAGE_2M == 0 and cur + PAGE_2M <= end:
+            n = _down(end - cur, PAGE_2M)
+            pt.map(cur, p, n, PAGE_2M, writable=writable, executable=executable, global_=True)
+            cur += n
+            continue
+        nxt = min(end, _up(cur + 1, PAGE_2M)) if large else end
+        n = nxt - cur
+        pt.map(cur, p, n, PAGE_4K, writable=writable, executable=executable, global_=True)
+        cur = nxt
+
+
+def build_bare(memory: int | str = 64 << 20, vcpus: int = 1) -> Guest:
+    """A guest with identity-mapped low memory (2 MiB pages, RWX) and paging on:
+    enough for unit tests that don't need a kernel."""
+    size = parse_size(memory)
+    g = Guest(size, vcpus)
+    pt = PageTables(g.memory)
+    pt.map(0, 0, size, PAGE_2M if size % PAGE_2M == 0 else PAGE_4K, writable=True, executable=True)
+    g.layout = "bare"
+    g.direct_map_base = 0
+    for v in g.vcpus:
+        v.cr3 = pt.cr3
+        v.cr0 = CR0.PE | CR0.MP | CR0.ET | CR0.NE | CR0.WP | CR0.AM | CR0.PG
+        v.cr4 = CR4.PAE | CR4.PGE | CR4.OSFXSR | CR4.OSXMMEXCPT
+        v.msrs[MSR["EFER"]] = EFER.SCE | EFER.LME | EFER.LMA | EFER.NXE
+        v.xcr0 = 0x7
+    return g
+
+
+def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int | str = 256 << 20,
+                       vcpus: int = 1, phys_slide: int | None = None,
+                       page_offset_base: int = DEFAULT_PAGE_OFFSET) -> Guest:
+    """The ``linux-x86_64`` layout (see the module docstring)."""
+    table = load_symbol_table(symbols)
+    size = parse_size(memory)
+    if kaslr_slide % PAGE_2M:
+        raise ValueError(f"kaslr_slide {kaslr_slide:#x} must be 2 MiB aligned (CONFIG_PHYSICAL_ALIGN)")
+    phys_slide = kaslr_slide if phys_slide is None else phys_slide
+    if phys_slide % PAGE_2M:
+        raise ValueError(f"phys_slide {phys_slide:#x} must be 2 MiB aligned")
+
+    def link(name: str) -> int:
+        sym = table.lookup(name)
+        if sym is None or sym.percpu:
+            raise ValueError(f"the symbol map has no '{name}' (needed by the linux-x86_64 layout)")
+        return sym.address
+
+    end_link = link("_end")
+    phys_of_link = lambda a: a - START_KERNEL_MAP + phys_slide  # noqa: E731
+    image_pa_end = phys_of_link(end_link)
+    percpu_pa0 = _up(image_pa_end, PERCPU_STRIDE)
+    frames = size >> 12
+    alloc_lo = frames - min(max(frames // 4, 1), (64 << 20) >> 12)
+    if percpu_pa0 + vcpus * PERCPU_STRIDE > alloc_lo << 12:
+        raise ValueError(f"{size >> 20} MiB of memory is too small for the kernel image "
+                         f"(ends at {image_pa_end:#x}) and {vcpus} per-CPU areas")
+
+    g = Guest(size, vcpus)
+    mem = g.memory
+    slid = {name: s.address + kaslr_slide for name, s in table.symbols.items()
+            if not s.percpu and s.address >= START_KERNEL_MAP}
+    g.symbols = slid
+    g.percpu = {name: s.address for name, s in table.symbols.items() if s.percpu}
+    g.kaslr_slide = kaslr_slide
+    g.layout = "linux-x86_64"
+    g.direct_map_base = page_offset_base
+    g.holes = [(0xA0, 0xC0)]   # the VGA hole of an HVM guest
+
+    def pa_of(name: str) -> int:
+        return phys_of_link(link(name))
+
+    # -- page tables: PML4 at init_top_pgt's frame
+    pml4_pa = pa_of("init_top_pgt") if table.lookup("init_top_pgt") else None
+    pt = PageTables(mem, pml4_pa)
+    va = lambda name: link(name) + kaslr_slide  # noqa: E731
+
+    def section(start: str, end: str, *, writable: bool, executable: bool) -> None:
+        s, e = _down(va(start), PAGE_4K), _up(va(end), PAGE_4K)
+        if e > s:
+            _map_range(pt, s, phys_of_link(s - kaslr_slide), e - s, writable=writable, executable=executable)
+
+    section("_stext", "_etext", writable=False, executable=True)
+    section("__start_rodata", "__end_rodata", writable=False, executable=False)
+    data_end = "__init_begin" if table.lookup("__init_begin") else "_edata"
+    section("_sdata", data_end, writable=True, executable=False)
+    section("__bss_start", "_end", writable=True, executable=False)
+
+    # -- the direct map
+    cur = 0
+    gib = _down(size, PAGE_1G)
+    if gib:
+        pt.map(page_offset_base, 0, gib, PAGE_1G, writable=True, executable=False, global_=True)
+        cur = gib
+    if size - cur >= PAGE_2M:
+        n = _down(size - cur, PAGE_2M)
+        pt.map(page_offset_base + cur, cur, n, PAGE_2M, writable=True, executable=False, global_=True)
+        cur += n
+    if size > cur:
+        pt.map(page_offset_base + cur, cur, size - cur, PAGE_4K, writable=True, executable=False,
+               global_=True)
+
+    # -- the CPU entry area's read-only IDT alias
+    idt_pa = None
+    if table.lookup("idt_table"):
+        idt_pa = pa_of("idt_table")
+        pt.map(CPU_ENTRY_AREA_IDT, _down(idt_pa, PAGE_4K), PAGE_4K, PAGE_4K,
+               writable=False, executable=False, global_=True)
+
+    # -- contents
+    text_pa, text_end_pa = pa_of("_stext"), phys_of_link(_up(link("_etext"), PAGE_4K))
+    nop_frame = b"\x90" * PAGE_4K
+    for pa in range(_down(text_pa, PAGE_4K), text_end_pa, PAGE_4K):
+        mem.write(pa, nop_frame)
+    stext = va("_stext")
+    if table.lookup("sys_call_table"):
+        fallback = slid.get("x64_sys_call", stext)
+        entries = [fallback] * NR_SYSCALLS
+        for name, nr in _SYSCALLS.items():
+            if name in slid:
+                entries[nr] = slid[name]
+        mem.write(pa_of("sys_call_table"), struct.pack(f"<{NR_SYSCALLS}Q", *entries))
+    if idt_pa is not None:
+        handlers = {3: "asm_exc_int3", 13: "asm_exc_general_protection", 14: "asm_exc_page_fault",
+                    0x80: "asm_int80_emulation"}
+        default = slid.get("asm_exc_general_protection", stext)
+        gates = bytearray()
+        for vec in range(256):
+            h = slid.get(handlers.get(vec, ""), default)
+            gates += struct.pack("<HHBBHII", h & 0xFFFF, KERNEL_CS, 0, 0x8E, (h >> 16) & 0xFFFF,
+                                 h >> 32, 0)
+        mem.write(idt_pa, bytes(gates))
+    if "phys_base" in slid:
+        mem.write_u64(pa_of("phys_base"), phys_slide)
+    if "page_offset_base" in slid:
+        mem.write_u64(pa_of("page_offset_base"), page_offset_base)
+    if "vmemmap_base" in slid:
+        mem.write_u64(pa_of("vmemmap_base"), VMEMMAP_BASE)
+
+    # -- per-CPU areas, GDTs, registers
+    gdt_off = g.percpu.get("gdt_page", 0xB000)
+    gdt = struct.pack("<16Q", 0, 0x00CF9B000000FFFF, 0x00AF9B000000FFFF, 0x00CF93000000FFFF,
+                      0x00CFFB000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF, 0,
+                      0x00008B000000206F, 0, 0, 0, 0, 0, 0, 0)
+    g.percpu_base = []
+    for i, v in enumerate(g.vcpus):
+        area_pa = percpu_pa0 + i * PERCPU_STRIDE
+        area = page_offset_base + area_pa
+        g.percpu_base.append(area)
+        mem.write(area_pa + gdt_off, gdt)
+        if "cpu_tss_rw" in g.percpu:
+            mem.write_u64(area_pa + g.percpu["cpu_tss_rw"] + 4, area + PERCPU_STRIDE - 0x1000)  # sp0
+        v.cr3 = pt.cr3
+        v.cr0 = CR0.PE | CR0.MP | CR0.ET | CR0.NE | CR0.WP | CR0.AM | CR0.PG
+        v.cr4 = (CR4.PSE | CR4.PAE | CR4.MCE | CR4.PGE | CR4.OSFXSR | CR4.OSXMMEXCPT | CR4.FSGSBASE
+                 | CR4.OSXSAVE | CR4.SMEP | CR4.SMAP)
+        v.xcr0 = 0x7
+        v.msrs[MSR["EFER"]] = EFER.SCE | EFER.LME | EFER.LMA | EFER.NXE
+        v.msrs[MSR["LSTAR"]] = va("entry_SYSCALL_64")
+        v.msrs[MSR["STAR"]] = (USER32_CS - 3) << 48 | KERNEL_CS << 32
+        v.msrs[MSR["CSTAR"]] = slid.get("entry_SYSCALL_compat", 0)
+        v.msrs[MSR["SFMASK"]] = 0x47700
+        v.msrs[MSR["SYSENTER_CS"]] = KERNEL_CS
+        v.msrs[MSR["SYSENTER_EIP"]] = slid.get("entry_SYSENTER_compat", 0)
+        v.msrs[MSR["SYSENTER_ESP"]] = CPU_ENTRY_AREA_IDT + 0x1000 + i * 0x3B000 + 0x2000
+        v.msrs[MSR["GS_BASE"]] = area
+        v.msrs[MSR["KERNEL_GS_BASE"]] = 0
+        v.idtr_base, v.idtr_limit = CPU_ENTRY_AREA_IDT, 256 * 16 - 1
+        v.gdtr_base, v.gdtr_limit = area + gdt_off, GDT_ENTRIES * 8 - 1
+        v.sel.update(cs=KERNEL_CS, ss=KERNEL_DS, ds=0, es=0, fs=0, gs=0)
+        v.tr = 8 * 8
+        v.rip = slid.get("do_syscall_64", stext)
+        v.gpr["rsp"] = area + PERCPU_STRIDE - 0x1100
+        v.rflags = 0x246
+    if "__per_cpu_offset" in slid:
+        mem.write(pa_of("__per_cpu_offset"), struct.pack(f"<{vcpus}Q", *g.percpu_base))
+    g.text_range = (stext, va("_etext"))           # type: ignore[attr-defined]
+    g.page_tables = pt                             # type: ignore[attr-defined]
+    return g
+
+
+LAYOUTS = {"linux-x86_64": build_linux_x86_64, "bare": build_bare}
+
+
+def build_guest(layout: str, **kwargs) -> Guest:
+    try:
+        builder = LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"unknown layout '{layout}' (known: {', '.join(LAYOUTS)})") from None
+    return builder(**kwargs)

@@ -1,0 +1,635 @@
+"""Scenarios (shared/spec/SCENARIOS.md): load one, build its guest, run its steps.
+
+A scenario file says what the guest looks like (``guest:``), which policy it
+is meant for (``policy:``), what its vCPUs do (``steps:``) and, for
+``policyc test``, what should come of it (``expect:``, kept as written for
+the test runner). `load_scenario` reads the YAML with positions, so a bad
+step or expression is reported at its line and column; expressions are
+parsed once with `policyc.dsl.parse_expression` and compiled to closures
+evaluated when the step runs, against the slid symbols and the step's vCPU
+registers at that moment ("cr0 & ~cr0.WP" reads the current CR0).
+
+`ScenarioRunner` runs the steps in order against a `SimulatedXen`. A step
+whose vCPU pauses hands control to the RESPONDER (a callable taking the
+`SimulatedXen`: the enforcer, or a test's small monitor), which drains the
+ring, puts responses and notifies; the simulator resumes the vCPU per the
+response. The runner keeps calling the responder while the step's vCPU is
+stuck and the responder makes progress. Each step yields a `StepResult`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+from ...arch import ARCHES
+from ...diagnostics import Diagnostics, Span
+from ...dsl import parse_expression
+from ... import syntax as S
+from ..guest_memory import MemorySnapshot
+from .guest import MSR, GuestFault
+from .layouts import build_guest, parse_size
+from .xen import Op, SimulatedXen
+
+__all__ = ["ScenarioError", "Scenario", "Step", "StepResult", "ScenarioRunner", "load_scenario",
+           "load_scenario_text", "build_scenario", "run_scenario", "OPS"]
+
+Responder = Callable[[SimulatedXen], None]
+
+# op -> (required keys, optional keys)
+OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "read": (("va",), ("size",)),
+    "write": (("va", "value"), ("size",)),
+    "exec": (("va",), ()),
+    "rmw": (("va",), ("size", "value")),
+    "write_cr": (("cr", "value"), ()),
+    "wrmsr": (("msr", "value"), ()),
+    "lidt": (("base",), ("limit",)),
+    "lgdt": (("base",), ("limit",)),
+    "sidt": ((), ()),
+    "sgdt": ((), ()),
+    "cpuid": ((), ("leaf", "subleaf")),
+    "int3": ((), ("va",)),
+    "guest_request": ((), ()),
+    "remap": (("va", "to_pa"), ()),
+    "icebp": ((), ()),
+    "smc": ((), ()),
+    "loop": (("steps",), ("count", "times")),
+}
+_COMMON = ("vcpu", "op", "rip", "cr3", "insn_length", "comment", "name")
+_EXPR_KEYS = ("va", "value", "size", "base", "limit", "leaf", "subleaf", "to_pa", "rip", "cr3",
+              "count", "times", "insn_length")
+LOOP_KEEP_RAW = 4       # iterations of a loop whose raw events are kept
+
+
+class ScenarioError(Exception):
+    """A scenario that cannot be used; ``line``/``col`` locate the culprit (1-based)."""
+
+    def __init__(self, message: str, path: str = "<scenario>", line: int | None = None,
+                 col: int | None = None) -> None:
+        where = f"{path}:{line}:{col}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+        self.message = message
+        self.path = path
+        self.line = line
+        self.col = col
+
+
+# --------------------------------------------------------------------------- YAML with positions
+
+class _PMap(dict):
+    pos: tuple[int, int]
+    key_pos: dict
+    value_pos: dict
+    quoted: dict
+
+
+class _PList(list):
+    pos: tuple[int, int]
+    item_pos: list
+
+
+_SCALARS = SafeConstructor()
+
+
+def _pos(node: Any) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _convert(node: Any, path: str, depth: int = 0) -> Any:
+    if depth > 64:
+        raise ScenarioError("nesting too deep", path, *_pos(node))
+    if isinstance(node, ScalarNode):
+        return _SCALARS.construct_object(node, deep=True)
+    if isinstance(node, SequenceNode):
+        out = _PList(_convert(n, path, depth + 1) for n in node.value)
+        out.pos = _pos(node)
+        out.item_pos = [_pos(n) for n in node.value]
+        return out
+    if isinstance(node, MappingNode):
+        out = _PMap()
+        out.pos = _pos(node)
+        out.key_pos, out.value_pos, out.quoted = {}, {}, {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, ScalarNode):
+                raise ScenarioError("mapping keys must be plain scalars", path, *_pos(knode))
+            key = knode.value
+            if key in out:
+                raise ScenarioError(f"duplicate key '{key}'", path, *_pos(knode))
+            out[key] = _convert(vnode, path, depth + 1)
+            out.key_pos[key] = _pos(knode)
+            out.value_pos[key] = _pos(vnode)
+            out.quoted[key] = isinstance(vnode, ScalarNode) and vnode.style in ("'", '"')
+        return out
+    raise ScenarioError("unsupported YAML node", path, *_pos(node))
+
+
+def _load_yaml(text: str, path: str) -> Any:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise ScenarioError(f"YAML syntax error: {exc.problem or exc}", path, line, col) from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"YAML error: {exc}", path) from None
+    if node is None:
+        raise ScenarioError("empty scenario file", path)
+    return _convert(node, path)
+
+
+# --------------------------------------------------------------------------- expressions
+
+_MASK = (1 << 64) - 1
+_BINOPS: dict[str, Callable[[int, int], int]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "<<": operator.lshift,
+    ">>": operator.rshift, "&": operator.and_, "|": operator.or_, "^": operator.xor,
+    "==": lambda a, b: int(a == b), "!=": lambda a, b: int(a != b), "<": lambda a, b: int(a < b),
+    "<=": lambda a, b: int(a <= b), ">": lambda a, b: int(a > b), ">=": lambda a, b: int(a >= b),
+}
+_NAMED_BITS = {k.lower(): v for k, v in ARCHES["x86_64"].named_bits.items()}
+_MSR_NAMES = {**ARCHES["x86_64"].msrs, **MSR}
+
+
+@dataclass
+class _Env:
+    runner: "ScenarioRunner"
+    vcpu: int
+
+
+Compiled = Callable[[_Env], int]
+
+
+def _compile(node: S.Expr, path: str, span: tuple[int, int]) -> Compiled:
+    line, col = span
+
+    def err(msg: str, n: Any = None) -> ScenarioError:
+        sp = getattr(n, "span", None)
+        if sp is not None and sp.file == path and sp.line:
+            return ScenarioError(msg, path, sp.line, sp.col)
+        return ScenarioError(msg, path, line, col)
+
+    if isinstance(node, S.Num):
+        value = node.value
+        return lambda env: value
+    if isinstance(node, S.SymbolRef):
+        name, optional, percpu = node.name, node.optional, node.percpu
+
+        def sym(env: _Env) -> int:
+            g = env.runner.xen.guest
+            if percpu or (name in g.percpu and name not in g.symbols):
+                if name not in g.percpu:
+                    raise err(f"no per-CPU symbol '{name}'", node)
+                return g.percpu_base[env.vcpu] + g.percpu[name]
+            addr = g.symbols.get(name)
+            if addr is None:
+                if optional:
+                    return 0
+                raise err(f"unknown symbol '{name}' in this guest", node)
+            return addr
+        return sym
+    if isinstance(node, S.Name):
+        name = node.name
+
+        def reg(env: _Env) -> int:
+            v = env.runner.xen.vcpu(env.vcpu)
+            try:
+                return v.get(name)
+            except KeyError:
+                pass
+            index = _MSR_NAMES.get(name) or _MSR_NAMES.get(name.upper())
+            if index is not None:
+                return v.msrs.get(index, 0)
+            raise err(f"unknown register or name '{name}'", node)
+        return reg
+    if isinstance(node, S.Attr):
+        bits = _NAMED_BITS.get(node.base.lower(), {})
+        if node.attr not in bits:
+            raise err(f"unknown named bit '{node.base}.{node.attr}'", node)
+        value = bits[node.attr]
+        return lambda env: value
+    if isinstance(node, S.Unary):
+        inner = _compile(node.operand, path, span)
+        if node.op == "-":
+            return lambda env: (-inner(env)) & _MASK
+        if node.op == "~":
+            return lambda env: (~inner(env)) & _MASK
+        if node.op == "not":
+            return lambda env: int(not inner(env))
+        raise err(f"unsupported operator '{node.op}'", node)
+    if isinstance(node, S.Binary):
+        left, right = _compile(node.left, path, span), _compile(node.right, path, span)
+        op = node.op
+        if op == "and":
+            return lambda env: int(bool(left(env)) and bool(right(env)))
+        if op == "or":
+            return lambda env: int(bool(left(env)) or bool(right(env)))
+        if op in ("/", "%"):
+            def div(env: _Env) -> int:
+                b = right(env)
+                if b == 0:
+                    raise err("division by zero", node)
+                return left(env) // b if op == "/" else left(env) % b
+            return div
+        fn = _BINOPS.get(op)
+        if fn is None:
+            raise err(f"unsupported operator '{op}'", node)
+        return lambda env: fn(left(env), right(env)) & _MASK
+    raise err(f"{type(node).__name__} is not allowed in a scenario expression", node)
+
+
+def _expression(value: Any, path: str, pos: tuple[int, int], what: str, quoted: bool = False) -> Compiled:
+    if isinstance(value, bool):
+        raise ScenarioError(f"{what}: expected a number or an expression, got {value}", path, *pos)
+    if isinstance(value, int):
+        v = value & _MASK if value >= 0 else value
+        return lambda env: v
+    if not isinstance(value, str):
+        raise ScenarioError(f"{what}: expected a number or an expression", path, *pos)
+    diags = Diagnostics()
+    col = pos[1] + (1 if quoted else 0)
+    tree = parse_expression(value, Span(path, pos[0], col), diags)
+    if tree is None or diags.has_errors:
+        d = next(iter(diags), None)
+        if d is not None and d.span is not None:
+            raise ScenarioError(f"{what}: {d.message}", path, d.span.line, d.span.col)
+        raise ScenarioError(f"{what}: cannot parse '{value}'", path, *pos)
+    return _compile(tree, path, pos)
+
+
+# --------------------------------------------------------------------------- the model
+
+@dataclass
+class Step:
+    index: int
+    op: str
+    vcpu: int
+    args: dict[str, Any]                      # raw values as written
+    exprs: dict[str, Compiled]
+    line: int
+    col: int
+    body: list["Step"] = field(default_factory=list)   # for loop
+    count: Compiled | None = None
+    msr: int | None = None
+    cr: str | None = None
+
+
+@dataclass
+class Scenario:
+    name: str
+    path: str
+    layout: str
+    symbols: str | None
+    kaslr_slide: int
+    memory: int
+    vcpus: int
+    profile: str
+    policy: str | None
+    steps: list[Step]
+    expect: list[Any]
+    guest_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """What one step did. ``took_effect`` is the guest-side verdict (allow when
+    true); ``events`` counts the vm_event requests it caused; ``requests`` /
+    ``responses`` are their raw bytes; ``faults`` the exceptions the guest got;
+    ``paused``: the step's vCPU was still paused when the step ended."""
+
+    index: int
+    op: str
+    vcpu: int
+    took_effect: bool
+    events: int
+    requests: list[bytes]
+    responses: list[bytes]
+    faults: list[GuestFault]
+    livelock: bool
+    paused: bool
+    value: Any = None
+    note: str = ""
+    iterations: int = 1
+    line: int | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "allow" if self.took_effect else "deny"
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as exc:
+        raise ScenarioError(f"cannot read: {exc.strerror}", str(p)) from None
+    except UnicodeDecodeError:
+        raise ScenarioError("not UTF-8 text", str(p)) from None
+    return load_scenario_text(text, str(p))
+
+
+def load_scenario_text(text: str, path: str = "<scenario>") -> Scenario:
+    doc = _load_yaml(text, path)
+    if not isinstance(doc, _PMap):
+        raise ScenarioError("a scenario is a mapping (scenario:, guest:, steps:)", path, *getattr(doc, "pos", (1, 1)))
+    known = {"scenario", "guest", "policy", "steps", "expect", "description"}
+    for key in doc:
+        if key not in known:
+            raise ScenarioError(f"unknown key '{key}' (known: {', '.join(sorted(known))})", path,
+                                *doc.key_pos[key])
+    base = Path(path).parent
+    guest = doc.get("guest") or _PMap()
+    if not isinstance(guest, _PMap):
+        raise ScenarioError("guest: must be a mapping", path, *doc.value_pos["guest"])
+    gknown = {"layout", "symbols", "kaslr_slide", "memory", "vcpus", "profile", "phys_slide",
+              "page_offset_base"}
+    for key in guest:
+        if key not in gknown:
+            raise ScenarioError(f"unknown guest key '{key}' (known: {', '.join(sorted(gknown))})", path,
+                                *guest.key_pos[key])
+
+    def gint(key: str, default: int) -> int:
+        value = guest.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ScenarioError(f"guest.{key}: expected a number", path, *guest.value_pos[key])
+        try:
+            return parse_size(value) if key == "memory" else int(value, 0) if isinstance(value, str) else value
+        except ValueError as exc:
+            raise ScenarioError(f"guest.{key}: {exc}", path, *guest.value_pos[key]) from None
+
+    symbols = guest.get("symbols")
+    if symbols is not None:
+        cand = base / str(symbols)
+        if not cand.exists() and (base / ".." / "policies" / str(symbols)).exists():
+            cand = base / ".." / "policies" / str(symbols)
+        symbols = str(cand)
+    policy = doc.get("policy")
+    steps_node = doc.get("steps")
+    if not isinstance(steps_node, _PList):
+        raise ScenarioError("steps: must be a list", path, *(doc.value_pos.get("steps") or doc.pos))
+    steps = _steps(steps_node, path, [0])
+    expect = doc.get("expect") or []
+    extra = {k: guest[k] for k in ("phys_slide", "page_offset_base") if k in guest}
+    return Scenario(
+        name=str(doc.get("scenario") or Path(path).stem), path=path,
+        layout=str(guest.get("layout", "linux-x86_64")), symbols=symbols,
+        kaslr_slide=gint("kaslr_slide", 0), memory=gint("memory", 256 << 20),
+        vcpus=gint("vcpus", 1), profile=str(guest.get("profile", "x86_64")),
+        policy=str(base / policy) if policy else None, steps=steps, expect=list(expect),
+        guest_extra={k: (int(v, 0) if isinstance(v, str) else v) for k, v in extra.items()})
+
+
+def _steps(items: _PList, path: str, counter: list[int]) -> list[Step]:
+    out = []
+    for item, pos in zip(items, items.item_pos):
+        out.append(_step(item, pos, path, counter))
+    return out
+
+
+def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Step:
+    if not isinstance(item, _PMap):
+        raise ScenarioError("a step is a mapping with an 'op'", path, *pos)
+    op = item.get("op")
+    if op not in OPS:
+        where = item.value_pos.get("op", pos)
+        raise ScenarioError(f"unknown op '{op}' (one of {', '.join(OPS)})", path, *where)
+    required, optional = OPS[op]
+    for key in required:
+        if key not in item and not (op == "loop" and key == "steps"):
+            raise ScenarioError(f"op {op} needs '{key}'", path, *pos)
+    for key in item:
+        if key not in required and key not in optional and key not in _COMMON:
+            raise ScenarioError(f"op {op} takes no '{key}'", path, *item.key_pos[key])
+    vcpu = item.get("vcpu", 0)
+    if isinstance(vcpu, bool) or not isinstance(vcpu, int) or vcpu < 0:
+        raise ScenarioError("vcpu: expected a vCPU number", path, *item.value_pos.get("vcpu", pos))
+    index = counter[0]
+    counter[0] += 1
+    exprs: dict[str, Compiled] = {}
+    for key in _EXPR_KEYS:
+        if key in item:
+            exprs[key] = _expression(item[key], path, item.value_pos[key], f"{op}.{key}",
+                                     item.quoted.get(key, False))
+    step = Step(index, op, vcpu, dict(item), exprs, pos[0], pos[1])
+    if op == "write_cr":
+        cr = str(item["cr"]).lower()
+        if cr not in ("cr0", "cr3", "cr4", "xcr0"):
+            raise ScenarioError(f"cr: '{item['cr']}' is not cr0, cr3, cr4 or xcr0", path, *item.value_pos["cr"])
+        step.cr = cr
+    if op == "wrmsr":
+        msr = item["msr"]
+        if isinstance(msr, int) and not isinstance(msr, bool):
+            step.msr = msr
+        elif isinstance(msr, str) and (msr.upper() in _MSR_NAMES):
+            step.msr = _MSR_NAMES[msr.upper()]
+        elif isinstance(msr, str):
+            try:
+                step.msr = int(msr, 0)
+            except ValueError:
+                raise ScenarioError(f"msr: unknown MSR '{msr}'", path, *item.value_pos["msr"]) from None
+        else:
+            raise ScenarioError("msr: expected an MSR name or number", path, *item.value_pos["msr"])
+    if op == "loop":
+        body = item.get("steps")
+        if not isinstance(body, _PList) or not body:
+            raise ScenarioError("loop: 'steps' must be a non-empty list", path, *item.value_pos.get("steps", pos))
+        step.count = exprs.get("count") or exprs.get("times")
+        if step.count is None:
+            raise ScenarioError("loop needs 'count'", path, *pos)
+        inner = [0]
+        step.body = _steps(body, path, inner)
+        for s in step.body:
+            if "vcpu" not in s.args:
+                s.vcpu = vcpu
+    return step
+
+
+# --------------------------------------------------------------------------- running
+
+def build_scenario(scenario: Scenario, *, profile: str | None = None, **xen_options: Any) -> SimulatedXen:
+    """The guest the scenario describes, under a fresh `SimulatedXen`."""
+    kwargs: dict[str, Any] = {"memory": scenario.memory, "vcpus": scenario.vcpus}
+    if scenario.layout == "linux-x86_64":
+        if scenario.symbols is None:
+            raise ScenarioError("the linux-x86_64 layout needs guest.symbols", scenario.path)
+        kwargs.update(symbols=scenario.symbols, kaslr_slide=scenario.kaslr_slide, **scenario.guest_extra)
+    try:
+        guest = build_guest(scenario.layout, **kwargs)
+    except (ValueError, OSError) as exc:
+        raise ScenarioError(f"guest: {exc}", scenario.path) from None
+    return SimulatedXen(guest, profile or scenario.profile, **xen_options)
+
+
+class ScenarioRunner:
+    """Runs a scenario's steps; keeps the start state for ``unchanged`` checks."""
+
+    def __init__(self, scenario: Scenario, xen: SimulatedXen | None = None,
+                 responder: Responder | None = None) -> None:
+        self.scenario = scenario
+        self.xen = xen if xen is not None else build_scenario(scenario)
+        self.responder = responder
+        self.results: list[StepResult] = []
+        for step in _walk(scenario.steps):
+            if step.vcpu >= len(self.xen.guest.vcpus):
+                raise ScenarioError(f"step uses vCPU {step.vcpu} but the guest has "
+                                    f"{len(self.xen.guest.vcpus)}", scenario.path, step.line, step.col)
+        self.initial_registers = [self.xen.get_registers(i) for i in range(len(self.xen.guest.vcpus))]
+        self.initial_msrs = [dict(v.msrs) for v in self.xen.guest.vcpus]
+        self.initial_memory: MemorySnapshot = self.xen.guest.memory.snapshot()
+
+    # -- state for expect: checks
+    def read_memory(self, va: int, size: int, *, vcpu: int = 0, initial: bool = False) -> bytes:
+        """Bytes at ``va`` as vCPU ``vcpu``'s current view shows them (or as they were at the start)."""
+        if not initial:
+            return self.xen.read_guest(vcpu, va, size)
+        pa = self.xen.guest.walk(self.initial_registers[vcpu]["cr3"], va).pa
+        return self.initial_memory.read(pa, size)
+
+    def register(self, vcpu: int, name: str, *, initial: bool = False) -> int:
+        if initial:
+            regs = self.initial_registers[vcpu]
+            if name in regs:
+                return regs[name]
+            index = _MSR_NAMES.get(name.upper())
+            if index is not None:
+                return self.initial_msrs[vcpu].get(index, 0)
+            raise KeyError(name)
+        v = self.xen.vcpu(vcpu)
+        try:
+            return v.get(name)
+        except KeyError:
+            index = _MSR_NAMES.get(name.upper())
+            if index is None:
+                raise
+            return v.msrs.get(index, 0)
+
+    def evaluate(self, text: str | int, vcpu: int = 0) -> int:
+        return _expression(text, self.scenario.path, (1, 1), "expression")(_Env(self, vcpu))
+
+    # -- running
+    def run(self) -> list[StepResult]:
+        for step in self.scenario.steps:
+            self.results.append(self.run_step(step))
+        self.settle()
+        return self.results
+
+    def run_step(self, step: Step) -> StepResult:
+        if step.op == "loop":
+            return self._run_loop(step)
+        op = self._make_op(step, record=True)
+        self._drive(step.vcpu, self.xen.execute(step.vcpu, op))
+        return self._result(step, op)
+
+    def _run_loop(self, step: Step) -> StepResult:
+        assert step.count is not None
+        count = step.count(_Env(self, step.vcpu))
+        res = StepResult(step.index, "loop", step.vcpu, True, 0, [], [], [], False, False,
+                         iterations=count, line=step.line)
+        for i in range(count):
+            for inner in step.body:
+                r = self._run_inner(inner, record=i < LOOP_KEEP_RAW)
+                res.events += r.events
+                res.took_effect = res.took_effect and r.took_effect
+                res.livelock = res.livelock or r.livelock
+                if len(res.faults) < 64:
+                    res.faults.extend(r.faults[:64 - len(res.faults)])
+                if i < LOOP_KEEP_RAW:
+                    res.requests.extend(r.requests)
+                    res.responses.extend(r.responses)
+        res.paused = step.vcpu in self.xen.paused_vcpus()
+        return res
+
+    def _run_inner(self, step: Step, record: bool) -> StepResult:
+        if step.op == "loop":
+            return self._run_loop(step)
+        op = self._make_op(step, record=record)
+        self._drive(step.vcpu, self.xen.execute(step.vcpu, op))
+        return self._result(step, op)
+
+    def _make_op(self, step: Step, record: bool) -> Op:
+        env = _Env(self, step.vcpu)
+        e = step.exprs
+        val = lambda key, default=None: e[key](env) if key in e else default  # noqa: E731
+        v = self.xen.vcpu(step.vcpu)
+        if "cr3" in e:
+            v.cr3 = val("cr3")
+        kw: dict[str, Any] = {"rip": val("rip"), "insn_len": val("insn_length"), "record": record}
+        op = step.op
+        if op in ("read", "write", "rmw"):
+            kw.update(va=val("va"), size=val("size", 8), value=val("value", 1 if op == "rmw" else 0))
+        elif op == "exec":
+            kw.update(va=val("va"))
+        elif op == "int3":
+            if "va" in e:
+                kw["rip"] = val("va")
+        elif op == "write_cr":
+            kw.update(reg=step.cr, value=val("value"))
+        elif op == "wrmsr":
+            kw.update(msr=step.msr, value=val("value"))
+        elif op in ("lidt", "lgdt"):
+            kw.update(base=val("base"), limit=val("limit", 0xFFF if op == "lidt" else 0x7F))
+        elif op == "cpuid":
+            kw.update(leaf=val("leaf", 0), subleaf=val("subleaf", 0))
+        elif op == "remap":
+            kw.update(va=val("va"), to_pa=val("to_pa"))
+        return Op(op, step.vcpu, **kw)
+
+    def _drive(self, vcpu: int, op: Op) -> None:
+        """Hand control to the responder while the step cannot finish on its own."""
+        xen = self.xen
+        responder = self.responder
+        while True:
+            pending = xen.unconsumed_requests()
+            if op.done and not (pending and xen.is_paused(vcpu)):
+                break
+            if responder is None or pending == 0:
+                break
+            before = (xen.responses_consumed, pending)
+            responder(xen)
+            if (xen.responses_consumed, xen.unconsumed_requests()) == before:
+                break
+
+    def settle(self) -> None:
+        """Let the responder answer whatever is still on the ring (async events)."""
+        xen = self.xen
+        if self.responder is None:
+            return
+        for _ in range(1024):
+            pending = xen.unconsumed_requests()
+            if not pending:
+                break
+            before = (xen.responses_consumed, pending)
+            self.responder(xen)
+            if (xen.responses_consumed, xen.unconsumed_requests()) == before:
+                break
+
+    def _result(self, step: Step, op: Op) -> StepResult:
+        paused = self.xen.is_paused(step.vcpu)
+        note = op.note
+        if not op.started:
+            note = note or "the vCPU is paused: the instruction never ran"
+        return StepResult(step.index, step.op, step.vcpu, op.took_effect and op.done, op.events,
+                          op.requests, op.responses, list(op.faults), op.livelock, paused,
+                          op.result, note, 1, step.line)
+
+
+def _walk(steps: list[Step]) -> Iterator[Step]:
+    for s in steps:
+        yield s
+        yield from _walk(s.body)
+
+
+def run_scenario(scenario: Scenario | str | Path, responder: Responder | None = None,
+                 **xen_options: Any) -> ScenarioRunner:
+    """Load (if needed), build and run a scenario; the runner holds the results."""
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario)
+    runner = ScenarioRunner(scenario, build_scenario(scenario, **xen_options), responder)
+    runner.run()
+    return runner
