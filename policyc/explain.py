@@ -173,7 +173,8 @@ def rule_landings(plan: dict) -> dict[str, list[str]]:
                     f"view {view['id']} ({view['role']}): range {rng['region']} allows {rng['access']}, "
                     f"traps {rng['traps']} ({_pages_text(_region_pages(plan, rng['region']))})")
     for bp in plan.get("breakpoints", []):
-        where = f" in view {bp['view']}, stepped in view {bp['step_view']}" if "view" in bp else ""
+        where = (f" in view{'s' * (len(bp['views']) > 1)} {', '.join(map(str, bp['views']))}, "
+                 f"stepped in view {bp['step_view']}") if "views" in bp else ""
         for rule in bp["rules"]:
             out.setdefault(rule, []).append(
                 f"breakpoint {bp['id']} at {_address(bp['address'], bp['relocatable'])} ({bp['mechanism']}{where})")
@@ -368,7 +369,8 @@ def explain_text(plan: dict) -> str:
     if not bps:
         out.append("  (none)")
     for bp in bps:
-        where = f", planted in view {bp['view']}, stepped in view {bp['step_view']}" if "view" in bp else ""
+        where = (f", planted in view{'s' * (len(bp['views']) > 1)} {', '.join(map(str, bp['views']))}, "
+                 f"stepped in view {bp['step_view']}") if "views" in bp else ""
         out.append(f"  {bp['id']:<4} {_address(bp['address'], bp['relocatable'])} {bp['mechanism']}{where}; "
                    f"rules: {', '.join(bp['rules'])}")
 
@@ -592,8 +594,9 @@ def explain_dot(plan: dict) -> str:
         node = f"bp_{bp['id']}"
         label = f"{bp['id']} {bp['address']}\\n{bp['mechanism']}\\n{', '.join(bp['rules'])}"
         lines.append(f"  {node} [label=\"{_dot_escape(label)}\", shape=diamond];")
-        if "view" in bp:
-            lines.append(f"  {node} -> v{bp['view']} [label={_dot_id('planted in')}, style=dotted, arrowhead=none];")
+        if "views" in bp:
+            for view_id in bp["views"]:
+                lines.append(f"  {node} -> v{view_id} [label={_dot_id('planted in')}, style=dotted, arrowhead=none];")
         elif views:
             lines.append(f"  {node} -> v{views[0]['id']} [label={_dot_id('inline in the guest frame')}, "
                          f"style=dotted, arrowhead=none];")
@@ -601,10 +604,10 @@ def explain_dot(plan: dict) -> str:
             lines.append(f"  {node} -> host [label={_dot_id('inline in the guest frame')}, "
                          f"style=dotted, arrowhead=none];")
     if plan.get("breakpoints") and "ALTERNATE_P2M" in bp_resp.get("flags", []):
-        src = next((bp["view"] for bp in plan["breakpoints"] if "view" in bp), None)
-        if src is not None:
+        planted = sorted({v for bp in plan["breakpoints"] for v in bp.get("views", [])})
+        for src in planted:
             lines.append(f"  v{src} -> v{bp_resp['altp2m_idx']} [label={_dot_id('breakpoint allow: step the original')}];")
-            lines.append(f"  v{bp_resp['altp2m_idx']} -> v{bp_resp.get('fast_singlestep_p2midx', src)} "
+            lines.append(f"  v{bp_resp['altp2m_idx']} -> v{src} "
                          f"[label={_dot_id('breakpoint step back (fast singlestep)')}, style=dashed];")
     lines.append("}")
     return "\n".join(lines) + "\n"

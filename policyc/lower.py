@@ -68,8 +68,8 @@ def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | No
     check_capabilities(low)
     regions = describe_regions(low)
     views = layout_views(low)
-    monitors = enable_monitors(low)
-    breakpoints = place_breakpoints(low)
+    monitors = enable_monitors(low, views)
+    breakpoints = place_breakpoints(low, views)
     dispatch = build_dispatch(low, breakpoints)
     responses = lower_responses(low)
     plan = {
@@ -283,7 +283,7 @@ def _allowed_access(traps: set[str], target: TargetInfo) -> str:
 
 # ---------------------------------------------------------------- 4. monitors
 
-def enable_monitors(low: _Lowering) -> dict:
+def enable_monitors(low: _Lowering, views: list[dict]) -> dict:
     rules = [r for r in low.policy.rules if r.name not in low.unusable]
     monitors: dict = {}
     crs: dict[str, list[M.Rule]] = {}
@@ -306,6 +306,16 @@ def enable_monitors(low: _Lowering) -> dict:
             monitors["privileged_call"] = True
     if crs:
         monitors["write_ctrlreg"] = [_cr_monitor(reg, rs) for reg, rs in sorted(crs.items())]
+    from .analyses.views import context_monitors
+    for extra in context_monitors(views).get("write_ctrlreg", []):
+        # Context views: the enforcer switches a vCPU's view on its CR3 writes, so every
+        # CR3 write must arrive, whatever the policy's own cr3 rules filter.
+        mine = [m for m in monitors.get("write_ctrlreg", []) if m["index"] == extra["index"]]
+        if mine:
+            mine[0].update(sync=True, onchangeonly=False, bitmask="0x0")
+        else:
+            monitors.setdefault("write_ctrlreg", []).append(dict(extra))
+            monitors["write_ctrlreg"].sort(key=lambda m: m["index"])
     if any(r.verdict == "deny" for rs in list(crs.values()) + list(msrs.values()) for r in rs):
         # Xen 4.17 performs CR/MSR writes during the exit unless writes are deferred to the
         # response (XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS); without it DENY has nothing to cancel.
@@ -352,7 +362,7 @@ def _bits_that_matter(c: M.Condition | None) -> int | None:
 
 # ---------------------------------------------------------------- 5. breakpoints
 
-def place_breakpoints(low: _Lowering) -> list[dict]:
+def place_breakpoints(low: _Lowering, views: list[dict]) -> list[dict]:
     sites: dict[tuple[int, bool], list[str]] = {}
     for r in low.policy.rules:
         if r.trigger.kind == "breakpoint" and r.name not in low.unusable:
@@ -364,7 +374,9 @@ def place_breakpoints(low: _Lowering) -> list[dict]:
         site = {"id": f"bp{i}", "address": hex(value), "relocatable": not percpu, "mechanism": mechanism,
                 "rules": sorted(rules)}
         if mechanism == "int3-shadow-frame":
-            site["view"] = VIEW_RESTRICTED
+            from .analyses.views import breakpoint_views
+            # Planted in every restricted view a rule on it runs in; stepped in the unrestricted one.
+            site["views"] = breakpoint_views(low.policy, views, value, percpu) or [VIEW_RESTRICTED]
             site["step_view"] = VIEW_UNRESTRICTED
         out.append(site)
     return out
@@ -484,7 +496,7 @@ def lower_responses(low: _Lowering) -> dict:
         mech = low.strategies.get("breakpoint")
         if mech == "int3-shadow-frame":
             allow = {"flags": ["ALTERNATE_P2M", "FAST_SINGLESTEP"], "altp2m_idx": VIEW_UNRESTRICTED,
-                     "fast_singlestep_p2midx": VIEW_RESTRICTED}
+                     "fast_singlestep_p2midx": "faulting view"}
         elif mech == "int3-inline-emulate":
             allow = {"flags": ["EMULATE", "SET_EMUL_INSN_DATA"], "insn_data": "the original bytes at the site"}
         else:

@@ -9,6 +9,7 @@ equality, so a policy and its reformatted twin give equal models.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -282,16 +283,19 @@ class Policy:
     span: Span = _span()
 
     def region(self, name: str) -> Region:
-        for r in self.regions:
-            if r.name == name:
-                return r
-        raise KeyError(name)
+        return self._regions_by_name[name]
 
     def rule(self, name: str) -> Rule:
-        for r in self.rules:
-            if r.name == name:
-                return r
-        raise KeyError(name)
+        return self._rules_by_name[name]
+
+    @functools.cached_property
+    def _regions_by_name(self) -> dict[str, Region]:
+        # Policies hold up to ~100,000 regions: lookups by name must not scan.
+        return {r.name: r for r in self.regions}
+
+    @functools.cached_property
+    def _rules_by_name(self) -> dict[str, Rule]:
+        return {r.name: r for r in self.rules}
 
     def content_hash(self) -> str:
         """A hash of what the policy means (not how it is spelled or where it lives)."""

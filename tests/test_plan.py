@@ -116,7 +116,7 @@ def test_every_golden_plan_validates_and_loads(path: Path):
     (lambda p: p["dispatch"]["mem_access"][0]["actions"].append({"pause": True, "disarm": True}), "actions"),
     (lambda p: p["responses"]["mem_access"]["allow"]["flags"].append("TELEPORT"), "flags"),
     (lambda p: p["responses"]["mem_access"]["allow"].pop("altp2m_idx"), "altp2m_idx"),
-    (lambda p: p["breakpoints"][0].pop("view"), "view"),
+    (lambda p: p["breakpoints"][0].pop("views"), "views"),
     (lambda p: p["warnings"].append({"code": "W1", "message": "m", "at": None}), "code"),
 ])
 def test_schema_rejects_malformed_plans(mutate, where):
