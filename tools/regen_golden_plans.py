@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerate the golden trap plans: tests/golden/plans/<policy>.<target>.plan.json.
+"""Regenerate the golden trap plans: tests/golden/plans/<policy>.<target>.plan.json
+(<policy> is the file's stem for a .vmi policy, its whole name for a YAML one).
 
 One plan for every example policy (examples/policies/*.vmi, *.yaml, *.yml;
 include-only files are skipped) and every target it compiles for. Pairs that
@@ -39,7 +40,9 @@ class Result:
 
     @property
     def golden(self) -> Path:
-        return GOLDEN / f"{self.policy.stem}.{self.target}.plan.json"
+        # A YAML twin shares its DSL original's stem: keep its suffix so neither overwrites the other.
+        name = self.policy.stem if self.policy.suffix == ".vmi" else self.policy.name
+        return GOLDEN / f"{name}.{self.target}.plan.json"
 
 
 def example_policies() -> list[Path]:
