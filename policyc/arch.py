@@ -68,11 +68,14 @@ _MSR_BITS = {"EFER": _bits(_EFER)}
 
 _X86_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
-# What Xen's vm_event x86 register block carries besides the GPRs.
-_X86_SYSTEM = ("cr0", "cr2", "cr3", "cr4", "dr6", "dr7", "msr_efer", "msr_star", "msr_lstar", "msr_cstar",
-               "fs_base", "gs_base", "shadow_gs", "sysenter_cs", "sysenter_esp", "sysenter_eip", "cs_sel",
-               "ss_sel", "ds_sel", "es_sel", "fs_sel", "gs_sel", "cs_arbytes", "cpl")
-_ARM64_REGS = tuple(f"x{i}" for i in range(31)) + ("pc", "sp_el0", "sp_el1", "ttbr0", "ttbr1", "ttbcr", "cpsr")
+# Exactly what Xen's vm_event request carries (struct vm_event_regs_x86 / _arm, interface 7):
+# a condition on anything else could never be evaluated. arm64 requests carry no general
+# registers at all.
+_X86_SYSTEM = ("cr0", "cr2", "cr3", "cr4", "dr6", "dr7", "msr_efer", "msr_star", "msr_lstar",
+               "sysenter_cs", "sysenter_esp", "sysenter_eip", "gdtr_base", "gdtr_limit", "fs_base", "gs_base",
+               "shadow_gs", "cs_base", "ss_base", "ds_base", "es_base", "cs_sel", "ss_sel", "ds_sel", "es_sel",
+               "fs_sel", "gs_sel")
+_ARM64_REGS = ("pc", "ttbr0", "ttbr1", "ttbcr", "cpsr")
 
 # Event fields by trigger kind. Registers are available on every kind (Xen
 # puts the vCPU's registers in each request); these are the extra fields.

@@ -86,6 +86,15 @@ TABLES = """
 """
 
 
+def reads_missing_field(plan: dict, placeholder: str, missing: str) -> dict:
+    """The plan with `placeholder` register reads turned into reads of `missing`, a field Xen's request
+    does not carry. The checker refuses such a policy, but a plan from another compiler version (or an
+    edited one) may still hold one: the engine must answer anyway."""
+    import json
+    text = json.dumps(plan).replace(json.dumps(["field", placeholder]), json.dumps(["field", missing]))
+    return json.loads(text)
+
+
 def compile_text(tmp_path: Path, body: str, *, mode: str = "enforce", target: str = "x86_64") -> dict:
     shutil.copy(MAP, tmp_path / MAP.name)
     path = tmp_path / "t.vmi"
@@ -95,6 +104,8 @@ def compile_text(tmp_path: Path, body: str, *, mode: str = "enforce", target: st
     assert policy is not None, [str(x) for x in d.items]
     plan = compile_plan(policy, d)
     assert plan is not None, [str(x) for x in d.items]
+    if body is ERRORS:
+        plan = reads_missing_field(plan, "r15", "msr_cstar")
     return plan
 
 
@@ -535,7 +546,7 @@ def test_breakpoint_at_a_site_and_a_guests_own_int3(enforced):
 # --------------------------------------------------------------------------- robustness
 
 ERRORS = """
-    rule needs_cstar: on guest_request where msr_cstar == 0 {
+    rule needs_cstar: on guest_request where r15 == 0 {
         alert high "cstar is zero"
     }
     rule heartbeat: on guest_request where rax == 1 {

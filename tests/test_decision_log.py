@@ -49,11 +49,20 @@ POLICY = """policy "logged" {
         deny
         alert critical "LSTAR hijack to {new:#x}"
     }
-    rule odd: on guest_request where msr_cstar == 1 {
+    rule odd: on guest_request where r15 == 1 {
         log low "never: Xen's request carries no CSTAR"
     }
 }
 """
+
+
+def reads_missing_field(plan: dict, placeholder: str, missing: str) -> dict:
+    """The plan with `placeholder` register reads turned into reads of `missing`, a field Xen's request
+    does not carry. The checker refuses such a policy, but a plan from another compiler version (or an
+    edited one) may still hold one: the engine must answer anyway."""
+    import json
+    text = json.dumps(plan).replace(json.dumps(["field", placeholder]), json.dumps(["field", missing]))
+    return json.loads(text)
 
 
 def compile_policy(tmp_path: Path, mode: str = "enforce") -> dict:
@@ -65,7 +74,7 @@ def compile_policy(tmp_path: Path, mode: str = "enforce") -> dict:
     assert policy is not None, [str(x) for x in d.items]
     plan = compile_plan(policy, d)
     assert plan is not None, [str(x) for x in d.items]
-    return plan
+    return reads_missing_field(plan, "r15", "msr_cstar")
 
 
 class StaticBinding:
