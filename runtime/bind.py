@@ -1,0 +1,795 @@
+"""Binding: a trap plan made concrete for one running guest.
+
+`bind_plan(plan, backend, symbols)` finds what the plan could not know at
+compile time and returns a `BoundPlan`:
+
+1. **Symbols.** Every symbol file the plan names (name + sha256) must be one
+   of the tables given; a file whose bytes differ is refused (addresses from
+   another kernel build would protect the wrong bytes).
+2. **The slide** (KASLR; the image base for a Windows ISF, whose addresses
+   are RVAs), found from the guest itself: MSR LSTAR minus the link-time
+   syscall entry (`entry_SYSCALL_64`; `KiSystemCall64[Shadow]`), cross-checked
+   with the IDT: the handlers of vectors 3, 13 and 14 read through IDTR give
+   a second estimate, and IDTR's page (Linux: the read-only CPU-entry-area
+   alias) must be `idt_table`'s frame. Disagreement is an error (one of the
+   two is hooked): binding refuses rather than protect the wrong addresses.
+   The slide must be 2 MiB aligned for Linux x86-64 (CONFIG_PHYSICAL_ALIGN),
+   4 KiB otherwise. `slide=` overrides discovery (an operator who knows).
+3. **Frames.** Every extent of every region is translated through the
+   guest's own page tables (CR3 of vCPU 0; the kernel half is shared by all
+   address spaces) into byte ranges per guest frame, `(gfn, first, last)`.
+   Relocatable extents get the slide; per-CPU extents are offsets into each
+   vCPU's per-CPU area (kernel GS base: `gs_base`, or `shadow_gs` when the
+   vCPU is in user mode, else `__per_cpu_offset[i]`); register extents
+   (`idtr`, `gdtr`) start at each vCPU's register base; `pa` extents are
+   frames already. A byte that does not translate is a `BindError` naming
+   the region and the address (all such failures are collected first).
+4. **Views.** Per plan view, gfn -> access: where several ranges of one view
+   share a page, the page gets the intersection of their accesses (the plan
+   schema's rule); on x86 a result with W but not R loses W (EPT cannot
+   express it, XEN-SEMANTICS §3).
+5. **Page-table watch.** Every paging-structure frame read to translate a
+   protected page (PML4, PDPT, PD, PT) is collected with the exact entries
+   used, so the installer can write-trap those frames ("rx": EPT has no
+   write-only, and the hardware walk needs R) in the restricted views. A
+   remap of a protected page then traps; `BoundPlan.rebind(backend)` re-walks
+   after such a write and returns what moved (`BindDelta`), updating the
+   binding in place. `pt_entry_users(gfn, offset)` says which regions depend
+   on the entry a write hit, before it is allowed.
+6. **Breakpoints.** Each site's slid address, frame, offset and its original
+   16 bytes (what `SET_EMUL_INSN_DATA` needs for inline breakpoints).
+
+`BoundPlan` is the `Binding` the decision engine expects (runtime/decide.py):
+`slide`, `region_frames`, `percpu_base`, `breakpoint_sites`, `in_region`,
+`breakpoint_insn_bytes`.
+
+Only x86-64 guests (4-level paging) are bound here: an arm64 binding needs an
+AArch64 stage-1 walker and VBAR_EL1, which the backend's registers do not
+carry.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..symbols import SymbolTable
+from .backend import BackendError
+from .guest_memory import FRAME_SHIFT, FRAME_SIZE, PhysicalAddressError
+from .paging import PAGE_2M, NonCanonicalAddress, PageFault, PageTables
+
+__all__ = ["BindError", "BindFailure", "BoundPlan", "BoundBreakpoint", "BindDelta", "ViewBinding",
+           "bind_plan", "intersect_access", "find_slide", "PT_WATCH_ACCESS"]
+
+U64 = (1 << 64) - 1
+PAGE = FRAME_SIZE
+PT_WATCH_ACCESS = "rx"          # write-trap a page-table frame (EPT cannot say "r w-trap x-trap" any better)
+_INSN_BYTES = 16                 # data.emul.insn.data
+
+_ACCESS_BITS = {"n": "", "r": "r", "w": "w", "rw": "rw", "x": "x", "rx": "rx", "wx": "wx", "rwx": "rwx"}
+_ACCESS_NAME = {frozenset(v): k for k, v in _ACCESS_BITS.items()}
+
+# Syscall entry points (LSTAR) and IDT handlers, by symbol-table OS; first found wins.
+_ENTRY = {"linux": ("entry_SYSCALL_64",), "windows": ("KiSystemCall64Shadow", "KiSystemCall64")}
+_IDT_HANDLERS = {
+    "linux": {3: ("asm_exc_int3",), 13: ("asm_exc_general_protection",), 14: ("asm_exc_page_fault",)},
+    "windows": {3: ("KiBreakpointTrapShadow", "KiBreakpointTrap"),
+                13: ("KiGeneralProtectionFaultShadow", "KiGeneralProtectionFault"),
+                14: ("KiPageFaultShadow", "KiPageFault")},
+}
+_IDT_GATE = struct.Struct("<HHBBHII")
+
+
+# --------------------------------------------------------------------------- errors
+
+@dataclass(frozen=True)
+class BindFailure:
+    """One thing that could not be bound: `region` (None for the slide or symbols), the address that
+    failed (None when no address is involved) and why."""
+
+    region: str | None
+    address: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"region '{self.region}'" if self.region else "binding"
+        at = f" at {self.address:#x}" if self.address is not None else ""
+        return f"{where}{at}: {self.reason}"
+
+
+class BindError(Exception):
+    """The plan cannot be bound to this guest. `failures` lists every cause; `region` and `address`
+    are those of the first (the common case is one)."""
+
+    def __init__(self, failures: Sequence[BindFailure] | BindFailure) -> None:
+        if isinstance(failures, BindFailure):
+            failures = [failures]
+        self.failures = list(failures)
+        first = self.failures[0]
+        self.region = first.region
+        self.address = first.address
+        more = f" (and {len(self.failures) - 1} more: " + "; ".join(map(str, self.failures[1:4])) + \
+            (" ..." if len(self.failures) > 4 else "") + ")" if len(self.failures) > 1 else ""
+        super().__init__(str(first) + more)
+
+
+# --------------------------------------------------------------------------- access sets
+
+def intersect_access(a: str, b: str, *, x86: bool = True) -> str:
+    """The accesses both allow, as a Xen mem_access name (W without R dropped on x86)."""
+    allowed = frozenset(_ACCESS_BITS[a]) & frozenset(_ACCESS_BITS[b])
+    if x86 and "w" in allowed and "r" not in allowed:
+        allowed = allowed - {"w"}
+    return _ACCESS_NAME[allowed]
+
+
+# --------------------------------------------------------------------------- physical reads
+
+class _PhysReader:
+    """What `PageTables` reads from `GuestMemory` (read_u64, read, size), over `backend.read_physical`,
+    one frame at a time and cached for one binding pass."""
+
+    size = 1 << 52
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self._frames: dict[int, bytes] = {}
+
+    def frame(self, gfn: int) -> bytes:
+        data = self._frames.get(gfn)
+        if data is None:
+            try:
+                data = self._backend.read_physical(gfn << FRAME_SHIFT, FRAME_SIZE)
+            except BackendError as exc:
+                raise PhysicalAddressError(f"gfn {gfn:#x}: {exc}") from None
+            self._frames[gfn] = data
+        return data
+
+    def read(self, pa: int, length: int) -> bytes:
+        out = bytearray()
+        while length > 0:
+            off = pa & (PAGE - 1)
+            n = min(length, PAGE - off)
+            out += self.frame(pa >> FRAME_SHIFT)[off:off + n]
+            pa += n
+            length -= n
+        return bytes(out)
+
+    def read_u64(self, pa: int) -> int:
+        off = pa & (PAGE - 1)
+        if off > PAGE - 8:
+            return int.from_bytes(self.read(pa, 8), "little")
+        return struct.unpack_from("<Q", self.frame(pa >> FRAME_SHIFT), off)[0]
+
+
+class _Space:
+    """One address space (a CR3) read through the backend."""
+
+    def __init__(self, backend: Any, cr3: int) -> None:
+        self.reader = _PhysReader(backend)
+        self.pt = PageTables(self.reader, cr3)  # type: ignore[arg-type]
+
+    def translate_range(self, va: int, size: int) -> tuple[list[tuple[int, int, int]], set[int]]:
+        """[(gfn, first, last)] covering [va, va+size) and the paging-structure entries (guest-physical
+        addresses) the translation used. Raises PageFault / NonCanonicalAddress at the first bad byte."""
+        pieces: list[tuple[int, int, int]] = []
+        entries: set[int] = set()
+        end = va + size
+        cur = va
+        while cur < end:
+            t = self.pt.translate(cur)
+            entries.update(step.entry_address for step in self.pt.walk(cur))
+            chunk_end = min(end, (cur | (t.page_size - 1)) + 1)
+            pa = t.pa
+            while cur < chunk_end:
+                n = min(chunk_end - cur, PAGE - (cur & (PAGE - 1)))
+                off = pa & (PAGE - 1)
+                pieces.append((pa >> FRAME_SHIFT, off, off + n - 1))
+                cur += n
+                pa += n
+        return pieces, entries
+
+    def read_virtual(self, va: int, size: int) -> bytes:
+        return self.pt.read_virtual(va, size)
+
+
+# --------------------------------------------------------------------------- the result
+
+@dataclass
+class ViewBinding:
+    """One plan view: its id in the plan, role, contexts, default access and the gfn -> access map
+    (region ranges intersected, page-table watch included)."""
+
+    id: int
+    role: str
+    default_access: str
+    contexts: tuple[str, ...] = ()
+    access: dict[int, str] = field(default_factory=dict)
+    visible_to_guest: bool | None = None
+
+
+@dataclass(frozen=True)
+class BoundBreakpoint:
+    id: str
+    address: int                 # slid virtual address
+    gfn: int
+    offset: int
+    original: bytes              # 16 bytes from the site (fewer if the next page is unmapped)
+    mechanism: str | None
+    views: tuple[int, ...]       # plan view ids the breakpoint is planted in (shadow frames)
+    step_view: int | None
+
+    @property
+    def pa(self) -> int:
+        return (self.gfn << FRAME_SHIFT) | self.offset
+
+
+@dataclass(frozen=True)
+class _Extent:
+    region: str
+    va: int | None               # first virtual address (None for a pa extent)
+    size: int
+    vcpu: int | None             # the vCPU whose instance this is (per-CPU and register extents)
+    pieces: tuple[tuple[int, int, int], ...]
+    entries: frozenset[int]      # page-table entries (guest-physical) the translation used
+
+
+@dataclass
+class BindDelta:
+    """What a re-walk changed: region frames, per-view access, the watched page-table frames and
+    breakpoint frames. `unmapped`: regions that no longer translate (their old frames stay bound)."""
+
+    regions: dict[str, tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]] = field(default_factory=dict)
+    views: dict[int, dict[int, tuple[str | None, str | None]]] = field(default_factory=dict)
+    pt_added: set[int] = field(default_factory=set)
+    pt_removed: set[int] = field(default_factory=set)
+    breakpoints: dict[str, tuple[BoundBreakpoint, BoundBreakpoint]] = field(default_factory=dict)
+    unmapped: list[BindFailure] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.regions or self.views or self.pt_added or self.pt_removed or self.breakpoints
+                    or self.unmapped)
+
+
+class BoundPlan:
+    """A plan bound to one guest. Implements the decision engine's `Binding` protocol."""
+
+    def __init__(self, plan: Mapping[str, Any], *, arch: str, slide: int, cr3: int,
+                 percpu_bases: list[int], extents: dict[str, list[_Extent]], views: dict[int, ViewBinding],
+                 breakpoints: list[BoundBreakpoint], pt_entries: dict[int, set[str]],
+                 bp_entries: dict[str, frozenset[int]], notes: list[str], slide_evidence: dict[str, Any]) -> None:
+        self.plan = plan
+        self.arch = arch
+        self.slide = slide
+        self.cr3 = cr3
+        self.percpu_bases = percpu_bases
+        self.notes = notes
+        self.slide_evidence = slide_evidence
+        self._adopt(extents, views, breakpoints, pt_entries, bp_entries)
+
+    # ------------------------------------------------------------------ internal state
+    def _adopt(self, extents: dict[str, list[_Extent]], views: dict[int, ViewBinding],
+               breakpoints: list[BoundBreakpoint], pt_entries: dict[int, set[str]],
+               bp_entries: dict[str, frozenset[int]]) -> None:
+        self.extents = extents
+        self.views = views
+        self.breakpoints = breakpoints
+        self._bp_entries = bp_entries
+        self._frames = {name: _merge_pieces(p for e in es for p in e.pieces) for name, es in extents.items()}
+        self._va_ranges: dict[str, tuple[list[int], list[int]]] = {}
+        for name, es in extents.items():
+            spans = _merge_spans((e.va, e.va + e.size - 1) for e in es if e.va is not None and e.size)
+            self._va_ranges[name] = ([s for s, _ in spans], [t for _, t in spans])
+        self.pt_entries = pt_entries
+        self.pt_frames: dict[int, set[str]] = {}
+        for ea, users in pt_entries.items():
+            self.pt_frames.setdefault(ea >> FRAME_SHIFT, set()).update(users)
+
+    # ------------------------------------------------------------------ the engine's Binding protocol
+    def region_frames(self, name: str) -> list[tuple[int, int, int]]:
+        """(gfn, first byte offset, last byte offset inclusive) of every frame the region covers (every
+        vCPU's instance for per-CPU and register extents). KeyError for an unknown region."""
+        return list(self._frames[name])
+
+    def percpu_base(self, vcpu: int) -> int:
+        return self.percpu_bases[vcpu]
+
+    def breakpoint_sites(self) -> dict[int, str]:
+        """Slid virtual address and guest-physical address of every site -> its plan id."""
+        out: dict[int, str] = {}
+        for bp in self.breakpoints:
+            out[bp.address] = bp.id
+            out[bp.pa] = bp.id
+        return out
+
+    def breakpoint_insn_bytes(self, site_id: str) -> bytes:
+        """The original instruction bytes at a site, padded to 16 (SET_EMUL_INSN_DATA)."""
+        for bp in self.breakpoints:
+            if bp.id == site_id:
+                return bp.original.ljust(_INSN_BYTES, b"\x90")
+        raise KeyError(site_id)
+
+    def in_region(self, name: str, address: int) -> bool:
+        """Whether a (slid) virtual address lies in the region: any vCPU's instance for per-CPU and
+        register extents. `pa` extents have no virtual address and never match."""
+        spans = self._va_ranges.get(name)
+        if spans is None:
+            return False
+        starts, ends = spans
+        i = bisect.bisect_right(starts, address) - 1
+        return i >= 0 and address <= ends[i]
+
+    # ------------------------------------------------------------------ for the installer
+    def view(self, plan_id: int) -> ViewBinding:
+        return self.views[plan_id]
+
+    def view_access(self, plan_id: int) -> dict[int, str]:
+        return dict(self.views[plan_id].access)
+
+    @property
+    def pt_watch(self) -> frozenset[int]:
+        """Page-table frames mapping protected pages (write-trapped in the restricted views)."""
+        return frozenset(self.pt_frames)
+
+    def pt_entry_users(self, gfn: int, offset: int | None = None) -> set[str]:
+        """Regions (and breakpoints) whose translation uses an entry of this page-table frame that an
+        access at `offset` may touch (an 8-byte store starting up to 7 bytes before it counts);
+        every user of the frame when `offset` is None."""
+        if offset is None:
+            return set(self.pt_frames.get(gfn, ()))
+        base = gfn << FRAME_SHIFT
+        users: set[str] = set()
+        for entry in {((offset + d) & ~7) for d in (-7, 0, 7) if 0 <= offset + d < PAGE}:
+            users |= self.pt_entries.get(base | entry, set())
+        return users
+
+    def default_view(self) -> int | None:
+        """The restricted view every vCPU runs in (context "*"), or None without altp2m."""
+        restricted = [v for v in self.views.values() if v.role == "restricted"]
+        for v in restricted:
+            if "*" in v.contexts:
+                return v.id
+        return restricted[0].id if restricted else None
+
+    def rebind(self, backend: Any) -> BindDelta:
+        """Re-walk every region with the same slide and per-CPU bases (after a write to a watched
+        page-table frame) and adopt the result; returns what changed. Regions that no longer translate
+        keep their old frames and are listed in `BindDelta.unmapped` (the caller alerts)."""
+        binder = _Binder(self.plan, backend, arch=self.arch, cr3=self.cr3)
+        binder.slide = self.slide
+        binder.percpu_bases = list(self.percpu_bases)
+        binder.read_vcpu_registers()
+        extents, failures = binder.bind_regions()
+        for f in failures:
+            if f.region in self.extents:
+                extents[f.region] = self.extents[f.region]
+        breakpoints, bp_entries, bp_failures = binder.bind_breakpoints()
+        old_by_id = {bp.id: bp for bp in self.breakpoints}
+        for f in bp_failures:
+            site = f.region.split(" ", 1)[1] if f.region else ""
+            if site in old_by_id:
+                breakpoints.append(old_by_id[site])
+                bp_entries[site] = self._bp_entries.get(site, frozenset())
+        breakpoints.sort(key=lambda b: b.id)
+        views, pt_entries = binder.bind_views(extents, bp_entries)
+        delta = BindDelta(unmapped=failures + bp_failures)
+        old_frames = dict(self._frames)
+        old_views = {vid: dict(v.access) for vid, v in self.views.items()}
+        old_pt = set(self.pt_frames)
+        self._adopt(extents, views, breakpoints, pt_entries, bp_entries)
+        for name, frames in self._frames.items():
+            if frames != old_frames.get(name):
+                delta.regions[name] = (list(old_frames.get(name, [])), list(frames))
+        for vid, v in self.views.items():
+            old = old_views.get(vid, {})
+            changes = {g: (old.get(g), v.access.get(g)) for g in set(old) | set(v.access)
+                       if old.get(g) != v.access.get(g)}
+            if changes:
+                delta.views[vid] = changes
+        delta.pt_added = set(self.pt_frames) - old_pt
+        delta.pt_removed = old_pt - set(self.pt_frames)
+        for bp in self.breakpoints:
+            old = old_by_id.get(bp.id)
+            if old is not None and (old.gfn, old.offset) != (bp.gfn, bp.offset):
+                delta.breakpoints[bp.id] = (old, bp)
+        return delta
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description (for logs, the state record and `policyc explain`)."""
+        return {
+            "slide": hex(self.slide), "arch": self.arch, "cr3": hex(self.cr3),
+            "percpu_bases": [hex(b) for b in self.percpu_bases],
+            "regions": {n: len(f) for n, f in self._frames.items()},
+            "views": {vid: len(v.access) for vid, v in self.views.items()},
+            "pt_watch": sorted(self.pt_frames),
+            "breakpoints": {bp.id: {"address": hex(bp.address), "gfn": hex(bp.gfn), "offset": bp.offset}
+                            for bp in self.breakpoints},
+            "slide_evidence": self.slide_evidence, "notes": list(self.notes),
+        }
+
+    def __repr__(self) -> str:
+        return (f"BoundPlan(slide={self.slide:#x}, regions={len(self.extents)}, "
+                f"pt_watch={len(self.pt_frames)}, breakpoints={len(self.breakpoints)})")
+
+
+def plan_views(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(plan.get("views") or [])
+
+
+def _merge_pieces(pieces: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Sort and merge overlapping or touching byte ranges on the same frame."""
+    out: list[tuple[int, int, int]] = []
+    for gfn, first, last in sorted(pieces):
+        if out and out[-1][0] == gfn and first <= out[-1][2] + 1:
+            if last > out[-1][2]:
+                out[-1] = (gfn, out[-1][1], last)
+        else:
+            out.append((gfn, first, last))
+    return out
+
+
+def _merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+# --------------------------------------------------------------------------- symbols
+
+def _file_sha256(path: str | Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _check_symbols(plan: Mapping[str, Any], tables: Sequence[SymbolTable]) -> list[BindFailure]:
+    wanted = (plan.get("policy") or {}).get("symbols") or []
+    have = [(t, Path(t.source).name, _file_sha256(t.source)) for t in tables]
+    failures = []
+    for sym in wanted:
+        match = [t for t, _name, digest in have if digest == sym["sha256"]]
+        if match:
+            continue
+        same_name = [(name, digest) for _t, name, digest in have if name == sym["name"]]
+        if same_name:
+            name, digest = same_name[0]
+            failures.append(BindFailure(None, None, f"symbol file '{name}' has sha256 {digest}, the plan was "
+                                        f"compiled against {sym['sha256']}: a different kernel build"))
+        else:
+            failures.append(BindFailure(None, None, f"the plan needs symbol file '{sym['name']}' "
+                                        f"(sha256 {sym['sha256'][:16]}...), which was not given"))
+    return failures
+
+
+def _lookup(tables: Sequence[SymbolTable], name: str) -> int | None:
+    for t in tables:
+        s = t.lookup(name)
+        if s is not None and not s.percpu:
+            return s.address
+    return None
+
+
+# --------------------------------------------------------------------------- slide discovery
+
+def _slide_alignment(arch: str, os_name: str) -> int:
+    return PAGE_2M if arch.startswith("x86_64") and os_name == "linux" else PAGE
+
+
+def find_slide(backend: Any, tables: Sequence[SymbolTable], space: _Space, regs0: Mapping[str, int], *,
+               arch: str) -> tuple[int, dict[str, Any], list[str]]:
+    """The slide from LSTAR, cross-checked with the IDT. Returns (slide, evidence, notes); raises
+    BindError when the guest's own registers disagree or the slide is implausible."""
+    os_name = tables[0].os if tables else "linux"
+    align = _slide_alignment(arch, os_name)
+    evidence: dict[str, Any] = {}
+    notes: list[str] = []
+    lstar_slide = None
+    lstar = regs0.get("msr_lstar")
+    for name in _ENTRY.get(os_name, ()):
+        link = _lookup(tables, name)
+        if link is not None and lstar is not None:
+            lstar_slide = (lstar - link) & U64
+            evidence["lstar"] = {"msr_lstar": hex(lstar), "symbol": name, "slide": hex(lstar_slide)}
+            break
+    # The IDT: handler addresses of well-known vectors, through IDTR (a virtual address).
+    idt_votes: Counter[int] = Counter()
+    idtr = regs0.get("idtr_base")
+    if idtr is not None:
+        for vector, names in _IDT_HANDLERS.get(os_name, {}).items():
+            try:
+                gate = space.read_virtual((idtr + 16 * vector) & U64, 16)
+            except (PageFault, NonCanonicalAddress, PhysicalAddressError):
+                break
+            lo, _sel, _ist, kind, mid, hi, _ = _IDT_GATE.unpack(gate)
+            if not kind & 0x80:
+                continue
+            handler = lo | mid << 16 | hi << 32
+            for name in names:
+                link = _lookup(tables, name)
+                if link is not None:
+                    idt_votes[(handler - link) & U64] += 1
+                    break
+    idt_slide = idt_votes.most_common(1)[0][0] if idt_votes else None
+    if idt_votes:
+        evidence["idt"] = {"idtr_base": hex(idtr or 0), "votes": {hex(k): n for k, n in idt_votes.items()}}
+
+    def plausible(s: int | None) -> str | None:
+        if s is None:
+            return "unknown"
+        if s % align:
+            return f"{s:#x} is not {align >> 10} KiB aligned"
+        if os_name == "linux" and s >= 1 << 30:
+            return f"{s:#x} puts the kernel outside the 1 GiB kernel-image window"
+        return None
+
+    lstar_bad, idt_bad = plausible(lstar_slide), plausible(idt_slide)
+    if lstar_bad is None and idt_slide is not None and idt_slide != lstar_slide:
+        raise BindError(BindFailure(None, lstar, f"LSTAR implies slide {lstar_slide:#x} but the IDT implies "
+                                    f"{idt_slide:#x}: the syscall entry or the IDT is hooked; refusing to bind "
+                                    "(pass the slide explicitly to override)"))
+    if lstar_bad is None:
+        slide = lstar_slide
+        if idt_slide is None:
+            notes.append("slide from LSTAR only: the IDT gave no cross-check")
+    elif idt_bad is None and lstar_slide is not None:
+        raise BindError(BindFailure(None, lstar, f"LSTAR does not point into the kernel image at the slide the "
+                                    f"IDT implies ({idt_slide:#x}; LSTAR gives {lstar_bad}): the syscall entry "
+                                    "is hooked; refusing to bind (pass the slide explicitly to override)"))
+    elif idt_bad is None:
+        slide = idt_slide
+        notes.append("slide from the IDT only: no syscall-entry symbol or LSTAR")
+    else:
+        raise BindError(BindFailure(None, lstar, f"cannot find the slide: LSTAR gives {lstar_bad}, the IDT gives "
+                                    f"{idt_bad}"))
+    assert slide is not None
+    # idt_table's frame must be what IDTR maps (Linux maps a read-only alias in the CPU entry area).
+    idt_link = _lookup(tables, "idt_table")
+    if idt_link is not None and idtr is not None:
+        try:
+            a = space.pt.translate((idt_link + slide) & U64).pa >> FRAME_SHIFT
+            b = space.pt.translate(idtr).pa >> FRAME_SHIFT
+        except (PageFault, NonCanonicalAddress) as exc:
+            raise BindError(BindFailure("idt_table", (idt_link + slide) & U64,
+                                        f"cross-check of slide {slide:#x} failed: {exc}")) from None
+        evidence["idt_table_frame"] = hex(a)
+        if a != b:
+            raise BindError(BindFailure(None, idtr, f"IDTR's page is frame {b:#x} but idt_table at slide "
+                                        f"{slide:#x} is frame {a:#x}: the IDT was moved or the slide is wrong"))
+    return slide, evidence, notes
+
+
+# --------------------------------------------------------------------------- the binder
+
+class _Binder:
+    def __init__(self, plan: Mapping[str, Any], backend: Any, *, arch: str, cr3: int,
+                 tables: Sequence[SymbolTable] = ()) -> None:
+        self.plan = plan
+        self.backend = backend
+        self.arch = arch
+        self.x86 = arch.startswith("x86_64")
+        self.tables = tables
+        self.space = _Space(backend, cr3)
+        self.cr3 = cr3
+        self.slide = 0
+        self.percpu_bases: list[int] = []
+        self.regs: list[Mapping[str, int]] = []
+        self.notes: list[str] = []
+
+    def read_vcpu_registers(self) -> None:
+        n = self.backend.capabilities().vcpus
+        self.regs = [self.backend.get_registers(i) for i in range(n)]
+
+    def find_percpu_bases(self, need: bool) -> None:
+        bases: list[int] = []
+        table_bases: list[int] | None = None
+        link = _lookup(self.tables, "__per_cpu_offset")
+        if link is not None:
+            try:
+                raw = self.space.read_virtual((link + self.slide) & U64, 8 * len(self.regs))
+                table_bases = list(struct.unpack(f"<{len(self.regs)}Q", raw))
+            except (PageFault, NonCanonicalAddress, PhysicalAddressError):
+                table_bases = None
+        for i, r in enumerate(self.regs):
+            # The kernel's GS base: GS_BASE in kernel mode, KERNEL_GS_BASE (swapped) in user mode.
+            cands = [r.get("gs_base", 0), r.get("shadow_gs", 0)]
+            kernel = [c for c in cands if c >> 47 == 0x1FFFF]
+            if kernel:
+                bases.append(kernel[0])
+            elif table_bases is not None:
+                bases.append(table_bases[i])
+            else:
+                bases.append(0)
+                if need:
+                    raise BindError(BindFailure(None, None, f"vCPU {i}: no kernel GS base (gs_base "
+                                                f"{cands[0]:#x}, shadow_gs {cands[1]:#x}) and no "
+                                                "__per_cpu_offset: per-CPU regions cannot be placed"))
+            if table_bases is not None and bases[i] != table_bases[i]:
+                self.notes.append(f"vCPU {i}: GS base {bases[i]:#x} differs from __per_cpu_offset[{i}] "
+                                  f"{table_bases[i]:#x} (vCPU and CPU numbers may differ)")
+        self.percpu_bases = bases
+
+    # -- regions
+    def _instances(self, name: str, ext: Mapping[str, Any]) -> list[tuple[int | None, int | None, int, str]]:
+        """(vcpu, start, size, space) for one plan extent."""
+        size = int(ext["size"], 16)
+        if "register" in ext:
+            reg = ext["register"] + "_base"
+            return [(i, r[reg], size, "va") for i, r in enumerate(self.regs)]
+        start = int(ext["start"], 16)
+        if ext.get("percpu"):
+            return [(i, (b + start) & U64, size, ext.get("space", "va")) for i, b in enumerate(self.percpu_bases)]
+        if ext.get("relocatable"):
+            start = (start + self.slide) & U64
+        return [(None, start, size, ext.get("space", "va"))]
+
+    def bind_regions(self) -> tuple[dict[str, list[_Extent]], list[BindFailure]]:
+        out: dict[str, list[_Extent]] = {}
+        failures: list[BindFailure] = []
+        for name, region in sorted((self.plan.get("regions") or {}).items()):
+            bound: list[_Extent] = []
+            for ext in region.get("extents", ()):
+                for vcpu, start, size, space in self._instances(name, ext):
+                    if size <= 0:
+                        continue
+                    if space == "pa":
+                        pieces = []
+                        pa = start
+                        while pa < start + size:
+                            n = min(start + size - pa, PAGE - (pa & (PAGE - 1)))
+                            pieces.append((pa >> FRAME_SHIFT, pa & (PAGE - 1), (pa & (PAGE - 1)) + n - 1))
+                            pa += n
+                        bound.append(_Extent(name, None, size, vcpu, tuple(pieces), frozenset()))
+                        continue
+                    try:
+                        pieces, entries = self.space.translate_range(start, size)
+                    except PageFault as exc:
+                        who = f" (vCPU {vcpu}'s instance)" if vcpu is not None else ""
+                        failures.append(BindFailure(name, exc.va, f"does not translate{who}: {exc.level.entry_name}"
+                                                    f" at {exc.entry_address:#x} = {exc.entry:#x}: {exc.reason}"))
+                        continue
+                    except NonCanonicalAddress as exc:
+                        failures.append(BindFailure(name, exc.va, "is not a canonical address"))
+                        continue
+                    bound.append(_Extent(name, start, size, vcpu, tuple(pieces), frozenset(entries)))
+            out[name] = bound
+        return out, failures
+
+    # -- breakpoints
+    def bind_breakpoints(self) -> tuple[list[BoundBreakpoint], dict[str, frozenset[int]], list[BindFailure]]:
+        out: list[BoundBreakpoint] = []
+        entries: dict[str, frozenset[int]] = {}
+        failures: list[BindFailure] = []
+        for site in self.plan.get("breakpoints") or ():
+            va = int(site["address"], 16)
+            if site.get("relocatable", True):
+                va = (va + self.slide) & U64
+            try:
+                t = self.space.pt.translate(va)
+                used = frozenset(s.entry_address for s in self.space.pt.walk(va))
+            except (PageFault, NonCanonicalAddress) as exc:
+                failures.append(BindFailure(f"breakpoint {site['id']}", va, f"does not translate: {exc}"))
+                continue
+            try:
+                original = self.space.read_virtual(va, _INSN_BYTES)
+            except (PageFault, PhysicalAddressError):
+                original = self.space.read_virtual(va, PAGE - (va & (PAGE - 1)))
+            out.append(BoundBreakpoint(site["id"], va, t.pa >> FRAME_SHIFT, t.pa & (PAGE - 1), original,
+                                       site.get("mechanism"), tuple(site.get("views", ())), site.get("step_view")))
+            entries[site["id"]] = used
+        return out, entries, failures
+
+    # -- views
+    def bind_views(self, extents: dict[str, list[_Extent]], bp_entries: Mapping[str, frozenset[int]]
+                   ) -> tuple[dict[int, ViewBinding], dict[int, set[str]]]:
+        """Per plan view, gfn -> access; and the page-table entries to watch -> who depends on them."""
+        frames = {name: _merge_pieces(p for e in es for p in e.pieces) for name, es in extents.items()}
+        views: dict[int, ViewBinding] = {}
+        pvs = plan_views(self.plan)
+        has_restricted = any(v.get("role") == "restricted" for v in pvs)
+        for v in pvs:
+            vb = ViewBinding(v["id"], v["role"], v.get("default_access", "rwx"), tuple(v.get("contexts", ())),
+                             visible_to_guest=v.get("visible_to_guest"))
+            for rng in v.get("ranges", ()):
+                for gfn, _first, _last in frames.get(rng["region"], ()):
+                    old = vb.access.get(gfn)
+                    vb.access[gfn] = rng["access"] if old is None else intersect_access(old, rng["access"],
+                                                                                          x86=self.x86)
+            views[v["id"]] = vb
+        # The page-table watch: in every view that restricts pages, write-trap the paging structures
+        # that map them, and those that map the breakpoint sites planted there.
+        pt_entries: dict[int, set[str]] = {}
+        for v in pvs:
+            vb = views[v["id"]]
+            if not (vb.role == "restricted" or (vb.role == "host" and not has_restricted and vb.access)):
+                continue
+            used: dict[int, set[str]] = {}
+            for rng in v.get("ranges", ()):
+                for e in extents.get(rng["region"], ()):
+                    for ea in e.entries:
+                        used.setdefault(ea, set()).add(rng["region"])
+            for site in self.plan.get("breakpoints") or ():
+                if vb.id in site.get("views", ()) or not site.get("views"):
+                    for ea in bp_entries.get(site["id"], ()):
+                        used.setdefault(ea, set()).add(f"breakpoint {site['id']}")
+            for ea, users in used.items():
+                pt_entries.setdefault(ea, set()).update(users)
+            for gfn in {ea >> FRAME_SHIFT for ea in used}:
+                old = vb.access.get(gfn)
+                vb.access[gfn] = PT_WATCH_ACCESS if old is None else intersect_access(old, PT_WATCH_ACCESS,
+                                                                                      x86=self.x86)
+        return views, pt_entries
+
+
+# --------------------------------------------------------------------------- entry point
+
+def bind_plan(plan: Mapping[str, Any], backend: Any, symbols: SymbolTable | Sequence[SymbolTable] | None, *,
+              slide: int | None = None, check_symbols: bool = True) -> BoundPlan:
+    """Bind `plan` to the guest behind `backend`. `symbols`: the loaded symbol table(s) the plan names
+    (verified by sha256). `slide`: skip discovery (an operator's override). Raises BindError."""
+    tables: list[SymbolTable] = [] if symbols is None else [symbols] if isinstance(symbols, SymbolTable) \
+        else list(symbols)
+    arch = (plan.get("target") or {}).get("arch", "x86_64")
+    if not arch.startswith("x86_64"):
+        raise BindError(BindFailure(None, None, f"binding {arch} guests is not implemented: it needs an AArch64 "
+                                    "stage-1 walker and VBAR_EL1 (not among the backend's registers)"))
+    caps = backend.capabilities()
+    if caps.arch != arch:
+        raise BindError(BindFailure(None, None, f"the plan is for {arch} but the host is {caps.arch}"))
+    if check_symbols:
+        failures = _check_symbols(plan, tables)
+        if failures:
+            raise BindError(failures)
+    regs0 = backend.get_registers(0)
+    cr3 = regs0["cr3"]
+    binder = _Binder(plan, backend, arch=arch, cr3=cr3, tables=tables)
+    binder.read_vcpu_registers()
+    needs_slide = any(e.get("relocatable") for r in (plan.get("regions") or {}).values()
+                      for e in r.get("extents", ())) or any(b.get("relocatable", True)
+                                                            for b in plan.get("breakpoints") or ())
+    evidence: dict[str, Any] = {}
+    if slide is not None:
+        if slide % _slide_alignment(arch, tables[0].os if tables else "linux"):
+            raise BindError(BindFailure(None, None, f"slide {slide:#x} is not aligned"))
+        binder.slide = slide
+        evidence["given"] = hex(slide)
+    elif needs_slide or tables:
+        if not tables:
+            raise BindError(BindFailure(None, None, "the plan has relocatable addresses but no symbol table was "
+                                        "given to find the slide with"))
+        binder.slide, evidence, notes = find_slide(backend, tables, binder.space, regs0, arch=arch)
+        binder.notes.extend(notes)
+    # Walk the kernel's own top-level table when the symbols name it: vCPU 0 may be running a process
+    # whose page-global directory goes away with it (the kernel half of every PGD is copied from it).
+    for name in ("init_top_pgt", "swapper_pg_dir"):
+        link = _lookup(tables, name)
+        if link is not None and tables[0].os == "linux":
+            try:
+                kernel_cr3 = binder.space.pt.translate((link + binder.slide) & U64).pa & ~(PAGE - 1)
+            except (PageFault, NonCanonicalAddress):
+                break
+            if kernel_cr3 != cr3 & 0x000FFFFFFFFFF000:
+                binder.notes.append(f"walking {name} ({kernel_cr3:#x}), not vCPU 0's CR3 ({cr3:#x})")
+                cr3 = kernel_cr3
+                binder.space = _Space(backend, cr3)
+                binder.cr3 = cr3
+            break
+    needs_percpu = any(e.get("percpu") for r in (plan.get("regions") or {}).values() for e in r.get("extents", ()))
+    binder.find_percpu_bases(needs_percpu)
+    extents, failures = binder.bind_regions()
+    breakpoints, bp_entries, bp_failures = binder.bind_breakpoints()
+    if failures or bp_failures:
+        raise BindError(failures + bp_failures)
+    views, pt_entries = binder.bind_views(extents, bp_entries)
+    return BoundPlan(plan, arch=arch, slide=binder.slide, cr3=cr3, percpu_bases=binder.percpu_bases,
+                     extents=extents, views=views, breakpoints=breakpoints, pt_entries=pt_entries,
+                     bp_entries=bp_entries, notes=binder.notes, slide_evidence=evidence)

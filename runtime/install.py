@@ -1,0 +1,1065 @@
+"""Install and teardown of a bound plan, as transactions; recovery after a killed enforcer.
+
+`install(bound, backend)` applies a `BoundPlan` (runtime/bind.py) to the guest
+in this order, with the domain paused throughout:
+
+1. altp2m on (unless it already was), then one view per plan view other than
+   the host's; the ids the backend hands out are mapped from the plan's and
+   the map is recorded (`Installation.view_map`; `engine_plan()` is the plan
+   with the ids rewritten, for the decision engine);
+2. access per view, on populated frames only (XEN-FACTS: a PVH p2m has
+   holes), one `set_access` (multi) call per view;
+3. breakpoints. `int3-shadow-frame` (x86_64 with altp2m): per frame, a new
+   shadow frame (`add_frame`) gets a copy of the page with 0xCC at each site;
+   in every view the sites are planted in, the frame is remapped to the
+   shadow (`change_gfn`) and made execute-only there, so the guest's reads
+   and writes trap and are stepped in the unrestricted view, which still
+   maps the original. `int3-inline-emulate` / `smc-inline`: the instruction
+   is written into the guest's own frame;
+4. monitors (`plan["monitors"]`), after checking that the host has them.
+   `defer_register_writes` (XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS, without
+   which DENY of a CR/MSR write does nothing, XEN-SEMANTICS §0.1) has no
+   method in `Backend`: a backend offering `monitor_control_registers(True)`
+   gets the call, the simulator (whose attach models op 4: `crv`) is
+   accepted, and anything else is refused rather than installed with DENY
+   silently void;
+5. every vCPU switched to the plan's default restricted view;
+6. unpause.
+
+Every step that changed something appends an undo entry to a journal before
+the next step runs (before the call itself where a call can half-succeed:
+`set_access` multi stops at the first bad gfn). Any failure undoes the
+journal in reverse and unpauses: the guest is left as it was. The journal is
+plain JSON and is written to a state record on disk after every change
+(`state_path_for(guest)`: $XDG_RUNTIME_DIR/policyc/<guest>.json or
+/tmp/policyc-<uid>/<guest>.json); a clean teardown deletes it.
+
+`Installation.teardown()` (idempotent): pause; answer every pending request
+(those the enforcer took and did not answer, and everything still on the
+ring) with the echo, so no vCPU stays paused; undo the journal in reverse
+(view switch, monitors, page-table watch and access, breakpoint bytes and
+shadow frames, views, altp2m); unpause. `run_with_teardown` runs an enforcer
+loop with SIGINT/SIGTERM handlers that only set a flag, and tears down on any
+exit, exception included (and at interpreter exit).
+
+`recover(backend, state_path)` (`recover_guest(backend, guest)` for
+`policyc recover --guest G`) cleans up after an enforcer killed outright, from
+the state record alone (XEN-SEMANTICS §7): pause; answer what is on the old
+ring if this process can reach it, else disable the monitor ring (clears
+every monitor, wakes throttled vCPUs, drops held-back CR/MSR writes),
+re-enable it and push one VCPU_PAUSED response per vCPU (Xen matches
+responses to nothing and ignores extra unpauses); replay the journal in
+reverse; unpause as often as the dead process had paused; if a vCPU is still
+paused (its request died with the agent), do the disable / re-enable / bare
+responses then. See `RecoveryReport` for what it cannot restore.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import errno as _errno
+import json
+import os
+import re
+import signal
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..native import abi
+from .backend import BackendError, Unsupported
+from .bind import BindDelta, BoundBreakpoint, BoundPlan, intersect_access
+from .guest_memory import FRAME_SHIFT, FRAME_SIZE
+
+__all__ = ["Installation", "InstallError", "TeardownError", "RecoveryReport", "install", "recover", "recover_guest",
+           "run_with_teardown", "state_path_for", "default_state_dir", "STATE_FORMAT"]
+
+STATE_FORMAT = "policyc.install-state/1"
+PAGE = FRAME_SIZE
+
+_C = abi.constants()
+VERSION = _C["VM_EVENT_INTERFACE_VERSION"]
+F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
+F_TOGGLE_SS = _C["VM_EVENT_FLAG_TOGGLE_SINGLESTEP"]
+RS_SINGLESTEP = _C["VM_EVENT_REASON_SINGLESTEP"]
+_HDR = struct.Struct("<IIIIH")
+_OFF_DATA = 56
+
+INT3 = b"\xcc"
+SMC = (0xD4000003).to_bytes(4, "little")     # smc #0
+
+_ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep",
+           "guest_request", "debug_exception")
+
+
+# --------------------------------------------------------------------------- errors
+
+class InstallError(RuntimeError):
+    """Install failed. `cause` is the first failure; `undo_errors` lists undo steps that failed too (then
+    the guest is NOT as before and the state record at `state_path` is kept for `recover`)."""
+
+    def __init__(self, message: str, *, cause: BaseException | None = None,
+                 undo_errors: Sequence[str] = (), state_path: Path | None = None) -> None:
+        if undo_errors:
+            message += f"; rollback incomplete ({len(undo_errors)} step(s) failed: {undo_errors[0]}); run " \
+                       f"'policyc recover' (state record {state_path})"
+        super().__init__(message)
+        self.cause = cause
+        self.undo_errors = list(undo_errors)
+        self.state_path = state_path
+
+
+class TeardownError(RuntimeError):
+    def __init__(self, errors: Sequence[str], state_path: Path | None) -> None:
+        super().__init__(f"teardown incomplete ({len(errors)} step(s) failed: {'; '.join(errors[:3])}); "
+                         f"state record kept at {state_path} for 'policyc recover'")
+        self.errors = list(errors)
+        self.state_path = state_path
+
+
+# --------------------------------------------------------------------------- the state record
+
+def default_state_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "policyc"
+    return Path(tempfile.gettempdir()) / f"policyc-{os.getuid()}"
+
+
+def state_path_for(guest: str, state_dir: str | Path | None = None) -> Path:
+    """Where the state record of `guest` lives (the name made file-safe)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", guest).lstrip(".") or "guest"
+    return (Path(state_dir) if state_dir is not None else default_state_dir()) / f"{safe}.json"
+
+
+def _runs(prior: Mapping[int, str]) -> list[list]:
+    """{gfn: access} as [[first gfn, count, access], ...] (big maps are mostly runs)."""
+    out: list[list] = []
+    for gfn in sorted(prior):
+        acc = prior[gfn]
+        if out and out[-1][0] + out[-1][1] == gfn and out[-1][2] == acc:
+            out[-1][1] += 1
+        else:
+            out.append([gfn, 1, acc])
+    return out
+
+
+def _unruns(runs: Iterable[Sequence]) -> dict[int, str]:
+    return {g: acc for first, count, acc in runs for g in range(first, first + count)}
+
+
+def _encode(entry: Mapping[str, Any]) -> dict:
+    out = dict(entry)
+    for key in ("prior",):
+        if key in out and isinstance(out[key], dict):
+            out[key] = {"runs": _runs(out[key])}
+    for key in ("views", "restricted"):
+        if key in out and isinstance(out[key], dict):
+            out[key] = {str(v): a for v, a in out[key].items()}
+    return out
+
+
+def _decode(entry: Mapping[str, Any]) -> dict:
+    out = dict(entry)
+    if isinstance(out.get("prior"), dict) and "runs" in out["prior"]:
+        out["prior"] = _unruns(out["prior"]["runs"])
+    for key in ("views", "restricted"):
+        if isinstance(out.get(key), dict):
+            out[key] = {int(v): a for v, a in out[key].items()}
+    return out
+
+
+class _Record:
+    """The on-disk state record: written atomically (temp file + rename), 0600 in a 0700 directory."""
+
+    def __init__(self, path: Path, guest: str, plan: Mapping[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {
+            "format": STATE_FORMAT, "guest": guest, "pid": os.getpid(), "started": time.time(),
+            "plan": (plan.get("policy") or {}).get("name"), "plan_hash": plan.get("content_hash"),
+            "phase": "installing", "paused": 0, "view_map": {}, "journal": [],
+        }
+
+    def save(self, journal: Sequence[Mapping[str, Any]]) -> None:
+        self.data["journal"] = [_encode(e) for e in journal]
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def delete(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _load_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    if data.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a policyc install-state record")
+    data["journal"] = [_decode(e) for e in data.get("journal", [])]
+    return data
+
+
+# --------------------------------------------------------------------------- undo
+
+def _monitor_enabled(backend: Any, entry: Mapping[str, Any]) -> bool:
+    mons = backend.monitors()
+    kind = entry["kind"]
+    if kind == "write_ctrlreg":
+        return entry["index"] in (mons.get("write_ctrlreg") or {})
+    if kind == "mov_to_msr":
+        return entry["msr"] in (mons.get("mov_to_msr") or {}) or hex(entry["msr"]) in (mons.get("mov_to_msr") or {})
+    return kind in mons
+
+
+def _enable_monitor(backend: Any, kind: str, settings: Mapping[str, Any], *, index: str | None = None,
+                    msr: int | None = None) -> None:
+    if kind == "write_ctrlreg":
+        backend.monitor_write_ctrlreg(index, True, sync=bool(settings.get("sync", True)),
+                                      onchangeonly=bool(settings.get("onchangeonly", False)),
+                                      bitmask=int(settings.get("bitmask", 0)))
+    elif kind == "mov_to_msr":
+        backend.monitor_mov_to_msr(msr, True, onchangeonly=bool(settings.get("onchangeonly", False)))
+    else:
+        backend.monitor(kind, True, sync=bool(settings.get("sync", True)))
+
+
+def _disable_monitor(backend: Any, entry: Mapping[str, Any]) -> None:
+    kind = entry["kind"]
+    if kind == "write_ctrlreg":
+        backend.monitor_write_ctrlreg(entry["index"], False)
+    elif kind == "mov_to_msr":
+        backend.monitor_mov_to_msr(entry["msr"], False)
+    else:
+        backend.monitor(kind, False)
+
+
+def _set_access_map(backend: Any, view: int, prior: Mapping[int, str]) -> None:
+    if not prior:
+        return
+    gfns = sorted(prior)
+    values = [prior[g] for g in gfns]
+    if len(set(values)) == 1:
+        backend.set_access(view, gfns, values[0])
+    else:
+        backend.set_access(view, gfns, values)
+
+
+def _view_exists(backend: Any, view: int) -> bool:
+    if view == 0:
+        return True
+    try:
+        backend.get_access(view, next(iter(backend.populated_frames()), 0))
+    except BackendError:
+        return False
+    return True
+
+
+def _undo(backend: Any, entry: Mapping[str, Any], *, recovering: bool = False) -> None:
+    """Undo one journal entry. Every undo is safe to repeat or to run for a step that never happened
+    (entries are journaled before their call where possible). In recovery, state that is gone already
+    (a view destroyed by a teardown the kill interrupted) counts as undone."""
+    op = entry["op"]
+    if op == "altp2m":
+        backend.altp2m_set_state(False)
+    elif op == "view":
+        if not recovering or _view_exists(backend, entry["view"]):
+            backend.destroy_view(entry["view"])
+    elif op == "access":
+        if not recovering or _view_exists(backend, entry["view"]):
+            _set_access_map(backend, entry["view"], entry["prior"])
+    elif op == "shadow":
+        g = entry["gfn"]
+        for view, prior in sorted(entry.get("restricted", {}).items()):
+            if not recovering or _view_exists(backend, view):
+                backend.set_access(view, [g], prior)
+        for view, prior in sorted(entry.get("views", {}).items()):
+            if not recovering or _view_exists(backend, view):
+                backend.change_gfn(view, g, None)
+                if prior is not None:
+                    backend.set_access(view, [g], prior)
+        shadow = entry.get("shadow")
+        if shadow is not None and (not recovering or shadow in set(backend.populated_frames())):
+            backend.remove_frame(shadow)
+    elif op == "bytes":
+        pa = entry["pa"]
+        original, planted = bytes.fromhex(entry["original"]), bytes.fromhex(entry["planted"])
+        if backend.read_physical(pa, len(planted)) == planted:   # the guest did not rewrite it since
+            backend.write_physical(pa, original)
+    elif op == "monitor":
+        if _monitor_enabled(backend, entry):
+            _disable_monitor(backend, entry)
+        prev = entry.get("previous")
+        if prev is not None:
+            _enable_monitor(backend, entry["kind"], prev, index=entry.get("index"), msr=entry.get("msr"))
+    elif op == "switch_view":
+        view = entry["view"]
+        if recovering and not _view_exists(backend, view):
+            view = 0
+        try:
+            backend.switch_view(view)
+        except Unsupported:
+            if not recovering:
+                raise              # altp2m is off: every vCPU runs on the host p2m already
+    else:
+        raise ValueError(f"unknown journal entry '{op}'")
+
+
+def _describe(entry: Mapping[str, Any]) -> str:
+    op = entry["op"]
+    detail = {k: v for k, v in entry.items() if k not in ("op", "prior")}
+    if "prior" in entry:
+        detail["gfns"] = len(entry["prior"])
+    return f"{op} {detail}"
+
+
+# --------------------------------------------------------------------------- responses
+
+def _echo(raw: bytes, extra_flags: int = 0) -> bytes:
+    """The minimal response: the request's header and `u` (what Xen reads back), VCPU_PAUSED echoed."""
+    out = bytearray(len(raw))
+    out[:_OFF_DATA] = raw[:_OFF_DATA]
+    flags = int.from_bytes(raw[4:8], "little")
+    struct.pack_into("<I", out, 4, (flags & F_PAUSED) | extra_flags)
+    struct.pack_into("<H", out, 16, 0)
+    return bytes(out)
+
+
+def _teardown_response(raw: bytes) -> bytes:
+    """Answer for teardown: unpause, nothing else; a single-stepping vCPU also stops stepping."""
+    reason = int.from_bytes(raw[8:12], "little")
+    paused = int.from_bytes(raw[4:8], "little") & F_PAUSED
+    return _echo(raw, F_TOGGLE_SS if reason == RS_SINGLESTEP and paused else 0)
+
+
+def _dummy_unpause(vcpu: int) -> bytes:
+    """XEN-SEMANTICS §7 step 5: version, vcpu_id and VCPU_PAUSED; Xen does not match it to a request."""
+    return _HDR.pack(VERSION, F_PAUSED, 0, vcpu, 0).ljust(abi.EVENT_SIZE, b"\0")
+
+
+# --------------------------------------------------------------------------- the installation
+
+class Installation:
+    """A bound plan applied to a guest. Use `teardown()` (or `run_with_teardown`) to remove it."""
+
+    def __init__(self, bound: BoundPlan, backend: Any, record: _Record) -> None:
+        self.bound = bound
+        self.backend = backend
+        self.record = record
+        self.journal: list[dict[str, Any]] = []
+        self.view_map: dict[int, int] = {}      # plan view id -> backend view id
+        self.paused = 0                         # our outstanding domain pauses
+        self.installed = False
+        self.torn_down = False
+        self.in_flight: dict[int, bytes] = {}   # taken from the ring, not yet answered (by ring order)
+        self._seq = 0
+        self._access_entries: dict[int, dict[str, Any]] = {}   # backend view -> its "access" entry
+        self._shadows: dict[int, dict[str, Any]] = {}          # gfn -> its "shadow" entry
+        self._inline: dict[str, dict[str, Any]] = {}           # site id -> its "bytes" entry
+        self._lock = threading.RLock()
+        self.teardown_errors: list[str] = []
+        self.leftover: list[dict[str, Any]] = []               # entries whose undo failed
+        self.skipped_frames: dict[int, list[int]] = {}         # plan view -> unpopulated gfns not set
+
+    # ------------------------------------------------------------------ journal
+    def _log(self, entry: dict[str, Any]) -> dict[str, Any]:
+        self.journal.append(entry)
+        self._save()
+        return entry
+
+    def _save(self) -> None:
+        self.record.data["paused"] = self.paused
+        self.record.data["view_map"] = {str(k): v for k, v in self.view_map.items()}
+        self.record.save(self.leftover + self.journal)
+
+    def _pause(self) -> None:
+        self.paused += 1          # recorded before the call: an extra unpause in recovery is harmless
+        self._save()
+        try:
+            self.backend.pause()
+        except BaseException:
+            self.paused -= 1
+            self._save()
+            raise
+
+    def _unpause(self) -> None:
+        self.backend.unpause()
+        self.paused -= 1
+        self._save()
+
+    def _undo_all(self) -> list[str]:
+        """Undo the journal newest first. An entry whose undo fails moves to `leftover` (kept in the
+        state record for `recover`); undoing goes on."""
+        errors = []
+        while self.journal:
+            entry = self.journal.pop()
+            try:
+                _undo(self.backend, entry)
+            except Exception as exc:  # noqa: BLE001 - keep undoing; report every failure
+                errors.append(f"undo {_describe(entry)}: {exc}")
+                self.leftover.insert(0, entry)
+            if entry["op"] == "access":
+                self._access_entries.pop(entry["view"], None)
+            elif entry["op"] == "shadow":
+                self._shadows.pop(entry["gfn"], None)
+            elif entry["op"] == "bytes":
+                self._inline.pop(entry["site"], None)
+            self._save()
+        return errors
+
+    # ------------------------------------------------------------------ install steps
+    def _install(self) -> None:
+        b, bound = self.backend, self.bound
+        plan = bound.plan
+        caps = b.capabilities()
+        self._check(caps)
+        self._pause()
+        # 1. altp2m and views
+        extra = [v for v in sorted(bound.views.values(), key=lambda v: v.id) if v.id != 0]
+        self.view_map[0] = 0
+        if extra:
+            existing = _existing_views(b, caps)
+            active = bool(existing)
+            getter = getattr(b, "altp2m_get_state", None)
+            if callable(getter):
+                active = bool(getter())
+            if not active:
+                self._log({"op": "altp2m"})             # before: turning it off again is harmless
+                b.altp2m_set_state(True)
+            for v in extra:
+                if v.visible_to_guest is False and not callable(getattr(b, "altp2m_set_visibility", None)):
+                    raise InstallError(f"view {v.id} must be hidden from the guest's VMFUNC but the backend "
+                                       "cannot set view visibility")
+                actual = b.create_view(v.default_access)
+                self.view_map[v.id] = actual
+                self._log({"op": "view", "view": actual, "plan_view": v.id})
+                if v.visible_to_guest is False:
+                    b.altp2m_set_visibility(actual, False)
+        # 2. access per view (populated frames only)
+        populated = set(b.populated_frames())
+        for v in sorted(bound.views.values(), key=lambda v: v.id):
+            if not v.access:
+                continue
+            self._apply_access(v.id, v.access, populated)
+        # 3. breakpoints
+        self._plant_all(populated)
+        # 4. monitors
+        self._enable_monitors(plan.get("monitors") or {}, caps)
+        # 5. every vCPU in the restricted view
+        default = bound.default_view()
+        if default is not None:
+            current = getattr(b, "current_view", None)
+            prior = current(0) if callable(current) else 0
+            self._log({"op": "switch_view", "view": prior})
+            b.switch_view(self.view_map[default])
+        # 6. run
+        self.record.data["phase"] = "installed"
+        self._unpause()
+        self.installed = True
+
+    def _check(self, caps: Any) -> None:
+        bound = self.bound
+        if caps.arch != bound.arch:
+            raise InstallError(f"the plan is for {bound.arch}, the host is {caps.arch}")
+        extra = [v for v in bound.views.values() if v.id != 0]
+        if extra and not caps.altp2m:
+            raise InstallError(f"the plan needs {len(extra)} altp2m views; the host has no altp2m")
+        if extra and len(extra) + 1 > caps.max_views:
+            raise InstallError(f"the plan needs {len(extra) + 1} views; the host allows {caps.max_views}")
+        if any(v.access for v in bound.views.values()) and not caps.mem_access:
+            raise InstallError("the plan restricts memory access; the host has no mem_access")
+        mons = self.bound.plan.get("monitors") or {}
+        missing = sorted(k for k in mons if k != "defer_register_writes" and k not in caps.monitors)
+        if missing:
+            raise InstallError(f"the host lacks the monitor(s) {', '.join(missing)}")
+        if mons.get("defer_register_writes"):
+            if not (callable(getattr(self.backend, "monitor_control_registers", None))
+                    or getattr(self.backend, "crv", None) is True):
+                raise InstallError("the plan denies CR/MSR writes, which needs XEN_DOMCTL_MONITOR_OP_CONTROL_"
+                                   "REGISTERS (op 4); this backend cannot issue it, so DENY would do nothing")
+
+    def _apply_access(self, plan_view: int, access: Mapping[int, str], populated: set[int]) -> None:
+        b = self.backend
+        actual = self.view_map[plan_view]
+        gfns = [g for g in sorted(access) if g in populated]
+        skipped = [g for g in access if g not in populated]
+        if skipped:
+            self.skipped_frames[plan_view] = sorted(skipped)
+        entry = self._access_entries.get(actual)
+        if entry is None:
+            entry = self._access_entries[actual] = {"op": "access", "view": actual, "prior": {}}
+            self.journal.append(entry)
+        for g in gfns:
+            if g not in entry["prior"]:
+                entry["prior"][g] = b.get_access(actual, g)
+        self._save()                                    # before the call: multi can half-succeed
+        _set_access_map(b, actual, {g: access[g] for g in gfns})
+
+    # -- breakpoints
+    def _plant_all(self, populated: set[int]) -> None:
+        by_gfn: dict[int, list[BoundBreakpoint]] = {}
+        for bp in self.bound.breakpoints:
+            if bp.mechanism == "int3-shadow-frame":
+                by_gfn.setdefault(bp.gfn, []).append(bp)
+            else:
+                self._plant_inline(bp)
+        for gfn, sites in sorted(by_gfn.items()):
+            self._plant_shadow(gfn, sites)
+
+    def _plant_inline(self, bp: BoundBreakpoint) -> None:
+        b = self.backend
+        planted = SMC if bp.mechanism == "smc-inline" else INT3
+        original = b.read_physical(bp.pa, len(planted))
+        entry = {"op": "bytes", "site": bp.id, "pa": bp.pa, "original": original.hex(), "planted": planted.hex()}
+        self._inline[bp.id] = self._log(entry)
+        b.write_physical(bp.pa, planted)
+
+    def _plant_shadow(self, gfn: int, sites: list[BoundBreakpoint]) -> None:
+        b = self.backend
+        entry: dict[str, Any] = {"op": "shadow", "gfn": gfn, "shadow": None, "views": {}, "restricted": {},
+                                 "sites": sorted(s.id for s in sites)}
+        self._shadows[gfn] = self._log(entry)
+        shadow = b.add_frame()
+        entry["shadow"] = shadow
+        self._save()
+        page = bytearray(b.read_physical(gfn << FRAME_SHIFT, PAGE))
+        for s in sites:
+            page[s.offset] = INT3[0]
+        b.write_physical(shadow << FRAME_SHIFT, bytes(page))
+        views = sorted({v for s in sites for v in (s.views or ())})
+        for plan_view in views:
+            actual = self.view_map[plan_view]
+            entry["views"][actual] = b.get_access(actual, gfn)
+            self._save()
+            b.change_gfn(actual, gfn, shadow)
+            # Execute-only: reads and writes of the patched page trap and are stepped in the unrestricted
+            # view, which maps the original (the guest never reads its own 0xCC).
+            region_access = self.bound.views[plan_view].access.get(gfn, "rwx")
+            entry["restricted"][actual] = b.get_access(actual, gfn)
+            self._save()
+            b.set_access(actual, [gfn], intersect_access(region_access, "x"))
+
+    def _unplant_shadow(self, gfn: int) -> None:
+        entry = self._shadows.pop(gfn, None)
+        if entry is None:
+            return
+        _undo(self.backend, entry)
+        self.journal.remove(entry)
+        self._save()
+
+    def refresh_shadow(self, gfn: int) -> None:
+        """Re-copy a shadowed page from the original (after the guest legitimately rewrote its code, e.g.
+        a static key or ftrace patch stepped in the unrestricted view) and re-plant its 0xCC bytes."""
+        entry = self._shadows.get(gfn)
+        if entry is None or entry.get("shadow") is None:
+            return
+        page = bytearray(self.backend.read_physical(gfn << FRAME_SHIFT, PAGE))
+        for bp in self.bound.breakpoints:
+            if bp.id in entry["sites"]:
+                page[bp.offset] = INT3[0]
+        self.backend.write_physical(entry["shadow"] << FRAME_SHIFT, bytes(page))
+
+    # -- monitors
+    def _enable_monitors(self, mons: Mapping[str, Any], caps: Any) -> None:
+        b = self.backend
+        if mons.get("defer_register_writes") and callable(getattr(b, "monitor_control_registers", None)):
+            b.monitor_control_registers(True)   # stays on until the ring is disabled (§0.1): no undo
+        current = b.monitors()
+        for m in mons.get("write_ctrlreg", ()):
+            want = {"sync": bool(m.get("sync", True)), "onchangeonly": bool(m.get("onchangeonly", False)),
+                    "bitmask": int(str(m.get("bitmask", "0x0")), 16)}
+            self._enable_one("write_ctrlreg", want, (current.get("write_ctrlreg") or {}).get(m["index"]),
+                             index=m["index"])
+        for m in mons.get("mov_to_msr", ()):
+            msr = int(m["msr"], 16)
+            want = {"onchangeonly": bool(m.get("onchangeonly", False))}
+            have = current.get("mov_to_msr") or {}
+            self._enable_one("mov_to_msr", want, have.get(msr, have.get(hex(msr))), msr=msr)
+        for kind in _ON_OFF:
+            setting = mons.get(kind)
+            if not setting:
+                continue
+            want = {"sync": bool(setting.get("sync", True))} if isinstance(setting, Mapping) else {"sync": True}
+            self._enable_one(kind, want, current.get(kind))
+
+    def _enable_one(self, kind: str, want: Mapping[str, Any], have: Mapping[str, Any] | None, *,
+                    index: str | None = None, msr: int | None = None) -> None:
+        b = self.backend
+        entry: dict[str, Any] = {"op": "monitor", "kind": kind, "previous": None}
+        if index is not None:
+            entry["index"] = index
+        if msr is not None:
+            entry["msr"] = msr
+        if have is not None:
+            if all(have.get(k) == v for k, v in want.items()):
+                return                               # already as wanted (and not ours to disable)
+            entry["previous"] = dict(have)           # undo: ours off, the previous setting back on
+            self._log(entry)
+            _disable_monitor(b, entry)
+            _enable_monitor(b, kind, want, index=index, msr=msr)
+            return
+        self._log(entry)                             # undo checks whether it is on before disabling
+        _enable_monitor(b, kind, want, index=index, msr=msr)
+
+    # ------------------------------------------------------------------ the enforcer's ring access
+    def take_requests(self, limit: int = 8) -> list[bytes]:
+        """`backend.take_requests`, remembering what is taken until it is answered (teardown answers it)."""
+        with self._lock:
+            reqs = self.backend.take_requests(limit)
+            for r in reqs:
+                self.in_flight[self._seq] = r
+                self._seq += 1
+            return reqs
+
+    def put_responses(self, responses: Sequence[bytes]) -> None:
+        """`backend.put_responses` + `notify`; the oldest in-flight requests count as answered."""
+        with self._lock:
+            self.backend.put_responses(responses)
+            for rsp in responses:
+                vcpu = int.from_bytes(rsp[12:16], "little")
+                for key in sorted(self.in_flight):
+                    if int.from_bytes(self.in_flight[key][12:16], "little") == vcpu:
+                        del self.in_flight[key]
+                        break
+            self.backend.notify()
+
+    def _drain(self) -> list[str]:
+        """Answer every request the enforcer holds and every one on the ring (loop: answering may let a
+        vCPU waiting for a slot put its request)."""
+        errors: list[str] = []
+        b = self.backend
+        with self._lock:
+            pending = [self.in_flight[k] for k in sorted(self.in_flight)]
+            self.in_flight.clear()
+            for _ in range(4096):
+                try:
+                    pending += b.take_requests(64)
+                except BackendError as exc:
+                    errors.append(f"take_requests: {exc}")
+                    break
+                if not pending:
+                    break
+                try:
+                    b.put_responses([_teardown_response(r) for r in pending])
+                    b.notify()
+                except BackendError as exc:
+                    errors.append(f"answering {len(pending)} pending request(s): {exc}")
+                    break
+                pending = []
+        return errors
+
+    # ------------------------------------------------------------------ page-table watch
+    def is_pt_frame(self, gfn: int) -> bool:
+        return gfn in self.bound.pt_frames
+
+    def rebind_after_pt_write(self, gfn: int, offset: int | None = None) -> BindDelta:
+        """Call after a write to a watched page-table frame was allowed and has completed. Re-walks the
+        protected regions; restricts their new frames before relaxing the old ones (no window without a
+        trap); moves breakpoints whose page moved; moves the page-table watch. Returns what changed."""
+        if gfn not in self.bound.pt_frames:
+            return BindDelta()
+        if offset is not None and not self.bound.pt_entry_users(gfn, offset):
+            return BindDelta()
+        with self._lock:
+            self._pause()
+            try:
+                old_bps = {bp.id: bp for bp in self.bound.breakpoints}
+                delta = self.bound.rebind(self.backend)
+                populated = set(self.backend.populated_frames())
+                moved_gfns = set()
+                for old, new in delta.breakpoints.values():
+                    moved_gfns |= {old.gfn, new.gfn}
+                for plan_view, changes in delta.views.items():
+                    self._move_access(plan_view, changes, populated, moved_gfns)
+                for site, (old, new) in delta.breakpoints.items():
+                    if old.mechanism != "int3-shadow-frame":
+                        entry = self._inline.pop(site, None)
+                        if entry is not None:
+                            _undo(self.backend, entry)
+                            self.journal.remove(entry)
+                        self._plant_inline(new)
+                for g in sorted(moved_gfns):
+                    self._unplant_shadow(g)
+                for g in sorted(moved_gfns):
+                    sites = [bp for bp in self.bound.breakpoints if bp.gfn == g
+                             and bp.mechanism == "int3-shadow-frame"]
+                    if sites:
+                        self._plant_shadow(g, sites)
+                del old_bps
+                self._save()
+            finally:
+                self._unpause()
+        return delta
+
+    def _move_access(self, plan_view: int, changes: Mapping[int, tuple[str | None, str | None]],
+                     populated: set[int], skip: set[int]) -> None:
+        b = self.backend
+        actual = self.view_map.get(plan_view)
+        if actual is None:
+            return
+        entry = self._access_entries.get(actual)
+        if entry is None:
+            entry = self._access_entries[actual] = {"op": "access", "view": actual, "prior": {}}
+            self.journal.append(entry)
+        tighten = {g: new for g, (_old, new) in changes.items() if new is not None and g in populated
+                   and g not in self._shadows}
+        relax = [g for g, (_old, new) in changes.items() if new is None and g not in self._shadows]
+        for g in tighten:
+            if g not in entry["prior"]:
+                entry["prior"][g] = b.get_access(actual, g)
+        self._save()
+        _set_access_map(b, actual, tighten)
+        back = {g: entry["prior"][g] for g in relax if g in entry["prior"]}
+        _set_access_map(b, actual, back)
+        for g in back:
+            del entry["prior"][g]
+        self._save()
+
+    # ------------------------------------------------------------------ the decision engine's plan
+    def engine_plan(self) -> dict:
+        """The plan with view ids rewritten to the backend's (identical when the ids matched)."""
+        return remap_view_ids(self.bound.plan, self.view_map)
+
+    @property
+    def shadow_frames(self) -> dict[int, int]:
+        """Original gfn -> shadow gfn. The guest could map a shadow gfn itself (it is ordinary RAM
+        beyond the guest's memory map): an enforcer should deny accesses to these frames."""
+        return {g: e["shadow"] for g, e in self._shadows.items() if e.get("shadow") is not None}
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self) -> list[str]:
+        """Remove everything install did and unpause. Idempotent; returns the errors (empty when clean).
+        Raises TeardownError when some step failed (the state record is then kept for `recover`)."""
+        with self._lock:
+            if self.torn_down:
+                return self.teardown_errors
+            self.torn_down = True
+            errors: list[str] = []
+            self.record.data["phase"] = "tearing_down"
+            try:
+                self._pause()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"pause: {exc}")
+            errors += self._drain()
+            errors += self._undo_all()
+            while self.paused > 0:
+                try:
+                    self._unpause()
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"unpause: {exc}")
+                    break
+            self.teardown_errors = errors
+            if errors:
+                self.record.data["phase"] = "teardown_failed"
+                self._save()
+                raise TeardownError(errors, self.record.path)
+            self.record.delete()
+            return errors
+
+    def __repr__(self) -> str:
+        state = "torn down" if self.torn_down else "installed" if self.installed else "installing"
+        return f"Installation({state}, views={self.view_map}, journal={len(self.journal)})"
+
+
+def remap_view_ids(plan: Mapping[str, Any], view_map: Mapping[int, int]) -> dict:
+    """A copy of `plan` with every view id (views, breakpoint views and step views, response
+    altp2m_idx) translated through `view_map`."""
+    out = copy.deepcopy(dict(plan))
+    if all(k == v for k, v in view_map.items()):
+        return out
+    m = dict(view_map)
+    for v in out.get("views", ()):
+        v["id"] = m.get(v["id"], v["id"])
+    for bp in out.get("breakpoints", ()):
+        if "views" in bp:
+            bp["views"] = [m.get(x, x) for x in bp["views"]]
+        if isinstance(bp.get("step_view"), int):
+            bp["step_view"] = m.get(bp["step_view"], bp["step_view"])
+    for shapes in (out.get("responses") or {}).values():
+        for spec in shapes.values():
+            if isinstance(spec, dict) and isinstance(spec.get("altp2m_idx"), int):
+                spec["altp2m_idx"] = m.get(spec["altp2m_idx"], spec["altp2m_idx"])
+    return out
+
+
+def _existing_views(backend: Any, caps: Any) -> list[int]:
+    """Views other than 0 that exist now (probed with get_access: the Backend has no view listing)."""
+    populated = next(iter(backend.populated_frames()), 0)
+    found = []
+    for v in range(1, max(caps.max_views, 1)):
+        try:
+            backend.get_access(v, populated)
+        except BackendError:
+            continue
+        found.append(v)
+    return found
+
+
+# --------------------------------------------------------------------------- entry points
+
+def install(bound: BoundPlan, backend: Any, *, guest: str | None = None, state_dir: str | Path | None = None,
+            state_path: str | Path | None = None) -> Installation:
+    """Apply `bound` to the guest as one transaction. Raises InstallError (guest unchanged unless the
+    error says the rollback was incomplete)."""
+    name = guest or getattr(backend, "name", None) or "guest"
+    path = Path(state_path) if state_path is not None else state_path_for(name, state_dir)
+    if path.exists():
+        try:
+            other = json.loads(path.read_text())
+            pid = int(other.get("pid", 0))
+        except (OSError, ValueError):
+            pid = 0
+        alive = _pid_alive(pid)
+        me = " (this process)" if pid == os.getpid() else ""
+        raise InstallError(f"guest '{name}' has a state record at {path}: "
+                           + (f"an enforcer (pid {pid}{me}) is running" if alive else
+                              "an earlier enforcer did not tear down; run 'policyc recover --guest "
+                              f"{name}' first"))
+    inst = Installation(bound, backend, _Record(path, name, bound.plan))
+    try:
+        inst._save()
+        inst._install()
+    except BaseException as exc:
+        errors = inst._undo_all()
+        while inst.paused > 0:
+            try:
+                inst._unpause()
+            except Exception as uexc:  # noqa: BLE001
+                errors.append(f"unpause: {uexc}")
+                break
+        if errors:
+            inst.record.data["phase"] = "rollback_failed"
+            inst._save()
+        else:
+            inst.record.delete()
+        inst.torn_down = True
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not errors:
+            raise
+        msg = str(exc) if isinstance(exc, InstallError) else f"install failed: {exc}"
+        raise InstallError(msg, cause=exc, undo_errors=errors, state_path=path) from exc
+    return inst
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RecoveryReport:
+    """What `recover` did and what it could not do.
+
+    Restored: monitors (undone from the journal; the ring disable clears them all anyway), paused
+    vCPUs (their requests answered with a plain unpause, or one bare VCPU_PAUSED response each), the
+    domain pause count, views and access (host p2m included), shadow frames and inline breakpoint
+    bytes (when the guest has not rewritten them since), the vCPUs' view, altp2m off if it was off.
+    Not restored: CR/MSR writes held back for a response and pending emulations when the ring had to
+    be disabled (XEN-SEMANTICS §7: the guest's write silently never happens); the decisions the dead
+    agent owed (everything pending is let through, retried in an unwatched guest); a vCPU left
+    single-stepping (no per-vCPU debug_control in the Backend: listed in `cannot`); the op-4
+    "deferred register writes" flag, which only a ring disable clears; a vCPU asleep waiting for a
+    ring slot makes the disable fail (EBUSY) and the domain cannot be freed short of destroying it
+    (`stuck`). A frame or view created in the instant between the hypercall and the journal write
+    is not known to the record (a view goes when altp2m is switched off)."""
+
+    found: bool = False
+    guest: str | None = None
+    undone: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    unpaused_vcpus: list[int] = field(default_factory=list)
+    answered: int = 0                # requests answered on the old ring (when it was reachable)
+    refused: list[str] = field(default_factory=list)   # bare unpause responses the ring refused
+    ring_reenabled: bool = False
+    stuck: bool = False
+    cannot: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.errors and not self.stuck
+
+
+def _reset_ring(b: Any, report: RecoveryReport, reenable: bool) -> None:
+    """XEN-SEMANTICS §7 steps 1-5: disable the ring, re-enable it, one bare unpause per vCPU."""
+    try:
+        b.close()
+    except BackendError as exc:
+        report.stuck = exc.errno == _errno.EBUSY
+        report.errors.append(f"monitor ring disable: {exc}" + (": a vCPU waits for a ring slot; the domain "
+                                                               "stays stuck until it is destroyed"
+                                                               if report.stuck else ""))
+        return
+    if not reenable:
+        return
+    reattach = getattr(b, "reattach", None)
+    if not callable(reattach):
+        report.cannot.append("the backend cannot re-enable the monitor ring: vCPUs paused on the dead "
+                             "agent's events stay paused")
+        return
+    try:
+        reattach()
+        report.ring_reenabled = True
+    except BackendError as exc:
+        report.errors.append(f"monitor ring re-enable: {exc}")
+        return
+    # Xen matches responses to nothing, and an extra unpause only logs a warning (§7 step 5). One at
+    # a time, so a ring that refuses some (the simulator's accepts only as many responses as there
+    # are pending requests) still takes the rest.
+    for v in range(b.capabilities().vcpus):
+        try:
+            b.put_responses([_dummy_unpause(v)])
+            b.notify()
+            report.unpaused_vcpus.append(v)
+        except BackendError as exc:
+            report.refused.append(f"vCPU {v}: {exc}")
+
+
+def recover(backend: Any, state_path: str | Path, *, reenable_ring: bool = True) -> RecoveryReport:
+    """Undo what a killed enforcer left in the guest, from its state record (XEN-SEMANTICS §7)."""
+    path = Path(state_path)
+    report = RecoveryReport()
+    data = _load_record(path)
+    if data is None:
+        return report
+    report.found = True
+    report.guest = data.get("guest")
+    b = backend
+    paused_here = 0
+    try:
+        b.pause()
+        paused_here = 1
+    except Exception as exc:  # noqa: BLE001
+        report.errors.append(f"pause: {exc}")
+    # 1. the ring. If this process can still reach the dead agent's ring (the same process, or a
+    # backend that can map it), answer what is on it; the vCPUs finish (held-back CR/MSR writes
+    # included) once the domain runs again. On real Xen a new process cannot (the ring gfn left the
+    # physmap, §7): then disable (wakes throttled vCPUs, clears monitors, drops held-back writes),
+    # re-enable, and push one VCPU_PAUSED response per vCPU.
+    reachable = True
+    try:
+        for _ in range(4096):
+            reqs = b.take_requests(64)
+            if not reqs:
+                break
+            b.put_responses([_teardown_response(r) for r in reqs])
+            b.notify()
+            report.answered += len(reqs)
+    except BackendError:
+        reachable = False
+    if not reachable:
+        _reset_ring(b, report, reenable_ring)
+    # 2. the journal, newest first
+    for entry in reversed(data["journal"]):
+        try:
+            _undo(b, entry, recovering=True)
+            report.undone.append(_describe(entry))
+        except Exception as exc:  # noqa: BLE001
+            report.errors.append(f"undo {_describe(entry)}: {exc}")
+    # 3. single-step cannot be switched off through the Backend
+    stepping = getattr(b, "single_stepping", None)
+    if callable(stepping):
+        left = [v for v in range(b.capabilities().vcpus) if stepping(v)]
+        if left:
+            report.cannot.append(f"vCPU(s) {left} are left single-stepping (no debug_control in the Backend)")
+    # 4. unpause: ours and the dead enforcer's outstanding pauses
+    for _ in range(paused_here + int(data.get("paused", 0))):
+        try:
+            b.unpause()
+        except BackendError as exc:
+            if exc.errno != _errno.EINVAL:
+                report.errors.append(f"unpause: {exc}")
+            break
+    try:
+        still = sorted(b.paused_vcpus())
+        if still and reachable and not report.stuck:
+            # requests the dead agent had taken and never answered: §7's disable / re-enable / bare
+            # responses is the only way left to reach those vCPUs
+            _reset_ring(b, report, reenable_ring)
+            still = sorted(b.paused_vcpus())
+    except BackendError:
+        still = []
+    if still:
+        report.errors.append(f"vCPU(s) {still} are still paused: their requests were taken by the dead agent "
+                             "and the bare unpause responses did not reach them")
+    if report.clean:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    return report
+
+
+def recover_guest(backend: Any, guest: str, state_dir: str | Path | None = None) -> RecoveryReport:
+    """`policyc recover --guest G`: recover from the record at `state_path_for(guest, state_dir)`."""
+    return recover(backend, state_path_for(guest, state_dir))
+
+
+# --------------------------------------------------------------------------- running
+
+def run_with_teardown(installation: Installation, step: Callable[[], Any], *,
+                      signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+                      register_atexit: bool = True) -> str:
+    """Run `step()` until it returns False or a signal in `signals` arrives, then tear down. Teardown also
+    runs on an exception (which then propagates) and, as a last resort, at interpreter exit. The signal
+    handlers only set a flag, so `step` should not block for long (use `backend.wait(timeout)`).
+    Returns "done" or the signal's name."""
+    stop: dict[str, Any] = {"signal": None}
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in signals:
+            previous[s] = signal.signal(s, handler)
+    if register_atexit:
+        atexit.register(_teardown_quietly, installation)
+    reason = "done"
+    try:
+        while stop["signal"] is None:
+            if step() is False:
+                break
+        if stop["signal"] is not None:
+            reason = signal.Signals(stop["signal"]).name
+    finally:
+        try:
+            installation.teardown()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if register_atexit:
+                atexit.unregister(_teardown_quietly)
+    return reason
+
+
+def _teardown_quietly(installation: Installation) -> None:
+    try:
+        installation.teardown()
+    except Exception:  # noqa: BLE001 - at exit there is no one to tell but the state record
+        pass
