@@ -206,7 +206,8 @@ class _Checker:
         rules = self.check_rules()
         if self.root_tree.policy is not None and not any(isinstance(u.item, S.Rule) for u in self.units):
             self.d.warning("PC504", span, f"policy '{name}' has no rules: it traps nothing")
-        files = [display_path(self.root)] + [display_path(u.file) for u in self.units]
+        # Once per file, not per item: a policy may hold 100,000 items from a handful of files.
+        files = [display_path(f) for f in dict.fromkeys([self.root] + [u.file for u in self.units])]
         return M.Policy(
             name=name, target=target, mode=mode, symbols=tuple(self.symbol_sources),
             constants=tuple(sorted((k, v.value if isinstance(v, M.Address) else v) for k, v in self.const_values.items()
