@@ -27,7 +27,7 @@ from . import model as M
 from .arch import EXCEPTION_VECTORS
 from .diagnostics import Diagnostics, Span
 from .plan_expr import compile_condition
-from .targets import TARGETS, TargetInfo
+from .targets import TARGETS, TargetInfo, access_name
 
 __all__ = ["compile_plan", "PLAN_FORMAT", "PLAN_VERSION", "VIEW_HOST", "VIEW_UNRESTRICTED", "VIEW_RESTRICTED"]
 
@@ -36,9 +36,6 @@ PLAN_VERSION = 1
 PAGE = 4096
 VIEW_HOST, VIEW_UNRESTRICTED, VIEW_RESTRICTED = 0, 1, 2
 
-# Xen's mem_access names for a set of allowed accesses.
-_ACCESS_NAMES = {frozenset(): "n", frozenset("r"): "r", frozenset("w"): "w", frozenset("rw"): "rw",
-                 frozenset("x"): "x", frozenset("rx"): "rx", frozenset("wx"): "wx", frozenset("rwx"): "rwx"}
 _TRAPS = {"read": "r", "write": "w", "execute": "x", "access": "rwx"}
 
 
@@ -274,11 +271,7 @@ def layout_views(low: _Lowering) -> list[dict]:
 
 
 def _allowed_access(traps: set[str], target: TargetInfo) -> str:
-    allowed = set("rwx") - traps
-    if target.name.startswith("x86_64") and "w" in allowed and "r" not in allowed:
-        # EPT has no write-without-read: trapping reads traps writes too (they arrive as W|R).
-        allowed.discard("w")
-    return _ACCESS_NAMES[frozenset(allowed)]
+    return access_name(set("rwx") - traps, x86=target.name.startswith("x86_64"))
 
 
 # ---------------------------------------------------------------- 4. monitors

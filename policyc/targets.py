@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CAPABILITIES", "TARGETS", "TargetInfo", "target_info"]
+__all__ = ["CAPABILITIES", "TARGETS", "TargetInfo", "access_name", "target_info"]
 
 # Every capability the lowering may ask for, with the words used in diagnostics.
 CAPABILITIES: dict[str, str] = {
@@ -74,3 +74,20 @@ TARGETS: dict[str, TargetInfo] = {
 
 def target_info(name: str) -> TargetInfo:
     return TARGETS[name]
+
+
+# Xen's mem_access names for the plain sets of allowed accesses.
+_ACCESS_NAMES = {frozenset(): "n", frozenset("r"): "r", frozenset("w"): "w", frozenset("rw"): "rw",
+                 frozenset("x"): "x", frozenset("rx"): "rx", frozenset("wx"): "wx", frozenset("rwx"): "rwx"}
+
+
+def access_name(allowed: set[str] | frozenset[str], *, x86: bool) -> str:
+    """The mem_access name for a set of allowed accesses ("r", "w", "x").
+
+    EPT has no write-without-read (such an entry is a misconfiguration), so on
+    x86 a set with W but not R loses W: writes there trap too, and arrive as W|R.
+    """
+    allowed = frozenset(allowed)
+    if x86 and "w" in allowed and "r" not in allowed:
+        allowed = allowed - {"w"}
+    return _ACCESS_NAMES[allowed]

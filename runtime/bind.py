@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..symbols import SymbolTable
+from ..targets import access_name
 from .backend import BackendError
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, PhysicalAddressError
 from .paging import PAGE_2M, NonCanonicalAddress, PageFault, PageTables
@@ -72,7 +73,6 @@ PT_WATCH_ACCESS = "rx"          # write-trap a page-table frame (EPT cannot say 
 _INSN_BYTES = 16                 # data.emul.insn.data
 
 _ACCESS_BITS = {"n": "", "r": "r", "w": "w", "rw": "rw", "x": "x", "rx": "rx", "wx": "wx", "rwx": "rwx"}
-_ACCESS_NAME = {frozenset(v): k for k, v in _ACCESS_BITS.items()}
 
 # Syscall entry points (LSTAR) and IDT handlers, by symbol-table OS; first found wins.
 _ENTRY = {"linux": ("entry_SYSCALL_64",), "windows": ("KiSystemCall64Shadow", "KiSystemCall64")}
@@ -122,10 +122,7 @@ class BindError(Exception):
 
 def intersect_access(a: str, b: str, *, x86: bool = True) -> str:
     """The accesses both allow, as a Xen mem_access name (W without R dropped on x86)."""
-    allowed = frozenset(_ACCESS_BITS[a]) & frozenset(_ACCESS_BITS[b])
-    if x86 and "w" in allowed and "r" not in allowed:
-        allowed = allowed - {"w"}
-    return _ACCESS_NAME[allowed]
+    return access_name(frozenset(_ACCESS_BITS[a]) & frozenset(_ACCESS_BITS[b]), x86=x86)
 
 
 # --------------------------------------------------------------------------- physical reads
