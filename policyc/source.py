@@ -6,6 +6,7 @@ anything else the DSL.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -48,6 +49,28 @@ def read_policy_file(path: Path, diagnostics: Diagnostics, *, at: Span | None = 
     except OSError as exc:
         diagnostics.error("PC100", at, f"cannot read '{shown}': {exc.strerror or exc}")
         return None
+    # One run reads a file more than once (`check` first follows includes, then checks): parse
+    # each content once, and replay its diagnostics into every collector that asks.
+    key = (shown, allow_empty, hashlib.sha1(raw).digest())
+    if key in _PARSED:
+        tree, found = _PARSED[key]
+        diagnostics.extend(found)
+        return tree
+    own = Diagnostics()
+    tree = _parse(raw, path, shown, allow_empty, own)
+    _PARSED[key] = (tree, list(own))
+    while len(_PARSED) > _PARSED_KEPT:
+        _PARSED.pop(next(iter(_PARSED)))
+    diagnostics.extend(own)
+    return tree
+
+
+# Recent parses by (shown path, allow_empty, content digest); trees are never mutated after parsing.
+_PARSED: dict[tuple[str, bool, bytes], tuple[S.PolicyFile | None, list]] = {}
+_PARSED_KEPT = 8
+
+
+def _parse(raw: bytes, path: Path, shown: str, allow_empty: bool, diagnostics: Diagnostics) -> S.PolicyFile | None:
     text = _decode(raw, shown, diagnostics)
     if text is None:
         return None
