@@ -219,7 +219,9 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
                 status = EXIT_PROBLEMS
                 continue
             if changed:
-                out_path.write_text(text, encoding="utf-8")
+                if not _write_file(out_path, text, "fmt"):
+                    status = EXIT_PROBLEMS
+                    continue
                 print(f"{'wrote' if out_path != path else 'formatted'} {out_path}", file=sys.stderr)
         else:
             sys.stdout.write(text)
@@ -262,6 +264,9 @@ def _plan_for(source: str, target: str | None, diagnostics: Diagnostics) -> dict
     from .plan import PlanError, load_plan
 
     path = Path(source)
+    if path.is_dir():
+        diagnostics.error("PC100", None, f"'{source}' is a directory: give one policy or plan file")
+        return None
     if not path.is_file():
         diagnostics.error("PC100", None, f"no such file: {source}")
         return None
@@ -308,10 +313,25 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         text = dump_plan(plan)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+        return EXIT_OK if _write_file(Path(args.output), text, "compile") else EXIT_PROBLEMS
+    sys.stdout.write(text)
     return EXIT_OK
+
+
+def _write_file(path: Path, text: str, command: str) -> bool:
+    """Write an output file; a failure is one clear line, and no partial file is left behind."""
+    tmp = path.with_name(f".{path.name}.policyc-tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        return True
+    except OSError as exc:
+        print(f"policyc {command}: cannot write '{path}': {exc.strerror or exc}", file=sys.stderr)
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        return False
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

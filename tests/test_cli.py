@@ -402,3 +402,13 @@ def test_each_file_of_a_run_is_checked_as_if_alone(capsys, work):
     assert ("PC503", "conflict.vmi", 10) in alone
     assert keys(*files) == alone
     assert keys(*reversed(files)) == alone
+
+
+def test_unwritable_output_and_directory_input_are_clear_errors(capsys, tmp_path):
+    policy = str(Path(__file__).resolve().parent.parent / "examples" / "policies" / "linux-kernel-integrity.vmi")
+    target = tmp_path / "missing" / "plan.json"
+    rc, out, err = run(capsys, "compile", policy, "-o", str(target))
+    assert rc == 1 and "cannot write" in err and "Traceback" not in err
+    assert not target.parent.exists()
+    rc, out, err = run(capsys, "compile", str(tmp_path))
+    assert rc == 1 and "is a directory" in err and "Traceback" not in err
