@@ -624,6 +624,25 @@ class Ring:
             raise RingError(f"placed {done} of {n} responses")
         return done
 
+    def put_unsolicited_responses(self, responses: Iterable[RawEvent]) -> int:
+        """Write responses that answer no request taken: the bare unpause
+        responses a new agent sends after re-enabling the ring of a dead one
+        (docs/XEN-SEMANTICS.md §7). Xen accepts them, since it matches
+        responses to nothing. Allowed only on a quiet ring (nothing unconsumed,
+        nothing pending) and at most one ring's worth. They advance the
+        responding side past the requests it ever took. The indices stay skewed
+        until the ring is disabled and enabled again, so the caller must do
+        that before the ring carries requests again."""
+        _, lib = _native()
+        batch = list(responses)
+        if self.unconsumed_requests or self.pending_responses:
+            raise RingError("unsolicited responses need a quiet ring: requests are unanswered")
+        if len(batch) > self.slots:
+            raise RingError(f"{len(batch)} unsolicited responses for a ring of {self.slots} slots")
+        self._back.req_cons += len(batch)
+        n = self._fill(self._back_in, batch, self.slots)
+        return lib.vm_ring_put_responses(self._back, self._back_in, n)
+
     def push_responses(self) -> bool:
         """Publish written responses; True if the other side asked to be
         notified (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY)."""

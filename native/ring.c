@@ -166,11 +166,10 @@ int vm_ring_put_request(struct vm_event_front_ring *front,
 
 unsigned int vm_ring_unconsumed_responses(const struct vm_event_front_ring *front)
 {
-    RING_IDX avail = load_acquire(&front->sring->rsp_prod) - front->rsp_cons;
-    RING_IDX outstanding = front->req_prod_pvt - front->rsp_cons;
-
-    /* A responder cannot answer requests that were never made. */
-    return avail < outstanding ? avail : outstanding;
+    /* XEN_RING_NR_UNCONSUMED_RESPONSES (io/ring.h): Xen takes every published
+     * response, including answers to no request (the bare unpause responses
+     * of a recovering agent, docs/XEN-SEMANTICS.md section 7). */
+    return load_acquire(&front->sring->rsp_prod) - front->rsp_cons;
 }
 
 size_t vm_ring_take_responses(struct vm_event_front_ring *front,

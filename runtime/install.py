@@ -905,6 +905,9 @@ class RecoveryReport:
         return not self.errors and not self.stuck
 
 
+_RING_SLOTS = abi.Ring().slots      # 8: one 4 KiB page (XEN-SEMANTICS §7)
+
+
 def _reset_ring(b: Any, report: RecoveryReport, reenable: bool) -> None:
     """XEN-SEMANTICS §7 steps 1-5: disable the ring, re-enable it, one bare unpause per vCPU."""
     try:
@@ -928,16 +931,24 @@ def _reset_ring(b: Any, report: RecoveryReport, reenable: bool) -> None:
     except BackendError as exc:
         report.errors.append(f"monitor ring re-enable: {exc}")
         return
-    # Xen matches responses to nothing, and an extra unpause only logs a warning (§7 step 5). One at
-    # a time, so a ring that refuses some (the simulator's accepts only as many responses as there
-    # are pending requests) still takes the rest.
-    for v in range(b.capabilities().vcpus):
+    # Xen matches responses to nothing, and an extra unpause only logs a warning (§7 step 5). Answers to
+    # nothing leave the ring's indices skewed (responses ahead of requests), and a ring in that state
+    # would misplace the next answers: after each ring's worth, disable and enable once more.
+    vcpus = list(range(b.capabilities().vcpus))
+    for start in range(0, len(vcpus), _RING_SLOTS):
+        chunk = vcpus[start:start + _RING_SLOTS]
         try:
-            b.put_responses([_dummy_unpause(v)])
+            b.put_responses([_dummy_unpause(v) for v in chunk])
             b.notify()
-            report.unpaused_vcpus.append(v)
+            report.unpaused_vcpus.extend(chunk)
         except BackendError as exc:
-            report.refused.append(f"vCPU {v}: {exc}")
+            report.refused.append(f"vCPU(s) {chunk}: {exc}")
+        try:
+            b.close()
+            reattach()
+        except BackendError as exc:
+            report.errors.append(f"monitor ring reset after the bare responses: {exc}")
+            return
 
 
 def recover(backend: Any, state_path: str | Path, *, reenable_ring: bool = True) -> RecoveryReport:

@@ -41,9 +41,6 @@ KERNEL_INTEGRITY = "linux-kernel-integrity.x86_64.plan.json"
 # XEN-SEMANTICS §7 step 5 (bare VCPU_PAUSED responses after re-enabling the ring) works on Xen, which
 # matches responses to nothing; the simulator's ring (native/abi.Ring) refuses a response for which no
 # request is pending, so a vCPU whose request died with the old ring stays paused there.
-SIM_RING_GAP = pytest.mark.xfail(reason="runtime/sim refuses responses with no pending request (bare "
-                                         "unpause responses of XEN-SEMANTICS §7 step 5)", strict=False)
-
 
 @functools.lru_cache(maxsize=None)
 def _template(vcpus: int = 2, split_syscall_page: bool = False) -> Guest:
@@ -453,7 +450,6 @@ def test_recover_after_the_enforcer_was_killed(symbols, tmp_path, new_process):
     assert not recover(xen, path).found                     # nothing left to do
 
 
-@SIM_RING_GAP
 def test_recover_in_a_new_process_unpauses_and_loses_held_back_writes(symbols, tmp_path):
     xen = mk()
     inst = install(bind_plan(plan(), xen, symbols), xen, state_dir=tmp_path)
@@ -486,7 +482,6 @@ def test_recover_answers_what_the_dead_agent_left_on_the_ring(symbols, tmp_path)
     assert w.took_effect and m.took_effect
 
 
-@SIM_RING_GAP
 def test_recover_unpauses_a_vcpu_whose_request_the_dead_agent_had_taken(symbols, tmp_path):
     xen = mk()
     inst = install(bind_plan(plan(), xen, symbols), xen, state_dir=tmp_path)
@@ -506,13 +501,21 @@ def test_recover_reports_a_vcpu_it_could_not_unpause(symbols, tmp_path):
     inst.take_requests(1)
     path = inst.record.path
     del inst
-    report = recover(xen, path)
-    assert report.answered == 1
+
+    class NoReattach(Flaky):                                # a backend that cannot re-enable the ring
+        def __getattr__(self, name: str) -> Any:
+            if name == "reattach":
+                raise AttributeError(name)
+            return super().__getattr__(name)
+    report = recover(NoReattach(xen), path)
+    assert report.answered == 1 and xen.paused_vcpus() == {0}
+    assert any("cannot re-enable" in c for c in report.cannot)
     assert any("still paused" in e for e in report.errors) and path.exists()
     # everything else is restored
     snap = guest_snapshot(xen, guest_state=False)
     clean = guest_snapshot(mk(), guest_state=False)
-    assert {k: v for k, v in snap.items() if k != "paused"} == {k: v for k, v in clean.items() if k != "paused"}
+    skip = ("paused", "access")           # the ring stays off (no reattach): access cannot be queried
+    assert {k: v for k, v in snap.items() if k not in skip} == {k: v for k, v in clean.items() if k not in skip}
 
 
 class _Died(BaseException):
@@ -735,14 +738,26 @@ def test_a_plan_on_the_host_p2m_alone_restores_host_access(symbols, tmp_path):
     assert xen.get_access(0, 0x300) == "rx"
 
 
-@pytest.mark.xfail(reason="runtime/sim's `remap` op splits a 2 MiB page with a direct memory write "
-                          "(PageTables.split, no EPT check), so the PDE store a real guest makes to split "
-                          "it never traps and the PTE store lands in an unwatched new table", strict=False)
 def test_the_remap_op_on_a_large_page_traps(symbols, tmp_path):
     xen = mk()                                              # the syscall table lies in a 2 MiB page
     inst = install(bind_plan(plan(), xen, symbols), xen, state_dir=tmp_path)
-    remap = xen.execute(0, Op("remap", 0, va=xen.guest.symbols["sys_call_table"], to_pa=0x200 << 12))
+    g = xen.guest
+    sct = g.symbols["sys_call_table"]
+    pd_gfn = g.walk(xen.vcpu(0).cr3, sct).pte_address >> 12
+    remap = xen.execute(0, Op("remap", 0, va=sct, to_pa=0x200 << 12))
     try:
-        assert not remap.done                              # a store to a watched page table: trapped
+        assert not remap.done                              # the PDE store linking the new table: trapped
+        (req,) = _allow_pending(inst, xen)
+        assert req.payload["gfn"] == pd_gfn and remap.took_effect
+        walk = g.walk(xen.vcpu(0).cr3, sct)
+        assert walk.page_size == 4096 and walk.pa >> 12 == 0x200
+        delta = inst.rebind_after_pt_write(req.payload["gfn"], req.payload["offset"])
+        assert inst.bound.region_frames("syscalls")[0][0] == 0x200 and delta.pt_added
+        xen.vcpu(0).cr0 &= ~WP
+        w = xen.write(0, sct + 8 * 59, 0xFFFFFFFFC0001000)  # the table's new frame traps
+        (req,) = [abi.parse_request(r) for r in inst.take_requests()]
+        assert req.payload["gfn"] == 0x200 and not w.done
+        inst.put_responses([abi.make_response(req, flags=F.EMULATE | F.EMULATE_NOWRITE).raw])
+        assert w.done and not w.took_effect
     finally:
         inst.teardown()

@@ -743,8 +743,13 @@ class SimulatedXen:
 
     def put_responses(self, responses: Iterable[bytes]) -> None:
         ring = self._ring_or_fail("put_responses")
+        batch = list(responses)
         try:
-            ring.put_responses(responses)
+            if len(batch) > ring.pending_responses and not ring.pending_responses \
+                    and not ring.unconsumed_requests:
+                ring.put_unsolicited_responses(batch)   # Xen takes answers to nothing [doc §7 step 5]
+            else:
+                ring.put_responses(batch)
         except abi.RingError as exc:
             raise BackendError("put_responses", str(exc), _errno.EINVAL) from None
         ring.push_responses()
@@ -1414,25 +1419,35 @@ class SimulatedXen:
 
     def _prepare_remap(self, s: _VState, op: Op) -> None:
         """The rootkit remap: rewrite the PTE of ``va`` to point at ``to_pa``, as a
-        guest store to the PTE through the direct map (so a write-protected
-        page-table frame traps). A large page is split first (unchecked)."""
+        guest store to the paging entry through the direct map (so a
+        write-protected page-table frame traps). A large page is split the way
+        a guest splits one: new tables are filled in fresh frames (nobody
+        watches those), then linked by one store to the large page's entry,
+        and that store is the op's. With a 4 KiB page the store is to its PTE."""
         from ..paging import PageTables
         g = self.guest
-        w = g.walk(s.v.cr3, op.va)
-        if w.page_size != FRAME_SIZE:
-            PageTables(g.memory, s.v.cr3).split(op.va)
-            w = g.walk(s.v.cr3, op.va)
-            if w.page_size != FRAME_SIZE:
-                PageTables(g.memory, s.v.cr3).split(op.va)
-                w = g.walk(s.v.cr3, op.va)
-        entry = g.memory.read_u64(w.pte_address)
-        new = (entry & ~0x000FFFFFFFFFF000) | (op.to_pa & 0x000FFFFFFFFFF000)
         if g.direct_map_base is None:
             raise ValueError("remap needs a guest with a direct map")
+        w = g.walk(s.v.cr3, op.va)
+        store_at = w.pte_address
+        original = g.memory.read_u64(store_at)
+        if w.page_size != FRAME_SIZE:
+            tables = PageTables(g.memory, s.v.cr3)
+            while w.page_size != FRAME_SIZE:
+                tables.split(op.va)
+                w = g.walk(s.v.cr3, op.va)
+        entry = g.memory.read_u64(w.pte_address)
+        new_pte = (entry & ~0x000FFFFFFFFFF000) | (op.to_pa & 0x000FFFFFFFFFF000)
+        if store_at == w.pte_address:
+            new = new_pte
+        else:
+            g.memory.write_u64(w.pte_address, new_pte)     # inside the new, still unlinked, table
+            new = g.memory.read_u64(store_at)
+            g.memory.write_u64(store_at, original)          # unlinked again: the guest's store links it
         op.value = new
         op.size = 8
-        op.result = w.pte_address
-        op.va = g.direct_map_base + w.pte_address
+        op.result = store_at
+        op.va = g.direct_map_base + store_at
 
     # ---------------------------------------------------------------- emulation
     def _emulate(self, s: _VState, op: Op, eflags: int, data: bytes | None) -> None:
