@@ -627,6 +627,11 @@ class DecisionEngine:
         for name in foreign:
             self._handlers[RS[name]] = self._foreign
 
+    def refresh_binding(self) -> None:
+        """Rebuild the tables that depend on where the guest's pages are (after the binding followed a
+        remapped page). Rules keep their state: rate buckets, disarmed."""
+        self._build_dispatch(self.plan.get("dispatch", {}))
+
     # ------------------------------------------------------------------ build (once)
     def _rule(self, entry: Mapping[str, Any]) -> _Rule:
         name = entry["rule"]

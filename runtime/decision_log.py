@@ -184,6 +184,7 @@ class Stats:
         self.alerts = 0
         self.rules: dict[str, RuleStats] = {}
         self.latency = Histogram()
+        self.events: Counter[str] = Counter()      # records that are not decisions (rebind, ...)
         self.started = time.monotonic()
 
     def add(self, d: Decision) -> None:
@@ -345,6 +346,23 @@ class DecisionLog:
             self._flush(self._alerts)
         return n
 
+    def event(self, kind: str, data: Mapping[str, Any], *, alert: str | None = None) -> None:
+        """A record that is not a decision (``"record": kind``), e.g. the binding following a remapped
+        page; with ``alert`` (a message) it goes to the alert stream too. Flushed."""
+        rec = {"record": kind, "time": _iso(time.time_ns()), "plan_hash": self.plan_hash, **data}
+        if self._log is not None:
+            self._log.write(_ENCODE(rec) + "\n")
+            self._flush(self._log)
+        if alert is not None and self._alerts is not None:
+            self._alerts.write(_ENCODE({**rec, "severity": "high", "message": escape_guest(alert)}) + "\n")
+            self._flush(self._alerts)
+        self.stats.events[kind] += 1
+
+    def flush(self) -> None:
+        for f in (self._log, self._alerts):
+            if f is not None and not getattr(f, "closed", False):
+                f.flush()
+
     def write_batch(self, pairs: Iterable[tuple[bytes, Decision]]) -> int:
         """`write` for the output of `DecisionEngine.decide_batch`."""
         return self.write(d for _r, d in pairs)
@@ -420,6 +438,8 @@ def format_summary(stats: Stats, plan_hash: str = "") -> str:
              f"would deny {stats.verdicts['would_deny']}; collateral {stats.collateral} "
              f"(claimed by the unknown-size rule: {stats.conservative}); unmatched {stats.unmatched}; "
              f"errors {stats.errors}; alerts {stats.alerts}"]
+    if stats.events:
+        lines.append("  other records: " + ", ".join(f"{k} {n}" for k, n in sorted(stats.events.items())))
     if stats.by_kind:
         lines.append("  by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(stats.by_kind.items())))
     if lat.count:

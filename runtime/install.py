@@ -735,6 +735,37 @@ class Installation:
             del entry["prior"][g]
         self._save()
 
+    # ------------------------------------------------------------------ side effects of decisions
+    def remove_breakpoint(self, site: str | None) -> bool:
+        """Put a site's original bytes back (an inline breakpoint the plan answers by restoring, or a
+        disarmed one); False when the site has none planted. A shadow-frame site stays: its view is
+        the guest's only copy of the 0xCC and costs nothing when not executed."""
+        with self._lock:
+            entry = self._inline.pop(site or "", None)
+            if entry is None:
+                return False
+            _undo(self.backend, entry)
+            self.journal.remove(entry)
+            self._save()
+            return True
+
+    def relax_access(self, gfn: int | None, access: str | None) -> None:
+        """arm64 relax-and-rearm: let the faulting access through in the host view (no single-step on
+        Xen/arm64); `rearm_access` puts the plan's access back at the next event."""
+        if gfn is None or access is None:
+            return
+        with self._lock:
+            self.backend.set_access(self.view_map.get(0, 0), [gfn], access)
+
+    def rearm_access(self, gfn: int | None) -> None:
+        if gfn is None:
+            return
+        with self._lock:
+            view = self.bound.views.get(0)
+            planned = view.access.get(gfn) if view is not None else None
+            if planned is not None:
+                self.backend.set_access(self.view_map.get(0, 0), [gfn], planned)
+
     # ------------------------------------------------------------------ the decision engine's plan
     def engine_plan(self) -> dict:
         """The plan with view ids rewritten to the backend's (identical when the ids matched)."""

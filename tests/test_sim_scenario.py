@@ -178,8 +178,12 @@ def test_the_example_against_a_tiny_enforcer():
     runner = ScenarioRunner(sc, xen, enforcer)
     table = xen.guest.symbols["sys_call_table"]
     res = runner.run()
-    # step 0: .rodata is read-only and CR0.WP is set: a guest #PF before EPT, no event
-    assert res[0].verdict == "deny" and res[0].events == 0 and res[0].faults[0].name == "#PF"
+    # step 0: .rodata is read-only and CR0.WP is set, so the hook is stored through the writable
+    # direct-map alias of the table's frame (via: auto), which EPT traps: denied
+    assert res[0].verdict == "deny" and res[0].events == 1 and not res[0].faults
+    assert "direct-map alias" in res[0].note
+    req = abi.parse_request(res[0].requests[0])
+    assert req.payload["gla"] == xen.guest.direct_map_base + xen.guest.walk(xen.vcpu(0).cr3, table + 8 * 59).pa
     # step 1: LSTAR hijack denied (the write is held back, then dropped)
     assert res[1].verdict == "deny" and res[1].events == 1
     req = abi.parse_request(res[1].requests[0])
@@ -195,13 +199,33 @@ def test_the_example_against_a_tiny_enforcer():
     # step 4: reads are not trapped
     assert res[4].verdict == "allow" and res[4].events == 0
     assert res[4].value == runner.evaluate("symbol x64_sys_call")
-    # step 5: .rodata again, WP still set: a guest #PF
-    assert res[5].verdict == "deny" and res[5].faults[0].name == "#PF"
+    # step 5: two pages on, a page this monitor does not watch: the store lands, no event
+    assert res[5].verdict == "allow" and res[5].events == 0 and "direct-map alias" in res[5].note
     # end state
     assert runner.read_memory(table + 8 * 59, 8) == runner.read_memory(table + 8 * 59, 8, initial=True)
     assert runner.register(1, "LSTAR") == runner.register(1, "LSTAR", initial=True)
     assert xen.paused_vcpus() == frozenset() and not any(r.livelock for r in res)
-    assert enforcer.verdicts == [("deny", "syscall_entry_guard"), ("deny", "wp_guard")]
+    assert enforcer.verdicts[1:] == [("deny", "syscall_entry_guard"), ("deny", "wp_guard")]
+
+
+def test_a_write_via_va_is_the_guests_own_page_fault():
+    sc = load_scenario_text(_scenario('''
+  - {vcpu: 0, op: write, va: "symbol sys_call_table + 8*59", size: 8, value: 1, via: va}
+  - {vcpu: 0, op: write, va: "symbol sys_call_table + 8*59", size: 8, value: 2, via: alias}
+  - {vcpu: 0, op: write, va: "symbol init_task", size: 8, value: 3}
+'''))
+    runner = run_scenario(sc)
+    va, alias, data = runner.results
+    assert va.verdict == "deny" and va.faults[0].name == "#PF" and va.events == 0
+    assert alias.verdict == "allow" and "direct-map alias" in alias.note
+    assert data.verdict == "allow" and data.note == ""          # writable data: through va itself
+    assert runner.read_memory(runner.evaluate("symbol sys_call_table + 8*59"), 8) == (2).to_bytes(8, "little")
+
+
+def test_an_unknown_write_route_is_an_error_with_its_position():
+    with pytest.raises(ScenarioError, match=r"via: 'sideways'") as exc:
+        load_scenario_text(_scenario('  - {vcpu: 0, op: write, va: 0, value: 1, via: sideways}'))
+    assert exc.value.line == 5
 
 
 def test_the_hook_reaches_ept_through_the_direct_map_alias_and_once_wp_is_clear():
@@ -209,8 +233,8 @@ def test_the_hook_reaches_ept_through_the_direct_map_alias_and_once_wp_is_clear(
     sc = load_scenario_text(_scenario(f"""
   - {{vcpu: 0, op: write, va: "{alias}", size: 8, value: 0xffffffffc0001000}}
   - {{vcpu: 1, op: write_cr, cr: cr0, value: "cr0 & ~cr0.WP"}}
-  - {{vcpu: 0, op: write, va: "symbol sys_call_table + 8*59", size: 8, value: 0xffffffffc0001000}}
-  - {{vcpu: 0, op: write, va: "symbol sys_call_table + 0x1000", size: 1, value: 7}}
+  - {{vcpu: 0, op: write, va: "symbol sys_call_table + 8*59", size: 8, value: 0xffffffffc0001000, via: va}}
+  - {{vcpu: 0, op: write, va: "symbol sys_call_table + 0x1000", size: 1, value: 7, via: va}}
 """))
     xen = build_scenario(sc)
     enforcer = TinyEnforcer(xen)
@@ -316,5 +340,6 @@ def test_remap_of_a_write_protected_page_table_traps():
 
 def test_run_scenario_convenience_and_svm_profile():
     runner = run_scenario(EXAMPLE, profile="x86_64-svm")
-    assert [r.verdict for r in runner.results] == ["deny", "allow", "allow", "allow", "allow", "allow"]
+    # no monitor: everything the rootkit does lands (step 0 through the direct-map alias)
+    assert [r.verdict for r in runner.results] == ["allow"] * 6
     assert runner.xen.profile == "x86_64-svm"

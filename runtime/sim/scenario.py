@@ -33,7 +33,7 @@ from ...diagnostics import Diagnostics, Span
 from ...dsl import parse_expression
 from ... import syntax as S
 from ..guest_memory import MemorySnapshot
-from .guest import MSR, GuestFault
+from .guest import MSR, GuestFault, TranslationFault
 from .layouts import build_guest, parse_size
 from .xen import Op, SimulatedXen
 
@@ -45,9 +45,9 @@ Responder = Callable[[SimulatedXen], None]
 # op -> (required keys, optional keys)
 OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "read": (("va",), ("size",)),
-    "write": (("va", "value"), ("size",)),
+    "write": (("va", "value"), ("size", "via")),
     "exec": (("va",), ()),
-    "rmw": (("va",), ("size", "value")),
+    "rmw": (("va",), ("size", "value", "via")),
     "write_cr": (("cr", "value"), ()),
     "wrmsr": (("msr", "value"), ()),
     "lidt": (("base",), ("limit",)),
@@ -66,6 +66,8 @@ _COMMON = ("vcpu", "op", "rip", "cr3", "insn_length", "comment", "name")
 _EXPR_KEYS = ("va", "value", "size", "base", "limit", "leaf", "subleaf", "to_pa", "rip", "cr3",
               "count", "times", "insn_length")
 LOOP_KEEP_RAW = 4       # iterations of a loop whose raw events are kept
+# How a `write`/`rmw` reaches its target (see `ScenarioRunner._route_write`).
+WRITE_ROUTES = ("auto", "va", "alias")
 
 
 class ScenarioError(Exception):
@@ -317,6 +319,7 @@ class StepResult:
     note: str = ""
     iterations: int = 1
     line: int | None = None
+    frames: tuple[int, ...] = ()        # guest frames a data access or fetch of a top-level step touched
 
     @property
     def verdict(self) -> str:
@@ -363,13 +366,16 @@ def load_scenario_text(text: str, path: str = "<scenario>") -> Scenario:
         except ValueError as exc:
             raise ScenarioError(f"guest.{key}: {exc}", path, *guest.value_pos[key]) from None
 
+    policy = doc.get("policy")
     symbols = guest.get("symbols")
     if symbols is not None:
+        # Next to the scenario, else next to its policy (where a policy's own symbol file lives).
         cand = base / str(symbols)
-        if not cand.exists() and (base / ".." / "policies" / str(symbols)).exists():
-            cand = base / ".." / "policies" / str(symbols)
+        if not cand.exists() and policy:
+            beside_policy = (base / str(policy)).parent / str(symbols)
+            if beside_policy.exists():
+                cand = beside_policy
         symbols = str(cand)
-    policy = doc.get("policy")
     steps_node = doc.get("steps")
     if not isinstance(steps_node, _PList):
         raise ScenarioError("steps: must be a list", path, *(doc.value_pos.get("steps") or doc.pos))
@@ -417,6 +423,9 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
             exprs[key] = _expression(item[key], path, item.value_pos[key], f"{op}.{key}",
                                      item.quoted.get(key, False))
     step = Step(index, op, vcpu, dict(item), exprs, pos[0], pos[1])
+    if "via" in item and item["via"] not in WRITE_ROUTES:
+        raise ScenarioError(f"via: '{item['via']}' is not one of {', '.join(WRITE_ROUTES)}", path,
+                            *item.value_pos["via"])
     if op == "write_cr":
         cr = str(item["cr"]).lower()
         if cr not in ("cr0", "cr3", "cr4", "xcr0"):
@@ -524,7 +533,20 @@ class ScenarioRunner:
             return self._run_loop(step)
         op = self._make_op(step, record=True)
         self._drive(step.vcpu, self.xen.execute(step.vcpu, op))
-        return self._result(step, op)
+        res = self._result(step, op)
+        if op.kind in ("read", "write", "rmw", "exec") and op.va is not None:
+            res.frames = self._frames(step.vcpu, op.va, op.size if op.kind != "exec" else 1)
+        return res
+
+    def _frames(self, vcpu: int, va: int, size: int) -> tuple[int, ...]:
+        g, cr3 = self.xen.guest, self.xen.vcpu(vcpu).cr3
+        out = []
+        for a in sorted({va, va + max(size, 1) - 1}):
+            try:
+                out.append(g.walk(cr3, a).pa >> 12)
+            except TranslationFault:
+                pass
+        return tuple(dict.fromkeys(out))
 
     def _run_loop(self, step: Step) -> StepResult:
         assert step.count is not None
@@ -563,6 +585,8 @@ class ScenarioRunner:
         op = step.op
         if op in ("read", "write", "rmw"):
             kw.update(va=val("va"), size=val("size", 8), value=val("value", 1 if op == "rmw" else 0))
+            if op != "read":
+                kw["va"], kw["note"] = self._route_write(step, kw["va"], kw["size"])
         elif op == "exec":
             kw.update(va=val("va"))
         elif op == "int3":
@@ -578,7 +602,38 @@ class ScenarioRunner:
             kw.update(leaf=val("leaf", 0), subleaf=val("subleaf", 0))
         elif op == "remap":
             kw.update(va=val("va"), to_pa=val("to_pa"))
-        return Op(op, step.vcpu, **kw)
+        note = kw.pop("note", "")
+        made = Op(op, step.vcpu, **kw)
+        made.note = note
+        return made
+
+    def _route_write(self, step: Step, va: int, size: int) -> tuple[int, str]:
+        """Where a kernel-mode store to ``va`` goes. A scenario's ``write`` is what an attacker in the
+        guest's ring 0 makes happen: ``via: auto`` (the default) stores through ``va`` when the
+        guest's own page tables allow it, else, as rootkits do since Linux pinned CR0.WP
+        (shared/research/real-kernels-and-attacks.md), through the writable direct-map alias of the
+        same frames. Either way the store reaches the same guest frames, so EPT sees the same
+        write. ``via: va`` always stores through ``va`` (a read-only mapping with CR0.WP set is the
+        guest's own #PF, no event); ``via: alias`` always takes the alias."""
+        route = step.args.get("via", "auto")
+        g = self.xen.guest
+        if route == "va" or g.direct_map_base is None or not self.xen.capabilities().arch.startswith("x86_64"):
+            return va, ""
+        v = self.xen.vcpu(step.vcpu)
+        wp = bool(v.cr0 & (1 << 16))
+        try:
+            first = g.walk(v.cr3, va)
+            last = g.walk(v.cr3, va + max(size, 1) - 1)
+        except TranslationFault:
+            return va, ""          # unmapped: the guest's own fault, whatever the route
+        writable = first.writable and last.writable
+        if route == "auto" and (writable or not wp):
+            return va, ""
+        if last.pa - first.pa != max(size, 1) - 1:
+            return va, ""          # the alias of a store split over two frames is not one store
+        alias = g.direct_map_base + first.pa
+        why = "" if route == "alias" else ": the guest maps it read-only and CR0.WP is set"
+        return alias, f"stored through the direct-map alias {alias:#x} of {va:#x}{why}"
 
     def _drive(self, vcpu: int, op: Op) -> None:
         """Hand control to the responder while the step cannot finish on its own."""

@@ -535,6 +535,36 @@ class SimulatedXen:
         if need_active and not self._altp2m:
             raise Unsupported(op, "altp2m is not active on this domain", _errno.EOPNOTSUPP)
 
+    def altp2m_get_state(self) -> bool:
+        """xc_altp2m_get_domain_state."""
+        return self._altp2m
+
+    def state_snapshot(self, *, memory: bool = True) -> dict[str, Any]:
+        """Everything an enforcer may change in the domain, for before/after comparisons: each
+        populated frame's access in every view, views and altp2m, monitors, per-vCPU view,
+        single-step and pause state, the ring, and (``memory=True``) guest memory and registers."""
+        frames = tuple(self.populated_frames())
+        access: dict[int, tuple[str, ...]] = {}
+        if self._p.mem_access and not self._closed:
+            for view in range(max(self.max_views, 1)):
+                try:
+                    access[view] = tuple(self.get_access(view, g) for g in frames)
+                except BackendError:
+                    continue
+        n = len(self._vs)
+        snap: dict[str, Any] = {
+            "frames": frames, "access": access, "altp2m": self._altp2m,
+            "views": tuple(self.current_view(i) for i in range(n)),
+            "single_step": tuple(self.single_stepping(i) for i in range(n)),
+            "monitors": repr(sorted((k, repr(v)) for k, v in self.monitors().items())),
+            "paused": tuple(sorted(self.paused_vcpus())), "ring": self.unconsumed_requests(),
+            "crashed": self.crashed,
+        }
+        if memory:
+            snap["memory"] = self.guest.memory.snapshot()
+            snap["registers"] = tuple(tuple(sorted(self.get_registers(i).items())) for i in range(n))
+        return snap
+
     def altp2m_set_state(self, enabled: bool) -> None:
         self._check_altp2m("altp2m_set_state", need_active=False)
         if enabled == self._altp2m:
