@@ -41,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="policyc",
-        description="Compile and check VMI policies for Xen: watched memory, control registers, MSRs, "
-                    "breakpoints, and what to do when they are touched.")
+        description="Compile, check, test and enforce VMI policies for Xen: watched memory, control "
+                    "registers, MSRs, breakpoints, and what to do when they are touched.")
     p.add_argument("--version", action="version", version=f"policyc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -103,6 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--format", choices=("text", "json"), default="text")
     diff.add_argument("--exit-code", action="store_true", help="exit 1 when the two differ (for CI)")
     diff.set_defaults(run=_cmd_diff)
+
+    from .cli_runtime import add_runtime_commands
+    add_runtime_commands(sub)
     return p
 
 

@@ -25,7 +25,12 @@ class BackendError(RuntimeError):
     def __init__(self, operation: str, message: str, errno: int | None = None) -> None:
         super().__init__(f"{operation}: {message}")
         self.operation = operation
+        self.message = message
         self.errno = errno
+
+    def __reduce__(self) -> tuple:
+        # Crosses process boundaries intact (a backend served to another process, runtime/sim/host.py).
+        return (type(self), (self.operation, self.message, self.errno))
 
 
 class Unsupported(BackendError):
@@ -94,6 +99,8 @@ class Backend(Protocol):
     def monitor_write_ctrlreg(self, index: str, enable: bool, *, sync: bool = True,
                               onchangeonly: bool = False, bitmask: int = 0) -> None: ...
     def monitor_mov_to_msr(self, msr: int, enable: bool, *, onchangeonly: bool = False) -> None: ...
+    def monitor_control_registers(self, enable: bool) -> None:
+        """XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS: needed before a DENY of a CR/MSR write has effect."""
     def monitor(self, kind: str, enable: bool, *, sync: bool = True) -> None:
         """The on/off monitors: software_breakpoint, descriptor_access, cpuid, guest_request,
         debug_exception, privileged_call, singlestep."""

@@ -18,11 +18,9 @@ in this order, with the domain paused throughout:
    is written into the guest's own frame;
 4. monitors (`plan["monitors"]`), after checking that the host has them.
    `defer_register_writes` (XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS, without
-   which DENY of a CR/MSR write does nothing, XEN-SEMANTICS §0.1) has no
-   method in `Backend`: a backend offering `monitor_control_registers(True)`
-   gets the call, the simulator (whose attach models op 4: `crv`) is
-   accepted, and anything else is refused rather than installed with DENY
-   silently void;
+   which DENY of a CR/MSR write does nothing, XEN-SEMANTICS §0.1)
+   is `Backend.monitor_control_registers(True)`; a backend without it is
+   refused rather than installed with DENY silently void;
 5. every vCPU switched to the plan's default restricted view;
 6. unpause.
 
@@ -493,8 +491,7 @@ class Installation:
         if missing:
             raise InstallError(f"the host lacks the monitor(s) {', '.join(missing)}")
         if mons.get("defer_register_writes"):
-            if not (callable(getattr(self.backend, "monitor_control_registers", None))
-                    or getattr(self.backend, "crv", None) is True):
+            if not callable(getattr(self.backend, "monitor_control_registers", None)):
                 raise InstallError("the plan denies CR/MSR writes, which needs XEN_DOMCTL_MONITOR_OP_CONTROL_"
                                    "REGISTERS (op 4); this backend cannot issue it, so DENY would do nothing")
 

@@ -69,6 +69,7 @@ class SimulatedRun:
 
 def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, *,
                      log: DecisionLog | None = None, recorder: Any = None,
+                     on_start: Callable[[Enforcer], None] | None = None,
                      on_step: Callable[[StepResult, list[Decision]], None] | None = None) -> SimulatedRun:
     """Build the scenario's guest, enforce `plan` on it while its steps run, tear down.
     Raises `EnforcerError` (nothing installed) when the plan cannot be bound or installed."""
@@ -86,6 +87,8 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
         enforcer = Enforcer(plan, xen, symbols, guest=f"sim-{scenario.name}", log=log, recorder=recorder,
                             state_dir=state_dir, observer=observe)
         enforcer.start()
+        if on_start is not None:
+            on_start(enforcer)
         runner = ScenarioRunner(scenario, xen, lambda _xen: enforcer.service())
         decisions: dict[int, list[Decision]] = {}
         try:

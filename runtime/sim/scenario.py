@@ -20,6 +20,7 @@ stuck and the responder makes progress. Each step yields a `StepResult`.
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -387,7 +388,7 @@ def load_scenario_text(text: str, path: str = "<scenario>") -> Scenario:
         layout=str(guest.get("layout", "linux-x86_64")), symbols=symbols,
         kaslr_slide=gint("kaslr_slide", 0), memory=gint("memory", 256 << 20),
         vcpus=gint("vcpus", 1), profile=str(guest.get("profile", "x86_64")),
-        policy=str(base / policy) if policy else None, steps=steps, expect=list(expect),
+        policy=os.path.normpath(base / policy) if policy else None, steps=steps, expect=list(expect),
         guest_extra={k: (int(v, 0) if isinstance(v, str) else v) for k, v in extra.items()})
 
 
@@ -468,6 +469,14 @@ def build_scenario(scenario: Scenario, *, profile: str | None = None, **xen_opti
         if scenario.symbols is None:
             raise ScenarioError("the linux-x86_64 layout needs guest.symbols", scenario.path)
         kwargs.update(symbols=scenario.symbols, kaslr_slide=scenario.kaslr_slide, **scenario.guest_extra)
+    elif scenario.layout == "windows-x86_64":
+        # A Windows ISF's addresses are RVAs: the slide is ntoskrnl's image base.
+        if scenario.symbols is None:
+            raise ScenarioError("the windows-x86_64 layout needs guest.symbols (a Windows ISF)", scenario.path)
+        if scenario.guest_extra:
+            raise ScenarioError(f"guest.{', guest.'.join(scenario.guest_extra)}: not used by the windows-x86_64 "
+                                "layout", scenario.path)
+        kwargs.update(symbols=scenario.symbols, image_base=scenario.kaslr_slide)
     try:
         guest = build_guest(scenario.layout, **kwargs)
     except (ValueError, OSError) as exc:
@@ -527,6 +536,19 @@ class ScenarioRunner:
             self.results.append(self.run_step(step))
         self.settle()
         return self.results
+
+    def start_step(self, step: Step, *, record: bool = False) -> Op:
+        """Start one step (not a loop) and return its operation without driving a responder: for a
+        workload whose events are answered by an enforcer in another process (runtime/sim/host.py)."""
+        if step.op == "loop":
+            raise ValueError("start_step runs one operation; expand loops first")
+        op = self._make_op(step, record=record)
+        self.xen.execute(step.vcpu, op)
+        return op
+
+    def loop_count(self, step: Step) -> int:
+        assert step.count is not None
+        return step.count(_Env(self, step.vcpu))
 
     def run_step(self, step: Step) -> StepResult:
         if step.op == "loop":

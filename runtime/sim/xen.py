@@ -674,6 +674,13 @@ class SimulatedXen:
         else:
             del self._cr_mon[idx]
 
+    def monitor_control_registers(self, enable: bool) -> None:
+        """XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS (op 4): without it a DENY of a CR/MSR write does
+        nothing [doc §0.1]. The simulator starts with it as ``control_register_values`` says."""
+        if not self._p.x86:
+            raise Unsupported("monitor_control_registers", "x86 only", _errno.EOPNOTSUPP)
+        self.crv = bool(enable)
+
     def monitor_mov_to_msr(self, msr: int, enable: bool, *, onchangeonly: bool = False) -> None:
         self._mon_errors("monitor_mov_to_msr", "mov_to_msr")
         if not (0 <= msr <= 0x1FFF or 0x40000000 <= msr <= 0x40001FFF or 0xC0000000 <= msr <= 0xC0001FFF):

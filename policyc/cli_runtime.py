@@ -1,0 +1,523 @@
+"""The `policyc` commands that touch a guest: run, test, replay, recover.
+
+Guests are named by a scheme:
+
+* ``sim:SCENARIO``: the built-in simulator, in this process: the scenario's
+  guest is built, the policy enforced while the scenario's steps run, then
+  torn down. SCENARIO is a scenario file, or the name of one in
+  examples/scenarios/.
+* ``simhost:SOCKET``: a simulated guest served by another process
+  (``python -m policyc.runtime.sim.host``), which outlives the enforcer: for
+  `recover`, and for watching `run` on a guest that keeps running.
+* ``xen:NAME|DOMID``: a Xen domain (the libxenctrl backend).
+
+Exit codes: 0 clean, 1 a test failed or enforcement went wrong (teardown
+errors), 2 usage errors and inputs that cannot be used (a policy that does
+not compile, a guest the plan cannot be bound to: nothing is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .diagnostics import Diagnostics
+
+__all__ = ["add_runtime_commands"]
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+SCENARIO_SUFFIXES = (".yaml", ".yml")
+BUNDLED_SCENARIOS = Path("examples") / "scenarios"
+
+
+def add_runtime_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="enforce a policy on a guest: bind, install, answer every event, tear down",
+                         description="Enforce a policy on a guest. With --guest sim:SCENARIO the scenario's "
+                                     "simulated guest runs its steps under the policy and each step's outcome "
+                                     "is shown; the guest is torn down to exactly its prior state.")
+    run.add_argument("policy", metavar="POLICY", nargs="?",
+                     help="policy file (default with sim: the scenario's own policy)")
+    run.add_argument("--guest", required=True, metavar="GUEST",
+                     help="sim:SCENARIO, simhost:SOCKET or xen:NAME|DOMID")
+    run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-svm, arm64)")
+    run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
+    run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
+    run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
+    run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
+    run.add_argument("--state-dir", metavar="DIR", help="where install keeps its journal (for `recover`)")
+    run.add_argument("-v", "--verbose", action="store_true", help="show every decision under its step")
+    run.set_defaults(run=_cmd_run)
+
+    test = sub.add_parser("test", help="run scenario files with expect: against their policies (CI)",
+                          description="Run scenario files (YAML with scenario:, steps:, expect:) on the simulator "
+                                      "under their policy and check every expectation. Directories are searched "
+                                      "for scenario files. Exit 1 when an expectation fails.")
+    test.add_argument("paths", nargs="*", metavar="PATH",
+                      help=f"scenario files or directories (default: {BUNDLED_SCENARIOS} if present, else .)")
+    test.add_argument("--policy", metavar="POLICY", help="test this policy instead of each scenario's own")
+    test.add_argument("--format", choices=("text", "json"), default="text")
+    test.add_argument("-v", "--verbose", action="store_true", help="show the decision trace of every step")
+    test.set_defaults(run=_cmd_test)
+
+    rep = sub.add_parser("replay", help="re-decide a recorded request stream with a policy",
+                         description="Re-decide every request of a trace (`policyc run --record`) with a policy: "
+                                     "for forensics, and with --baseline to see which decisions a policy change "
+                                     "alters (exit 1 with --exit-code when any does).")
+    rep.add_argument("trace", metavar="TRACE")
+    rep.add_argument("--policy", required=True, metavar="POLICY")
+    rep.add_argument("--baseline", metavar="POLICY", help="compare with the decisions of this policy")
+    rep.add_argument("--target", metavar="ARCH", help="override the policies' target")
+    rep.add_argument("--log", metavar="FILE", help="write the replayed decision log here ('-' for stdout)")
+    rep.add_argument("--exit-code", action="store_true", help="exit 1 when the baseline's decisions differ")
+    rep.set_defaults(run=_cmd_replay)
+
+    rec = sub.add_parser("recover", help="clean up after an enforcer that was killed outright",
+                         description="Restore a guest from the journal a killed enforcer left: answer or release "
+                                     "paused vCPUs, remove traps, views, breakpoints and monitors, unpause.")
+    rec.add_argument("--guest", required=True, metavar="GUEST", help="simhost:SOCKET or xen:NAME|DOMID")
+    rec.add_argument("--state-dir", metavar="DIR", help="where the enforcer kept its journal")
+    rec.set_defaults(run=_cmd_recover)
+
+
+# --------------------------------------------------------------------------- shared
+
+class _Usage(Exception):
+    """A usage problem: one line, exit 2."""
+
+
+@dataclass
+class _Compiled:
+    plan: dict
+    symbols: list
+
+
+def _compile(policy: str, target: str | None, *, audit: bool = False, command: str) -> _Compiled:
+    from .check import check_policy
+    from .cli import _emit
+    from .lower import compile_plan
+    from .plan import seal
+    from .symbols import SymbolFileError, load_symbol_table
+
+    path = Path(policy)
+    if not path.is_file():
+        raise _Usage(f"no such policy file: {policy}")
+    diagnostics = Diagnostics()
+    model = check_policy(path, diagnostics, target_arch=target)
+    plan = compile_plan(model, diagnostics, target=target) if model is not None else None
+    _emit(diagnostics.sorted(), "text")
+    if plan is None or model is None:
+        raise _Usage(f"{policy} does not compile (see above): nothing was installed")
+    if audit and plan["policy"].get("mode") != "audit":
+        plan = dict(plan)
+        plan["policy"] = {**plan["policy"], "mode": "audit"}
+        plan = seal(plan)
+    try:
+        symbols = [load_symbol_table(s.path) for s in model.symbols]
+    except (OSError, SymbolFileError) as exc:
+        raise _Usage(f"cannot load the policy's symbols: {exc}") from None
+    return _Compiled(plan, symbols)
+
+
+def _guest(spec: str) -> tuple[str, str]:
+    scheme, sep, rest = spec.partition(":")
+    if not sep or not rest or scheme not in ("sim", "simhost", "xen"):
+        raise _Usage(f"--guest {spec}: expected sim:SCENARIO, simhost:SOCKET or xen:NAME|DOMID")
+    if scheme == "xen":
+        raise _Usage(f"--guest {spec}: this build has no Xen backend yet (libxenctrl support is the next "
+                     "milestone); use sim:SCENARIO or simhost:SOCKET")
+    return scheme, rest
+
+
+def _scenario_path(name: str) -> Path:
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (BUNDLED_SCENARIOS / name, BUNDLED_SCENARIOS / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    have = sorted(f.stem for f in BUNDLED_SCENARIOS.glob("*.yaml")) if BUNDLED_SCENARIOS.is_dir() else []
+    hint = f" (bundled: {', '.join(have)})" if have else ""
+    raise _Usage(f"no scenario '{name}'{hint}")
+
+
+def _open_out(target: str | None, default_stream: Any) -> Any:
+    if target is None:
+        return None
+    if target == "-":
+        return default_stream
+    try:
+        return open(target, "a", encoding="utf-8")   # noqa: SIM115 - closed by DecisionLog
+    except OSError as exc:
+        raise _Usage(f"cannot open '{target}': {exc.strerror}") from None
+
+
+def _usage_guard(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except _Usage as exc:
+            print(f"policyc {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return run
+
+
+def _step_label(step: Any) -> str:
+    a = step.args
+    op = step.op
+    if op in ("read", "write", "rmw", "exec"):
+        detail = str(a.get("va"))
+        if op != "exec" and "value" in a:
+            detail += f" = {a['value']:#x}" if isinstance(a["value"], int) else f" = {a['value']}"
+    elif op == "wrmsr":
+        detail = f"{a.get('msr')} = {a['value']:#x}" if isinstance(a.get("value"), int) else f"{a.get('msr')}"
+    elif op == "write_cr":
+        detail = f"{a.get('cr')} = {a.get('value')}"
+    elif op in ("lidt", "lgdt"):
+        detail = str(a.get("base"))
+    elif op == "remap":
+        detail = f"{a.get('va')} -> {a.get('to_pa')}"
+    elif op == "loop":
+        detail = f"x{a.get('count', a.get('times'))}"
+    else:
+        detail = ""
+    return f"{op} {detail}".strip()
+
+
+# --------------------------------------------------------------------------- run
+
+@_usage_guard
+def _cmd_run(args: argparse.Namespace) -> int:
+    scheme, where = _guest(args.guest)
+    if scheme == "sim":
+        return _run_sim(args, _scenario_path(where))
+    return _run_simhost(args, where)
+
+
+def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
+    from .runtime.decision_log import DecisionLog
+    from .runtime.enforce import EnforcerError
+    from .runtime.policy_test import describe_decision, diff_snapshots, run_on_simulator
+    from .runtime.sim.scenario import ScenarioError, load_scenario
+    from .runtime.trace import TraceRecorder
+
+    try:
+        scenario = load_scenario(scenario_path)
+    except ScenarioError as exc:
+        raise _Usage(str(exc)) from None
+    policy = args.policy or scenario.policy
+    if policy is None:
+        raise _Usage(f"{scenario_path} names no policy: give one")
+    compiled = _compile(policy, args.target or scenario.profile, audit=args.audit, command="run")
+    plan = compiled.plan
+    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
+                      plan.get("content_hash", ""))
+    recorder = TraceRecorder(args.record, plan=plan, guest=f"sim:{scenario.name}") if args.record else None
+    out = sys.stdout if args.log != "-" else sys.stderr
+    mode = plan["policy"].get("mode", "enforce")
+    print(f"policy {plan['policy']['name']} ({mode}, {plan['target']['arch']}) on sim:{scenario.name}, "
+          f"{scenario.vcpus} vCPU(s)", file=out)
+
+    def on_step(res: Any, decisions: list) -> None:
+        step = scenario.steps[res.index]
+        deciding = next((d for d in decisions if d.rule), None)
+        if res.took_effect:
+            outcome = "allowed"
+        else:
+            outcome = "DENIED" if deciding is not None and deciding.verdict == "deny" else "refused by the guest"
+        if deciding is not None and deciding.would_deny:
+            outcome = "allowed (would deny)"
+        tail = ""
+        if deciding is not None:
+            msgs = [m for d in decisions for m in d.messages]
+            from .runtime.decision_log import render_template
+            first = next((m for m in msgs), None)
+            tail = f"  {deciding.rule}"
+            if first is not None:
+                tail += f": {first.severity} {render_template(first.template, deciding.event)}"
+        elif res.events == 0:
+            tail = "  (no event)"
+        else:
+            tail = f"  ({res.events} event{'s' * (res.events != 1)}, no rule)"
+        if res.faults and not res.took_effect:
+            tail += f"  [guest {', '.join(f.name for f in res.faults)}]"
+        print(f"  step {res.index:<2} vcpu {res.vcpu}  {_step_label(step):<48} {outcome}{tail}", file=out)
+        if args.verbose:
+            for d in decisions:
+                print("      " + describe_decision(d).replace("\n", "\n      "), file=out)
+            if res.note:
+                print(f"      note: {res.note}", file=out)
+
+    def on_start(enforcer: Any) -> None:
+        bound = enforcer.bound
+        frames = {g for r in plan.get("regions", {}) for g, _f, _l in bound.region_frames(r)}
+        how = {"lstar": "LSTAR", "idt": "the IDT", "given": "the operator"}
+        found = [how[k] for k in ("lstar", "idt", "given") if k in bound.slide_evidence]
+        print(f"bound: slide {bound.slide:#x} found from {' and '.join(found) or 'the guest'}; "
+              f"{len(plan.get('regions', {}))} region(s) on {len(frames)} frame(s), "
+              f"{len(bound.breakpoints)} breakpoint(s), {len(bound.pt_frames)} page-table frame(s) watched",
+              file=out)
+
+    try:
+        run = run_on_simulator(scenario, plan, compiled.symbols, log=log, recorder=recorder, on_start=on_start,
+                               on_step=on_step)
+    except EnforcerError as exc:
+        log.close()
+        raise _Usage(str(exc)) from None
+    log.close()
+    diff = run.teardown_errors + diff_snapshots(run.before, run.after)
+    enf = run.enforcer
+    print(f"teardown: {'the domain is as it was before install' if not diff else 'NOT CLEAN: ' + '; '.join(diff)}"
+          f"; requests {enf.requests}, responses {enf.responses}, decision records {enf.records}", file=out)
+    print(log.summary(), file=out)
+    if args.record:
+        print(f"recorded {recorder.batches if recorder else 0} batch(es) to {args.record}", file=out)
+    return EXIT_OK if not diff and enf.requests == enf.responses else EXIT_PROBLEMS
+
+
+def _run_simhost(args: argparse.Namespace, socket_path: str) -> int:
+    import signal as _signal
+
+    from .runtime.decision_log import DecisionLog, Progress
+    from .runtime.enforce import Enforcer, EnforcerError
+    from .runtime.sim.host import connect
+    from .runtime.trace import TraceRecorder
+
+    if args.policy is None:
+        raise _Usage("give a policy to enforce on a simhost guest")
+    try:
+        host = connect(socket_path)
+    except ConnectionError as exc:
+        raise _Usage(str(exc)) from None
+    arch = host.capabilities().arch
+    compiled = _compile(args.policy, args.target or arch, audit=args.audit, command="run")
+    plan = compiled.plan
+    guest = f"simhost:{socket_path}"
+    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
+                      plan.get("content_hash", ""))
+    recorder = TraceRecorder(args.record, plan=plan, guest=guest) if args.record else None
+    enforcer = Enforcer(plan, host, compiled.symbols, guest=guest, log=log, recorder=recorder,
+                        state_dir=args.state_dir)
+    # Signals arriving before the loop's own handlers are in place must not kill a half-made install.
+    _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
+    try:
+        enforcer.start()
+    except EnforcerError as exc:
+        log.close()
+        raise _Usage(str(exc)) from None
+    except KeyboardInterrupt:
+        return 130
+    print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop",
+          file=sys.stderr, flush=True)
+    status_every = [0]
+
+    def finished() -> bool:
+        status_every[0] += 1
+        if status_every[0] % 50:
+            return False
+        st = host.status()
+        return not st["running"] and not host.unconsumed_requests()
+
+    progress = Progress(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        enforcer.run(finished, wait=0.05, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - teardown already ran (run_with_teardown)
+        print(f"policyc run: stopped by an error after teardown: {exc}", file=sys.stderr)
+        log.close()
+        return EXIT_PROBLEMS
+    log.close()
+    errors = enforcer.installation.teardown_errors if enforcer.installation else []
+    print(log.summary(), file=sys.stderr)
+    c = enforcer.counters()
+    print(f"requests {c['requests']}, responses {c['responses']}, decision records {c['records']}; teardown "
+          f"{'clean' if not errors else 'FAILED: ' + '; '.join(errors)}", file=sys.stderr)
+    return EXIT_OK if not errors else EXIT_PROBLEMS
+
+
+# --------------------------------------------------------------------------- test
+
+@_usage_guard
+def _cmd_test(args: argparse.Namespace) -> int:
+    from .runtime.decision_log import DecisionLog
+    from .runtime.enforce import EnforcerError
+    from .runtime.policy_test import check_expectations, describe_decision, run_on_simulator
+    from .runtime.sim.scenario import ScenarioError, load_scenario
+
+    paths = args.paths or ([str(BUNDLED_SCENARIOS)] if BUNDLED_SCENARIOS.is_dir() else ["."])
+    files = _scenario_files(paths)
+    if not files:
+        raise _Usage(f"no scenario files under {', '.join(paths)}")
+    reports = []
+    failed = 0
+    total = 0
+    for path in files:
+        entry: dict[str, Any] = {"scenario": str(path), "results": []}
+        reports.append(entry)
+        try:
+            scenario = load_scenario(path)
+            policy = args.policy or scenario.policy
+            if policy is None:
+                raise ScenarioError("names no policy (policy:), and none was given with --policy", str(path))
+            entry["policy"] = policy
+            compiled = _compile(policy, scenario.profile, command="test")
+            run = run_on_simulator(scenario, compiled.plan, compiled.symbols,
+                                   log=DecisionLog(None, plan_hash=compiled.plan.get("content_hash", "")))
+            results = check_expectations(run)
+        except (ScenarioError, _Usage, EnforcerError) as exc:
+            entry["error"] = str(exc)
+            failed += 1
+            total += 1
+            continue
+        entry["name"] = scenario.name
+        entry["target"] = compiled.plan["target"]["arch"]
+        for r in results:
+            total += 1
+            failed += not r.passed
+            item: dict[str, Any] = {"expectation": r.label, "passed": r.passed}
+            if r.expectation is not None and r.expectation.line:
+                item["line"] = r.expectation.line
+            if r.detail:
+                item["detail"] = r.detail
+            if (not r.passed or args.verbose) and r.step is not None:
+                res = run.results[r.step]
+                item["trace"] = [describe_decision(d) for d in run.step_decisions(r.step)]
+                item["step"] = {"op": _step_label(scenario.steps[r.step]), "line": res.line,
+                                "verdict": res.verdict, "events": res.events, "note": res.note,
+                                "faults": [f.name for f in res.faults]}
+            entry["results"].append(item)
+    if args.format == "json":
+        print(json.dumps({"scenarios": reports, "expectations": total, "failed": failed}, indent=2))
+    else:
+        _print_test_report(reports, args.verbose)
+        scen_failed = sum(1 for e in reports if "error" in e or any(not r["passed"] for r in e["results"]))
+        print(f"{len(reports)} scenario(s), {total} expectation(s): "
+              + ("all passed" if not failed else f"{failed} failed in {scen_failed} scenario(s)"))
+    return EXIT_OK if not failed else EXIT_PROBLEMS
+
+
+def _print_test_report(reports: list[dict], verbose: bool) -> None:
+    for e in reports:
+        if "error" in e:
+            print(f"ERROR {e['scenario']}: {e['error']}")
+            continue
+        bad = [r for r in e["results"] if not r["passed"]]
+        print(f"{'FAIL' if bad else 'ok  '}  {e['scenario']}: {e['name']} under {e['policy']} ({e['target']})")
+        for r in e["results"]:
+            if r["passed"] and not verbose:
+                continue
+            where = f" (line {r['line']})" if "line" in r else ""
+            print(f"      {'ok  ' if r['passed'] else 'FAIL'}  {r['expectation']}{where}")
+            if not r["passed"] and r.get("detail"):
+                print(f"            {r['detail']}")
+            if "step" in r and (not r["passed"] or verbose):
+                s = r["step"]
+                print(f"            step: {s['op']} (line {s['line']}): {s['verdict']}, {s['events']} event(s)"
+                      + (f", guest {', '.join(s['faults'])}" if s["faults"] else "")
+                      + (f"; {s['note']}" if s["note"] else ""))
+                for t in r.get("trace", []) or ["(no decision: the step caused no event)"]:
+                    print("            " + t.replace("\n", "\n            "))
+
+
+def _scenario_files(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            out += [f for f in sorted(p.rglob("*")) if f.suffix in SCENARIO_SUFFIXES and _is_scenario(f)]
+        else:
+            raise _Usage(f"no such file or directory: {raw}")
+    return list(dict.fromkeys(out))
+
+
+def _is_scenario(path: Path) -> bool:
+    """A scenario file has a top-level `scenario:` key (policies in YAML start with `policy:`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return any(line.startswith("scenario:") for line in f)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+# --------------------------------------------------------------------------- replay
+
+@_usage_guard
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .runtime.decision_log import DecisionLog
+    from .runtime.replay import ReplayError, compare, replay
+    from .runtime.trace import TraceError, read_trace
+
+    try:
+        trace = read_trace(args.trace)
+    except TraceError as exc:
+        raise _Usage(str(exc)) from None
+    target = args.target or trace.capabilities.arch
+    new = _compile(args.policy, target, command="replay")
+    log = DecisionLog(_open_out(args.log, sys.stdout), None, new.plan.get("content_hash", ""))
+    out = sys.stdout if args.log != "-" else sys.stderr
+    try:
+        result = replay(trace, new.plan, new.symbols, log=log)
+        base = None
+        if args.baseline:
+            old = _compile(args.baseline, target, command="replay")
+            base = replay(trace, old.plan, old.symbols)
+    except ReplayError as exc:
+        raise _Usage(str(exc)) from None
+    finally:
+        log.close()
+    print(f"replayed {len(result.decisions)} request(s) from {trace.path} (recorded on {trace.header.get('guest')}, "
+          f"plan {str(trace.header.get('plan_hash'))[:19]}…) with {new.plan['policy']['name']}"
+          + (f"; {result.rebinds} rebind(s) followed" if result.rebinds else ""), file=out)
+    for note in result.notes:
+        print(f"  note: {note}", file=out)
+    print(log.summary(), file=out)
+    if base is None:
+        return EXIT_OK
+    changes = compare(base, result)
+    print(f"against {args.baseline}: {len(changes)} decision(s) differ", file=out)
+    for c in changes[:200]:
+        print("  " + c.describe(), file=out)
+    if len(changes) > 200:
+        print(f"  ... and {len(changes) - 200} more", file=out)
+    return EXIT_PROBLEMS if args.exit_code and changes else EXIT_OK
+
+
+# --------------------------------------------------------------------------- recover
+
+@_usage_guard
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from .runtime.install import recover_guest, state_path_for
+
+    scheme, where = _guest(args.guest)
+    if scheme == "sim":
+        raise _Usage("a sim: guest lives inside the enforcer's process and ends with it: nothing to recover")
+    from .runtime.sim.host import connect
+    try:
+        backend = connect(where)
+    except ConnectionError as exc:
+        raise _Usage(str(exc)) from None
+    guest = args.guest
+    path = state_path_for(guest, args.state_dir)
+    report = recover_guest(backend, guest, args.state_dir)
+    if not report.found:
+        print(f"nothing to recover for {guest}: no journal at {path}")
+        return EXIT_OK
+    print(f"recovered {guest} from {path}:")
+    if report.answered:
+        print(f"  answered {report.answered} request(s) left on the ring")
+    if report.ring_reenabled:
+        print(f"  reset the monitor ring and released vCPU(s) {report.unpaused_vcpus}")
+    for item in report.undone:
+        print(f"  undid {item}")
+    for item in report.cannot:
+        print(f"  cannot: {item}")
+    for err in report.errors:
+        print(f"  ERROR: {err}")
+    print("the guest is as it was before install" if report.clean else
+          f"recovery is incomplete; the journal stays at {path}")
+    return EXIT_OK if report.clean else EXIT_PROBLEMS
