@@ -96,7 +96,8 @@ class _Compiled:
     symbols: list
 
 
-def _compile(policy: str, target: str | None, *, audit: bool = False, command: str) -> _Compiled:
+def _compile(policy: str, target: str | None, *, audit: bool = False, command: str,
+             warnings: bool = True) -> _Compiled:
     from .check import check_policy
     from .cli import _emit
     from .lower import compile_plan
@@ -109,7 +110,9 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     diagnostics = Diagnostics()
     model = check_policy(path, diagnostics, target_arch=target)
     plan = compile_plan(model, diagnostics, target=target) if model is not None else None
-    _emit(diagnostics.sorted(), "text")
+    from .diagnostics import Severity
+    shown = [d for d in diagnostics.sorted() if warnings or d.severity is Severity.ERROR]
+    _emit(shown, "text")
     if plan is None or model is None:
         raise _Usage(f"{policy} does not compile (see above): nothing was installed")
     if audit and plan["policy"].get("mode") != "audit":
@@ -363,7 +366,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
             if policy is None:
                 raise ScenarioError("names no policy (policy:), and none was given with --policy", str(path))
             entry["policy"] = policy
-            compiled = _compile(policy, scenario.profile, command="test")
+            compiled = _compile(policy, scenario.profile, command="test", warnings=False)
             run = run_on_simulator(scenario, compiled.plan, compiled.symbols,
                                    log=DecisionLog(None, plan_hash=compiled.plan.get("content_hash", "")))
             results = check_expectations(run)

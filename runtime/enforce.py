@@ -88,6 +88,7 @@ class Enforcer:
         self.records = 0
         self.rebinds: list[dict[str, Any]] = []
         self.effect_errors: list[str] = []
+        self.pauses = 0                       # domain pauses the policy's `pause` action asked for
         self._pending_rebinds: list[_PendingRebind] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -215,11 +216,18 @@ class Enforcer:
         if not delta:
             return False
         engine.refresh_binding()
-        moved = {name: [hex(g) for g, _f, _l in pieces[1]] for name, pieces in delta.regions.items()}
+        moved = {}
+        for name, (old, new) in delta.regions.items():
+            before, after = {g for g, _f, _l in old}, {g for g, _f, _l in new}
+            moved[name] = {"from": [hex(g) for g in sorted(before - after)],
+                           "to": [hex(g) for g in sorted(after - before)]}
         entry = {"time_ns": time.time_ns(), "gfn": hex(gfn), "offset": offset, "regions": moved,
                  "breakpoints": sorted(delta.breakpoints), "pt_added": [hex(g) for g in sorted(delta.pt_added)]}
         self.rebinds.append(entry)
-        self.log.event("rebind", entry)
+        where = "; ".join(f"{name}: frame(s) {', '.join(m['from'])} -> {', '.join(m['to'])}"
+                          for name, m in sorted(moved.items()))
+        self.log.event("rebind", entry, alert=f"a page-table write moved protected memory: {where or 'breakpoints'}; "
+                                             "the traps moved with it")
         if self.recorder is not None:
             self.recorder.rebind(gfn, offset)
         return True
@@ -251,6 +259,7 @@ class Enforcer:
         inst = self.installation
         assert inst is not None
         if effect.apply(self.backend):            # inject, pause
+            self.pauses += effect.kind == "pause"
             return
         if effect.kind == "relax_access":
             inst.relax_access(effect.gfn, effect.access)

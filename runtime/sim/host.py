@@ -158,6 +158,8 @@ class HostedXen:
             if s.op == "loop":
                 for _ in range(self._runner.loop_count(s)):
                     yield from self._flat(s.body)
+            elif s.op == "parallel":
+                yield from s.body
             else:
                 yield s
 

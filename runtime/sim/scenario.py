@@ -47,7 +47,7 @@ Responder = Callable[[SimulatedXen], None]
 OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "read": (("va",), ("size",)),
     "write": (("va", "value"), ("size", "via")),
-    "exec": (("va",), ()),
+    "exec": (("va",), ("via",)),
     "rmw": (("va",), ("size", "value", "via")),
     "write_cr": (("cr", "value"), ()),
     "wrmsr": (("msr", "value"), ()),
@@ -57,15 +57,16 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sgdt": ((), ()),
     "cpuid": ((), ("leaf", "subleaf")),
     "int3": ((), ("va",)),
-    "guest_request": ((), ()),
+    "guest_request": ((), ("rax", "rbx", "rcx", "rdx")),
     "remap": (("va", "to_pa"), ()),
     "icebp": ((), ()),
     "smc": ((), ()),
     "loop": (("steps",), ("count", "times")),
+    "parallel": (("steps",), ()),
 }
 _COMMON = ("vcpu", "op", "rip", "cr3", "insn_length", "comment", "name")
 _EXPR_KEYS = ("va", "value", "size", "base", "limit", "leaf", "subleaf", "to_pa", "rip", "cr3",
-              "count", "times", "insn_length")
+              "count", "times", "insn_length", "rax", "rbx", "rcx", "rdx")
 LOOP_KEEP_RAW = 4       # iterations of a loop whose raw events are kept
 # How a `write`/`rmw` reaches its target (see `ScenarioRunner._route_write`).
 WRITE_ROUTES = ("auto", "va", "alias")
@@ -408,7 +409,7 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
         raise ScenarioError(f"unknown op '{op}' (one of {', '.join(OPS)})", path, *where)
     required, optional = OPS[op]
     for key in required:
-        if key not in item and not (op == "loop" and key == "steps"):
+        if key not in item and not (op in ("loop", "parallel") and key == "steps"):
             raise ScenarioError(f"op {op} needs '{key}'", path, *pos)
     for key in item:
         if key not in required and key not in optional and key not in _COMMON:
@@ -457,6 +458,20 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
         for s in step.body:
             if "vcpu" not in s.args:
                 s.vcpu = vcpu
+    if op == "parallel":
+        body = item.get("steps")
+        if not isinstance(body, _PList) or not body:
+            raise ScenarioError("parallel: 'steps' must be a non-empty list", path,
+                                *item.value_pos.get("steps", pos))
+        step.body = _steps(body, path, [0])
+        seen: set[int] = set()
+        for s in step.body:
+            if s.op in ("loop", "parallel"):
+                raise ScenarioError(f"parallel runs one operation per vCPU, not a {s.op}", path, s.line, s.col)
+            if s.vcpu in seen:
+                raise ScenarioError(f"parallel: vCPU {s.vcpu} has two operations (one per vCPU)", path,
+                                    s.line, s.col)
+            seen.add(s.vcpu)
     return step
 
 
@@ -477,6 +492,16 @@ def build_scenario(scenario: Scenario, *, profile: str | None = None, **xen_opti
             raise ScenarioError(f"guest.{', guest.'.join(scenario.guest_extra)}: not used by the windows-x86_64 "
                                 "layout", scenario.path)
         kwargs.update(symbols=scenario.symbols, image_base=scenario.kaslr_slide)
+    elif scenario.layout == "linux-arm64":
+        if scenario.symbols is None:
+            raise ScenarioError("the linux-arm64 layout needs guest.symbols (an arm64 System.map)", scenario.path)
+        if scenario.guest_extra:
+            raise ScenarioError(f"guest.{', guest.'.join(scenario.guest_extra)}: not used by the linux-arm64 "
+                                "layout", scenario.path)
+        if (profile or scenario.profile) != "arm64":
+            raise ScenarioError(f"the linux-arm64 layout runs under the arm64 profile, not "
+                                f"{profile or scenario.profile} (add 'profile: arm64' to guest:)", scenario.path)
+        kwargs.update(symbols=scenario.symbols, kaslr_slide=scenario.kaslr_slide)
     try:
         guest = build_guest(scenario.layout, **kwargs)
     except (ValueError, OSError) as exc:
@@ -540,7 +565,7 @@ class ScenarioRunner:
     def start_step(self, step: Step, *, record: bool = False) -> Op:
         """Start one step (not a loop) and return its operation without driving a responder: for a
         workload whose events are answered by an enforcer in another process (runtime/sim/host.py)."""
-        if step.op == "loop":
+        if step.op in ("loop", "parallel"):
             raise ValueError("start_step runs one operation; expand loops first")
         op = self._make_op(step, record=record)
         self.xen.execute(step.vcpu, op)
@@ -553,9 +578,9 @@ class ScenarioRunner:
     def run_step(self, step: Step) -> StepResult:
         if step.op == "loop":
             return self._run_loop(step)
-        op = self._make_op(step, record=True)
-        self._drive(step.vcpu, self.xen.execute(step.vcpu, op))
-        res = self._result(step, op)
+        if step.op == "parallel":
+            return self._run_parallel(step, record=True)
+        res, op = self._run_single(step, record=True)
         if op.kind in ("read", "write", "rmw", "exec") and op.va is not None:
             res.frames = self._frames(step.vcpu, op.va, op.size if op.kind != "exec" else 1)
         return res
@@ -589,12 +614,71 @@ class ScenarioRunner:
         res.paused = step.vcpu in self.xen.paused_vcpus()
         return res
 
+    def _run_parallel(self, step: Step, record: bool) -> StepResult:
+        """Each vCPU starts its operation before any event is answered, as vCPUs run at once: the
+        events meet on the ring and the responder gets them in batches."""
+        ops = []
+        for inner in step.body:
+            op = self._make_op(inner, record=record)
+            ops.append((inner, self.xen.execute(inner.vcpu, op)))
+        for inner, op in ops:
+            self._drive(inner.vcpu, op)
+        res = StepResult(step.index, "parallel", step.vcpu, True, 0, [], [], [], False, False, line=step.line)
+        for inner, op in ops:
+            r = self._result(inner, op)
+            res.events += r.events
+            res.took_effect = res.took_effect and r.took_effect
+            res.livelock = res.livelock or r.livelock
+            res.faults.extend(r.faults)
+            res.requests.extend(r.requests)
+            res.responses.extend(r.responses)
+            res.paused = res.paused or r.paused
+        return res
+
     def _run_inner(self, step: Step, record: bool) -> StepResult:
         if step.op == "loop":
             return self._run_loop(step)
+        if step.op == "parallel":
+            return self._run_parallel(step, record)
+        return self._run_single(step, record)[0]
+
+    def _run_single(self, step: Step, record: bool) -> tuple[StepResult, Op]:
+        pre = self._make_executable(step, record) if step.op == "exec" else None
         op = self._make_op(step, record=record)
         self._drive(step.vcpu, self.xen.execute(step.vcpu, op))
-        return self._result(step, op)
+        res = self._result(step, op)
+        if pre is not None:
+            res.events += pre.events
+            res.requests[:0] = pre.requests
+            res.responses[:0] = pre.responses
+            res.note = "; ".join(n for n in (pre.note, res.note) if n)
+        return res, op
+
+    def _make_executable(self, step: Step, record: bool) -> Op | None:
+        """``exec`` with ``via: auto`` (the default) at a page the guest maps non-executable: the
+        attacker first clears NX in the page's leaf entry, with a store through the direct map as
+        set_memory_x does (a watched page-table frame traps it), then jumps there. ``via: va``
+        fetches as the tables are (the guest's own #PF)."""
+        if step.args.get("via", "auto") == "va":
+            return None
+        g = self.xen.guest
+        if g.direct_map_base is None or not self.xen.capabilities().arch.startswith("x86_64"):
+            return None
+        v = self.xen.vcpu(step.vcpu)
+        va = step.exprs["va"](_Env(self, step.vcpu))
+        try:
+            w = g.walk(v.cr3, va)
+        except TranslationFault:
+            return None
+        if w.executable:
+            return None
+        entry = g.memory.read_u64(w.pte_address)
+        rip = step.exprs["rip"](_Env(self, step.vcpu)) if "rip" in step.exprs else None
+        op = Op("write", step.vcpu, va=g.direct_map_base + w.pte_address, size=8, value=entry & ~(1 << 63),
+                rip=rip, record=record)
+        op.note = f"NX cleared first in the entry mapping {va:#x} (a guest store to {w.pte_address:#x})"
+        self._drive(step.vcpu, self.xen.execute(step.vcpu, op))
+        return op
 
     def _make_op(self, step: Step, record: bool) -> Op:
         env = _Env(self, step.vcpu)
@@ -603,6 +687,9 @@ class ScenarioRunner:
         v = self.xen.vcpu(step.vcpu)
         if "cr3" in e:
             v.cr3 = val("cr3")
+        for gpr in ("rax", "rbx", "rcx", "rdx"):       # a guest_request's arguments
+            if gpr in e:
+                v.gpr[gpr] = val(gpr)
         kw: dict[str, Any] = {"rip": val("rip"), "insn_len": val("insn_length"), "record": record}
         op = step.op
         if op in ("read", "write", "rmw"):
