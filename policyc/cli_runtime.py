@@ -322,8 +322,8 @@ def _run_simhost(args: argparse.Namespace, socket_path: str) -> int:
         status_every[0] += 1
         if status_every[0] % 50:
             return False
-        st = host.status()
-        return not st["running"] and not host.unconsumed_requests()
+        st = host.status()       # the workload ran to its end and nothing waits on the ring
+        return st["started"] and not st["running"] and not host.unconsumed_requests()
 
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
     try:

@@ -109,21 +109,25 @@ class HostedXen:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"iterations": self.iterations, "operations": self.operations, "waiting": self.waiting,
+                    "started": self._thread is not None,
                     "running": self._thread is not None and self._thread.is_alive(),
                     "paused_vcpus": sorted(self._xen.paused_vcpus()), "error": self.error,
                     "responses_consumed": self._xen.responses_consumed}
 
-    def snapshot(self) -> dict[str, Any]:
-        """`state_snapshot` with memory as a digest and registers without rip (the workload moves it)."""
+    def snapshot(self, ignore_registers: tuple[str, ...] = ("rip", "pc")) -> dict[str, Any]:
+        """`state_snapshot` with memory as a digest and registers without `ignore_registers` (the
+        workload's own instructions move rip; its reads load rax)."""
         with self._lock:
             snap = self._xen.state_snapshot(memory=True)
             mem = snap.pop("memory")
             h = hashlib.sha256()
+            zero = bytes(len(next(iter(mem.frames.values()), b"")))
             for gfn in sorted(mem.frames):
-                h.update(gfn.to_bytes(8, "little"))
-                h.update(mem.frames[gfn])
+                if mem.frames[gfn] != zero:      # as MemorySnapshot compares: unpopulated reads as zeros
+                    h.update(gfn.to_bytes(8, "little"))
+                    h.update(mem.frames[gfn])
             snap["memory"] = h.hexdigest()
-            snap["registers"] = tuple(tuple(kv for kv in regs if kv[0] not in ("rip", "pc"))
+            snap["registers"] = tuple(tuple(kv for kv in regs if kv[0] not in ignore_registers)
                                       for regs in snap["registers"])
             return snap
 
