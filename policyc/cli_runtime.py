@@ -170,14 +170,15 @@ def _usage_guard(fn: Any) -> Any:
 
 
 def _step_label(step: Any) -> str:
-    a = step.args
+    a = {k: hex(v) if isinstance(v, int) and not isinstance(v, bool) and k != "vcpu" else v
+         for k, v in step.args.items()}
     op = step.op
     if op in ("read", "write", "rmw", "exec"):
         detail = str(a.get("va"))
         if op != "exec" and "value" in a:
-            detail += f" = {a['value']:#x}" if isinstance(a["value"], int) else f" = {a['value']}"
+            detail += f" = {a['value']}"
     elif op == "wrmsr":
-        detail = f"{a.get('msr')} = {a['value']:#x}" if isinstance(a.get("value"), int) else f"{a.get('msr')}"
+        detail = f"{a.get('msr')} = {a.get('value')}"
     elif op == "write_cr":
         detail = f"{a.get('cr')} = {a.get('value')}"
     elif op in ("lidt", "lgdt"):
@@ -185,7 +186,7 @@ def _step_label(step: Any) -> str:
     elif op == "remap":
         detail = f"{a.get('va')} -> {a.get('to_pa')}"
     elif op == "loop":
-        detail = f"x{a.get('count', a.get('times'))}"
+        detail = f"x{step.args.get('count', step.args.get('times'))}"
     else:
         detail = ""
     return f"{op} {detail}".strip()

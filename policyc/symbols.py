@@ -17,11 +17,12 @@ import json
 import lzma
 import os
 import stat
+import string
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Symbol", "SymbolTable", "SymbolFileError", "TypeInfo", "load_symbol_table"]
+__all__ = ["Symbol", "SymbolTable", "SymbolFileError", "TypeInfo", "PdbIdentity", "load_symbol_table"]
 
 
 class SymbolFileError(Exception):
@@ -47,6 +48,16 @@ class TypeInfo:
     fields: dict[str, tuple[int, str | None]]  # member -> (offset, struct type name when it is one)
 
 
+@dataclass(frozen=True)
+class PdbIdentity:
+    """Which PDB a Windows ISF was made from: the kernel image's CodeView record carries the same
+    GUID and age, which is how binding tells that the guest runs this very build."""
+
+    guid: str  # 32 upper-case hex digits, symbol-server order (Data1 Data2 Data3 Data4)
+    age: int
+    database: str  # e.g. "ntkrnlmp.pdb"
+
+
 @dataclass
 class SymbolTable:
     source: str
@@ -54,6 +65,7 @@ class SymbolTable:
     os: str  # "linux" | "windows"
     symbols: dict[str, Symbol]
     types: dict[str, TypeInfo] = field(default_factory=dict)
+    pdb: PdbIdentity | None = None  # Windows ISF only: metadata.windows.pdb
 
     def lookup(self, name: str) -> Symbol | None:
         return self.symbols.get(name)
@@ -221,4 +233,18 @@ def _load_isf(p: Path, raw: bytes) -> SymbolTable:
                 nested = ftype.get("name") if ftype.get("kind") in ("struct", "union", "class") else None
                 fields[fname] = (fdef["offset"], nested if isinstance(nested, str) else None)
         types[tname] = TypeInfo(tname, size, fields)
-    return SymbolTable(str(p), "isf", os_name, symbols, types)
+    return SymbolTable(str(p), "isf", os_name, symbols, types, _pdb_identity(doc.get("metadata")))
+
+
+def _pdb_identity(metadata: object) -> PdbIdentity | None:
+    """metadata.windows.pdb when it is well formed; None otherwise (the symbols stay usable for
+    checking and compiling, only binding needs it and says so)."""
+    windows = metadata.get("windows") if isinstance(metadata, dict) else None
+    pdb = windows.get("pdb") if isinstance(windows, dict) else None
+    if not isinstance(pdb, dict):
+        return None
+    guid, age, database = pdb.get("GUID"), pdb.get("age"), pdb.get("database", "")
+    if not isinstance(guid, str) or len(guid) != 32 or any(c not in string.hexdigits for c in guid) \
+            or isinstance(age, bool) or not isinstance(age, int) or not 0 <= age < 1 << 32:
+        return None
+    return PdbIdentity(guid.upper(), age, database if isinstance(database, str) else "")

@@ -627,6 +627,12 @@ class DecisionEngine:
         for name in foreign:
             self._handlers[RS[name]] = self._foreign
 
+    def take_pending_rearm(self) -> list[int]:
+        """Pages relaxed for the last event (arm64 relax-and-rearm) and not re-armed yet; the caller
+        re-arms them when the guest goes quiet, since the next event may be long in coming."""
+        pending, self._pending_rearm = self._pending_rearm, []
+        return pending
+
     def refresh_binding(self) -> None:
         """Rebuild the tables that depend on where the guest's pages are (after the binding followed a
         remapped page). Rules keep their state: rate buckets, disarmed."""

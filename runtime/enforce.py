@@ -145,7 +145,7 @@ class Enforcer:
             if backend.wait(wait):
                 self.service()
             else:
-                self._retry_rebinds()
+                self.idle()
             if progress is not None:
                 progress.update(self.log)
             return True
@@ -186,6 +186,18 @@ class Enforcer:
                 self._rebind(gfn, offset)
                 self._pending_rebinds.append(_PendingRebind(gfn, offset))
         return answered
+
+    def idle(self) -> None:
+        """The guest is quiet: re-arm pages relaxed for the last event (arm64), and re-check
+        page-table writes whose store may have landed late."""
+        inst, engine = self.installation, self.engine
+        assert inst is not None and engine is not None
+        for gfn in engine.take_pending_rearm():
+            try:
+                inst.rearm_access(gfn)
+            except Exception as exc:  # noqa: BLE001 - reported, the loop goes on
+                self.effect_errors.append(f"re-arm of {gfn:#x} failed: {exc}")
+        self._retry_rebinds()
 
     # ------------------------------------------------------------------ page-table watch
     def _note_page_table_writes(self, pairs: Sequence[tuple[bytes, Decision]]) -> list[tuple[int, int]]:

@@ -33,11 +33,12 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, GuestMemory, PhysicalAddressError
 
 __all__ = [
+    "AddressSpace",
     "PAGE_4K", "PAGE_2M", "PAGE_1G", "PAGE_SIZES",
     "PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS",
     "PTE_PAT", "PTE_G", "PTE_PAT_LARGE", "PTE_NX", "ADDR_MASK",
@@ -236,7 +237,45 @@ class Mapping:
 
 
 # ----------------------------------------------------------------- the model
-class PageTables:
+class AddressSpace:
+    """What every translation regime offers on top of its own `translate(va)` (x86-64 `PageTables`,
+    AArch64 `paging_arm64.Stage1Tables`): ranges of pieces, and reads and writes through them."""
+
+    memory: Any
+
+    def translate(self, va: int) -> Any:       # pragma: no cover - each regime has its own
+        raise NotImplementedError
+
+    def translate_range(self, va: int, length: int) -> list[tuple[int, int, int]]:
+        """Physical pieces ``(va, pa, length)`` backing ``[va, va+length)``, merged where contiguous;
+        raises like :meth:`translate` at the first byte that does not translate."""
+        pieces: list[tuple[int, int, int]] = []
+        end = va + length
+        while va < end:
+            t = self.translate(va)
+            chunk = min(end - va, t.page_size - (va & (t.page_size - 1)))
+            if pieces and pieces[-1][1] + pieces[-1][2] == t.pa and pieces[-1][0] + pieces[-1][2] == va:
+                pv, pp, pl = pieces[-1]
+                pieces[-1] = (pv, pp, pl + chunk)
+            else:
+                pieces.append((va, t.pa, chunk))
+            va += chunk
+        return pieces
+
+    def read_virtual(self, va: int, length: int) -> bytes:
+        """Read guest memory through this address space, as a hypervisor would (no permission check)."""
+        return b"".join(self.memory.read(pa, n) for _, pa, n in self.translate_range(va, length))
+
+    def write_virtual(self, va: int, data: bytes) -> None:
+        """Write guest memory through this address space, as a hypervisor would (read-only pages
+        included)."""
+        pos = 0
+        for _, pa, n in self.translate_range(va, len(data)):
+            self.memory.write(pa, data[pos:pos + n])
+            pos += n
+
+
+class PageTables(AddressSpace):
     """One address space: a PML4 in guest memory and the tables below it.
 
     Args:
@@ -373,34 +412,6 @@ class PageTables:
         except (PageFault, NonCanonicalAddress):
             return False
         return True
-
-    def translate_range(self, va: int, length: int) -> list[tuple[int, int, int]]:
-        """Physical pieces ``(va, pa, length)`` backing ``[va, va+length)``;
-        raises like :meth:`translate` at the first unmapped byte."""
-        pieces: list[tuple[int, int, int]] = []
-        end = va + length
-        while va < end:
-            t = self.translate(va)
-            chunk = min(end - va, t.page_size - (va & (t.page_size - 1)))
-            if pieces and pieces[-1][1] + pieces[-1][2] == t.pa and pieces[-1][0] + pieces[-1][2] == va:
-                pv, pp, pl = pieces[-1]
-                pieces[-1] = (pv, pp, pl + chunk)
-            else:
-                pieces.append((va, t.pa, chunk))
-            va += chunk
-        return pieces
-
-    def read_virtual(self, va: int, length: int) -> bytes:
-        """Read guest memory through this address space."""
-        return b"".join(self.memory.read(pa, n) for _, pa, n in self.translate_range(va, length))
-
-    def write_virtual(self, va: int, data: bytes) -> None:
-        """Write guest memory through this address space (ignores RW, as a
-        hypervisor-side write would)."""
-        pos = 0
-        for _, pa, n in self.translate_range(va, len(data)):
-            self.memory.write(pa, data[pos:pos + n])
-            pos += n
 
     # ----------------------------------------------------------- enumerating
     def _child_tables(self, table: int, level: Level) -> Iterator[tuple[int, int]]:

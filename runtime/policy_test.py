@@ -101,6 +101,7 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
         try:
             for step in scenario.steps:
                 res = runner.run_step(step)
+                enforcer.idle()          # between steps the guest is quiet (arm64 re-arms here)
                 runner.results.append(res)
                 mine = [by_request[bytes(r)].popleft() for r in res.requests if by_request.get(bytes(r))]
                 decisions[res.index] = mine

@@ -426,8 +426,8 @@ class Guest:
         new._read_u64 = new.memory.read_u64
         new.vcpus = []
         for v in self.vcpus:
-            c = VCpu(v.index)
-            for name in VCpu.__slots__:
+            c = type(v)(v.index)             # an Arm64Guest's vCPUs are Arm64VCpus
+            for name in type(v).__slots__:
                 value = getattr(v, name)
                 setattr(c, name, dict(value) if isinstance(value, dict) else
                         list(value) if isinstance(value, list) else value)

@@ -268,7 +268,20 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
     return g
 
 
-LAYOUTS = {"linux-x86_64": build_linux_x86_64, "bare": build_bare}
+def _build_windows_x86_64(**kwargs) -> Guest:
+    # Imported when used: layout_windows imports parse_size from here.
+    from .layout_windows import build_windows_x86_64
+    return build_windows_x86_64(**kwargs)
+
+
+def _build_linux_arm64(**kwargs) -> Guest:
+    # Imported when used, for the same reason (layout_arm64 imports parse_size from here).
+    from .layout_arm64 import build_linux_arm64
+    return build_linux_arm64(**kwargs)
+
+
+LAYOUTS = {"linux-x86_64": build_linux_x86_64, "windows-x86_64": _build_windows_x86_64,
+           "linux-arm64": _build_linux_arm64, "bare": build_bare}
 
 
 def build_guest(layout: str, **kwargs) -> Guest:

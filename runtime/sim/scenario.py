@@ -531,7 +531,8 @@ class ScenarioRunner:
         """Bytes at ``va`` as vCPU ``vcpu``'s current view shows them (or as they were at the start)."""
         if not initial:
             return self.xen.read_guest(vcpu, va, size)
-        pa = self.xen.guest.walk(self.initial_registers[vcpu]["cr3"], va).pa
+        regs = self.initial_registers[vcpu]
+        pa = self.xen.guest.walk(regs.get("cr3", regs.get("ttbr0")), va).pa    # an arm64 guest walks from TTBR0
         return self.initial_memory.read(pa, size)
 
     def register(self, vcpu: int, name: str, *, initial: bool = False) -> int:

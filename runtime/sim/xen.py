@@ -12,6 +12,13 @@ guest (`policyc.runtime.sim.guest.Guest`) with one of three profiles:
                 guest_request and privileged_call (SMC); no emulation, no
                 DENY, no altp2m, no singlestep.
 
+An AArch64 guest (`guest_arm64.Arm64Guest`, e.g. the ``linux-arm64``
+layout) runs under ``arm64`` only: its accesses translate through its own
+stage-1 tables (TTBR0/TTBR1), a stage-1 fault is the guest's abort before
+stage 2 is consulted, and an SMC in the instruction stream (a planted
+breakpoint) is a privileged call. An x86 guest under ``arm64`` keeps the
+x86 walker (the profile models Xen, the guest the machine).
+
 Semantics follow docs/XEN-SEMANTICS.md (Xen 4.17.7, source-cited) where it
 speaks, and Xen's source (xen-project/xen, RELEASE-4.17.x) elsewhere; the
 places are named in comments as ``[doc §n]`` and ``[xen path]``.
@@ -46,6 +53,7 @@ from ...native import abi
 from ..backend import ACCESS_VALUES, BackendError, Capabilities, InvalidArgument, Unsupported
 from .guest import (CR0, CR4, EFER, GPRS, MSR, MSR_NAMES, Guest, GuestFault, TranslationFault,
                     VCpu)
+from .guest_arm64 import EC_PC_ALIGN, Arm64TranslationFault
 from ..guest_memory import FRAME_MASK, FRAME_SHIFT, FRAME_SIZE
 
 __all__ = ["SimulatedXen", "Op", "PROFILES", "echo_response", "echo_responder",
@@ -201,6 +209,9 @@ INSN_LENGTH = {"read": 4, "write": 4, "rmw": 5, "exec": 1, "write_cr": 3, "wrmsr
                "lidt": 3, "lgdt": 3, "sidt": 3, "sgdt": 3, "cpuid": 2, "int3": 1,
                "guest_request": 3, "icebp": 1, "smc": 4, "remap": 4}
 _NATIVE_KINDS = frozenset({"read", "write", "rmw", "exec", "remap"})  # no VM exit when allowed
+_X86_ONLY = frozenset({"write_cr", "wrmsr", "lidt", "lgdt", "sidt", "sgdt", "cpuid", "int3", "icebp"})
+_MASK64 = (1 << 64) - 1
+_A64_OA = 0x0000_FFFF_FFFF_F000         # output-address bits of an AArch64 descriptor (47:12)
 
 
 # --------------------------------------------------------------------------- operations
@@ -373,6 +384,11 @@ class SimulatedXen:
         self._p = PROFILES[profile]
         self.name = name or f"sim-{profile}"
         self.guest = guest
+        # An AArch64 guest translates with its own stage-1 tables; an x86 guest under the arm64 profile
+        # keeps the x86 walker (the profile models Xen, the guest models the machine).
+        self._a64 = getattr(guest, "arch", None) == "arm64"
+        if self._a64 and self._p.x86:
+            raise ValueError(f"an AArch64 guest runs under the arm64 profile, not {profile}")
         self.crv = control_register_values
         self.access_required = access_required
         self.xen_version = xen_version
@@ -738,6 +754,8 @@ class SimulatedXen:
 
     def get_registers(self, vcpu: int) -> dict[str, int]:
         regs = self._vcpu(vcpu).v.registers()
+        if self._a64:
+            return regs
         if not self._p.x86:
             regs.update(pc=regs["rip"], ttbr0=regs["cr3"], ttbr1=regs["cr3"], cpsr=0x3C5)
         return regs
@@ -745,7 +763,7 @@ class SimulatedXen:
     def set_registers(self, vcpu: int, registers: Mapping[str, int]) -> None:
         v = self._vcpu(vcpu).v
         for name, value in registers.items():
-            if name == "pc":
+            if name == "pc" and not self._a64:
                 name = "rip"
             try:
                 v.set(name, value)
@@ -807,6 +825,8 @@ class SimulatedXen:
     def execute(self, vcpu: int, op: Op) -> Op:
         """Queue `op` on `vcpu` and run the vCPU as far as it can go."""
         s = self._vcpu(vcpu)
+        if self._a64 and op.kind in _X86_ONLY:
+            raise ValueError(f"{op.kind} is an x86 instruction; this guest is AArch64")
         op.vcpu = vcpu
         s.queue.append(op)
         if self._runnable(s) and len(s.queue) == 1:
@@ -859,6 +879,8 @@ class SimulatedXen:
         view), without permission checks or events."""
         s = self._vcpu(vcpu)
         p2m = self._p2m_of_index(view) if view is not None else self._cur(s)
+        if self._a64:
+            return self._read_guest_a64(s, va, size)
         out = bytearray()
         remap = p2m.frame if p2m is not None else None
         while size:
@@ -941,6 +963,8 @@ class SimulatedXen:
 
     def _gfn_of(self, s: _VState, va: int) -> int:
         try:
+            if self._a64:
+                return self.guest.walk_vcpu(s.v, va)[0].pa >> FRAME_SHIFT   # type: ignore[attr-defined]
             return self.guest.walk(s.v.cr3, va).pa >> FRAME_SHIFT
         except TranslationFault:
             return 0xFFFFFFFFFFFFFFFF
@@ -960,6 +984,11 @@ class SimulatedXen:
         if op.rip is None:
             op.rip = op.va if op.kind == "exec" else v.rip
         v.rip = op.rip
+        if self._a64:
+            op.insn_len = 4                     # every A64 instruction is 4 bytes
+            if op.kind == "remap":
+                self._prepare_remap_a64(s, op)
+            return
         if op.kind == "cpuid":
             if op.leaf is not None:
                 v.gpr["rax"] = op.leaf
@@ -1070,6 +1099,8 @@ class SimulatedXen:
         if len(u) != 32:
             u = u.ljust(32, b"\0")
         head = _HDR24.pack(VERSION, flags, reason, s.index, idx) + u
+        if self._a64:
+            return head + _REGS_ARM.pack(v.ttbr0, v.ttbr1, v.tcr, v.rip, v.cpsr) + _ARM_PAD
         if not self._p.x86:
             return head + _REGS_ARM.pack(v.cr3, v.cr3, 0, v.rip, 0x3C5) + _ARM_PAD
         m = v.msrs
@@ -1296,9 +1327,12 @@ class SimulatedXen:
         op.took_effect = False
 
     # ---------------------------------------------------------------- EPT checks
-    def _ept(self, s: _VState, op: Op, gfn: int, need: int, gla: int, offset: int, in_gpt: bool) -> bool:
+    def _ept(self, s: _VState, op: Op, gfn: int, need: int, gla: int, offset: int, in_gpt: bool,
+             report: int | None = None) -> bool:
         """The slow path of a permission check: True when the instruction must
-        stop (event queued, vCPU waiting, domain crashed), False to carry on."""
+        stop (event queued, vCPU waiting, domain crashed), False to carry on.
+        ``report``: the one access kind (R, W or X) the request carries instead
+        of what ``need`` implies (Xen on arm64 reports what the abort was)."""
         p2m = self._cur(s)
         code = p2m.access.get(gfn)
         if code is None:
@@ -1310,7 +1344,7 @@ class SimulatedXen:
             return False
         if code == A_RX2RW and need & W:
             p2m.access[gfn] = A_RW         # flips silently, no event [doc §0.5]
-            return bool(need & ~_ALLOWED[A_RW])  and self._ept(s, op, gfn, need, gla, offset, in_gpt)
+            return bool(need & ~_ALLOWED[A_RW])  and self._ept(s, op, gfn, need, gla, offset, in_gpt, report)
         if self._ring is None:             # no listener [doc §3]
             if self.access_required:
                 self._crash(f"memory access to gfn {gfn:#x} with no vm_event listener")
@@ -1329,6 +1363,8 @@ class SimulatedXen:
             mflags = MA_R
         if need & R and need & W:
             mflags |= MA_R
+        if report is not None:
+            mflags = MA_R if report == R else MA_W if report == W else MA_X
         mflags |= MA_GLA_VALID | (MA_IN_GPT if in_gpt else MA_WITH_GLA)
         rc = self._send(s, op, RS_MEM_ACCESS, _U_MEM.pack(gfn, offset, gla, mflags), sync)
         if rc == 0:
@@ -1388,6 +1424,9 @@ class SimulatedXen:
         return pieces
 
     def _op_data(self, s: _VState, op: Op, need: int) -> None:
+        if self._a64:
+            self._op_data_a64(s, op, need)
+            return
         pieces = self._translate(s, op, op.va, op.size, need)
         if pieces is None:
             return
@@ -1409,7 +1448,9 @@ class SimulatedXen:
             if need == R:
                 if op.size <= 8:
                     v.gpr["rax"] = old
-                op.took_effect = True
+                # A read fed by the monitor (SET_EMUL_READ_DATA) completes, but not with what memory
+                # holds: the read the guest tried did not take effect.
+                op.took_effect = read_data is None
             else:
                 new = (old + op.value) & ((1 << (8 * op.size)) - 1)
                 if write:
@@ -1441,6 +1482,9 @@ class SimulatedXen:
             pos += n
 
     def _op_exec(self, s: _VState, op: Op) -> None:
+        if self._a64:
+            self._op_exec_a64(s, op)
+            return
         pieces = self._translate(s, op, op.va, 1, X)
         if pieces is None:
             return
@@ -1485,6 +1529,141 @@ class SimulatedXen:
         op.size = 8
         op.result = store_at
         op.va = g.direct_map_base + store_at
+
+    # ---------------------------------------------------------------- AArch64 guests
+    # Order of checks for one access, as the hardware and Xen 4.17 on arm64 make them: each stage-1
+    # table read needs stage-2 read permission (a fault there is reported "in the guest page tables"
+    # before anything else); then the guest's own stage-1 fault (a data or instruction abort the guest
+    # takes, which Xen never sees); then the stage-2 check of the access itself. Xen reports a fetch as
+    # X alone and a data access as W when it writes, else R [xen arch/arm/traps.c:1894-1899].
+
+    def _translate_a64(self, s: _VState, op: Op, va: int, size: int, need: int) -> list | None:
+        v = s.v
+        g = self.guest
+        acc, default = self._host.access, self._host.default      # no altp2m on arm64
+        fetch = need == X
+        access = "exec" if fetch else "write" if need & W else "read"
+        report = X if fetch else W if need & W else R
+        pieces = []
+        pos = 0
+        while pos < size:
+            a = (va + pos) & _MASK64
+            try:
+                t, reads = g.walk_vcpu(v, a, access)                   # type: ignore[attr-defined]
+                fault = None
+            except Arm64TranslationFault as exc:
+                t, reads, fault = None, exc.reads, exc
+            for gfn, off in reads:
+                code = acc.get(gfn, default)
+                if not _ALLOWED[code] & R:
+                    if fetch and code in (A_X, A_WX):
+                        # Xen judges the abort by the fetch, which the entry allows: it returns to the
+                        # guest with no event and the walk faults again, forever
+                        # [xen arch/arm/mem_access.c p2m_mem_access_check].
+                        self._livelock(s, op)
+                        return None
+                    if self._ept(s, op, gfn, R, a, off, True, X if fetch else R):
+                        return None
+            if fault is not None:
+                self._abort(s, op, fault.fault)
+                return None
+            assert t is not None
+            gfn = t.pa >> FRAME_SHIFT
+            if need & ~_ALLOWED[acc.get(gfn, default)]:
+                if self._ept(s, op, gfn, need, a, t.pa & FRAME_MASK, False, report):
+                    return None
+            n = min(size - pos, FRAME_SIZE - (a & FRAME_MASK))
+            pieces.append((gfn, t.pa & FRAME_MASK, n, gfn))
+            pos += n
+        return pieces
+
+    def _abort(self, s: _VState, op: Op, fault: GuestFault) -> None:
+        """A synchronous exception the guest takes: FAR_EL1 and ESR_EL1 describe it."""
+        v = s.v
+        v.far = fault.address if fault.address is not None else 0       # type: ignore[union-attr]
+        v.esr = fault.error_code or 0                                   # type: ignore[union-attr]
+        self._fault(s, op, fault)
+
+    def _op_data_a64(self, s: _VState, op: Op, need: int) -> None:
+        pieces = self._translate_a64(s, op, op.va, op.size, need)
+        if pieces is None:
+            return
+        v = s.v
+        width = (1 << (8 * op.size)) - 1
+        if need & R:
+            old = int.from_bytes(b"".join(self.guest.memory.read((g << FRAME_SHIFT) | off, n)
+                                          for g, off, n, _f in pieces), "little")
+            op.result = old
+            if need == R:
+                if op.size <= 8:
+                    v.x[0] = old                                         # type: ignore[union-attr]
+            else:
+                self._store(pieces, ((old + op.value) & width).to_bytes(op.size, "little"), True)
+        else:
+            value = op.value
+            data = bytes(value) if isinstance(value, (bytes, bytearray)) else (value & width).to_bytes(op.size, "little")
+            self._store(pieces, data, True)
+        op.took_effect = True
+        v.rip = (op.rip + 4) & _MASK64
+        self._finish(s, op, native=True)
+
+    def _op_exec_a64(self, s: _VState, op: Op) -> None:
+        v = s.v
+        va = op.va & _MASK64
+        if va & 3:
+            self._abort(s, op, GuestFault(EC_PC_ALIGN, "PC alignment fault", EC_PC_ALIGN << 26 | 1 << 25, va))
+            return
+        pieces = self._translate_a64(s, op, va, 4, X)
+        if pieces is None:
+            return
+        gfn, off, _n, _f = pieces[0]
+        insn = struct.unpack("<I", self.guest.memory.read((gfn << FRAME_SHIFT) | off, 4))[0]
+        op.result = insn
+        if insn & 0xFFE0001F == 0xD4000003:     # SMC #imm16: a planted breakpoint or the guest's own call
+            self._op_smc(s, op)
+            return
+        op.took_effect = True
+        v.rip = (va + 4) & _MASK64
+        self._finish(s, op, native=True)
+
+    def _read_guest_a64(self, s: _VState, va: int, size: int) -> bytes:
+        out = bytearray()
+        while size:
+            t, _reads = self.guest.walk_vcpu(s.v, va)                  # type: ignore[attr-defined]
+            n = min(size, FRAME_SIZE - (va & FRAME_MASK))
+            out += self.guest.memory.read(t.pa, n)
+            va = (va + n) & _MASK64
+            size -= n
+        return bytes(out)
+
+    def _prepare_remap_a64(self, s: _VState, op: Op) -> None:
+        """The rootkit remap on AArch64, as `_prepare_remap` does it on x86: one guest store, through
+        the linear map, to the page descriptor of ``va`` (or, for a block, to the block descriptor,
+        linking a table of smaller pages filled in fresh frames beforehand)."""
+        g = self.guest
+        if g.direct_map_base is None:
+            raise ValueError("remap needs a guest with a linear map")
+        try:
+            t, _reads = g.walk_vcpu(s.v, op.va)                        # type: ignore[attr-defined]
+        except Arm64TranslationFault as exc:
+            raise ValueError(f"remap: {op.va:#x} does not translate ({exc.stage1})") from None
+        tables = s.v.tables(g.memory)                                  # type: ignore[union-attr]
+        store_at = t.descriptor_address
+        original = g.memory.read_u64(store_at)
+        while t.page_size != FRAME_SIZE:
+            tables.split(op.va)
+            t = tables.translate(op.va)
+        new_leaf = (t.descriptor & ~_A64_OA) | (op.to_pa & _A64_OA)
+        if store_at == t.descriptor_address:
+            new = new_leaf
+        else:
+            g.memory.write_u64(t.descriptor_address, new_leaf)   # in the new, still unlinked, table
+            new = g.memory.read_u64(store_at)
+            g.memory.write_u64(store_at, original)               # unlinked again: the guest's store links it
+        op.value = new
+        op.size = 8
+        op.result = store_at
+        op.va = (g.direct_map_base + store_at) & _MASK64
 
     # ---------------------------------------------------------------- emulation
     def _emulate(self, s: _VState, op: Op, eflags: int, data: bytes | None) -> None:
@@ -1599,7 +1778,10 @@ class SimulatedXen:
         v = s.v
 
         def finish(rc: int = 0) -> None:
-            v.gpr["rax"] = 0
+            if self._a64:
+                v.x[0] = 0                      # the hypercall's return value (HVC returns in x0)
+            else:
+                v.gpr["rax"] = 0
             v.rip = op.rip + op.insn_len
             op.took_effect = True
             self._finish(s, op, native=False)
