@@ -36,6 +36,7 @@ landed yet is still followed, one batch later.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -89,6 +90,8 @@ class Enforcer:
         self.rebinds: list[dict[str, Any]] = []
         self.effect_errors: list[str] = []
         self.pauses = 0                       # domain pauses the policy's `pause` action asked for
+        self.unlogged = 0                     # decisions answered while the log could not be written
+        self.log_error: str | None = None
         self._pending_rebinds: list[_PendingRebind] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -176,7 +179,16 @@ class Enforcer:
             pt_writes = self._note_page_table_writes(pairs)
             if self.observer is not None:
                 self.observer(pairs, reqs)
-            self.records += self.log.write_batch(pairs)
+            try:
+                self.records += self.log.write_batch(pairs)
+            except (OSError, ValueError) as exc:
+                # A log that cannot be written must not leave vCPUs paused nor lift the protection:
+                # the batch is answered and enforcing goes on; the loss is counted and said once.
+                self.unlogged += len(pairs)
+                if self.log_error is None:
+                    self.log_error = str(exc)
+                    print(f"policyc: the decision log cannot be written ({exc}); enforcing goes on, "
+                          "decisions are counted but not recorded", file=sys.stderr, flush=True)
             self._effects(pairs, BEFORE)
             inst.put_responses([rsp for rsp, _ in pairs])
             self.responses += len(pairs)
@@ -291,4 +303,4 @@ class Enforcer:
 
     def counters(self) -> dict[str, int]:
         return {"requests": self.requests, "responses": self.responses, "records": self.records,
-                "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors)}
+                "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged}

@@ -335,3 +335,20 @@ def test_a_storm_of_mixed_traps_on_8_vcpus_answers_every_request(tmp_path):
     stats = log.stats
     assert stats.verdicts["deny"] == 4 * count and stats.collateral == count
     assert diff_snapshots(run.before, run.after) == []
+
+
+def test_a_decision_log_that_fails_does_not_leave_vcpus_paused(tmp_path):
+    class Full(io.StringIO):
+        def write(self, s):
+            raise OSError(28, "No space left on device")
+
+    plan, symbols = compiled(KERNEL_INTEGRITY)
+    scenario = load_scenario(SCENARIOS / "rootkit-hooks-syscall-table.yaml")
+    err = io.StringIO()
+    with redirect_stderr(err):
+        run = run_on_simulator(scenario, plan, symbols, log=DecisionLog(Full(), plan_hash="x"))
+    enf = run.enforcer
+    assert enf.requests == enf.responses == enf.unlogged == 4 and enf.records == 0
+    assert [r.verdict for r in run.results[:3]] == ["deny"] * 3        # still enforced
+    assert run.xen.paused_vcpus() == frozenset()
+    assert err.getvalue().count("cannot be written") == 1
