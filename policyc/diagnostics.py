@@ -83,6 +83,11 @@ class Diagnostics:
     """A collector. Stages append; the driver decides when to stop."""
 
     items: list[Diagnostic] = field(default_factory=list)
+    # Membership for `add`'s dedupe: a list scan made a plan with 100,000 collateral notes quadratic.
+    _seen: set[Diagnostic] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._seen.update(self.items)
 
     def error(self, code: str, span: Span | None, message: str, hint: str | None = None) -> None:
         self.add(Diagnostic(code, Severity.ERROR, span, message, hint))
@@ -96,7 +101,8 @@ class Diagnostics:
     def add(self, diagnostic: Diagnostic) -> None:
         if diagnostic.code not in CODES:
             raise KeyError(f"unregistered diagnostic code {diagnostic.code}")
-        if diagnostic not in self.items:
+        if diagnostic not in self._seen:
+            self._seen.add(diagnostic)
             self.items.append(diagnostic)
 
     def extend(self, other: Iterable[Diagnostic]) -> None:
