@@ -1000,9 +1000,10 @@ def _arm64_percpu_bases(binder: "_Binder", need: bool) -> list[int]:
     return bases
 
 
-def _bind_arm64(plan: Mapping[str, Any], backend: Any, tables: list[SymbolTable], *, slide: int | None,
-                check_symbols: bool) -> BoundPlan:
-    arch = "arm64"
+def _check_host_and_symbols(plan: Mapping[str, Any], backend: Any, tables: Sequence[SymbolTable], *, arch: str,
+                            check_symbols: bool) -> Any:
+    """The host's capabilities, after refusing a host of another architecture and (``check_symbols``)
+    symbol tables other than those the plan was compiled against."""
     caps = backend.capabilities()
     if caps.arch != arch:
         raise BindError(BindFailure(None, None, f"the plan is for {arch} but the host is {caps.arch}"))
@@ -1010,6 +1011,30 @@ def _bind_arm64(plan: Mapping[str, Any], backend: Any, tables: list[SymbolTable]
         failures = _check_symbols(plan, tables)
         if failures:
             raise BindError(failures)
+    return caps
+
+
+def _needs_percpu(plan: Mapping[str, Any]) -> bool:
+    return any(e.get("percpu") for r in (plan.get("regions") or {}).values() for e in r.get("extents", ()))
+
+
+def _bind_all(binder: "_Binder", evidence: dict[str, Any]) -> BoundPlan:
+    """The bound plan, once ``binder`` has its table root, slide and per-CPU bases: regions and
+    breakpoints fail together, so that one BindError lists every failure."""
+    extents, failures = binder.bind_regions()
+    breakpoints, bp_entries, bp_failures = binder.bind_breakpoints()
+    if failures or bp_failures:
+        raise BindError(failures + bp_failures)
+    views, pt_entries = binder.bind_views(extents, bp_entries)
+    return BoundPlan(binder.plan, arch=binder.arch, slide=binder.slide, cr3=binder.cr3,
+                     percpu_bases=binder.percpu_bases, extents=extents, views=views, breakpoints=breakpoints,
+                     pt_entries=pt_entries, bp_entries=bp_entries, notes=binder.notes, slide_evidence=evidence)
+
+
+def _bind_arm64(plan: Mapping[str, Any], backend: Any, tables: list[SymbolTable], *, slide: int | None,
+                check_symbols: bool) -> BoundPlan:
+    arch = "arm64"
+    caps = _check_host_and_symbols(plan, backend, tables, arch=arch, check_symbols=check_symbols)
     regs = [backend.get_registers(i) for i in range(caps.vcpus)]
     _check_arm64_regs(regs)
     evidence: dict[str, Any] = {}
@@ -1038,16 +1063,8 @@ def _bind_arm64(plan: Mapping[str, Any], backend: Any, tables: list[SymbolTable]
     binder.regs = regs
     binder.slide = slide
     binder.notes.extend(notes)
-    needs_percpu = any(e.get("percpu") for r in (plan.get("regions") or {}).values() for e in r.get("extents", ()))
-    binder.percpu_bases = _arm64_percpu_bases(binder, needs_percpu)
-    extents, failures = binder.bind_regions()
-    breakpoints, bp_entries, bp_failures = binder.bind_breakpoints()
-    if failures or bp_failures:
-        raise BindError(failures + bp_failures)
-    views, pt_entries = binder.bind_views(extents, bp_entries)
-    return BoundPlan(plan, arch=arch, slide=slide, cr3=root, percpu_bases=binder.percpu_bases,
-                     extents=extents, views=views, breakpoints=breakpoints, pt_entries=pt_entries,
-                     bp_entries=bp_entries, notes=binder.notes, slide_evidence=evidence)
+    binder.percpu_bases = _arm64_percpu_bases(binder, _needs_percpu(plan))
+    return _bind_all(binder, evidence)
 
 
 # --------------------------------------------------------------------------- the binder
@@ -1230,13 +1247,7 @@ def bind_plan(plan: Mapping[str, Any], backend: Any, symbols: SymbolTable | Sequ
         return _bind_arm64(plan, backend, tables, slide=slide, check_symbols=check_symbols)
     if not arch.startswith("x86_64"):
         raise BindError(BindFailure(None, None, f"binding {arch} guests is not implemented"))
-    caps = backend.capabilities()
-    if caps.arch != arch:
-        raise BindError(BindFailure(None, None, f"the plan is for {arch} but the host is {caps.arch}"))
-    if check_symbols:
-        failures = _check_symbols(plan, tables)
-        if failures:
-            raise BindError(failures)
+    _check_host_and_symbols(plan, backend, tables, arch=arch, check_symbols=check_symbols)
     regs0 = backend.get_registers(0)
     cr3 = regs0["cr3"]
     binder = _Binder(plan, backend, arch=arch, cr3=cr3, tables=tables)
@@ -1271,13 +1282,5 @@ def bind_plan(plan: Mapping[str, Any], backend: Any, symbols: SymbolTable | Sequ
                 binder.space = _Space(backend, cr3)
                 binder.cr3 = cr3
             break
-    needs_percpu = any(e.get("percpu") for r in (plan.get("regions") or {}).values() for e in r.get("extents", ()))
-    binder.find_percpu_bases(needs_percpu)
-    extents, failures = binder.bind_regions()
-    breakpoints, bp_entries, bp_failures = binder.bind_breakpoints()
-    if failures or bp_failures:
-        raise BindError(failures + bp_failures)
-    views, pt_entries = binder.bind_views(extents, bp_entries)
-    return BoundPlan(plan, arch=arch, slide=binder.slide, cr3=cr3, percpu_bases=binder.percpu_bases,
-                     extents=extents, views=views, breakpoints=breakpoints, pt_entries=pt_entries,
-                     bp_entries=bp_entries, notes=binder.notes, slide_evidence=evidence)
+    binder.find_percpu_bases(_needs_percpu(plan))
+    return _bind_all(binder, evidence)

@@ -331,6 +331,11 @@ class DecisionLog:
         alerts: list[str] = []
         dumps = _ENCODE
         n = 0
+        if self._log is None and self._alerts is None:      # counting only: no record to render
+            for d in decisions:
+                self.stats.add(d)
+                n += 1
+            return n
         for d in decisions:
             rec = self.record(d)
             self.stats.add(d)

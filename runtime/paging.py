@@ -134,9 +134,11 @@ class PageFault(PagingError):
         self.entry_address = entry_address
         self.entry = entry
         self.reason = reason
-        super().__init__(
-            f"page fault at {va:#x}: {level.entry_name} at {entry_address:#x} = {entry:#018x}: {reason}"
-        )
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (f"page fault at {self.va:#x}: {self.level.entry_name} at {self.entry_address:#x} = "
+                f"{self.entry:#018x}: {self.reason}")
 
 
 class PageNotPresent(PageFault):
@@ -239,11 +241,23 @@ class Mapping:
 # ----------------------------------------------------------------- the model
 class AddressSpace:
     """What every translation regime offers on top of its own `translate(va)` (x86-64 `PageTables`,
-    AArch64 `paging_arm64.Stage1Tables`): ranges of pieces, and reads and writes through them."""
+    AArch64 `paging_arm64.Stage1Tables`): ranges of pieces, and reads and writes through them; and
+    on top of its own leaf decoding (`_leaves_in`), unmapping."""
 
     memory: Any
 
     def translate(self, va: int) -> Any:       # pragma: no cover - each regime has its own
+        raise NotImplementedError
+
+    def _check_range(self, va: int, size: int, page_size: int, what: str) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _leaves_in(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:  # pragma: no cover
+        """(entry address, page base va, page size) of the present leaves touching ``[start, end)``."""
+        raise NotImplementedError
+
+    def _leaf_name(self, size: int) -> str:     # pragma: no cover
+        """What a leaf of ``size`` bytes is called in this regime's messages ("2 MiB page")."""
         raise NotImplementedError
 
     def translate_range(self, va: int, length: int) -> list[tuple[int, int, int]]:
@@ -273,6 +287,23 @@ class AddressSpace:
         for _, pa, n in self.translate_range(va, len(data)):
             self.memory.write(pa, data[pos:pos + n])
             pos += n
+
+    def unmap(self, va: int, size: int) -> int:
+        """Clear every leaf entry (page, large page or block) in ``[va, va+size)``; holes are skipped.
+
+        ``va`` and ``size`` must be 4 KiB aligned; a large page or block that the range only partly
+        covers raises :class:`MappingConflict` (:meth:`split` it first) and nothing is changed. Tables
+        are kept. Returns the number of leaf entries cleared.
+        """
+        self._check_range(va, size, PAGE_4K, "unmap")
+        leaves = list(self._leaves_in(va, va + size))
+        for _, base, page in leaves:
+            if base < va or base + page > va + size:
+                raise MappingConflict(f"unmap [{va:#x}, {va + size:#x}) covers only part of the "
+                                      f"{self._leaf_name(page)} at {base:#x}; split() it first")
+        for addr, _, _ in leaves:
+            self.memory.write_u64(addr, 0)
+        return len(leaves)
 
 
 class PageTables(AddressSpace):
@@ -581,24 +612,8 @@ class PageTables(AddressSpace):
             self.memory.write_u64(addr, (pa + i * page_size) | flags)
         return count
 
-    def unmap(self, va: int, size: int) -> int:
-        """Clear every leaf entry in ``[va, va+size)`` (holes are skipped).
-
-        ``va`` and ``size`` must be 4 KiB aligned; a large page that the
-        range only partly covers raises :class:`MappingConflict` (use
-        :meth:`split` first) and nothing is changed.  Paging-structure pages
-        are kept.  Returns the number of leaf entries cleared.
-        """
-        self._check_range(va, size, PAGE_4K, "unmap")
-        leaves = list(self._leaves_in(va, va + size))
-        for addr, base, page in leaves:
-            if base < va or base + page > va + size:
-                raise MappingConflict(
-                    f"unmap [{va:#x}, {va + size:#x}) covers only part of the {_size_name(page)} page "
-                    f"at {base:#x}; split() it first")
-        for addr, _, _ in leaves:
-            self.memory.write_u64(addr, 0)
-        return len(leaves)
+    def _leaf_name(self, size: int) -> str:
+        return f"{_size_name(size)} page"
 
     def _leaves_in(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         """(entry address, page base va, page size) for present leaves

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, PhysicalAddressError
-from .paging import AddressSpace, AlignmentError, MappingConflict, PageFault, PagingError
+from .paging import AddressSpace, AlignmentError, MappingConflict, PageFault
 
 __all__ = [
     "PAGE_4K", "BLOCK_2M", "BLOCK_1G", "PAGE_SIZES",
@@ -189,15 +189,13 @@ class Stage1Fault(PageFault):
 
     def __init__(self, va: int, level: Level, entry_address: int, entry: int, reason: str, *,
                  steps: tuple["WalkStep", ...] = (), access: str | None = None) -> None:
-        self.va = va
-        self.level = level
-        self.entry_address = entry_address
-        self.entry = entry
-        self.reason = reason
         self.steps = steps
         self.access = access
-        PagingError.__init__(self, f"{self.kind} fault, level {int(level)}, at {va:#x}: {level.entry_name} at "
-                                   f"{entry_address:#x} = {entry:#018x}: {reason}")
+        super().__init__(va, level, entry_address, entry, reason)  # type: ignore[arg-type]
+
+    def _message(self) -> str:
+        return (f"{self.kind} fault, level {int(self.level)}, at {self.va:#x}: {self.level.entry_name} at "
+                f"{self.entry_address:#x} = {self.entry:#018x}: {self.reason}")
 
     @property
     def fsc(self) -> int:
@@ -710,19 +708,8 @@ class Stage1Tables(AddressSpace):
                 yield last.entry_address, base, span
             cur = base + span
 
-    def unmap(self, va: int, size: int) -> int:
-        """Invalidate every leaf in ``[va, va+size)`` (4 KiB aligned; holes skipped). A block the range
-        only partly covers raises MappingConflict (split it first) and nothing changes. Tables are kept.
-        Returns the number of descriptors invalidated."""
-        self._check_range(va, size, PAGE_4K, "unmap")
-        leaves = list(self._leaves_in(va, va + size))
-        for _addr, base, page in leaves:
-            if base < va or base + page > va + size:
-                raise MappingConflict(f"unmap [{va:#x}, {va + size:#x}) covers only part of the "
-                                      f"{_size_name(page)} at {base:#x}; split() it first")
-        for addr, _, _ in leaves:
-            self.memory.write_u64(addr, 0)
-        return len(leaves)
+    def _leaf_name(self, size: int) -> str:
+        return _size_name(size)
 
     def split(self, va: int) -> int:
         """Replace the block mapping ``va`` by a table of 512 smaller blocks or pages with the same

@@ -22,6 +22,8 @@ from policyc.runtime.sim import Guest, SimulatedXen, build_linux_x86_64
 from policyc.runtime.sim.layouts import CPU_ENTRY_AREA_IDT
 from policyc.symbols import load_symbol_table
 
+from helpers import expected_frames
+
 ROOT = Path(__file__).resolve().parents[1]
 MAP = ROOT / "examples" / "policies" / "linux-6.1.System.map"
 PLANS = ROOT / "tests" / "golden" / "plans"
@@ -50,19 +52,6 @@ def plan(name: str = "linux-kernel-integrity.x86_64.plan.json") -> dict:
 @pytest.fixture(scope="module")
 def symbols():
     return load_symbol_table(MAP)
-
-
-def expected_frames(xen: SimulatedXen, va: int, size: int) -> list[tuple[int, int, int]]:
-    """(gfn, first, last) per page of [va, va+size), by the simulated hardware's walker."""
-    out = []
-    cr3 = xen.vcpu(0).cr3
-    end = va + size
-    while va < end:
-        n = min(end - va, PAGE - (va & (PAGE - 1)))
-        pa = xen.guest.walk(cr3, va).pa
-        out.append((pa >> 12, pa & 0xFFF, (pa & 0xFFF) + n - 1))
-        va += n
-    return out
 
 
 def merged(pieces):

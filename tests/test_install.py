@@ -75,30 +75,7 @@ def symbols():
 def guest_snapshot(xen: SimulatedXen, *, guest_state: bool = True) -> dict[str, Any]:
     """Everything install may touch. `guest_state=False` leaves out memory and registers (for tests
     where the guest itself ran and changed them)."""
-    frames = tuple(xen.populated_frames())
-    access = {}
-    for view in range(max(xen.capabilities().max_views, 1)):
-        try:
-            xen.get_access(view, frames[0])
-        except BackendError:
-            continue
-        access[view] = tuple(xen.get_access(view, g) for g in frames)
-    nv = xen.capabilities().vcpus
-    snap = {
-        "frames": frames,
-        "access": access,
-        "altp2m": xen._altp2m,            # the Backend has no getter for it (a reported gap)
-        "views": tuple(xen.current_view(i) for i in range(nv)),
-        "single_step": tuple(xen.single_stepping(i) for i in range(nv)),
-        "monitors": json.dumps(xen.monitors(), sort_keys=True, default=str),
-        "paused": xen.paused_vcpus(),
-        "ring": xen.unconsumed_requests(),
-        "crashed": xen.crashed,
-    }
-    if guest_state:
-        snap["memory"] = xen.guest.memory.snapshot()
-        snap["registers"] = tuple(tuple(sorted(xen.get_registers(i).items())) for i in range(nv))
-    return snap
+    return xen.state_snapshot(memory=guest_state)
 
 
 def assert_same(before: dict, after: dict) -> None:

@@ -21,7 +21,6 @@ import pytest
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
 from policyc.lower import compile_plan
-from policyc.runtime.backend import BackendError
 from policyc.runtime.bind import BindError, bind_plan
 from policyc.runtime.install import install
 from policyc.runtime.paging import PageTables
@@ -32,6 +31,8 @@ from policyc.runtime.sim.layout_windows import (CSTAR_RVA, IDT_STUB_RVA, KI_SERV
                                                 build_windows_x86_64)
 from policyc.runtime.sim.scenario import ScenarioError, build_scenario, load_scenario, load_scenario_text
 from policyc.symbols import load_symbol_table
+
+from helpers import expected_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "examples" / "policies"
@@ -101,19 +102,6 @@ def policy_copy(tmp_path: Path, isf: Path) -> Path:
     assert isf.parent == tmp_path and isf.name == ISF.name
     (tmp_path / POLICY.name).write_text(POLICY.read_text())
     return tmp_path / POLICY.name
-
-
-def walk_frames(xen: SimulatedXen, va: int, size: int) -> list[tuple[int, int, int]]:
-    """(gfn, first, last) per page of [va, va+size), by the simulated hardware's walker."""
-    out = []
-    cr3 = xen.vcpu(0).cr3
-    end = va + size
-    while va < end:
-        n = min(end - va, PAGE - (va & (PAGE - 1)))
-        pa = xen.guest.walk(cr3, va).pa
-        out.append((pa >> 12, pa & 0xFFF, (pa & 0xFFF) + n - 1))
-        va += n
-    return out
 
 
 def read(xen_or_guest: Any, va: int, size: int) -> bytes:
@@ -382,9 +370,15 @@ DRIVER_VA, DRIVER_PA = 0xFFFFF8031A000000, 0x4000000
 EVIL_GUID = "0123456789ABCDEF0123456789ABCDEF"
 
 
-def test_lstar_into_another_image_is_a_hook(symbols):
+def mk_with_evil_driver() -> SimulatedXen:
+    """The guest with a second PE image loaded (evil.pdb, not ntoskrnl) for hooks to point into."""
     xen = mk()
     _plant_pe(xen, DRIVER_VA, DRIVER_PA, guid=EVIL_GUID, age=3, name=b"evil.pdb")
+    return xen
+
+
+def test_lstar_into_another_image_is_a_hook(symbols):
+    xen = mk_with_evil_driver()
     xen.vcpu(0).msrs[LSTAR] = DRIVER_VA + 0x1800
     with pytest.raises(BindError) as e:
         bind_plan(plan(), xen, symbols)
@@ -402,8 +396,7 @@ def test_lstar_into_pool_is_a_hook(symbols):
 
 
 def test_idt_gate_into_another_image_is_a_hook(symbols):
-    xen = mk()
-    _plant_pe(xen, DRIVER_VA, DRIVER_PA, guid=EVIL_GUID, age=3, name=b"evil.pdb")
+    xen = mk_with_evil_driver()
     v = xen.vcpu(0)
     h = DRIVER_VA + 0x1100
     gate = struct.pack("<HHBBHII", h & 0xFFFF, 0x10, 0, 0x8E, h >> 16 & 0xFFFF, h >> 32, 0)
@@ -413,8 +406,7 @@ def test_idt_gate_into_another_image_is_a_hook(symbols):
 
 
 def test_everything_in_a_foreign_image_finds_no_ntoskrnl(symbols):
-    xen = mk()
-    _plant_pe(xen, DRIVER_VA, DRIVER_PA, guid=EVIL_GUID, age=3, name=b"evil.pdb")
+    xen = mk_with_evil_driver()
     v = xen.vcpu(0)
     v.msrs[LSTAR] = DRIVER_VA + 0x1800
     v.idtr_base = NONPAGED_POOL_VA + 0x7FF000          # unmapped: no gates to read
@@ -471,11 +463,11 @@ def test_every_region_of_the_windows_plan_translates_to_the_hardware_walks_frame
     bound = bind_plan(p, xen, symbols)
     g = xen.guest
     expected = {
-        "service_descriptors": walk_frames(xen, g.symbols["KeServiceDescriptorTable"], 32)
-        + walk_frames(xen, g.symbols["KeServiceDescriptorTableShadow"], 64),
-        "loaded_modules_head": walk_frames(xen, g.symbols["PsLoadedModuleList"], 16),
+        "service_descriptors": expected_frames(xen, g.symbols["KeServiceDescriptorTable"], 32)
+        + expected_frames(xen, g.symbols["KeServiceDescriptorTableShadow"], 64),
+        "loaded_modules_head": expected_frames(xen, g.symbols["PsLoadedModuleList"], 16),
         "descriptor_tables": [f for v in g.vcpus for base in (v.idtr_base, v.gdtr_base)
-                              for f in walk_frames(xen, base, 4096)],
+                              for f in expected_frames(xen, base, 4096)],
         "ki_service_table": [], "hal_dispatch": [],       # optional symbols the ISF does not have
     }
     assert set(p["regions"]) == set(expected)
@@ -501,35 +493,9 @@ def test_golden_windows_plan_binds_the_same(symbols):
 
 # =========================================================================== install + teardown
 
-def guest_snapshot(xen: SimulatedXen) -> dict[str, Any]:
-    """Everything install may touch: memory, per-view access of every frame, altp2m and views,
-    vCPU registers, monitors, paused vCPUs and the ring."""
-    frames = tuple(xen.populated_frames())
-    access = {}
-    for view in range(max(xen.capabilities().max_views, 1)):
-        try:
-            xen.get_access(view, frames[0])
-        except BackendError:
-            continue
-        access[view] = tuple(xen.get_access(view, g) for g in frames)
-    nv = xen.capabilities().vcpus
-    return {
-        "frames": frames,
-        "access": access,
-        "altp2m": xen.altp2m_get_state(),
-        "views": tuple(xen.current_view(i) for i in range(nv)),
-        "single_step": tuple(xen.single_stepping(i) for i in range(nv)),
-        "monitors": json.dumps(xen.monitors(), sort_keys=True, default=str),
-        "paused": xen.paused_vcpus(),
-        "ring": xen.unconsumed_requests(),
-        "memory": xen.guest.memory.snapshot(),
-        "registers": tuple(tuple(sorted(xen.get_registers(i).items())) for i in range(nv)),
-    }
-
-
 def test_install_then_teardown_leaves_the_windows_guest_as_it_was(symbols, tmp_path):
     xen = mk()
-    before = guest_snapshot(xen)
+    before = xen.state_snapshot(memory=True)
     bound = bind_plan(plan(), xen, symbols)
     inst = install(bound, xen, state_dir=tmp_path)
     g = xen.guest
@@ -541,7 +507,7 @@ def test_install_then_teardown_leaves_the_windows_guest_as_it_was(symbols, tmp_p
     assert set(xen.monitors()) >= {"write_ctrlreg", "mov_to_msr", "descriptor_access"}
     inst.teardown()
     inst.teardown()                                               # idempotent
-    after = guest_snapshot(xen)
+    after = xen.state_snapshot(memory=True)
     differing = [k for k in before if before[k] != after[k]]
     assert not differing, differing
     assert not list(tmp_path.iterdir())

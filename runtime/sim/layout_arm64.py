@@ -62,6 +62,7 @@ from ..guest_memory import FRAME_SHIFT
 from ..paging_arm64 import (BLOCK_2M, DESC_DBM, LINUX_TCR_48, PAGE_4K, SCTLR_M, TABLE_PXN, TABLE_UXN,
                             Stage1Tables)
 from .guest_arm64 import CPSR_EL1H, GUEST_RAM0_BASE, Arm64Guest
+from .layouts import _down, _up, page_runs, parse_size
 
 __all__ = ["build_linux_arm64", "PAGE_OFFSET", "KIMAGE_REGION", "ARM64_NOP", "IMAGE_MAGIC", "SLIDE_ALIGN",
            "image_header", "SYSCALL_NUMBERS", "NR_SYSCALLS"]
@@ -85,14 +86,6 @@ SYSCALL_NUMBERS = {"__arm64_sys_init_module": 105, "__arm64_sys_ptrace": 117, "_
 NR_SYSCALLS = 451
 
 
-def _up(x: int, a: int) -> int:
-    return (x + a - 1) & ~(a - 1)
-
-
-def _down(x: int, a: int) -> int:
-    return x & ~(a - 1)
-
-
 def image_header(image_size: int) -> bytes:
     """The 64-byte arm64 Image header of Documentation/arm64/booting.rst as 6.1 emits it. code1, the
     branch to ``primary_entry``, is left 0: that symbol's address is not in the trimmed map."""
@@ -103,26 +96,13 @@ def _map_segment(pt: Stage1Tables, va: int, pa: int, size: int, *, writable: boo
                  blocks: bool, table_flags: int) -> None:
     """Map one segment with 2 MiB blocks where VA, PA and the segment allow, 4 KiB pages elsewhere."""
     extra = DESC_DBM if writable else 0     # Linux's PTE_WRITE is the DBM bit
-    end = va + size
-    cur = va
-    while cur < end:
-        p = pa + (cur - va)
-        if blocks and cur % BLOCK_2M == 0 and p % BLOCK_2M == 0 and cur + BLOCK_2M <= end:
-            n = _down(end - cur, BLOCK_2M)
-            pt.map(cur, p, n, BLOCK_2M, writable=writable, executable=executable, extra=extra,
-                   table_flags=table_flags)
-            cur += n
-            continue
-        nxt = min(end, _up(cur + 1, BLOCK_2M)) if blocks else end
-        pt.map(cur, p, nxt - cur, PAGE_4K, writable=writable, executable=executable, extra=extra,
-               table_flags=table_flags)
-        cur = nxt
+    for v, p, n, page_size in page_runs(va, pa, size, large=blocks):
+        pt.map(v, p, n, page_size, writable=writable, executable=executable, extra=extra, table_flags=table_flags)
 
 
 def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int | str = 256 << 20,
                       vcpus: int = 1, ram_base: int = GUEST_RAM0_BASE) -> Arm64Guest:
     """The ``linux-arm64`` layout (see the module docstring). ValueError for anything it cannot build."""
-    from .layouts import parse_size
     try:
         table = load_symbol_table(symbols)
     except SymbolFileError as exc:

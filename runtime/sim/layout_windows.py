@@ -63,6 +63,7 @@ from pathlib import Path
 from ...symbols import PdbIdentity, SymbolFileError, SymbolTable, load_symbol_table
 from ..paging import PAGE_2M, PAGE_4K, PageTables
 from .guest import CR0, CR4, EFER, MSR, Guest
+from .layouts import _map_range, _up, parse_size
 
 __all__ = ["build_windows_x86_64", "KERNEL_IMAGE_RANGE", "IMAGE_PA", "SECTIONS", "SIZE_OF_IMAGE",
            "LSTAR_RVA", "CSTAR_RVA", "IDT_STUB_RVA", "KI_SERVICE_TABLE_RVA", "NONPAGED_POOL_VA",
@@ -126,24 +127,6 @@ _TSS_LIMIT = 0x67
 
 # The public x64 _KPCR layout (not in the ISF): NT_TIB-overlaid fields and IdtBase.
 _KPCR_GDT_BASE, _KPCR_TSS_BASE, _KPCR_SELF, _KPCR_IDT_BASE = 0x0, 0x8, 0x18, 0x38
-
-
-def _up(x: int, a: int) -> int:
-    return (x + a - 1) & ~(a - 1)
-
-
-def _map(pt: PageTables, va: int, pa: int, size: int, *, writable: bool, executable: bool) -> None:
-    """Map with 2 MiB pages where va, pa and the range allow, 4 KiB pages elsewhere."""
-    end = va + size
-    while va < end:
-        if va % PAGE_2M == 0 and pa % PAGE_2M == 0 and end - va >= PAGE_2M:
-            n = (end - va) & ~(PAGE_2M - 1)
-            pt.map(va, pa, n, PAGE_2M, writable=writable, executable=executable, global_=True)
-        else:
-            n = min(end, _up(va + 1, PAGE_2M)) - va
-            pt.map(va, pa, n, PAGE_4K, writable=writable, executable=executable, global_=True)
-        va += n
-        pa += n
 
 
 def pdb_guid_bytes(guid: str) -> bytes:
@@ -239,8 +222,6 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
                          vcpus: int = 1, image_pa: int = IMAGE_PA) -> Guest:
     """The ``windows-x86_64`` layout (see the module docstring). ``symbols``: a Windows ISF (path or
     loaded table) whose addresses are RVAs; ``image_base``: where ntoskrnl is loaded (the slide)."""
-    from .layouts import parse_size
-
     try:
         table = symbols if isinstance(symbols, SymbolTable) else load_symbol_table(symbols)
     except SymbolFileError as exc:
@@ -287,10 +268,10 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
 
     # -- page tables and the image's sections
     pt = PageTables(mem)
-    _map(pt, image_base, image_pa, SECTIONS[".text"][1], writable=False, executable=True)  # headers + .text
+    _map_range(pt, image_base, image_pa, SECTIONS[".text"][1], writable=False, executable=True)  # headers + .text
     for name in (".rdata", ".data"):
         start, end, writable, executable, _chars = SECTIONS[name]
-        _map(pt, va(start), pa(start), end - start, writable=writable, executable=executable)
+        _map_range(pt, va(start), pa(start), end - start, writable=writable, executable=executable)
 
     # -- image contents
     header, debug = _pe_headers(image_base, table.pdb)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import struct
 from pathlib import Path
+from typing import Iterator
 
 from ...symbols import load_symbol_table
 
@@ -81,22 +82,30 @@ def _down(x: int, a: int) -> int:
     return x & ~(a - 1)
 
 
-def _map_range(pt: PageTables, va: int, pa: int, size: int, *, writable: bool, executable: bool,
-               large: bool = True) -> None:
-    """Map [va, va+size) with 2 MiB pages where va and pa allow, 4 KiB elsewhere."""
+def page_runs(va: int, pa: int, size: int, *, large: bool = True) -> Iterator[tuple[int, int, int, int]]:
+    """``(va, pa, length, page size)`` runs that map [va, va+size) to [pa, pa+size) the way the
+    kernels do: 2 MiB pages (x86-64) or blocks (AArch64) where va, pa and the range allow and ``large``,
+    4 KiB pages elsewhere. Small pages stop at each 2 MiB boundary, so that an aligned stretch after a
+    misaligned head still gets large pages."""
     end = va + size
     cur = va
     while cur < end:
         p = pa + (cur - va)
         if large and cur % PAGE_2M == 0 and p % PAGE_2M == 0 and cur + PAGE_2M <= end:
             n = _down(end - cur, PAGE_2M)
-            pt.map(cur, p, n, PAGE_2M, writable=writable, executable=executable, global_=True)
+            yield cur, p, n, PAGE_2M
             cur += n
             continue
         nxt = min(end, _up(cur + 1, PAGE_2M)) if large else end
-        n = nxt - cur
-        pt.map(cur, p, n, PAGE_4K, writable=writable, executable=executable, global_=True)
+        yield cur, p, nxt - cur, PAGE_4K
         cur = nxt
+
+
+def _map_range(pt: PageTables, va: int, pa: int, size: int, *, writable: bool, executable: bool,
+               large: bool = True) -> None:
+    """Map [va, va+size) as :func:`page_runs` splits it, global (kernel mappings)."""
+    for v, p, n, page_size in page_runs(va, pa, size, large=large):
+        pt.map(v, p, n, page_size, writable=writable, executable=executable, global_=True)
 
 
 def build_bare(memory: int | str = 64 << 20, vcpus: int = 1) -> Guest:
@@ -269,13 +278,13 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
 
 
 def _build_windows_x86_64(**kwargs) -> Guest:
-    # Imported when used: layout_windows imports parse_size from here.
+    # Imported when used: layout_windows imports its helpers from here.
     from .layout_windows import build_windows_x86_64
     return build_windows_x86_64(**kwargs)
 
 
 def _build_linux_arm64(**kwargs) -> Guest:
-    # Imported when used, for the same reason (layout_arm64 imports parse_size from here).
+    # Imported when used, for the same reason (layout_arm64 imports its helpers from here).
     from .layout_arm64 import build_linux_arm64
     return build_linux_arm64(**kwargs)
 

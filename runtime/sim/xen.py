@@ -1498,6 +1498,25 @@ class SimulatedXen:
         s.v.rip = op.va + 1
         self._finish(s, op, native=True)
 
+    def _stage_remap_store(self, op: Op, store_at: int, original: int, leaf_address: int, leaf: int,
+                           oa_mask: int) -> None:
+        """Make ``op`` the remap's one guest store: to the leaf at ``leaf_address`` when that is where
+        the walk ended (``store_at``), else to the entry at ``store_at`` (holding ``original``) that
+        links the table a split filled. The split's new leaf is written now, while that table is still
+        unlinked (nobody watches its fresh frame), and the link undone, so that the store traps."""
+        g = self.guest
+        new_leaf = (leaf & ~oa_mask) | (op.to_pa & oa_mask)
+        if store_at == leaf_address:
+            new = new_leaf
+        else:
+            g.memory.write_u64(leaf_address, new_leaf)
+            new = g.memory.read_u64(store_at)
+            g.memory.write_u64(store_at, original)
+        op.value = new
+        op.size = 8
+        op.result = store_at
+        op.va = (g.direct_map_base + store_at) & _MASK64
+
     def _prepare_remap(self, s: _VState, op: Op) -> None:
         """The rootkit remap: rewrite the PTE of ``va`` to point at ``to_pa``, as a
         guest store to the paging entry through the direct map (so a
@@ -1517,18 +1536,8 @@ class SimulatedXen:
             while w.page_size != FRAME_SIZE:
                 tables.split(op.va)
                 w = g.walk(s.v.cr3, op.va)
-        entry = g.memory.read_u64(w.pte_address)
-        new_pte = (entry & ~0x000FFFFFFFFFF000) | (op.to_pa & 0x000FFFFFFFFFF000)
-        if store_at == w.pte_address:
-            new = new_pte
-        else:
-            g.memory.write_u64(w.pte_address, new_pte)     # inside the new, still unlinked, table
-            new = g.memory.read_u64(store_at)
-            g.memory.write_u64(store_at, original)          # unlinked again: the guest's store links it
-        op.value = new
-        op.size = 8
-        op.result = store_at
-        op.va = g.direct_map_base + store_at
+        self._stage_remap_store(op, store_at, original, w.pte_address, g.memory.read_u64(w.pte_address),
+                                0x000FFFFFFFFFF000)
 
     # ---------------------------------------------------------------- AArch64 guests
     # Order of checks for one access, as the hardware and Xen 4.17 on arm64 make them: each stage-1
@@ -1653,17 +1662,7 @@ class SimulatedXen:
         while t.page_size != FRAME_SIZE:
             tables.split(op.va)
             t = tables.translate(op.va)
-        new_leaf = (t.descriptor & ~_A64_OA) | (op.to_pa & _A64_OA)
-        if store_at == t.descriptor_address:
-            new = new_leaf
-        else:
-            g.memory.write_u64(t.descriptor_address, new_leaf)   # in the new, still unlinked, table
-            new = g.memory.read_u64(store_at)
-            g.memory.write_u64(store_at, original)               # unlinked again: the guest's store links it
-        op.value = new
-        op.size = 8
-        op.result = store_at
-        op.va = (g.direct_map_base + store_at) & _MASK64
+        self._stage_remap_store(op, store_at, original, t.descriptor_address, t.descriptor, _A64_OA)
 
     # ---------------------------------------------------------------- emulation
     def _emulate(self, s: _VState, op: Op, eflags: int, data: bytes | None) -> None:

@@ -1,0 +1,27 @@
+"""Helpers shared by the tests of more than one guest layout.
+
+Imported as ``helpers``: tests/ is not a package, so pytest's default import mode puts this folder
+on sys.path for the test modules.
+"""
+
+from __future__ import annotations
+
+from policyc.runtime.sim import SimulatedXen
+
+PAGE = 4096
+
+
+def expected_frames(xen: SimulatedXen, va: int, size: int) -> list[tuple[int, int, int]]:
+    """(gfn, first, last) per page of [va, va+size), by the simulated hardware's walker.
+
+    The binders' walkers are what the tests check, so the expectation comes from `Guest.walk`,
+    separate code from them."""
+    out = []
+    cr3 = xen.vcpu(0).cr3
+    end = va + size
+    while va < end:
+        n = min(end - va, PAGE - (va & (PAGE - 1)))
+        pa = xen.guest.walk(cr3, va).pa
+        out.append((pa >> 12, pa & 0xFFF, (pa & 0xFFF) + n - 1))
+        va += n
+    return out
