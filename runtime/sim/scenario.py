@@ -477,27 +477,25 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
 
 # --------------------------------------------------------------------------- running
 
+_LAYOUT_SYMBOLS = {"linux-x86_64": "a System.map or ISF", "windows-x86_64": "a Windows ISF",
+                   "linux-arm64": "an arm64 System.map"}
+
+
 def build_scenario(scenario: Scenario, *, profile: str | None = None, **xen_options: Any) -> SimulatedXen:
     """The guest the scenario describes, under a fresh `SimulatedXen`."""
     kwargs: dict[str, Any] = {"memory": scenario.memory, "vcpus": scenario.vcpus}
+    needs = _LAYOUT_SYMBOLS.get(scenario.layout)
+    if needs is not None and scenario.symbols is None:
+        raise ScenarioError(f"the {scenario.layout} layout needs guest.symbols ({needs})", scenario.path)
+    if scenario.layout in ("windows-x86_64", "linux-arm64") and scenario.guest_extra:
+        raise ScenarioError(f"guest.{', guest.'.join(scenario.guest_extra)}: not used by the {scenario.layout} "
+                            "layout", scenario.path)
     if scenario.layout == "linux-x86_64":
-        if scenario.symbols is None:
-            raise ScenarioError("the linux-x86_64 layout needs guest.symbols", scenario.path)
         kwargs.update(symbols=scenario.symbols, kaslr_slide=scenario.kaslr_slide, **scenario.guest_extra)
     elif scenario.layout == "windows-x86_64":
         # A Windows ISF's addresses are RVAs: the slide is ntoskrnl's image base.
-        if scenario.symbols is None:
-            raise ScenarioError("the windows-x86_64 layout needs guest.symbols (a Windows ISF)", scenario.path)
-        if scenario.guest_extra:
-            raise ScenarioError(f"guest.{', guest.'.join(scenario.guest_extra)}: not used by the windows-x86_64 "
-                                "layout", scenario.path)
         kwargs.update(symbols=scenario.symbols, image_base=scenario.kaslr_slide)
     elif scenario.layout == "linux-arm64":
-        if scenario.symbols is None:
-            raise ScenarioError("the linux-arm64 layout needs guest.symbols (an arm64 System.map)", scenario.path)
-        if scenario.guest_extra:
-            raise ScenarioError(f"guest.{', guest.'.join(scenario.guest_extra)}: not used by the linux-arm64 "
-                                "layout", scenario.path)
         if (profile or scenario.profile) != "arm64":
             raise ScenarioError(f"the linux-arm64 layout runs under the arm64 profile, not "
                                 f"{profile or scenario.profile} (add 'profile: arm64' to guest:)", scenario.path)
