@@ -269,7 +269,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     try:
         run = run_on_simulator(scenario, plan, compiled.symbols, log=log, recorder=recorder, on_start=on_start,
                                on_step=on_step)
-    except EnforcerError as exc:
+    except (EnforcerError, ScenarioError) as exc:
         log.close()
         raise _Usage(str(exc)) from None
     log.close()

@@ -124,10 +124,15 @@ class Enforcer:
         """Tear down (idempotent). Returns teardown errors (empty when the guest is as it was)."""
         if self.installation is None:
             return []
+        from .install import TeardownError
+
         try:
             self.service()
         finally:
-            errors = self.installation.teardown()
+            try:
+                errors = self.installation.teardown()
+            except TeardownError as exc:        # the state record stays for `policyc recover`
+                errors = exc.errors + [f"state record kept at {exc.state_path} for 'policyc recover'"]
             self.log.flush()
             if self.recorder is not None:
                 self.recorder.close()

@@ -100,7 +100,10 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
         unmatched: list[Decision] = []
         try:
             for step in scenario.steps:
-                res = runner.run_step(step)
+                try:
+                    res = runner.run_step(step)
+                except ValueError as exc:          # an operation this guest cannot do (smc on x86 ...)
+                    raise ScenarioError(str(exc), scenario.path, step.line, step.col) from None
                 enforcer.idle()          # between steps the guest is quiet (arm64 re-arms here)
                 runner.results.append(res)
                 mine = [by_request[bytes(r)].popleft() for r in res.requests if by_request.get(bytes(r))]

@@ -352,3 +352,18 @@ def test_a_decision_log_that_fails_does_not_leave_vcpus_paused(tmp_path):
     assert [r.verdict for r in run.results[:3]] == ["deny"] * 3        # still enforced
     assert run.xen.paused_vcpus() == frozenset()
     assert err.getvalue().count("cannot be written") == 1
+
+
+def test_an_operation_the_guest_cannot_do_is_an_error_at_its_step_and_nothing_is_left(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"""scenario: bad
+guest: {{layout: linux-x86_64, symbols: {POLICIES}/linux-6.1.System.map, vcpus: 1}}
+policy: {KERNEL_INTEGRITY}
+steps:
+  - {{vcpu: 0, op: read, va: "symbol sys_call_table"}}
+  - {{vcpu: 0, op: smc}}
+""")
+    code, _out, err = cli("run", "--guest", f"sim:{p}")
+    assert code == 2 and f"{p}:6:5: smc is an arm64 instruction" in err and "Traceback" not in err
+    code, out, _ = cli("test", str(p))
+    assert code == 1 and "ERROR" in out and "smc is an arm64 instruction" in out

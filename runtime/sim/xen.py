@@ -825,8 +825,11 @@ class SimulatedXen:
     def execute(self, vcpu: int, op: Op) -> Op:
         """Queue `op` on `vcpu` and run the vCPU as far as it can go."""
         s = self._vcpu(vcpu)
-        if self._a64 and op.kind in _X86_ONLY:
-            raise ValueError(f"{op.kind} is an x86 instruction; this guest is AArch64")
+        # Refused before the op is queued: a queued op that cannot run would fail again at every resume.
+        if (self._a64 or not self._p.x86) and op.kind in _X86_ONLY:
+            raise ValueError(f"{op.kind} is an x86 instruction; this guest is not x86")
+        if self._p.x86 and op.kind == "smc":
+            raise ValueError("smc is an arm64 instruction; this guest is x86")
         op.vcpu = vcpu
         s.queue.append(op)
         if self._runnable(s) and len(s.queue) == 1:
