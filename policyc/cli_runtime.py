@@ -245,6 +245,8 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
                 tail += f": {first.severity} {render_template(first.template, deciding.event)}"
         elif res.events == 0:
             tail = "  (no event)"
+        elif any((d.note or "").startswith("page-table write") for d in decisions):
+            tail = "  (page-table write: the binding followed it)"
         else:
             tail = f"  ({res.events} event{'s' * (res.events != 1)}, no rule)"
         if res.faults and not res.took_effect:

@@ -238,9 +238,8 @@ class Enforcer:
                 continue
             if d.verdict == "allow" or d.would_deny:
                 out.append((gfn, offset))
-            d.collateral = False
-            d.note = (f"page-table write to an entry that maps {', '.join(users)}: the binding follows it"
-                      + (f"; {d.note}" if d.note else ""))
+            d.collateral = False               # the engine's "no rule traps this frame" is not the story
+            d.note = f"page-table write to an entry that maps {', '.join(users)}: the binding follows it"
         return out
 
     def _rebind(self, gfn: int, offset: int) -> bool:
