@@ -130,10 +130,20 @@ def _guest(spec: str) -> tuple[str, str]:
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest or scheme not in ("sim", "simhost", "xen"):
         raise _Usage(f"--guest {spec}: expected sim:SCENARIO, simhost:SOCKET or xen:NAME|DOMID")
-    if scheme == "xen":
-        raise _Usage(f"--guest {spec}: this build has no Xen backend yet (libxenctrl support is the next "
-                     "milestone); use sim:SCENARIO or simhost:SOCKET")
     return scheme, rest
+
+
+def _open_xen(spec: str, *, ring: bool) -> Any:
+    """Attach to xen:NAME|DOMID; every way it can fail is one line (exit 2), never a traceback."""
+    from .runtime.backend import BackendError
+    from .runtime.xen_backend import XenBackend, XenUnavailable
+
+    try:
+        return XenBackend.open(spec, ring=ring)
+    except XenUnavailable as exc:
+        raise _Usage(f"--guest xen:{spec}: {exc.message}") from None
+    except BackendError as exc:
+        raise _Usage(f"--guest xen:{spec}: cannot attach: {exc}") from None
 
 
 def _scenario_path(name: str) -> Path:
@@ -199,6 +209,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
     if scheme == "sim":
         return _run_sim(args, _scenario_path(where))
+    if scheme == "xen":
+        return _run_xen(args, where)
     return _run_simhost(args, where)
 
 
@@ -286,12 +298,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
 
 
 def _run_simhost(args: argparse.Namespace, socket_path: str) -> int:
-    import signal as _signal
-
-    from .runtime.decision_log import DecisionLog, Progress
-    from .runtime.enforce import Enforcer, EnforcerError
     from .runtime.sim.host import connect
-    from .runtime.trace import TraceRecorder
 
     if args.policy is None:
         raise _Usage("give a policy to enforce on a simhost guest")
@@ -299,14 +306,54 @@ def _run_simhost(args: argparse.Namespace, socket_path: str) -> int:
         host = connect(socket_path)
     except ConnectionError as exc:
         raise _Usage(str(exc)) from None
-    arch = host.capabilities().arch
+
+    def finished() -> bool:
+        st = host.status()       # the workload ran to its end and nothing waits on the ring
+        return st["started"] and not st["running"] and not host.unconsumed_requests()
+
+    return _run_backend(args, host, f"simhost:{socket_path}", finished)
+
+
+def _run_xen(args: argparse.Namespace, spec: str) -> int:
+    if args.policy is None:
+        raise _Usage("give a policy to enforce on a Xen guest")
+    backend = _open_xen(spec, ring=True)
+    try:
+        # The journal is keyed by the domain's name (stable across reboots, unlike its domid), so
+        # `recover --guest xen:NAME` and `xen:DOMID` find the same record.
+        return _run_backend(args, backend, f"xen:{backend.name}", lambda: not backend.domain_alive())
+    finally:
+        backend.release()
+
+
+def _memory_capability_check(plan: dict, backend: Any, guest: str) -> None:
+    """A plan that restricts memory on a host without mem_access fails here, naming why the host lacks
+    it (install refuses too, but without the host's reason)."""
+    caps = backend.capabilities()
+    views = [v for v in plan.get("views", ()) if v.get("ranges")]
+    if views and not caps.mem_access:
+        why = (getattr(backend, "capability_notes", None) or {}).get("mem_access")
+        raise _Usage(f"the plan restricts memory access ({sum(len(v['ranges']) for v in views)} range(s)); "
+                     f"{guest} ({caps.arch}) lacks the capability mem_access" + (f": {why}" if why else ""))
+
+
+def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_now: Any) -> int:
+    """Compile for the backend's host, enforce until `finished_now()` (checked every 50 waits) or a
+    signal, tear down. Shared by simhost: and xen:."""
+    import signal as _signal
+
+    from .runtime.decision_log import DecisionLog, Progress
+    from .runtime.enforce import Enforcer, EnforcerError
+    from .runtime.trace import TraceRecorder
+
+    arch = backend.capabilities().arch
     compiled = _compile(args.policy, args.target or arch, audit=args.audit, command="run")
     plan = compiled.plan
-    guest = f"simhost:{socket_path}"
+    _memory_capability_check(plan, backend, guest)
     log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
                       plan.get("content_hash", ""))
     recorder = TraceRecorder(args.record, plan=plan, guest=guest) if args.record else None
-    enforcer = Enforcer(plan, host, compiled.symbols, guest=guest, log=log, recorder=recorder,
+    enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
     # Signals arriving before the loop's own handlers are in place must not kill a half-made install.
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
@@ -325,8 +372,7 @@ def _run_simhost(args: argparse.Namespace, socket_path: str) -> int:
         status_every[0] += 1
         if status_every[0] % 50:
             return False
-        st = host.status()       # the workload ran to its end and nothing waits on the ring
-        return st["started"] and not st["running"] and not host.unconsumed_requests()
+        return bool(finished_now())
 
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
     try:
@@ -497,19 +543,30 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 @_usage_guard
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from .runtime.install import recover_guest, state_path_for
-
     scheme, where = _guest(args.guest)
     if scheme == "sim":
         raise _Usage("a sim: guest lives inside the enforcer's process and ends with it: nothing to recover")
+    if scheme == "xen":
+        # No ring at attach: a dead enforcer's ring still holds the domain (enable would fail with
+        # EBUSY); recover disables it and enables a fresh one itself (XEN-SEMANTICS §7).
+        backend = _open_xen(where, ring=False)
+        try:
+            return _recover_report(backend, f"xen:{backend.name}", args.state_dir)
+        finally:
+            backend.release()
     from .runtime.sim.host import connect
     try:
         backend = connect(where)
     except ConnectionError as exc:
         raise _Usage(str(exc)) from None
-    guest = args.guest
-    path = state_path_for(guest, args.state_dir)
-    report = recover_guest(backend, guest, args.state_dir)
+    return _recover_report(backend, args.guest, args.state_dir)
+
+
+def _recover_report(backend: Any, guest: str, state_dir: str | None) -> int:
+    from .runtime.install import recover_guest, state_path_for
+
+    path = state_path_for(guest, state_dir)
+    report = recover_guest(backend, guest, state_dir)
     if not report.found:
         print(f"nothing to recover for {guest}: no journal at {path}")
         return EXIT_OK

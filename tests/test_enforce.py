@@ -151,7 +151,7 @@ def test_run_in_audit_mode_lets_everything_through_and_says_what_it_would_deny(t
 
 @pytest.mark.parametrize("argv, message", [
     (["run", "--guest", "nowhere"], "expected sim:SCENARIO, simhost:SOCKET or xen:NAME|DOMID"),
-    (["run", str(KERNEL_INTEGRITY), "--guest", "xen:guest1"], "no Xen backend yet"),
+    (["run", str(KERNEL_INTEGRITY), "--guest", "xen:guest1"], "not a Xen dom0"),
     (["run", "--guest", "sim:no-such-scenario"], "no scenario 'no-such-scenario' (bundled: "),
     (["run", "missing.vmi", "--guest", "sim:rootkit-hooks-syscall-table"], "no such policy file: missing.vmi"),
     (["recover", "--guest", "sim:rootkit-hooks-syscall-table"], "nothing to recover"),

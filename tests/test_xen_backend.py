@@ -1,0 +1,376 @@
+"""The libxenctrl backend (runtime/xen_backend.py) without a Xen host.
+
+What runs anywhere: the declarations against Debian's libxen-dev headers (a C file of
+_Static_asserts compiled with gcc, then run to print every offset and constant the module
+hard-codes), dlopen of the libraries, the refusals on a host that is not a Xen dom0, the
+access-name and capability-bit tables, the hvm_hw_cpu register mapping, and the ring bookkeeping
+over a private ring page. What needs a Xen dom0 (attach, hypercalls) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import errno
+import io
+import os
+import shutil
+import struct
+import subprocess
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from policyc.cli import main
+from policyc.native import abi
+from policyc.runtime import xen_backend as xb
+from policyc.runtime.backend import ACCESS_VALUES, BackendError, InvalidArgument
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_INTEGRITY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
+HEADERS = ("xenctrl.h", "xenevtchn.h", "xenforeignmemory.h", "xendevicemodel.h", "xenstore.h")
+INCLUDE = Path("/usr/include")
+
+
+def _skip(reason: str) -> None:
+    print(f"SKIP: {reason}")          # shown with -rs / -s; the skip reason says it too
+    pytest.skip(reason)
+
+
+# =========================================================================== the headers
+
+def _c_type(ret: str, params: str) -> str:
+    """A function-pointer type for __builtin_types_compatible_p."""
+    return f"{ret} (*)({params})"
+
+
+def _checker_source() -> str:
+    lines = ["#include <stdbool.h>", "#include <stddef.h>", "#include <stdint.h>", "#include <stdio.h>",
+             "#include <stdlib.h>", "#include <sys/mman.h>"]
+    lines += [f"#include <{h}>" for h in HEADERS]
+    lines += ["#include <xen/vm_event.h>", "#include <xen/hvm/save.h>", "#include <xen/domctl.h>",
+              "#include <xen/sysctl.h>", ""]
+    # every prototype the module declares, exactly as it declares it
+    for decls in xb.DECLARATIONS.values():
+        for ret, name, params in decls:
+            lines.append(f'_Static_assert(__builtin_types_compatible_p(__typeof__(&{name}), '
+                         f'{_c_type(ret, params)}), "declaration of {name} differs from the header");')
+    # the typedefs the module spells itself
+    for ours, theirs in (("unsigned long", "xen_pfn_t"), ("uint16_t", "domid_t"), ("uint32_t", "evtchn_port_t"),
+                         ("int", "xenevtchn_port_or_error_t"), ("uint32_t", "xs_transaction_t")):
+        lines.append(f'_Static_assert(__builtin_types_compatible_p({ours}, {theirs}), "{theirs} is not {ours}");')
+    lines.append('_Static_assert(sizeof(xenmem_access_t) == 4, "xenmem_access_t is not 4 bytes");')
+    lines += ["int main(void) {"]
+    for struct_name, fields in xb.STRUCTS.items():
+        lines.append(f'  printf("sizeof {struct_name} %zu\\n", sizeof({struct_name}));')
+        for field, _decl in fields:
+            lines.append(f'  printf("offsetof {struct_name}.{field} %zu\\n", offsetof({struct_name}, {field}));')
+    lines.append('  printf("sizeof struct_hvm_hw_cpu %zu\\n", sizeof(struct hvm_hw_cpu));')
+    for field in xb.HVM_HW_CPU_FIELDS:
+        lines.append(f'  printf("hvm_hw_cpu {field} %zu %zu\\n", offsetof(struct hvm_hw_cpu, {field}), '
+                     f'sizeof(((struct hvm_hw_cpu *)0)->{field}));')
+    for expr in xb.CONSTANTS:
+        lines.append(f'  printf("const {expr.replace(" ", "")} %llu\\n", (unsigned long long)({expr}));')
+    for name in xb.MONITOR_EVENT_BITS:
+        lines.append(f'  printf("const {name} %llu\\n", (unsigned long long)({name}));')
+    for value in ACCESS_VALUES:
+        lines.append(f'  printf("const XENMEM_access_{value} %llu\\n", (unsigned long long)(XENMEM_access_{value}));')
+    lines += ["  return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def header_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        _skip("gcc is not installed: the header check compiles C against libxen-dev")
+    missing = [h for h in HEADERS if not (INCLUDE / h).is_file()]
+    if missing:
+        _skip(f"libxen-dev headers are not installed (missing {', '.join(missing)} in {INCLUDE})")
+    work = tmp_path_factory.mktemp("xenhdr")
+    src, exe = work / "check.c", work / "check"
+    src.write_text(_checker_source())
+    build = subprocess.run([gcc, "-std=gnu11", "-Wall", "-Werror=implicit-function-declaration",
+                            "-o", str(exe), str(src)], capture_output=True, text=True)
+    # A failing _Static_assert names the declaration that drifted from the headers.
+    assert build.returncode == 0, f"the declarations do not match the headers:\n{build.stderr}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
+    facts: dict[str, int] = {}
+    for line in run.stdout.splitlines():
+        kind, key, *values = line.split()
+        facts[f"{kind} {key}"] = int(values[0]) if len(values) == 1 else tuple(int(v) for v in values)
+    return facts
+
+
+def test_every_declared_prototype_matches_the_headers(header_facts):
+    # The compile above is the check (one _Static_assert per function); here: it covered them all.
+    declared = sum(len(d) for d in xb.DECLARATIONS.values())
+    assert declared >= 60 and header_facts      # the program ran, so every assertion held
+
+
+def test_struct_layouts_match_the_headers(header_facts):
+    ffi = xb._ffi()
+    for struct_name, fields in xb.STRUCTS.items():
+        assert ffi.sizeof(struct_name) == header_facts[f"sizeof {struct_name}"], struct_name
+        for field, _decl in fields:
+            assert ffi.offsetof(struct_name, field) == header_facts[f"offsetof {struct_name}.{field}"], \
+                f"{struct_name}.{field}"
+
+
+def test_hvm_hw_cpu_layout_matches_the_header(header_facts):
+    assert xb.HVM_HW_CPU_SIZE == header_facts["sizeof struct_hvm_hw_cpu"]
+    for field, (off, size) in xb.HVM_HW_CPU_FIELDS.items():
+        assert (off, size) == header_facts[f"hvm_hw_cpu {field}"], field
+
+
+def test_hard_coded_constants_match_the_headers(header_facts):
+    for expr, value in xb.CONSTANTS.items():
+        assert header_facts[f"const {expr.replace(' ', '')}"] == value, expr
+
+
+def test_capability_bits_match_the_headers(header_facts):
+    for name, (bit, _monitor) in xb.MONITOR_EVENT_BITS.items():
+        assert header_facts[f"const {name}"] == bit, name
+
+
+def test_access_names_follow_the_xenmem_access_enum(header_facts):
+    for i, value in enumerate(ACCESS_VALUES):
+        assert header_facts[f"const XENMEM_access_{value}"] == i, value
+        assert xb.access_code(value) == i and xb.access_name(i) == value
+
+
+# =========================================================================== the libraries
+
+@pytest.mark.parametrize("key", sorted(xb.LIBRARIES))
+def test_the_library_loads_and_exports_every_declared_function(key):
+    soname = xb.LIBRARIES[key]
+    if ctypes.util.find_library(key) is None and not any(
+            (Path(d) / soname).exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/usr/lib64")):
+        _skip(f"{soname} is not installed (Debian: libxenmisc4.17 and friends)")
+    lib = xb.load_library(key)
+    for _ret, name, _params in xb.DECLARATIONS[key]:
+        assert getattr(lib, name) is not None, f"{soname} does not export {name}"
+
+
+# =========================================================================== not a Xen dom0
+
+def test_a_host_without_privcmd_is_refused_in_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(xb, "PRIVCMD", str(tmp_path / "no-privcmd"))
+    try:
+        xb.load_library("xenctrl")
+    except xb.XenUnavailable as exc:            # no libxenctrl: refused earlier, same message shape
+        assert exc.message.startswith("not a Xen dom0 (or no privcmd): ")
+        return
+    with pytest.raises(xb.XenUnavailable) as info:
+        xb.XenBackend.open("1")
+    assert info.value.message.startswith("not a Xen dom0 (or no privcmd): ")
+    assert "privcmd" in info.value.message and info.value.errno == errno.ENOENT
+
+
+def test_a_missing_library_is_refused_naming_it(monkeypatch):
+    monkeypatch.setitem(xb.LIBRARIES, "xenctrl", "libxenctrl.so.0.no-such-version")
+    monkeypatch.setattr(xb, "_LIBS", {})
+    with pytest.raises(xb.XenUnavailable) as info:
+        xb.XenBackend.open("1")
+    assert info.value.message.startswith("not a Xen dom0 (or no privcmd): ")
+    assert "libxenctrl.so.0.no-such-version" in info.value.message
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_run_on_a_host_without_xen_exits_2_with_one_line():
+    if os.path.exists("/dev/xen/privcmd"):
+        _skip("this host has /dev/xen/privcmd: the refusal cannot be observed")
+    code, _out, err = _cli("run", str(KERNEL_INTEGRITY), "--guest", "xen:1")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("policyc run: --guest xen:1: not a Xen dom0 (or no privcmd): ")
+
+
+def test_recover_on_a_host_without_xen_exits_2_with_one_line():
+    if os.path.exists("/dev/xen/privcmd"):
+        _skip("this host has /dev/xen/privcmd: the refusal cannot be observed")
+    code, _out, err = _cli("recover", "--guest", "xen:guest1")
+    assert code == 2 and err.strip().count("\n") == 0 and "not a Xen dom0" in err
+
+
+# =========================================================================== pure mappings
+
+def test_unknown_access_names_are_invalid_arguments():
+    with pytest.raises(InvalidArgument) as info:
+        xb.access_code("rwxz")
+    assert info.value.errno == errno.EINVAL and "rwxz" in info.value.message
+    with pytest.raises(BackendError):
+        xb.access_name(11)
+
+
+def test_capability_bitmaps_decode_to_the_simulators_monitor_names():
+    # 0x1f7b is what Xen 4.17.7 reported under both emulators in the lab (NOTES.md): no singlestep
+    # (bit 2, no MTF) and no privileged_call (bit 7, ARM only); bits 8, 10-12 have no Backend monitor.
+    assert xb.monitors_from_capabilities(0x1F7B) == {
+        "write_ctrlreg", "mov_to_msr", "software_breakpoint", "guest_request", "debug_exception", "cpuid",
+        "descriptor_access"}
+    assert xb.monitors_from_capabilities(1 << 2) == {"singlestep"}
+    assert xb.monitors_from_capabilities(1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13) == frozenset()
+
+
+def test_vendor_picks_the_backend_arch(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert xb.arch_from_vendor(xb.cpu_vendor(str(info))) == "x86_64-svm"
+    assert xb.arch_from_vendor("GenuineIntel") == "x86_64"
+    with pytest.raises(BackendError):
+        xb.arch_from_vendor("")
+
+
+def _hvm_cpu(**values: int) -> bytearray:
+    blob = bytearray(xb.HVM_HW_CPU_SIZE)
+    for field, value in values.items():
+        off, size = xb.HVM_HW_CPU_FIELDS[field]
+        blob[off:off + size] = value.to_bytes(size, "little")
+    return blob
+
+
+def test_registers_come_from_the_right_hvm_hw_cpu_fields():
+    # every field gets a distinct value, so a swapped offset shows
+    values = {f: 0x1000 + i for i, f in enumerate(xb.HVM_HW_CPU_FIELDS) if f != "fpu_regs"}
+    values["cs_sel"] = 0xABCD0010            # only the low 16 bits are a selector
+    values["ss_arbytes"] = 0xC93 | 3 << 5    # DPL 3 in the VMX access-rights format
+    regs = xb.registers_from_hvm_cpu(bytes(_hvm_cpu(**values)))
+    assert regs["rip"] == values["rip"] and regs["cr3"] == values["cr3"] and regs["r15"] == values["r15"]
+    assert regs["msr_lstar"] == values["msr_lstar"] and regs["idtr_base"] == values["idtr_base"]
+    assert regs["idtr_limit"] == values["idtr_limit"] and regs["shadow_gs"] == values["shadow_gs"]
+    assert regs["fs_base"] == values["fs_base"] and regs["sysenter_eip"] == values["sysenter_eip"]
+    assert regs["cs_sel"] == 0x0010 and regs["tr_sel"] == values["tr_sel"] and regs["cpl"] == 3
+    for name, field in xb._REG_FIELDS.items():
+        expected = values[field] & (0xFFFF if name.endswith("_sel") else (1 << 64) - 1)
+        assert regs[name] == expected, name
+
+
+def test_register_names_are_the_simulators():
+    from policyc.runtime.sim.guest import Guest
+    from policyc.runtime.sim.xen import SimulatedXen
+
+    sim = SimulatedXen(Guest(1 << 20, vcpus=1), "x86_64")
+    ours = set(xb.registers_from_hvm_cpu(bytes(xb.HVM_HW_CPU_SIZE)))
+    # xcr0 lives in the CPU_XSAVE record, read separately by get_registers when Xen gives it
+    assert ours | {"xcr0"} == set(sim.get_registers(0))
+
+
+def test_set_registers_patches_only_the_named_fields_and_refuses_others():
+    blob = bytes(_hvm_cpu(rip=0x1000, rax=7, cr3=0x5000))
+    patched = xb.patch_hvm_cpu(blob, {"rip": 0x1003, "rax": 9})
+    regs = xb.registers_from_hvm_cpu(patched)
+    assert (regs["rip"], regs["rax"], regs["cr3"]) == (0x1003, 9, 0x5000)
+    assert xb.patch_hvm_cpu(blob, {"pc": 0x2000})[xb.HVM_HW_CPU_FIELDS["rip"][0]:][:8] == (0x2000).to_bytes(8, "little")
+    for name in ("cpl", "xcr0", "nonsense"):
+        with pytest.raises(InvalidArgument):
+            xb.patch_hvm_cpu(blob, {name: 1})
+
+
+def _record(code: int, instance: int, data: bytes) -> bytes:
+    return struct.pack("<HHI", code, instance, len(data)) + data
+
+
+def test_the_context_loaded_back_holds_header_the_patched_cpu_record_and_end():
+    header = _record(1, 0, b"H" * 24)
+    cpu0 = _record(2, 0, bytes(_hvm_cpu(rip=0x10)))
+    cpu1 = _record(2, 1, bytes(_hvm_cpu(rip=0x20)))
+    other = _record(5, 0, b"P" * 16)
+    blob = xb.build_cpu_context(header + cpu0 + other + cpu1 + _record(0, 0, b""), 1, {"rip": 0x21})
+    assert blob.startswith(header) and blob.endswith(bytes(8))
+    body = blob[len(header):-8]
+    assert body[:8] == cpu1[:8] and xb.registers_from_hvm_cpu(body[8:])["rip"] == 0x21
+    with pytest.raises(BackendError):
+        xb.build_cpu_context(header + cpu0 + _record(0, 0, b""), 3, {"rip": 1})
+
+
+# =========================================================================== the ring bookkeeping
+
+def _ring_only_backend() -> xb.XenBackend:
+    """A XenBackend with a private ring and no Xen: enough for the ring methods that need no hypercall."""
+    b = xb.XenBackend.__new__(xb.XenBackend)
+    b._ring = abi.Ring()
+    b._sync_out = {}
+    return b
+
+
+def test_sync_requests_are_tracked_until_answered():
+    b = _ring_only_backend()
+    ring = b._ring
+    paused = abi.Flag.VCPU_PAUSED
+    ring.put_requests([abi.make_request(abi.Reason.MEM_ACCESS, 1, flags=paused),
+                       abi.make_request(abi.Reason.GUEST_REQUEST, 2)])        # async: vCPU 2 runs on
+    ring.push_requests()
+    reqs = b.take_requests(8)
+    assert len(reqs) == 2 and b._sync_out == {1: 1}
+    b.put_responses([abi.make_response(r).raw for r in reqs])
+    assert b._sync_out == {1: 0}
+    assert [r.vcpu_id for r in ring.take_responses()] == [1, 2]
+
+
+def test_bare_unpause_responses_on_a_quiet_ring_are_accepted():
+    # recover's XEN-SEMANTICS §7 step 5: responses that answer nothing, right after a fresh enable
+    b = _ring_only_backend()
+    bare = [struct.pack("<IIIIH", abi.VERSION, int(abi.Flag.VCPU_PAUSED), 0, v, 0).ljust(abi.EVENT_SIZE, b"\0")
+            for v in range(3)]
+    b.put_responses(bare)
+    assert [r.vcpu_id for r in b._ring.take_responses()] == [0, 1, 2]
+    with pytest.raises(BackendError) as info:
+        b.put_responses(bare * 3)                # more than a ring's worth
+    assert info.value.errno == errno.EINVAL
+
+
+def test_ring_methods_without_a_ring_fail_with_enodev():
+    b = _ring_only_backend()
+    b._ring = None
+    for call in (lambda: b.take_requests(), lambda: b.put_responses([]), lambda: b.set_access(0, [1], "r")):
+        with pytest.raises(BackendError) as info:
+            call()
+        assert info.value.errno == errno.ENODEV
+
+
+# =========================================================================== capability check in the CLI
+
+def test_a_memory_policy_on_a_host_without_mem_access_names_the_missing_capability():
+    from argparse import Namespace
+
+    from policyc import cli_runtime
+    from policyc.runtime.backend import Capabilities
+
+    class NoMemAccess:
+        """An Intel host whose domain runs on shadow paging: arch x86_64, but no mem_access."""
+        capability_notes = {"mem_access": "the domain runs on shadow paging (no HAP)"}
+
+        def capabilities(self) -> Capabilities:
+            return Capabilities("x86_64", 7, 1, False, False, 0, False, frozenset({"write_ctrlreg"}))
+
+    args = Namespace(policy=str(KERNEL_INTEGRITY), target=None, audit=False, log=None, alerts=None,
+                     record=None, state_dir=None, command="run")
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(cli_runtime._Usage) as info:
+        cli_runtime._run_backend(args, NoMemAccess(), "xen:shadowed", lambda: True)
+    assert "lacks the capability mem_access: the domain runs on shadow paging (no HAP)" in str(info.value)
+
+
+# =========================================================================== needs Xen
+
+def test_attach_to_a_real_domain():
+    if not os.path.exists("/dev/xen/privcmd"):
+        _skip("no /dev/xen/privcmd: attaching needs a Xen dom0 (set POLICYC_XEN_DOMID to a test guest)")
+    domid = os.environ.get("POLICYC_XEN_DOMID")
+    if not domid:
+        _skip("POLICYC_XEN_DOMID is not set: no test guest named on this Xen host")
+    with xb.XenBackend.open(domid) as b:
+        caps = b.capabilities()
+        assert caps.vm_event_version == 7 and caps.vcpus >= 1
+        frames = list(b.populated_frames())
+        assert frames and b.read_physical(frames[0] << 12, 16) is not None
+        assert "cr3" in b.get_registers(0)
+        assert b.wait(0.01) in (True, False)
+        b.close()
