@@ -648,14 +648,15 @@ class _Checker:
             result, ctx = M.MemoryTrigger(t.access, tuple(names), t.span), _RuleContext("memory")
         elif isinstance(t, S.ExecuteTrigger):
             v = self.fold(t.address)
-            if isinstance(v, int):
-                v = M.Address(v, False, f"va 0x{v:x}")
+            literal = isinstance(v, int)
+            if literal:
+                v = M.Address(v, False, f"{t.space or 'va'} 0x{v:x}")
             if isinstance(v, M.Address) and v.percpu:
                 self.d.error("PC305", t.span, "a breakpoint needs a code address, not a per-CPU offset")
             elif v is ABSENT:
                 self.d.error("PC302", t.span, "the breakpoint's optional symbol is absent: nothing to execute")
             elif isinstance(v, M.Address):
-                result = M.Breakpoint(v, t.span)
+                result = M.Breakpoint(v, t.span, relocatable=not literal, physical=t.space == "pa")
             ctx = _RuleContext("breakpoint")
         elif isinstance(t, S.RegisterTrigger):
             reg = t.register

@@ -356,16 +356,20 @@ def _bits_that_matter(c: M.Condition | None) -> int | None:
 # ---------------------------------------------------------------- 5. breakpoints
 
 def place_breakpoints(low: _Lowering, views: list[dict]) -> list[dict]:
-    sites: dict[tuple[int, bool], list[str]] = {}
+    sites: dict[tuple[int, bool, bool, bool], list[str]] = {}
     for r in low.policy.rules:
         if r.trigger.kind == "breakpoint" and r.name not in low.unusable:
-            a = r.trigger.address  # type: ignore[union-attr]
-            sites.setdefault((a.value, a.percpu), []).append(r.name)
+            t = r.trigger
+            a = t.address  # type: ignore[union-attr]
+            key = (a.value, a.percpu, t.relocatable, t.physical)  # type: ignore[union-attr]
+            sites.setdefault(key, []).append(r.name)
     mechanism = low.strategies.get("breakpoint")
     out = []
-    for i, ((value, percpu), rules) in enumerate(sorted(sites.items())):
-        site = {"id": f"bp{i}", "address": hex(value), "relocatable": not percpu, "mechanism": mechanism,
-                "rules": sorted(rules)}
+    for i, ((value, percpu, relocatable, physical), rules) in enumerate(sorted(sites.items())):
+        site = {"id": f"bp{i}", "address": hex(value), "relocatable": relocatable and not percpu,
+                "mechanism": mechanism, "rules": sorted(rules)}
+        if physical:
+            site["physical"] = True
         if mechanism == "int3-shadow-frame":
             from .analyses.views import breakpoint_views
             # Planted in every restricted view a rule on it runs in; stepped in the unrestricted one.

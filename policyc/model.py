@@ -159,6 +159,10 @@ class Breakpoint:
     address: Address
     span: Span = _span()
     kind: str = field(default="breakpoint", init=False)
+    # `execute symbol S` is a link-time address the slide moves; `execute va 0x...` is where the code is
+    # in the running guest, and `execute pa 0x...` a guest-physical address (no translation).
+    relocatable: bool = True
+    physical: bool = False
 
 
 @dataclass(frozen=True)

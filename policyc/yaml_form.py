@@ -1169,8 +1169,9 @@ class _Builder:
         if kind == "execute" and isinstance(value, _PMap) and "size" not in value:
             if "symbol" in value:
                 return S.ExecuteTrigger(self.symbol(value), None, span)
-            if "va" in value:
-                return S.ExecuteTrigger(self.expr(value.get("va")), "va", span)
+            for space in ("va", "pa"):
+                if space in value:
+                    return S.ExecuteTrigger(self.expr(value.get(space)), space, span)
         return S.MemoryTrigger(kind, self.regions(value), span)
 
     def action(self, node: _P) -> S.Action:

@@ -1164,12 +1164,24 @@ class _Binder:
         return out, failures
 
     # -- breakpoints
+    def _physical_breakpoint(self, site: Mapping[str, Any], pa: int) -> BoundBreakpoint:
+        """`execute pa`: the site is a guest frame; its address doubles as the site's virtual one (what a
+        guest running with paging off reports in rip)."""
+        size = 4 if self.arch == "arm64" else _INSN_BYTES
+        original = self.backend.read_physical(pa, min(size, PAGE - (pa & (PAGE - 1))))
+        return BoundBreakpoint(site["id"], pa, pa >> FRAME_SHIFT, pa & (PAGE - 1), original, site.get("mechanism"),
+                               tuple(site.get("views", ())), site.get("step_view"))
+
     def bind_breakpoints(self) -> tuple[list[BoundBreakpoint], dict[str, frozenset[int]], list[BindFailure]]:
         out: list[BoundBreakpoint] = []
         entries: dict[str, frozenset[int]] = {}
         failures: list[BindFailure] = []
         for site in self.plan.get("breakpoints") or ():
             va = int(site["address"], 16)
+            if site.get("physical"):
+                out.append(self._physical_breakpoint(site, va))
+                entries[site["id"]] = frozenset()          # no page tables involved: nothing to follow
+                continue
             if site.get("relocatable", True):
                 va = (va + self.slide) & U64
             if self.arch == "arm64" and va & 3:

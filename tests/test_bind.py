@@ -309,7 +309,7 @@ def test_bound_plan_is_the_decision_engines_binding(symbols):
 
 
 def test_svm_plan_binds_inline_breakpoints_without_views(symbols):
-    xen = mk("x86_64-svm")
+    xen = mk("x86_64-svm", slide=0)       # the policy's `execute va 0xffffffff81c00080` is not slid
     bound = bind_plan(plan("linux-syscall-tracing.x86_64-svm.plan.json"), xen, symbols)
     assert bound.views == {} and bound.pt_watch == frozenset()
     assert len(bound.breakpoints) == 7 and all(b.mechanism == "int3-inline-emulate" for b in bound.breakpoints)
@@ -369,3 +369,36 @@ def test_binding_walks_the_kernels_own_tables_when_vcpu0_runs_a_process(symbols)
     assert bound.cr3 == kernel_pgd and bound.slide == SLIDE
     assert any("init_top_pgt" in n for n in bound.notes)
     assert kernel_pgd >> 12 in bound.pt_watch and proc >> 12 not in bound.pt_watch
+
+
+def test_breakpoints_by_symbol_move_with_the_slide_but_literal_va_and_pa_do_not(symbols, tmp_path):
+    from policyc.check import check_policy
+    from policyc.diagnostics import Diagnostics
+    from policyc.lower import compile_plan
+
+    xen = mk()
+    g = xen.guest
+    cc = g.symbols["commit_creds"]                                  # already slid
+    entry_pa = g.walk(xen.vcpu(0).cr3, g.symbols["entry_SYSCALL_64"]).pa
+    src = tmp_path / "bp.vmi"
+    shutil.copy(MAP, tmp_path / MAP.name)
+    src.write_text(f'''policy "bp" {{
+    target xen >= 4.17 on x86_64
+    symbols "{MAP.name}"
+    rule by_symbol: on execute symbol commit_creds {{ log info "s" }}
+    rule by_va: on execute va {cc + 0x10:#x} {{ log info "v" }}
+    rule by_pa: on execute pa {entry_pa:#x} {{ log info "p" }}
+}}
+''')
+    d = Diagnostics()
+    plan = compile_plan(check_policy(src, d), d)
+    assert plan is not None, [x.message for x in d]
+    sites = {s["rules"][0]: s for s in plan["breakpoints"]}
+    assert sites["by_symbol"]["relocatable"] and not sites["by_va"]["relocatable"]
+    assert sites["by_pa"]["physical"] and not sites["by_pa"]["relocatable"]
+    bound = bind_plan(plan, xen, load_symbol_table(tmp_path / MAP.name))
+    by_id = {b.id: b for b in bound.breakpoints}
+    assert by_id[sites["by_symbol"]["id"]].address == cc                      # link-time + slide
+    assert by_id[sites["by_va"]["id"]].address == cc + 0x10                   # as written
+    phys = by_id[sites["by_pa"]["id"]]
+    assert (phys.gfn, phys.offset) == (entry_pa >> 12, entry_pa & 0xFFF)      # no translation

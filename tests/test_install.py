@@ -200,7 +200,8 @@ def test_install_teardown_with_no_guest_activity_is_an_identity(symbols, tmp_pat
 
 
 def test_svm_plan_plants_inline_breakpoints_and_restores_the_bytes(symbols, tmp_path):
-    xen = mk("x86_64-svm")
+    # slide 0: the policy's `execute va 0xffffffff81c00080` is where the running guest has it
+    xen = SimulatedXen(build_linux_x86_64(MAP, kaslr_slide=0, memory="256M", vcpus=2), "x86_64-svm")
     before = guest_snapshot(xen)
     bound = bind_plan(plan("linux-syscall-tracing.x86_64-svm.plan.json"), xen, symbols)
     inst = install(bound, xen, state_dir=tmp_path)
