@@ -1,0 +1,335 @@
+"""The lab's check, run inside the Xen dom0 by the initramfs /init (tests/lab/lab.sh).
+
+    python3 dom0_check.py --mode qemu|bochs --policy P.vmi --domid D [--seconds N]
+
+It prints `LAB <name> <json>` lines on the console, `LAB-RESULT i/n PART` lines (the whole result as JSON, in short pieces); /init
+frames them between `=== LAB-BEGIN` and `=== LAB-END`, and tests/test_lab.py
+parses them. Steps, each recorded whether it works or not:
+
+1. the environment: python version, `import policyc`, the ring extension,
+   `policyc check` of the lab policies;
+2. the guest's own report page (tests/lab/guest/labguest.S), read through a foreign
+   map of gfn 0x200 (libxenforeignmemory, ctypes);
+3. `policyc run POLICY --guest xen:D --log /tmp/decisions.jsonl` for N seconds, then
+   SIGTERM (the enforcer tears down); the report page is sampled all along;
+4. both sides compared: each deny in the decision log against what the guest saw
+   (a denied CR4/MSR/watched write did not land, an allowed one did), then after
+   teardown the guest must still run (its round counter moves, writes land again,
+   no fault, the domain not paused);
+5. Xen's own client on the same guest for the same seconds: `xen-access D cpuid`
+   (and `write` under Bochs), events per second of each.
+
+Only the standard library and policyc are used (it runs on the lab's trimmed Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPORT_GFN = 0x200
+FIELDS = ("magic", "round", "cr4_landed", "cr4_blocked", "msr_landed", "msr_blocked", "cpuid",
+          "int3", "wat_landed", "wat_blocked", "unw_landed", "unw_blocked", "bp_passes", "fault",
+          "bp_addr", "watched_addr", "unwatched_addr")
+MAGIC = 0x42414C50
+NO_FAULT = 0xFFFFFFFF
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def emit(name: str, value) -> None:
+    print(f"LAB {name} {json.dumps(value, sort_keys=True)}", flush=True)
+
+
+class ReportPage:
+    """The guest's report page, mapped read-only from dom0."""
+
+    def __init__(self, domid: int) -> None:
+        lib = ctypes.CDLL("libxenforeignmemory.so.1", use_errno=True)
+        lib.xenforeignmemory_open.restype = ctypes.c_void_p
+        lib.xenforeignmemory_open.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.xenforeignmemory_map.restype = ctypes.c_void_p
+        lib.xenforeignmemory_map.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_size_t,
+                                             ctypes.POINTER(ctypes.c_ulong), ctypes.POINTER(ctypes.c_int)]
+        self.lib = lib
+        self.handle = lib.xenforeignmemory_open(None, 0)
+        if not self.handle:
+            raise OSError(ctypes.get_errno(), "xenforeignmemory_open")
+        gfns = (ctypes.c_ulong * 1)(REPORT_GFN)
+        errs = (ctypes.c_int * 1)()
+        addr = lib.xenforeignmemory_map(self.handle, domid, 1, 1, gfns, errs)  # PROT_READ
+        if not addr or errs[0]:
+            raise OSError(ctypes.get_errno() or -errs[0], f"xenforeignmemory_map gfn {REPORT_GFN:#x}")
+        self.words = (ctypes.c_uint32 * len(FIELDS)).from_address(addr)
+
+    def read(self) -> dict:
+        snap = dict(zip(FIELDS, list(self.words)))
+        snap["t"] = round(time.monotonic(), 3)
+        return snap
+
+
+def delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in FIELDS[1:13]} | {"seconds": round(b["t"] - a["t"], 3)}
+
+
+def run(cmd: list[str], timeout: float = 120) -> tuple[int, str]:
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        return p.returncode, p.stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return -1, f"{type(e).__name__}: {e}"
+
+
+def domain_state(domid: int) -> str:
+    rc, out = run(["xl", "list", str(domid)])
+    lines = out.strip().splitlines()
+    return lines[-1].split()[4] if rc == 0 and len(lines) >= 2 and len(lines[-1].split()) > 4 else f"? rc={rc}"
+
+
+def step_environment(policies: list[str]) -> dict:
+    env: dict = {"python": sys.version.split()[0], "executable": sys.executable, "uptime": uptime()}
+    t0 = time.monotonic()
+    try:
+        import policyc  # noqa: F401
+        from policyc.native import _vm_event  # noqa: F401  the cffi ring extension
+        env["import_policyc"] = "ok"
+    except Exception as e:  # record, go on
+        env["import_policyc"] = f"{type(e).__name__}: {e}"
+    env["import_seconds"] = round(time.monotonic() - t0, 2)
+    t0 = time.monotonic()
+    if not policies:
+        env["check_rc"] = "skipped"
+        return env
+    rc, out = run([sys.executable, "-m", "policyc", "check", *policies])
+    env["check_rc"], env["check_output"] = rc, out.strip().splitlines()[-3:]
+    env["check_seconds"] = round(time.monotonic() - t0, 2)
+    return env
+
+
+def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
+                 startup: float = 240) -> dict:
+    log = "/tmp/decisions.jsonl"
+    if os.path.exists(log):
+        os.unlink(log)
+    res: dict = {"policy": os.path.basename(policy), "seconds": seconds}
+    samples = []
+    before = page.read() if page else None
+    cmd = [sys.executable, "-m", "policyc", "run", policy, "--guest", f"xen:{domid}", "--log", log]
+    res["cmd"] = " ".join(cmd[1:])
+    t_start = time.monotonic()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open("/tmp/policyc-run.out", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Start-up (import, compile, bind, install) is slow on an emulated CPU: the N seconds
+        # start at the first decision (or after `startup` seconds without one).
+        first_decision = None
+        deadline = t_start + startup
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.25)
+            if page:
+                samples.append(page.read())
+            if first_decision is None and os.path.exists(log) and os.path.getsize(log) > 0:
+                first_decision = time.monotonic()
+                res["first_decision_after"] = round(first_decision - t_start, 2)
+                deadline = first_decision + seconds
+        exited_early = proc.poll() is not None
+        if not exited_early:
+            proc.send_signal(signal.SIGTERM)
+        t_term = time.monotonic()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            res["killed"] = True
+    res["rc"] = proc.returncode
+    res["exited_before_sigterm"] = exited_early
+    res["teardown_seconds"] = round(time.monotonic() - t_term, 2)
+    with open("/tmp/policyc-run.out") as f:
+        res["output_tail"] = f.read().strip().splitlines()[-15:]
+    after = page.read() if page else None
+    if res["rc"] not in (0, None) and not exited_early or res.get("killed"):
+        # an enforcer that did not tear down leaves the monitor ring enabled: clean up
+        rc, out = run([sys.executable, "-m", "policyc", "recover", "--guest", f"xen:{domid}"], timeout=300)
+        res["recover"] = {"rc": rc, "output_tail": out.strip().splitlines()[-5:]}
+
+    # the decision log
+    decisions = []
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                try:
+                    decisions.append(json.loads(line))
+                except ValueError:
+                    pass
+    by = collections.Counter((d.get("kind"), d.get("rule"), d.get("verdict")) for d in decisions)
+    flags = collections.Counter((d.get("rule"), "|".join(d.get("response_flags") or [])) for d in decisions)
+    res["response_flags_by_rule"] = {f"{r}/{f}": n for (r, f), n in sorted(flags.items(), key=str)}
+    res["decisions"] = len(decisions)
+    res["decisions_by_kind_rule_verdict"] = {f"{k}/{r}/{v}": n for (k, r, v), n in sorted(by.items(), key=str)}
+    if first_decision is not None:
+        window = max(1e-3, t_term - first_decision)
+        res["events_per_second"] = round(len(decisions) / window, 1)
+
+    # both sides
+    if page and before and after:
+        res["guest_delta_whole_run"] = delta(before, after)
+        enforced = [s for s in samples if first_decision is not None and s["t"] >= first_decision + 1.0]
+        if len(enforced) >= 2:
+            res["guest_delta_enforced_window"] = delta(enforced[0], enforced[-1])
+        res["guest_fault"] = after["fault"]
+    return res
+
+
+def deny_count(res: dict, rule: str) -> int:
+    return sum(n for k, n in res.get("decisions_by_kind_rule_verdict", {}).items()
+               if k.split("/")[1] == rule and k.split("/")[2] == "deny")
+
+
+def compare(mode: str, res: dict) -> dict:
+    """What each side says, rule by rule; `ok` is None when a side is missing."""
+    out: dict = {}
+    win = res.get("guest_delta_enforced_window")
+    whole = res.get("guest_delta_whole_run")
+    pairs = [("cr4_guard", "cr4"), ("sysenter_eip", "msr")] + ([("watched_write", "wat")] if mode == "bochs" else [])
+    for rule, g in pairs:
+        c: dict = {"deny_decisions": deny_count(res, rule)}
+        if whole:
+            c["guest_blocked_whole_run"] = whole[f"{g}_blocked"]
+        if win:
+            c["guest_landed_while_enforced"] = win[f"{g}_landed"]
+            c["guest_blocked_while_enforced"] = win[f"{g}_blocked"]
+        if win and whole and res.get("decisions"):
+            # every deny the log records is a write the guest saw fail, and none landed while enforced
+            c["ok"] = (win[f"{g}_landed"] == 0 and win[f"{g}_blocked"] > 0
+                       and abs(c["deny_decisions"] - whole[f"{g}_blocked"]) <= 2)
+        else:
+            c["ok"] = None
+        out[rule] = c
+    if win:
+        out["benign_unwatched_write"] = {"landed_while_enforced": win["unw_landed"],
+                                        "blocked_while_enforced": win["unw_blocked"],
+                                        "ok": win["unw_landed"] > 0 and win["unw_blocked"] == 0}
+        out["cpuid"] = {"guest_cpuid_while_enforced": win["cpuid"],
+                        "log_decisions": sum(n for k, n in res["decisions_by_kind_rule_verdict"].items()
+                                             if k.split("/")[1] == "hypervisor_probe")}
+    return out
+
+
+def step_after_teardown(domid: int, page: ReportPage | None) -> dict:
+    res: dict = {"state": domain_state(domid)}
+    if page:
+        a = page.read()
+        time.sleep(2.0)
+        b = page.read()
+        d = delta(a, b)
+        res["delta_2s"] = d
+        res["fault"] = b["fault"]
+        res["ok"] = (d["round"] > 0 and d["cr4_landed"] > 0 and d["msr_landed"] > 0 and b["fault"] == NO_FAULT
+                     and "p" not in res["state"])
+    rc, out = run(["xl", "vcpu-list", str(domid)])
+    res["vcpu_list"] = out.strip().splitlines()[-1:] if rc == 0 else out.strip().splitlines()[-2:]
+    return res
+
+
+def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | None) -> dict:
+    marker = {"cpuid": "CPUID", "write": "PAGE ACCESS"}[mode]
+    a = page.read() if page else None
+    t0 = time.monotonic()
+    rc, out = run(["timeout", "-s", "TERM", str(int(seconds)), "xen-access", str(domid), mode], timeout=seconds + 60)
+    wall = time.monotonic() - t0
+    b = page.read() if page else None
+    lines = out.splitlines()
+    n = sum(marker in line for line in lines)
+    res = {"mode": mode, "rc": rc, "seconds": round(wall, 2), "events": n, "events_per_second": round(n / wall, 1),
+           "head": lines[:4], "tail": lines[-3:]}
+    if a and b:
+        res["guest_delta"] = delta(a, b)
+    res["state_after"] = domain_state(domid)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("qemu", "bochs"), required=True)
+    ap.add_argument("--policy", required=True)
+    ap.add_argument("--check", nargs="*", default=None, help="policies to `policyc check` (default: --policy)")
+    ap.add_argument("--domid", type=int, required=True)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--skip-check", action="store_true", help="no `policyc check` in dom0 (slow under Bochs)")
+    ap.add_argument("--baseline", help="a cpuid-only policy, run like --policy, to compare with xen-access cpuid")
+    ap.add_argument("--startup", type=float, default=240, help="seconds allowed until the first decision")
+    a = ap.parse_args()
+    result: dict = {"mode": a.mode, "domid": a.domid}
+
+    result["environment"] = env = step_environment([] if a.skip_check else (a.check or [a.policy]))
+    emit("environment", env)
+
+    page = None
+    try:
+        page = ReportPage(a.domid)
+        snap = page.read()
+        time.sleep(1.0)
+        snap2 = page.read()
+        result["guest_before"] = g = {"magic_ok": snap["magic"] == MAGIC, "rounds_per_second": round(
+            (snap2["round"] - snap["round"]) / (snap2["t"] - snap["t"]), 1), "report": snap2,
+            "state": domain_state(a.domid)}
+    except Exception as e:
+        result["guest_before"] = g = {"error": f"{type(e).__name__}: {e}"}
+    emit("guest_before", g)
+
+    t0 = uptime()
+    result["enforce"] = enf = step_enforce(a.policy, a.domid, a.seconds, page, a.startup)
+    enf["dom0_seconds"] = round(uptime() - t0, 2)
+    emit("enforce", enf)
+    result["compare"] = cmp = compare(a.mode, enf)
+    emit("compare", cmp)
+    result["after_teardown"] = aft = step_after_teardown(a.domid, page)
+    emit("after_teardown", aft)
+
+    if a.baseline:
+        result["enforce_baseline"] = base = step_enforce(a.baseline, a.domid, a.seconds, page, a.startup)
+        base.pop("output_tail", None)
+        emit("enforce_baseline", base)
+
+    result["xen_access"] = []
+    for m in (["cpuid"] + (["write"] if a.mode == "bochs" else [])):
+        xa = step_xen_access(a.domid, m, a.seconds, page)
+        result["xen_access"].append(xa)
+        emit(f"xen_access_{m}", xa)
+    result["after_xen_access"] = aft2 = step_after_teardown(a.domid, page)
+    emit("after_xen_access", aft2)
+
+    enforcer_ran = bool(enf.get("decisions"))
+    result["summary"] = {
+        "import_policyc": env.get("import_policyc") == "ok",
+        "policyc_check": env.get("check_rc") in (0, "skipped"),
+        "guest_running": bool(g.get("magic_ok")) and g.get("rounds_per_second", 0) > 0,
+        "enforcer_ran": enforcer_ran,
+        "enforcer_rc": enf.get("rc"),
+        "verdicts_agree": (all(c["ok"] for c in cmp.values() if "ok" in c) if enforcer_ran and cmp else None),
+        "guest_runs_after_teardown": aft.get("ok"),
+        "enforcer_events_per_second": enf.get("events_per_second"),
+        "enforcer_baseline_cpuid_events_per_second": result.get("enforce_baseline", {}).get("events_per_second"),
+        "xen_access_events_per_second": {x["mode"]: x["events_per_second"] for x in result["xen_access"]},
+    }
+    # short lines: Xen's console may slip a guest's line between two writes of a long one
+    text = json.dumps(result, sort_keys=True)
+    parts = [text[i:i + 160] for i in range(0, len(text), 160)]
+    for i, part in enumerate(parts):
+        print(f"LAB-RESULT {i + 1}/{len(parts)} {part}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

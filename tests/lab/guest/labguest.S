@@ -1,0 +1,276 @@
+/* labguest: the lab's PVH test guest (32-bit, flat segments, paging off, so va == pa).
+ *
+ * Adapted from the tiny PVH guest written for this project's Xen lab
+ * (/work/shared/xenlab/src/tinypvh.S: the PVH ELF note, GDT/IDT set-up); the
+ * attack/benign loop, the self-report page and the console lines are new.
+ *
+ * Each round it tries, and checks from inside whether it took effect:
+ *   - a CR4 write that flips CR4.TSD          (attack: the register policies deny it)
+ *   - wrmsr IA32_SYSENTER_EIP (0x176) = round (attack: denied)
+ *   - cpuid leaf 0x40000000                   (benign: logged)
+ *   - int3 (its own #BP handler counts it)    (the guest's own breakpoint)
+ *   - passes the instruction at bp_site       (the memory policy's `execute pa` site)
+ *   - a write to the watched page   gfn 0x201 (attack under the memory policy: denied)
+ *   - a write to the unwatched page gfn 0x202 (benign: must land)
+ * The counters live on the report page (gfn 0x200, layout below), which the
+ * dom0 driver reads with a foreign map; every REPORT_EVERY rounds the guest
+ * also prints them (until round REPORT_UNTIL) on Xen's HVM debug port 0xe9 ("(dN) LABGUEST ..." on the
+ * Xen console / `xl dmesg`). It never stops, so it still runs after teardown.
+ *
+ * Report page, u32 each at offset:
+ *   0 magic 0x42414c50 ('PLAB')   4 round
+ *   8 cr4_landed   12 cr4_blocked   16 msr_landed    20 msr_blocked
+ *  24 cpuid_count  28 int3_handled  32 wat_landed    36 wat_blocked
+ *  40 unw_landed   44 unw_blocked   48 bp_site_passes 52 last_fault_vector (0xffffffff: none)
+ *  56 bp_site address               60 watched page address   64 unwatched page address
+ */
+#define REPORT_EVERY 1024
+#define REPORT_UNTIL 8192   /* then quiet: the serial console carries the lab's markers */
+        .code32
+        .section .note.Xen, "a"
+        .align 4
+        .long 4, 4, 18          /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
+        .asciz "Xen"
+        .long _start
+
+        .text
+        .globl _start
+_start:
+        cli
+        lgdt gdt_desc
+        ljmp $0x08, $1f
+1:      mov $0x10, %ax
+        mov %ax, %ds
+        mov %ax, %es
+        mov %ax, %ss
+        mov %ax, %fs
+        mov %ax, %gs
+        mov $stack_top, %esp
+        /* IDT: every vector -> fault handler (records the vector, prints, halts); #BP -> bp_handler */
+        mov $idt, %edi
+        xor %ebx, %ebx
+2:      lea fault_stubs(,%ebx,8), %eax
+        cmp $3, %ebx
+        jne 3f
+        mov $bp_handler, %eax
+3:      movw %ax, (%edi)
+        movw $0x08, 2(%edi)
+        movw $0x8E00, 4(%edi)
+        shr $16, %eax
+        movw %ax, 6(%edi)
+        add $8, %edi
+        inc %ebx
+        cmp $32, %ebx
+        jne 2b
+        lidt idt_desc
+        movl $0x42414c50, R_MAGIC
+        movl $0xffffffff, R_FAULT
+        movl $bp_site, R_BPADDR
+        movl $watched, R_WADDR
+        movl $unwatched, R_UADDR
+        mov $msg_start, %esi
+        call puts
+
+round:
+        incl R_ROUND
+        /* --- CR4.TSD flip: did it land? */
+        mov %cr4, %eax
+        xor $0x4, %eax
+        mov %eax, %cr4
+        mov %cr4, %ebx
+        cmp %eax, %ebx
+        jne 4f
+        incl R_CR4_LANDED
+        jmp 5f
+4:      incl R_CR4_BLOCKED
+5:
+        /* --- wrmsr SYSENTER_EIP = 0x1000 + round*16 (changes every round), read back */
+        mov R_ROUND, %eax
+        shl $4, %eax
+        add $0x1000, %eax
+        mov %eax, %edi
+        mov $0x176, %ecx
+        xor %edx, %edx
+        wrmsr
+        mov $0x176, %ecx
+        rdmsr
+        cmp %edi, %eax
+        jne 6f
+        incl R_MSR_LANDED
+        jmp 7f
+6:      incl R_MSR_BLOCKED
+7:
+        /* --- cpuid (benign) */
+        mov $0x40000000, %eax
+        xor %ecx, %ecx
+        cpuid
+        incl R_CPUID
+        /* --- the guest's own int3 */
+        int3
+        /* --- the policy's breakpoint site: a plain instruction the enforcer may patch */
+        .globl bp_site
+bp_site:
+        incl R_BPPASS
+        /* --- write the watched page: did it land? */
+        mov R_ROUND, %eax
+        mov %eax, watched
+        mov watched, %ebx
+        cmp %eax, %ebx
+        jne 8f
+        incl R_WAT_LANDED
+        jmp 9f
+8:      incl R_WAT_BLOCKED
+9:
+        /* --- write the unwatched page: must land */
+        mov R_ROUND, %eax
+        mov %eax, unwatched
+        mov unwatched, %ebx
+        cmp %eax, %ebx
+        jne 10f
+        incl R_UNW_LANDED
+        jmp 11f
+10:     incl R_UNW_BLOCKED
+11:
+        /* --- every REPORT_EVERY rounds: one console line */
+        cmpl $REPORT_UNTIL, R_ROUND
+        ja 12f
+        testl $(REPORT_EVERY-1), R_ROUND
+        jnz 12f
+        call report
+12:     mov $200000, %ecx
+13:     dec %ecx
+        jnz 13b
+        jmp round
+
+/* one line: "LABGUEST round=.. cr4=L/B msr=L/B cpuid=.. int3=.. bp=.. wat=L/B unw=L/B" */
+report:
+        mov $msg_round, %esi; call puts; mov R_ROUND, %eax; call puthex
+        mov $msg_cr4, %esi; call puts; mov R_CR4_LANDED, %eax; call puthex
+        mov $msg_sl, %esi; call puts; mov R_CR4_BLOCKED, %eax; call puthex
+        mov $msg_msr, %esi; call puts; mov R_MSR_LANDED, %eax; call puthex
+        mov $msg_sl, %esi; call puts; mov R_MSR_BLOCKED, %eax; call puthex
+        mov $msg_cpuid, %esi; call puts; mov R_CPUID, %eax; call puthex
+        mov $msg_int3, %esi; call puts; mov R_INT3, %eax; call puthex
+        mov $msg_bp, %esi; call puts; mov R_BPPASS, %eax; call puthex
+        mov $msg_wat, %esi; call puts; mov R_WAT_LANDED, %eax; call puthex
+        mov $msg_sl, %esi; call puts; mov R_WAT_BLOCKED, %eax; call puthex
+        mov $msg_unw, %esi; call puts; mov R_UNW_LANDED, %eax; call puthex
+        mov $msg_sl, %esi; call puts; mov R_UNW_BLOCKED, %eax; call puthex
+        mov $msg_nl, %esi; call puts
+        ret
+
+/* puts: NUL-terminated string at %esi to port 0xe9 */
+puts:   push %eax
+        push %edx
+        mov $0xe9, %dx
+1:      lodsb
+        test %al, %al
+        jz 2f
+        outb %al, %dx
+        jmp 1b
+2:      pop %edx
+        pop %eax
+        ret
+
+/* puthex: %eax as 8 hex digits to port 0xe9 */
+puthex: push %eax
+        push %ebx
+        push %ecx
+        push %edx
+        mov %eax, %ebx
+        mov $8, %ecx
+        mov $0xe9, %dx
+1:      rol $4, %ebx
+        mov %ebx, %eax
+        and $0xf, %eax
+        movb hexdigits(%eax), %al
+        outb %al, %dx
+        loop 1b
+        pop %edx
+        pop %ecx
+        pop %ebx
+        pop %eax
+        ret
+
+bp_handler:
+        incl R_INT3
+        iret
+
+/* 32 stubs of 8 bytes: push the vector, then go to fault_common */
+        .align 8
+fault_stubs:
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .align 8
+        push $\v
+        jmp fault_common
+        .endr
+fault_common:
+        pop %eax
+        mov %eax, R_FAULT
+        mov $msg_fault, %esi
+        call puts
+        call puthex
+        mov $msg_nl, %esi
+        call puts
+1:      hlt
+        jmp 1b
+
+        .section .rodata
+        .align 8
+gdt:    .quad 0
+        .quad 0x00cf9a000000ffff   /* 0x08 code32 flat */
+        .quad 0x00cf92000000ffff   /* 0x10 data32 flat */
+gdt_desc:
+        .word 23
+        .long gdt
+idt_desc:
+        .word 32*8-1
+        .long idt
+hexdigits: .ascii "0123456789abcdef"
+msg_start: .asciz "LABGUEST start report=0x200000 watched=0x201000 unwatched=0x202000\n"
+msg_round: .asciz "LABGUEST round="
+msg_cr4:   .asciz " cr4="
+msg_msr:   .asciz " msr="
+msg_cpuid: .asciz " cpuid="
+msg_int3:  .asciz " int3="
+msg_bp:    .asciz " bp="
+msg_wat:   .asciz " wat="
+msg_unw:   .asciz " unw="
+msg_sl:    .asciz "/"
+msg_nl:    .asciz "\n"
+msg_fault: .asciz "LABGUEST FAULT vector="
+
+        .section .data
+        .align 4096
+report_page:                    /* gfn 0x200 */
+        .space 4096
+        .globl watched
+watched:                        /* gfn 0x201: the memory policy's watched page */
+        .space 4096
+        .globl unwatched
+unwatched:                      /* gfn 0x202: never watched */
+        .space 4096
+
+        .section .bss
+        .align 4096
+idt:    .space 4096
+stack:  .space 4096
+stack_top:
+
+        .set R_MAGIC,       report_page + 0
+        .set R_ROUND,       report_page + 4
+        .set R_CR4_LANDED,  report_page + 8
+        .set R_CR4_BLOCKED, report_page + 12
+        .set R_MSR_LANDED,  report_page + 16
+        .set R_MSR_BLOCKED, report_page + 20
+        .set R_CPUID,       report_page + 24
+        .set R_INT3,        report_page + 28
+        .set R_WAT_LANDED,  report_page + 32
+        .set R_WAT_BLOCKED, report_page + 36
+        .set R_UNW_LANDED,  report_page + 40
+        .set R_UNW_BLOCKED, report_page + 44
+        .set R_BPPASS,      report_page + 48
+        .set R_FAULT,       report_page + 52
+        .set R_BPADDR,      report_page + 56
+        .set R_WADDR,       report_page + 60
+        .set R_UADDR,       report_page + 64

@@ -1,0 +1,48 @@
+#!/bin/busybox sh
+# /init of the lab's dom0 initramfs (built by tests/lab/lab.sh): start the Xen toolstack,
+# create the test guest, run tests/lab/dom0_check.py, print the results between the
+# markers on the console, power off (QEMU and Bochs then exit by themselves).
+/bin/busybox --install -s /bin
+export PATH=/usr/local/bin:/usr/lib/xen-4.17/bin:/bin:/sbin
+export PYTHONHOME=/opt/py PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
+up() { cut -d' ' -f1 /proc/uptime; }
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run
+rm -rf /var/run; ln -s /run /var/run
+MODE=qemu; SECS=20
+for a in $(cat /proc/cmdline); do
+  case "$a" in lab.mode=*) MODE=${a#lab.mode=} ;; lab.seconds=*) SECS=${a#lab.seconds=} ;; esac
+done
+echo "=== LAB-BEGIN mode=$MODE seconds=$SECS"
+echo "LAB-T dom0_init $(up)"
+for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc; do insmod /mod/$m.ko || echo "LAB-ERR insmod $m"; done
+mount -t xenfs xenfs /proc/xen
+mkdir -p /run/xen /run/xenstored
+xenstored --pid-file=/run/xenstored.pid
+xen-init-dom0 >/dev/null
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen
+echo "LAB-T toolstack_ready $(up)"
+xl info | grep -E 'xen_version|virt_caps|nr_cpus|free_memory' | sed 's/^/LAB-INFO /'
+T=$(up)
+if [ "$MODE" = bochs ]; then
+  xl create -q /lab/labguest-altp2m.cfg || xl create -q /lab/labguest.cfg
+else
+  xl create -q /lab/labguest.cfg
+fi
+D=$(xl domid labguest 2>/dev/null)
+echo "LAB-T guest_created $(up) (create started at $T) domid=$D"
+if [ "$MODE" = bochs ]; then POL=/lab/policies/lab-memory-vmx.vmi; else POL=/lab/policies/lab-registers-svm.vmi; fi
+if [ -n "$D" ]; then
+  if [ "$MODE" = bochs ]; then
+    EXTRA="--skip-check --startup 900"    # Python is ~10x slower under Bochs than under QEMU: check in the QEMU lab
+  else
+    EXTRA="--check /lab/policies/lab-registers-svm.vmi /lab/policies/lab-memory-vmx.vmi /lab/policies/lab-cpuid-svm.vmi --baseline /lab/policies/lab-cpuid-svm.vmi"
+  fi
+  /opt/py/bin/python3 /lab/dom0_check.py --mode "$MODE" --policy "$POL" --domid "$D" --seconds "$SECS" $EXTRA 2>&1
+  echo "LAB-T check_done $(up) rc=$?"
+  xl list | sed 's/^/LAB-INFO /'
+else
+  echo "LAB-ERR no guest"
+fi
+echo "=== LAB-END"
+sync; poweroff -f

@@ -1,0 +1,232 @@
+#!/bin/bash
+# policyc's Xen lab: real Xen 4.17 (Debian bookworm) nested in an emulator, a PV dom0 built
+# from an initramfs that carries python3 + policyc, and a tiny PVH test guest
+# (tests/lab/guest/labguest.S) that attacks and does benign work in a loop.
+#
+#   tests/lab/lab.sh setup    # apt packages, the Debian kernel, then `build`
+#   tests/lab/lab.sh build    # rebuild guest + dom0 initramfs + Bochs ISO (after editing the project)
+#   tests/lab/lab.sh qemu     # QEMU TCG, emulated AMD SVM+NPT: register policy   (fast)
+#   tests/lab/lab.sh bochs    # Bochs, emulated Intel VT-x+EPT: memory+register policy (slow)
+#
+# Everything is written under $LAB (default /tmp/policyc-lab), never into the repository.
+# LAB_SECONDS (default 20) is how long the enforcer, and then xen-access, run in dom0.
+# The run prints the serial console; the check's results are between
+# "=== LAB-BEGIN" and "=== LAB-END" (tests/test_lab.py parses them). See tests/lab/README.md.
+#
+# Pitfalls taken care of (measured in /work/shared/xenlab/NOTES.md): QEMU's -kernel needs Xen's
+# 32-bit multiboot ELF; `-cpu ...,-smap` (QEMU 7.2 TCG pops IRET frames as supervisor accesses,
+# SMAP-faulting the ring-3 PV dom0 kernel) and `-monitor` (TCG #GPs on Xen's MWAIT ECX=1);
+# static busybox; libgcc_s for xl; devpts for xenconsoled; /var/run -> /run; GRUB multiboot v1
+# (not v2) for Bochs; Bochs' built-in debugger needs `-rc` with "c" and stdin from /dev/null;
+# Bochs has no nogui in Debian: rfb display with timeout=0.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+LAB=${LAB:-/tmp/policyc-lab}
+KPKG=${KPKG:-linux-image-6.1.0-56-amd64}
+KV=${KPKG#linux-image-}
+LAB_SECONDS=${LAB_SECONDS:-20}
+# The lab's Python: the project's own interpreter (where policyc and its dependencies are
+# installed and the ring extension was built). Override with LAB_PYTHON.
+LAB_PYTHON=${LAB_PYTHON:-$(command -v python3)}
+mkdir -p "$LAB"
+log() { echo "lab: $*" >&2; }
+
+packages() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends \
+    qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 busybox-static cpio binutils cpp \
+    bochs bochs-term bochsbios vgabios grub-pc-bin grub-common xorriso mtools
+}
+
+kernel() {
+  cd "$LAB"
+  zcat /boot/xen-4.17-amd64.gz > xen-4.17.elf          # QEMU -kernel wants the ELF32 multiboot image
+  if [ ! -f "kernel/boot/vmlinuz-$KV" ]; then
+    rm -rf kpkg kernel && mkdir -p kpkg
+    (cd kpkg && apt-get download "$KPKG")
+    dpkg-deb -x kpkg/"${KPKG}"_*.deb kernel              # extracted, never installed
+  fi
+}
+
+build_guest() {
+  mkdir -p "$LAB/guest"; cd "$LAB/guest"
+  cpp -P "$HERE/guest/labguest.S" > labguest.s
+  as --32 -o labguest.o labguest.s
+  ld -m elf_i386 -T "$HERE/guest/labguest.ld" -o labguest.elf labguest.o
+  # the policies name the guest's real addresses: check them against the build
+  local bp wat
+  bp=$(nm labguest.elf | awk '$3=="bp_site"{print "0x"substr($1,3)}' | sed 's/^0x0*/0x/')
+  wat=$(nm labguest.elf | awk '$3=="watched"{print $1}' | sed 's/^0*/0x/')
+  grep -qi "const BP_SITE = $bp\b" "$HERE/policies/lab-memory-vmx.vmi" \
+    || { log "bp_site is at $bp: update BP_SITE in policies/lab-memory-vmx.vmi"; exit 1; }
+  grep -qi "const WATCHED = $wat\b" "$HERE/policies/lab-memory-vmx.vmi" \
+    || { log "watched is at $wat: update WATCHED in policies/lab-memory-vmx.vmi"; exit 1; }
+  log "guest built: bp_site=$bp watched=$wat"
+}
+
+copy_libs() {   # copy_libs STAGE FILE...: the shared libraries FILEs need (recursively, via ldd)
+  local S=$1; shift
+  ldd "$@" 2>/dev/null | awk '/=> \//{print $3}' | sort -u | while read -r l; do
+    [ -e "$S/lib/x86_64-linux-gnu/$(basename "$l")" ] || cp -L "$l" "$S/lib/x86_64-linux-gnu/"
+  done
+}
+
+build_initrd() {
+  local S=$LAB/stage; rm -rf "$S"
+  mkdir -p $S/{bin,sbin,lib/x86_64-linux-gnu,lib64,usr/lib/xen-4.17/bin,usr/local/bin,proc,sys,dev,tmp,run,mod,lab/policies}
+  mkdir -p $S/{var/log/xen,var/lib/xen,var/lib/xenstored,etc/xen}
+  cp /bin/busybox "$S/bin/busybox"                              # busybox-static (Debian's other one is dynamic)
+  cp /sbin/ldconfig "$S/sbin/ldconfig"                          # static; ctypes.util.find_library needs `ldconfig -p`
+  local XB="xl xenstored xenconsoled xen-init-dom0 xen-access"
+  for b in $XB; do cp /usr/lib/xen-4.17/bin/$b "$S/usr/lib/xen-4.17/bin/"; done
+  cp -a /usr/lib/x86_64-linux-gnu/libxen*.so* "$S/lib/x86_64-linux-gnu/"   # every libxen* for the cffi backend
+  cp -L /lib64/ld-linux-x86-64.so.2 "$S/lib64/"
+  cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$S/lib/x86_64-linux-gnu/"     # xl aborts at exit without it
+  cp /etc/xen/xl.conf "$S/etc/xen/" 2>/dev/null || true
+  (cd /usr/lib/xen-4.17/bin && copy_libs "$S" $XB)
+  local M=$LAB/kernel/lib/modules/$KV/kernel/drivers/xen
+  cp $M/xen-privcmd.ko $M/xenfs/xenfs.ko $M/xen-evtchn.ko $M/xen-gntdev.ko $M/xen-gntalloc.ko "$S/mod/"
+
+  # --- python: the interpreter, a trimmed stdlib, the project's dependencies, the project
+  local PYV PFX PY=$S/opt/py
+  PYV=$("$LAB_PYTHON" -c 'import sys;print("%d.%d"%sys.version_info[:2])')
+  PFX=$("$LAB_PYTHON" -c 'import sys;print(sys.base_prefix)')
+  local PEXE; PEXE=$("$LAB_PYTHON" -c 'import sys,os;print(os.path.realpath(sys.executable))')
+  mkdir -p "$PY/bin" "$PY/lib"
+  cp "$PEXE" "$PY/bin/python3"
+  copy_libs "$S" "$PEXE"
+  tar -C "$PFX/lib" --exclude="python$PYV/site-packages" --exclude="python$PYV/test" \
+      --exclude="python$PYV/idlelib" --exclude="python$PYV/tkinter" --exclude="python$PYV/turtledemo" \
+      --exclude="python$PYV/ensurepip" --exclude="python$PYV/lib2to3" --exclude="python$PYV/pydoc_data" \
+      --exclude="python$PYV/distutils" --exclude="python$PYV/config-$PYV-*" --exclude='__pycache__' \
+      --exclude='*/tests' --exclude='*/test' --exclude='_tkinter*' --exclude='_curses*' --exclude='readline*' \
+      --exclude='_dbm*' --exclude='_gdbm*' --exclude='nis.*' --exclude='*.a' \
+      -cf - "python$PYV" | tar -C "$PY/lib" -xf -
+  copy_libs "$S" "$PY/lib/python$PYV/lib-dynload/"*.so
+  local SP=$PY/lib/python$PYV/site-packages; mkdir -p "$SP"
+  # the runtime dependencies of policyc (pyproject.toml), resolved from the installed metadata
+  "$LAB_PYTHON" - "$SP" <<'EOF'
+import importlib.metadata as md, re, shutil, sys, pathlib
+dest = pathlib.Path(sys.argv[1]); seen = set(); todo = list(md.requires("policyc") and
+    [r for r in md.requires("policyc") if "extra ==" not in r])
+todo = [re.split(r"[ ;<>=!\[~(]", r)[0] for r in todo]
+while todo:
+    name = todo.pop(); key = name.lower().replace("_", "-")
+    if key in seen: continue
+    seen.add(key); d = md.distribution(name)
+    todo += [re.split(r"[ ;<>=!\[~(]", r)[0] for r in (d.requires or []) if "extra ==" not in r]
+    tops = {f.parts[0] for f in d.files if f.parts[0] not in ("..", "bin", "__pycache__")}
+    for t in tops:
+        src = pathlib.Path(d.locate_file(t))
+        if src.is_dir():
+            shutil.copytree(src, dest / t, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "tests", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, dest / t)
+    print(f"lab: python dependency {d.metadata['Name']} {d.version}", file=sys.stderr)
+EOF
+  # policyc laid out as installed (pyproject's package-dir), ring extension included
+  mkdir -p "$SP/policyc"
+  cp -a "$REPO/policyc/." "$SP/policyc/"
+  cp -a "$REPO/grammar" "$SP/policyc/grammar"
+  cp -a "$REPO/runtime" "$SP/policyc/runtime"
+  cp -a "$REPO/native" "$SP/policyc/native"
+  find "$SP/policyc" -name __pycache__ -prune -exec rm -rf {} +
+  ls "$SP/policyc/native/"_vm_event*.so >/dev/null || { log "policyc.native._vm_event is not built (pip install -e .)"; exit 1; }
+  copy_libs "$S" "$SP/policyc/native/"_vm_event*.so "$SP"/*.so
+  # precompile with the same interpreter (the emulated dom0 is slow at it)
+  "$LAB_PYTHON" -m compileall -q -j0 "$PY/lib/python$PYV" >/dev/null || true
+  printf '#!/bin/sh\nexec /opt/py/bin/python3 -m policyc "$@"\n' > "$S/usr/local/bin/policyc"
+  chmod +x "$S/usr/local/bin/policyc"
+  /sbin/ldconfig -r "$S" 2>/dev/null || true        # /etc/ld.so.cache for dlopen/find_library by name
+
+  # --- the lab: guest, policies, driver, /init
+  cp "$LAB/guest/labguest.elf" "$S/lab/"
+  cp "$HERE"/policies/*.vmi "$S/lab/policies/"
+  cp "$HERE/dom0_check.py" "$S/lab/"
+  cat > "$S/lab/labguest.cfg" <<'EOF'
+name = "labguest"
+type = "pvh"
+kernel = "/lab/labguest.elf"
+memory = 16
+vcpus = 1
+on_crash = "preserve"
+EOF
+  sed 's/^vcpus = 1/vcpus = 1\naltp2m = "external"/' "$S/lab/labguest.cfg" > "$S/lab/labguest-altp2m.cfg"
+  cp "$HERE/init.sh" "$S/init"; chmod +x "$S/init"
+  (cd "$S" && find . | cpio -o -H newc 2>/dev/null) | gzip -1 > "$LAB/dom0.cpio.gz"
+  log "dom0 initramfs: $(du -h "$LAB/dom0.cpio.gz" | cut -f1) gz, $(du -sh "$S" | cut -f1) unpacked"
+}
+
+build_iso() {   # Bochs has no direct kernel loading: GRUB, multiboot v1 (v2 triple-faults there)
+  command -v grub-mkrescue >/dev/null || { log "no grub-mkrescue: skipping the Bochs ISO"; return 0; }
+  cd "$LAB"; rm -rf iso; mkdir -p iso/boot/grub
+  cp xen-4.17.elf iso/boot/xen
+  cp "kernel/boot/vmlinuz-$KV" iso/boot/vmlinuz
+  cp dom0.cpio.gz iso/boot/dom0.cpio.gz
+  cat > iso/boot/grub/grub.cfg <<EOF
+set timeout=0
+serial --unit=0 --speed=115200
+terminal_input serial
+terminal_output serial
+menuentry "xen" {
+  multiboot /boot/xen console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 loglvl=all guest_loglvl=all altp2m=1
+  module /boot/vmlinuz console=hvc0 earlyprintk=xen lab.mode=bochs lab.seconds=$LAB_SECONDS
+  module /boot/dom0.cpio.gz
+}
+EOF
+  grub-mkrescue -o lab.iso iso >/dev/null 2>&1
+  log "Bochs ISO: $LAB/lab.iso"
+}
+
+build() { kernel; build_guest; build_initrd; build_iso; }
+
+qemu() {
+  cd "$LAB"
+  [ -f dom0.cpio.gz ] || { log "run '$0 setup' first"; exit 1; }
+  local t0=$SECONDS
+  # -smap / -monitor: see the header. nrip-save is missing under TCG (a harmless warning).
+  timeout "${LAB_TIMEOUT:-600}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi \
+    -cpu EPYC,+svm,+npt,-smap,-monitor -smp 2 -m 3G -nographic -no-reboot \
+    -kernel xen-4.17.elf \
+    -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all" \
+    -initrd "kernel/boot/vmlinuz-$KV console=hvc0 lab.mode=qemu lab.seconds=$LAB_SECONDS,dom0.cpio.gz" \
+    < /dev/null 2>&1 | tee qemu-serial.log
+  echo "=== LAB-WALL qemu seconds=$((SECONDS - t0))" | tee -a qemu-serial.log
+}
+
+bochs() {
+  cd "$LAB"
+  [ -f lab.iso ] || { log "run '$0 setup' first"; exit 1; }
+  cat > bochsrc.txt <<EOF
+memory: guest=2048, host=2048
+cpu: model=corei7_skylake_x, count=1, ips=100000000, reset_on_triple_fault=0, ignore_bad_msrs=1
+romimage: file=/usr/share/bochs/BIOS-bochs-latest
+vgaromimage: file=/usr/share/vgabios/vgabios.bin
+ata0-master: type=cdrom, path=$LAB/lab.iso, status=inserted
+boot: cdrom
+com1: enabled=1, mode=file, dev=$LAB/bochs-serial.log
+display_library: rfb, options="timeout=0"
+clock: sync=none, time0=local
+log: $LAB/bochs.log
+panic: action=fatal
+error: action=report
+info: action=report
+debug: action=ignore
+EOF
+  rm -f bochs-serial.log; echo c > bochs-dbg.rc
+  local t0=$SECONDS
+  timeout "${LAB_TIMEOUT:-1500}" bochs-bin -q -f bochsrc.txt -rc bochs-dbg.rc < /dev/null > bochs.out 2>&1 || true
+  cat bochs-serial.log
+  echo "=== LAB-WALL bochs seconds=$((SECONDS - t0))" | tee -a bochs-serial.log
+}
+
+case "${1:-}" in
+  setup) packages; build ;;
+  build) build ;;
+  qemu) qemu ;;
+  bochs) bochs ;;
+  *) echo "usage: $0 setup|build|qemu|bochs   (work dir: \$LAB=$LAB)"; exit 2 ;;
+esac

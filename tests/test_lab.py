@@ -1,0 +1,123 @@
+"""The Xen lab (tests/lab/): real Xen 4.17 in QEMU TCG, policyc enforcing on a live guest.
+
+Runs only with POLICYC_LAB=1 and the lab's packages installed (`tests/lab/lab.sh setup`);
+it boots the QEMU lab once (about 1.5 to 2 minutes) and checks what the dom0 driver
+(tests/lab/dom0_check.py) printed between the markers. POLICYC_LAB_BOCHS=1 also runs
+the Bochs lab (memory policy; several minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+LAB_SH = HERE / "lab" / "lab.sh"
+WORK = Path(os.environ.get("LAB", "/tmp/policyc-lab"))
+
+
+def _skip_reason(mode: str) -> str | None:
+    if os.environ.get("POLICYC_LAB") != "1":
+        return "the Xen lab runs only with POLICYC_LAB=1 (see tests/lab/README.md)"
+    need = ["qemu-system-x86_64", "cpio", "busybox"] + (["bochs-bin", "grub-mkrescue"] if mode == "bochs" else [])
+    missing = [b for b in need if shutil.which(b) is None]
+    missing += [p for p in ("/boot/xen-4.17-amd64.gz", "/usr/lib/xen-4.17/bin/xl") if not os.path.exists(p)]
+    if missing:
+        return f"the Xen lab needs {', '.join(missing)}: run tests/lab/lab.sh setup"
+    return None
+
+
+def parse_lab_output(text: str) -> dict:
+    """The markers of one lab run: `LAB-T` timings, `LAB <step> <json>` lines and the
+    result reassembled from its `LAB-RESULT i/n PART` pieces."""
+    begin, end = text.find("=== LAB-BEGIN"), text.find("=== LAB-END")
+    out: dict = {"begin": begin >= 0, "end": end >= 0, "times": {}, "steps": {}, "errors": []}
+    body = text[begin:end if end >= 0 else None] if begin >= 0 else ""
+    parts: dict[int, str] = {}
+    total = None
+    for line in body.splitlines():
+        line = line.rstrip("\r")
+        if m := re.match(r"LAB-T (\w+) ([\d.]+)", line):
+            out["times"][m.group(1)] = float(m.group(2))
+        elif m := re.match(r"LAB-RESULT (\d+)/(\d+) (.*)$", line):
+            parts[int(m.group(1))] = m.group(3)
+            total = int(m.group(2))
+        elif m := re.match(r"LAB (\w+) (\{.*\})$", line):
+            try:
+                out["steps"][m.group(1)] = json.loads(m.group(2))
+            except ValueError:
+                pass
+        elif line.startswith("LAB-ERR"):
+            out["errors"].append(line)
+    if total and len(parts) == total:
+        try:
+            out["result"] = json.loads("".join(parts[i] for i in range(1, total + 1)))
+        except ValueError as exc:
+            out["errors"].append(f"LAB-RESULT does not parse: {exc}")
+    if m := re.search(r"=== LAB-WALL \w+ seconds=(\d+)", text):
+        out["wall_seconds"] = int(m.group(1))
+    return out
+
+
+def _run_lab(mode: str, timeout: int) -> dict:
+    env = dict(os.environ, LAB=str(WORK), LAB_SECONDS=os.environ.get("LAB_SECONDS", "15"))
+    if not (WORK / "dom0.cpio.gz").exists() or os.environ.get("POLICYC_LAB_REBUILD", "1") == "1":
+        subprocess.run([str(LAB_SH), "build"], env=env, check=True, timeout=600,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = subprocess.run([str(LAB_SH), mode], env=env, timeout=timeout, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, errors="replace")
+    parsed = parse_lab_output(p.stdout)
+    print(json.dumps({k: v for k, v in parsed.items() if k != "result"}, indent=1, sort_keys=True)[:20000])
+    return parsed
+
+
+def _check_common(lab: dict) -> dict:
+    assert lab["begin"] and lab["end"], "the dom0 /init did not reach the end markers"
+    assert "toolstack_ready" in lab["times"] and "guest_created" in lab["times"]
+    assert "result" in lab, f"no result: {lab['errors']}"
+    s = lab["result"]["summary"]
+    assert s["import_policyc"], lab["result"]["environment"]
+    assert s["policyc_check"], lab["result"]["environment"]
+    assert s["guest_running"], lab["result"]["guest_before"]
+    assert s["enforcer_ran"], lab["result"]["enforce"].get("output_tail")
+    assert s["verdicts_agree"], lab["result"]["compare"]
+    assert s["guest_runs_after_teardown"], lab["result"]["after_teardown"]
+    return s
+
+
+def test_parse_lab_output() -> None:
+    text = ("noise\n=== LAB-BEGIN mode=qemu seconds=1\nLAB-T dom0_init 8.11\n(d1) LABGUEST round=1\n"
+            'LAB environment {"check_rc": 0}\nLAB-RESULT 1/2 {"summary": \nLAB-RESULT 2/2 {"x": 1}}\n'
+            "=== LAB-END\n=== LAB-WALL qemu seconds=71\n")
+    lab = parse_lab_output(text)
+    assert lab["times"] == {"dom0_init": 8.11}
+    assert lab["steps"]["environment"] == {"check_rc": 0}
+    assert lab["result"] == {"summary": {"x": 1}}
+    assert lab["wall_seconds"] == 71
+
+
+def test_qemu_lab() -> None:
+    if reason := _skip_reason("qemu"):
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    lab = _run_lab("qemu", timeout=900)
+    s = _check_common(lab)
+    print(f"qemu lab: wall {lab.get('wall_seconds')} s, toolstack at {lab['times']['toolstack_ready']} s, "
+          f"enforcer {s['enforcer_events_per_second']} events/s, xen-access {s['xen_access_events_per_second']}")
+
+
+def test_bochs_lab() -> None:
+    if reason := _skip_reason("bochs"):
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    if os.environ.get("POLICYC_LAB_BOCHS") != "1":
+        print("SKIP: the Bochs lab (several minutes) runs only with POLICYC_LAB_BOCHS=1")
+        pytest.skip("the Bochs lab (several minutes) runs only with POLICYC_LAB_BOCHS=1")
+    lab = _run_lab("bochs", timeout=3000)
+    _check_common(lab)
