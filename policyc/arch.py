@@ -122,6 +122,7 @@ _X86 = dict(
 
 ARCHES: dict[str, ArchInfo] = {
     "x86_64": ArchInfo("x86_64", **_X86),
+    "x86_64-nomtf": ArchInfo("x86_64-nomtf", **_X86),
     "x86_64-svm": ArchInfo("x86_64-svm", **_X86),
     "arm64": ArchInfo(
         "arm64", registers=_ARM64_REGS, named_bits={"access": _bits(_ACCESS)}, msrs={}, msr_bits={},

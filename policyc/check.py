@@ -241,7 +241,7 @@ class _Checker:
             self.arch = ARCHES.get(arch, ARCHES["x86_64"])
             if self.target_arch is None:
                 self.d.warning("PC411", policy_span, "no target given: assuming 'target xen >= 4.17 on x86_64'",
-                               "say it: target xen >= 4.17 on x86_64 | x86_64-svm | arm64")
+                               "say it: target xen >= 4.17 on x86_64 | x86_64-nomtf | x86_64-svm | arm64")
             return M.Target("xen", SUPPORTED_XEN, arch)
         if t.hypervisor != "xen":
             self.d.error("PC411", t.span, f"unknown hypervisor '{t.hypervisor}'", "policyc targets xen")

@@ -56,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", choices=("text", "json", "sarif"), default="text",
                        help="diagnostics format (json and sarif go to stdout; text to stderr)")
     check.add_argument("--target", metavar="ARCH", help="override the policy's target architecture "
-                       "(x86_64, x86_64-svm, arm64)")
+                       "(x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     check.add_argument("--strict", action="store_true", help="treat warnings as errors")
     check.add_argument("-q", "--quiet", action="store_true", help="print diagnostics only, no summary")
     check.set_defaults(run=_cmd_check)
@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "into the FLASK rules an introspection domain needs for it.")
     comp.add_argument("policy", metavar="POLICY")
     comp.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
-    comp.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-svm, arm64)")
+    comp.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     comp.add_argument("--emit", choices=("plan", "xsm"), default="plan",
                       help="plan: the trap plan (default); xsm: FLASK allow rules for an introspection domain")
     comp.add_argument("--format", choices=("text", "json", "sarif"), default="text", help="diagnostics format")

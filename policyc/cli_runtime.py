@@ -44,7 +44,7 @@ def add_runtime_commands(sub: Any) -> None:
                      help="policy file (default with sim: the scenario's own policy)")
     run.add_argument("--guest", required=True, metavar="GUEST",
                      help="sim:SCENARIO, simhost:SOCKET or xen:NAME|DOMID")
-    run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-svm, arm64)")
+    run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")

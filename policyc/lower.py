@@ -159,6 +159,15 @@ def _memory_capabilities(low: _Lowering, rule: M.Rule, denies: bool) -> None:
         low.strategies["mem_access.deny_read"] = "emulate-read-data"
         low.strategies["mem_access.deny_execute"] = "inject-exception"
         return
+    if t.has("emulate"):
+        # No single-step to step over in another view: Xen's emulator performs the allowed access.
+        low.strategies["mem_access.allow"] = "emulate"
+        low.strategies["mem_access.deny_write"] = "emulate-nowrite"
+        low.strategies["mem_access.deny_read"] = "emulate-read-data"
+        low.strategies["mem_access.deny_execute"] = "inject-exception"
+        _weak(low, rule, f"on {t.name} an allowed access on a trapped page is performed by Xen's instruction "
+              "emulator (no single-step to run it natively): an instruction it cannot emulate fails")
+        return
     # arm64: no emulation, no single-stepping, no altp2m.
     low.strategies["mem_access.allow"] = "relax-and-rearm"
     _weak(low, rule, f"on {t.name} an allowed access cannot complete while the trap stays armed (no "
@@ -470,9 +479,10 @@ def lower_responses(low: _Lowering) -> dict:
     kinds = {r.trigger.kind for r in low.policy.rules if r.name not in low.unusable}
     out: dict = {}
     if "memory" in kinds:
-        if low.strategies.get("mem_access.allow") == "altp2m-fast-singlestep":
+        strategy = low.strategies.get("mem_access.allow")
+        if strategy in ("altp2m-fast-singlestep", "emulate"):
             allow = {"flags": ["ALTERNATE_P2M", "FAST_SINGLESTEP"], "altp2m_idx": VIEW_UNRESTRICTED,
-                     "fast_singlestep_p2midx": "faulting view"}
+                     "fast_singlestep_p2midx": "faulting view"} if strategy != "emulate" else {"flags": ["EMULATE"]}
             out["mem_access"] = {
                 "allow": allow,
                 # Xen re-checks gfn and flags from the response's u.mem_access before emulating.

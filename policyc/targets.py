@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CAPABILITIES", "TARGETS", "TargetInfo", "access_name", "target_info"]
+__all__ = ["CAPABILITIES", "TARGETS", "TargetInfo", "access_name", "target_info", "runs_on"]
 
 # Every capability the lowering may ask for, with the words used in diagnostics.
 CAPABILITIES: dict[str, str] = {
@@ -62,6 +62,13 @@ TARGETS: dict[str, TargetInfo] = {
         _X86_COMMON | {"mem_access", "altp2m", "singlestep", "fast_singlestep", "emulate", "emulate_nowrite",
                        "emul_read_data", "ve"},
         max_views=10),
+    # Nested or emulated VT-x often has EPT but no monitor trap flag (Bochs has none): no single-step,
+    # so no altp2m step-over. An allowed access is emulated by Xen instead, and an int3 is planted
+    # in the guest's frame and emulated from its original bytes.
+    "x86_64-nomtf": TargetInfo(
+        "x86_64-nomtf", "Xen on Intel VT-x with EPT but no monitor trap flag (nested or emulated VT-x)",
+        _X86_COMMON | {"mem_access", "emulate", "emulate_nowrite", "emul_read_data"},
+        max_views=0),
     "x86_64-svm": TargetInfo(
         "x86_64-svm", "Xen on AMD SVM with NPT (no mem_access, no altp2m, no single-stepping)",
         _X86_COMMON, max_views=0),
@@ -74,6 +81,15 @@ TARGETS: dict[str, TargetInfo] = {
 
 def target_info(name: str) -> TargetInfo:
     return TARGETS[name]
+
+
+# A plan needing a subset of a host's capabilities runs there: VT-x without MTF on any VT-x host.
+_RUNS_ON = {"x86_64-nomtf": frozenset({"x86_64"})}
+
+
+def runs_on(plan_arch: str, host_arch: str) -> bool:
+    """Whether a plan compiled for `plan_arch` can be installed on a host of `host_arch`."""
+    return plan_arch == host_arch or host_arch in _RUNS_ON.get(plan_arch, ())
 
 
 # Xen's mem_access names for the plain sets of allowed accesses.

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..symbols import SymbolTable
-from ..targets import access_name
+from ..targets import access_name, runs_on
 from .backend import BackendError
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, PhysicalAddressError
 from .paging import PAGE_2M, NonCanonicalAddress, PageFault, PageTables
@@ -1005,7 +1005,7 @@ def _check_host_and_symbols(plan: Mapping[str, Any], backend: Any, tables: Seque
     """The host's capabilities, after refusing a host of another architecture and (``check_symbols``)
     symbol tables other than those the plan was compiled against."""
     caps = backend.capabilities()
-    if caps.arch != arch:
+    if not runs_on(arch, caps.arch):
         raise BindError(BindFailure(None, None, f"the plan is for {arch} but the host is {caps.arch}"))
     if check_symbols:
         failures = _check_symbols(plan, tables)

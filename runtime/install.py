@@ -71,6 +71,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..native import abi
 from .backend import BackendError, Unsupported
+from ..targets import runs_on
 from .bind import BindDelta, BoundBreakpoint, BoundPlan, intersect_access
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
 
@@ -477,7 +478,7 @@ class Installation:
 
     def _check(self, caps: Any) -> None:
         bound = self.bound
-        if caps.arch != bound.arch:
+        if not runs_on(bound.arch, caps.arch):
             raise InstallError(f"the plan is for {bound.arch}, the host is {caps.arch}")
         extra = [v for v in bound.views.values() if v.id != 0]
         if extra and not caps.altp2m:

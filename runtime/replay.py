@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from .bind import BindError, BoundPlan, bind_plan
 from .decide import Decision, DecisionEngine
 from .decision_log import DecisionLog
+from ..targets import runs_on
 from .install import remap_view_ids
 from .trace import RecordedGuest, Trace
 
@@ -41,7 +42,7 @@ def replay(trace: Trace, plan: Mapping[str, Any], symbols: Any, *, log: Decision
            keep: bool = True) -> ReplayResult:
     caps = trace.capabilities
     arch = (plan.get("target") or {}).get("arch")
-    if arch != caps.arch:
+    if not runs_on(str(arch), caps.arch):
         raise ReplayError(f"the plan is for {arch} but the trace was recorded on a {caps.arch} host "
                           f"(compile with --target {caps.arch})")
     guest = RecordedGuest(caps)

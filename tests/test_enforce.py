@@ -367,3 +367,23 @@ steps:
     assert code == 2 and f"{p}:6:5: smc is an arm64 instruction" in err and "Traceback" not in err
     code, out, _ = cli("test", str(p))
     assert code == 1 and "ERROR" in out and "smc is an arm64 instruction" in out
+
+
+def test_vt_x_without_mtf_enforces_with_emulation_and_inline_breakpoints(tmp_path):
+    """Nested or emulated VT-x without the monitor trap flag (Bochs): the x86_64 plan cannot install
+    (it steps over in another view), the x86_64-nomtf plan does, on the same host."""
+    scenario = load_scenario(SCENARIOS / "rootkit-hooks-syscall-table.yaml")
+    plan, symbols = compiled(KERNEL_INTEGRITY, "x86_64-nomtf")
+    assert plan["strategies"]["mem_access.allow"] == "emulate"
+    assert plan["strategies"]["breakpoint"] == "int3-inline-emulate"
+    assert "singlestep" not in plan["monitors"] and len(plan["views"]) == 1
+    run = run_on_simulator(scenario, plan, symbols)
+    assert run.xen.capabilities().arch == "x86_64" and not run.xen.capabilities().singlestep
+    results = check_expectations(run)
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
+    x86_plan, _ = compiled(KERNEL_INTEGRITY)
+    xen = build_scenario(scenario, profile="x86_64-nomtf")
+    before = xen.state_snapshot()
+    with pytest.raises(EnforcerError, match="singlestep"):
+        Enforcer(x86_plan, xen, symbols, guest="g", state_dir=tmp_path).start()
+    assert diff_snapshots(before, xen.state_snapshot()) == []          # nothing was left behind

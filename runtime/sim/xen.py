@@ -193,10 +193,15 @@ class Profile:
     emulate: bool
     monitors: frozenset[str]
     write_implies_read: bool     # VMX (and SVM) report writes as W|R; ARM reports W
+    arch: str = ""               # what the host reports (Capabilities.arch); the name when empty
 
 
 PROFILES: dict[str, Profile] = {
     "x86_64": Profile("x86_64", True, True, True, True, True, _X86_MONITORS, True),
+    # VT-x with EPT but no monitor trap flag, as Bochs emulates it (shared/xenlab/NOTES.md): the host
+    # is an x86_64 host to the enforcer, without single-stepping.
+    "x86_64-nomtf": Profile("x86_64-nomtf", True, True, True, False, True, _X86_MONITORS - {"singlestep"}, True,
+                            arch="x86_64"),
     "x86_64-svm": Profile("x86_64-svm", True, False, False, False, True,
                           _X86_MONITORS - {"singlestep"}, True),
     "arm64": Profile("arm64", False, True, False, False, False,
@@ -422,7 +427,7 @@ class SimulatedXen:
     # ================================================================== Backend: discovery
     def capabilities(self) -> Capabilities:
         p = self._p
-        return Capabilities(arch=self.profile, vm_event_version=VERSION, vcpus=self._nvcpus,
+        return Capabilities(arch=self._p.arch or self.profile, vm_event_version=VERSION, vcpus=self._nvcpus,
                             mem_access=p.mem_access and (p.x86 or self.arm_mem_access),
                             altp2m=p.altp2m, max_views=self.max_views, singlestep=p.singlestep,
                             monitors=p.monitors, ring_slots=abi.RING_SLOTS)
@@ -1817,7 +1822,7 @@ class SimulatedXen:
         if self._mon.get("descriptor_access"):
             is_idt = kind in ("lidt", "sidt")
             is_load = kind in ("lidt", "lgdt")
-            info = ((1 if is_idt else 0) << 28 | (1 if is_load else 0) << 29) if self.profile == "x86_64" else 0
+            info = ((1 if is_idt else 0) << 28 | (1 if is_load else 0) << 29) if self.capabilities().arch == "x86_64" else 0
             u = _U_DESC.pack(info, 0, 1 if is_idt else 2, 1 if is_load else 0)
             if self._send(s, op, RS_DESC, u, True):
                 return        # nothing else happens until EMULATE [doc §1.7]
