@@ -338,18 +338,29 @@ def _memory_capability_check(plan: dict, backend: Any, guest: str) -> None:
 
 
 def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_now: Any) -> int:
-    """Compile for the backend's host, enforce until `finished_now()` (checked every 50 waits) or a
-    signal, tear down. Shared by simhost: and xen:."""
+    """Compile (the policy's target, or --target), check it runs on the backend's host, enforce until
+    `finished_now()` (checked every 50 waits) or a signal, tear down. Shared by simhost: and xen:."""
     import signal as _signal
 
     from .runtime.decision_log import DecisionLog, Progress
     from .runtime.enforce import Enforcer, EnforcerError
     from .runtime.trace import TraceRecorder
 
-    arch = backend.capabilities().arch
-    compiled = _compile(args.policy, args.target or arch, audit=args.audit, command="run")
+    from .targets import runs_on
+
+    caps = backend.capabilities()
+    # The policy's own target (or --target), checked against the host: a plan is never quietly
+    # recompiled for another target than the one its author chose and tested.
+    compiled = _compile(args.policy, args.target, audit=args.audit, command="run")
     plan = compiled.plan
+    planned = plan["target"]["arch"]
+    if not runs_on(planned, caps.arch):
+        raise _Usage(f"{args.policy} is compiled for {planned}, which does not run on {guest} ({caps.arch}); "
+                     f"compile it for the host with --target {caps.arch}")
     _memory_capability_check(plan, backend, guest)
+    if caps.arch == "x86_64" and not caps.singlestep and "singlestep" in (plan.get("monitors") or {}):
+        raise _Usage(f"{guest} has VT-x without single-stepping (no monitor trap flag), which this {planned} "
+                     "plan needs to step over allowed accesses and breakpoints: use --target x86_64-nomtf")
     log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
                       plan.get("content_hash", ""))
     recorder = TraceRecorder(args.record, plan=plan, guest=guest) if args.record else None

@@ -387,3 +387,23 @@ def test_vt_x_without_mtf_enforces_with_emulation_and_inline_breakpoints(tmp_pat
     with pytest.raises(EnforcerError, match="singlestep"):
         Enforcer(x86_plan, xen, symbols, guest="g", state_dir=tmp_path).start()
     assert diff_snapshots(before, xen.state_snapshot()) == []          # nothing was left behind
+
+
+def test_run_says_which_target_a_host_without_mtf_needs():
+    from argparse import Namespace
+
+    from policyc import cli_runtime
+    from policyc.runtime.backend import Capabilities
+
+    class NoMtf:
+        def capabilities(self) -> Capabilities:
+            return Capabilities("x86_64", 7, 1, True, True, 10, False,
+                                frozenset({"write_ctrlreg", "mov_to_msr", "software_breakpoint"}))
+
+    args = Namespace(policy=str(KERNEL_INTEGRITY), target=None, audit=False, log=None, alerts=None,
+                     record=None, state_dir=None, command="run")
+    with redirect_stderr(io.StringIO()), pytest.raises(cli_runtime._Usage, match="--target x86_64-nomtf"):
+        cli_runtime._run_backend(args, NoMtf(), "xen:bochs", lambda: True)
+    svm = Namespace(**{**vars(args), "target": "x86_64-svm", "policy": str(POLICIES / "guest-agent-and-probes.vmi")})
+    with redirect_stderr(io.StringIO()), pytest.raises(cli_runtime._Usage, match="does not run on xen:bochs"):
+        cli_runtime._run_backend(svm, NoMtf(), "xen:bochs", lambda: True)

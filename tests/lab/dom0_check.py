@@ -269,6 +269,9 @@ def main() -> int:
     ap.add_argument("--skip-check", action="store_true", help="no `policyc check` in dom0 (slow under Bochs)")
     ap.add_argument("--baseline", help="a cpuid-only policy, run like --policy, to compare with xen-access cpuid")
     ap.add_argument("--startup", type=float, default=240, help="seconds allowed until the first decision")
+    ap.add_argument("--must-refuse", help="a memory policy this host's target cannot enforce: compiling it for "
+                    "--host-target must fail with the capability error")
+    ap.add_argument("--host-target", default="x86_64-svm")
     a = ap.parse_args()
     result: dict = {"mode": a.mode, "domid": a.domid}
 
@@ -287,6 +290,16 @@ def main() -> int:
     except Exception as e:
         result["guest_before"] = g = {"error": f"{type(e).__name__}: {e}"}
     emit("guest_before", g)
+
+    if a.must_refuse:
+        rc, out = run([sys.executable, "-m", "policyc", "compile", a.must_refuse, "--target", a.host_target,
+                       "-o", "/tmp/refused.plan.json"], timeout=300)
+        lines = [line for line in out.splitlines() if line.startswith("error[")]
+        result["capability_refusal"] = ref = {
+            "rc": rc, "errors": lines[:4],
+            "ok": rc == 1 and any(a.host_target in line and "watch memory" in line for line in lines)
+            and not os.path.exists("/tmp/refused.plan.json")}
+        emit("capability_refusal", ref)
 
     t0 = uptime()
     result["enforce"] = enf = step_enforce(a.policy, a.domid, a.seconds, page, a.startup)
@@ -319,6 +332,7 @@ def main() -> int:
         "enforcer_rc": enf.get("rc"),
         "verdicts_agree": (all(c["ok"] for c in cmp.values() if "ok" in c) if enforcer_ran and cmp else None),
         "guest_runs_after_teardown": aft.get("ok"),
+        "memory_policy_refused": result.get("capability_refusal", {}).get("ok"),
         "enforcer_events_per_second": enf.get("events_per_second"),
         "enforcer_baseline_cpuid_events_per_second": result.get("enforce_baseline", {}).get("events_per_second"),
         "xen_access_events_per_second": {x["mode"]: x["events_per_second"] for x in result["xen_access"]},

@@ -36,7 +36,7 @@ if [ -n "$D" ]; then
   if [ "$MODE" = bochs ]; then
     EXTRA="--skip-check --startup 900"    # Python is ~10x slower under Bochs than under QEMU: check in the QEMU lab
   else
-    EXTRA="--check /lab/policies/lab-registers-svm.vmi /lab/policies/lab-memory-vmx.vmi /lab/policies/lab-cpuid-svm.vmi --baseline /lab/policies/lab-cpuid-svm.vmi"
+    EXTRA="--check /lab/policies/lab-registers-svm.vmi /lab/policies/lab-memory-vmx.vmi /lab/policies/lab-cpuid-svm.vmi --baseline /lab/policies/lab-cpuid-svm.vmi --must-refuse /lab/policies/lab-memory-vmx.vmi --host-target x86_64-svm"
   fi
   /opt/py/bin/python3 /lab/dom0_check.py --mode "$MODE" --policy "$POL" --domid "$D" --seconds "$SECS" $EXTRA 2>&1
   echo "LAB-T check_done $(up) rc=$?"
