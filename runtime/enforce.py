@@ -39,7 +39,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .bind import BoundPlan, bind_plan

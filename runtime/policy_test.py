@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .decide import Decision

@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 from multiprocessing.managers import BaseManager
-from pathlib import Path
 from typing import Any, Iterator
 
 from .scenario import ScenarioError, ScenarioRunner, Step, build_scenario, load_scenario
