@@ -169,6 +169,17 @@ def _open_out(target: str | None, default_stream: Any) -> Any:
         raise _Usage(f"cannot open '{target}': {exc.strerror}") from None
 
 
+def _recorder(path: str | None, plan: dict, guest: str) -> Any:
+    from .runtime.trace import TraceRecorder
+
+    if path is None:
+        return None
+    try:
+        return TraceRecorder(path, plan=plan, guest=guest)
+    except OSError as exc:
+        raise _Usage(f"cannot write the trace '{path}': {exc.strerror}") from None
+
+
 def _usage_guard(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -219,7 +230,6 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     from .runtime.enforce import EnforcerError
     from .runtime.policy_test import describe_decision, diff_snapshots, run_on_simulator
     from .runtime.sim.scenario import ScenarioError, load_scenario
-    from .runtime.trace import TraceRecorder
 
     try:
         scenario = load_scenario(scenario_path)
@@ -232,7 +242,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     plan = compiled.plan
     log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
                       plan.get("content_hash", ""))
-    recorder = TraceRecorder(args.record, plan=plan, guest=f"sim:{scenario.name}") if args.record else None
+    recorder = _recorder(args.record, plan, f"sim:{scenario.name}")
     out = sys.stdout if args.log != "-" else sys.stderr
     mode = plan["policy"].get("mode", "enforce")
     print(f"policy {plan['policy']['name']} ({mode}, {plan['target']['arch']}) on sim:{scenario.name}, "
@@ -344,7 +354,6 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
 
     from .runtime.decision_log import DecisionLog, Progress
     from .runtime.enforce import Enforcer, EnforcerError
-    from .runtime.trace import TraceRecorder
 
     from .targets import runs_on
 
@@ -363,7 +372,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
                      "plan needs to step over allowed accesses and breakpoints: use --target x86_64-nomtf")
     log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
                       plan.get("content_hash", ""))
-    recorder = TraceRecorder(args.record, plan=plan, guest=guest) if args.record else None
+    recorder = _recorder(args.record, plan, guest)
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
     # Signals arriving before the loop's own handlers are in place must not kill a half-made install.

@@ -407,3 +407,10 @@ def test_run_says_which_target_a_host_without_mtf_needs():
     svm = Namespace(**{**vars(args), "target": "x86_64-svm", "policy": str(POLICIES / "guest-agent-and-probes.vmi")})
     with redirect_stderr(io.StringIO()), pytest.raises(cli_runtime._Usage, match="does not run on xen:bochs"):
         cli_runtime._run_backend(svm, NoMtf(), "xen:bochs", lambda: True)
+
+
+def test_outputs_that_cannot_be_written_are_one_clear_line(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir"
+    for flag, what in (("--record", "cannot write the trace"), ("--log", "cannot open")):
+        code, _out, err = cli("run", "--guest", "sim:rootkit-hooks-syscall-table", flag, str(missing / "f"))
+        assert code == 2 and what in err and "Traceback" not in err
