@@ -406,6 +406,15 @@ class Installation:
         self.paused -= 1
         self._save()
 
+    def _unpause_all(self) -> list[str]:
+        """Give back every pause this installation holds; stop at the first that fails (reported)."""
+        while self.paused > 0:
+            try:
+                self._unpause()
+            except Exception as exc:  # noqa: BLE001
+                return [f"unpause: {exc}"]
+        return []
+
     def _undo_all(self) -> list[str]:
         """Undo the journal newest first. An entry whose undo fails moves to `leftover` (kept in the
         state record for `recover`); undoing goes on."""
@@ -791,12 +800,7 @@ class Installation:
                 errors.append(f"pause: {exc}")
             errors += self._drain()
             errors += self._undo_all()
-            while self.paused > 0:
-                try:
-                    self._unpause()
-                except Exception as exc:  # noqa: BLE001
-                    errors.append(f"unpause: {exc}")
-                    break
+            errors += self._unpause_all()
             self.teardown_errors = errors
             if errors:
                 self.record.data["phase"] = "teardown_failed"
@@ -870,12 +874,7 @@ def install(bound: BoundPlan, backend: Any, *, guest: str | None = None, state_d
         inst._install()
     except BaseException as exc:
         errors = inst._undo_all()
-        while inst.paused > 0:
-            try:
-                inst._unpause()
-            except Exception as uexc:  # noqa: BLE001
-                errors.append(f"unpause: {uexc}")
-                break
+        errors += inst._unpause_all()
         if errors:
             inst.record.data["phase"] = "rollback_failed"
             inst._save()
