@@ -281,13 +281,18 @@ def _extents_text(sig: tuple[tuple[str, ...], Any]) -> str:
     return f"{body} ({'bound at install' if pages is None else f'{pages} pages'})"
 
 
+def _added_removed(kind: str, a: dict, b: dict, describe: Any, added: list, removed: list) -> list:
+    """Record what only `b` has as added and what only `a` has as removed; return the keys of both."""
+    for k in sorted(set(b) - set(a)):
+        added.append(Change(kind, k, describe(b[k])))
+    for k in sorted(set(a) - set(b)):
+        removed.append(Change(kind, k, describe(a[k])))
+    return sorted(set(a) & set(b))
+
+
 def _diff_rules(old: dict, new: dict, added: list, removed: list, changed: list) -> None:
     o_rules, n_rules = _rule_records(old), _rule_records(new)
-    for name in sorted(set(n_rules) - set(o_rules)):
-        added.append(Change("rule", name, _rule_summary(n_rules[name])))
-    for name in sorted(set(o_rules) - set(n_rules)):
-        removed.append(Change("rule", name, _rule_summary(o_rules[name])))
-    for name in sorted(set(o_rules) & set(n_rules)):
+    for name in _added_removed("rule", o_rules, n_rules, _rule_summary, added, removed):
         a, b = o_rules[name], n_rules[name]
         details: list[str] = []
         ta, tb = a["trigger"], b["trigger"]
@@ -359,11 +364,7 @@ def _describe(value: Any) -> tuple[str, ...]:
 
 def _diff_monitors(old: dict, new: dict, added: list, removed: list, changed: list) -> None:
     a, b = _monitor_map(old), _monitor_map(new)
-    for k in sorted(set(b) - set(a)):
-        added.append(Change("monitor", k, _describe(b[k])))
-    for k in sorted(set(a) - set(b)):
-        removed.append(Change("monitor", k, _describe(a[k])))
-    for k in sorted(set(a) & set(b)):
+    for k in _added_removed("monitor", a, b, _describe, added, removed):
         if a[k] != b[k]:
             if isinstance(a[k], dict) and isinstance(b[k], dict):
                 details = _field_changes(a[k], b[k])
@@ -377,21 +378,19 @@ def _view_map(plan: dict) -> dict[str, tuple[dict, dict[str, dict]]]:
             for v in plan.get("views", [])}
 
 
+def _view_text(entry: tuple[dict, dict]) -> tuple[str, ...]:
+    view, ranges = entry
+    return tuple([f"default {view['default_access']}"] +
+                 [f"range {n}: {_range_text(r)}" for n, r in sorted(ranges.items())])
+
+
 def _range_text(r: dict) -> str:
     return f"allows {r['access']}, traps {r['traps']}, rules {', '.join(r['rules'])}"
 
 
 def _diff_views(old: dict, new: dict, added: list, removed: list, changed: list) -> None:
     a, b = _view_map(old), _view_map(new)
-    for k in sorted(set(b) - set(a)):
-        view, ranges = b[k]
-        added.append(Change("view", k, tuple([f"default {view['default_access']}"] +
-                                             [f"range {n}: {_range_text(r)}" for n, r in sorted(ranges.items())])))
-    for k in sorted(set(a) - set(b)):
-        view, ranges = a[k]
-        removed.append(Change("view", k, tuple([f"default {view['default_access']}"] +
-                                               [f"range {n}: {_range_text(r)}" for n, r in sorted(ranges.items())])))
-    for k in sorted(set(a) & set(b)):
+    for k in _added_removed("view", a, b, _view_text, added, removed):
         (va, ra), (vb, rb) = a[k], b[k]
         details = _field_changes({x: y for x, y in va.items() if x != "ranges"},
                                  {x: y for x, y in vb.items() if x != "ranges"})
