@@ -26,6 +26,7 @@ from policyc.runtime.decide import (AFTER, BEFORE, DATA_SLACK, Binding, Decision
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.sim import SimulatedXen, build_linux_x86_64
 from policyc.runtime.sim.guest import MSR
+from helpers import reads_missing_field
 
 REPO = Path(__file__).resolve().parents[1]
 MAP = REPO / "examples" / "policies" / "linux-6.1.System.map"
@@ -85,14 +86,6 @@ TABLES = """
     }
 """
 
-
-def reads_missing_field(plan: dict, placeholder: str, missing: str) -> dict:
-    """The plan with `placeholder` register reads turned into reads of `missing`, a field Xen's request
-    does not carry. The checker refuses such a policy, but a plan from another compiler version (or an
-    edited one) may still hold one: the engine must answer anyway."""
-    import json
-    text = json.dumps(plan).replace(json.dumps(["field", placeholder]), json.dumps(["field", missing]))
-    return json.loads(text)
 
 
 def compile_text(tmp_path: Path, body: str, *, mode: str = "enforce", target: str = "x86_64") -> dict:

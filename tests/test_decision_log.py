@@ -21,6 +21,7 @@ from policyc.native import abi
 from policyc.runtime.decide import DecisionEngine, Message
 from policyc.runtime.decision_log import (DecisionLog, Histogram, Progress, escape_guest, progress_line,
                                           render_template)
+from helpers import reads_missing_field
 
 REPO = Path(__file__).resolve().parents[1]
 MAP = REPO / "examples" / "policies" / "linux-6.1.System.map"
@@ -55,14 +56,6 @@ POLICY = """policy "logged" {
 }
 """
 
-
-def reads_missing_field(plan: dict, placeholder: str, missing: str) -> dict:
-    """The plan with `placeholder` register reads turned into reads of `missing`, a field Xen's request
-    does not carry. The checker refuses such a policy, but a plan from another compiler version (or an
-    edited one) may still hold one: the engine must answer anyway."""
-    import json
-    text = json.dumps(plan).replace(json.dumps(["field", placeholder]), json.dumps(["field", missing]))
-    return json.loads(text)
 
 
 def compile_policy(tmp_path: Path, mode: str = "enforce") -> dict:
