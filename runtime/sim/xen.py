@@ -1915,7 +1915,10 @@ class SimulatedXen:
         self._write_now(s, op, name, value)
 
     def _write_now(self, s: _VState, op: Op, name: str, value: int) -> None:
-        fault = self._set_cr(s, name, value)
+        self._register_write_done(s, op, self._set_cr(s, name, value))
+
+    def _register_write_done(self, s: _VState, op: Op, fault: GuestFault | None) -> None:
+        """A CR or MSR write has been tried: the guest takes its fault, or the write took effect."""
         if fault is not None:
             self._fault(s, op, fault)
             return
@@ -1965,12 +1968,7 @@ class SimulatedXen:
         self._msr_now(s, op, msr, value)
 
     def _msr_now(self, s: _VState, op: Op, msr: int, value: int) -> None:
-        fault = self._set_msr(s, msr, value)
-        if fault is not None:
-            self._fault(s, op, fault)
-            return
-        op.took_effect = True
-        self._finish(s, op, native=False)
+        self._register_write_done(s, op, self._set_msr(s, msr, value))
 
     def __repr__(self) -> str:
         return f"SimulatedXen({self.name!r}, profile={self.profile!r}, vcpus={self._nvcpus})"
