@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
@@ -199,22 +199,26 @@ def decode_string(raw: str) -> str:
 
 def encode_string(value: str) -> str:
     """The canonical quoted spelling of a string (inverse of `decode_string`)."""
+    return quote_string(value, _dsl_escape)
+
+
+def _dsl_escape(o: int) -> str | None:
+    # control characters and unprintable Latin-1 as \xNN; everything else as itself
+    return f"\\x{o:02x}" if o < 0x20 or 0x7f <= o < 0x100 and not chr(o).isprintable() else None
+
+
+_COMMON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def quote_string(value: str, escape_other: Callable[[int], str | None]) -> str:
+    """`value` in double quotes with the escapes the DSL and YAML (JSON) spellings share; any other
+    character is what `escape_other(code point)` returns, or itself when that is None."""
     out = ['"']
     for ch in value:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ord(ch) < 0x20 or 0x7f <= ord(ch) < 0x100 and not ch.isprintable():
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
+        esc = _COMMON_ESCAPES.get(ch)
+        if esc is None:
+            esc = escape_other(ord(ch))
+        out.append(ch if esc is None else esc)
     out.append('"')
     return "".join(out)
 

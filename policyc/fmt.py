@@ -39,7 +39,7 @@ from typing import Iterable
 
 from . import syntax as S
 from .diagnostics import Diagnostics
-from .dsl import encode_string
+from .dsl import encode_string, quote_string
 
 __all__ = ["FormatError", "check_format", "format_dsl", "format_expr", "format_yaml"]
 
@@ -539,26 +539,16 @@ _FLOW_WIDTH = 100
 
 def _yquote(s: str) -> str:
     """A double-quoted scalar, escaped so that it is also a valid JSON string."""
-    out = ['"']
-    for ch in s:
-        o = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif (o < 0x20 or 0x7f <= o <= 0x9f or o in (0x2028, 0x2029, 0xfeff, 0xfffe, 0xffff)
-              or 0xd800 <= o <= 0xdfff):
-            out.append(f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
+    return quote_string(s, _json_escape)
+
+
+def _json_escape(o: int) -> str | None:
+    # what YAML and JSON readers must not see raw (C0, DEL, C1, line separators, BOM, non-characters,
+    # lone surrogates) as \uXXXX; everything else as itself
+    if (o < 0x20 or 0x7f <= o <= 0x9f or o in (0x2028, 0x2029, 0xfeff, 0xfffe, 0xffff)
+            or 0xd800 <= o <= 0xdfff):
+        return f"\\u{o:04x}"
+    return None
 
 
 def _ystr(s: str) -> str:
