@@ -96,6 +96,13 @@ def domain_state(domid: int) -> str:
     return lines[-1].split()[4] if rc == 0 and len(lines) >= 2 and len(lines[-1].split()) > 4 else f"? rc={rc}"
 
 
+def domid_of(name: str, fallback: int) -> int:
+    """The guest's domid now: a guest that crashed and was restarted by the toolstack comes back
+    under its name with a new domid."""
+    rc, out = run(["xl", "domid", name])
+    return int(out.strip()) if rc == 0 and out.strip().isdigit() else fallback
+
+
 def step_environment(policies: list[str]) -> dict:
     env: dict = {"python": sys.version.split()[0], "executable": sys.executable, "uptime": uptime()}
     t0 = time.monotonic()
@@ -278,6 +285,14 @@ def main() -> int:
     result["environment"] = env = step_environment([] if a.skip_check else (a.check or [a.policy]))
     emit("environment", env)
 
+    created = a.domid
+    a.domid = domid_of("labguest", a.domid)
+    if a.domid != created:
+        # Reported, not hidden: the guest died and the toolstack restarted it before the check began.
+        result["guest_restarted"] = {"created_as": created, "now": a.domid}
+        emit("guest_restarted", result["guest_restarted"])
+        result["domid"] = a.domid
+
     page = None
     try:
         page = ReportPage(a.domid)
@@ -333,6 +348,7 @@ def main() -> int:
         "verdicts_agree": (all(c["ok"] for c in cmp.values() if "ok" in c) if enforcer_ran and cmp else None),
         "guest_runs_after_teardown": aft.get("ok"),
         "memory_policy_refused": result.get("capability_refusal", {}).get("ok"),
+        "guest_restarted_before_check": "guest_restarted" in result,
         "enforcer_events_per_second": enf.get("events_per_second"),
         "enforcer_baseline_cpuid_events_per_second": result.get("enforce_baseline", {}).get("events_per_second"),
         "xen_access_events_per_second": {x["mode"]: x["events_per_second"] for x in result["xen_access"]},
