@@ -1,6 +1,6 @@
 """The lab's check, run inside the Xen dom0 by the initramfs /init (tests/lab/lab.sh).
 
-    python3 dom0_check.py --mode qemu|bochs --policy P.vmi --domid D [--seconds N]
+    python3 dom0_check.py --mode qemu|bochs --guest tiny|linux --policy P.vmi --domid D [--seconds N]
 
 It prints `LAB <name> <json>` lines on the console, `LAB-RESULT i/n PART` lines (the whole result as JSON, in short pieces); /init
 frames them between `=== LAB-BEGIN` and `=== LAB-END`, and tests/test_lab.py
@@ -8,8 +8,9 @@ parses them. Steps, each recorded whether it works or not:
 
 1. the environment: python version, `import policyc`, the ring extension,
    `policyc check` of the lab policies;
-2. the guest's own report page (tests/lab/guest/labguest.S), read through a foreign
-   map of gfn 0x200 (libxenforeignmemory, ctypes);
+2. the guest's own report page, read through a foreign map (libxenforeignmemory, ctypes):
+   gfn 0x200 of the tiny guest (tests/lab/guest/labguest.S), or the page the Linux guest's
+   attacker module (tests/lab/guest/linux/) announces on Xen's debug port once it has booted;
 3. `policyc run POLICY --guest xen:D --log /tmp/decisions.jsonl` for N seconds, then
    SIGTERM (the enforcer tears down); the report page is sampled all along;
 4. both sides compared: each deny in the decision log against what the guest saw
@@ -29,17 +30,44 @@ import collections
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
-REPORT_GFN = 0x200
-FIELDS = ("magic", "round", "cr4_landed", "cr4_blocked", "msr_landed", "msr_blocked", "cpuid",
-          "int3", "wat_landed", "wat_blocked", "unw_landed", "unw_blocked", "bp_passes", "fault",
-          "bp_addr", "watched_addr", "unwatched_addr")
-MAGIC = 0x42414C50
-NO_FAULT = 0xFFFFFFFF
+class GuestKind:
+    """What the check knows of one test guest: its report page's layout, which rule each of its
+    attacks meets, and what its benign work is."""
+
+    def __init__(self, name: str, fields: tuple[str, ...], counters: int, magic: int, no_fault: int,
+                 denies: dict[str, str], memory_deny: tuple[str, str], benign: tuple[str, ...]) -> None:
+        self.name, self.fields, self.magic, self.no_fault = name, fields, magic, no_fault
+        self.counters = fields[1:counters]
+        self.denies, self.memory_deny, self.benign = denies, memory_deny, benign
+
+    def deny_pairs(self, mode: str) -> list[tuple[str, str]]:
+        """(rule, report prefix) of each attack the policy denies; memory only where Xen can watch it."""
+        return list(self.denies.items()) + ([self.memory_deny] if mode == "bochs" else [])
+
+
+GUESTS = {
+    # tests/lab/guest/labguest.S with policies/lab-*.vmi
+    "tiny": GuestKind("labguest", ("magic", "round", "cr4_landed", "cr4_blocked", "msr_landed", "msr_blocked",
+                                   "cpuid", "int3", "wat_landed", "wat_blocked", "unw_landed", "unw_blocked",
+                                   "bp_passes", "fault", "bp_addr", "watched_addr", "unwatched_addr"),
+                      counters=13, magic=0x42414C50, no_fault=0xFFFFFFFF,
+                      denies={"cr4_guard": "cr4", "sysenter_eip": "msr"}, memory_deny=("watched_write", "wat"),
+                      benign=("unw",)),
+    # tests/lab/guest/linux/policyc_lab_attack.c with examples/policies/linux-kernel-integrity.vmi
+    "linux": GuestKind("linuxguest", ("magic", "round", "cr4_landed", "cr4_blocked", "msr_landed", "msr_blocked",
+                                      "sct_landed", "sct_blocked", "benign_landed", "benign_blocked", "creds",
+                                      "cr4_ok_landed", "cr4_ok_blocked", "collateral", "cpuid", "fault", "cr4"),
+                       counters=15, magic=0x4C4E5850, no_fault=0,
+                       denies={"smep_smap_guard": "cr4", "syscall_entry_guard": "msr"},
+                       memory_deny=("protect_tables", "sct"), benign=("benign", "cr4_ok")),
+}
+TINY_REPORT_GFN = 0x200
 
 
 def uptime() -> float:
@@ -54,7 +82,8 @@ def emit(name: str, value) -> None:
 class ReportPage:
     """The guest's report page, mapped read-only from dom0."""
 
-    def __init__(self, domid: int) -> None:
+    def __init__(self, domid: int, gfn: int, kind: GuestKind) -> None:
+        self.kind = kind
         lib = ctypes.CDLL("libxenforeignmemory.so.1", use_errno=True)
         lib.xenforeignmemory_open.restype = ctypes.c_void_p
         lib.xenforeignmemory_open.argtypes = [ctypes.c_void_p, ctypes.c_uint]
@@ -65,21 +94,36 @@ class ReportPage:
         self.handle = lib.xenforeignmemory_open(None, 0)
         if not self.handle:
             raise OSError(ctypes.get_errno(), "xenforeignmemory_open")
-        gfns = (ctypes.c_ulong * 1)(REPORT_GFN)
+        gfns = (ctypes.c_ulong * 1)(gfn)
         errs = (ctypes.c_int * 1)()
         addr = lib.xenforeignmemory_map(self.handle, domid, 1, 1, gfns, errs)  # PROT_READ
         if not addr or errs[0]:
-            raise OSError(ctypes.get_errno() or -errs[0], f"xenforeignmemory_map gfn {REPORT_GFN:#x}")
-        self.words = (ctypes.c_uint32 * len(FIELDS)).from_address(addr)
+            raise OSError(ctypes.get_errno() or -errs[0], f"xenforeignmemory_map gfn {gfn:#x}")
+        self.words = (ctypes.c_uint32 * len(kind.fields)).from_address(addr)
 
     def read(self) -> dict:
-        snap = dict(zip(FIELDS, list(self.words)))
+        snap = dict(zip(self.kind.fields, list(self.words)))
         snap["t"] = round(time.monotonic(), 3)
         return snap
 
+    def delta(self, a: dict, b: dict) -> dict:
+        return {k: b[k] - a[k] for k in self.kind.counters} | {"seconds": round(b["t"] - a["t"], 3)}
 
-def delta(a: dict, b: dict) -> dict:
-    return {k: b[k] - a[k] for k in FIELDS[1:13]} | {"seconds": round(b["t"] - a["t"], 3)}
+
+def announced_report_gfn(domid: int, timeout: float) -> tuple[int, float]:
+    """The Linux guest's report page: its attacker module prints "policyc-lab report gfn=0x..." on
+    Xen's debug port once the kernel has booted and loaded it. Returns (gfn, seconds waited)."""
+    t0 = time.monotonic()
+    pattern = re.compile(rf"\(d{domid}\).*policyc-lab report gfn=(0x[0-9a-f]+)")
+    while True:
+        _, out = run(["xl", "dmesg"])
+        found = pattern.findall(out)
+        if found:
+            return int(found[-1], 16), round(time.monotonic() - t0, 2)
+        if time.monotonic() - t0 > timeout or "p" in domain_state(domid) and "r" not in domain_state(domid):
+            raise TimeoutError(f"no report page announced by d{domid} after {time.monotonic() - t0:.0f} s "
+                               f"(state {domain_state(domid)})")
+        time.sleep(2.0)
 
 
 def run(cmd: list[str], timeout: float = 120) -> tuple[int, str]:
@@ -124,7 +168,7 @@ def step_environment(policies: list[str]) -> dict:
 
 
 def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
-                 startup: float = 240) -> dict:
+                 startup: float = 240, target: str | None = None) -> dict:
     log = "/tmp/decisions.jsonl"
     if os.path.exists(log):
         os.unlink(log)
@@ -132,6 +176,8 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     samples = []
     before = page.read() if page else None
     cmd = [sys.executable, "-m", "policyc", "run", policy, "--guest", f"xen:{domid}", "--log", log]
+    if target:
+        cmd += ["--target", target]
     res["cmd"] = " ".join(cmd[1:])
     t_start = time.monotonic()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -190,27 +236,26 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
 
     # both sides
     if page and before and after:
-        res["guest_delta_whole_run"] = delta(before, after)
+        res["guest_delta_whole_run"] = page.delta(before, after)
         enforced = [s for s in samples if first_decision is not None and s["t"] >= first_decision + 1.0]
         if len(enforced) >= 2:
-            res["guest_delta_enforced_window"] = delta(enforced[0], enforced[-1])
+            res["guest_delta_enforced_window"] = page.delta(enforced[0], enforced[-1])
         res["guest_fault"] = after["fault"]
     return res
 
 
-def deny_count(res: dict, rule: str) -> int:
+def decision_count(res: dict, rule: str, verdict: str | None = None) -> int:
     return sum(n for k, n in res.get("decisions_by_kind_rule_verdict", {}).items()
-               if k.split("/")[1] == rule and k.split("/")[2] == "deny")
+               if k.split("/")[1] == rule and (verdict is None or k.split("/")[2] == verdict))
 
 
-def compare(mode: str, res: dict) -> dict:
+def compare(mode: str, kind: GuestKind, res: dict) -> dict:
     """What each side says, rule by rule; `ok` is None when a side is missing."""
     out: dict = {}
     win = res.get("guest_delta_enforced_window")
     whole = res.get("guest_delta_whole_run")
-    pairs = [("cr4_guard", "cr4"), ("sysenter_eip", "msr")] + ([("watched_write", "wat")] if mode == "bochs" else [])
-    for rule, g in pairs:
-        c: dict = {"deny_decisions": deny_count(res, rule)}
+    for rule, g in kind.deny_pairs(mode):
+        c: dict = {"deny_decisions": decision_count(res, rule, "deny")}
         if whole:
             c["guest_blocked_whole_run"] = whole[f"{g}_blocked"]
         if win:
@@ -224,26 +269,39 @@ def compare(mode: str, res: dict) -> dict:
             c["ok"] = None
         out[rule] = c
     if win:
-        out["benign_unwatched_write"] = {"landed_while_enforced": win["unw_landed"],
-                                        "blocked_while_enforced": win["unw_blocked"],
-                                        "ok": win["unw_landed"] > 0 and win["unw_blocked"] == 0}
+        for g in kind.benign:   # allowed work (the unwatched write, a CR4 write the policy permits) lands
+            out[f"benign_{g}"] = {"landed_while_enforced": win[f"{g}_landed"],
+                                  "blocked_while_enforced": win[f"{g}_blocked"],
+                                  "ok": win[f"{g}_landed"] > 0 and win[f"{g}_blocked"] == 0}
         out["cpuid"] = {"guest_cpuid_while_enforced": win["cpuid"],
-                        "log_decisions": sum(n for k, n in res["decisions_by_kind_rule_verdict"].items()
-                                             if k.split("/")[1] == "hypervisor_probe")}
+                        "log_decisions": decision_count(res, "hypervisor_probe")}
+    if win and whole and kind.name == "linuxguest" and mode == "bochs":
+        # The commit_creds breakpoint is there from install to teardown: it logs at least every call
+        # the guest made while enforced, and at most every call of the whole run (+2: the kernel's own).
+        logged = decision_count(res, "trace_creds", "log")
+        out["trace_creds"] = {"log_decisions": logged, "guest_calls_while_enforced": win["creds"],
+                              "guest_calls_whole_run": whole["creds"],
+                              "ok": win["creds"] > 0 and win["creds"] <= logged <= whole["creds"] + 2}
+        # writes beside the table on its page are allowed: Xen's emulator performs them
+        out["collateral_write"] = {"allow_decisions": decision_count(res, "", "allow") +
+                                   decision_count(res, "None", "allow"),
+                                   "guest_writes_while_enforced": win["collateral"]}
     return out
 
 
-def step_after_teardown(domid: int, page: ReportPage | None) -> dict:
+def step_after_teardown(domid: int, page: ReportPage | None, mode: str) -> dict:
     res: dict = {"state": domain_state(domid)}
     if page:
         a = page.read()
-        time.sleep(2.0)
+        time.sleep(2.0 if page.kind.name == "labguest" else 5.0)   # the Linux guest's rounds sleep 10 ms
         b = page.read()
-        d = delta(a, b)
-        res["delta_2s"] = d
+        d = page.delta(a, b)
+        res["delta"] = d
         res["fault"] = b["fault"]
-        res["ok"] = (d["round"] > 0 and d["cr4_landed"] > 0 and d["msr_landed"] > 0 and b["fault"] == NO_FAULT
-                     and "p" not in res["state"])
+        # the attacks land again: the enforcer left nothing behind
+        landed = [g for _, g in page.kind.deny_pairs(mode)]
+        res["ok"] = (d["round"] > 0 and all(d[f"{g}_landed"] > 0 for g in landed)
+                     and b["fault"] == page.kind.no_fault and "p" not in res["state"])
     rc, out = run(["xl", "vcpu-list", str(domid)])
     res["vcpu_list"] = out.strip().splitlines()[-1:] if rc == 0 else out.strip().splitlines()[-2:]
     return res
@@ -261,7 +319,7 @@ def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | No
     res = {"mode": mode, "rc": rc, "seconds": round(wall, 2), "events": n, "events_per_second": round(n / wall, 1),
            "head": lines[:4], "tail": lines[-3:]}
     if a and b:
-        res["guest_delta"] = delta(a, b)
+        res["guest_delta"] = page.delta(a, b)
     res["state_after"] = domain_state(domid)
     return res
 
@@ -269,6 +327,10 @@ def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | No
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=("qemu", "bochs"), required=True)
+    ap.add_argument("--guest", choices=sorted(GUESTS), default="tiny")
+    ap.add_argument("--target", help="compile the policy for this target (`policyc run --target`)")
+    ap.add_argument("--boot-timeout", type=float, default=600,
+                    help="seconds to wait for the Linux guest to announce its report page")
     ap.add_argument("--policy", required=True)
     ap.add_argument("--check", nargs="*", default=None, help="policies to `policyc check` (default: --policy)")
     ap.add_argument("--domid", type=int, required=True)
@@ -280,13 +342,14 @@ def main() -> int:
                     "--host-target must fail with the capability error")
     ap.add_argument("--host-target", default="x86_64-svm")
     a = ap.parse_args()
-    result: dict = {"mode": a.mode, "domid": a.domid}
+    kind = GUESTS[a.guest]
+    result: dict = {"mode": a.mode, "guest": a.guest, "domid": a.domid}
 
     result["environment"] = env = step_environment([] if a.skip_check else (a.check or [a.policy]))
     emit("environment", env)
 
     created = a.domid
-    a.domid = domid_of("labguest", a.domid)
+    a.domid = domid_of(kind.name, a.domid)
     if a.domid != created:
         # Reported, not hidden: the guest died and the toolstack restarted it before the check began.
         result["guest_restarted"] = {"created_as": created, "now": a.domid}
@@ -295,13 +358,18 @@ def main() -> int:
 
     page = None
     try:
-        page = ReportPage(a.domid)
+        waited = None
+        gfn = TINY_REPORT_GFN
+        if a.guest == "linux":
+            gfn, waited = announced_report_gfn(a.domid, a.boot_timeout)
+            print(f"LAB-T guest_booted {uptime()}", flush=True)
+        page = ReportPage(a.domid, gfn, kind)
         snap = page.read()
-        time.sleep(1.0)
+        time.sleep(1.0 if a.guest == "tiny" else 3.0)
         snap2 = page.read()
-        result["guest_before"] = g = {"magic_ok": snap["magic"] == MAGIC, "rounds_per_second": round(
+        result["guest_before"] = g = {"magic_ok": snap["magic"] == kind.magic, "rounds_per_second": round(
             (snap2["round"] - snap["round"]) / (snap2["t"] - snap["t"]), 1), "report": snap2,
-            "state": domain_state(a.domid)}
+            "report_gfn": hex(gfn), "boot_wait_seconds": waited, "state": domain_state(a.domid)}
     except Exception as e:
         result["guest_before"] = g = {"error": f"{type(e).__name__}: {e}"}
     emit("guest_before", g)
@@ -317,12 +385,12 @@ def main() -> int:
         emit("capability_refusal", ref)
 
     t0 = uptime()
-    result["enforce"] = enf = step_enforce(a.policy, a.domid, a.seconds, page, a.startup)
+    result["enforce"] = enf = step_enforce(a.policy, a.domid, a.seconds, page, a.startup, a.target)
     enf["dom0_seconds"] = round(uptime() - t0, 2)
     emit("enforce", enf)
-    result["compare"] = cmp = compare(a.mode, enf)
+    result["compare"] = cmp = compare(a.mode, kind, enf)
     emit("compare", cmp)
-    result["after_teardown"] = aft = step_after_teardown(a.domid, page)
+    result["after_teardown"] = aft = step_after_teardown(a.domid, page, a.mode)
     emit("after_teardown", aft)
 
     if a.baseline:
@@ -335,7 +403,7 @@ def main() -> int:
         xa = step_xen_access(a.domid, m, a.seconds, page)
         result["xen_access"].append(xa)
         emit(f"xen_access_{m}", xa)
-    result["after_xen_access"] = aft2 = step_after_teardown(a.domid, page)
+    result["after_xen_access"] = aft2 = step_after_teardown(a.domid, page, a.mode)
     emit("after_xen_access", aft2)
 
     enforcer_ran = bool(enf.get("decisions"))

@@ -1,12 +1,16 @@
 #!/bin/bash
 # policyc's Xen lab: real Xen 4.17 (Debian bookworm) nested in an emulator, a PV dom0 built
-# from an initramfs that carries python3 + policyc, and a tiny PVH test guest
-# (tests/lab/guest/labguest.S) that attacks and does benign work in a loop.
+# from an initramfs that carries python3 + policyc, and two PVH test guests that attack and do
+# benign work in a loop: a tiny one (tests/lab/guest/labguest.S) and Debian's Linux 6.1.0-56 with
+# an attacker module (tests/lab/guest/linux/), the kernel the example policies were written for.
 #
 #   tests/lab/lab.sh setup    # apt packages, the Debian kernel, then `build`
 #   tests/lab/lab.sh build    # rebuild guest + dom0 initramfs + Bochs ISO (after editing the project)
 #   tests/lab/lab.sh qemu     # QEMU TCG, emulated AMD SVM+NPT: register policy   (fast)
 #   tests/lab/lab.sh bochs    # Bochs, emulated Intel VT-x+EPT: memory+register policy (slow)
+#
+# LAB_GUEST picks the test guest: `tiny` (QEMU's default) or `linux` (Bochs's default, with the
+# example policy linux-kernel-integrity.vmi). For Bochs it is read at `build` (it goes into the ISO).
 #
 # Everything is written under $LAB (default /tmp/policyc-lab), never into the repository.
 # LAB_SECONDS (default 20) is how long the enforcer, and then xen-access, run in dom0.
@@ -37,7 +41,8 @@ packages() {
   apt-get update -q
   apt-get install -y -q --no-install-recommends \
     qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 busybox-static cpio binutils cpp \
-    bochs bochs-term bochsbios vgabios grub-pc-bin grub-common xorriso mtools
+    bochs bochs-term bochsbios vgabios grub-pc-bin grub-common xorriso mtools \
+    make gcc "linux-headers-$KV"                        # the Linux guest's attacker module
 }
 
 kernel() {
@@ -155,6 +160,25 @@ vcpus = 1
 on_crash = "preserve"
 EOF
   sed 's/^vcpus = 1/vcpus = 1\naltp2m = "external"/' "$S/lab/labguest.cfg" > "$S/lab/labguest-altp2m.cfg"
+  if [ -f "$LAB/linuxguest.cpio.gz" ]; then
+    cp "$LAB/kernel/boot/vmlinuz-$KV" "$S/lab/vmlinuz"
+    cp "$LAB/linuxguest.cpio.gz" "$S/lab/"
+    # the example policy as written, with the symbol file it names
+    cp "$REPO/examples/policies/linux-kernel-integrity.vmi" "$REPO/examples/policies/linux-6.1.System.map" \
+       "$S/lab/policies/"
+    # tsc_mode native: QEMU TCG misreports RDTSCP intercepts without nrip-save (NOTES.md)
+    cat > "$S/lab/linuxguest.cfg" <<'EOF'
+name = "linuxguest"
+type = "pvh"
+kernel = "/lab/vmlinuz"
+ramdisk = "/lab/linuxguest.cpio.gz"
+extra = "console=hvc0 loglevel=6"
+memory = 256
+vcpus = 1
+tsc_mode = "native"
+on_crash = "preserve"
+EOF
+  fi
   cp "$HERE/init.sh" "$S/init"; chmod +x "$S/init"
   (cd "$S" && find . | cpio -o -H newc 2>/dev/null) | gzip -1 > "$LAB/dom0.cpio.gz"
   log "dom0 initramfs: $(du -h "$LAB/dom0.cpio.gz" | cut -f1) gz, $(du -sh "$S" | cut -f1) unpacked"
@@ -173,7 +197,7 @@ terminal_input serial
 terminal_output serial
 menuentry "xen" {
   multiboot /boot/xen console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 loglvl=all guest_loglvl=all altp2m=1
-  module /boot/vmlinuz console=hvc0 earlyprintk=xen lab.mode=bochs lab.seconds=$LAB_SECONDS
+  module /boot/vmlinuz console=hvc0 earlyprintk=xen lab.mode=bochs lab.seconds=$LAB_SECONDS lab.guest=${LAB_GUEST:-linux}
   module /boot/dom0.cpio.gz
 }
 EOF
@@ -181,7 +205,21 @@ EOF
   log "Bochs ISO: $LAB/lab.iso"
 }
 
-build() { kernel; build_guest; build_initrd; build_iso; }
+build_linux_guest() {   # the attacker module, built against the guest kernel's own headers
+  local G=$LAB/linuxguest KB=/usr/src/linux-headers-$KV
+  [ -d "$KB" ] || { log "no $KB (apt-get install linux-headers-$KV): skipping the Linux guest"; return 0; }
+  rm -rf "$G"; mkdir -p "$G/mod" "$G/root/bin"
+  cp "$HERE/guest/linux/Kbuild" "$HERE/guest/linux/policyc_lab_attack.c" "$G/mod/"
+  make -s -C "$KB" M="$G/mod" modules >"$G/make.log" 2>&1 || { cat "$G/make.log"; log "module build failed"; exit 1; }
+  cp /bin/busybox "$G/root/bin/busybox"
+  cp "$G/mod/policyc_lab_attack.ko" "$G/root/"
+  cp "$HERE/guest/linux/init.sh" "$G/root/init"; chmod +x "$G/root/init"
+  mkdir -p "$G/root/"{proc,sys,dev,tmp}
+  (cd "$G/root" && find . | cpio -o -H newc 2>/dev/null) | gzip -1 > "$LAB/linuxguest.cpio.gz"
+  log "Linux guest: kernel $KV, initramfs $(du -h "$LAB/linuxguest.cpio.gz" | cut -f1)"
+}
+
+build() { kernel; build_guest; build_linux_guest; build_initrd; build_iso; }
 
 qemu() {
   cd "$LAB"
@@ -192,7 +230,7 @@ qemu() {
     -cpu EPYC,+svm,+npt,-smap,-monitor -smp 2 -m 3G -nographic -no-reboot \
     -kernel xen-4.17.elf \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all" \
-    -initrd "kernel/boot/vmlinuz-$KV console=hvc0 lab.mode=qemu lab.seconds=$LAB_SECONDS,dom0.cpio.gz" \
+    -initrd "kernel/boot/vmlinuz-$KV console=hvc0 lab.mode=qemu lab.seconds=$LAB_SECONDS lab.guest=${LAB_GUEST:-tiny},dom0.cpio.gz" \
     < /dev/null 2>&1 | tee qemu-serial.log
   echo "=== LAB-WALL qemu seconds=$((SECONDS - t0))" | tee -a qemu-serial.log
 }
