@@ -489,6 +489,11 @@ def _lookup(tables: Sequence[SymbolTable], name: str) -> int | None:
 
 # --------------------------------------------------------------------------- slide discovery
 
+# Linux's page-table isolation allocates each PGD as an 8 KiB pair: the kernel half, then the user
+# half (CR3 bit 12 set) that maps only the entry text and the CPU entry area.
+PTI_USER_PGD_BIT = 1 << 12
+
+
 def _slide_alignment(arch: str, os_name: str) -> int:
     return PAGE_2M if arch.startswith("x86_64") and os_name == "linux" else PAGE
 
@@ -1277,7 +1282,20 @@ def bind_plan(plan: Mapping[str, Any], backend: Any, symbols: SymbolTable | Sequ
         if not tables:
             raise BindError(BindFailure(None, None, "the plan has relocatable addresses but no symbol table was "
                                         "given to find the slide with"))
-        binder.slide, evidence, notes = find_slide(backend, tables, binder.space, regs0, arch=arch)
+        try:
+            binder.slide, evidence, notes = find_slide(backend, tables, binder.space, regs0, arch=arch)
+        except BindError:
+            if not (cr3 & PTI_USER_PGD_BIT and tables[0].os == "linux"):
+                raise
+            # Page-table isolation: vCPU 0 was paused in user mode, on the user half of the kernel's
+            # 8 KiB PGD pair, where the image is not mapped. The kernel half is the frame below; the
+            # slide found through it is cross-checked like any other, so a wrong guess still fails.
+            space = _Space(backend, cr3 & ~PTI_USER_PGD_BIT)
+            binder.slide, evidence, notes = find_slide(backend, tables, space, regs0, arch=arch)
+            notes.append(f"vCPU 0's CR3 ({cr3:#x}) is the user half of a page-table isolation pair: "
+                         "walked its kernel half")
+            cr3 &= ~PTI_USER_PGD_BIT
+            binder.space, binder.cr3 = space, cr3
         binder.notes.extend(notes)
     # Walk the kernel's own top-level table when the symbols name it: vCPU 0 may be running a process
     # whose page-global directory goes away with it (the kernel half of every PGD is copied from it).

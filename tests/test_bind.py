@@ -402,3 +402,33 @@ def test_breakpoints_by_symbol_move_with_the_slide_but_literal_va_and_pa_do_not(
     assert by_id[sites["by_va"]["id"]].address == cc + 0x10                   # as written
     phys = by_id[sites["by_pa"]["id"]]
     assert (phys.gfn, phys.offset) == (entry_pa >> 12, entry_pa & 0xFFF)      # no translation
+
+
+def test_vcpu_in_user_mode_under_pti_binds_through_the_kernel_half(symbols):
+    """A kernel with page-table isolation (every Intel CPU before Cascade Lake) runs user code on
+    the user half of an 8 KiB PGD pair, where the kernel image is not mapped: only the entry text
+    and the CPU entry area are. vCPU 0 paused in user mode is the common case on a busy guest; the
+    binder then walks the kernel half (CR3 with bit 12 clear), and says so."""
+    xen = mk()
+    g = xen.guest
+    kernel_cr3 = xen.vcpu(0).cr3
+    assert not kernel_cr3 & PAGE
+    g.memory.write(kernel_cr3 + PAGE, bytes(PAGE))
+    user = PageTables(g.memory, kernel_cr3 + PAGE)
+    entry = g.symbols["entry_SYSCALL_64"] & ~(PAGE - 1)
+    for va, x in ((entry, True), (CPU_ENTRY_AREA_IDT, False)):
+        user.map(va, g.walk(kernel_cr3, va).pa & ~(PAGE - 1), PAGE, PAGE, writable=False, executable=x,
+                 global_=True)
+    with pytest.raises(Exception):
+        g.walk(kernel_cr3 + PAGE, g.symbols["sys_call_table"])    # the table is not mapped there
+    xen.vcpu(0).cr3 = kernel_cr3 + PAGE
+    bound = bind_plan(plan(), xen, symbols)
+    assert bound.slide == SLIDE
+    assert any("page-table isolation" in n for n in bound.notes), bound.notes
+    ref = bind_plan(plan(), mk(), symbols)
+    assert all(bound.region_frames(r) == ref.region_frames(r) for r in plan()["regions"])
+    assert bound.pt_watch == ref.pt_watch
+    # a CR3 with bit 12 set whose kernel half is no better is still refused, not guessed at
+    xen.vcpu(0).cr3 = kernel_cr3 + 3 * PAGE
+    with pytest.raises(BindError):
+        bind_plan(plan(), xen, symbols)
