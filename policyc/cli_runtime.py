@@ -405,8 +405,11 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     errors = enforcer.installation.teardown_errors if enforcer.installation else []
     print(log.summary(), file=sys.stderr)
     c = enforcer.counters()
+    verified = enforcer.installation.verified if enforcer.installation else {"frames": 0, "bytes": 0}
     print(f"requests {c['requests']}, responses {c['responses']}, decision records {c['records']}; teardown "
-          f"{'clean' if not errors else 'FAILED: ' + '; '.join(errors)}", file=sys.stderr)
+          f"{'clean' if not errors else 'FAILED: ' + '; '.join(errors)} ({verified['frames']} frames read back at "
+          f"their access before install, {verified['bytes']} breakpoint sites at their original bytes)",
+          file=sys.stderr)
     return EXIT_OK if not errors else EXIT_PROBLEMS
 
 

@@ -379,6 +379,7 @@ class Installation:
         self.teardown_errors: list[str] = []
         self.leftover: list[dict[str, Any]] = []               # entries whose undo failed
         self.skipped_frames: dict[int, list[int]] = {}         # plan view -> unpopulated gfns not set
+        self.verified = {"frames": 0, "bytes": 0}              # read back after their undo at teardown
 
     # ------------------------------------------------------------------ journal
     def _log(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -423,6 +424,7 @@ class Installation:
             entry = self.journal.pop()
             try:
                 _undo(self.backend, entry)
+                errors += self._read_back(entry)
             except Exception as exc:  # noqa: BLE001 - keep undoing; report every failure
                 errors.append(f"undo {_describe(entry)}: {exc}")
                 self.leftover.insert(0, entry)
@@ -434,6 +436,27 @@ class Installation:
                 self._inline.pop(entry["site"], None)
             self._save()
         return errors
+
+    def _read_back(self, entry: Mapping[str, Any]) -> list[str]:
+        """After an undo, the hypervisor's own view of what it restored: every frame's access read back
+        against what it was before install, and the bytes under each breakpoint. A teardown that
+        reports success without looking is what leaves a production guest half-protected."""
+        b = self.backend
+        if entry["op"] == "access":
+            wrong = [(g, a, b.get_access(entry["view"], g)) for g, a in sorted(entry["prior"].items())]
+            wrong = [w for w in wrong if w[2] != w[1]]
+            self.verified["frames"] += len(entry["prior"]) - len(wrong)
+            return [f"view {entry['view']} gfn {g:#x}: access {now} after teardown, {was} before install"
+                    for g, was, now in wrong[:8]] + ([f"... {len(wrong) - 8} more frames"] if len(wrong) > 8 else [])
+        if entry["op"] == "bytes":
+            original, planted = bytes.fromhex(entry["original"]), bytes.fromhex(entry["planted"])
+            now = b.read_physical(entry["pa"], len(original))
+            if now == original:
+                self.verified["bytes"] += 1
+            # anything else but our int3 is the guest's own rewrite since (_undo leaves it alone)
+            return [f"breakpoint at pa {entry['pa']:#x}: the int3 is still there after teardown"] \
+                if now == planted else []
+        return []
 
     # ------------------------------------------------------------------ install steps
     def _install(self) -> None:

@@ -221,6 +221,42 @@ def test_svm_plan_plants_inline_breakpoints_and_restores_the_bytes(symbols, tmp_
     assert_same(before, after)
 
 
+def test_teardown_reads_back_what_it_restored(symbols, tmp_path):
+    # the x86_64-nomtf plan: access on the host p2m and an int3 in the guest's own frame
+    xen = mk("x86_64-nomtf")
+    bound = bind_plan(plan("linux-kernel-integrity.x86_64-nomtf.plan.json"), xen, symbols)
+    inst = install(bound, xen, state_dir=tmp_path)
+    assert inst.teardown() == []
+    frames = sum(len(v.access) for v in bound.views.values())
+    assert inst.verified == {"frames": frames, "bytes": len(bound.breakpoints)} and frames > 1000
+
+
+class SilentlyIgnored(Flaky):
+    """A hypervisor that answers success to the restoring set_access without doing it (as a domctl
+    can when the p2m entry changed under it): only reading back shows it."""
+
+    def __init__(self, inner: SimulatedXen) -> None:
+        super().__init__(inner)
+        self.ignore = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "set_access" and self.ignore:
+            return lambda *a, **kw: None
+        return super().__getattr__(name)
+
+
+def test_a_restore_the_hypervisor_did_not_apply_fails_the_teardown(symbols, tmp_path):
+    xen = mk("x86_64-nomtf")
+    lying = SilentlyIgnored(xen)
+    inst = install(bind_plan(plan("linux-kernel-integrity.x86_64-nomtf.plan.json"), xen, symbols), lying,
+                   state_dir=tmp_path)
+    lying.ignore = True
+    with pytest.raises(TeardownError) as e:
+        inst.teardown()
+    assert "after teardown" in str(e.value) and "before install" in str(e.value)
+    assert state_path_for(xen.name, tmp_path).exists()        # kept for `policyc recover`
+
+
 # =========================================================================== failures roll back
 
 def _count_mutating_calls(symbols, tmp_path, name=KERNEL_INTEGRITY) -> tuple[int, list[str]]:
