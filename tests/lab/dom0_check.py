@@ -17,7 +17,10 @@ parses them. Steps, each recorded whether it works or not:
    (a denied CR4/MSR/watched write did not land, an allowed one did), then after
    teardown the guest must still run (its round counter moves, writes land again,
    no fault, the domain not paused);
-5. Xen's own client on the same guest for the same seconds: `xen-access D cpuid`
+5. under Bochs, the backend calls no lab policy reaches on a host without MTF, each on the
+   live guest and read back: altp2m (a view, a frame restricted in it, change_gfn to a frame
+   added above the guest's memory and back), and a register-context round trip;
+6. Xen's own client on the same guest for the same seconds: `xen-access D cpuid`
    (and `write` under Bochs), events per second of each.
 
 Only the standard library and policyc are used (it runs on the lab's trimmed Python).
@@ -307,6 +310,74 @@ def step_after_teardown(domid: int, page: ReportPage | None, mode: str) -> dict:
     return res
 
 
+def step_backend_calls(domid: int, gfn: int, page: ReportPage | None) -> dict:
+    """policyc's Xen backend, call by call, where no policy in this lab reaches it: the x86_64-nomtf
+    plans use the host p2m only, so altp2m views, shadow frames and register writes are exercised
+    here directly (the guest paused, nothing left behind), each checked by reading back."""
+    from policyc.runtime.xen_backend import XenBackend
+
+    calls: list[dict] = []
+
+    def call(name: str, fn, check=None):
+        t0 = time.monotonic()
+        try:
+            value = fn()
+        except Exception as e:  # record, go on
+            calls.append({"call": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:240]})
+            return None
+        ok = True if check is None else bool(check(value))
+        calls.append({"call": name, "ok": ok, "value": repr(value)[:80], "ms": round(1000 * (time.monotonic() - t0), 1)})
+        return value
+
+    res: dict = {"gfn": hex(gfn)}
+    try:
+        be = XenBackend.open(str(domid), ring=False)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "ok": False}
+    caps = be.capabilities()
+    res["capabilities"] = {"arch": caps.arch, "mem_access": caps.mem_access, "altp2m": caps.altp2m,
+                           "max_views": caps.max_views, "singlestep": caps.singlestep,
+                           "monitors": sorted(caps.monitors)}
+    be.pause()
+    try:
+        was_on = call("altp2m_get_state", be.altp2m_get_state)
+        if not was_on:
+            call("altp2m_set_state(on)", lambda: be.altp2m_set_state(True))
+        view = call("create_view(rwx)", lambda: be.create_view("rwx"), lambda v: v > 0)
+        if view is not None:
+            call("set_access(view, gfn, r)", lambda: be.set_access(view, [gfn], "r"))
+            call("get_access(view, gfn) == r", lambda: be.get_access(view, gfn), lambda a: a == "r")
+            call("get_access(host p2m, gfn) == rwx", lambda: be.get_access(0, gfn), lambda a: a == "rwx")
+            shadow = call("add_frame", be.add_frame)
+            if shadow is not None:
+                call("write_physical(shadow)", lambda: be.write_physical(shadow << 12, b"policyc-shadow"))
+                call("change_gfn(view, gfn -> shadow)", lambda: be.change_gfn(view, gfn, shadow))
+                call("change_gfn(view, gfn -> itself)", lambda: be.change_gfn(view, gfn, None))
+                call("remove_frame(shadow)", lambda: be.remove_frame(shadow))
+            call("current_view(vcpu 0) == 0", lambda: be.current_view(0), lambda v: v == 0)
+            call("destroy_view", lambda: be.destroy_view(view))
+        if not was_on:
+            call("altp2m_set_state(off)", lambda: be.altp2m_set_state(False))
+        regs = call("get_registers(0)", lambda: be.get_registers(0))
+        if regs:
+            keep = {k: regs[k] for k in ("rax", "rbx", "rcx", "rdx", "rsp", "rip", "rflags") if k in regs}
+            call("set_registers(0, the same values)", lambda: be.set_registers(0, keep))
+            call("get_registers(0) unchanged", lambda: be.get_registers(0),
+                 lambda r: all(r[k] == v for k, v in keep.items()))
+    finally:
+        be.unpause()
+        be.close()
+    res["calls"] = calls
+    res["state"] = domain_state(domid)
+    if page:
+        a = page.read()
+        time.sleep(3.0)
+        b = page.read()
+        res["guest_rounds_after"] = b["round"] - a["round"]
+    res["ok"] = all(c["ok"] for c in calls) and res.get("guest_rounds_after", 1) > 0
+    return res
+
+
 def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | None) -> dict:
     marker = {"cpuid": "CPUID", "write": "PAGE ACCESS"}[mode]
     a = page.read() if page else None
@@ -364,6 +435,7 @@ def main() -> int:
             gfn, waited = announced_report_gfn(a.domid, a.boot_timeout)
             print(f"LAB-T guest_booted {uptime()}", flush=True)
         page = ReportPage(a.domid, gfn, kind)
+        page_gfn = gfn
         snap = page.read()
         time.sleep(1.0 if a.guest == "tiny" else 3.0)
         snap2 = page.read()
@@ -393,6 +465,10 @@ def main() -> int:
     result["after_teardown"] = aft = step_after_teardown(a.domid, page, a.mode)
     emit("after_teardown", aft)
 
+    if a.mode == "bochs" and page:
+        result["backend_calls"] = calls = step_backend_calls(a.domid, page_gfn, page)
+        emit("backend_calls", calls)
+
     if a.baseline:
         result["enforce_baseline"] = base = step_enforce(a.baseline, a.domid, a.seconds, page, a.startup)
         base.pop("output_tail", None)
@@ -416,6 +492,7 @@ def main() -> int:
         "verdicts_agree": (all(c["ok"] for c in cmp.values() if "ok" in c) if enforcer_ran and cmp else None),
         "guest_runs_after_teardown": aft.get("ok"),
         "memory_policy_refused": result.get("capability_refusal", {}).get("ok"),
+        "backend_calls_ok": result.get("backend_calls", {}).get("ok"),
         "guest_restarted_before_check": "guest_restarted" in result,
         "enforcer_events_per_second": enf.get("events_per_second"),
         "enforcer_baseline_cpuid_events_per_second": result.get("enforce_baseline", {}).get("events_per_second"),

@@ -34,7 +34,7 @@ case "$MODE/$GUEST" in
     # Python is ~10x slower under Bochs than under QEMU: `policyc check` runs in the QEMU lab
     ARGS="--policy $P/lab-memory-vmx.vmi --skip-check --startup 900" ;;
   bochs/linux)
-    NAME=linuxguest; xl create -q /lab/linuxguest.cfg
+    NAME=linuxguest; xl create -q /lab/linuxguest-altp2m.cfg || xl create -q /lab/linuxguest.cfg
     # the example policy as written; Bochs's VT-x has EPT but no monitor trap flag
     ARGS="--policy $P/linux-kernel-integrity.vmi --target x86_64-nomtf --skip-check --startup 900 --boot-timeout 1500" ;;
   qemu/linux)

@@ -178,6 +178,7 @@ vcpus = 1
 tsc_mode = "native"
 on_crash = "preserve"
 EOF
+    sed 's/^vcpus = 1/vcpus = 1\naltp2m = "external"/' "$S/lab/linuxguest.cfg" > "$S/lab/linuxguest-altp2m.cfg"
   fi
   cp "$HERE/init.sh" "$S/init"; chmod +x "$S/init"
   (cd "$S" && find . | cpio -o -H newc 2>/dev/null) | gzip -1 > "$LAB/dom0.cpio.gz"
