@@ -410,6 +410,10 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
           f"{'clean' if not errors else 'FAILED: ' + '; '.join(errors)} ({verified['frames']} frames read back at "
           f"their access before install, {verified['bytes']} breakpoint sites at their original bytes)",
           file=sys.stderr)
+    holds = getattr(backend, "deny_holds", None)
+    if holds and holds["checked"]:
+        print(f"register-write denies: {holds['checked']}, {holds['held']} held until the vCPU had left its pCPU "
+              f"(longest {holds['max_wait_ms']} ms), {holds['unconfirmed']} sent unconfirmed", file=sys.stderr)
     return EXIT_OK if not errors else EXIT_PROBLEMS
 
 

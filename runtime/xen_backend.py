@@ -38,6 +38,7 @@ import errno as _errno
 import functools
 import os
 import select
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -111,6 +112,10 @@ STRUCTS: dict[str, list[tuple[str, str]]] = {
         ("scrub_pages", "uint64_t scrub_pages"), ("outstanding_pages", "uint64_t outstanding_pages"),
         ("max_mfn", "uint64_t max_mfn"), ("hw_cap", "uint32_t hw_cap[8]"),
     ],
+    "xc_vcpuinfo_t": [
+        ("vcpu", "uint32_t vcpu"), ("online", "uint8_t online"), ("blocked", "uint8_t blocked"),
+        ("running", "uint8_t running"), ("cpu_time", "uint64_t cpu_time"), ("cpu", "uint32_t cpu"),
+    ],
 }
 
 # library key -> [(return type, name, parameter list)]; cdef'd verbatim and asserted in C.
@@ -122,6 +127,7 @@ DECLARATIONS: dict[str, list[tuple[str, str, str]]] = {
         ("int", "xc_domain_pause", "xc_interface *, uint32_t"),
         ("int", "xc_domain_unpause", "xc_interface *, uint32_t"),
         ("int", "xc_physinfo", "xc_interface *, xc_physinfo_t *"),
+        ("int", "xc_vcpu_getinfo", "xc_interface *, uint32_t, uint32_t, xc_vcpuinfo_t *"),
         ("int", "xc_vm_event_get_version", "xc_interface *"),
         ("void *", "xc_monitor_enable", "xc_interface *, uint32_t, uint32_t *"),
         ("int", "xc_monitor_disable", "xc_interface *, uint32_t"),
@@ -402,6 +408,7 @@ class XenBackend:
 
     _ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "guest_request",
                "debug_exception", "privileged_call", "singlestep")
+    DENY_HOLD_LIMIT = 0.25           # seconds a register-write DENY waits for its vCPU to leave its pCPU
     _ALWAYS_SYNC = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep")
     POPULATION_BATCH = 1024          # frames per foreign-map probe in populated_frames()
     MAP_CACHE = 1024                 # foreign mappings kept (LRU) for read/write_physical
@@ -431,6 +438,8 @@ class XenBackend:
         self._mon_cr: dict[str, dict[str, Any]] = {}
         self._mon_msr: dict[int, dict[str, Any]] = {}
         self._mon: dict[str, bool] = {}
+        # register-write DENYs held until their vCPU was off its pCPU (_hold_register_denies)
+        self.deny_holds = {"checked": 0, "held": 0, "max_wait_ms": 0.0, "unconfirmed": 0}
         try:
             self._open_handles()
             self._caps = self._discover()
@@ -1099,6 +1108,7 @@ class XenBackend:
     def put_responses(self, responses: Iterable[bytes]) -> None:
         ring = self._check_ring("put_responses")
         batch = [bytes(r) for r in responses]
+        self._hold_register_denies(batch)
         try:
             if len(batch) > ring.pending_responses and not ring.pending_responses \
                     and not ring.unconsumed_requests:
@@ -1113,6 +1123,37 @@ class XenBackend:
                 v = int.from_bytes(raw[12:16], "little")
                 if self._sync_out.get(v, 0) > 0:
                     self._sync_out[v] -= 1
+
+    def _hold_register_denies(self, batch: Sequence[bytes]) -> None:
+        """Xen sends a CR or MSR write request before it marks that write deferred (hvm_set_cr4 calls
+        monitor_traps, then sets do_write.cr4; hvm_msr_write_intercept likewise). A DENY that Xen
+        processes in between clears a flag that is not yet set, and the denied write lands. The
+        vCPU sets the flag before it leaves its pCPU, so a DENY goes on the ring only once
+        xc_vcpu_getinfo says the vCPU is not running (XEN-SEMANTICS §1.3). Seen in the lab on
+        2 emulated pCPUs: one denied CR4 write and one LSTAR write landed in 205."""
+        for raw in batch:
+            if not int.from_bytes(raw[4:8], "little") & _F_DENY \
+                    or int.from_bytes(raw[8:12], "little") not in _REGISTER_WRITE_REASONS:
+                continue
+            vcpu = int.from_bytes(raw[12:16], "little")
+            self.deny_holds["checked"] += 1
+            info = self._ffi.new("xc_vcpuinfo_t *")
+            t0 = time.monotonic()
+            held = False
+            while True:
+                if self._xc.xc_vcpu_getinfo(self._xch, self.domid, vcpu, info) < 0:
+                    raise _error("put_responses", "xc_vcpu_getinfo", self._ffi.errno, f"vCPU {vcpu}")
+                if not info.running:
+                    break
+                held = True
+                if time.monotonic() - t0 > self.DENY_HOLD_LIMIT:
+                    self.deny_holds["unconfirmed"] += 1      # sent anyway: a vCPU must not stay paused
+                    break
+                time.sleep(0.0002)
+            if held:
+                self.deny_holds["held"] += 1
+                waited = round(1000 * (time.monotonic() - t0), 3)
+                self.deny_holds["max_wait_ms"] = max(self.deny_holds["max_wait_ms"], waited)
 
     def notify(self) -> None:
         self._check_ring("notify")
@@ -1145,6 +1186,8 @@ class XenBackend:
 
 _C = abi.constants()
 _F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
+_F_DENY = _C["VM_EVENT_FLAG_DENY"]
+_REGISTER_WRITE_REASONS = (_C["VM_EVENT_REASON_WRITE_CTRLREG"], _C["VM_EVENT_REASON_MOV_TO_MSR"])
 _ET_HW_EXC = _C["X86_EVENTTYPE_HW_EXCEPTION"]
 _ET_SW_EXC = _C["X86_EVENTTYPE_SW_EXCEPTION"]
 _CR_INDEX = {"cr0": _C["VM_EVENT_X86_CR0"], "cr3": _C["VM_EVENT_X86_CR3"],

@@ -326,6 +326,58 @@ def test_bare_unpause_responses_on_a_quiet_ring_are_accepted():
     assert info.value.errno == errno.EINVAL
 
 
+class _VcpuStillRunning:
+    """libxenctrl's xc_vcpu_getinfo for a vCPU that stays on its pCPU for `calls` more queries: what
+    the vCPU that raised a CR/MSR write event looks like inside Xen's early-DENY gap."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls, self.asked = calls, 0
+
+    def xc_vcpu_getinfo(self, xch, domid, vcpu, info) -> int:
+        self.asked += 1
+        info.vcpu, info.running = vcpu, int(self.asked <= self.calls)
+        return 0
+
+
+def _deny_backend(running_for: int) -> xb.XenBackend:
+    b = _ring_only_backend()
+    b._ffi, b._xch, b.domid = xb._ffi(), None, 7
+    b._xc = _VcpuStillRunning(running_for)
+    b.deny_holds = {"checked": 0, "held": 0, "max_wait_ms": 0.0, "unconfirmed": 0}
+    return b
+
+
+def _answer(b: xb.XenBackend, reason: int, flags: int) -> list:
+    b._ring.put_requests([abi.make_request(reason, 1, flags=abi.Flag.VCPU_PAUSED)])
+    b._ring.push_requests()
+    (raw,) = b.take_requests(8)
+    b.put_responses([abi.make_response(abi.parse_request(raw), flags=flags).raw])
+    return b._ring.take_responses()
+
+
+@pytest.mark.parametrize("reason", [abi.Reason.WRITE_CTRLREG, abi.Reason.MOV_TO_MSR])
+def test_a_register_write_deny_waits_until_its_vcpu_left_its_pcpu(reason):
+    b = _deny_backend(running_for=3)
+    (rsp,) = _answer(b, reason, abi.Flag.VCPU_PAUSED | abi.Flag.DENY)
+    assert rsp.flags & abi.Flag.DENY
+    assert b._xc.asked == 4                       # asked until the vCPU was off, then sent
+    assert b.deny_holds["checked"] == 1 and b.deny_holds["held"] == 1 and b.deny_holds["unconfirmed"] == 0
+
+
+def test_other_answers_are_not_held():
+    b = _deny_backend(running_for=10**6)
+    _answer(b, abi.Reason.WRITE_CTRLREG, abi.Flag.VCPU_PAUSED)                    # allow
+    _answer(b, abi.Reason.MEM_ACCESS, abi.Flag.VCPU_PAUSED | abi.Flag.EMULATE)    # no early-DENY gap there
+    assert b._xc.asked == 0 and b.deny_holds["checked"] == 0
+
+
+def test_a_vcpu_that_never_leaves_its_pcpu_gets_its_answer_anyway(monkeypatch):
+    monkeypatch.setattr(xb.XenBackend, "DENY_HOLD_LIMIT", 0.01)
+    b = _deny_backend(running_for=10**6)
+    (rsp,) = _answer(b, abi.Reason.MOV_TO_MSR, abi.Flag.VCPU_PAUSED | abi.Flag.DENY)
+    assert rsp.flags & abi.Flag.DENY and b.deny_holds["unconfirmed"] == 1
+
+
 def test_ring_methods_without_a_ring_fail_with_enodev():
     b = _ring_only_backend()
     b._ring = None

@@ -212,7 +212,12 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     res["exited_before_sigterm"] = exited_early
     res["teardown_seconds"] = round(time.monotonic() - t_term, 2)
     with open("/tmp/policyc-run.out") as f:
-        res["output_tail"] = f.read().strip().splitlines()[-15:]
+        out_text = f.read()
+    res["output_tail"] = out_text.strip().splitlines()[-15:]
+    if m := re.search(r"register-write denies: (\d+), (\d+) held .*\(longest ([\d.]+) ms\), (\d+) sent unconfirmed",
+                      out_text):
+        res["register_deny_holds"] = {"denies": int(m[1]), "held": int(m[2]), "longest_ms": float(m[3]),
+                                      "unconfirmed": int(m[4])}
     after = page.read() if page else None
     if res["rc"] not in (0, None) and not exited_early or res.get("killed"):
         # an enforcer that did not tear down leaves the monitor ring enabled: clean up
@@ -331,7 +336,7 @@ def step_backend_calls(domid: int, gfn: int, page: ReportPage | None) -> dict:
 
     res: dict = {"gfn": hex(gfn)}
     try:
-        be = XenBackend.open(str(domid), ring=False)
+        be = XenBackend.open(str(domid))     # Xen's mem_access calls need a monitor ring (ENODEV)
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}", "ok": False}
     caps = be.capabilities()
