@@ -378,6 +378,35 @@ def test_a_vcpu_that_never_leaves_its_pcpu_gets_its_answer_anyway(monkeypatch):
     assert rsp.flags & abi.Flag.DENY and b.deny_holds["unconfirmed"] == 1
 
 
+class _ForeignMemoryWithHoles:
+    """libxenforeignmemory's batch map over a physmap with holes: a hole's entry in the per-page
+    error array is -EINVAL, as privcmd reports it; the map itself succeeds."""
+
+    def __init__(self, ffi, holes: set[int]) -> None:
+        self.ffi, self.holes, self.calls = ffi, holes, 0
+
+    def xenforeignmemory_map(self, fmh, domid, prot, n, arr, errs):
+        self.calls += 1
+        for i in range(n):
+            if arr[i] in self.holes:
+                errs[i] = -errno.EINVAL
+        return self.ffi.cast("void *", 0x1000)
+
+    def xenforeignmemory_unmap(self, fmh, ptr, n) -> int:
+        return 0
+
+
+def test_population_probe_skips_holes_in_whole_batches_and_single_frames():
+    b = _ring_only_backend()
+    b._ffi = xb._ffi()
+    b._fmh, b.domid = None, 3
+    holes = set(range(0xA0, 0xC0)) | {1023, 1024, 5000}       # VGA hole, a batch boundary, a lone frame
+    b._fm = _ForeignMemoryWithHoles(b._ffi, holes)
+    found = b._probe_population(0, 6143)
+    assert found == [g for g in range(6144) if g not in holes]
+    assert b._fm.calls == 6                                   # 1024 frames per map call
+
+
 def test_ring_methods_without_a_ring_fail_with_enodev():
     b = _ring_only_backend()
     b._ring = None
