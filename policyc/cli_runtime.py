@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -360,7 +361,9 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     caps = backend.capabilities()
     # The policy's own target (or --target), checked against the host: a plan is never quietly
     # recompiled for another target than the one its author chose and tested.
+    t_compile = time.monotonic()
     compiled = _compile(args.policy, args.target, audit=args.audit, command="run")
+    compile_seconds = time.monotonic() - t_compile
     plan = compiled.plan
     planned = plan["target"]["arch"]
     if not runs_on(planned, caps.arch):
@@ -384,8 +387,11 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         raise _Usage(str(exc)) from None
     except KeyboardInterrupt:
         return 130
+    phases = {"compile": compile_seconds, **enforcer.startup_seconds}
     print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop",
-          file=sys.stderr, flush=True)
+          file=sys.stderr)
+    print("in place after " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
+          f" ({sum(phases.values()):.2f} s)", file=sys.stderr, flush=True)
     status_every = [0]
 
     def finished() -> bool:

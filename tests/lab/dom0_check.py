@@ -218,6 +218,8 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
                       out_text):
         res["register_deny_holds"] = {"denies": int(m[1]), "held": int(m[2]), "longest_ms": float(m[3]),
                                       "unconfirmed": int(m[4])}
+    if m := re.search(r"in place after (.*) \(([\d.]+) s\)", out_text):
+        res["startup_phases"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m[1])} | {"total": float(m[2])}
     after = page.read() if page else None
     if res["rc"] not in (0, None) and not exited_early or res.get("killed"):
         # an enforcer that did not tear down leaves the monitor ring enabled: clean up
