@@ -487,7 +487,7 @@ class Installation:
                 if v.visible_to_guest is False:
                     b.altp2m_set_visibility(actual, False)
         # 2. access per view (populated frames only)
-        populated = set(b.populated_frames())
+        populated = _populated_among(b, {g for v in bound.views.values() for g in v.access})
         for v in sorted(bound.views.values(), key=lambda v: v.id):
             if not v.access:
                 continue
@@ -715,7 +715,8 @@ class Installation:
             try:
                 old_bps = {bp.id: bp for bp in self.bound.breakpoints}
                 delta = self.bound.rebind(self.backend)
-                populated = set(self.backend.populated_frames())
+                populated = _populated_among(self.backend, {g for changes in delta.views.values()
+                                                             for g in changes})
                 moved_gfns = set()
                 for old, new in delta.breakpoints.values():
                     moved_gfns |= {old.gfn, new.gfn}
@@ -856,6 +857,16 @@ def remap_view_ids(plan: Mapping[str, Any], view_map: Mapping[int, int]) -> dict
             if isinstance(spec, dict) and isinstance(spec.get("altp2m_idx"), int):
                 spec["altp2m_idx"] = m.get(spec["altp2m_idx"], spec["altp2m_idx"])
     return out
+
+
+def _populated_among(backend: Any, gfns: set[int]) -> set[int]:
+    """The populated frames among `gfns`. A backend that can probe just those says so with
+    `populated_among` (Xen: a plan's few thousand frames instead of the guest's whole physmap);
+    otherwise the full list is filtered."""
+    narrow = getattr(backend, "populated_among", None)
+    if callable(narrow):
+        return set(narrow(gfns))
+    return gfns & set(backend.populated_frames())
 
 
 def _existing_views(backend: Any, caps: Any) -> list[int]:

@@ -221,6 +221,18 @@ CONSTANTS["sizeof(struct xen_domctl)"] = _DOMCTL_SIZE
 _INVALID_GFN = (1 << 64) - 1     # ~0: xc_altp2m_change_gfn's "restore the identity mapping"
 _NO_ERROR_CODE = 0xFFFFFFFF      # dm_op inject_event: ~0 means no error code (xen/hvm/dm_op.h)
 
+
+def _probe_runs(gfns: Sequence[int], gap: int) -> list[tuple[int, int]]:
+    """Sorted gfns as (first, last) runs to probe, neighbours closer than `gap` merged: probing a
+    short gap costs less than another map call."""
+    runs: list[tuple[int, int]] = []
+    for g in gfns:
+        if runs and g - runs[-1][1] <= gap:
+            runs[-1] = (runs[-1][0], g)
+        else:
+            runs.append((g, g))
+    return runs
+
 # XEN_DOMCTL_MONITOR_EVENT_* bit -> the monitor's name in the Backend vocabulary (the simulator's names).
 # Bits without a Backend monitor (INTERRUPT, EMUL_UNIMPLEMENTED, INGUEST_PAGEFAULT, VMEXIT, IO) are left out.
 MONITOR_EVENT_BITS: dict[str, tuple[int, str]] = {
@@ -433,6 +445,8 @@ class XenBackend:
         self._disabled = False            # close() disabled the ring; a second close() does nothing
         self._maps: OrderedDict[int, _Mapping] = OrderedDict()
         self._populated: list[int] | None = None
+        self._population_index: set[int] | None = None     # _populated as a set, built on first use
+        self._known: dict[int, bool] = {}                  # gfn -> populated, from narrow probes
         self._added: dict[int, bool] = {}  # gfn added by add_frame -> whether maxmem was raised for it
         self._sync_out: dict[int, int] = {}  # vcpu -> sync requests taken and not answered
         self._mon_cr: dict[str, dict[str, Any]] = {}
@@ -703,7 +717,7 @@ class XenBackend:
             codes = [access_code(a, op) for a in access]
             if len(codes) != len(gfns):
                 raise InvalidArgument(op, "one access value per gfn", _errno.EINVAL)
-        populated = self._populated_set()
+        populated = self.populated_among(gfns)
         for g in gfns:
             if g not in populated:
                 raise InvalidArgument(op, f"gfn {g:#x} is not populated", _errno.EINVAL)
@@ -746,16 +760,30 @@ class XenBackend:
         ballooning). On a populate-on-demand guest the probe populates what it touches."""
         return list(self._populated_list())
 
+    def populated_among(self, gfns: Iterable[int]) -> set[int]:
+        """The populated frames among `gfns`. Without the whole-range list, only their runs are
+        probed (a plan's few thousand frames, not a PVH guest's million-frame range: under Bochs the
+        whole probe took 34 s of a 53 s start), and the answers are kept."""
+        want = {int(g) for g in gfns}
+        if self._populated is not None:
+            if self._population_index is None:
+                self._population_index = set(self._populated)
+            return want & self._population_index
+        unknown = sorted(g for g in want if g not in self._known)
+        for first, last in _probe_runs(unknown, self.POPULATION_BATCH):
+            hits = set(self._probe_population(first, last))
+            self._known.update((g, g in hits) for g in range(first, last + 1))
+        return {g for g in want if self._known[g]}
+
     def refresh_populated(self) -> None:
-        self._populated = None
+        self._populated = self._population_index = None
+        self._known.clear()
 
     def _populated_list(self) -> list[int]:
         if self._populated is None:
             self._populated = self._probe_population()
+            self._population_index = None
         return self._populated
-
-    def _populated_set(self) -> set[int]:
-        return set(self._populated_list())
 
     def _max_gpfn(self, op: str) -> int:
         out = self._ffi.new("xen_pfn_t *")
@@ -866,8 +894,10 @@ class XenBackend:
                 self._xc.xc_domain_setmaxmem(self._xch, self.domid, info.max_pages * (PAGE_SIZE // 1024))
                 raise _error("add_frame", "xc_domain_populate_physmap_exact", err, f"gfn {gfn:#x}")
         self._added[gfn] = raised
+        self._known[gfn] = True
         if self._populated is not None:
             self._populated.append(gfn)
+            self._population_index = None
         return gfn
 
     def remove_frame(self, gfn: int) -> None:
@@ -878,8 +908,10 @@ class XenBackend:
         if self._xc.xc_domain_decrease_reservation_exact(self._xch, self.domid, 1, 0, arr) < 0:
             raise _error("remove_frame", "xc_domain_decrease_reservation_exact", self._ffi.errno, f"gfn {gfn:#x}")
         raised = self._added.pop(gfn)
+        self._known[gfn] = False
         if self._populated is not None and gfn in self._populated:
             self._populated.remove(gfn)
+            self._population_index = None
         if raised:
             info = self._info("remove_frame")
             if self._xc.xc_domain_setmaxmem(self._xch, self.domid,

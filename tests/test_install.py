@@ -257,6 +257,35 @@ def test_a_restore_the_hypervisor_did_not_apply_fails_the_teardown(symbols, tmp_
     assert state_path_for(xen.name, tmp_path).exists()        # kept for `policyc recover`
 
 
+class NarrowProbeOnly(Flaky):
+    """A backend whose whole-physmap probe is too dear to call (a large Xen guest), and which answers
+    `populated_among` for the frames asked about."""
+
+    def __init__(self, inner: SimulatedXen) -> None:
+        super().__init__(inner)
+        self.asked: set[int] = set()
+
+    def populated_frames(self):
+        raise AssertionError("install probed the whole physmap")
+
+    def populated_among(self, gfns):
+        self.asked |= set(gfns)
+        return set(gfns) & set(self._inner.populated_frames())
+
+
+def test_install_asks_only_about_the_frames_the_plan_restricts(symbols, tmp_path):
+    name = "linux-kernel-integrity.x86_64-nomtf.plan.json"
+    ref = mk("x86_64-nomtf")
+    inst = install(bind_plan(plan(name), ref, symbols), ref, state_dir=tmp_path / "a")
+    xen = mk("x86_64-nomtf")
+    narrow = NarrowProbeOnly(xen)
+    bound = bind_plan(plan(name), xen, symbols)
+    inst2 = install(bound, narrow, state_dir=tmp_path / "b")
+    assert narrow.asked == {g for v in bound.views.values() for g in v.access}
+    assert guest_snapshot(xen)["access"] == guest_snapshot(ref)["access"]
+    assert inst2.teardown() == [] and inst.teardown() == []
+
+
 # =========================================================================== failures roll back
 
 def _count_mutating_calls(symbols, tmp_path, name=KERNEL_INTEGRITY) -> tuple[int, list[str]]:

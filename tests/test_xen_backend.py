@@ -407,6 +407,18 @@ def test_population_probe_skips_holes_in_whole_batches_and_single_frames():
     assert b._fm.calls == 6                                   # 1024 frames per map call
 
 
+def test_populated_among_probes_only_the_runs_it_is_asked_about():
+    b = _ring_only_backend()
+    b._ffi = xb._ffi()
+    b._fmh, b.domid = None, 3
+    b._populated, b._population_index, b._known = None, None, {}
+    b._fm = _ForeignMemoryWithHoles(b._ffi, set(range(0xA0, 0xC0)))
+    want = {10, 11, 0xA5, 5000, 0x100000}
+    assert b.populated_among(want) == want - {0xA5}
+    assert b._fm.calls == 3                      # [10..0xa5], [5000], [0x100000]: not the whole range
+    assert b.populated_among({11, 5000}) == {11, 5000} and b._fm.calls == 3     # answered from memory
+
+
 def test_ring_methods_without_a_ring_fail_with_enodev():
     b = _ring_only_backend()
     b._ring = None
