@@ -42,11 +42,14 @@ def add_runtime_commands(sub: Any) -> None:
                                      "simulated guest runs its steps under the policy and each step's outcome "
                                      "is shown; the guest is torn down to exactly its prior state.")
     run.add_argument("policy", metavar="POLICY", nargs="?",
-                     help="policy file (default with sim: the scenario's own policy)")
+                     help="policy file, or a compiled trap plan (.json, from `policyc compile`: what CI "
+                          "reviewed runs as it is; its symbol files are looked for beside it or in "
+                          "--symbols, checked by their SHA-256) (default with sim: the scenario's own policy)")
     run.add_argument("--guest", required=True, metavar="GUEST",
                      help="sim:SCENARIO, simhost:SOCKET or xen:NAME|DOMID")
     run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
+    run.add_argument("--symbols", metavar="DIR", help="where a plan's symbol files are (default: beside the plan)")
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
@@ -98,7 +101,7 @@ class _Compiled:
 
 
 def _compile(policy: str, target: str | None, *, audit: bool = False, command: str,
-             warnings: bool = True) -> _Compiled:
+             warnings: bool = True, symbols_dir: str | None = None) -> _Compiled:
     from .check import check_policy
     from .cli import _emit
     from .lower import compile_plan
@@ -108,6 +111,8 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     path = Path(policy)
     if not path.is_file():
         raise _Usage(f"no such policy file: {policy}")
+    if path.suffix.lower() == ".json":
+        return _compiled_plan(path, target, audit=audit, symbols_dir=symbols_dir)
     diagnostics = Diagnostics()
     model = check_policy(path, diagnostics, target_arch=target)
     plan = compile_plan(model, diagnostics, target=target) if model is not None else None
@@ -124,6 +129,43 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
         symbols = [load_symbol_table(s.path) for s in model.symbols]
     except (OSError, SymbolFileError) as exc:
         raise _Usage(f"cannot load the policy's symbols: {exc}") from None
+    return _Compiled(plan, symbols)
+
+
+def _compiled_plan(path: Path, target: str | None, *, audit: bool, symbols_dir: str | None) -> _Compiled:
+    """A plan file as `policyc compile` wrote it: schema and content hash checked, run for the target it
+    was compiled for (never recompiled), with the very symbol files it was compiled against."""
+    import hashlib
+
+    from .plan import PlanError, load_plan, seal
+    from .symbols import SymbolFileError, load_symbol_table
+
+    try:
+        plan = load_plan(path)
+    except PlanError as exc:
+        raise _Usage(f"{exc}: nothing was installed") from None
+    planned = plan["target"]["arch"]
+    if target and target != planned:
+        raise _Usage(f"{path} is a plan compiled for {planned}: a plan runs on the target it was compiled for; "
+                     f"compile the policy with --target {target}")
+    where = Path(symbols_dir) if symbols_dir else path.parent
+    symbols = []
+    for ref in plan["policy"].get("symbols", ()):
+        file = where / ref["name"]
+        try:
+            digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise _Usage(f"the plan needs its symbol file {ref['name']}: {exc.strerror} in {where}"
+                         + ("" if symbols_dir else " (give --symbols DIR)")) from None
+        if digest != ref["sha256"]:
+            raise _Usage(f"{file} is not the symbol file the plan was compiled against (sha256 {digest[:12]}…, "
+                         f"the plan names {ref['sha256'][:12]}…)")
+        try:
+            symbols.append(load_symbol_table(file))
+        except SymbolFileError as exc:
+            raise _Usage(f"cannot load the plan's symbols: {exc}") from None
+    if audit and plan["policy"].get("mode") != "audit":
+        plan = seal({**plan, "policy": {**plan["policy"], "mode": "audit"}})
     return _Compiled(plan, symbols)
 
 
@@ -239,7 +281,8 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     policy = args.policy or scenario.policy
     if policy is None:
         raise _Usage(f"{scenario_path} names no policy: give one")
-    compiled = _compile(policy, args.target or scenario.profile, audit=args.audit, command="run")
+    compiled = _compile(policy, args.target or scenario.profile, audit=args.audit, command="run",
+                        symbols_dir=args.symbols)
     plan = compiled.plan
     log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
                       plan.get("content_hash", ""))
@@ -362,7 +405,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     # The policy's own target (or --target), checked against the host: a plan is never quietly
     # recompiled for another target than the one its author chose and tested.
     t_compile = time.monotonic()
-    compiled = _compile(args.policy, args.target, audit=args.audit, command="run")
+    compiled = _compile(args.policy, args.target, audit=args.audit, command="run",
+                        symbols_dir=getattr(args, "symbols", None))
     compile_seconds = time.monotonic() - t_compile
     plan = compiled.plan
     planned = plan["target"]["arch"]

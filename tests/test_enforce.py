@@ -129,6 +129,36 @@ def test_run_on_the_simulator_shows_attacks_denied_and_benign_work_untouched():
     assert "teardown: the domain is as it was before install; requests 4, responses 4, decision records 4" in out
 
 
+def _step_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if re.match(r"\s+step \d+", line)]
+
+
+def test_run_a_compiled_plan_as_ci_reviewed_it(tmp_path):
+    plan = tmp_path / "ki.plan.json"
+    code, _, err = cli("compile", str(KERNEL_INTEGRITY), "-o", str(plan))
+    assert code == 0, err
+    from_policy = cli("run", str(KERNEL_INTEGRITY), "--guest", "sim:rootkit-hooks-syscall-table")
+    # its symbol file is not beside it: said, with the way out
+    code, out, err = cli("run", str(plan), "--guest", "sim:rootkit-hooks-syscall-table")
+    assert code == 2 and "needs its symbol file linux-6.1.System.map" in err and "--symbols DIR" in err
+    code, out, err = cli("run", str(plan), "--guest", "sim:rootkit-hooks-syscall-table",
+                         "--symbols", str(KERNEL_INTEGRITY.parent))
+    assert code == 0, err
+    assert _step_lines(out) == _step_lines(from_policy[1]) and len(_step_lines(out)) == 6
+    # a symbol file of the same name but other contents is not the one the plan was compiled against
+    (tmp_path / "linux-6.1.System.map").write_text("ffffffff81000000 T _stext\n")
+    code, out, err = cli("run", str(plan), "--guest", "sim:rootkit-hooks-syscall-table")
+    assert code == 2 and "is not the symbol file the plan was compiled against" in err
+    # an edited plan, and a plan asked to run for another target, install nothing
+    text = plan.read_text().replace('"mode": "enforce"', '"mode": "audit"')
+    (tmp_path / "edited.json").write_text(text)
+    code, out, err = cli("run", str(tmp_path / "edited.json"), "--guest", "sim:rootkit-hooks-syscall-table")
+    assert code == 2 and "content hash mismatch" in err and "nothing was installed" in err
+    code, out, err = cli("run", str(plan), "--guest", "sim:rootkit-hooks-syscall-table", "--target", "arm64",
+                         "--symbols", str(KERNEL_INTEGRITY.parent))
+    assert code == 2 and "a plan runs on the target it was compiled for" in err
+
+
 def test_run_writes_the_decision_log_and_alerts(tmp_path):
     log, alerts = tmp_path / "d.jsonl", tmp_path / "a.jsonl"
     code, _out, err = cli("run", "--guest", "sim:rootkit-hooks-syscall-table", "--log", str(log),
