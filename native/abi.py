@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -45,6 +46,7 @@ __all__ = [
     "make_response",
     "parse_request",
     "parse_response",
+    "HEADER",
     "Ring",
     "VERSION",
     "EVENT_SIZE",
@@ -239,6 +241,10 @@ def _assign(ffi: Any, obj: Any, name: str, value: Any) -> None:
 
 # ---------------------------------------------------------------------------
 # events
+
+# The leading fields every request and response share: version, flags, reason, vcpu_id, altp2m_idx.
+# For paths that route or count events without decoding them (tests check it against the struct).
+HEADER = struct.Struct("<IIIIH")
 
 RawEvent = Union["Event", bytes, bytearray, memoryview]
 

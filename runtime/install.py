@@ -86,7 +86,7 @@ VERSION = _C["VM_EVENT_INTERFACE_VERSION"]
 F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
 F_TOGGLE_SS = _C["VM_EVENT_FLAG_TOGGLE_SINGLESTEP"]
 RS_SINGLESTEP = _C["VM_EVENT_REASON_SINGLESTEP"]
-_HDR = struct.Struct("<IIIIH")
+_HDR = abi.HEADER
 _OFF_DATA = 56
 
 INT3 = b"\xcc"
@@ -338,7 +338,7 @@ def _echo(raw: bytes, extra_flags: int = 0) -> bytes:
     """The minimal response: the request's header and `u` (what Xen reads back), VCPU_PAUSED echoed."""
     out = bytearray(len(raw))
     out[:_OFF_DATA] = raw[:_OFF_DATA]
-    flags = int.from_bytes(raw[4:8], "little")
+    flags = _HDR.unpack_from(raw)[1]
     struct.pack_into("<I", out, 4, (flags & F_PAUSED) | extra_flags)
     struct.pack_into("<H", out, 16, 0)
     return bytes(out)
@@ -346,8 +346,8 @@ def _echo(raw: bytes, extra_flags: int = 0) -> bytes:
 
 def _teardown_response(raw: bytes) -> bytes:
     """Answer for teardown: unpause, nothing else; a single-stepping vCPU also stops stepping."""
-    reason = int.from_bytes(raw[8:12], "little")
-    paused = int.from_bytes(raw[4:8], "little") & F_PAUSED
+    _, flags, reason, _, _ = _HDR.unpack_from(raw)
+    paused = flags & F_PAUSED
     return _echo(raw, F_TOGGLE_SS if reason == RS_SINGLESTEP and paused else 0)
 
 

@@ -693,9 +693,9 @@ class XenBackend:
         if ring is not None and ring.unconsumed_requests:
             prod = ring.indices["req_prod"]
             for i in range(prod - ring.unconsumed_requests, prod):
-                raw = ring.slot_bytes(i)
-                if int.from_bytes(raw[4:8], "little") & _F_PAUSED:
-                    out.add(int.from_bytes(raw[12:16], "little"))
+                _, flags, _, vcpu, _ = abi.HEADER.unpack_from(ring.slot_bytes(i))
+                if flags & _F_PAUSED:
+                    out.add(vcpu)
         return frozenset(out)
 
     # ================================================================== mem_access
@@ -1137,8 +1137,8 @@ class XenBackend:
         ring = self._check_ring("take_requests")
         out = [r.raw for r in ring.take_requests(limit)]
         for raw in out:
-            if int.from_bytes(raw[4:8], "little") & _F_PAUSED:
-                v = int.from_bytes(raw[12:16], "little")
+            _, flags, _, v, _ = abi.HEADER.unpack_from(raw)
+            if flags & _F_PAUSED:
                 self._sync_out[v] = self._sync_out.get(v, 0) + 1
         return out
 
@@ -1156,8 +1156,8 @@ class XenBackend:
             raise BackendError("put_responses", str(exc), _errno.EINVAL) from None
         ring.push_responses()
         for raw in batch:
-            if int.from_bytes(raw[4:8], "little") & _F_PAUSED:
-                v = int.from_bytes(raw[12:16], "little")
+            _, flags, _, v, _ = abi.HEADER.unpack_from(raw)
+            if flags & _F_PAUSED:
                 if self._sync_out.get(v, 0) > 0:
                     self._sync_out[v] -= 1
 
@@ -1169,10 +1169,9 @@ class XenBackend:
         xc_vcpu_getinfo says the vCPU is not running (XEN-SEMANTICS §1.3). Seen in the lab on
         2 emulated pCPUs: one denied CR4 write and one LSTAR write landed in 205."""
         for raw in batch:
-            if not int.from_bytes(raw[4:8], "little") & _F_DENY \
-                    or int.from_bytes(raw[8:12], "little") not in _REGISTER_WRITE_REASONS:
+            _, flags, reason, vcpu, _ = abi.HEADER.unpack_from(raw)
+            if not flags & _F_DENY or reason not in _REGISTER_WRITE_REASONS:
                 continue
-            vcpu = int.from_bytes(raw[12:16], "little")
             self.deny_holds["checked"] += 1
             info = self._ffi.new("xc_vcpuinfo_t *")
             t0 = time.monotonic()

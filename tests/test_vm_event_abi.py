@@ -362,6 +362,7 @@ def test_request_bytes_land_at_abi_offsets():
     raw = r.raw
     assert len(raw) == 400
     assert struct.unpack_from("<IIIIH", raw, 0) == (7, 1, 1, 5, 2)
+    assert abi.HEADER.unpack_from(raw) == (7, 1, 1, 5, 2)       # what the hot paths read
     assert struct.unpack_from("<QQQI", raw, 24) == (0xABCDE, 0x123, 0xFFFF8000DEAD0123, 0xA)
     # rip is the 20th u64 of the x86 registers, cr3 the 23rd.
     assert struct.unpack_from("<Q", raw, 56 + 19 * 8) == (0x401000,)
