@@ -105,14 +105,14 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     from .check import check_policy
     from .cli import _emit
     from .lower import compile_plan
-    from .plan import seal
     from .symbols import SymbolFileError, load_symbol_table
 
     path = Path(policy)
     if not path.is_file():
         raise _Usage(f"no such policy file: {policy}")
     if path.suffix.lower() == ".json":
-        return _compiled_plan(path, target, audit=audit, symbols_dir=symbols_dir)
+        compiled = _compiled_plan(path, target, symbols_dir=symbols_dir)
+        return _Compiled(_audited(compiled.plan) if audit else compiled.plan, compiled.symbols)
     diagnostics = Diagnostics()
     model = check_policy(path, diagnostics, target_arch=target)
     plan = compile_plan(model, diagnostics, target=target) if model is not None else None
@@ -121,10 +121,8 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     _emit(shown, "text")
     if plan is None or model is None:
         raise _Usage(f"{policy} does not compile (see above): nothing was installed")
-    if audit and plan["policy"].get("mode") != "audit":
-        plan = dict(plan)
-        plan["policy"] = {**plan["policy"], "mode": "audit"}
-        plan = seal(plan)
+    if audit:
+        plan = _audited(plan)
     try:
         symbols = [load_symbol_table(s.path) for s in model.symbols]
     except (OSError, SymbolFileError) as exc:
@@ -132,12 +130,21 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     return _Compiled(plan, symbols)
 
 
-def _compiled_plan(path: Path, target: str | None, *, audit: bool, symbols_dir: str | None) -> _Compiled:
+def _audited(plan: dict) -> dict:
+    """The plan in audit mode (`--audit`), resealed: every deny answered allow and logged as would-deny."""
+    from .plan import seal
+
+    if plan["policy"].get("mode") == "audit":
+        return plan
+    return seal({**plan, "policy": {**plan["policy"], "mode": "audit"}})
+
+
+def _compiled_plan(path: Path, target: str | None, *, symbols_dir: str | None) -> _Compiled:
     """A plan file as `policyc compile` wrote it: schema and content hash checked, run for the target it
     was compiled for (never recompiled), with the very symbol files it was compiled against."""
     import hashlib
 
-    from .plan import PlanError, load_plan, seal
+    from .plan import PlanError, load_plan
     from .symbols import SymbolFileError, load_symbol_table
 
     try:
@@ -164,8 +171,6 @@ def _compiled_plan(path: Path, target: str | None, *, audit: bool, symbols_dir: 
             symbols.append(load_symbol_table(file))
         except SymbolFileError as exc:
             raise _Usage(f"cannot load the plan's symbols: {exc}") from None
-    if audit and plan["policy"].get("mode") != "audit":
-        plan = seal({**plan, "policy": {**plan["policy"], "mode": "audit"}})
     return _Compiled(plan, symbols)
 
 
@@ -406,7 +411,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     # recompiled for another target than the one its author chose and tested.
     t_compile = time.monotonic()
     compiled = _compile(args.policy, args.target, audit=args.audit, command="run",
-                        symbols_dir=getattr(args, "symbols", None))
+                        symbols_dir=args.symbols)
     compile_seconds = time.monotonic() - t_compile
     plan = compiled.plan
     planned = plan["target"]["arch"]

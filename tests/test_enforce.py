@@ -437,7 +437,7 @@ def test_run_says_which_target_a_host_without_mtf_needs():
                                 frozenset({"write_ctrlreg", "mov_to_msr", "software_breakpoint"}))
 
     args = Namespace(policy=str(KERNEL_INTEGRITY), target=None, audit=False, log=None, alerts=None,
-                     record=None, state_dir=None, command="run")
+                     record=None, state_dir=None, symbols=None, command="run")
     with redirect_stderr(io.StringIO()), pytest.raises(cli_runtime._Usage, match="--target x86_64-nomtf"):
         cli_runtime._run_backend(args, NoMtf(), "xen:bochs", lambda: True)
     svm = Namespace(**{**vars(args), "target": "x86_64-svm", "policy": str(POLICIES / "guest-agent-and-probes.vmi")})

@@ -444,7 +444,7 @@ def test_a_memory_policy_on_a_host_without_mem_access_names_the_missing_capabili
             return Capabilities("x86_64", 7, 1, False, False, 0, False, frozenset({"write_ctrlreg"}))
 
     args = Namespace(policy=str(KERNEL_INTEGRITY), target=None, audit=False, log=None, alerts=None,
-                     record=None, state_dir=None, command="run")
+                     record=None, state_dir=None, symbols=None, command="run")
     err = io.StringIO()
     with redirect_stderr(err), pytest.raises(cli_runtime._Usage) as info:
         cli_runtime._run_backend(args, NoMemAccess(), "xen:shadowed", lambda: True)
