@@ -293,8 +293,7 @@ def compare(mode: str, kind: GuestKind, res: dict) -> dict:
                               "guest_calls_whole_run": whole["creds"],
                               "ok": win["creds"] > 0 and win["creds"] <= logged <= whole["creds"] + 2}
         # writes beside the table on its page are allowed: Xen's emulator performs them
-        out["collateral_write"] = {"allow_decisions": decision_count(res, "", "allow") +
-                                   decision_count(res, "None", "allow"),
+        out["collateral_write"] = {"allow_decisions": decision_count(res, "None", "allow"),   # no rule
                                    "guest_writes_while_enforced": win["collateral"]}
     return out
 
