@@ -488,7 +488,9 @@ class Progress:
             self.enabled = bool(self.stream.isatty())
         except (AttributeError, ValueError):
             self.enabled = False
-        self._last = 0.0
+        # None, not 0.0: time.monotonic() counts from boot, so on a host up for less than
+        # `interval` a zero start would hold back the first line.
+        self._last: float | None = None
         self._shown = False
 
     def update(self, source: DecisionLog | Stats, *, force: bool = False) -> bool:
@@ -496,7 +498,7 @@ class Progress:
         if not self.enabled:
             return False
         now = time.monotonic()
-        if not force and now - self._last < self.interval:
+        if not force and self._last is not None and now - self._last < self.interval:
             return False
         self._last = now
         stats = source.stats if isinstance(source, DecisionLog) else source

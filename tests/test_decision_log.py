@@ -279,3 +279,15 @@ def test_progress_line_only_on_a_terminal(plan, engine):
     text = tty.getvalue()
     assert text.startswith("\r6 decisions") and text.count("\r") == 2 and text.endswith("\n")
     assert "\n" not in text[:-1]
+
+
+def test_progress_first_line_on_a_host_just_booted(plan, engine, monkeypatch):
+    # time.monotonic() counts from boot: on a host up for less than the interval the first
+    # update must still draw (it once compared against a start of 0.0 and drew nothing).
+    import policyc.runtime.decision_log as dl
+    log = DecisionLog(io.StringIO(), None, plan["content_hash"])
+    log.write_batch(batch(engine))
+    monkeypatch.setattr(dl.time, "monotonic", lambda: 5.0)
+    p = Progress(_Tty(), interval=3600)
+    assert p.update(log)
+    assert not p.update(log)
