@@ -104,6 +104,12 @@ def _build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--exit-code", action="store_true", help="exit 1 when the two differ (for CI)")
     diff.set_defaults(run=_cmd_diff)
 
+    lsp = sub.add_parser("lsp", help="run the language server (LSP over stdio) for editors",
+                         description="A Language Server for .vmi and policy .yaml files over stdin/stdout: "
+                                     "diagnostics as you type, hover, completion, go to definition, "
+                                     "formatting and quick fixes. Needs the lsp extra: pip install 'policyc[lsp]'.")
+    lsp.set_defaults(run=_cmd_lsp)
+
     from .cli_runtime import add_runtime_commands
     add_runtime_commands(sub)
     return p
@@ -244,6 +250,14 @@ def _format_file(path: Path, diagnostics: Diagnostics, to: str | None) -> tuple[
     if to == tree.form:
         return text, path
     return text, path.with_suffix(".vmi" if to == "dsl" else ".yaml")
+
+
+# ---------------------------------------------------------------- lsp
+
+def _cmd_lsp(args: argparse.Namespace) -> int:
+    from .lsp import main as serve
+
+    return serve()
 
 
 # ---------------------------------------------------------------- schema
