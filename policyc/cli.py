@@ -14,6 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .diagnostics import Diagnostics, Severity, SourceCache, render_json, render_sarif, render_text
+from .source import is_yaml_path
 
 __all__ = ["main"]
 
@@ -171,7 +172,10 @@ def _policy_files(paths: list[str]) -> tuple[list[Path], list[Path], list[str]]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in POLICY_SUFFIXES)
+            from .cli_runtime import _is_scenario
+            # A directory search passes over scenario files (YAML too, but not policies); named files are kept.
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in POLICY_SUFFIXES
+                            and not (is_yaml_path(f) and _is_scenario(f)))
         elif p.is_file():
             (files if p.suffix.lower() in POLICY_SUFFIXES else skipped).append(p)
         else:
