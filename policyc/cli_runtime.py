@@ -66,6 +66,11 @@ def add_runtime_commands(sub: Any) -> None:
     test.add_argument("--policy", metavar="POLICY", help="test this policy instead of each scenario's own")
     test.add_argument("--format", choices=("text", "json"), default="text")
     test.add_argument("-v", "--verbose", action="store_true", help="show the decision trace of every step")
+    test.add_argument("--coverage", action="store_true",
+                      help="report which rules fired, conditions true/false and region pages touched (with "
+                           "--format json: the report alone, shaped like OPA's)")
+    test.add_argument("--fail-under", type=float, metavar="PERCENT",
+                      help="with --coverage: exit 1 when fewer than PERCENT of the rules fired")
     test.set_defaults(run=_cmd_test)
 
     rep = sub.add_parser("replay", help="re-decide a recorded request stream with a policy",
@@ -481,6 +486,9 @@ def _cmd_test(args: argparse.Namespace) -> int:
     from .runtime.policy_test import check_expectations, describe_decision, run_on_simulator
     from .runtime.sim.scenario import ScenarioError, load_scenario
 
+    if args.fail_under is not None and not args.coverage:
+        raise _Usage("--fail-under needs --coverage")
+    coverage = _new_coverage() if args.coverage else None
     paths = args.paths or ([str(BUNDLED_SCENARIOS)] if BUNDLED_SCENARIOS.is_dir() else ["."])
     files = _scenario_files(paths)
     if not files:
@@ -501,6 +509,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
             run = run_on_simulator(scenario, compiled.plan, compiled.symbols,
                                    log=DecisionLog(None, plan_hash=compiled.plan.get("content_hash", "")))
             results = check_expectations(run)
+            if coverage is not None:
+                coverage.add(str(path), policy, compiled.plan, run)
         except (ScenarioError, _Usage, EnforcerError) as exc:
             entry["error"] = str(exc)
             failed += 1
@@ -523,14 +533,28 @@ def _cmd_test(args: argparse.Namespace) -> int:
                                 "verdict": res.verdict, "events": res.events, "note": res.note,
                                 "faults": [f.name for f in res.faults]}
             entry["results"].append(item)
-    if args.format == "json":
+    if args.format == "json" and coverage is not None:
+        print(json.dumps({**coverage.report(), "expectations": total, "failed": failed}, indent=2))
+    elif args.format == "json":
         print(json.dumps({"scenarios": reports, "expectations": total, "failed": failed}, indent=2))
     else:
         _print_test_report(reports, args.verbose)
         scen_failed = sum(1 for e in reports if "error" in e or any(not r["passed"] for r in e["results"]))
         print(f"{len(reports)} scenario(s), {total} expectation(s): "
               + ("all passed" if not failed else f"{failed} failed in {scen_failed} scenario(s)"))
+        if coverage is not None:
+            sys.stdout.write(coverage.render_text())
+    if coverage is not None and args.fail_under is not None and coverage.percent < args.fail_under:
+        print(f"policyc test: coverage {coverage.percent:.1f}% is under --fail-under {args.fail_under:g}%",
+              file=sys.stderr)
+        return EXIT_PROBLEMS
     return EXIT_OK if not failed else EXIT_PROBLEMS
+
+
+def _new_coverage():
+    from .runtime.coverage import Coverage
+
+    return Coverage()
 
 
 def _print_test_report(reports: list[dict], verbose: bool) -> None:
