@@ -300,6 +300,11 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, path: str):
     end_col = col + max(len(str(tok)), 1) - 1
     expected = set(err.expected)
     hint = _hint_for(err, expected)
+    unfinished = _unfinished_item(text.split("\n"), line - 1, col)
+    if unfinished is not None:
+        keyword = _ITEM_START.match(text.split("\n")[unfinished]).group(1)
+        missing = ": is its '}' missing?" if "RBRACE" in expected else ""
+        hint = f"the {keyword} on line {unfinished + 1} is not finished{missing}" + (f" ({hint})" if hint else "")
     return Diagnostic("PC110", Severity.ERROR, Span(path, line, col, line, end_col),
                       f"unexpected '{shown}'", hint)
 
@@ -340,13 +345,9 @@ def _blank_broken_item(text: str, err: UnexpectedInput, poisoned: set[str]) -> s
         return None
     lines = text.split("\n")
     err_idx = min(max(1, getattr(err, "line", 1) or 1), len(lines)) - 1
-    start = None
-    for i in range(err_idx, -1, -1):
-        if lines[i].lstrip().startswith("policy"):
-            break
-        if _ITEM_START.match(lines[i]) and not _continues(lines, i):
-            start = i
-            break
+    start = _unfinished_item(lines, err_idx, getattr(err, "column", 1) or 1)
+    if start is None:
+        start = _item_at(lines, err_idx)
     if start is None:
         start, end = err_idx, err_idx + 1  # outside any item: blank just that line
     else:
@@ -359,6 +360,24 @@ def _blank_broken_item(text: str, err: UnexpectedInput, poisoned: set[str]) -> s
     if m:
         poisoned.add(m.group(1))
     return "\n".join(lines[:start] + [""] * (end - start) + lines[end:])
+
+
+def _item_at(lines: list[str], idx: int) -> int | None:
+    """The line where the item holding line `idx` starts (None outside any item)."""
+    for i in range(idx, -1, -1):
+        if lines[i].lstrip().startswith("policy"):
+            return None
+        if _ITEM_START.match(lines[i]) and not _continues(lines, i):
+            return i
+    return None
+
+
+def _unfinished_item(lines: list[str], idx: int, col: int) -> int | None:
+    """When the error is the keyword starting an item (line `idx`, column `col`), the item before it never
+    finished (`region idt = symbol idt_table` without its size; a rule without its '}'): where that starts."""
+    if idx < 1 or not _ITEM_START.match(lines[idx]) or lines[idx][:col - 1].strip():
+        return None
+    return _item_at(lines, idx - 1)
 
 
 _OPEN_ENDINGS = ("+", "-", "*", "/", "%", "&", "|", "^", ",", "=", "(", "..", "<<", ">>", "<", ">", "~",
