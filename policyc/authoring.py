@@ -61,6 +61,16 @@ class Analysis:
         """Every item of the buffer and its includes, with the file it is in."""
         return [(path, item) for path, tree in self.trees for item in _items(tree)]
 
+    def include_leading_to(self, shown: str) -> Span | None:
+        """The buffer's own `include` through which the file `shown` (a diagnostic's file) is read."""
+        target = Path(shown).resolve()
+        own = [item for item in _items(self.trees[0][1]) if isinstance(item, S.Include)] if self.trees else []
+        for inc in own:
+            start = (self.path.parent / inc.path).resolve()
+            if start == target or target in _reachable(start):
+                return inc.span
+        return None
+
     def named(self, name: str) -> tuple[Path, S.Item] | None:
         """The constant, region or rule called `name`."""
         for path, item in self.items():
@@ -219,23 +229,23 @@ def _items(tree: S.PolicyFile) -> list[S.Item]:
 
 def _included_trees(tree: S.PolicyFile, path: Path) -> list[tuple[Path, S.PolicyFile]]:
     """The files the buffer includes, directly or not; problems with them are the checker's to report."""
-    out: list[tuple[Path, S.PolicyFile]] = []
-    seen = {path.resolve()}
-    todo = [(path, tree)]
-    while todo:
-        current, current_tree = todo.pop()
-        for item in _items(current_tree):
-            if not isinstance(item, S.Include):
-                continue
-            target = (current.parent / item.path).resolve()
-            if target in seen or not target.is_file():
-                continue
-            seen.add(target)
-            included = read_policy_file(target, Diagnostics(), allow_empty=True)
-            if included is not None:
-                out.append((target, included))
-                todo.append((target, included))
+    files: list[Path] = []
+    for item in _items(tree):
+        if isinstance(item, S.Include):
+            target = (path.parent / item.path).resolve()
+            files += [target, *sorted(_reachable(target))]
+    out = []
+    for f in dict.fromkeys(files):
+        included = read_policy_file(f, Diagnostics(), allow_empty=True) if f != path.resolve() else None
+        if included is not None:
+            out.append((f, included))
     return out
+
+
+def _reachable(path: Path) -> set[Path]:
+    from .check import included_files
+
+    return included_files(path) if path.is_file() else set()
 
 
 def _tables(analysis: Analysis) -> list[SymbolTable]:
@@ -244,9 +254,11 @@ def _tables(analysis: Analysis) -> list[SymbolTable]:
         if isinstance(item, S.Symbols):
             for name in item.paths:
                 try:
-                    tables.append(load_symbol_table(path.parent / name))
+                    table = load_symbol_table(path.parent / name)
                 except SymbolFileError:
-                    pass  # the checker reports it (PC304)
+                    continue  # the checker reports it (PC304)
+                SymbolIndex.of(table)  # sorted now, so the first completion is as fast as the rest
+                tables.append(table)
     return tables
 
 

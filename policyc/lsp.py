@@ -144,13 +144,15 @@ def build_server():
 
 
 def to_lsp_diagnostic(d: Diagnostic, analysis: Analysis) -> dict[str, Any]:
-    """One diagnostic as LSP's fields (0-based, end exclusive). One in an included file is shown at
-    the top of the buffer, naming where it is, so it is not lost."""
+    """One diagnostic as LSP's fields (0-based, end exclusive). One in an included file is shown on
+    the buffer's include that leads to it (else at the top), naming where it is, so it is not lost."""
     severity = {Severity.ERROR: 1, Severity.WARNING: 2, Severity.NOTE: 3}[d.severity]
     message = d.message + (f"\nhint: {d.hint}" if d.hint else "")
     out: dict[str, Any] = {"code": d.code, "severity": severity, "source": SOURCE}
     if d.span is None or d.span.file != analysis.shown:
-        out.update(range=(0, 0, 0, 1), message=(f"{d.span}: " if d.span else "") + message)
+        at = analysis.include_leading_to(d.span.file) if d.span else None
+        out.update(range=_range(at, analysis.text) if at else (0, 0, 0, 1),
+                   message=(f"{d.span}: " if d.span else "") + message)
         return out
     out.update(range=_range(d.span, analysis.text), message=message)
     fix = replacements(d)

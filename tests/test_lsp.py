@@ -237,3 +237,34 @@ def test_completion_offers_language_names_in_a_policy(tmp_path):
     names = {c.label: c.kind for c in complete(analysis, line, 9)[0]}
     assert names["syscalls"] == "region" and names["LSTAR"] == "msr" and names["cr0"] == "register"
     assert names["deny"] == "keyword" and names["cr4.SMEP"] == "field"
+
+
+def test_yaml_policies_get_the_same_diagnostics_and_quick_fix_ranges():
+    from policyc.lsp import to_lsp_diagnostic
+
+    path = EXAMPLES / "linux-kernel-integrity.yaml"
+    text = path.read_text().replace("symbol: sys_call_table", "symbol: sys_cal_table")
+    analysis = analyze(text, path)
+    [d] = [to_lsp_diagnostic(x, analysis) for x in analysis.diagnostics]
+    line = next(i for i, s in enumerate(text.splitlines()) if "sys_cal_table" in s)
+    start = text.splitlines()[line].index("sys_cal_table")
+    assert d["code"] == "PC302" and d["data"] == {"replacements": ["sys_call_table"],
+                                                   "name_range": [line, start, line, start + len("sys_cal_table")]}
+
+
+def test_include_problems_show_on_the_include_and_definitions_cross_files(tmp_path):
+    from policyc.authoring import definition, hover
+    from policyc.lsp import to_lsp_diagnostic
+
+    (tmp_path / "shared.vmi").write_text('include "deeper.vmi"\n')
+    (tmp_path / "deeper.vmi").write_text("region r = symbol no_such_symbol size 8\n")
+    text = (f'policy "p" {{\n    target xen >= 4.17 on x86_64\n    symbols "{SYSTEM_MAP}"\n'
+            f'    include "shared.vmi"\n\n    rule x: on write to r {{\n        deny\n    }}\n}}\n')
+    analysis = analyze(text, tmp_path / "p.vmi")
+    [d] = [to_lsp_diagnostic(x, analysis) for x in analysis.diagnostics]
+    assert d["code"] == "PC302" and d["range"][:2] == (3, 4)  # on `include "shared.vmi"`, the way to it
+    assert d["message"].startswith(f"{tmp_path / 'deeper.vmi'}:1:12: unknown symbol 'no_such_symbol'")
+    use = text.splitlines()[5].index(" r {") + 2
+    assert definition(analysis, 6, use) == (tmp_path / "deeper.vmi", analysis.named("r")[1].span)
+    assert definition(analysis, 4, 6)[0] == tmp_path / "shared.vmi"
+    assert "region r = symbol no_such_symbol size 8" in hover(analysis, 6, use)
