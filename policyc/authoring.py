@@ -15,6 +15,7 @@ are sorted once (`SymbolIndex`) and a prefix is two bisections.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -282,16 +283,12 @@ def _language_names(analysis: Analysis) -> list[Completion]:
     return out
 
 
-_KEYWORDS: list[str] = []
-
-
+@functools.cache
 def _keywords() -> list[str]:
     """The DSL's keywords, read from the grammar so the two never disagree."""
-    if not _KEYWORDS:
-        grammar = resources.files("policyc.grammar").joinpath("policy.lark").read_text(encoding="utf-8")
-        words = re.findall(r'"([a-z_]+)"', grammar) + re.findall(r"/\(?([a-z|]+)\)?\\b/", grammar)
-        _KEYWORDS.extend(sorted({w for group in words for w in group.split("|")} | {"symbol?", "percpu"}))
-    return _KEYWORDS
+    grammar = resources.files("policyc.grammar").joinpath("policy.lark").read_text(encoding="utf-8")
+    words = re.findall(r'"([a-z_]+)"', grammar) + re.findall(r"/\(?([a-z|]+)\)?\\b/", grammar)
+    return sorted({w for group in words for w in group.split("|")} | {"symbol?"})
 
 
 def _symbol_detail(table: SymbolTable, sym: Symbol) -> str:
@@ -310,7 +307,10 @@ def _hover_item(analysis: Analysis, path: Path, item: S.Item) -> str:
     kind = type(item).__name__.lower()
     lines = [f"**{kind}** `{item.name}` ({display_path(path)}:{item.span.line})", "", "```", source, "```"]
     if isinstance(item, S.Region) and analysis.policy is not None:
-        region = analysis.policy.region(item.name) if item.name in {r.name for r in analysis.policy.regions} else None
+        try:
+            region = analysis.policy.region(item.name)
+        except KeyError:  # a region of an include that the policy does not use is not in the model
+            region = None
         if region is not None:
             lines += ["", *(_extent_line(e) for e in region.extents)]
     if isinstance(item, S.Rule) and analysis.plan is not None:

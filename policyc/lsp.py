@@ -91,10 +91,9 @@ def build_server():
 
     @server.feature(T.TEXT_DOCUMENT_COMPLETION, T.CompletionOptions(trigger_characters=["."]))
     def on_completion(params: T.CompletionParams) -> T.CompletionList:
-        analysis = current(params.text_document.uri)
-        # Complete against the text the editor has now, not the last analysed one.
-        analysis.text = server.workspace.get_text_document(params.text_document.uri).source
-        found, cut = complete(analysis, params.position.line + 1, params.position.character + 1)
+        # Every change is analysed as it arrives (full sync, in order), so this is the editor's text.
+        found, cut = complete(current(params.text_document.uri), params.position.line + 1,
+                              params.position.character + 1)
         return T.CompletionList(is_incomplete=cut, items=[
             T.CompletionItem(label=c.label, kind=kinds.get(c.kind), detail=c.detail or None) for c in found])
 
