@@ -533,6 +533,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
                                 "verdict": res.verdict, "events": res.events, "note": res.note,
                                 "faults": [f.name for f in res.faults]}
             entry["results"].append(item)
+    if coverage is not None:
+        _add_unrun_policies(coverage, paths)
     if args.format == "json" and coverage is not None:
         print(json.dumps({**coverage.report(), "expectations": total, "failed": failed}, indent=2))
     elif args.format == "json":
@@ -555,6 +557,19 @@ def _new_coverage():
     from .runtime.coverage import Coverage
 
     return Coverage()
+
+
+def _add_unrun_policies(coverage, paths: Sequence[str]) -> None:
+    """Policies under the tested paths that no scenario ran: their rules are uncovered too."""
+    from .check import check_policy
+    from .cli import _exclude_included, _policy_files
+    from .source import display_path
+
+    files, _skipped, _missing = _policy_files([p for p in paths if Path(p).is_dir()])
+    for path in _exclude_included(files):
+        model = check_policy(path, Diagnostics())
+        if model is not None:
+            coverage.add_unrun(display_path(path), [(r.name, r.span.file, r.span.line) for r in model.rules])
 
 
 def _print_test_report(reports: list[dict], verbose: bool) -> None:

@@ -12,7 +12,8 @@ Counted from the decisions of each simulated run (`policy_test.SimulatedRun`):
 * a region's pages **touched** are its guest frames that a memory event hit.
 
 The report is per scenario and, per policy file, summed over every scenario
-that ran it. Its JSON follows OPA's coverage report (`files` -> `covered` /
+that ran it; a policy file among the tested paths that no scenario runs is
+listed with every rule uncovered, as OPA lists a file without tests. Its JSON follows OPA's coverage report (`files` -> `covered` /
 `not_covered` with `start.row` / `end.row`, `coverage` in percent), with
 rules where OPA has lines. Counts are over the decisions a run keeps
 (`policy_test.DECISIONS_KEPT_PER_STEP` a step).
@@ -69,6 +70,15 @@ class Coverage:
 
     def __init__(self) -> None:
         self.runs: list[_Run] = []
+        self.unrun: dict[str, dict[str, RuleCoverage]] = {}  # policy files no scenario ran
+
+    def add_unrun(self, policy: str, rules: Iterable[tuple[str, str, int]]) -> None:
+        """A policy file found among the tested paths that no scenario ran: its rules (name, file, line)
+        count as never fired, as a policy without tests does in OPA's report."""
+        ran = {os.path.realpath(r.policy) for r in self.runs}
+        if os.path.realpath(policy) not in ran:
+            self.unrun[os.path.normpath(policy)] = {name: RuleCoverage(name, os.path.normpath(file), row)
+                                                    for name, file, row in rules}
 
     def add(self, scenario: str, policy: str, plan: Mapping[str, Any], run: Any) -> None:
         """Count one run (`policy_test.SimulatedRun`) of `plan`, compiled from the policy file `policy`."""
@@ -117,6 +127,8 @@ class Coverage:
                 "rules": {r.name: r.as_dict() for r in sorted(rules.values(), key=lambda r: r.row)},
                 "regions": self._file_regions(file),
             }
+            if file in self.unrun:
+                files[file]["scenarios"] = 0  # no scenario runs this policy
         covered = sum(f["covered_rules"] for f in files.values())
         missed = sum(f["not_covered_rules"] for f in files.values())
         return {
@@ -138,8 +150,9 @@ class Coverage:
             fired = sum(1 for r in s["rules"].values() if r["hits"])
             out.append(f"  {s['scenario']}: {fired} of {len(s['rules'])} rules fired ({s['coverage']:.1f}%)")
         for file, f in report["files"].items():
+            unrun = " (no scenario runs this policy)" if f.get("scenarios") == 0 else ""
             out.append(f"  {file}: {f['covered_rules']} of {f['covered_rules'] + f['not_covered_rules']} rules "
-                       f"fired ({f['coverage']:.1f}%)")
+                       f"fired ({f['coverage']:.1f}%){unrun}")
             for name, r in f["rules"].items():
                 cond = r.get("condition")
                 cond_text = f", condition true {cond['true']} / false {cond['false']}" if cond else ""
@@ -158,6 +171,8 @@ class Coverage:
     # -- sums over runs of one policy file
     def _by_file_rules(self) -> dict[str, dict[str, RuleCoverage]]:
         files: dict[str, dict[str, RuleCoverage]] = {}
+        for rule in (r for rules in self.unrun.values() for r in rules.values()):
+            files.setdefault(rule.file, {})[rule.name] = rule
         for run in self.runs:
             for rule in run.rules.values():
                 into = files.setdefault(rule.file, {})

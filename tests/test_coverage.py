@@ -95,6 +95,18 @@ def test_coverage_text_lists_uncovered_rules_and_fail_under_gates(tmp_path, caps
     assert main(["test", "--fail-under", "66", "cov.yaml"]) == 2  # a usage error without --coverage
 
 
+def test_a_policy_no_scenario_runs_is_listed_uncovered(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _scenario(tmp_path)
+    (tmp_path / "untested.vmi").write_text(POLICY.replace('"cov"', '"untested"'))
+    assert main(["test", "--coverage", "--format", "json", "."]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert set(files) == {"cov.vmi", "untested.vmi"}
+    assert files["untested.vmi"]["scenarios"] == 0 and "scenarios" not in files["cov.vmi"]
+    assert files["untested.vmi"]["covered"] == [] and len(files["untested.vmi"]["not_covered"]) == 3
+    assert files["cov.vmi"]["covered_rules"] == 2  # the run policy is counted once, from its run
+
+
 def test_coverage_of_the_examples_lists_every_rule_with_its_hits(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["test", "--coverage", "--format", "json", "examples/"]) == 0
@@ -103,17 +115,24 @@ def test_coverage_of_the_examples_lists_every_rule_with_its_hits(capsys, monkeyp
     from policyc import check_policy
 
     expected_rules: dict[str, set[str]] = {}
+    for policy in sorted((EXAMPLES / "policies").iterdir()):
+        if policy.suffix in (".vmi", ".yaml") and policy.name != "linux-common.vmi":  # include-only
+            model, diagnostics = check_policy(policy.relative_to(ROOT))
+            assert model is not None, diagnostics.items
+            expected_rules[str(policy.relative_to(ROOT))] = {r.name for r in model.rules}
+    assert {f: set(v["rules"]) for f, v in report["files"].items()} == expected_rules
+    run: set[str] = set()
     named: set[tuple[str, str]] = set()
     for path in sorted((EXAMPLES / "scenarios").glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
-        policy = Path("examples/scenarios", doc["policy"]).resolve().relative_to(ROOT)
-        model, diagnostics = check_policy(policy)
-        assert model is not None, diagnostics.items
-        expected_rules[str(policy)] = {r.name for r in model.rules}
-        named |= {(str(policy), e["rule"]) for e in doc.get("expect", []) if "rule" in e}
-    assert {f: set(v["rules"]) for f, v in report["files"].items()} == expected_rules
+        policy = str(Path("examples/scenarios", doc["policy"]).resolve().relative_to(ROOT))
+        run.add(policy)
+        named |= {(policy, e["rule"]) for e in doc.get("expect", []) if "rule" in e}
     for file, rule in named:  # a rule an expectation names decided an event: it fired
         assert report["files"][file]["rules"][rule]["hits"] >= 1, (file, rule)
+    for file, f in report["files"].items():  # the YAML twins of the examples have no scenario of their own
+        assert (f.get("scenarios") == 0) == (file not in run), file
+        assert file in run or f["covered_rules"] == 0
     rules = [r for f in report["files"].values() for r in f["rules"].values()]
-    assert report["covered_rules"] == sum(1 for r in rules if r["hits"]) and len(rules) == sum(
-        len(v) for v in expected_rules.values())
+    assert report["covered_rules"] == sum(1 for r in rules if r["hits"])
+    assert report["covered_rules"] + report["not_covered_rules"] == sum(len(v) for v in expected_rules.values())
