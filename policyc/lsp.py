@@ -124,13 +124,17 @@ def build_server():
     @server.feature(T.TEXT_DOCUMENT_CODE_ACTION,
                     T.CodeActionOptions(code_action_kinds=[T.CodeActionKind.QuickFix]))
     def on_code_action(params: T.CodeActionParams) -> list[T.CodeAction]:
+        # The fixes come from this server's own analysis, matched by code and range: a client need
+        # not send back a diagnostic's `data`.
+        analysis = current(params.text_document.uri)
+        ours = {(d["code"], d["range"]): d.get("data") for d in
+                (to_lsp_diagnostic(x, analysis) for x in analysis.diagnostics)}
         actions = []
         for d in params.context.diagnostics:
-            data = d.data if isinstance(d.data, dict) else {}
+            key = (d.code, (d.range.start.line, d.range.start.character, d.range.end.line, d.range.end.character))
+            data = ours.get(key) or {}
             rng = data.get("name_range")
             for name in data.get("replacements", []):
-                if rng is None:
-                    continue
                 edit_range = T.Range(start=T.Position(line=rng[0], character=rng[1]),
                                      end=T.Position(line=rng[2], character=rng[3]))
                 edit = T.WorkspaceEdit(changes={params.text_document.uri: [T.TextEdit(range=edit_range,

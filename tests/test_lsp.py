@@ -155,8 +155,9 @@ def test_misspelled_symbol_is_diagnosed_fixed_by_the_code_action_and_cleared(cli
                           "end": {"line": 4, "character": line.index(" size")}}
     assert "did you mean 'sys_call_table'" in d["message"] and d["severity"] == 1
 
+    sent = {k: v for k, v in d.items() if k != "data"}  # as a client that keeps no `data` sends it back
     actions = client.request("textDocument/codeAction", {
-        "textDocument": {"uri": uri}, "range": d["range"], "context": {"diagnostics": [d]}})
+        "textDocument": {"uri": uri}, "range": d["range"], "context": {"diagnostics": [sent]}})
     assert actions and actions[0]["title"] == "Replace with 'sys_call_table'"
     fixed = _apply(MISSPELLED, actions[0]["edit"]["changes"][uri])
     assert "symbol sys_call_table size 4096" in fixed
@@ -182,6 +183,13 @@ def test_hover_definition_and_formatting(client, tmp_path):
 
     rule = client.request("textDocument/hover", {"textDocument": {"uri": uri}, "position": {"line": use, "character": 10}})
     assert "vm_event MEM_ACCESS" in rule["contents"]["value"] and "traps w" in rule["contents"]["value"]
+
+    region_line = 4
+    symbol = client.request("textDocument/hover", {"textDocument": {"uri": uri}, "position": {
+        "line": region_line, "character": text.splitlines()[region_line].index("sys_call_table") + 3}})
+    from policyc.symbols import load_symbol_table
+    address = load_symbol_table(SYSTEM_MAP).lookup("sys_call_table").address
+    assert f"address {address:#x} before the slide, .data (in linux-6.1.System.map)" in symbol["contents"]["value"]
 
     where = client.request("textDocument/definition", {"textDocument": {"uri": uri},
                                                        "position": {"line": use, "character": column}})
