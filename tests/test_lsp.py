@@ -276,3 +276,11 @@ def test_include_problems_show_on_the_include_and_definitions_cross_files(tmp_pa
     assert definition(analysis, 6, use) == (tmp_path / "deeper.vmi", analysis.named("r")[1].span)
     assert definition(analysis, 4, 6)[0] == tmp_path / "shared.vmi"
     assert "region r = symbol no_such_symbol size 8" in hover(analysis, 6, use)
+
+
+def test_without_pygls_the_command_says_what_to_install(monkeypatch, capsys):
+    from policyc.cli import main
+
+    monkeypatch.setitem(sys.modules, "pygls.lsp.server", None)  # as if pygls were not installed
+    assert main(["lsp"]) == 2
+    assert "pip install 'policyc[lsp]'" in capsys.readouterr().err
