@@ -50,6 +50,11 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
     run.add_argument("--symbols", metavar="DIR", help="where a plan's symbol files are (default: beside the plan)")
+    run.add_argument("--bundle", metavar="FILE|URL", help="run the plan of a signed bundle (`policyc bundle build`) "
+                     "instead of POLICY; when it cannot be fetched or does not verify, the last good bundle runs")
+    run.add_argument("--trust", metavar="KEYFILE", help="the Ed25519 public key bundles must be signed with")
+    run.add_argument("--bundle-cache", metavar="DIR", help="where the last good bundle is kept across restarts "
+                     "(default: $STATE_DIRECTORY/bundles under systemd, else beside the install journal)")
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
@@ -174,6 +179,22 @@ def _compiled_plan(path: Path, target: str | None, *, symbols_dir: str | None) -
     return _Compiled(plan, symbols)
 
 
+def _use_bundle(args: argparse.Namespace) -> None:
+    """`run --bundle`: the verified bundle's plan and symbols stand in for POLICY and --symbols."""
+    from .bundle import BundleError
+    from .cli_bundle import resolve_bundle
+
+    if args.policy is not None:
+        raise _Usage("give a POLICY or --bundle, not both")
+    if not args.trust:
+        raise _Usage("--bundle needs --trust KEYFILE (the public key the bundle must be signed with)")
+    try:
+        args.policy, args.symbols, how = resolve_bundle(args.bundle, args.trust, args.bundle_cache)
+    except BundleError as exc:
+        raise _Usage(f"--bundle {args.bundle}: {exc}: nothing was installed") from None
+    print(f"policyc run: {how}", file=sys.stderr)
+
+
 def _guest(spec: str) -> tuple[str, str]:
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest or scheme not in ("sim", "simhost", "xen"):
@@ -266,6 +287,8 @@ def _step_label(step: Any) -> str:
 @_usage_guard
 def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
+    if args.bundle is not None:
+        _use_bundle(args)
     if scheme == "sim":
         return _run_sim(args, _scenario_path(where))
     if scheme == "xen":
