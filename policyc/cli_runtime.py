@@ -92,6 +92,13 @@ def add_runtime_commands(sub: Any) -> None:
     rec.add_argument("--state-dir", metavar="DIR", help="where the enforcer kept its journal")
     rec.set_defaults(run=_cmd_recover)
 
+    unit = sub.add_parser("service-unit", help="print the systemd unit policyc@.service (one instance per guest)",
+                          description="Print the systemd template unit that runs `policyc run` for one Xen guest "
+                                      "(Type=notify: ready once protection is in place, watchdog pings from the "
+                                      "answering loop). Install it with: policyc service-unit > "
+                                      "/etc/systemd/system/policyc@.service")
+    unit.set_defaults(run=_cmd_service_unit)
+
 
 # --------------------------------------------------------------------------- shared
 
@@ -426,6 +433,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
 
     from .runtime.decision_log import DecisionLog, Progress
     from .runtime.enforce import Enforcer, EnforcerError
+    from .runtime.service import Notifier
 
     from .targets import runs_on
 
@@ -464,21 +472,30 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
           file=sys.stderr)
     print("in place after " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
           f" ({sum(phases.values()):.2f} s)", file=sys.stderr, flush=True)
+    notifier = Notifier()
+    notifier.ready(f"enforcing {plan['policy']['name']} ({plan['content_hash'][:19]}) on {guest}")
     status_every = [0]
 
     def finished() -> bool:
+        notifier.watchdog()          # called from the answering loop: a stuck loop stops the pings
         status_every[0] += 1
         if status_every[0] % 50:
             return False
-        return bool(finished_now())
+        done = bool(finished_now())
+        if done:
+            notifier.stopping("the guest is gone: tearing down")
+        return done
 
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
     try:
         enforcer.run(finished, wait=0.05, progress=progress)
     except Exception as exc:  # noqa: BLE001 - teardown already ran (run_with_teardown)
         print(f"policyc run: stopped by an error after teardown: {exc}", file=sys.stderr)
+        notifier.stopping(f"stopped by an error: {exc}")
         log.close()
         return EXIT_PROBLEMS
+    notifier.stopping("torn down")
+    notifier.close()
     log.close()
     errors = enforcer.installation.teardown_errors if enforcer.installation else []
     print(log.summary(), file=sys.stderr)
@@ -493,6 +510,13 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         print(f"register-write denies: {holds['checked']}, {holds['held']} held until the vCPU had left its pCPU "
               f"(longest {holds['max_wait_ms']} ms), {holds['unconfirmed']} sent unconfirmed", file=sys.stderr)
     return EXIT_OK if not errors else EXIT_PROBLEMS
+
+
+def _cmd_service_unit(args: argparse.Namespace) -> int:
+    from .runtime.service import unit_text
+
+    sys.stdout.write(unit_text())
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- test
