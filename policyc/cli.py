@@ -113,6 +113,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from .cli_runtime import add_runtime_commands
     add_runtime_commands(sub)
+    from .cli_bundle import add_bundle_commands
+    add_bundle_commands(sub)
     return p
 
 

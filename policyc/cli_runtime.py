@@ -50,6 +50,11 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
     run.add_argument("--symbols", metavar="DIR", help="where a plan's symbol files are (default: beside the plan)")
+    run.add_argument("--bundle", metavar="FILE|URL", help="run the plan of a signed bundle (`policyc bundle build`) "
+                     "instead of POLICY; when it cannot be fetched or does not verify, the last good bundle runs")
+    run.add_argument("--trust", metavar="KEYFILE", help="the Ed25519 public key bundles must be signed with")
+    run.add_argument("--bundle-cache", metavar="DIR", help="where the last good bundle is kept across restarts "
+                     "(default: $STATE_DIRECTORY/bundles under systemd, else beside the install journal)")
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
@@ -91,6 +96,13 @@ def add_runtime_commands(sub: Any) -> None:
     rec.add_argument("--guest", required=True, metavar="GUEST", help="simhost:SOCKET or xen:NAME|DOMID")
     rec.add_argument("--state-dir", metavar="DIR", help="where the enforcer kept its journal")
     rec.set_defaults(run=_cmd_recover)
+
+    unit = sub.add_parser("service-unit", help="print the systemd unit policyc@.service (one instance per guest)",
+                          description="Print the systemd template unit that runs `policyc run` for one Xen guest "
+                                      "(Type=notify: ready once protection is in place, watchdog pings from the "
+                                      "answering loop). Install it with: policyc service-unit > "
+                                      "/etc/systemd/system/policyc@.service")
+    unit.set_defaults(run=_cmd_service_unit)
 
 
 # --------------------------------------------------------------------------- shared
@@ -177,6 +189,22 @@ def _compiled_plan(path: Path, target: str | None, *, symbols_dir: str | None) -
         except SymbolFileError as exc:
             raise _Usage(f"cannot load the plan's symbols: {exc}") from None
     return _Compiled(plan, symbols)
+
+
+def _use_bundle(args: argparse.Namespace) -> None:
+    """`run --bundle`: the verified bundle's plan and symbols stand in for POLICY and --symbols."""
+    from .bundle import BundleError
+    from .cli_bundle import resolve_bundle
+
+    if args.policy is not None:
+        raise _Usage("give a POLICY or --bundle, not both")
+    if not args.trust:
+        raise _Usage("--bundle needs --trust KEYFILE (the public key the bundle must be signed with)")
+    try:
+        args.policy, args.symbols, how = resolve_bundle(args.bundle, args.trust, args.bundle_cache)
+    except BundleError as exc:
+        raise _Usage(f"--bundle {args.bundle}: {exc}: nothing was installed") from None
+    print(f"policyc run: {how}", file=sys.stderr)
 
 
 def _guest(spec: str) -> tuple[str, str]:
@@ -271,6 +299,8 @@ def _step_label(step: Any) -> str:
 @_usage_guard
 def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
+    if args.bundle is not None:
+        _use_bundle(args)
     if scheme == "sim":
         return _run_sim(args, _scenario_path(where))
     if scheme == "xen":
@@ -408,6 +438,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
 
     from .runtime.decision_log import DecisionLog, Progress
     from .runtime.enforce import Enforcer, EnforcerError
+    from .runtime.service import Notifier
 
     from .targets import runs_on
 
@@ -446,21 +477,30 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
           file=sys.stderr)
     print("in place after " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
           f" ({sum(phases.values()):.2f} s)", file=sys.stderr, flush=True)
+    notifier = Notifier()
+    notifier.ready(f"enforcing {plan['policy']['name']} ({plan['content_hash'][:19]}) on {guest}")
     status_every = [0]
 
     def finished() -> bool:
+        notifier.watchdog()          # called from the answering loop: a stuck loop stops the pings
         status_every[0] += 1
         if status_every[0] % 50:
             return False
-        return bool(finished_now())
+        done = bool(finished_now())
+        if done:
+            notifier.stopping("the guest is gone: tearing down")
+        return done
 
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
     try:
         enforcer.run(finished, wait=0.05, progress=progress)
     except Exception as exc:  # noqa: BLE001 - teardown already ran (run_with_teardown)
         print(f"policyc run: stopped by an error after teardown: {exc}", file=sys.stderr)
+        notifier.stopping(f"stopped by an error: {exc}")
         log.close()
         return EXIT_PROBLEMS
+    notifier.stopping("torn down")
+    notifier.close()
     log.close()
     errors = enforcer.installation.teardown_errors if enforcer.installation else []
     print(log.summary(), file=sys.stderr)
@@ -475,6 +515,13 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         print(f"register-write denies: {holds['checked']}, {holds['held']} held until the vCPU had left its pCPU "
               f"(longest {holds['max_wait_ms']} ms), {holds['unconfirmed']} sent unconfirmed", file=sys.stderr)
     return EXIT_OK if not errors else EXIT_PROBLEMS
+
+
+def _cmd_service_unit(args: argparse.Namespace) -> int:
+    from .runtime.service import unit_text
+
+    sys.stdout.write(unit_text())
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- test

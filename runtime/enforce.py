@@ -99,6 +99,7 @@ class Enforcer:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
         """Bind and install. Raises `EnforcerError` (the guest untouched) when either fails."""
+        from .backend import BackendError
         from .bind import BindError
         from .install import InstallError
 
@@ -106,7 +107,7 @@ class Enforcer:
         t0 = time.monotonic()
         try:
             self.bound = bind_plan(self.plan, backend, self.symbols, slide=self.slide)
-        except BindError as exc:
+        except (BindError, BackendError) as exc:      # binding only reads the guest: nothing to undo
             raise EnforcerError(f"cannot bind the plan to guest '{self.guest}': {exc}") from None
         t1 = time.monotonic()
         try:

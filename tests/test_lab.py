@@ -90,7 +90,7 @@ def _check_common(lab: dict) -> dict:
     assert s["policyc_check"], lab["result"]["environment"]
     assert s["guest_running"], lab["result"]["guest_before"]
     assert s["enforcer_ran"], lab["result"]["enforce"].get("output_tail")
-    assert s["verdicts_agree"], lab["result"]["compare"]
+    assert s["verdicts_agree"], (s["disagreements"], lab["result"]["compare"])
     assert s["guest_runs_after_teardown"], lab["result"]["after_teardown"]
     return s
 
@@ -115,7 +115,8 @@ def test_qemu_lab() -> None:
     # the AMD host cannot watch memory: compiling the memory policy for its target is refused
     assert s["memory_policy_refused"], lab["result"].get("capability_refusal")
     print(f"qemu lab, tiny guest: wall {lab.get('wall_seconds')} s, toolstack at {lab['times']['toolstack_ready']} s, "
-          f"enforcer {s['enforcer_events_per_second']} events/s, xen-access {s['xen_access_events_per_second']}")
+          f"enforcer {s['enforcer_events_per_second']} events/s, xen-access {s['xen_access_events_per_second']}, "
+          f"like for like (cpuid, the guest's count) {s['like_for_like_cpuid']}")
 
 
 def test_qemu_linux_lab() -> None:

@@ -13,15 +13,18 @@ parses them. Steps, each recorded whether it works or not:
    attacker module (tests/lab/guest/linux/) announces on Xen's debug port once it has booted;
 3. `policyc run POLICY --guest xen:D --log /tmp/decisions.jsonl` for N seconds, then
    SIGTERM (the enforcer tears down); the report page is sampled all along;
-4. both sides compared: each deny in the decision log against what the guest saw
-   (a denied CR4/MSR/watched write did not land, an allowed one did), then after
-   teardown the guest must still run (its round counter moves, writes land again,
-   no fault, the domain not paused);
+4. both sides compared, every rule of the policy (`compare`; exact, but for the races named
+   and bounded at the top of this file): deny decisions against the refusals the guest saw,
+   allowed trapped instructions against the guest's own counts in the enforced window, the
+   allowed work landing, the enforcer's exit and clean teardown; then after teardown the guest
+   must still run (its round counter moves, writes land again, no fault, `xl list` answering
+   and the domain neither paused nor dead);
 5. under Bochs, the backend calls no lab policy reaches on a host without MTF, each on the
    live guest and read back: altp2m (a view, a frame restricted in it, change_gfn to a frame
    added above the guest's memory and back), and a register-context round trip;
-6. Xen's own client on the same guest for the same seconds: `xen-access D cpuid`
-   (and `write` under Bochs), events per second of each.
+6. Xen's own client on the same guest for the same seconds from its first event:
+   `xen-access D cpuid` (and `write` under Bochs); like for like, the guest's own cpuid count
+   per second under each client.
 
 Only the standard library and policyc are used (it runs on the lab's trimmed Python).
 """
@@ -44,10 +47,14 @@ class GuestKind:
     attacks meets, and what its benign work is."""
 
     def __init__(self, name: str, fields: tuple[str, ...], counters: int, magic: int, no_fault: int,
-                 denies: dict[str, str], memory_deny: tuple[str, str], benign: tuple[str, ...]) -> None:
+                 denies: dict[str, str], memory_deny: tuple[str, str], benign: tuple[str, ...],
+                 counted: dict[str, str], never: tuple[str, ...] = (), vcpus: int = 1) -> None:
         self.name, self.fields, self.magic, self.no_fault = name, fields, magic, no_fault
         self.counters = fields[1:counters]
         self.denies, self.memory_deny, self.benign = denies, memory_deny, benign
+        self.counted = counted      # rule -> the guest's counter of the instructions it traps (allowed)
+        self.never = never          # rules whose trigger this guest never performs: no decision expected
+        self.vcpus = vcpus
 
     def deny_pairs(self, mode: str) -> list[tuple[str, str]]:
         """(rule, report prefix) of each attack the policy denies; memory only where Xen can watch it."""
@@ -61,16 +68,33 @@ GUESTS = {
                                    "bp_passes", "fault", "bp_addr", "watched_addr", "unwatched_addr"),
                       counters=13, magic=0x42414C50, no_fault=0xFFFFFFFF,
                       denies={"cr4_guard": "cr4", "sysenter_eip": "msr"}, memory_deny=("watched_write", "wat"),
-                      benign=("unw",)),
+                      benign=("unw",), counted={"hypervisor_probe": "cpuid", "bp_site": "bp_passes"}),
     # tests/lab/guest/linux/policyc_lab_attack.c with examples/policies/linux-kernel-integrity.vmi
     "linux": GuestKind("linuxguest", ("magic", "round", "cr4_landed", "cr4_blocked", "msr_landed", "msr_blocked",
                                       "sct_landed", "sct_blocked", "benign_landed", "benign_blocked", "creds",
                                       "cr4_ok_landed", "cr4_ok_blocked", "collateral", "cpuid", "fault", "cr4"),
                        counters=15, magic=0x4C4E5850, no_fault=0,
                        denies={"smep_smap_guard": "cr4", "syscall_entry_guard": "msr"},
-                       memory_deny=("protect_tables", "sct"), benign=("benign", "cr4_ok")),
+                       memory_deny=("protect_tables", "sct"), benign=("benign", "cr4_ok"),
+                       counted={"trace_creds": "creds"}, never=("wp_guard", "no_exec_rodata")),
 }
 TINY_REPORT_GFN = 0x200
+
+# Where the decision log and the guest's own counters may differ by a race no check can close, each
+# named here and bounded; everywhere else the two must be equal.
+# INSTALL_EDGE: an attack that landed just before install finished, whose counter the guest bumps
+# (a few instructions later) after the window's first sample: at most one per attack per vCPU.
+INSTALL_EDGE = 1
+# SAMPLE_EDGE: an allowed trapped instruction (cpuid, a breakpoint, a collateral write) straddling
+# one of the window's two edges is decided on one side of the sample and counted by the guest on
+# the other: at most one per edge per vCPU.
+SAMPLE_EDGE = 2
+# KERNEL_OWN_CREDS: commit_creds calls the Linux guest's kernel makes itself in the window (the
+# busybox init's children); the module counts only its own.
+KERNEL_OWN_CREDS = 2
+# The guest has run at least this many whole rounds since the enforcer exited before the "after"
+# counters are read, so no increment of an attempt made while enforced is still on its way.
+SETTLE_ROUNDS = 2
 
 
 def uptime() -> float:
@@ -107,6 +131,7 @@ class ReportPage:
     def read(self) -> dict:
         snap = dict(zip(self.kind.fields, list(self.words)))
         snap["t"] = round(time.monotonic(), 3)
+        snap["wall"] = time.time()          # against the decision log's record times
         return snap
 
     def delta(self, a: dict, b: dict) -> dict:
@@ -172,11 +197,14 @@ def step_environment(policies: list[str]) -> dict:
 
 def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
                  startup: float = 240, target: str | None = None) -> dict:
+    """`policyc run` for `seconds` after its first decision, then SIGTERM. The comparison window runs
+    from the first report-page sample taken after the enforcer said protection is in place to the
+    last one taken before SIGTERM; the whole run from before start to a settled read after exit."""
     log = "/tmp/decisions.jsonl"
     if os.path.exists(log):
         os.unlink(log)
-    res: dict = {"policy": os.path.basename(policy), "seconds": seconds}
-    samples = []
+    res: dict = {"policy": os.path.basename(policy), "seconds": seconds, "policy_rules": policy_rules(policy)}
+    samples: list[dict] = []
     before = page.read() if page else None
     cmd = [sys.executable, "-m", "policyc", "run", policy, "--guest", f"xen:{domid}", "--log", log]
     if target:
@@ -184,6 +212,7 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     res["cmd"] = " ".join(cmd[1:])
     t_start = time.monotonic()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    in_place = None          # index of the first sample taken after "in place after ..."
     with open("/tmp/policyc-run.out", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         # Start-up (import, compile, bind, install) is slow on an emulated CPU: the N seconds
@@ -192,6 +221,9 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
         deadline = t_start + startup
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.25)
+            if in_place is None and "in place after" in _read("/tmp/policyc-run.out"):
+                in_place = len(samples)
+                res["in_place_after"] = round(time.monotonic() - t_start, 2)
             if page:
                 samples.append(page.read())
             if first_decision is None and os.path.exists(log) and os.path.getsize(log) > 0:
@@ -199,6 +231,8 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
                 res["first_decision_after"] = round(first_decision - t_start, 2)
                 deadline = first_decision + seconds
         exited_early = proc.poll() is not None
+        if page and not exited_early:
+            samples.append(page.read())      # the window's end: protection still in place
         if not exited_early:
             proc.send_signal(signal.SIGTERM)
         t_term = time.monotonic()
@@ -211,22 +245,69 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     res["rc"] = proc.returncode
     res["exited_before_sigterm"] = exited_early
     res["teardown_seconds"] = round(time.monotonic() - t_term, 2)
-    with open("/tmp/policyc-run.out") as f:
-        out_text = f.read()
+    out_text = _read("/tmp/policyc-run.out")
     res["output_tail"] = out_text.strip().splitlines()[-15:]
+    res["teardown_clean"] = bool(re.search(r"; teardown clean \(", out_text))
     if m := re.search(r"register-write denies: (\d+), (\d+) held .*\(longest ([\d.]+) ms\), (\d+) sent unconfirmed",
                       out_text):
         res["register_deny_holds"] = {"denies": int(m[1]), "held": int(m[2]), "longest_ms": float(m[3]),
                                       "unconfirmed": int(m[4])}
     if m := re.search(r"in place after (.*) \(([\d.]+) s\)", out_text):
         res["startup_phases"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m[1])} | {"total": float(m[2])}
-    after = page.read() if page else None
+    after = settled_read(page) if page else None
     if res["rc"] not in (0, None) and not exited_early or res.get("killed"):
-        # an enforcer that did not tear down leaves the monitor ring enabled: clean up
+        # an enforcer that did not tear down leaves the monitor ring enabled: clean up (and the
+        # comparison fails: a run that needed `recover` never counts as a pass)
         rc, out = run([sys.executable, "-m", "policyc", "recover", "--guest", f"xen:{domid}"], timeout=300)
         res["recover"] = {"rc": rc, "output_tail": out.strip().splitlines()[-5:]}
 
-    # the decision log
+    decisions = read_decisions(log)
+    by = collections.Counter((d.get("kind"), d.get("rule"), d.get("verdict")) for d in decisions)
+    flags = collections.Counter((d.get("rule"), "|".join(d.get("response_flags") or [])) for d in decisions)
+    res["response_flags_by_rule"] = {f"{r}/{f}": n for (r, f), n in sorted(flags.items(), key=str)}
+    res["decisions"] = len(decisions)
+    res["decisions_by_kind_rule_verdict"] = {f"{k}/{r}/{v}": n for (k, r, v), n in sorted(by.items(), key=str)}
+    if first_decision is not None:
+        res["events_per_second"] = rate_from_first(decisions, seconds)
+
+    # both sides
+    if page and before and after:
+        res["guest_delta_whole_run"] = page.delta(before, after)
+        res["guest_fault"] = after["fault"]
+        if first_decision is not None:
+            res["guest_rate_from_first_decision"] = guest_rates(page, samples, first_decision)
+        window = samples[in_place:] if in_place is not None and not exited_early else []
+        if len(window) >= 2:
+            a, b = window[0], window[-1]
+            res["window"] = {"seconds": round(b["t"] - a["t"], 3), "start": a["wall"], "end": b["wall"]}
+            res["guest_delta_enforced_window"] = page.delta(a, b)
+            in_window = collections.Counter(f"{d.get('rule')}/{d.get('verdict')}" for d in decisions
+                                            if a["wall"] <= _epoch(d.get("time")) <= b["wall"])
+            res["decisions_in_window"] = dict(sorted(in_window.items()))
+    return res
+
+
+def policy_rules(policy: str) -> list[str]:
+    """The rule names of a lab policy (DSL), read from its text: each must be compared with the guest."""
+    try:
+        return sorted(set(re.findall(r"^\s*rule\s+(\w+)\s*:", _read(policy), re.M)))
+    except OSError:
+        return []
+
+
+def settled_read(page: ReportPage, timeout: float = 10.0) -> dict:
+    """The report page once the guest has run SETTLE_ROUNDS whole rounds since now: an attempt made
+    while enforced has been counted by then."""
+    first = page.read()
+    t_end = time.monotonic() + timeout
+    snap = first
+    while snap["round"] - first["round"] < SETTLE_ROUNDS and time.monotonic() < t_end:
+        time.sleep(0.05)
+        snap = page.read()
+    return snap
+
+
+def read_decisions(log: str) -> list[dict]:
     decisions = []
     if os.path.exists(log):
         with open(log) as f:
@@ -235,23 +316,29 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
                     decisions.append(json.loads(line))
                 except ValueError:
                     pass
-    by = collections.Counter((d.get("kind"), d.get("rule"), d.get("verdict")) for d in decisions)
-    flags = collections.Counter((d.get("rule"), "|".join(d.get("response_flags") or [])) for d in decisions)
-    res["response_flags_by_rule"] = {f"{r}/{f}": n for (r, f), n in sorted(flags.items(), key=str)}
-    res["decisions"] = len(decisions)
-    res["decisions_by_kind_rule_verdict"] = {f"{k}/{r}/{v}": n for (k, r, v), n in sorted(by.items(), key=str)}
-    if first_decision is not None:
-        window = max(1e-3, t_term - first_decision)
-        res["events_per_second"] = round(len(decisions) / window, 1)
+    return decisions
 
-    # both sides
-    if page and before and after:
-        res["guest_delta_whole_run"] = page.delta(before, after)
-        enforced = [s for s in samples if first_decision is not None and s["t"] >= first_decision + 1.0]
-        if len(enforced) >= 2:
-            res["guest_delta_enforced_window"] = page.delta(enforced[0], enforced[-1])
-        res["guest_fault"] = after["fault"]
-    return res
+
+def rate_from_first(decisions: list[dict], seconds: float) -> float:
+    """Decisions per second over `seconds` from the first decision (by the log's own times)."""
+    times = sorted(_epoch(d.get("time")) for d in decisions)
+    if not times:
+        return 0.0
+    n = sum(1 for t in times if t < times[0] + seconds)
+    return round(n / seconds, 1)
+
+
+def _epoch(iso: str | None) -> float:
+    import datetime
+    try:
+        return datetime.datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("nan")
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
 
 
 def decision_count(res: dict, rule: str, verdict: str | None = None) -> int:
@@ -260,42 +347,97 @@ def decision_count(res: dict, rule: str, verdict: str | None = None) -> int:
 
 
 def compare(mode: str, kind: GuestKind, res: dict) -> dict:
-    """What each side says, rule by rule; `ok` is None when a side is missing."""
-    out: dict = {}
+    """What each side says, rule by rule, and whether they agree. Each entry has `ok` (False with a
+    `why` when they do not, or when a side is missing: a missing side never passes)."""
+    out: dict = {"enforcer": _enforcer_exit(res)}
     win = res.get("guest_delta_enforced_window")
     whole = res.get("guest_delta_whole_run")
+    in_win = res.get("decisions_in_window")
+    if not (win and whole and in_win is not None and res.get("decisions")):
+        out["sides"] = {"ok": False, "why": "no comparison window: the enforcer made no decision, the report "
+                        "page was not read, or the enforcer exited before SIGTERM"}
+        return out
+    compared: set[str] = set()
     for rule, g in kind.deny_pairs(mode):
-        c: dict = {"deny_decisions": decision_count(res, rule, "deny")}
-        if whole:
-            c["guest_blocked_whole_run"] = whole[f"{g}_blocked"]
-        if win:
-            c["guest_landed_while_enforced"] = win[f"{g}_landed"]
-            c["guest_blocked_while_enforced"] = win[f"{g}_blocked"]
-        if win and whole and res.get("decisions"):
-            # every deny the log records is a write the guest saw fail, and none landed while enforced
-            c["ok"] = (win[f"{g}_landed"] == 0 and win[f"{g}_blocked"] > 0
-                       and abs(c["deny_decisions"] - whole[f"{g}_blocked"]) <= 2)
-        else:
-            c["ok"] = None
-        out[rule] = c
-    if win:
-        for g in kind.benign:   # allowed work (the unwatched write, a CR4 write the policy permits) lands
-            out[f"benign_{g}"] = {"landed_while_enforced": win[f"{g}_landed"],
-                                  "blocked_while_enforced": win[f"{g}_blocked"],
-                                  "ok": win[f"{g}_landed"] > 0 and win[f"{g}_blocked"] == 0}
-        out["cpuid"] = {"guest_cpuid_while_enforced": win["cpuid"],
-                        "log_decisions": decision_count(res, "hypervisor_probe")}
-    if win and whole and kind.name == "linuxguest" and mode == "bochs":
-        # The commit_creds breakpoint is there from install to teardown: it logs at least every call
-        # the guest made while enforced, and at most every call of the whole run (+2: the kernel's own).
-        logged = decision_count(res, "trace_creds")   # a `log` rule's verdict is allow
-        out["trace_creds"] = {"log_decisions": logged, "guest_calls_while_enforced": win["creds"],
-                              "guest_calls_whole_run": whole["creds"],
-                              "ok": win["creds"] > 0 and win["creds"] <= logged <= whole["creds"] + 2}
-        # writes beside the table on its page are allowed: Xen's emulator performs them
-        out["collateral_write"] = {"allow_decisions": decision_count(res, "None", "allow"),   # no rule
-                                   "guest_writes_while_enforced": win["collateral"]}
+        compared.add(rule)
+        denies = decision_count(res, rule, "deny")
+        c = {"deny_decisions": denies, "guest_blocked_whole_run": whole[f"{g}_blocked"],
+             "guest_landed_while_enforced": win[f"{g}_landed"], "guest_blocked_while_enforced": win[f"{g}_blocked"]}
+        # Exact over the whole run: a write is refused only while enforced, and only by a deny, so
+        # every deny is a refusal the guest saw. A deny lost anywhere (Xen's early-DENY gap, at
+        # install, at teardown) is a write that landed: one refusal short of the log.
+        why = []
+        if denies != whole[f"{g}_blocked"]:
+            why.append(f"{denies} deny decisions but the guest saw {whole[f'{g}_blocked']} refusals in the whole run")
+        if win[f"{g}_landed"] > INSTALL_EDGE * kind.vcpus:
+            why.append(f"{win[f'{g}_landed']} attacks landed while enforced (INSTALL_EDGE allows "
+                       f"{INSTALL_EDGE * kind.vcpus})")
+        if win[f"{g}_blocked"] == 0:
+            why.append("the guest made no attempt while enforced")
+        out[rule] = _verdict(c, why)
+    for rule, g in kind.counted.items():
+        if rule not in res.get("policy_rules", ()):
+            continue
+        compared.add(rule)
+        logged = sum(n for k, n in in_win.items() if k.split("/")[0] == rule)
+        guest = win[g]
+        extra = KERNEL_OWN_CREDS if g == "creds" else 0
+        c = {"decisions_in_window": logged, "guest_count_in_window": guest}
+        why = []
+        if not (guest - SAMPLE_EDGE * kind.vcpus <= logged <= guest + SAMPLE_EDGE * kind.vcpus + extra):
+            why.append(f"{logged} decisions in the window against {guest} counted by the guest (SAMPLE_EDGE "
+                       f"{SAMPLE_EDGE * kind.vcpus}" + (f", KERNEL_OWN_CREDS {extra}" if extra else "") + ")")
+        if guest == 0:
+            why.append("the guest did not perform it while enforced")
+        out[rule] = _verdict(c, why)
+    for rule in kind.never:
+        if rule in res.get("policy_rules", ()):
+            compared.add(rule)
+            n = decision_count(res, rule)
+            out[rule] = _verdict({"decisions": n}, [f"{n} decisions for a trigger this guest never performs"] * bool(n))
+    for rule in res.get("policy_rules", ()):
+        if rule not in compared:
+            out[rule] = {"ok": False, "why": "no guest-side counterpart for this rule: the check cannot compare it"}
+    for g in kind.benign:   # allowed work (an unwatched write, a CR4 write the policy permits) lands
+        c = {"landed_while_enforced": win[f"{g}_landed"], "blocked_while_enforced": win[f"{g}_blocked"]}
+        why = [f"{g}: blocked {win[f'{g}_blocked']} times"] * bool(win[f"{g}_blocked"]) + \
+              [f"{g}: never landed while enforced"] * (not win[f"{g}_landed"])
+        out[f"benign_{g}"] = _verdict(c, why)
+    if kind.name == "linuxguest" and mode == "bochs":
+        # writes beside the table on its page: no rule claims them, Xen's emulator performs them
+        logged = in_win.get("None/allow", 0)
+        c = {"allow_decisions_in_window": logged, "guest_writes_in_window": win["collateral"]}
+        ok = abs(logged - win["collateral"]) <= SAMPLE_EDGE * kind.vcpus and win["collateral"] > 0
+        out["collateral_write"] = _verdict(c, [] if ok else ["collateral writes and allow decisions differ"])
     return out
+
+
+def _enforcer_exit(res: dict) -> dict:
+    """The enforcer must have run until SIGTERM, exited 0 and said its teardown was clean; a run that
+    needed `policyc recover` or a kill never passes."""
+    c = {"rc": res.get("rc"), "teardown_clean": res.get("teardown_clean"), "recovered": "recover" in res}
+    why = []
+    if res.get("rc") != 0:
+        why.append(f"exit status {res.get('rc')}")
+    if not res.get("teardown_clean"):
+        why.append("teardown not reported clean")
+    if "recover" in res or res.get("killed"):
+        why.append("needed recover/kill")
+    if res.get("exited_before_sigterm"):
+        why.append("exited before SIGTERM")
+    return _verdict(c, why)
+
+
+def _verdict(c: dict, why: list[str]) -> dict:
+    c["ok"] = not why
+    if why:
+        c["why"] = "; ".join(why)
+    return c
+
+
+def state_ok(state: str) -> bool:
+    """`xl list` answered and the domain is neither paused nor dead (a failing `xl` is not "running")."""
+    return bool(state) and not state.startswith("?") and not any(f in state for f in "pcsd")
 
 
 def step_after_teardown(domid: int, page: ReportPage | None, mode: str) -> dict:
@@ -310,7 +452,9 @@ def step_after_teardown(domid: int, page: ReportPage | None, mode: str) -> dict:
         # the attacks land again: the enforcer left nothing behind
         landed = [g for _, g in page.kind.deny_pairs(mode)]
         res["ok"] = (d["round"] > 0 and all(d[f"{g}_landed"] > 0 for g in landed)
-                     and b["fault"] == page.kind.no_fault and "p" not in res["state"])
+                     and b["fault"] == page.kind.no_fault and state_ok(res["state"]))
+    else:
+        res["ok"] = False
     rc, out = run(["xl", "vcpu-list", str(domid)])
     res["vcpu_list"] = out.strip().splitlines()[-1:] if rc == 0 else out.strip().splitlines()[-2:]
     return res
@@ -385,20 +529,87 @@ def step_backend_calls(domid: int, gfn: int, page: ReportPage | None) -> dict:
 
 
 def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | None) -> dict:
+    """Xen's own client for `seconds` from its first event (like the enforcer: start-up not counted).
+    Its output goes to a file, as the enforcer's log does (a reader in this process would take dom0
+    CPU from it); the guest's own cpuid counter over the same window is the like-for-like figure."""
     marker = {"cpuid": "CPUID", "write": "PAGE ACCESS"}[mode]
-    a = page.read() if page else None
+    out_path = f"/tmp/xen-access-{mode}.out"
+    samples = []
+    first = None
     t0 = time.monotonic()
-    rc, out = run(["timeout", "-s", "TERM", str(int(seconds)), "xen-access", str(domid), mode], timeout=seconds + 60)
-    wall = time.monotonic() - t0
-    b = page.read() if page else None
-    lines = out.splitlines()
+    with open(out_path, "w") as out:
+        try:
+            proc = subprocess.Popen(["xen-access", str(domid), mode], stdout=out, stderr=subprocess.STDOUT)
+        except OSError as e:
+            return {"mode": mode, "rc": -1, "error": f"{type(e).__name__}: {e}", "events_per_second": 0.0}
+        deadline = t0 + 60                # the first event must come within a minute
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.25)
+            if page:
+                samples.append(page.read())
+            if first is None and marker in _read(out_path):
+                first = time.monotonic()
+                deadline = first + seconds
+        t_term = time.monotonic()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    lines = _read(out_path).splitlines()
     n = sum(marker in line for line in lines)
-    res = {"mode": mode, "rc": rc, "seconds": round(wall, 2), "events": n, "events_per_second": round(n / wall, 1),
+    res = {"mode": mode, "rc": proc.returncode, "seconds": seconds, "events": n,
+           "first_event_after": round(first - t0, 2) if first else None,
+           # every event it printed, over the time from its first event (polled every 0.25 s) to SIGTERM
+           "events_per_second": round(n / max(1e-3, t_term - first), 1) if first else 0.0,
            "head": lines[:4], "tail": lines[-3:]}
-    if a and b:
-        res["guest_delta"] = page.delta(a, b)
+    if page and first is not None:
+        res["guest_rate_from_first_event"] = guest_rates(page, samples, first)
     res["state_after"] = domain_state(domid)
     return res
+
+
+def guest_rates(page: ReportPage, samples: list[dict], since: float) -> dict:
+    """The guest's counters per second between the first sample after `since` and the last one."""
+    window = [s for s in samples if s["t"] >= since]
+    if len(window) < 2:
+        return {}
+    d = page.delta(window[0], window[-1])
+    return {k: round(v / d["seconds"], 1) for k, v in d.items() if k != "seconds" and d["seconds"] > 0}
+
+
+def summarize(result: dict) -> dict:
+    """The run's verdict, part by part: what tests/test_lab.py asserts."""
+    env, g = result.get("environment", {}), result.get("guest_before", {})
+    enf, cmp, aft = result.get("enforce", {}), result.get("compare", {}), result.get("after_teardown", {})
+    enforcer_ran = bool(enf.get("decisions"))
+    base = result.get("enforce_baseline", {})
+    xa = {x["mode"]: x for x in result.get("xen_access", [])}
+    like = None
+    if base and "cpuid" in xa:
+        ours = base.get("guest_rate_from_first_decision", {}).get("cpuid")
+        theirs = xa["cpuid"].get("guest_rate_from_first_event", {}).get("cpuid")
+        like = {"policyc_cpuid_per_second": ours, "xen_access_cpuid_per_second": theirs,
+                "ratio": round(ours / theirs, 3) if ours and theirs else None}
+    return {
+        "import_policyc": env.get("import_policyc") == "ok",
+        "policyc_check": env.get("check_rc") == 0,          # skipped is not passed
+        "guest_running": bool(g.get("magic_ok")) and g.get("rounds_per_second", 0) > 0,
+        "enforcer_ran": enforcer_ran,
+        "enforcer_rc": enf.get("rc"),
+        "verdicts_agree": bool(enforcer_ran and cmp and all(c.get("ok") is True for c in cmp.values())),
+        "disagreements": {k: c.get("why") for k, c in cmp.items() if c.get("ok") is not True},
+        "guest_runs_after_teardown": aft.get("ok") is True,
+        "memory_policy_refused": result.get("capability_refusal", {}).get("ok"),
+        "backend_calls_ok": result.get("backend_calls", {}).get("ok"),
+        "guest_restarted_before_check": "guest_restarted" in result,
+        "enforcer_events_per_second": enf.get("events_per_second"),
+        "enforcer_baseline_cpuid_events_per_second": base.get("events_per_second"),
+        "xen_access_events_per_second": {m: x.get("events_per_second") for m, x in xa.items()},
+        "like_for_like_cpuid": like,
+    }
 
 
 def main() -> int:
@@ -412,7 +623,6 @@ def main() -> int:
     ap.add_argument("--check", nargs="*", default=None, help="policies to `policyc check` (default: --policy)")
     ap.add_argument("--domid", type=int, required=True)
     ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--skip-check", action="store_true", help="no `policyc check` in dom0 (slow under Bochs)")
     ap.add_argument("--baseline", help="a cpuid-only policy, run like --policy, to compare with xen-access cpuid")
     ap.add_argument("--startup", type=float, default=240, help="seconds allowed until the first decision")
     ap.add_argument("--must-refuse", help="a memory policy this host's target cannot enforce: compiling it for "
@@ -422,7 +632,7 @@ def main() -> int:
     kind = GUESTS[a.guest]
     result: dict = {"mode": a.mode, "guest": a.guest, "domid": a.domid}
 
-    result["environment"] = env = step_environment([] if a.skip_check else (a.check or [a.policy]))
+    result["environment"] = env = step_environment(a.check or [a.policy])
     emit("environment", env)
 
     created = a.domid
@@ -488,22 +698,7 @@ def main() -> int:
     result["after_xen_access"] = aft2 = step_after_teardown(a.domid, page, a.mode)
     emit("after_xen_access", aft2)
 
-    enforcer_ran = bool(enf.get("decisions"))
-    result["summary"] = {
-        "import_policyc": env.get("import_policyc") == "ok",
-        "policyc_check": env.get("check_rc") in (0, "skipped"),
-        "guest_running": bool(g.get("magic_ok")) and g.get("rounds_per_second", 0) > 0,
-        "enforcer_ran": enforcer_ran,
-        "enforcer_rc": enf.get("rc"),
-        "verdicts_agree": (all(c["ok"] for c in cmp.values() if "ok" in c) if enforcer_ran and cmp else None),
-        "guest_runs_after_teardown": aft.get("ok"),
-        "memory_policy_refused": result.get("capability_refusal", {}).get("ok"),
-        "backend_calls_ok": result.get("backend_calls", {}).get("ok"),
-        "guest_restarted_before_check": "guest_restarted" in result,
-        "enforcer_events_per_second": enf.get("events_per_second"),
-        "enforcer_baseline_cpuid_events_per_second": result.get("enforce_baseline", {}).get("events_per_second"),
-        "xen_access_events_per_second": {x["mode"]: x["events_per_second"] for x in result["xen_access"]},
-    }
+    result["summary"] = summarize(result)
     # short lines: Xen's console may slip a guest's line between two writes of a long one
     text = json.dumps(result, sort_keys=True)
     parts = [text[i:i + 160] for i in range(0, len(text), 160)]

@@ -31,12 +31,11 @@ P=/lab/policies
 case "$MODE/$GUEST" in
   bochs/tiny)
     NAME=labguest; xl create -q /lab/labguest-altp2m.cfg || xl create -q /lab/labguest.cfg
-    # Python is ~10x slower under Bochs than under QEMU: `policyc check` runs in the QEMU lab
-    ARGS="--policy $P/lab-memory-vmx.vmi --skip-check --startup 900" ;;
+    ARGS="--policy $P/lab-memory-vmx.vmi --startup 900" ;;
   bochs/linux)
     NAME=linuxguest; xl create -q /lab/linuxguest-altp2m.cfg || xl create -q /lab/linuxguest.cfg
     # the example policy as written; Bochs's VT-x has EPT but no monitor trap flag
-    ARGS="--policy $P/linux-kernel-integrity.vmi --target x86_64-nomtf --skip-check --startup 900 --boot-timeout 1500" ;;
+    ARGS="--policy $P/linux-kernel-integrity.vmi --target x86_64-nomtf --check $P/linux-kernel-integrity.vmi --startup 900 --boot-timeout 1500" ;;
   qemu/linux)
     NAME=linuxguest; xl create -q /lab/linuxguest.cfg
     ARGS="--policy $P/lab-linux-registers-svm.vmi --must-refuse $P/linux-kernel-integrity.vmi --host-target x86_64-svm" ;;

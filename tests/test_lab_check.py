@@ -1,0 +1,179 @@
+"""The lab's check (tests/lab/dom0_check.py) cannot be fooled: fed results that agree, it passes;
+fed each way a live run could go wrong, it fails.
+
+The check runs in the lab's dom0; its comparison is plain functions of the run's figures, so they
+are exercised here on results shaped like a real run's (the QEMU tiny guest with the register
+policy, and the Bochs Linux guest with linux-kernel-integrity.vmi)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "dom0_check", Path(__file__).resolve().parent / "lab" / "dom0_check.py")
+dom0_check = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(dom0_check)
+
+
+def _tiny_qemu() -> tuple[str, object, dict]:
+    kind = dom0_check.GUESTS["tiny"]
+    res = {
+        "rc": 0, "teardown_clean": True, "exited_before_sigterm": False, "decisions": 1503,
+        "policy_rules": ["cr4_guard", "hypervisor_probe", "sysenter_eip"],
+        "decisions_by_kind_rule_verdict": {"cpuid/hypervisor_probe/allow": 501, "mov_to_msr/sysenter_eip/deny": 501,
+                                           "write_ctrlreg/cr4_guard/deny": 501},
+        "decisions_in_window": {"cr4_guard/deny": 480, "hypervisor_probe/allow": 481, "sysenter_eip/deny": 480},
+        "guest_delta_whole_run": {"round": 90000, "cr4_landed": 89000, "cr4_blocked": 501, "msr_landed": 89000,
+                                  "msr_blocked": 501, "cpuid": 90000, "unw_landed": 90000, "unw_blocked": 0},
+        "guest_delta_enforced_window": {"round": 480, "cr4_landed": 0, "cr4_blocked": 480, "msr_landed": 0,
+                                        "msr_blocked": 480, "cpuid": 481, "unw_landed": 480, "unw_blocked": 0},
+    }
+    return "qemu", kind, res
+
+
+def _linux_bochs() -> tuple[str, object, dict]:
+    kind = dom0_check.GUESTS["linux"]
+    res = {
+        "rc": 0, "teardown_clean": True, "exited_before_sigterm": False, "decisions": 2805,
+        "policy_rules": ["no_exec_rodata", "protect_tables", "smep_smap_guard", "syscall_entry_guard",
+                         "trace_creds", "wp_guard"],
+        "decisions_by_kind_rule_verdict": {
+            "mem_access/protect_tables/deny": 560, "write_ctrlreg/smep_smap_guard/deny": 560,
+            "mov_to_msr/syscall_entry_guard/deny": 560, "software_breakpoint/trace_creds/allow": 562,
+            "mem_access/None/allow": 560},
+        "decisions_in_window": {"None/allow": 526, "protect_tables/deny": 526, "smep_smap_guard/deny": 526,
+                                "syscall_entry_guard/deny": 526, "trace_creds/allow": 527},
+        "guest_delta_whole_run": {"cr4_blocked": 560, "msr_blocked": 560, "sct_blocked": 560, "creds": 2000},
+        "guest_delta_enforced_window": {"cr4_landed": 0, "cr4_blocked": 526, "msr_landed": 0, "msr_blocked": 526,
+                                        "sct_landed": 0, "sct_blocked": 526, "benign_landed": 526,
+                                        "benign_blocked": 0, "cr4_ok_landed": 526, "cr4_ok_blocked": 0,
+                                        "creds": 526, "collateral": 526},
+    }
+    return "bochs", kind, res
+
+
+RUNS = {"qemu-tiny": _tiny_qemu, "bochs-linux": _linux_bochs}
+
+
+def _agrees(mode: str, kind: object, res: dict) -> bool:
+    return all(c["ok"] is True for c in dom0_check.compare(mode, kind, res).values())
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_results_that_agree_pass(run):
+    mode, kind, res = RUNS[run]()
+    out = dom0_check.compare(mode, kind, res)
+    assert all(c["ok"] is True for c in out.values()), out
+    # every rule of the policy was compared with something the guest counted
+    assert set(res["policy_rules"]) <= set(out)
+
+
+def _set(path: str, value):
+    def alter(res: dict) -> None:
+        *keys, last = path.split(".")
+        d = res
+        for k in keys:
+            d = d[k]
+        d[last] = value
+    return alter
+
+
+def _bump(path: str, by: int):
+    def alter(res: dict) -> None:
+        *keys, last = path.split(".")
+        d = res
+        for k in keys:
+            d = d[k]
+        d[last] += by
+    return alter
+
+
+def _drop(key: str):
+    return lambda res: res.pop(key)
+
+
+# Each way a live run can go wrong that the old check let through (issue 13), on both runs.
+ALTERATIONS = {
+    "qemu-tiny": {
+        "deny count off by two": _bump("decisions_by_kind_rule_verdict.write_ctrlreg/cr4_guard/deny", 2),
+        "a deny lost (the write landed)": _bump("guest_delta_whole_run.msr_blocked", -1),
+        "a deny lost at teardown": _bump("decisions_by_kind_rule_verdict.mov_to_msr/sysenter_eip/deny", 1),
+        "attacks landed while enforced": _set("guest_delta_enforced_window.cr4_landed", 2),
+        "no attempt while enforced": _set("guest_delta_enforced_window.msr_blocked", 0),
+        "cpuid decisions short of the guest's": _bump("decisions_in_window.hypervisor_probe/allow", -3),
+        "cpuid decisions beyond the guest's": _bump("decisions_in_window.hypervisor_probe/allow", 3),
+        "allowed work refused": _set("guest_delta_enforced_window.unw_blocked", 1),
+        "allowed work never landed": _set("guest_delta_enforced_window.unw_landed", 0),
+        "enforcer exit status 1": _set("rc", 1),
+        "teardown not clean": _set("teardown_clean", False),
+        "recover was needed": _set("recover", {"rc": 0, "output_tail": []}),
+        "killed": _set("killed", True),
+        "exited before SIGTERM": _set("exited_before_sigterm", True),
+        "no comparison window": _drop("guest_delta_enforced_window"),
+        "a rule nothing on the guest counts": lambda r: r["policy_rules"].append("mystery_rule"),
+    },
+    "bochs-linux": {
+        "sys_call_table deny count off by one": _bump("guest_delta_whole_run.sct_blocked", 1),
+        "breakpoint logged far beyond the guest's calls": _bump("decisions_in_window.trace_creds/allow", 40),
+        "breakpoint logged short of the guest's calls": _bump("decisions_in_window.trace_creds/allow", -5),
+        "collateral writes not decided": _set("decisions_in_window.None/allow", 0),
+        "a never-triggered rule decided": _set("decisions_by_kind_rule_verdict.write_ctrlreg/wp_guard/deny", 1),
+        "permitted CR4 write refused": _set("guest_delta_enforced_window.cr4_ok_blocked", 3),
+    },
+}
+
+
+@pytest.mark.parametrize("run,name", [(r, n) for r in sorted(ALTERATIONS) for n in sorted(ALTERATIONS[r])])
+def test_each_alteration_fails(run, name):
+    mode, kind, res = RUNS[run]()
+    assert _agrees(mode, kind, copy.deepcopy(res))
+    ALTERATIONS[run][name](res)
+    out = dom0_check.compare(mode, kind, res)
+    failing = {k: c for k, c in out.items() if c["ok"] is not True}
+    assert failing, f"{name}: the check passed {out}"
+    assert all(c.get("why") for c in failing.values()), failing
+
+
+def test_xl_failure_is_not_a_running_domain():
+    assert dom0_check.state_ok("-b----") and dom0_check.state_ok("r-----")
+    for state in ("? rc=-1", "? rc=1", "--p---", "---s--", "----c-", ""):
+        assert not dom0_check.state_ok(state), state
+
+
+def test_summary_does_not_count_a_skipped_check_or_a_missing_side():
+    mode, kind, res = _tiny_qemu()
+    result = {"environment": {"import_policyc": "ok", "check_rc": 0},
+              "guest_before": {"magic_ok": True, "rounds_per_second": 3000.0},
+              "enforce": res, "compare": dom0_check.compare(mode, kind, res), "after_teardown": {"ok": True}}
+    s = dom0_check.summarize(result)
+    assert s["policyc_check"] and s["verdicts_agree"] and s["guest_runs_after_teardown"]
+    assert not s["disagreements"]
+    skipped = copy.deepcopy(result)
+    skipped["environment"]["check_rc"] = "skipped"
+    assert not dom0_check.summarize(skipped)["policyc_check"]
+    missing = copy.deepcopy(result)
+    missing["after_teardown"] = {"state": "? rc=-1", "ok": False}
+    assert not dom0_check.summarize(missing)["guest_runs_after_teardown"]
+    broken = copy.deepcopy(result)
+    broken["compare"]["hypervisor_probe"]["ok"] = None
+    assert not dom0_check.summarize(broken)["verdicts_agree"]
+
+
+def test_like_for_like_ratio_uses_the_guests_own_count():
+    result = {"enforce_baseline": {"guest_rate_from_first_decision": {"cpuid": 450.0}},
+              "xen_access": [{"mode": "cpuid", "guest_rate_from_first_event": {"cpuid": 300.0},
+                              "events_per_second": 299.0}]}
+    like = dom0_check.summarize(result)["like_for_like_cpuid"]
+    assert like == {"policyc_cpuid_per_second": 450.0, "xen_access_cpuid_per_second": 300.0, "ratio": 1.5}
+
+
+def test_rate_counts_from_the_first_decision():
+    times = ["2026-12-06T10:00:00.000000Z", "2026-12-06T10:00:00.500000Z", "2026-12-06T10:00:01.900000Z",
+             "2026-12-06T10:00:02.100000Z"]
+    decisions = [{"time": t} for t in times]
+    # 3 decisions fall within 2 s of the first one
+    assert dom0_check.rate_from_first(decisions, 2.0) == 1.5
