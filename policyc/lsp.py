@@ -109,39 +109,13 @@ def build_server():
 
     @server.feature(T.TEXT_DOCUMENT_FORMATTING)
     def on_formatting(params: T.DocumentFormattingParams) -> list[T.TextEdit] | None:
-        from .fmt import FormatError, check_format
-
         document = server.workspace.get_text_document(params.text_document.uri)
-        try:
-            text, changed = check_format(document.source, str(_path_of(params.text_document.uri)))
-        except FormatError:
-            return None  # the diagnostics already say why it does not parse
-        if not changed:
-            return []
-        end = T.Position(line=len(document.lines), character=0)
-        return [T.TextEdit(range=T.Range(start=T.Position(line=0, character=0), end=end), new_text=text)]
+        return _formatting_edits(T, document.source, len(document.lines), _path_of(params.text_document.uri))
 
     @server.feature(T.TEXT_DOCUMENT_CODE_ACTION,
                     T.CodeActionOptions(code_action_kinds=[T.CodeActionKind.QuickFix]))
     def on_code_action(params: T.CodeActionParams) -> list[T.CodeAction]:
-        # The fixes come from this server's own analysis, matched by code and range: a client need
-        # not send back a diagnostic's `data`.
-        analysis = current(params.text_document.uri)
-        ours = {(d["code"], d["range"]): d.get("data") for d in
-                (to_lsp_diagnostic(x, analysis) for x in analysis.diagnostics)}
-        actions = []
-        for d in params.context.diagnostics:
-            key = (d.code, (d.range.start.line, d.range.start.character, d.range.end.line, d.range.end.character))
-            data = ours.get(key) or {}
-            rng = data.get("name_range")
-            for name in data.get("replacements", []):
-                edit_range = T.Range(start=T.Position(line=rng[0], character=rng[1]),
-                                     end=T.Position(line=rng[2], character=rng[3]))
-                edit = T.WorkspaceEdit(changes={params.text_document.uri: [T.TextEdit(range=edit_range,
-                                                                                      new_text=name)]})
-                actions.append(T.CodeAction(title=f"Replace with '{name}'", kind=T.CodeActionKind.QuickFix,
-                                            diagnostics=[d], edit=edit, is_preferred=len(actions) == 0))
-        return actions
+        return _quick_fixes(T, params, current(params.text_document.uri))
 
     return server
 
@@ -168,6 +142,40 @@ def to_lsp_diagnostic(d: Diagnostic, analysis: Analysis) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- helpers
+
+def _formatting_edits(T, text: str, line_count: int, path: Path) -> list | None:
+    """The whole document replaced by `policyc fmt`'s layout; None when it does not parse."""
+    from .fmt import FormatError, check_format
+
+    try:
+        formatted, changed = check_format(text, str(path))
+    except FormatError:
+        return None  # the diagnostics already say why it does not parse
+    if not changed:
+        return []
+    whole = T.Range(start=T.Position(line=0, character=0), end=T.Position(line=line_count, character=0))
+    return [T.TextEdit(range=whole, new_text=formatted)]
+
+
+def _quick_fixes(T, params, analysis: Analysis) -> list:
+    """A "replace with" action per name a diagnostic's hint offers. The fixes come from this server's own
+    analysis, matched by code and range: a client need not send back a diagnostic's `data`."""
+    ours = {(d["code"], d["range"]): d.get("data") for d in
+            (to_lsp_diagnostic(x, analysis) for x in analysis.diagnostics)}
+    uri = params.text_document.uri
+    actions = []
+    for d in params.context.diagnostics:
+        key = (d.code, (d.range.start.line, d.range.start.character, d.range.end.line, d.range.end.character))
+        data = ours.get(key) or {}
+        for name in data.get("replacements", []):
+            a, b, c, e = data["name_range"]
+            edit = T.TextEdit(range=T.Range(start=T.Position(line=a, character=b), end=T.Position(line=c, character=e)),
+                              new_text=name)
+            actions.append(T.CodeAction(title=f"Replace with '{name}'", kind=T.CodeActionKind.QuickFix,
+                                        diagnostics=[d], edit=T.WorkspaceEdit(changes={uri: [edit]}),
+                                        is_preferred=not actions))
+    return actions
+
 
 def _path_of(uri: str) -> Path:
     from urllib.parse import unquote, urlparse
