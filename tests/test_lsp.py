@@ -284,3 +284,18 @@ def test_without_pygls_the_command_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pygls.lsp.server", None)  # as if pygls were not installed
     assert main(["lsp"]) == 2
     assert "pip install 'policyc[lsp]'" in capsys.readouterr().err
+
+
+def test_every_did_you_mean_hint_is_a_fix_on_the_misspelled_name():
+    from policyc.lsp import to_lsp_diagnostic
+
+    path = EXAMPLES / "linux-kernel-integrity.vmi"
+    text = path.read_text().replace("on write to syscalls, idt", "on write to syscals, idt").replace(
+        "msr LSTAR", "msr LSTR")
+    analysis = analyze(text, path)
+    lines = text.splitlines()
+    fixes = {}
+    for d in (to_lsp_diagnostic(x, analysis) for x in analysis.diagnostics):
+        line, start, _, end = d["data"]["name_range"]
+        fixes[lines[line][start:end]] = d["data"]["replacements"][0]
+    assert fixes == {"syscals": "syscalls", "LSTR": "LSTAR"}
