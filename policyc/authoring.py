@@ -157,6 +157,10 @@ def hover(analysis: Analysis, line: int, col: int) -> str | None:
             if sym is not None:
                 return f"**symbol** `{candidate}`\n\n{_symbol_detail(table, sym)}"
     arch = ARCHES[analysis.arch]
+    base, _, bit = word.partition(".")
+    mask = arch.named_bits.get(base.lower() if base.lower() in arch.named_bits else base, {}).get(bit)
+    if mask is not None:
+        return f"**bit** `{word}` = `{mask:#x}`"
     if word in arch.msrs:
         return f"**MSR** `{word}` = `{arch.msrs[word]:#x}`"
     if word in CONTROL_REGISTERS or word in DESCRIPTOR_REGISTERS or word in arch.registers:

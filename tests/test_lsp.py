@@ -299,3 +299,17 @@ def test_every_did_you_mean_hint_is_a_fix_on_the_misspelled_name():
         line, start, _, end = d["data"]["name_range"]
         fixes[lines[line][start:end]] = d["data"]["replacements"][0]
     assert fixes == {"syscals": "syscalls", "LSTR": "LSTAR"}
+
+
+def test_hover_names_bits_msrs_and_registers():
+    from policyc.authoring import hover
+
+    path = EXAMPLES / "linux-kernel-integrity.vmi"
+    analysis = analyze(path.read_text(), path)
+    lines = analysis.text.splitlines()
+    def at(word: str) -> str | None:
+        line = next(i for i, s in enumerate(lines, 1) if word in s)
+        return hover(analysis, line, lines[line - 1].index(word) + 2)
+    assert at("cr4.SMAP") == "**bit** `cr4.SMAP` = `0x200000`"  # bit 21 (SMEP is 20)
+    assert at("LSTAR") == "**MSR** `LSTAR` = `0xc0000082`"
+    assert at("NR_SYSCALLS").startswith("**const** `NR_SYSCALLS`")
