@@ -195,3 +195,18 @@ def test_model_hash_ignores_spelling(policy_dir: Path):
                                   "    const N = 4\n    rule x: on write to r {\n deny\n }", name="b.vmi")
     assert a is not None and b is not None
     assert a.content_hash() == b.content_hash()
+
+
+@pytest.mark.parametrize("spec", [">99999999", "099999999x", ".99999999f", "*^200"])
+def test_message_format_widths_are_bounded(policy_dir: Path, spec: str):
+    """`{gla:>99999999}` would write a 100 MB record per event; the checker refuses it, fast."""
+    _, d = check_text(policy_dir, '    region r = symbol sys_call_table size 8\n'
+                                  f'    rule w: on write to r {{ deny alert critical "T {{gla:{spec}}}" }}')
+    assert "PC410" in codes(d)
+    assert any("at most 128" in (x.hint or "") for x in d)
+
+
+def test_message_format_width_within_the_bound_is_clean(policy_dir: Path):
+    _, d = check_text(policy_dir, '    region r = symbol sys_call_table size 8\n'
+                                  '    rule w: on write to r { deny alert critical "T {gla:>#20x} {rip:_>128}" }')
+    assert codes(d) == []
