@@ -302,6 +302,12 @@ class _Checker:
                 self.d.error("PC305", ref.span, f"'{ref.name}' is not a per-CPU symbol",
                              f"write 'symbol {ref.name}'")
                 return None
+            others = table.duplicates.get(ref.name)
+            if others:
+                self.d.warning("PC318", ref.span, f"'{ref.name}' is defined {len(others) + 1} times in "
+                               f"{Path(table.source).name}; the first, 0x{sym.address:x}, is used "
+                               f"(also at {', '.join(f'0x{a:x}' for a in others)})",
+                               "check that the map matches the guest's kernel, or use an ISF")
             return M.Address(sym.address, sym.percpu, f"symbol {ref.name}")
         files = ", ".join(Path(t.source).name for t in self.tables)
         if ref.optional:

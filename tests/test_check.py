@@ -210,3 +210,19 @@ def test_message_format_width_within_the_bound_is_clean(policy_dir: Path):
     _, d = check_text(policy_dir, '    region r = symbol sys_call_table size 8\n'
                                   '    rule w: on write to r { deny alert critical "T {gla:>#20x} {rip:_>128}" }')
     assert codes(d) == []
+
+
+@pytest.mark.parametrize("again, warns", [("ffffffff82100000", True), ("ffffffff82000360", False)])
+def test_a_symbol_defined_twice_in_the_map_warns_and_names_the_address_used(policy_dir: Path, again: str, warns: bool):
+    """The first definition is used; another at a different address is a warning (PC318) that names both."""
+    with (policy_dir / "linux-6.1.System.map").open("a", encoding="ascii") as f:
+        f.write(f"{again} D sys_call_table\n")
+    policy, d = check_text(policy_dir, "    region r = symbol sys_call_table size 8\n"
+                                       "    rule w: on write to r { deny }")
+    assert policy is not None and policy.region("r").extents[0].start.value == SYS_CALL_TABLE
+    if not warns:
+        assert codes(d) == []
+        return
+    [warning] = list(d)
+    assert warning.code == "PC318" and warning.severity.name == "WARNING"
+    assert "0xffffffff82000360, is used" in warning.message and "0xffffffff82100000" in warning.message
