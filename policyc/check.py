@@ -77,11 +77,19 @@ def included_files(path: Path) -> set[Path]:
         for top in tree.items:
             for item in (top.items if isinstance(top, S.PolicyBlock) else [top]):
                 if isinstance(item, S.Include):
-                    target = (current.parent / item.path).resolve()
-                    if target not in found and target.is_file():
+                    target = _resolved(current.parent / item.path)
+                    if target is not None and target not in found and target.is_file():
                         found.add(target)
                         todo.append(target)
     return found
+
+
+def _resolved(path: Path) -> Path | None:
+    """The real path, or None when resolving runs into a symlink loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):   # RuntimeError: Python < 3.13's report of a loop
+        return None
 
 
 # ---------------------------------------------------------------- 1. files
@@ -130,10 +138,10 @@ class _Gatherer:
 
     def _include(self, inc: S.Include, from_path: Path, stack: list[Path]) -> list[_Unit]:
         target = (from_path.parent / inc.path)
-        try:
-            resolved = target.resolve()
-        except (OSError, RuntimeError):
-            resolved = target.absolute()
+        resolved = _resolved(target)
+        if resolved is None:
+            self.diagnostics.error("PC308", inc.span, f"included file '{inc.path}' is a symbolic link loop")
+            return []
         if not resolved.is_relative_to(self.tree_root):
             self.diagnostics.error("PC306", inc.span, f"include '{inc.path}' leaves the policy's directory tree",
                                    f"includes must stay under {display_path(self.tree_root)}/")

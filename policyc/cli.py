@@ -119,10 +119,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.target and args.target not in ARCHES:
         print(f"policyc check: unknown target '{args.target}' (targets: {', '.join(ARCHES)})", file=sys.stderr)
         return EXIT_USAGE
-    files, skipped, missing = _policy_files(args.paths)
-    if missing:
-        for m in missing:
-            print(f"policyc check: no such file or directory: {m}", file=sys.stderr)
+    files, skipped, problems = _policy_files(args.paths)
+    if problems:
+        for m in problems:
+            print(f"policyc check: {m}", file=sys.stderr)
         return EXIT_USAGE
     roots = _exclude_included(files)
     diagnostics = Diagnostics()
@@ -160,18 +160,25 @@ def _emit(items, fmt: str) -> None:
 
 
 def _policy_files(paths: list[str]) -> tuple[list[Path], list[Path], list[str]]:
+    """The policy files named or found under directories, skipped non-policy files, and what is
+    wrong with the paths (a missing path, a directory holding no policy file) as messages."""
     files: list[Path] = []
     skipped: list[Path] = []
-    missing: list[str] = []
+    problems: list[str] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in POLICY_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in POLICY_SUFFIXES)
+            if not found:
+                problems.append(f"no policy files ({', '.join(POLICY_SUFFIXES)}) under {raw}")
+            files += found
         elif p.is_file():
             (files if p.suffix.lower() in POLICY_SUFFIXES else skipped).append(p)
+        elif p.is_symlink():
+            problems.append(f"{raw} is a symbolic link to nothing (or a loop)")
         else:
-            missing.append(raw)
-    return list(dict.fromkeys(files)), skipped, missing
+            problems.append(f"no such file or directory: {raw}")
+    return list(dict.fromkeys(files)), skipped, problems
 
 
 def _exclude_included(files: list[Path]) -> list[Path]:
@@ -194,10 +201,10 @@ def _has_policy_block(path: Path) -> bool:
 # ---------------------------------------------------------------- fmt
 
 def _cmd_fmt(args: argparse.Namespace) -> int:
-    files, skipped, missing = _policy_files(args.paths)
-    for m in missing:
-        print(f"policyc fmt: no such file or directory: {m}", file=sys.stderr)
-    if missing:
+    files, skipped, problems = _policy_files(args.paths)
+    for m in problems:
+        print(f"policyc fmt: {m}", file=sys.stderr)
+    if problems:
         return EXIT_USAGE
     for s in skipped:
         print(f"policyc fmt: skipped {s}: not a policy file ({', '.join(POLICY_SUFFIXES)})", file=sys.stderr)

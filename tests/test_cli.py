@@ -464,3 +464,21 @@ def test_fmt_write_follows_a_symlink_to_the_policy(capsys, work):
     assert rc == 0, err
     assert link.is_symlink()
     assert real.read_text(encoding="utf-8") == GOOD
+
+
+def test_an_include_that_is_a_symlink_loop_is_a_diagnostic(capsys, work):
+    (work / "loop.vmi").symlink_to("loop.vmi")
+    (work / "good.vmi").write_text(GOOD.replace('    symbols', '    include "loop.vmi"\n    symbols'), encoding="utf-8")
+    for target in (work / "good.vmi", work):
+        rc, _, err = run(capsys, "check", str(target))
+        assert rc == 1
+        assert "error[PC308]: included file 'loop.vmi' is a symbolic link loop" in err
+    rc, _, err = run(capsys, "check", str(work / "loop.vmi"))
+    assert rc == 2 and "symbolic link to nothing (or a loop)" in err
+
+
+@pytest.mark.parametrize("command", ["check", "fmt"])
+def test_a_directory_without_policies_is_a_usage_error(capsys, tmp_path, command):
+    (tmp_path / "notes.txt").write_text("no policy here", encoding="utf-8")
+    rc, _, err = run(capsys, command, str(tmp_path))
+    assert rc == 2 and f"no policy files (.vmi, .yaml, .yml) under {tmp_path}" in err
