@@ -8,6 +8,7 @@ its own header; a replay under another policy names what the trace lacks.
 from __future__ import annotations
 
 import io
+import json
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from policyc.cli import main
 from policyc.runtime.sim.scenario import MAX_LOOP_COUNT, ScenarioError, load_scenario_text
+from policyc.runtime.trace import TraceError, read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "examples" / "policies"
@@ -79,3 +81,62 @@ def test_a_loop_count_computed_at_run_time_is_bounded_too(tmp_path):
 
 def test_the_largest_loop_loads():
     assert load_scenario_text(scenario(steps=loop(str(MAX_LOOP_COUNT))), "s.yaml").steps[0].op == "loop"
+
+
+# --------------------------------------------------------------------------- traces
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    trace = tmp_path_factory.mktemp("trace") / "t.trace"
+    code, _out, err = cli("run", str(KERNEL_INTEGRITY), "--guest", "sim:rootkit-hooks-syscall-table",
+                          "--record", str(trace))
+    assert code == 0, err
+    return trace
+
+
+def _edited(recording: Path, tmp_path: Path, edit) -> Path:
+    lines = recording.read_text().splitlines()
+    header = json.loads(lines[0])
+    edit(header["capabilities"])
+    out = tmp_path / "edited.trace"
+    out.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(vcpus="two"), "capabilities.vcpus is 'two', not a number in 1..4096"),
+    (lambda c: c.update(vcpus=-1), "capabilities.vcpus is -1"),
+    (lambda c: c.update(altp2m="yes"), "capabilities.altp2m is 'yes', not true or false"),
+    (lambda c: c.update(monitors="all"), "capabilities.monitors is not a list of names"),
+    (lambda c: c.update(extra=1), "capabilities has unknown field(s) extra"),
+    (lambda c: c.pop("arch"), "capabilities.arch is missing"),
+    (lambda c: c.update(vcpus=4), "registers of vCPU(s) 0, 1, but the header says the guest has 4 vCPU(s)"),
+    (lambda c: c.update(vcpus=1), "registers of vCPU(s) 0, 1, but the header says the guest has 1 vCPU(s)"),
+], ids=["vcpus-text", "vcpus-negative", "altp2m-text", "monitors-text", "unknown-field", "no-arch",
+        "more-vcpus", "fewer-vcpus"])
+def test_a_trace_header_that_does_not_match_its_records_is_refused(recording, tmp_path, edit, message):
+    trace = _edited(recording, tmp_path, edit)
+    with pytest.raises(TraceError) as err:
+        read_trace(trace)
+    assert message in str(err.value)
+    code, _out, err_text = cli("replay", str(trace), "--policy", str(KERNEL_INTEGRITY))
+    assert code == 2 and message in err_text
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(128, 256)) + bytes(range(256)) * 8, ":1: not UTF-8 text"),
+    (b"\xff\xfe garbage", ":1: not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: JSON nested too deep"),
+], ids=["random-bytes", "utf16-bom", "deep-json"])
+def test_a_trace_of_garbage_is_refused_with_its_line(tmp_path, content, message):
+    trace = tmp_path / "junk.trace"
+    trace.write_bytes(content)
+    code, _out, err = cli("replay", str(trace), "--policy", str(KERNEL_INTEGRITY))
+    assert code == 2 and message in err
+
+
+def test_a_deep_record_after_a_good_header_is_refused_with_its_line(recording, tmp_path):
+    trace = tmp_path / "deep.trace"
+    trace.write_bytes(recording.read_bytes().splitlines(keepends=True)[0] + b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    with pytest.raises(TraceError, match=":2: JSON nested too deep"):
+        read_trace(trace)
