@@ -140,3 +140,16 @@ def test_a_deep_record_after_a_good_header_is_refused_with_its_line(recording, t
     trace.write_bytes(recording.read_bytes().splitlines(keepends=True)[0] + b"[" * 100_000 + b"]" * 100_000 + b"\n")
     with pytest.raises(TraceError, match=":2: JSON nested too deep"):
         read_trace(trace)
+
+
+# --------------------------------------------------------------------------- replay under another policy
+
+@pytest.mark.parametrize("flags", [
+    ("--policy", str(POLICIES / "linux-exec-from-data.vmi")),
+    ("--policy", str(KERNEL_INTEGRITY), "--baseline", str(POLICIES / "linux-exec-from-data.vmi")),
+])
+def test_replay_under_a_policy_the_recording_cannot_bind_says_what_is_missing(recording, flags):
+    code, _out, err = cli("replay", str(recording), *flags)
+    assert code == 2
+    assert "lacks what binding policy 'linux-exec-from-data' needs" in err
+    assert "was not read while recording" in err and "recorded under 'linux-kernel-integrity'" in err
