@@ -205,7 +205,8 @@ class Enforcer:
                 self.unlogged += len(pairs)
                 if self.log_error is None:
                     self.log_error = str(exc)
-                    print(f"policyc: the decision log cannot be written ({exc}); enforcing goes on, "
+                    what = exc if getattr(exc, "stream", None) else f"the decision log cannot be written ({exc})"
+                    print(f"policyc: {what}; enforcing goes on, "
                           "decisions are counted but not recorded", file=sys.stderr, flush=True)
             self._effects(pairs, BEFORE)
             inst.put_responses([rsp for rsp, _ in pairs])

@@ -33,12 +33,14 @@ import base64
 import datetime as _dt
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Sequence
 
 from .backend import BackendError, Capabilities
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
+from .output_file import OutputFile
 
 __all__ = ["TRACE_FORMAT", "TraceRecorder", "TraceError", "RecordedGuest", "read_trace", "TraceRecord"]
 
@@ -54,7 +56,8 @@ class TraceRecorder:
 
     def __init__(self, path: str | os.PathLike, *, plan: Mapping[str, Any], guest: str) -> None:
         self.path = Path(path)
-        self._f: IO[str] | None = open(self.path, "w", encoding="utf-8")   # noqa: SIM115 - closed in close()
+        self._f: OutputFile | None = OutputFile(self.path, "the trace", truncate=True)
+        self.error: OSError | None = None       # set when the trace could not be written: recording stopped
         self.plan = plan
         self.guest = guest
         self._frames: dict[int, bytes] = {}          # last contents written per frame
@@ -77,7 +80,7 @@ class TraceRecorder:
     def requests(self, batch: Sequence[bytes]) -> None:
         self._flush_reads()
         self._line({"requests": [base64.b64encode(bytes(r)).decode("ascii") for r in batch]})
-        self.batches += 1
+        self.batches += self.error is None
 
     def rebind(self, gfn: int, offset: int) -> None:
         self._flush_reads()
@@ -148,10 +151,15 @@ class TraceRecorder:
             return
 
     def _line(self, obj: Mapping[str, Any]) -> None:
-        if self._f is None:
+        if self._f is None or self.error is not None:
             return
-        self._f.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self._f.flush()
+        except OSError as exc:
+            # The trace serves forensics; enforcing never stops for it. It ends at its last whole record.
+            self.error = exc
+            print(f"policyc: {exc}; recording stopped, enforcing goes on", file=sys.stderr, flush=True)
 
 
 class _RecordingBackend:
