@@ -320,7 +320,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     from .runtime.decision_log import DecisionLog
     from .runtime.enforce import EnforcerError
-    from .runtime.policy_test import describe_decision, diff_snapshots, run_on_simulator
+    from .runtime.policy_test import describe_decision, run_on_simulator, teardown_differences
     from .runtime.sim.scenario import ScenarioError, load_scenario
 
     try:
@@ -391,9 +391,10 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
         log.close()
         raise _Usage(str(exc)) from None
     log.close()
-    diff = run.teardown_errors + diff_snapshots(run.before, run.after)
+    diff, note = teardown_differences(run)
     enf = run.enforcer
-    print(f"teardown: {'the domain is as it was before install' if not diff else 'NOT CLEAN: ' + '; '.join(diff)}"
+    clean = "the domain is as it was before install" + (f", but for: {note}" if note else "")
+    print(f"teardown: {clean if not diff else 'NOT CLEAN: ' + '; '.join(diff)}"
           f"; requests {enf.requests}, responses {enf.responses}, decision records {enf.records}", file=out)
     print(log.summary(), file=out)
     if args.record:

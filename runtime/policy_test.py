@@ -209,16 +209,26 @@ def check_expectations(run: SimulatedRun) -> list[ExpectationResult]:
     out.append(ExpectationResult(None, "every request answered and logged", enf.requests == enf.responses ==
                                  enf.records, f"requests {enf.requests}, responses {enf.responses}, "
                                  f"decision records {enf.records}"))
-    before, after = dict(run.before), dict(run.after)
-    note = ""
-    if enf.pauses:
-        # The policy's `pause` action stops the guest for an operator on purpose; teardown keeps it.
-        before.pop("paused", None)
-        after.pop("paused", None)
-        note = f"the domain stays paused by the policy's pause action ({enf.pauses}x), as asked"
-    diff = run.teardown_errors + diff_snapshots(before, after)
+    diff, note = teardown_differences(run)
     out.append(ExpectationResult(None, "teardown restored the domain", not diff, "; ".join(diff) or note))
     return out
+
+
+def teardown_differences(run: SimulatedRun) -> tuple[list[str], str]:
+    """What teardown left different from before install, and a note on what differs on purpose.
+
+    The policy's `pause` action stops the whole domain for an operator: teardown keeps that pause.
+    It is told from a failure by the enforcer having applied a pause and by every vCPU being paused
+    (a domain pause); a vCPU left paused alone, or a pause no rule asked for, is a difference."""
+    before, after = dict(run.before), dict(run.after)
+    pauses = run.enforcer.pauses
+    every_vcpu = tuple(range(len(run.xen.guest.vcpus)))
+    note = ""
+    if pauses and tuple(after.get("paused", ())) == every_vcpu and not before.get("paused"):
+        before.pop("paused", None)
+        after.pop("paused", None)
+        note = f"paused by the policy's pause action ({pauses}x), as asked"
+    return run.teardown_errors + diff_snapshots(before, after), note
 
 
 def _check_one(run: SimulatedRun, e: Expectation) -> ExpectationResult:
