@@ -708,6 +708,10 @@ def _recover_report(backend: Any, guest: str, state_dir: str | None) -> int:
     if not report.found:
         print(f"nothing to recover for {guest}: no journal at {path}")
         return EXIT_OK
+    if report.not_this_domain:
+        print(f"policyc recover: not applying {path} to {guest}: {report.not_this_domain}. Nothing was "
+              "changed; the journal stays (remove it once its own domain is gone)", file=sys.stderr)
+        return EXIT_PROBLEMS
     print(f"recovered {guest} from {path}:")
     if report.answered:
         print(f"  answered {report.answered} request(s) left on the ring")
