@@ -55,6 +55,11 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
     run.add_argument("--state-dir", metavar="DIR", help="where install keeps its journal (for `recover`)")
+    run.add_argument("--on-log-failure", choices=("fail-closed", "allow-and-count", "stop"), default="fail-closed",
+                     help="when --log or --alerts cannot be written (disk full, EIO, a closed pipe): "
+                          "fail-closed (default) keeps deciding by the policy, denies included; allow-and-count "
+                          "answers allow from then on; stop tears down and exits. Every request is answered "
+                          "and the decisions not recorded are counted, in each mode; the run exits 1")
     run.add_argument("-v", "--verbose", action="store_true", help="show every decision under its step")
     run.set_defaults(run=_cmd_run)
 
@@ -386,7 +391,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
 
     try:
         run = run_on_simulator(scenario, plan, compiled.symbols, log=log, recorder=recorder, on_start=on_start,
-                               on_step=on_step)
+                               on_step=on_step, on_log_failure=args.on_log_failure)
     except (EnforcerError, ScenarioError) as exc:
         log.close()
         raise _Usage(str(exc)) from None
@@ -402,6 +407,9 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     lost = _output_failures(log, recorder, enf)
     for line in lost:
         print(f"NOT RECORDED: {line}", file=out)
+    if enf.stop_requested:
+        print(f"STOPPED after step {run.results[-1].index if run.results else 0} of {len(scenario.steps)} "
+              f"(--on-log-failure stop): {enf.log_error}", file=out)
     return EXIT_OK if not diff and not lost and enf.requests == enf.responses else EXIT_PROBLEMS
 
 
@@ -477,6 +485,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     recorder = _recorder(args.record, plan, guest)
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
+    enforcer.on_log_failure = args.on_log_failure
     # Signals arriving before the loop's own handlers are in place must not kill a half-made install.
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
     try:
@@ -522,6 +531,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     lost = _output_failures(log, recorder, enforcer)
     for line in lost:
         print(f"NOT RECORDED: {line}", file=sys.stderr)
+    if enforcer.stop_requested:
+        print(f"STOPPED (--on-log-failure stop): {enforcer.log_error}", file=sys.stderr)
     return EXIT_OK if not errors and not lost else EXIT_PROBLEMS
 
 

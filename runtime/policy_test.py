@@ -71,9 +71,11 @@ class SimulatedRun:
 def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, *,
                      log: DecisionLog | None = None, recorder: Any = None,
                      on_start: Callable[[Enforcer], None] | None = None,
-                     on_step: Callable[[StepResult, list[Decision]], None] | None = None) -> SimulatedRun:
+                     on_step: Callable[[StepResult, list[Decision]], None] | None = None,
+                     on_log_failure: str = "fail-closed") -> SimulatedRun:
     """Build the scenario's guest, enforce `plan` on it while its steps run, tear down.
-    Raises `EnforcerError` (nothing installed) when the plan cannot be bound or installed."""
+    Raises `EnforcerError` (nothing installed) when the plan cannot be bound or installed.
+    With `on_log_failure="stop"` a log that cannot be written ends the run after that step."""
     target = (plan.get("target") or {}).get("arch", scenario.profile)
     xen = build_scenario(scenario, profile=target)
     before = xen.state_snapshot(memory=False)
@@ -92,6 +94,7 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
     with tempfile.TemporaryDirectory(prefix="policyc-sim-") as state_dir:
         enforcer = Enforcer(plan, xen, symbols, guest=f"sim-{scenario.name}", log=log, recorder=recorder,
                             state_dir=state_dir, observer=observe)
+        enforcer.on_log_failure = on_log_failure
         enforcer.start()
         if on_start is not None:
             on_start(enforcer)
@@ -113,6 +116,8 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
                 kept[0] = 0
                 if on_step is not None:
                     on_step(res, mine)
+                if enforcer.stop_requested:
+                    break
             runner.settle()
         finally:
             trapped = _trapped_pages(enforcer)

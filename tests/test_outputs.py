@@ -119,3 +119,26 @@ def test_replay_with_its_log_on_a_full_device_is_one_line(tmp_path):
     assert code == 2 and "the decision log '/dev/full' cannot be written" in text
     code, text = cli("replay", str(trace), "--policy", str(POLICY), "--log", str(trace))
     assert code == 2 and "is the input file" in text
+
+
+@needs_dev_full
+@pytest.mark.parametrize("mode, verdicts, requests", [
+    ("fail-closed", "allow 1, deny 3, would deny 0", 4),        # the policy still denies
+    ("allow-and-count", "allow 1, deny 1, would deny 2", 4),    # denies after the failure are allowed
+    ("stop", "allow 0, deny 1, would deny 0", 1),               # torn down after the failing batch
+])
+def test_each_log_failure_mode_answers_every_request_and_leaves_nothing_paused(mode, verdicts, requests):
+    code, text = run("--log", FULL, "--on-log-failure", mode)
+    assert code == 1
+    assert f"requests {requests}, responses {requests}" in text
+    assert "teardown: the domain is as it was before install" in text     # no vCPU left paused
+    assert verdicts in text
+    assert f"NOT RECORDED: {requests} decision(s) answered but not recorded" in text
+    assert ("STOPPED after step 0 of 6 (--on-log-failure stop)" in text) == (mode == "stop")
+
+
+def test_the_default_mode_is_fail_closed():
+    from policyc.runtime.enforce import Enforcer
+    assert Enforcer.on_log_failure == "fail-closed"
+    code, text = cli("run", "--help")
+    assert "fail-closed (default)" in " ".join(text.split())
