@@ -28,6 +28,7 @@ from . import syntax as S
 from .arch import (ARCHES, CONTROL_REGISTERS, DESCRIPTOR_REGISTERS, EVENT_FIELDS, EXCEPTION_VECTORS,
                    RESERVED_REGION_NAMES, SEVERITIES, ArchInfo)
 from .diagnostics import Diagnostics, Span, did_you_mean
+from .plan import MAX_FORMAT_WIDTH, format_width_over_bound
 from .source import display_path, read_policy_file
 from .symbols import SymbolFileError, SymbolTable, load_symbol_table
 
@@ -967,7 +968,7 @@ class _Checker:
                              f"{_kind_words(ctx.kind) if ctx else 'this'} events do not carry",
                              did_you_mean(field_name, allowed))
                 continue
-            too_wide = _format_width(spec or "")
+            too_wide = format_width_over_bound(spec or "")
             if too_wide:
                 self.d.error("PC410", a.template_span, f"'{spec}' pads to {too_wide} characters",
                              f"a field's width and precision are at most {MAX_FORMAT_WIDTH}: each record "
@@ -980,21 +981,6 @@ class _Checker:
                 continue
             found.append(field_name)
         return list(dict.fromkeys(found))
-
-
-MAX_FORMAT_WIDTH = 128   # wider than any register in binary with its prefix and separators
-_FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?(?P<width>\d*)[_,]?(?:\.(?P<precision>\d*))?[A-Za-z%]?", re.S)
-
-
-def _format_width(spec: str) -> int:
-    """The width or precision a format spec asks for when above the bound, else 0.
-
-    Checked before `format()` is tried: trying `{gla:>99999999}` would itself build 100 MB."""
-    m = _FORMAT_SPEC.fullmatch(spec)
-    if m is None:
-        return 0
-    widest = max(int(m["width"] or 0), int(m["precision"] or 0))
-    return widest if widest > MAX_FORMAT_WIDTH else 0
 
 
 def _generated_rule_name(file: Path, span: Span) -> str:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
+import string
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["dump_plan", "load_plan", "plan_schema", "reference_problems", "seal", "validate_plan", "PlanError"]
+__all__ = ["dump_plan", "load_plan", "plan_schema", "reference_problems", "format_width_over_bound", "MAX_FORMAT_WIDTH", "seal", "validate_plan", "PlanError"]
 
 
 class PlanError(Exception):
@@ -32,6 +34,22 @@ def seal(plan: dict) -> dict:
 def dump_plan(plan: dict) -> str:
     """The plan's canonical text: sorted keys, two-space indent, trailing newline."""
     return json.dumps(plan, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+
+
+MAX_FORMAT_WIDTH = 128   # a message field's width or precision: wider than any register in binary
+_FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?(?P<width>\d*)[_,]?(?:\.(?P<precision>\d*))?[A-Za-z%]?", re.S)
+
+
+def format_width_over_bound(spec: str) -> int:
+    """The width or precision a format spec asks for when above MAX_FORMAT_WIDTH, else 0.
+
+    Checked before `format()` is tried: trying `{gla:>99999999}` would itself build 100 MB, and
+    every event's record would be as large."""
+    m = _FORMAT_SPEC.fullmatch(spec)
+    if m is None:
+        return 0
+    widest = max(int(m["width"] or 0), int(m["precision"] or 0))
+    return widest if widest > MAX_FORMAT_WIDTH else 0
 
 
 # A condition nests at most 200 levels (the DSL's bound) inside a few levels of plan structure.
@@ -91,6 +109,14 @@ def reference_problems(plan: dict) -> list[str]:
             need("region", region, regions, where)
         for region in _condition_regions(entry["condition"]):
             need("region", region, regions, where + "/condition")
+        for template in _templates(entry["actions"]):
+            try:
+                widths = [format_width_over_bound(spec or "") for _, _, spec, _ in string.Formatter().parse(template)]
+            except ValueError as exc:
+                out.append(f"{where}: malformed message template: {exc}")
+                continue
+            if any(widths):
+                out.append(f"{where}: a message field pads to {max(widths)} characters (at most {MAX_FORMAT_WIDTH})")
     for site in plan["dispatch"].get("software_breakpoint", {}):
         need("breakpoint", site, breakpoint_ids, "dispatch/software_breakpoint")
     return out
@@ -121,6 +147,22 @@ def _dispatch_entries(dispatch: dict) -> list[tuple[str, dict]]:
             prefix = f"dispatch/{table}" + (f"/{key}" if key is not None else "")
             out += [(f"{prefix}/{i}", e) for i, e in enumerate(entries)]
     return out
+
+
+def _templates(actions: list) -> list[str]:
+    """The message templates of a dispatch entry's actions, rate-limit `then`s included."""
+    found: list[str] = []
+    todo = list(actions)
+    while todo:
+        action = todo.pop()
+        if not isinstance(action, dict):
+            continue
+        for kind in ("log", "alert"):
+            if isinstance(action.get(kind), dict):
+                found.append(action[kind]["template"])
+        if isinstance(action.get("limit"), dict):
+            todo.append(action["limit"].get("then"))
+    return found
 
 
 def _condition_regions(condition: object) -> list[str]:

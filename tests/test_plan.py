@@ -276,6 +276,10 @@ def _dangling_condition_region(plan: dict) -> None:
     plan["dispatch"]["mov_to_msr"]["0xc0000082"][0]["condition"] = ["in", ["field", "new"], "nosuch"]
 
 
+def _too_wide(plan: dict) -> None:
+    plan["dispatch"]["mov_to_msr"]["0xc0000082"][0]["actions"][0]["alert"]["template"] = "LSTAR {new:>99999999}"
+
+
 def _too_deep(plan: dict) -> None:
     plan["dispatch"]["mov_to_msr"]["0xc0000082"][0]["condition"] = _nested(600)
 
@@ -288,6 +292,7 @@ def _too_deep(plan: dict) -> None:
     (_dangling_step_view, "breakpoints/0: view 9 is not in the plan"),
     (_dangling_condition_region, "0xc0000082/0/condition: region 'nosuch' is not in the plan"),
     (_too_deep, "nests deeper than 256 levels"),
+    (_too_wide, "0xc0000082/0: a message field pads to 99999999 characters (at most 128)"),
 ])
 def test_load_plan_checks_cross_references_of_a_resealed_plan(tmp_path: Path, edit, message):
     """A resealed plan passes the hash check; what it names must still exist (else KeyError at run)."""
