@@ -715,6 +715,14 @@ class XenBackend:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def domain_identity(self) -> dict[str, Any]:
+        """Which domain this is, for a journal to name: its domid and the handle (UUID) the toolstack
+        gave it. A domain created later under the same name (or domid) has another handle."""
+        handle = bytes(int(b) for b in self._info("domain identity").handle)
+        uuid = handle.hex()
+        return {"kind": "xen", "domid": self.domid,
+                "uuid": f"{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-{uuid[16:20]}-{uuid[20:]}"}
+
     def domain_alive(self) -> bool:
         """False once the domain is gone, dying or shut down (the run loop stops then)."""
         try:
