@@ -28,6 +28,7 @@ from . import syntax as S
 from .arch import (ARCHES, CONTROL_REGISTERS, DESCRIPTOR_REGISTERS, EVENT_FIELDS, EXCEPTION_VECTORS,
                    RESERVED_REGION_NAMES, SEVERITIES, ArchInfo)
 from .diagnostics import Diagnostics, Span, did_you_mean
+from .plan import MAX_FORMAT_WIDTH, format_width_over_bound
 from .source import display_path, read_policy_file
 from .symbols import SymbolFileError, SymbolTable, load_symbol_table
 
@@ -77,11 +78,19 @@ def included_files(path: Path) -> set[Path]:
         for top in tree.items:
             for item in (top.items if isinstance(top, S.PolicyBlock) else [top]):
                 if isinstance(item, S.Include):
-                    target = (current.parent / item.path).resolve()
-                    if target not in found and target.is_file():
+                    target = _resolved(current.parent / item.path)
+                    if target is not None and target not in found and target.is_file():
                         found.add(target)
                         todo.append(target)
     return found
+
+
+def _resolved(path: Path) -> Path | None:
+    """The real path, or None when resolving runs into a symlink loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):   # RuntimeError: Python < 3.13's report of a loop
+        return None
 
 
 # ---------------------------------------------------------------- 1. files
@@ -130,10 +139,10 @@ class _Gatherer:
 
     def _include(self, inc: S.Include, from_path: Path, stack: list[Path]) -> list[_Unit]:
         target = (from_path.parent / inc.path)
-        try:
-            resolved = target.resolve()
-        except (OSError, RuntimeError):
-            resolved = target.absolute()
+        resolved = _resolved(target)
+        if resolved is None:
+            self.diagnostics.error("PC308", inc.span, f"included file '{inc.path}' is a symbolic link loop")
+            return []
         if not resolved.is_relative_to(self.tree_root):
             self.diagnostics.error("PC306", inc.span, f"include '{inc.path}' leaves the policy's directory tree",
                                    f"includes must stay under {display_path(self.tree_root)}/")
@@ -302,6 +311,12 @@ class _Checker:
                 self.d.error("PC305", ref.span, f"'{ref.name}' is not a per-CPU symbol",
                              f"write 'symbol {ref.name}'")
                 return None
+            others = table.duplicates.get(ref.name)
+            if others:
+                self.d.warning("PC318", ref.span, f"'{ref.name}' is defined {len(others) + 1} times in "
+                               f"{Path(table.source).name}; the first, 0x{sym.address:x}, is used "
+                               f"(also at {', '.join(f'0x{a:x}' for a in others)})",
+                               "check that the map matches the guest's kernel, or use an ISF")
             return M.Address(sym.address, sym.percpu, f"symbol {ref.name}")
         files = ", ".join(Path(t.source).name for t in self.tables)
         if ref.optional:
@@ -952,6 +967,12 @@ class _Checker:
                 self.d.error("PC409", a.template_span, f"the message uses '{{{field_name}}}', which "
                              f"{_kind_words(ctx.kind) if ctx else 'this'} events do not carry",
                              did_you_mean(field_name, allowed))
+                continue
+            too_wide = format_width_over_bound(spec or "")
+            if too_wide:
+                self.d.error("PC410", a.template_span, f"'{spec}' pads to {too_wide} characters",
+                             f"a field's width and precision are at most {MAX_FORMAT_WIDTH}: each record "
+                             "is written per event")
                 continue
             try:
                 format(0, spec or "")

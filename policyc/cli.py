@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -127,10 +128,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.target and args.target not in ARCHES:
         print(f"policyc check: unknown target '{args.target}' (targets: {', '.join(ARCHES)})", file=sys.stderr)
         return EXIT_USAGE
-    files, skipped, missing = _policy_files(args.paths)
-    if missing:
-        for m in missing:
-            print(f"policyc check: no such file or directory: {m}", file=sys.stderr)
+    files, skipped, problems = _policy_files(args.paths)
+    if problems:
+        for m in problems:
+            print(f"policyc check: {m}", file=sys.stderr)
         return EXIT_USAGE
     roots = _exclude_included(files)
     diagnostics = Diagnostics()
@@ -168,21 +169,28 @@ def _emit(items, fmt: str) -> None:
 
 
 def _policy_files(paths: list[str]) -> tuple[list[Path], list[Path], list[str]]:
+    """The policy files named or found under directories, skipped non-policy files, and what is
+    wrong with the paths (a missing path, a directory holding no policy file) as messages."""
     files: list[Path] = []
     skipped: list[Path] = []
-    missing: list[str] = []
+    problems: list[str] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             from .cli_runtime import _is_scenario
             # A directory search passes over scenario files (YAML too, but not policies); named files are kept.
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in POLICY_SUFFIXES
-                            and not (is_yaml_path(f) and _is_scenario(f)))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in POLICY_SUFFIXES
+                           and not (is_yaml_path(f) and _is_scenario(f)))
+            if not found:
+                problems.append(f"no policy files ({', '.join(POLICY_SUFFIXES)}) under {raw}")
+            files += found
         elif p.is_file():
             (files if p.suffix.lower() in POLICY_SUFFIXES else skipped).append(p)
+        elif p.is_symlink():
+            problems.append(f"{raw} is a symbolic link to nothing (or a loop)")
         else:
-            missing.append(raw)
-    return list(dict.fromkeys(files)), skipped, missing
+            problems.append(f"no such file or directory: {raw}")
+    return list(dict.fromkeys(files)), skipped, problems
 
 
 def _exclude_included(files: list[Path]) -> list[Path]:
@@ -205,10 +213,10 @@ def _has_policy_block(path: Path) -> bool:
 # ---------------------------------------------------------------- fmt
 
 def _cmd_fmt(args: argparse.Namespace) -> int:
-    files, skipped, missing = _policy_files(args.paths)
-    for m in missing:
-        print(f"policyc fmt: no such file or directory: {m}", file=sys.stderr)
-    if missing:
+    files, skipped, problems = _policy_files(args.paths)
+    for m in problems:
+        print(f"policyc fmt: {m}", file=sys.stderr)
+    if problems:
         return EXIT_USAGE
     for s in skipped:
         print(f"policyc fmt: skipped {s}: not a policy file ({', '.join(POLICY_SUFFIXES)})", file=sys.stderr)
@@ -342,19 +350,69 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _write_file(path: Path, text: str, command: str) -> bool:
-    """Write an output file; a failure is one clear line, and no partial file is left behind."""
-    tmp = path.with_name(f".{path.name}.policyc-tmp")
+    """Write an output file; a failure is one clear line, and no partial file is left behind.
+
+    `-` is stdout. A regular file (or a new one) is replaced atomically: a temporary file in the
+    same directory, then a rename. A symlink is followed, so the link stays and its target gets
+    the text. Anything else at the path (a character device, a FIFO, a socket) is written through,
+    never replaced: `-o /dev/null` as root must not turn the device into a file.
+    """
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
     try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        target = path.resolve(strict=False) if path.is_symlink() else path
+        existing = target.stat() if target.exists() else None
+    except (OSError, RuntimeError) as exc:   # RuntimeError: a symlink loop on older Pythons
+        print(f"policyc {command}: cannot write '{path}': {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return False
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        print(f"policyc {command}: cannot write '{path}': it is a directory", file=sys.stderr)
+        return False
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        return _write_through(path, text, command)
+    return _replace_atomically(target, text, command, existing)
+
+
+def _write_through(path: Path, text: str, command: str) -> bool:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
         return True
     except OSError as exc:
         print(f"policyc {command}: cannot write '{path}': {exc.strerror or exc}", file=sys.stderr)
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         return False
+
+
+def _replace_atomically(target: Path, text: str, command: str, existing: os.stat_result | None) -> bool:
+    import tempfile
+
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".policyc-tmp", dir=target.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; keep the replaced file's mode, or the usual one for a new file.
+        os.chmod(tmp, stat.S_IMODE(existing.st_mode) if existing else 0o666 & ~_umask())
+        os.replace(tmp, target)
+        return True
+    except OSError as exc:
+        print(f"policyc {command}: cannot write '{target}': {exc.strerror or exc}", file=sys.stderr)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

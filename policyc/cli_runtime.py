@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
     run.add_argument("--state-dir", metavar="DIR", help="where install keeps its journal (for `recover`)")
+    run.add_argument("--on-log-failure", choices=("fail-closed", "allow-and-count", "stop"), default="fail-closed",
+                     help="when --log or --alerts cannot be written (disk full, EIO, a closed pipe): "
+                          "fail-closed (default) keeps deciding by the policy, denies included; allow-and-count "
+                          "answers allow from then on; stop tears down and exits. Every request is answered "
+                          "and the decisions not recorded are counted, in each mode; the run exits 1")
     run.add_argument("-v", "--verbose", action="store_true", help="show every decision under its step")
     run.set_defaults(run=_cmd_run)
 
@@ -239,15 +245,19 @@ def _scenario_path(name: str) -> Path:
     raise _Usage(f"no scenario '{name}'{hint}")
 
 
-def _open_out(target: str | None, default_stream: Any) -> Any:
+def _open_out(target: str | None, default_stream: Any, role: str = "the decision log") -> Any:
+    """An output stream that fails whole, names itself in its error and never leaves a torn record
+    (runtime/output_file.py); '-' is `default_stream`."""
+    from .runtime.output_file import OutputFile
+
     if target is None:
         return None
     if target == "-":
         return default_stream
     try:
-        return open(target, "a", encoding="utf-8")   # noqa: SIM115 - closed by DecisionLog
+        return OutputFile(target, role)
     except OSError as exc:
-        raise _Usage(f"cannot open '{target}': {exc.strerror}") from None
+        raise _Usage(f"cannot open {role} '{target}': {exc.strerror}") from None
 
 
 def _recorder(path: str | None, plan: dict, guest: str) -> Any:
@@ -259,6 +269,45 @@ def _recorder(path: str | None, plan: dict, guest: str) -> Any:
         return TraceRecorder(path, plan=plan, guest=guest)
     except OSError as exc:
         raise _Usage(f"cannot write the trace '{path}': {exc.strerror}") from None
+
+
+def _distinct_outputs(args: argparse.Namespace, inputs: Sequence[str | None]) -> None:
+    """Refuse outputs that are one file, or that are an input: `--record` truncates its file, and a
+    decision log appended to the policy (or to the trace being replayed) destroys it."""
+    outputs = [(flag, getattr(args, attr, None)) for flag, attr in
+               (("--log", "log"), ("--alerts", "alerts"), ("--record", "record"))]
+    outputs = [(flag, path) for flag, path in outputs if path not in (None, "-")]
+    seen: list[tuple[str, str]] = []
+    for flag, path in outputs:
+        for other_flag, other in seen:
+            if _same_regular_file(path, other):
+                raise _Usage(f"{flag} and {other_flag} name the same file '{path}': give each its own")
+        for given in inputs:
+            if given is not None and _same_regular_file(path, given):
+                raise _Usage(f"{flag} '{path}' is the input file '{given}': it would be overwritten")
+        seen.append((flag, path))
+
+
+def _same_regular_file(a: str, b: str) -> bool:
+    """Whether two paths are one regular file (or would be: a path not created yet, resolved).
+    Devices and FIFOs may be shared (two streams to /dev/stderr)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) and stat.S_ISREG(sa.st_mode)
+
+
+def _output_failures(log: Any, recorder: Any, enforcer: Any) -> list[str]:
+    """What could not be written during the run, one line each (empty when everything was)."""
+    out = []
+    unlogged = getattr(enforcer, "unlogged", 0)
+    if unlogged:
+        out.append(f"{unlogged} decision(s) answered but not recorded: "
+                   f"{getattr(enforcer, 'log_error', None) or 'the log could not be written'}")
+    if recorder is not None and getattr(recorder, "error", None) is not None:
+        out.append(f"trace incomplete: {recorder.error} (it ends at its last whole record)")
+    return out
 
 
 def _usage_guard(fn: Any) -> Any:
@@ -311,7 +360,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     from .runtime.decision_log import DecisionLog
     from .runtime.enforce import EnforcerError
-    from .runtime.policy_test import describe_decision, diff_snapshots, run_on_simulator
+    from .runtime.policy_test import describe_decision, run_on_simulator, teardown_differences
     from .runtime.sim.scenario import ScenarioError, load_scenario
 
     try:
@@ -321,10 +370,11 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     policy = args.policy or scenario.policy
     if policy is None:
         raise _Usage(f"{scenario_path} names no policy: give one")
+    _distinct_outputs(args, [policy, str(scenario_path)])
     compiled = _compile(policy, args.target or scenario.profile, audit=args.audit, command="run",
                         symbols_dir=args.symbols)
     plan = compiled.plan
-    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
+    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr, "the alert stream"),
                       plan.get("content_hash", ""))
     recorder = _recorder(args.record, plan, f"sim:{scenario.name}")
     out = sys.stdout if args.log != "-" else sys.stderr
@@ -376,19 +426,26 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
 
     try:
         run = run_on_simulator(scenario, plan, compiled.symbols, log=log, recorder=recorder, on_start=on_start,
-                               on_step=on_step)
+                               on_step=on_step, on_log_failure=args.on_log_failure)
     except (EnforcerError, ScenarioError) as exc:
         log.close()
         raise _Usage(str(exc)) from None
     log.close()
-    diff = run.teardown_errors + diff_snapshots(run.before, run.after)
+    diff, note = teardown_differences(run)
     enf = run.enforcer
-    print(f"teardown: {'the domain is as it was before install' if not diff else 'NOT CLEAN: ' + '; '.join(diff)}"
+    clean = "the domain is as it was before install" + (f", but for: {note}" if note else "")
+    print(f"teardown: {clean if not diff else 'NOT CLEAN: ' + '; '.join(diff)}"
           f"; requests {enf.requests}, responses {enf.responses}, decision records {enf.records}", file=out)
     print(log.summary(), file=out)
     if args.record:
         print(f"recorded {recorder.batches if recorder else 0} batch(es) to {args.record}", file=out)
-    return EXIT_OK if not diff and enf.requests == enf.responses else EXIT_PROBLEMS
+    lost = _output_failures(log, recorder, enf)
+    for line in lost:
+        print(f"NOT RECORDED: {line}", file=out)
+    if enf.stop_requested:
+        print(f"STOPPED after step {run.results[-1].index if run.results else 0} of {len(scenario.steps)} "
+              f"(--on-log-failure stop): {enf.log_error}", file=out)
+    return EXIT_OK if not diff and not lost and enf.requests == enf.responses else EXIT_PROBLEMS
 
 
 def _run_simhost(args: argparse.Namespace, socket_path: str) -> int:
@@ -442,6 +499,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
 
     from .targets import runs_on
 
+    _distinct_outputs(args, [args.policy])
     caps = backend.capabilities()
     # The policy's own target (or --target), checked against the host: a plan is never quietly
     # recompiled for another target than the one its author chose and tested.
@@ -458,11 +516,12 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     if caps.arch == "x86_64" and not caps.singlestep and "singlestep" in (plan.get("monitors") or {}):
         raise _Usage(f"{guest} has VT-x without single-stepping (no monitor trap flag), which this {planned} "
                      "plan needs to step over allowed accesses and breakpoints: use --target x86_64-nomtf")
-    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr),
+    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr, "the alert stream"),
                       plan.get("content_hash", ""))
     recorder = _recorder(args.record, plan, guest)
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
+    enforcer.on_log_failure = args.on_log_failure
     # Signals arriving before the loop's own handlers are in place must not kill a half-made install.
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
     try:
@@ -514,7 +573,12 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     if holds and holds["checked"]:
         print(f"register-write denies: {holds['checked']}, {holds['held']} held until the vCPU had left its pCPU "
               f"(longest {holds['max_wait_ms']} ms), {holds['unconfirmed']} sent unconfirmed", file=sys.stderr)
-    return EXIT_OK if not errors else EXIT_PROBLEMS
+    lost = _output_failures(log, recorder, enforcer)
+    for line in lost:
+        print(f"NOT RECORDED: {line}", file=sys.stderr)
+    if enforcer.stop_requested:
+        print(f"STOPPED (--on-log-failure stop): {enforcer.log_error}", file=sys.stderr)
+    return EXIT_OK if not errors and not lost else EXIT_PROBLEMS
 
 
 def _cmd_service_unit(args: argparse.Namespace) -> int:
@@ -612,7 +676,7 @@ def _add_unrun_policies(coverage, paths: Sequence[str]) -> None:
     from .cli import _exclude_included, _policy_files
     from .source import display_path
 
-    files, _skipped, _missing = _policy_files([p for p in paths if Path(p).is_dir()])
+    files, _skipped, _problems = _policy_files([p for p in paths if Path(p).is_dir()])
     for path in _exclude_included(files):
         model = check_policy(path, Diagnostics())
         if model is not None:
@@ -678,6 +742,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         raise _Usage(str(exc)) from None
     target = args.target or trace.capabilities.arch
     new = _compile(args.policy, target, command="replay")
+    _distinct_outputs(args, [args.trace, args.policy, args.baseline])
     log = DecisionLog(_open_out(args.log, sys.stdout), None, new.plan.get("content_hash", ""))
     out = sys.stdout if args.log != "-" else sys.stderr
     try:
@@ -687,6 +752,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             old = _compile(args.baseline, target, command="replay")
             base = replay(trace, old.plan, old.symbols)
     except ReplayError as exc:
+        raise _Usage(str(exc)) from None
+    except OSError as exc:      # the replayed decision log cannot be written (it ends at a whole record)
         raise _Usage(str(exc)) from None
     finally:
         log.close()
@@ -738,6 +805,10 @@ def _recover_report(backend: Any, guest: str, state_dir: str | None) -> int:
     if not report.found:
         print(f"nothing to recover for {guest}: no journal at {path}")
         return EXIT_OK
+    if report.not_this_domain:
+        print(f"policyc recover: not applying {path} to {guest}: {report.not_this_domain}. Nothing was "
+              "changed; the journal stays (remove it once its own domain is gone)", file=sys.stderr)
+        return EXIT_PROBLEMS
     print(f"recovered {guest} from {path}:")
     if report.answered:
         print(f"  answered {report.answered} request(s) left on the ring")

@@ -165,6 +165,7 @@ CODES: dict[str, str] = {
     "PC315": "region defined in terms of itself",
     "PC316": "duplicate setting",
     "PC317": "unused definition",
+    "PC318": "symbol defined more than once in a symbol file",
     # 4xx: types and values
     "PC400": "type mismatch",
     "PC401": "field not available for this trigger",

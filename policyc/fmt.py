@@ -551,6 +551,12 @@ def _json_escape(o: int) -> str | None:
     return None
 
 
+def _ycomment(c: S.Comment) -> str:
+    """A comment YAML can hold: a character no YAML reader accepts raw, or one that it reads as a
+    line break (which would turn the rest of the comment into YAML), is written as its \\u escape."""
+    return "".join(ch if ch == "\t" else _json_escape(ord(ch)) or ch for ch in c.text.strip())
+
+
 def _ystr(s: str) -> str:
     """A name or path: plain when no YAML reader can misread it, quoted otherwise."""
     if _PLAIN.match(s) and s.lower() not in _YAML_WORDS:
@@ -697,7 +703,7 @@ class _YamlWriter:
         suffix = ""
         if inline and self.c.trail.get(id(node)):
             first = self.c.trail[id(node)].pop(0)
-            suffix = "  " + first.text.strip()
+            suffix = "  " + _ycomment(first)
             self.c.printed.add(id(first))
         for n in _nodes(node):
             lead = self.c.lead.pop(id(n), None)
@@ -710,7 +716,7 @@ class _YamlWriter:
             found += self.c.close_trail.pop(id(n), [])
         found.sort(key=lambda c: (c.span.line, c.span.col))
         for c in found:
-            self.lines.append(indent + c.text.strip())
+            self.lines.append(indent + _ycomment(c))
             self.c.printed.add(id(c))
         return suffix
 
@@ -718,15 +724,15 @@ class _YamlWriter:
         if block is not None:
             lead = self.c.lead.pop(id(block), None)
             for c in (lead.lines if lead else []):
-                self.lines.append(c[0].text.strip())
+                self.lines.append(_ycomment(c[0]))
                 self.c.printed.add(id(c[0]))
             trail = self.c.trail.pop(id(block), [])
             for c in trail[1:]:
-                self.lines.append(c.text.strip())
+                self.lines.append(_ycomment(c))
                 self.c.printed.add(id(c))
             end = ""
             if trail:
-                end = "  " + trail[0].text.strip()
+                end = "  " + _ycomment(trail[0])
                 self.c.printed.add(id(trail[0]))
             self.lines.append(f"policy: {_ystr(block.name)}{end}")
         by_kind: dict[type, list] = {}
@@ -777,7 +783,7 @@ class _YamlWriter:
         if comments:
             self.blank()
         for c in comments:
-            self.lines.append(c.text.strip())
+            self.lines.append(_ycomment(c))
             self.c.printed.add(id(c))
 
     def list_key(self, key: str, items: list, values) -> None:

@@ -66,6 +66,8 @@ class SymbolTable:
     symbols: dict[str, Symbol]
     types: dict[str, TypeInfo] = field(default_factory=dict)
     pdb: PdbIdentity | None = None  # Windows ISF only: metadata.windows.pdb
+    # System.map names defined again at another address: name -> the addresses not used.
+    duplicates: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def lookup(self, name: str) -> Symbol | None:
         return self.symbols.get(name)
@@ -157,6 +159,7 @@ def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
     except UnicodeDecodeError:
         raise SymbolFileError(f"'{p}' is neither a System.map (text) nor an ISF (JSON)") from None
     symbols: dict[str, Symbol] = {}
+    duplicates: dict[str, tuple[int, ...]] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
@@ -169,12 +172,15 @@ def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
             raise SymbolFileError(f"'{p}' line {lineno}: the address is not a hex number", lineno) from None
         name = parts[2]
         # Module symbols ("name [module]") and duplicates: the first core-kernel definition wins.
-        if name not in symbols:
+        first = symbols.get(name)
+        if first is None:
             symbols[name] = Symbol(name, address, parts[1])
+        elif address != first.address and address not in duplicates.get(name, ()):
+            duplicates[name] = duplicates.get(name, ()) + (address,)
     if not symbols:
         raise SymbolFileError(f"'{p}' holds no symbols")
     _mark_percpu(symbols)
-    return SymbolTable(str(p), "system.map", "linux", symbols)
+    return SymbolTable(str(p), "system.map", "linux", symbols, duplicates=duplicates)
 
 
 def _mark_percpu(symbols: dict[str, Symbol]) -> None:

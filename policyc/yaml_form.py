@@ -48,6 +48,8 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "MAX_NODES",
     "MAX_DEPTH",
+    "BoundedLoader",
+    "YamlBoundError",
     "REGISTERS",
 ]
 
@@ -215,6 +217,11 @@ class _Loader(yaml.SafeLoader):
                     self.allow_simple_key = True
             else:
                 found = True
+
+
+# The bounded reader under public names: the scenario loader (runtime/sim/scenario.py) shares it.
+BoundedLoader = _Loader
+YamlBoundError = _Stop
 
 
 def _mark_span(path: str, mark: Any, text: str | None = None) -> Span:

@@ -56,6 +56,13 @@ class EnforcerError(RuntimeError):
     """The enforcer could not start (binding or install failed); the guest is as it was."""
 
 
+_LOG_FAILURE_WORDS = {
+    "fail-closed": "enforcing goes on, decisions are counted but not recorded",
+    "allow-and-count": "from now on every request is allowed and counted (--on-log-failure allow-and-count)",
+    "stop": "stopping: the guest is torn down to its state before install (--on-log-failure stop)",
+}
+
+
 @dataclass
 class _PendingRebind:
     gfn: int
@@ -63,8 +70,20 @@ class _PendingRebind:
     retries: int = 1
 
 
+LOG_FAILURE_MODES = ("fail-closed", "allow-and-count", "stop")
+
+
 class Enforcer:
-    """One plan enforced on one guest. Use as a context manager, or `start()` ... `stop()`."""
+    """One plan enforced on one guest. Use as a context manager, or `start()` ... `stop()`.
+
+    `on_log_failure` (set before `start`) says what happens once the decision log cannot be written;
+    every request is answered in each mode and the decisions not recorded are counted (`unlogged`):
+    "fail-closed" (the default: protection over records) goes on deciding by the policy, denies
+    included; "allow-and-count" answers allow from then on (audit mode: a deny is logged nowhere,
+    counted as would-deny); "stop" sets `stop_requested`: the run loop ends and tears down."""
+
+    on_log_failure: str = "fail-closed"
+    stop_requested: bool = False
 
     def __init__(self, plan: Mapping[str, Any], backend: Any, symbols: Any, *, guest: str,
                  log: DecisionLog | None = None, recorder: Any = None, state_dir: Any = None,
@@ -162,7 +181,7 @@ class Enforcer:
         backend = self.backend
 
         def step() -> bool:
-            if stop is not None and stop():
+            if self.stop_requested or (stop is not None and stop()):
                 return False
             if backend.wait(wait):
                 self.service()
@@ -206,8 +225,10 @@ class Enforcer:
                 self.unlogged += len(pairs)
                 if self.log_error is None:
                     self.log_error = str(exc)
-                    print(f"policyc: the decision log cannot be written ({exc}); enforcing goes on, "
-                          "decisions are counted but not recorded", file=sys.stderr, flush=True)
+                    what = exc if getattr(exc, "stream", None) else f"the decision log cannot be written ({exc})"
+                    print(f"policyc: {what}; {_LOG_FAILURE_WORDS[self.on_log_failure]}",
+                          file=sys.stderr, flush=True)
+                    self._after_log_failure()
             self._effects(pairs, BEFORE)
             inst.put_responses([rsp for rsp, _ in pairs])
             self.responses += len(pairs)
@@ -217,6 +238,14 @@ class Enforcer:
                 self._rebind(gfn, offset)
                 self._pending_rebinds.append(_PendingRebind(gfn, offset))
         return answered
+
+    def _after_log_failure(self) -> None:
+        if self.on_log_failure == "allow-and-count":
+            engine = self.engine
+            assert engine is not None
+            engine.audit = True          # every later deny is answered allow (counted as would-deny)
+        elif self.on_log_failure == "stop":
+            self.stop_requested = True
 
     def idle(self) -> None:
         """The guest is quiet: re-arm pages relaxed for the last event (arm64), and re-check

@@ -57,6 +57,7 @@ from __future__ import annotations
 import atexit
 import copy
 import errno as _errno
+import glob
 import json
 import os
 import re
@@ -176,11 +177,12 @@ def _decode(entry: Mapping[str, Any]) -> dict:
 class _Record:
     """The on-disk state record: written atomically (temp file + rename), 0600 in a 0700 directory."""
 
-    def __init__(self, path: Path, guest: str, plan: Mapping[str, Any]) -> None:
+    def __init__(self, path: Path, guest: str, plan: Mapping[str, Any], domain: Mapping[str, Any] | None) -> None:
         self.path = path
         self.data: dict[str, Any] = {
             "format": STATE_FORMAT, "guest": guest, "pid": os.getpid(), "started": time.time(),
             "plan": (plan.get("policy") or {}).get("name"), "plan_hash": plan.get("content_hash"),
+            "domain": dict(domain) if domain is not None else None,
             "phase": "installing", "paused": 0, "view_map": {}, "journal": [],
         }
 
@@ -206,6 +208,42 @@ class _Record:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _remove_stray_temporaries(path: Path) -> None:
+    """Temporary records a killed `_Record.save` left between mkstemp and the rename."""
+    try:
+        strays = list(path.parent.glob(glob.escape(path.name) + ".*"))
+    except OSError:
+        return
+    for stray in strays:
+        try:
+            stray.unlink()
+        except OSError:
+            pass
+
+
+def _domain_identity(backend: Any) -> dict[str, Any] | None:
+    """The backend's identity of its domain (Xen: domid and UUID), or None for one that has none."""
+    identify = getattr(backend, "domain_identity", None)
+    return dict(identify()) if callable(identify) else None
+
+
+def _other_domain(recorded: Any, current: dict[str, Any] | None) -> str | None:
+    """Why a journal must not be applied to this domain, or None when it belongs to it."""
+    if recorded == current:
+        return None
+    if recorded is None:
+        return ("the journal names no domain (an older policyc wrote it), so it cannot be told apart from "
+                "another guest that took the same name")
+    return (f"the journal belongs to domain {_describe_domain(recorded)}, but this guest is "
+            f"{_describe_domain(current)}: another guest took the name")
+
+
+def _describe_domain(identity: Any) -> str:
+    if not isinstance(identity, Mapping):
+        return "(unknown)"
+    return ", ".join(f"{k} {v}" for k, v in identity.items() if k != "kind")
 
 
 def _load_record(path: Path) -> dict[str, Any] | None:
@@ -890,6 +928,8 @@ def install(bound: BoundPlan, backend: Any, *, guest: str | None = None, state_d
     error says the rollback was incomplete)."""
     name = guest or getattr(backend, "name", None) or "guest"
     path = Path(state_path) if state_path is not None else state_path_for(name, state_dir)
+    if not path.exists():
+        _remove_stray_temporaries(path)
     if path.exists():
         try:
             other = json.loads(path.read_text())
@@ -902,7 +942,7 @@ def install(bound: BoundPlan, backend: Any, *, guest: str | None = None, state_d
                            + (f"an enforcer (pid {pid}{me}) is running" if alive else
                               "an earlier enforcer did not tear down; run 'policyc recover --guest "
                               f"{name}' first"))
-    inst = Installation(bound, backend, _Record(path, name, bound.plan))
+    inst = Installation(bound, backend, _Record(path, name, bound.plan, _domain_identity(backend)))
     try:
         inst._save()
         inst._install()
@@ -961,6 +1001,7 @@ class RecoveryReport:
     ring_reenabled: bool = False
     stuck: bool = False
     cannot: list[str] = field(default_factory=list)
+    not_this_domain: str | None = None   # the journal belongs to another domain: nothing was done
 
     @property
     def clean(self) -> bool:
@@ -1022,6 +1063,14 @@ def recover(backend: Any, state_path: str | Path, *, reenable_ring: bool = True)
         return report
     report.found = True
     report.guest = data.get("guest")
+    try:
+        other = _other_domain(data.get("domain"), _domain_identity(backend))
+    except BackendError as exc:
+        other = f"the domain cannot be identified: {exc}"
+    if other is not None:
+        report.not_this_domain = other      # nothing is touched; the journal stays
+        report.errors.append(f"refused: {other}")
+        return report
     b = backend
     paused_here = 0
     try:
@@ -1085,6 +1134,7 @@ def recover(backend: Any, state_path: str | Path, *, reenable_ring: bool = True)
             path.unlink()
         except FileNotFoundError:
             pass
+        _remove_stray_temporaries(path)
     return report
 
 

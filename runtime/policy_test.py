@@ -71,9 +71,11 @@ class SimulatedRun:
 def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, *,
                      log: DecisionLog | None = None, recorder: Any = None,
                      on_start: Callable[[Enforcer], None] | None = None,
-                     on_step: Callable[[StepResult, list[Decision]], None] | None = None) -> SimulatedRun:
+                     on_step: Callable[[StepResult, list[Decision]], None] | None = None,
+                     on_log_failure: str = "fail-closed") -> SimulatedRun:
     """Build the scenario's guest, enforce `plan` on it while its steps run, tear down.
-    Raises `EnforcerError` (nothing installed) when the plan cannot be bound or installed."""
+    Raises `EnforcerError` (nothing installed) when the plan cannot be bound or installed.
+    With `on_log_failure="stop"` a log that cannot be written ends the run after that step."""
     target = (plan.get("target") or {}).get("arch", scenario.profile)
     xen = build_scenario(scenario, profile=target)
     before = xen.state_snapshot(memory=False)
@@ -92,6 +94,7 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
     with tempfile.TemporaryDirectory(prefix="policyc-sim-") as state_dir:
         enforcer = Enforcer(plan, xen, symbols, guest=f"sim-{scenario.name}", log=log, recorder=recorder,
                             state_dir=state_dir, observer=observe)
+        enforcer.on_log_failure = on_log_failure
         enforcer.start()
         if on_start is not None:
             on_start(enforcer)
@@ -113,6 +116,8 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
                 kept[0] = 0
                 if on_step is not None:
                     on_step(res, mine)
+                if enforcer.stop_requested:
+                    break
             runner.settle()
         finally:
             trapped = _trapped_pages(enforcer)
@@ -209,16 +214,26 @@ def check_expectations(run: SimulatedRun) -> list[ExpectationResult]:
     out.append(ExpectationResult(None, "every request answered and logged", enf.requests == enf.responses ==
                                  enf.records, f"requests {enf.requests}, responses {enf.responses}, "
                                  f"decision records {enf.records}"))
-    before, after = dict(run.before), dict(run.after)
-    note = ""
-    if enf.pauses:
-        # The policy's `pause` action stops the guest for an operator on purpose; teardown keeps it.
-        before.pop("paused", None)
-        after.pop("paused", None)
-        note = f"the domain stays paused by the policy's pause action ({enf.pauses}x), as asked"
-    diff = run.teardown_errors + diff_snapshots(before, after)
+    diff, note = teardown_differences(run)
     out.append(ExpectationResult(None, "teardown restored the domain", not diff, "; ".join(diff) or note))
     return out
+
+
+def teardown_differences(run: SimulatedRun) -> tuple[list[str], str]:
+    """What teardown left different from before install, and a note on what differs on purpose.
+
+    The policy's `pause` action stops the whole domain for an operator: teardown keeps that pause.
+    It is told from a failure by the enforcer having applied a pause and by every vCPU being paused
+    (a domain pause); a vCPU left paused alone, or a pause no rule asked for, is a difference."""
+    before, after = dict(run.before), dict(run.after)
+    pauses = run.enforcer.pauses
+    every_vcpu = tuple(range(len(run.xen.guest.vcpus)))
+    note = ""
+    if pauses and tuple(after.get("paused", ())) == every_vcpu and not before.get("paused"):
+        before.pop("paused", None)
+        after.pop("paused", None)
+        note = f"paused by the policy's pause action ({pauses}x), as asked"
+    return run.teardown_errors + diff_snapshots(before, after), note
 
 
 def _check_one(run: SimulatedRun, e: Expectation) -> ExpectationResult:

@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .backend import BackendError
 from .bind import BindError, BoundPlan, bind_plan
 from .decide import Decision, DecisionEngine
 from .decision_log import DecisionLog
+from .guest_memory import GuestMemoryError
 from ..targets import runs_on
 from .install import remap_view_ids
 from .trace import RecordedGuest, Trace
@@ -81,6 +83,14 @@ def _bind(plan: Mapping[str, Any], guest: RecordedGuest, symbols: Any, view_map:
         bound = bind_plan(plan, guest, symbols)
     except BindError as exc:
         raise ReplayError(f"cannot bind the plan to the guest recorded in {trace.path}: {exc}") from None
+    except (GuestMemoryError, BackendError) as exc:
+        # The recording holds what its own plan's binding read (and the kernel image's page
+        # tables); another policy may need guest memory or registers it never read.
+        recorded = (trace.header.get("policy") or {}).get("name") or "its policy"
+        raise ReplayError(f"{trace.path} lacks what binding policy '{(plan.get('policy') or {}).get('name')}' "
+                          f"needs: {exc}. The trace was recorded under '{recorded}' and holds only what that "
+                          "binding read; record the guest under this policy (policyc run POLICY --record TRACE) "
+                          "to replay it") from None
     # Plan views the recording had keep its backend ids (the requests carry those); a view the
     # recorded plan did not have gets the next free id, as install would have handed out.
     ids = dict(view_map)

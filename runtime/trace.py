@@ -33,12 +33,14 @@ import base64
 import datetime as _dt
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Sequence
 
 from .backend import BackendError, Capabilities
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
+from .output_file import OutputFile
 
 __all__ = ["TRACE_FORMAT", "TraceRecorder", "TraceError", "RecordedGuest", "read_trace", "TraceRecord"]
 
@@ -54,7 +56,8 @@ class TraceRecorder:
 
     def __init__(self, path: str | os.PathLike, *, plan: Mapping[str, Any], guest: str) -> None:
         self.path = Path(path)
-        self._f: IO[str] | None = open(self.path, "w", encoding="utf-8")   # noqa: SIM115 - closed in close()
+        self._f: OutputFile | None = OutputFile(self.path, "the trace", truncate=True)
+        self.error: OSError | None = None       # set when the trace could not be written: recording stopped
         self.plan = plan
         self.guest = guest
         self._frames: dict[int, bytes] = {}          # last contents written per frame
@@ -77,7 +80,7 @@ class TraceRecorder:
     def requests(self, batch: Sequence[bytes]) -> None:
         self._flush_reads()
         self._line({"requests": [base64.b64encode(bytes(r)).decode("ascii") for r in batch]})
-        self.batches += 1
+        self.batches += self.error is None
 
     def rebind(self, gfn: int, offset: int) -> None:
         self._flush_reads()
@@ -148,10 +151,15 @@ class TraceRecorder:
             return
 
     def _line(self, obj: Mapping[str, Any]) -> None:
-        if self._f is None:
+        if self._f is None or self.error is not None:
             return
-        self._f.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self._f.flush()
+        except OSError as exc:
+            # The trace serves forensics; enforcing never stops for it. It ends at its last whole record.
+            self.error = exc
+            print(f"policyc: {exc}; recording stopped, enforcing goes on", file=sys.stderr, flush=True)
 
 
 class _RecordingBackend:
@@ -202,6 +210,30 @@ class Trace:
         c["monitors"] = frozenset(c.get("monitors", ()))
         return Capabilities(**c)
 
+    def check_header(self) -> None:
+        """Raise ValueError naming the first field of the header that is not what a recorder writes."""
+        caps = self.header.get("capabilities")
+        if not isinstance(caps, dict):
+            raise ValueError("'capabilities' is not an object")
+        for key, (kind, low, high) in _CAPABILITY_FIELDS.items():
+            if key not in caps:
+                if key == "ring_slots":
+                    continue
+                raise ValueError(f"capabilities.{key} is missing")
+            value = caps[key]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+                raise ValueError(f"capabilities.{key} is {value!r}, not a number in {low}..{high}")
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"capabilities.{key} is {value!r}, not true or false")
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"capabilities.{key} is {value!r}, not a string")
+        monitors = caps.get("monitors", [])
+        if not isinstance(monitors, list) or not all(isinstance(m, str) for m in monitors):
+            raise ValueError("capabilities.monitors is not a list of names")
+        unknown = set(caps) - set(_CAPABILITY_FIELDS) - {"monitors"}
+        if unknown:
+            raise ValueError(f"capabilities has unknown field(s) {', '.join(sorted(unknown))}")
+
     def request_count(self) -> int:
         return sum(len(r.data) for r in self.records if r.kind == "requests")
 
@@ -210,18 +242,22 @@ def read_trace(path: str | os.PathLike) -> Trace:
     """Load a trace; `TraceError` names the line of anything malformed."""
     p = Path(path)
     try:
-        f = open(p, encoding="utf-8")   # noqa: SIM115
+        f = open(p, "rb")   # noqa: SIM115 - bytes: a line that is not UTF-8 is named, not a traceback
     except OSError as exc:
         raise TraceError(f"{p}: cannot read: {exc.strerror}") from None
     with f:
         trace: Trace | None = None
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(_lines(f, p), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise TraceError(f"{p}:{n}: not UTF-8 text (a trace is JSON Lines from `policyc run --record`)") from None
             except json.JSONDecodeError as exc:
                 raise TraceError(f"{p}:{n}: not JSON: {exc.msg}") from None
+            except RecursionError:
+                raise TraceError(f"{p}:{n}: JSON nested too deep for a trace record") from None
             if not isinstance(obj, dict):
                 raise TraceError(f"{p}:{n}: a trace line is a JSON object")
             if trace is None:
@@ -230,14 +266,57 @@ def read_trace(path: str | os.PathLike) -> Trace:
                                      f"\"trace\": \"{TRACE_FORMAT}\")")
                 try:
                     trace = Trace(p, obj)
-                    _ = trace.capabilities
-                except (KeyError, TypeError) as exc:
+                    trace.check_header()
+                except (KeyError, TypeError, ValueError) as exc:
                     raise TraceError(f"{p}:{n}: bad header: {exc}") from None
                 continue
             trace.records.append(_record(obj, p, n))
         if trace is None:
             raise TraceError(f"{p}: empty trace")
+        _check_vcpus(trace)
         return trace
+
+
+def _check_vcpus(trace: Trace) -> None:
+    """Registers and requests name only the header's vCPUs, and the first registers cover them all
+    (binding reads every vCPU): else a replay fails deep inside binding or deciding."""
+    vcpus = trace.header["capabilities"]["vcpus"]
+    registers_seen = False
+    for rec in trace.records:
+        if rec.kind == "guest_read" and rec.data[1]:
+            recorded = set(rec.data[1])
+            if max(recorded) >= vcpus or (not registers_seen and recorded != set(range(vcpus))):
+                raise TraceError(f"{trace.path}:{rec.line}: registers of vCPU(s) {', '.join(map(str, sorted(recorded)))}, "
+                                 f"but the header says the guest has {vcpus} vCPU(s)")
+            registers_seen = True
+        elif rec.kind == "requests":
+            for i, raw in enumerate(rec.data):
+                vcpu = int.from_bytes(raw[12:16], "little")   # vm_event_request.vcpu_id
+                if vcpu >= vcpus:
+                    raise TraceError(f"{trace.path}:{rec.line}: request {i} is from vCPU {vcpu}, but the header "
+                                     f"says the guest has {vcpus} vCPU(s)")
+
+
+# A header's capabilities as a recorder writes them: (type, least, most) per field.
+_CAPABILITY_FIELDS: dict[str, tuple[type, int, int]] = {
+    "arch": (str, 0, 0), "vm_event_version": (int, 1, 1 << 16), "vcpus": (int, 1, 4096),
+    "mem_access": (bool, 0, 0), "altp2m": (bool, 0, 0), "max_views": (int, 0, 1 << 16),
+    "singlestep": (bool, 0, 0), "ring_slots": (int, 1, 1 << 20),
+}
+# One batch of a full ring of 400-byte requests in base64 is far below this; a longer line is no trace.
+MAX_LINE_BYTES = 256 << 20
+
+
+def _lines(f: IO[bytes], p: Path) -> Iterator[bytes]:
+    n = 0
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        n += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise TraceError(f"{p}:{n}: a line longer than {MAX_LINE_BYTES >> 20} MiB is no trace record")
+        yield line
 
 
 def _record(obj: Mapping[str, Any], p: Path, n: int) -> TraceRecord:

@@ -1,4 +1,4 @@
-"""The production `Backend`: a Xen 4.17 domain through libxenctrl and friends (cffi, ABI mode).
+"""The production `Backend`: a Xen 4.17 or 4.20 domain through libxenctrl and friends (cffi, ABI mode).
 
 `XenBackend.open("xen-guest-name" | "7")` attaches to one HVM or PVH domain
 from dom0 (or a PV introspection domain with the FLASK rights listed in
@@ -7,7 +7,7 @@ public API, loaded with ``ffi.dlopen`` (no compiler, no Xen needed to import
 this module or install the package):
 
 ==========================  ==================================================
-libxenctrl.so.4.17          domain info, pause, monitor ring and monitor ops,
+libxenctrl.so.4.17 or 4.20  domain info, pause, monitor ring and monitor ops,
                             mem_access, altp2m, physmap, HVM context
 libxenevtchn.so.1           the ring's event channel
 libxenforeignmemory.so.1    guest frames (read/write_physical, population)
@@ -16,7 +16,8 @@ libxenstore.so.4            name -> domid only (loaded when a name is given)
 ==========================  ==================================================
 
 The declarations (`DECLARATIONS`, `STRUCTS`) are checked against Debian's
-libxen-dev 4.17 headers by tests/test_xen_backend.py, which compiles a C
+libxen-dev headers of both releases (`RELEASES`: 4.17 in Debian 12, 4.20 in Debian 13; what
+differs between them is in `XenRelease`) by tests/test_xen_backend.py, which compiles a C
 file asserting every prototype and struct offset; a declaration that drifts
 from the headers fails CI rather than corrupting a call at run time.
 
@@ -46,7 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..native import abi
 from .backend import ACCESS_VALUES, BackendError, Capabilities, InvalidArgument, Unsupported
 
-__all__ = ["XenBackend", "XenUnavailable", "LIBRARIES", "DECLARATIONS", "STRUCTS", "MONITOR_EVENT_BITS",
+__all__ = ["XenBackend", "XenUnavailable", "XenRelease", "RELEASES", "loaded_release", "LIBRARIES", "DECLARATIONS", "STRUCTS", "MONITOR_EVENT_BITS",
            "HVM_HW_CPU_FIELDS", "HVM_HW_CPU_SIZE", "registers_from_hvm_cpu", "patch_hvm_cpu",
            "monitors_from_capabilities", "access_code", "access_name", "PRIVCMD"]
 
@@ -54,9 +55,35 @@ PRIVCMD = "/dev/xen/privcmd"
 PAGE_SIZE = 4096                 # XC_PAGE_SIZE; the ring page and every foreign mapping
 PAGE_SHIFT = 12
 
+
+
+@dataclass(frozen=True)
+class XenRelease:
+    """What differs between the Xen releases this backend speaks to. libxenctrl's soname carries the
+    release, and it only talks to a hypervisor of the same release (the domctl interface version is
+    checked by Xen), so the library found decides. Everything else the backend declares is the same
+    in both releases' headers (tests/test_xen_backend.py compiles it against each)."""
+
+    version: str                       # "4.17"
+    xenctrl: str                       # libxenctrl's soname
+    domctl_interface: int              # XEN_DOMCTL_INTERFACE_VERSION (the raw domctl of op 4)
+    access_order: tuple[str, ...]      # xenmem_access_t, in enum order (4.19 added r_pw before default)
+
+    @property
+    def hypervisor(self) -> tuple[int, int]:
+        major, minor = self.version.split(".")
+        return int(major), int(minor)
+
+
+RELEASES: tuple[XenRelease, ...] = (
+    XenRelease("4.17", "libxenctrl.so.4.17", 0x15, ACCESS_VALUES),                      # Debian 12
+    XenRelease("4.20", "libxenctrl.so.4.20", 0x17, ACCESS_VALUES[:10] + ("r_pw", "default")),  # Debian 13
+)
+
 # soname per library key; the versioned names, so a different libxenctrl ABI is never picked up.
+# "xenctrl" is the release found on the host (`RELEASES`, tried in order); the rest do not change.
 LIBRARIES: dict[str, str] = {
-    "xenctrl": "libxenctrl.so.4.17",
+    "xenctrl": RELEASES[0].xenctrl,
     "xenevtchn": "libxenevtchn.so.1",
     "xenforeignmemory": "libxenforeignmemory.so.1",
     "xendevicemodel": "libxendevicemodel.so.1",
@@ -123,6 +150,7 @@ DECLARATIONS: dict[str, list[tuple[str, str, str]]] = {
     "xenctrl": [
         ("xc_interface *", "xc_interface_open", "xentoollog_logger *, xentoollog_logger *, unsigned"),
         ("int", "xc_interface_close", "xc_interface *"),
+        ("int", "xc_version", "xc_interface *, int, void *"),
         ("int", "xc_domain_getinfolist", "xc_interface *, uint32_t, unsigned int, xc_domaininfo_t *"),
         ("int", "xc_domain_pause", "xc_interface *, uint32_t"),
         ("int", "xc_domain_unpause", "xc_interface *, uint32_t"),
@@ -205,7 +233,7 @@ CONSTANTS: dict[str, int] = {
     "XEN_DOMINF_dying": 1 << 0, "XEN_DOMINF_hvm_guest": 1 << 1, "XEN_DOMINF_shutdown": 1 << 2,
     "XEN_DOMINF_paused": 1 << 3, "XEN_DOMINF_hap": 1 << 8,
     "XEN_SYSCTL_PHYSCAP_hvm": 1 << 0, "XEN_SYSCTL_PHYSCAP_hap": 1 << 3,
-    "XEN_DOMCTL_monitor_op": 77, "XEN_DOMCTL_INTERFACE_VERSION": 0x15,
+    "XEN_DOMCTL_monitor_op": 77, "XENVER_version": 0,
     "XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS": 4,
     "HVM_SAVE_CODE(END)": 0, "HVM_SAVE_CODE(HEADER)": 1, "HVM_SAVE_CODE(CPU)": 2,
     "CPU_XSAVE_CODE": 16,
@@ -255,19 +283,21 @@ def monitors_from_capabilities(bitmask: int) -> frozenset[str]:
 
 # --------------------------------------------------------------------------- access values
 
-def access_code(name: str, op: str = "set_access") -> int:
-    """xenmem_access_t for an access name; the enum's order is ACCESS_VALUES' (checked against memory.h)."""
-    try:
-        return ACCESS_VALUES.index(name)
-    except ValueError:
+def access_code(name: str, op: str = "set_access", release: XenRelease = RELEASES[0]) -> int:
+    """xenmem_access_t for an access name in `release`'s enum (checked against its memory.h)."""
+    if name not in ACCESS_VALUES:
         raise InvalidArgument(op, f"unknown access '{name}' (one of {', '.join(ACCESS_VALUES)})",
                               _errno.EINVAL) from None
+    return release.access_order.index(name)
 
 
-def access_name(code: int, op: str = "get_access") -> str:
-    if not 0 <= code < len(ACCESS_VALUES):
+def access_name(code: int, op: str = "get_access", release: XenRelease = RELEASES[0]) -> str:
+    order = release.access_order
+    if not 0 <= code < len(order):
         raise BackendError(op, f"Xen returned access value {code}, which xenmem_access_t does not have")
-    return ACCESS_VALUES[code]
+    if order[code] not in ACCESS_VALUES:
+        raise BackendError(op, f"Xen returned access {order[code]} ({code}), which policyc never sets")
+    return order[code]
 
 
 # --------------------------------------------------------------------------- struct hvm_hw_cpu
@@ -378,17 +408,33 @@ _LIBS: dict[str, Any] = {}
 
 
 def load_library(key: str) -> Any:
-    """dlopen one library of `LIBRARIES` (or libc, key "c"); XenUnavailable when it is missing."""
+    """dlopen one library of `LIBRARIES` (or libc, key "c"); XenUnavailable when it is missing. For
+    "xenctrl", the first release of `RELEASES` whose library is installed (`LIBRARIES` names it then)."""
     if key in _LIBS:
         return _LIBS[key]
     ffi = _ffi()
-    try:
-        lib = ffi.dlopen(None) if key == "c" else ffi.dlopen(LIBRARIES[key])
-    except OSError as exc:
-        raise XenUnavailable("attach", f"cannot load {LIBRARIES.get(key, 'libc')} ({exc}); install the Xen "
-                                       "4.17 tools libraries (Debian: libxenmisc4.17)") from None
-    _LIBS[key] = lib
-    return lib
+    names = ([LIBRARIES[key]] + [r.xenctrl for r in RELEASES if r.xenctrl != LIBRARIES[key]]
+             if key == "xenctrl" else [LIBRARIES.get(key)])
+    errors = []
+    for soname in names:
+        try:
+            lib = ffi.dlopen(None) if key == "c" else ffi.dlopen(soname)
+        except OSError as exc:
+            errors.append(str(exc))
+            continue
+        if key == "xenctrl":
+            LIBRARIES[key] = soname
+        _LIBS[key] = lib
+        return lib
+    raise XenUnavailable("attach", f"cannot load {' or '.join(n or 'libc' for n in names)} ({errors[0]}); install "
+                                   "the Xen tools libraries (Debian 12: libxenmisc4.17, Debian 13: "
+                                   "libxenmisc4.20)") from None
+
+
+def loaded_release() -> XenRelease:
+    """The Xen release of the libxenctrl `load_library` found."""
+    load_library("xenctrl")
+    return next(r for r in RELEASES if r.xenctrl == LIBRARIES["xenctrl"])
 
 
 def _error(op: str, call: str, err: int, detail: str = "") -> BackendError:
@@ -431,6 +477,7 @@ class XenBackend:
         self.capability_notes: dict[str, str] = {}     # why a capability is missing, for messages
         self._ffi = ffi = _ffi()
         self._xc = load_library("xenctrl")
+        self.xen_release = loaded_release()
         self._ev = load_library("xenevtchn")
         self._fm = load_library("xenforeignmemory")
         self._dm = load_library("xendevicemodel")
@@ -479,6 +526,14 @@ class XenBackend:
         self._xch = self._xc.xc_interface_open(ffi.NULL, ffi.NULL, 0)
         if self._xch == ffi.NULL:
             raise XenUnavailable("attach", f"xc_interface_open failed: {os.strerror(ffi.errno)}", ffi.errno)
+        # libxenctrl talks to its own release only; say so plainly rather than fail on the first domctl
+        v = self._xc.xc_version(self._xch, CONSTANTS["XENVER_version"], ffi.NULL)
+        running = (v >> 16, v & 0xFFFF) if v >= 0 else None
+        if running != self.xen_release.hypervisor:
+            found = f"Xen {running[0]}.{running[1]}" if running else f"an unknown Xen ({os.strerror(ffi.errno)})"
+            raise XenUnavailable("attach", f"{found} runs here, but the tools library found is "
+                                           f"{self.xen_release.xenctrl} (Xen {self.xen_release.version}): install that "
+                                           "release's tools libraries", _errno.EPROTO)
         for attr, lib, fn in (("_xce", self._ev, "xenevtchn_open"), ("_fmh", self._fm, "xenforeignmemory_open"),
                               ("_dmh", self._dm, "xendevicemodel_open")):
             h = getattr(lib, fn)(ffi.NULL, 0)
@@ -513,7 +568,7 @@ class XenBackend:
             raise _error("attach", "xc_vm_event_get_version", ffi.errno)
         if version != abi.VERSION:
             raise Unsupported("attach", f"Xen speaks vm_event interface version {version}; this build speaks "
-                                        f"{abi.VERSION} (Xen 4.17)", _errno.EPROTO)
+                                        f"{abi.VERSION} (Xen 4.17 to 4.20)", _errno.EPROTO)
         caps = ffi.new("uint32_t *")
         if xc.xc_monitor_get_capabilities(self._xch, self.domid, caps) < 0:
             raise _error("attach", "xc_monitor_get_capabilities", ffi.errno)
@@ -660,6 +715,14 @@ class XenBackend:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def domain_identity(self) -> dict[str, Any]:
+        """Which domain this is, for a journal to name: its domid and the handle (UUID) the toolstack
+        gave it. A domain created later under the same name (or domid) has another handle."""
+        handle = bytes(int(b) for b in self._info("domain identity").handle)
+        uuid = handle.hex()
+        return {"kind": "xen", "domid": self.domid,
+                "uuid": f"{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-{uuid[16:20]}-{uuid[20:]}"}
+
     def domain_alive(self) -> bool:
         """False once the domain is gone, dying or shut down (the run loop stops then)."""
         try:
@@ -712,9 +775,9 @@ class XenBackend:
         self._check_ring(op)
         gfns = [int(g) for g in gfns]
         if isinstance(access, str):
-            codes = [access_code(access, op)] * len(gfns)
+            codes = [access_code(access, op, self.xen_release)] * len(gfns)
         else:
-            codes = [access_code(a, op) for a in access]
+            codes = [access_code(a, op, self.xen_release) for a in access]
             if len(codes) != len(gfns):
                 raise InvalidArgument(op, "one access value per gfn", _errno.EINVAL)
         populated = self.populated_among(gfns)
@@ -747,7 +810,7 @@ class XenBackend:
             call = "xc_altp2m_get_mem_access"
         if rc < 0:
             raise _error(op, call, ffi.errno, f"view {view}, gfn {gfn:#x}")
-        return access_name(int(acc[0]), op)
+        return access_name(int(acc[0]), op, self.xen_release)
 
     def populated_frames(self) -> Iterable[int]:
         """Frames backed by guest memory, from 0 to xc_domain_maximum_gpfn.
@@ -836,7 +899,7 @@ class XenBackend:
 
     def create_view(self, default_access: str = "rwx") -> int:
         view = self._ffi.new("uint16_t *")
-        if self._xc.xc_altp2m_create_view(self._xch, self.domid, access_code(default_access, "create_view"),
+        if self._xc.xc_altp2m_create_view(self._xch, self.domid, access_code(default_access, "create_view", self.xen_release),
                                           view) < 0:
             raise _error("create_view", "xc_altp2m_create_view", self._ffi.errno)
         return int(view[0])
@@ -967,7 +1030,7 @@ class XenBackend:
         self._check_ring(op)
         buf = bytearray(_DOMCTL_SIZE)
         buf[0:4] = CONSTANTS["XEN_DOMCTL_monitor_op"].to_bytes(4, "little")
-        buf[4:8] = CONSTANTS["XEN_DOMCTL_INTERFACE_VERSION"].to_bytes(4, "little")
+        buf[4:8] = self.xen_release.domctl_interface.to_bytes(4, "little")
         buf[8:10] = self.domid.to_bytes(2, "little")
         buf[16:20] = CONSTANTS["XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS"].to_bytes(4, "little")
         cbuf = self._ffi.new("uint8_t[]", bytes(buf))

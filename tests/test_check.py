@@ -195,3 +195,34 @@ def test_model_hash_ignores_spelling(policy_dir: Path):
                                   "    const N = 4\n    rule x: on write to r {\n deny\n }", name="b.vmi")
     assert a is not None and b is not None
     assert a.content_hash() == b.content_hash()
+
+
+@pytest.mark.parametrize("spec", [">99999999", "099999999x", ".99999999f", "*^200"])
+def test_message_format_widths_are_bounded(policy_dir: Path, spec: str):
+    """`{gla:>99999999}` would write a 100 MB record per event; the checker refuses it, fast."""
+    _, d = check_text(policy_dir, '    region r = symbol sys_call_table size 8\n'
+                                  f'    rule w: on write to r {{ deny alert critical "T {{gla:{spec}}}" }}')
+    assert "PC410" in codes(d)
+    assert any("at most 128" in (x.hint or "") for x in d)
+
+
+def test_message_format_width_within_the_bound_is_clean(policy_dir: Path):
+    _, d = check_text(policy_dir, '    region r = symbol sys_call_table size 8\n'
+                                  '    rule w: on write to r { deny alert critical "T {gla:>#20x} {rip:_>128}" }')
+    assert codes(d) == []
+
+
+@pytest.mark.parametrize("again, warns", [("ffffffff82100000", True), ("ffffffff82000360", False)])
+def test_a_symbol_defined_twice_in_the_map_warns_and_names_the_address_used(policy_dir: Path, again: str, warns: bool):
+    """The first definition is used; another at a different address is a warning (PC318) that names both."""
+    with (policy_dir / "linux-6.1.System.map").open("a", encoding="ascii") as f:
+        f.write(f"{again} D sys_call_table\n")
+    policy, d = check_text(policy_dir, "    region r = symbol sys_call_table size 8\n"
+                                       "    rule w: on write to r { deny }")
+    assert policy is not None and policy.region("r").extents[0].start.value == SYS_CALL_TABLE
+    if not warns:
+        assert codes(d) == []
+        return
+    [warning] = list(d)
+    assert warning.code == "PC318" and warning.severity.name == "WARNING"
+    assert "0xffffffff82000360, is used" in warning.message and "0xffffffff82100000" in warning.message

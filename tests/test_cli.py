@@ -412,3 +412,73 @@ def test_unwritable_output_and_directory_input_are_clear_errors(capsys, tmp_path
     assert not target.parent.exists()
     rc, out, err = run(capsys, "compile", str(tmp_path))
     assert rc == 1 and "is a directory" in err and "Traceback" not in err
+
+
+def test_compile_output_writes_through_special_files_and_symlinks(capsys, tmp_path):
+    """`-o` replaces a regular file atomically, but never a FIFO, a device or a symlink."""
+    import os
+    import stat
+    import threading
+
+    policy = str(EXAMPLE)
+    rc, expected, _ = run(capsys, "compile", policy)
+    assert rc == 0
+
+    rc, out, _ = run(capsys, "compile", policy, "-o", "-")
+    assert rc == 0 and out == expected
+
+    regular = tmp_path / "plan.json"
+    regular.write_text("old", encoding="utf-8")
+    regular.chmod(0o640)
+    assert run(capsys, "compile", policy, "-o", str(regular))[0] == 0
+    assert regular.read_text(encoding="utf-8") == expected
+    assert stat.S_IMODE(regular.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]   # no temporary left
+
+    link = tmp_path / "link.json"
+    link.symlink_to(regular.name)
+    regular.write_text("old", encoding="utf-8")
+    assert run(capsys, "compile", policy, "-o", str(link))[0] == 0
+    assert link.is_symlink() and regular.read_text(encoding="utf-8") == expected
+
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    assert run(capsys, "compile", policy, "-o", str(fifo))[0] == 0
+    reader.join(10)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and received == [expected.encode()]
+
+    devnull = Path(os.devnull)
+    assert run(capsys, "compile", policy, "-o", os.devnull)[0] == 0
+    assert stat.S_ISCHR(devnull.stat().st_mode)
+
+
+def test_fmt_write_follows_a_symlink_to_the_policy(capsys, work):
+    real = work / "good.vmi"
+    real.write_text(GOOD.replace("    deny", "  deny"), encoding="utf-8")
+    link = work / "link.vmi"
+    link.symlink_to(real.name)
+    rc, _, err = run(capsys, "fmt", "-w", str(link))
+    assert rc == 0, err
+    assert link.is_symlink()
+    assert real.read_text(encoding="utf-8") == GOOD
+
+
+def test_an_include_that_is_a_symlink_loop_is_a_diagnostic(capsys, work):
+    (work / "loop.vmi").symlink_to("loop.vmi")
+    (work / "good.vmi").write_text(GOOD.replace('    symbols', '    include "loop.vmi"\n    symbols'), encoding="utf-8")
+    for target in (work / "good.vmi", work):
+        rc, _, err = run(capsys, "check", str(target))
+        assert rc == 1
+        assert "error[PC308]: included file 'loop.vmi' is a symbolic link loop" in err
+    rc, _, err = run(capsys, "check", str(work / "loop.vmi"))
+    assert rc == 2 and "symbolic link to nothing (or a loop)" in err
+
+
+@pytest.mark.parametrize("command", ["check", "fmt"])
+def test_a_directory_without_policies_is_a_usage_error(capsys, tmp_path, command):
+    (tmp_path / "notes.txt").write_text("no policy here", encoding="utf-8")
+    rc, _, err = run(capsys, command, str(tmp_path))
+    assert rc == 2 and f"no policy files (.vmi, .yaml, .yml) under {tmp_path}" in err

@@ -733,6 +733,19 @@ def test_yaml_comments_survive_yaml_formatting():
         assert y.count(c) == 1
 
 
+@needs_yaml
+@pytest.mark.parametrize("char", ["\x01", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\ufeff", "\r"])
+def test_a_comment_with_a_control_character_converts_to_valid_yaml(char):
+    """YAML refuses C0/C1 controls raw and reads NEL, LS and PS as line breaks: they are escaped."""
+    import yaml
+
+    text = f'policy "p" {{\n    # before {char} after\n    mode audit\n}}\n'
+    y = format_yaml(parse(text))
+    assert yaml.safe_load(y) == {"policy": "p", "mode": "audit"}
+    assert f"# before \\u{ord(char):04x} after" in y
+    assert format_yaml(parse_yaml(y)) == y
+
+
 # ---------------------------------------------------------------- random trees
 
 KEYWORDS = {

@@ -813,3 +813,85 @@ def test_the_remap_op_on_a_large_page_traps(symbols, tmp_path):
         assert w.done and not w.took_effect
     finally:
         inst.teardown()
+
+
+# =========================================================================== a journal names its domain
+
+def test_recover_refuses_a_journal_of_another_domain_with_the_same_name(symbols, tmp_path):
+    """A guest that took the dead enforcer's guest name (or socket) is another domain: recovering it
+    from the journal would 'undo' changes it never had."""
+    xen = mk()
+    inst = install(bind_plan(plan(), xen, symbols), xen, state_dir=tmp_path)
+    path = inst.record.path
+    assert json.loads(path.read_text())["domain"] == xen.domain_identity()
+    del inst                                                # SIGKILL
+    newcomer = mk()                                         # same name, another domain
+    assert newcomer.name == xen.name and newcomer.domain_identity() != xen.domain_identity()
+    before = guest_snapshot(newcomer)
+    report = recover(newcomer, path)
+    assert report.found and not report.clean
+    assert "another guest took the name" in report.not_this_domain
+    assert_same(before, guest_snapshot(newcomer))           # nothing touched
+    assert path.exists()                                    # the journal stays for its own domain
+    assert recover(xen, path).clean and not path.exists()
+
+
+def test_recover_refuses_a_journal_that_names_no_domain(symbols, tmp_path):
+    xen = mk()
+    inst = install(bind_plan(plan(), xen, symbols), xen, state_dir=tmp_path)
+    path = inst.record.path
+    del inst
+    record = json.loads(path.read_text())
+    record.pop("domain")                                    # as an older policyc wrote it
+    path.write_text(json.dumps(record))
+    report = recover(xen, path)
+    assert "names no domain" in report.not_this_domain and path.exists()
+
+
+def test_stray_temporary_journals_are_removed(symbols, tmp_path):
+    xen = mk()
+    path = state_path_for(xen.name, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stray = path.parent / (path.name + ".k1ll3d")           # _Record.save killed before its rename
+    stray.write_text("{")
+    other = path.parent / "another-guest.json.x"
+    other.write_text("{")
+    inst = install(bind_plan(plan(), xen, symbols), xen, state_dir=tmp_path)
+    assert not stray.exists() and other.exists()
+    stray.write_text("{")
+    del inst
+    assert recover(xen, path).clean
+    assert not stray.exists() and not path.exists() and other.exists()
+
+
+def test_the_recover_command_refuses_another_domain_and_changes_nothing(tmp_path):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from policyc.cli import main
+    from policyc.runtime.install import _Record
+
+    guest = "simhost:/nonexistent.sock"
+    path = state_path_for(guest, tmp_path)
+    record = _Record(path, guest, plan(), {"kind": "sim", "name": "sim-x86_64", "instance": "0" * 32})
+    record.save([])
+
+    class Hosted:      # what `connect` returns for a simhost that is another domain now
+        def __init__(self) -> None:
+            self.xen = mk()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.xen, name)
+
+    import policyc.runtime.sim.host as host
+    real = host.connect
+    host.connect = lambda _socket: Hosted()
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["recover", "--guest", guest, "--state-dir", str(tmp_path)])
+    finally:
+        host.connect = real
+    assert code == 1, out.getvalue() + err.getvalue()
+    assert "not applying" in err.getvalue() and "instance 00000000" in err.getvalue()
+    assert "Traceback" not in out.getvalue() + err.getvalue() and path.exists()

@@ -245,6 +245,73 @@ def test_load_plan_rejects_a_schema_invalid_plan(tmp_path: Path):
         load_plan(tmp_path / "junk.json")
 
 
+def _nested(depth: int) -> list:
+    condition: list = ["field", "new"]
+    for _ in range(depth):
+        condition = ["not", condition]
+    return condition
+
+
+def _dangling_region(plan: dict) -> None:
+    plan["dispatch"]["mem_access"][0]["regions"] = ["nosuch"]
+
+
+def _dangling_range(plan: dict) -> None:
+    plan["views"][2]["ranges"][0]["region"] = "nosuch"
+
+
+def _dangling_rule(plan: dict) -> None:
+    plan["breakpoints"][0]["rules"] = ["nosuch"]
+
+
+def _dangling_site(plan: dict) -> None:
+    plan["dispatch"]["software_breakpoint"]["bp7"] = plan["dispatch"]["software_breakpoint"].pop("bp0")
+
+
+def _dangling_step_view(plan: dict) -> None:
+    plan["breakpoints"][0]["step_view"] = 9
+
+
+def _dangling_condition_region(plan: dict) -> None:
+    plan["dispatch"]["mov_to_msr"]["0xc0000082"][0]["condition"] = ["in", ["field", "new"], "nosuch"]
+
+
+def _too_wide(plan: dict) -> None:
+    plan["dispatch"]["mov_to_msr"]["0xc0000082"][0]["actions"][0]["alert"]["template"] = "LSTAR {new:>99999999}"
+
+
+def _too_deep(plan: dict) -> None:
+    plan["dispatch"]["mov_to_msr"]["0xc0000082"][0]["condition"] = _nested(600)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_dangling_region, "dispatch/mem_access/0: region 'nosuch' is not in the plan"),
+    (_dangling_range, "views/2/ranges/0: region 'nosuch' is not in the plan"),
+    (_dangling_rule, "breakpoints/0: rule 'nosuch' is not in the plan"),
+    (_dangling_site, "dispatch/software_breakpoint: breakpoint 'bp7' is not in the plan"),
+    (_dangling_step_view, "breakpoints/0: view 9 is not in the plan"),
+    (_dangling_condition_region, "0xc0000082/0/condition: region 'nosuch' is not in the plan"),
+    (_too_deep, "nests deeper than 256 levels"),
+    (_too_wide, "0xc0000082/0: a message field pads to 99999999 characters (at most 128)"),
+])
+def test_load_plan_checks_cross_references_of_a_resealed_plan(tmp_path: Path, edit, message):
+    """A resealed plan passes the hash check; what it names must still exist (else KeyError at run)."""
+    plan = golden("linux-kernel-integrity.x86_64")
+    edit(plan)
+    path = tmp_path / "edited.json"
+    path.write_text(dump_plan(seal(plan)))
+    with pytest.raises(PlanError) as err:
+        load_plan(path)
+    assert message in str(err.value)
+
+
+def test_load_plan_refuses_nesting_too_deep_for_the_json_reader(tmp_path: Path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PlanError, match="nests deeper than 256 levels"):
+        load_plan(path)
+
+
 # ---------------------------------------------------------------- the condition form
 
 def _entry(plan: dict, table: str, key: str | None, rule: str) -> dict:

@@ -51,7 +51,7 @@ _FORWARDED = (
     "monitor_control_registers",
     "monitor_mov_to_msr", "monitor", "monitors", "read_physical", "write_physical", "get_registers",
     "set_registers", "inject_exception", "take_requests", "put_responses", "notify", "single_stepping",
-    "unconsumed_requests",
+    "unconsumed_requests", "domain_identity",
 )
 
 

@@ -32,6 +32,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from ...arch import ARCHES
 from ...diagnostics import Diagnostics, Span
 from ...dsl import parse_expression
+from ...yaml_form import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, BoundedLoader, YamlBoundError
 from ... import syntax as S
 from ..guest_memory import MemorySnapshot
 from .guest import MSR, GuestFault, TranslationFault
@@ -68,6 +69,8 @@ _COMMON = ("vcpu", "op", "rip", "cr3", "insn_length", "comment", "name")
 _EXPR_KEYS = ("va", "value", "size", "base", "limit", "leaf", "subleaf", "to_pa", "rip", "cr3",
               "count", "times", "insn_length", "rax", "rbx", "rcx", "rdx")
 LOOP_KEEP_RAW = 4       # iterations of a loop whose raw events are kept
+MAX_LOOP_COUNT = 1_000_000          # iterations of one loop, and of nested loops together
+MAX_MEMORY = 8 << 30                # the simulator builds page tables and frames for all of it
 # How a `write`/`rmw` reaches its target (see `ScenarioRunner._route_write`).
 WRITE_ROUTES = ("auto", "va", "alias")
 
@@ -106,13 +109,19 @@ def _pos(node: Any) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _convert(node: Any, path: str, depth: int = 0) -> Any:
-    if depth > 64:
-        raise ScenarioError("nesting too deep", path, *_pos(node))
+def _convert(node: Any, path: str, budget: list[int], depth: int = 0) -> Any:
+    """Plain values with positions. Every node is charged to `budget`, an alias once per use: an
+    alias repeats its anchor's whole content, which is how a 300-byte file expands to gigabytes."""
+    if depth > MAX_DEPTH:
+        raise ScenarioError(f"YAML nesting is deeper than {MAX_DEPTH} levels", path, *_pos(node))
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ScenarioError(f"the scenario expands to more than {MAX_NODES:,} YAML nodes (through aliases)",
+                            path, *_pos(node))
     if isinstance(node, ScalarNode):
         return _SCALARS.construct_object(node, deep=True)
     if isinstance(node, SequenceNode):
-        out = _PList(_convert(n, path, depth + 1) for n in node.value)
+        out = _PList(_convert(n, path, budget, depth + 1) for n in node.value)
         out.pos = _pos(node)
         out.item_pos = [_pos(n) for n in node.value]
         return out
@@ -126,7 +135,7 @@ def _convert(node: Any, path: str, depth: int = 0) -> Any:
             key = knode.value
             if key in out:
                 raise ScenarioError(f"duplicate key '{key}'", path, *_pos(knode))
-            out[key] = _convert(vnode, path, depth + 1)
+            out[key] = _convert(vnode, path, budget, depth + 1)
             out.key_pos[key] = _pos(knode)
             out.value_pos[key] = _pos(vnode)
             out.quoted[key] = isinstance(vnode, ScalarNode) and vnode.style in ("'", '"')
@@ -135,17 +144,35 @@ def _convert(node: Any, path: str, depth: int = 0) -> Any:
 
 
 def _load_yaml(text: str, path: str) -> Any:
+    """The document read with the policy loader's bounds (size, nodes, depth, alias expansion)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
+        raise ScenarioError(f"larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB", path)
+    loader = BoundedLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+    except YamlBoundError as stop:
+        raise ScenarioError(stop.message, path, *(_mark_pos(stop.mark))) from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise ScenarioError(f"YAML syntax error: {exc.problem or exc}", path, line, col) from None
+        raise ScenarioError(f"YAML syntax error: {exc.problem or exc}", path,
+                            *_mark_pos(exc.problem_mark or exc.context_mark)) from None
     except yaml.YAMLError as exc:
         raise ScenarioError(f"YAML error: {exc}", path) from None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, UnicodeError) as exc:
+        raise ScenarioError(f"the YAML text cannot be read: {exc}", path) from None
+    finally:
+        loader.dispose()
     if node is None:
         raise ScenarioError("empty scenario file", path)
-    return _convert(node, path)
+    try:
+        return _convert(node, path, [MAX_NODES])
+    except yaml.YAMLError as exc:   # a scalar the constructor refuses (e.g. a bad timestamp)
+        raise ScenarioError(f"YAML error: {exc}", path, *_pos(node)) from None
+    except (ValueError, OverflowError) as exc:
+        raise ScenarioError(f"YAML value cannot be read: {exc}", path) from None
+
+
+def _mark_pos(mark: Any) -> tuple[int | None, int | None]:
+    return (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
 
 
 # --------------------------------------------------------------------------- expressions
@@ -364,9 +391,13 @@ def load_scenario_text(text: str, path: str = "<scenario>") -> Scenario:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ScenarioError(f"guest.{key}: expected a number", path, *guest.value_pos[key])
         try:
-            return parse_size(value) if key == "memory" else int(value, 0) if isinstance(value, str) else value
+            number = parse_size(value) if key == "memory" else int(value, 0) if isinstance(value, str) else value
         except ValueError as exc:
             raise ScenarioError(f"guest.{key}: {exc}", path, *guest.value_pos[key]) from None
+        if key == "memory" and not 0 < number <= MAX_MEMORY:
+            raise ScenarioError(f"guest.memory: {value} is outside 1 byte .. {MAX_MEMORY >> 30}G (the simulator "
+                                "holds all of it)", path, *guest.value_pos[key])
+        return number
 
     policy = doc.get("policy")
     symbols = guest.get("symbols")
@@ -453,8 +484,12 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
         step.count = exprs.get("count") or exprs.get("times")
         if step.count is None:
             raise ScenarioError("loop needs 'count'", path, *pos)
+        key = "count" if "count" in item else "times"
+        if isinstance(item[key], int):   # a literal: checked now (an expression is checked when run)
+            _check_loop_count(item[key], path, item.value_pos[key])
         inner = [0]
         step.body = _steps(body, path, inner)
+        _check_nested_loops(step, path)
         for s in step.body:
             if "vcpu" not in s.args:
                 s.vcpu = vcpu
@@ -473,6 +508,27 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
                                     s.line, s.col)
             seen.add(s.vcpu)
     return step
+
+
+def _check_loop_count(count: int, path: str, pos: tuple[int | None, int | None]) -> int:
+    if not 1 <= count <= MAX_LOOP_COUNT:
+        raise ScenarioError(f"loop: count {count if abs(count) < 10 ** 20 else 'of ' + str(len(str(count))) + ' digits'} "
+                            f"is outside 1..{MAX_LOOP_COUNT:,}", path, *pos)
+    return count
+
+
+def _check_nested_loops(step: Step, path: str) -> None:
+    """Nested literal counts multiply: each bounded alone can still run for hours together."""
+    def most(s: Step) -> int:
+        if s.op != "loop":
+            return 1
+        count = s.args.get("count", s.args.get("times"))
+        times = count if isinstance(count, int) else 1
+        return times * max((most(b) for b in s.body), default=1)
+    total = most(step)
+    if total > MAX_LOOP_COUNT:
+        raise ScenarioError(f"loop: nested loops run {total:,} iterations; at most {MAX_LOOP_COUNT:,}",
+                            path, step.line, step.col)
 
 
 # --------------------------------------------------------------------------- running
@@ -572,7 +628,7 @@ class ScenarioRunner:
 
     def loop_count(self, step: Step) -> int:
         assert step.count is not None
-        return step.count(_Env(self, step.vcpu))
+        return _check_loop_count(step.count(_Env(self, step.vcpu)), self.scenario.path, (step.line, step.col))
 
     def run_step(self, step: Step) -> StepResult:
         if step.op == "loop":
@@ -595,8 +651,7 @@ class ScenarioRunner:
         return tuple(dict.fromkeys(out))
 
     def _run_loop(self, step: Step) -> StepResult:
-        assert step.count is not None
-        count = step.count(_Env(self, step.vcpu))
+        count = self.loop_count(step)
         res = StepResult(step.index, "loop", step.vcpu, True, 0, [], [], [], False, False,
                          iterations=count, line=step.line)
         for i in range(count):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import errno as _errno
 import operator
 import struct
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -388,6 +389,7 @@ class SimulatedXen:
         self.profile = profile
         self._p = PROFILES[profile]
         self.name = name or f"sim-{profile}"
+        self.instance = uuid.uuid4().hex       # this simulated domain, as a journal names it
         self.guest = guest
         # An AArch64 guest translates with its own stage-1 tables; an x86 guest under the arm64 profile
         # keeps the x86 walker (the profile models Xen, the guest models the machine).
@@ -425,6 +427,10 @@ class SimulatedXen:
         self._closed = False
 
     # ================================================================== Backend: discovery
+    def domain_identity(self) -> dict[str, Any]:
+        """Which domain this is (XenBackend's is its domid and UUID): a fresh simulator is another domain."""
+        return {"kind": "sim", "name": self.name, "instance": self.instance}
+
     def capabilities(self) -> Capabilities:
         p = self._p
         return Capabilities(arch=self._p.arch or self.profile, vm_event_version=VERSION, vcpus=self._nvcpus,
