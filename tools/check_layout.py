@@ -44,7 +44,8 @@ def modules(root: Path = ROOT) -> dict[str, Path]:
 
 
 def problems(root: Path = ROOT) -> list[str]:
-    """Every breach of the rules, one line each (stable text, usable as a baseline)."""
+    """Every breach of the rules, one line each: stable text (no line counts, so an edit to a module
+    already over the bound is not a new problem), usable as a baseline."""
     mods = modules(root)
     graph = nx.DiGraph()
     out: list[str] = []
@@ -57,7 +58,7 @@ def problems(root: Path = ROOT) -> list[str]:
                 graph.add_edge(name, target)
         lines = len(text.splitlines())
         if lines > MAX_MODULE_LINES:
-            out.append(f"module {name} has {lines} lines (over {MAX_MODULE_LINES})")
+            out.append(f"module {name} is over {MAX_MODULE_LINES} lines")
         out.extend(_long_functions(name, text, tree))
     for cycle in sorted(sorted(c) for c in nx.simple_cycles(graph) if len(c) > 1):
         out.append("import cycle: " + " <-> ".join(cycle))
@@ -130,8 +131,8 @@ def _long_functions(name: str, text: str, tree: ast.AST) -> list[str]:
             head = " ".join(lines[node.lineno - 1:node.lineno + 5]).lower()
             if ONE_PIECE in head:
                 continue
-            out.append(f"function {name}.{node.name} has {length} lines (over {MAX_FUNCTION_LINES}, "
-                       f"no '{ONE_PIECE}' comment saying why)")
+            out.append(f"function {name}.{node.name} is over {MAX_FUNCTION_LINES} lines, with no "
+                       f"'{ONE_PIECE}' comment saying why")
     return out
 
 
