@@ -808,6 +808,12 @@ class XenBackend:
         else:
             rc = self._xc.xc_altp2m_get_mem_access(self._xch, self.domid, view, gfn, acc)
             call = "xc_altp2m_get_mem_access"
+            if rc < 0 and ffi.errno == _errno.ESRCH:
+                # An altp2m view holds an entry only once it was set or faulted in: until then Xen
+                # answers ESRCH (no mfn in the view), and the guest's first access copies the host
+                # p2m's entry into it. Its effective access is the host's (found live under Bochs 3.0,
+                # XEN-SEMANTICS §3).
+                return self.get_access(0, gfn)
         if rc < 0:
             raise _error(op, call, ffi.errno, f"view {view}, gfn {gfn:#x}")
         return access_name(int(acc[0]), op, self.xen_release)
