@@ -29,6 +29,15 @@ xl info | grep -E 'xen_version|virt_caps|nr_cpus|free_memory' | sed 's/^/LAB-INF
 T=$(up)
 P=/lab/policies
 case "$MODE/$GUEST" in
+  bochs3/tiny)
+    # Bochs 3.0 has the monitor trap flag: the memory policy compiled for x86_64 (altp2m views with
+    # FAST_SINGLESTEP, the breakpoint in a shadow frame)
+    NAME=labguest; xl create -q /lab/labguest-altp2m.cfg || xl create -q /lab/labguest.cfg
+    ARGS="--policy $P/lab-memory-vmx.vmi --target x86_64 --startup 900" ;;
+  bochs3/linux)
+    NAME=linuxguest; xl create -q /lab/linuxguest-altp2m.cfg || xl create -q /lab/linuxguest.cfg
+    # the example policy as written, for x86_64 (MTF)
+    ARGS="--policy $P/linux-kernel-integrity.vmi --check $P/linux-kernel-integrity.vmi --startup 900 --boot-timeout 1500" ;;
   bochs/tiny)
     NAME=labguest; xl create -q /lab/labguest-altp2m.cfg || xl create -q /lab/labguest.cfg
     ARGS="--policy $P/lab-memory-vmx.vmi --startup 900" ;;
