@@ -330,7 +330,9 @@ class Enforcer:
         inst = self.installation
         assert inst is not None
         if effect.apply(self.backend):            # inject, pause
-            self.pauses += effect.kind == "pause"
+            if effect.kind == "pause":
+                self.pauses += 1
+                inst.note_policy_pause()
             return
         if effect.kind == "relax_access":
             inst.relax_access(effect.gfn, effect.access)

@@ -409,6 +409,8 @@ class Installation:
         self.installed = False
         self.torn_down = False
         self.in_flight: dict[int, bytes] = {}   # taken from the ring, not yet answered (by ring order)
+        self.notify_owed = False                # responses pushed whose notify failed (retried)
+        self.notify_failures = 0
         self._seq = 0
         self._access_entries: dict[int, dict[str, Any]] = {}   # backend view -> its "access" entry
         self._shadows: dict[int, dict[str, Any]] = {}          # gfn -> its "shadow" entry
@@ -429,6 +431,12 @@ class Installation:
         self.record.data["paused"] = self.paused
         self.record.data["view_map"] = {str(k): v for k, v in self.view_map.items()}
         self.record.save(self.leftover + self.journal)
+
+    def note_policy_pause(self) -> None:
+        """The policy's `pause` action paused the domain on purpose: recorded, so that `recover` after
+        a crash leaves that pause for the operator instead of taking it for a stuck vCPU."""
+        self.record.data["policy_paused"] = int(self.record.data.get("policy_paused", 0)) + 1
+        self._save()
 
     def _pause(self) -> None:
         self.paused += 1          # recorded before the call: an extra unpause in recovery is harmless
@@ -693,6 +701,8 @@ class Installation:
     def take_requests(self, limit: int = 8) -> list[bytes]:
         """`backend.take_requests`, remembering what is taken until it is answered (teardown answers it)."""
         with self._lock:
+            if self.notify_owed:
+                self.notify()
             reqs = self.backend.take_requests(limit)
             for r in reqs:
                 self.in_flight[self._seq] = r
@@ -709,7 +719,20 @@ class Installation:
                     if int.from_bytes(self.in_flight[key][12:16], "little") == vcpu:
                         del self.in_flight[key]
                         break
+            self.notify()
+
+    def notify(self) -> bool:
+        """Tell the hypervisor responses are on the ring. A failed notify leaves the answered vCPUs
+        paused until a later one reaches Xen: it is owed, retried before the next take and at
+        teardown, and counted; it does not stop enforcing (the responses are already on the ring)."""
+        try:
             self.backend.notify()
+        except BackendError:
+            self.notify_owed = True
+            self.notify_failures += 1
+            return False
+        self.notify_owed = False
+        return True
 
     def _drain(self) -> list[str]:
         """Answer every request the enforcer holds and every one on the ring (loop: answering may let a
@@ -730,10 +753,13 @@ class Installation:
                 try:
                     b.put_responses([_teardown_response(r) for r in pending])
                     b.notify()
+                    self.notify_owed = False
                 except BackendError as exc:
                     errors.append(f"answering {len(pending)} pending request(s): {exc}")
                     break
                 pending = []
+            if self.notify_owed and not self.notify():
+                errors.append("notify: the hypervisor was never told of the last responses")
         return errors
 
     # ------------------------------------------------------------------ page-table watch
@@ -1126,7 +1152,11 @@ def recover(backend: Any, state_path: str | Path, *, reenable_ring: bool = True)
             still = sorted(b.paused_vcpus())
     except BackendError:
         still = []
-    if still:
+    asked = int(data.get("policy_paused", 0))
+    if still and asked and still == list(range(b.capabilities().vcpus)):
+        # the whole domain, paused by the policy's own `pause` action: kept, as teardown keeps it
+        report.cannot.append(f"the domain stays paused: the policy's pause action paused it ({asked}x), as asked")
+    elif still:
         report.errors.append(f"vCPU(s) {still} are still paused: their requests were taken by the dead agent "
                              "and the bare unpause responses did not reach them")
     if report.clean:
