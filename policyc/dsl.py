@@ -19,6 +19,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import syntax as S
 from .diagnostics import Diagnostics, Span
+from .dsl_descent import decode_string, join_spans, read_well_formed
 
 __all__ = ["parse_policy_text", "parse_expression", "decode_string", "MAX_ERRORS"]
 
@@ -29,6 +30,16 @@ MAX_EXPR_DEPTH = 200
 
 def parse_policy_text(text: str, path: str, diagnostics: Diagnostics) -> S.PolicyFile:
     """Parse a whole DSL file. Syntax errors go to `diagnostics`; the tree holds what parsed."""
+    well_formed = read_well_formed(text, path)
+    if well_formed is not None:
+        items, comments = well_formed
+        return S.PolicyFile(path, items, comments, "dsl", set())
+    return parse_with_lark(text, path, diagnostics)
+
+
+def parse_with_lark(text: str, path: str, diagnostics: Diagnostics) -> S.PolicyFile:
+    """Parse with the LALR parser of grammar/policy.lark: the reference, and the one that reports
+    syntax errors (recovering item by item) for files the descent reader gives up on."""
     comments: list[S.Comment] = []
     poisoned: set[str] = set()
     work = text
@@ -166,35 +177,6 @@ def _drop_deep_items(items: list, diagnostics: Diagnostics, poisoned: set[str]) 
             continue
         kept.append(top)
     return kept
-
-
-def decode_string(raw: str) -> str:
-    """Decode a quoted DSL string literal (with its quotes). Raises ValueError on a bad escape."""
-    body = raw[1:-1]
-    out: list[str] = []
-    i = 0
-    while i < len(body):
-        ch = body[i]
-        if ch != "\\":
-            out.append(ch)
-            i += 1
-            continue
-        if i + 1 >= len(body):
-            raise ValueError("string ends with a lone backslash")
-        esc = body[i + 1]
-        simple = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"'}
-        if esc in simple:
-            out.append(simple[esc])
-            i += 2
-        elif esc == "x":
-            digits = body[i + 2:i + 4]
-            if len(digits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
-                raise ValueError(f"\\x needs two hex digits, got '{digits}'")
-            out.append(chr(int(digits, 16)))
-            i += 4
-        else:
-            raise ValueError(f"unknown escape '\\{esc}'")
-    return "".join(out)
 
 
 def encode_string(value: str) -> str:
@@ -643,7 +625,7 @@ class _SyntaxBuilder(Transformer):
             else:
                 this_op, right = op, items[i]
                 i += 1
-            left = S.Binary(this_op, left, right, _join(left.span, right.span))
+            left = S.Binary(this_op, left, right, join_spans(left.span, right.span))
         return left
 
     @v_args(meta=True)
@@ -677,12 +659,6 @@ class _SyntaxBuilder(Transformer):
     @v_args(meta=True)
     def product(self, meta, children):
         return self._chain(meta, children)
-
-
-def _join(a: Span, b: Span) -> Span:
-    if a is S.NOWHERE or b is S.NOWHERE:
-        return a if b is S.NOWHERE else b
-    return Span(a.file, a.line, a.col, b.end_line or b.line, b.end_col or b.col)
 
 
 def _build(tree: Tree, path: str, diagnostics: Diagnostics) -> list:
