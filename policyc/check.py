@@ -28,6 +28,7 @@ from . import syntax as S
 from .arch import (ARCHES, CONTROL_REGISTERS, DESCRIPTOR_REGISTERS, EVENT_FIELDS, EXCEPTION_VECTORS,
                    RESERVED_REGION_NAMES, SEVERITIES, ArchInfo)
 from .diagnostics import Diagnostics, Span, did_you_mean
+from .gc_pause import gc_paused
 from .source import display_path, read_policy_file
 from .symbols import SymbolFileError, SymbolTable, load_symbol_table
 
@@ -46,13 +47,14 @@ def check_policy(path: str | Path, diagnostics: Diagnostics, *, target_arch: str
     """Check one root policy file and everything it includes. Returns None when there were errors."""
     root = Path(path)
     errors_before = diagnostics.error_count
-    tree = read_policy_file(root, diagnostics)
-    if tree is None:
-        return None
-    files = gather_files(root, diagnostics, tree)
-    if files is None:
-        return None
-    policy = _Checker(files, root, diagnostics, target_arch, tree).run()
+    with gc_paused():
+        tree = read_policy_file(root, diagnostics)
+        if tree is None:
+            return None
+        files = gather_files(root, diagnostics, tree)
+        if files is None:
+            return None
+        policy = _Checker(files, root, diagnostics, target_arch, tree).run()
     return None if diagnostics.error_count != errors_before else policy
 
 
@@ -60,8 +62,9 @@ def check_file_tree(tree: S.PolicyFile, root: Path, diagnostics: Diagnostics,
                     target_arch: str | None = None) -> M.Policy | None:
     """Check an already parsed root file (used by fmt's round-trip checks). Includes are read from disk."""
     errors_before = diagnostics.error_count
-    files = _Gatherer(root.parent.resolve(), diagnostics).expand(tree, root.resolve(), [])
-    policy = _Checker(files, root, diagnostics, target_arch, tree).run()
+    with gc_paused():
+        files = _Gatherer(root.parent.resolve(), diagnostics).expand(tree, root.resolve(), [])
+        policy = _Checker(files, root, diagnostics, target_arch, tree).run()
     return None if diagnostics.error_count != errors_before else policy
 
 

@@ -43,13 +43,15 @@ MAX_NESTING = 50
 
 _SKIP = re.compile(r"[ \t\f\r\n]*")
 _COMMENT = re.compile(r"#[^\n]*")
-_TOKEN = re.compile(r"""
-    (?P<STRING>"(?:[^"\\\n]|\\.)*")
+# Whitespace, then one token; a `#` stops it (a comment, or a vector where one may stand).
+_TOKEN = re.compile(r"""[ \t\f\r\n]*(?:
+    (?P<HASH>\#)
+  | (?P<STRING>"(?:[^"\\\n]|\\.)*")
   | (?P<OSYM>symbol\?)
   | (?P<WORD>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<INT>[0-9][0-9A-Za-z_]*)
   | (?P<OP>\.\.|==|!=|<=|>=|<<|>>|[-+*/%&|^~(){},:=.<>])
-""", re.X)
+  | (?P<EOF>\Z))""", re.X)
 _VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
 _ARCH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*")
 _VECTOR = re.compile(r"#[A-Z]{2,3}\b")
@@ -117,14 +119,18 @@ class _Reader:
 
     def peek(self) -> tuple[str, str, int, int]:
         if self.tok is None:
-            self._skip()
-            if self.pos >= len(self.text):
+            m = _TOKEN.match(self.text, self.pos)
+            if m is not None and m.lastgroup == "HASH":
+                self._skip()
+                m = _TOKEN.match(self.text, self.pos)
+            if m is None:
+                raise _GiveUp
+            kind = m.lastgroup
+            if kind == "EOF":
+                self.pos = m.end()
                 self.tok = _EOF
             else:
-                m = _TOKEN.match(self.text, self.pos)
-                if m is None:
-                    raise _GiveUp
-                self.tok = (m.lastgroup, m.group(), m.start(), m.end())  # type: ignore[assignment]
+                self.tok = (kind, m.group(kind), m.start(kind), m.end())  # type: ignore[assignment]
         return self.tok  # type: ignore[return-value]
 
     def take(self) -> tuple[str, str, int, int]:

@@ -26,6 +26,7 @@ from . import __version__
 from . import model as M
 from .arch import EXCEPTION_VECTORS
 from .diagnostics import Diagnostics, Span
+from .gc_pause import gc_paused
 from .plan_expr import compile_condition
 from .targets import TARGETS, TargetInfo, access_name
 
@@ -59,6 +60,11 @@ def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | No
     if arch not in TARGETS:
         diagnostics.error("PC411", policy.span, f"unknown target '{arch}'", f"targets: {', '.join(TARGETS)}")
         return None
+    with gc_paused():
+        return _compile(policy, diagnostics, arch)
+
+
+def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str) -> dict | None:
     low = _Lowering(policy, TARGETS[arch], diagnostics)
     errors_before = diagnostics.error_count
     seen_before = len(diagnostics.items)
