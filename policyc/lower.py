@@ -33,7 +33,8 @@ from .targets import TARGETS, TargetInfo, access_name
 __all__ = ["compile_plan", "PLAN_FORMAT", "PLAN_VERSION", "VIEW_HOST", "VIEW_UNRESTRICTED", "VIEW_RESTRICTED"]
 
 PLAN_FORMAT = "policyc.trap-plan"
-PLAN_VERSION = 1
+# 2: the collateral analysis lists partially watched pages as runs (partial_runs), not page by page.
+PLAN_VERSION = 2
 PAGE = 4096
 VIEW_HOST, VIEW_UNRESTRICTED, VIEW_RESTRICTED = 0, 1, 2
 

@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.lower import PLAN_VERSION, compile_plan
 from policyc.plan import PlanError, dump_plan, load_plan, plan_schema, seal, validate_plan
 from policyc.plan_expr import Bindings, evaluate
 
@@ -72,7 +72,7 @@ def test_schema_is_a_valid_draft_2020_12_schema():
     schema = plan_schema()
     Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["properties"]["plan_version"] == {"const": 1}
+    assert schema["properties"]["plan_version"] == {"const": PLAN_VERSION} and PLAN_VERSION == 2
     assert schema["additionalProperties"] is False
 
 
@@ -93,7 +93,7 @@ def test_every_golden_plan_validates_and_loads(path: Path):
 
 
 @pytest.mark.parametrize("mutate, where", [
-    (lambda p: p.__setitem__("plan_version", 2), "plan_version"),
+    (lambda p: p.__setitem__("plan_version", PLAN_VERSION + 1), "plan_version"),
     (lambda p: p.pop("dispatch"), "dispatch"),
     (lambda p: p.__setitem__("extra", 1), "extra"),
     (lambda p: p.__setitem__("content_hash", "sha256:xyz"), "content_hash"),
@@ -235,7 +235,7 @@ def test_load_plan_rejects_an_edited_plan(tmp_path: Path):
 
 def test_load_plan_rejects_a_schema_invalid_plan(tmp_path: Path):
     plan = golden("linux-kernel-integrity.x86_64")
-    plan["plan_version"] = 2
+    plan["plan_version"] = PLAN_VERSION + 1
     path = tmp_path / "future.json"
     path.write_text(dump_plan(seal(plan)))
     with pytest.raises(PlanError, match="not a valid trap plan"):
