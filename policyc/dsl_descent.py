@@ -36,7 +36,7 @@ from bisect import bisect_right
 from . import syntax as S
 from .diagnostics import Span
 
-__all__ = ["read_well_formed", "decode_string", "join_spans", "MAX_NESTING"]
+__all__ = ["read_well_formed", "read_expression", "decode_string", "join_spans", "MAX_NESTING"]
 
 # Deeper than this the reader hands over to Lark, whose path reports PC115 where it applies.
 MAX_NESTING = 50
@@ -70,11 +70,21 @@ def read_well_formed(text: str, path: str) -> tuple[list, list[S.Comment]] | Non
     reader = _Reader(text, path)
     try:
         items = reader.file()
-    except _GiveUp:
-        return None
-    except RecursionError:
+    except (_GiveUp, RecursionError):
         return None
     return items, [S.Comment(text[s:e].rstrip(), reader.span(s, e)) for s, e in reader.comments]
+
+
+def read_expression(text: str, base: Span) -> S.Expr | None:
+    """An expression written inside a YAML string whose first character is at `base`, or None."""
+    reader = _Reader(text, base.file, base)
+    try:
+        expr = reader.expr()[0]
+        if reader.peek() is not _EOF:
+            return None
+    except (_GiveUp, RecursionError):
+        return None
+    return expr
 
 
 class _GiveUp(Exception):
@@ -82,8 +92,9 @@ class _GiveUp(Exception):
 
 
 class _Reader:
-    def __init__(self, text: str, path: str) -> None:
+    def __init__(self, text: str, path: str, base: Span | None = None) -> None:
         self.text = text
+        self.base = base
         self.path = path
         self.pos = 0
         self.tok: tuple[str, str, int, int] | None = None
@@ -100,7 +111,8 @@ class _Reader:
         last = max(end - 1, start)
         end_line = bisect_right(starts, last)
         end_col = last - starts[end_line - 1] + 1
-        return Span(self.path, line, col, end_line, max(end_col, col))
+        span = Span(self.path, line, col, end_line, max(end_col, col))
+        return span if self.base is None else span.shifted(self.base.line - 1, self.base.col - 1)
 
     # -- lexing
     def _skip(self, vector: bool = False) -> None:
@@ -353,27 +365,33 @@ class _Reader:
 
     # -- expressions: each returns (node, container start, container end)
     def expr(self) -> tuple[S.Expr, int, int]:
+        depth = self.depth
+        self._deeper()
+        result = self._logic("or")
+        self.depth = depth
+        return result
+
+    def _deeper(self) -> None:
+        """One more level of nesting in the tree being built; too deep is Lark's to judge (PC115)."""
         self.depth += 1
         if self.depth > MAX_NESTING:
             raise _GiveUp
-        result = self._logic("or")
-        self.depth -= 1
-        return result
 
     def _logic(self, op: str) -> tuple[S.Expr, int, int]:
+        depth = self.depth
         left, start, end = self._logic("and") if op == "or" else self._not()
         while self.take_if("WORD", op):
+            self._deeper()  # a chain is a left-deep tree: each link nests one level
             right, _, end = self._logic("and") if op == "or" else self._not()
             left = S.Binary(op, left, right, join_spans(left.span, right.span))
+        self.depth = depth
         return left, start, end
 
     def _not(self) -> tuple[S.Expr, int, int]:
         tok = self.peek()
         if tok[:2] == ("WORD", "not"):
             self.take()
-            self.depth += 1
-            if self.depth > MAX_NESTING:
-                raise _GiveUp
+            self._deeper()
             operand, _, end = self._not()
             self.depth -= 1
             return S.Unary("not", operand, self.span(tok[2], end)), tok[2], end
@@ -395,22 +413,23 @@ class _Reader:
         return left, start, end
 
     def _binary(self, weakest: int) -> tuple[S.Expr, int, int]:
+        depth = self.depth
         left, start, end = self._unary()
         while True:
             kind, op, _, _ = self.peek()
             strength = _BINARY.get(op, 0) if kind == "OP" else 0
             if strength < weakest:
+                self.depth = depth
                 return left, start, end
             self.take()
+            self._deeper()
             right, _, end = self._binary(strength + 1)
             left = S.Binary(op, left, right, join_spans(left.span, right.span))
 
     def _unary(self) -> tuple[S.Expr, int, int]:
         kind, word, start, end = self.take()
         if kind == "OP" and word in ("-", "~"):
-            self.depth += 1
-            if self.depth > MAX_NESTING:
-                raise _GiveUp
+            self._deeper()
             operand, _, end = self._unary()
             self.depth -= 1
             return S.Unary(word, operand, self.span(start, end)), start, end

@@ -11,8 +11,9 @@ from lark import Lark
 
 from policyc import syntax as S
 from policyc.diagnostics import Diagnostics, Span
-from policyc.dsl import parse_expression, parse_with_lark
-from policyc.dsl_descent import read_well_formed
+from policyc.dsl import parse_expression
+from policyc.dsl_descent import read_expression, read_well_formed
+from policyc.dsl_lark import parse_expression_with_lark, parse_with_lark
 
 
 def test_grammar_has_no_conflicts_or_terminal_collisions():
@@ -119,7 +120,23 @@ def test_descent_reader_matches_lark_on_contextual_keywords_parentheses_and_vect
                                   "policy \"p\" { rule on read of r { log info \"\\q\" } }",  # bad escape
                                   "policy \"p\" { const x = a == b == c }",  # comparisons do not chain
                                   "policy \"p\" { region on = va 1 size 2 rule on: on cpuid { allow } }",
-                                  "policy \"p\" { const x = " + "(" * 120 + "1" + ")" * 120 + " }"])
+                                  "policy \"p\" { const x = " + "(" * 120 + "1" + ")" * 120 + " }",
+                                  "policy \"p\" { const x = " + "+".join(["1"] * 250) + " }"])
 def test_descent_reader_gives_up_where_lark_reports_or_nesting_is_deep(text):
     fast, _, _ = _both(text, "p.vmi")
     assert fast is None
+
+
+@pytest.mark.parametrize("text", ["a", "1", "(rip)", "not x in r and (cr4 & cr4.SMEP) == 0 or - ~ 3 * (4)",
+                                  "set(cr0.WP) or changed(cr4.SMEP, x)", "symbol? f + 0x10 .. 3",
+                                  "percpu symbol cur", "a # a comment\n + b", "a +", "0b12", "(((1)))",
+                                  "+".join(["1"] * 250), " or ".join(["a"] * 250)])
+def test_descent_reader_reads_yaml_expressions_as_lark_does(text):
+    base = Span("p.yaml", 7, 12)
+    d = Diagnostics()
+    reference = parse_expression_with_lark(text, base, d)
+    fast = read_expression(text, base)
+    if d.has_errors:
+        assert fast is None
+    else:
+        assert fast is not None and _same(fast, reference) is None
