@@ -17,7 +17,6 @@ of them; `check_policy` returns a model only when there were no errors.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import string
 from dataclasses import dataclass, field
@@ -282,8 +281,7 @@ class _Checker:
                     self.d.error("PC304", u.item.span, str(exc), hint)
                     continue
                 self.tables.append(table)
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                self.symbol_sources.append(M.SymbolSource(display_path(path), name, digest))
+                self.symbol_sources.append(M.SymbolSource(display_path(path), name, table.sha256))
 
     def lookup_symbol(self, ref: S.SymbolRef) -> Value:
         if not self.tables:
