@@ -49,10 +49,15 @@ class _Lowering:
     strategies: dict[str, str] = field(default_factory=dict)
     unusable: set[str] = field(default_factory=set)  # rules that cannot be lowered
 
+    relative: dict[str, str] = field(default_factory=dict)  # source file -> as the plan names it
+
     def at(self, span: Span) -> str:
         """A source position relative to the root policy's folder: plans must not depend on the cwd."""
-        root = os.path.dirname(self.policy.files[0]) if self.policy.files else ""
-        return f"{os.path.relpath(span.file, root or '.')}:{span.line}:{span.col}"
+        shown = self.relative.get(span.file)
+        if shown is None:
+            root = os.path.dirname(self.policy.files[0]) if self.policy.files else ""
+            shown = self.relative[span.file] = os.path.relpath(span.file, root or ".")
+        return f"{shown}:{span.line}:{span.col}"
 
 
 def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | None = None) -> dict | None:
