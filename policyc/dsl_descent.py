@@ -107,11 +107,15 @@ class _Reader:
         """Span of text[start:end] as Lark's positions give it (end column inclusive, never before the start)."""
         starts = self.line_starts
         line = bisect_right(starts, start)
-        col = start - starts[line - 1] + 1
-        last = max(end - 1, start)
-        end_line = bisect_right(starts, last)
-        end_col = last - starts[end_line - 1] + 1
-        span = Span(self.path, line, col, end_line, max(end_col, col))
+        line_start = starts[line - 1]
+        col = start - line_start + 1
+        last = end - 1 if end > start else start
+        if line < len(starts) and last >= starts[line]:  # ends on a later line
+            end_line = bisect_right(starts, last)
+            end_col = last - starts[end_line - 1] + 1
+        else:
+            end_line, end_col = line, last - line_start + 1
+        span = Span(self.path, line, col, end_line, end_col if end_col > col else col)
         return span if self.base is None else span.shifted(self.base.line - 1, self.base.col - 1)
 
     # -- lexing
@@ -146,7 +150,7 @@ class _Reader:
         return self.tok  # type: ignore[return-value]
 
     def take(self) -> tuple[str, str, int, int]:
-        tok = self.peek()
+        tok = (self.tok or self.peek())
         if tok is _EOF:
             raise _GiveUp
         self.pos = tok[3]
@@ -154,11 +158,11 @@ class _Reader:
         return tok
 
     def take_if(self, kind: str, value: str) -> tuple[str, str, int, int] | None:
-        tok = self.peek()
+        tok = (self.tok or self.peek())
         return self.take() if tok[0] == kind and tok[1] == value else None
 
     def expect(self, kind: str, value: str | None = None) -> tuple[str, str, int, int]:
-        tok = self.peek()
+        tok = (self.tok or self.peek())
         if tok[0] != kind or (value is not None and tok[1] != value):
             raise _GiveUp
         return self.take()
@@ -184,8 +188,8 @@ class _Reader:
     # -- file structure
     def file(self) -> list:
         items = []
-        while self.peek() is not _EOF:
-            tok = self.peek()
+        while (self.tok or self.peek()) is not _EOF:
+            tok = (self.tok or self.peek())
             items.append(self.policy_block() if tok[:2] == ("WORD", "policy") else self.item())
         return items
 
@@ -199,7 +203,7 @@ class _Reader:
         return S.PolicyBlock(name, items, self.span(start, self.pos))
 
     def item(self):
-        kind, word, start, _ = self.peek()
+        kind, word, start, _ = (self.tok or self.peek())
         if kind != "WORD" or word not in _ITEMS:
             raise _GiveUp
         self.take()
@@ -208,7 +212,7 @@ class _Reader:
         if word == "target":
             hypervisor = self.expect("WORD")[1]
             op = version = None
-            tok = self.peek()
+            tok = (self.tok or self.peek())
             if tok[0] == "OP" and tok[1] in _CMP:
                 op = self.take()[1]
                 version = self.pattern(_VERSION)[0]
@@ -243,7 +247,7 @@ class _Reader:
         return terms, first, end
 
     def region_term(self) -> tuple[S.RegionTerm, int, int]:
-        kind, word, start, _ = self.peek()
+        kind, word, start, _ = (self.tok or self.peek())
         if kind == "WORD" and word == "register":
             self.take()
             register = self.expect("WORD")[1]
@@ -256,7 +260,7 @@ class _Reader:
         base, base_start, end = self.expr()
         if space is None:
             start = base_start
-        tok = self.peek()
+        tok = (self.tok or self.peek())
         if tok[:2] == ("OP", ".."):
             self.take()
             last, _, end = self.expr()
@@ -272,7 +276,7 @@ class _Reader:
     # -- rules
     def rule(self, start: int) -> S.Rule:
         name = None
-        tok = self.peek()
+        tok = (self.tok or self.peek())
         if tok[0] == "WORD" and tok[1] != "on":
             name = self.take()[1]
             self.expect("OP", ":")
@@ -288,7 +292,7 @@ class _Reader:
         return S.Rule(trigger, actions, name, where, self.span(start, self.pos))
 
     def trigger(self) -> S.Trigger:
-        kind, word, start, end = self.peek()
+        kind, word, start, end = (self.tok or self.peek())
         if kind != "WORD":
             raise _GiveUp
         if word in ("read", "write", "access"):
@@ -303,7 +307,7 @@ class _Reader:
                 terms, _, end = self.region_terms()
                 return S.MemoryTrigger("execute", terms, self.span(start, end))
             space = None
-            tok = self.peek()
+            tok = (self.tok or self.peek())
             if tok[0] == "WORD" and tok[1] in ("va", "pa"):
                 space = self.take()[1]
             address, _, end = self.expr()
@@ -344,7 +348,7 @@ class _Reader:
             return S.Deny(feed, vector, self.span(start, end)), start, end
         if word in ("log", "alert"):
             severity = self.expect("WORD")[1]
-            _, raw, s, end = self.peek()
+            _, raw, s, end = (self.tok or self.peek())
             template = self.string()[0]
             return S.Report(word, severity, template, self.span(start, end), self.span(s, end)), start, end
         if word == "pause":
@@ -388,7 +392,7 @@ class _Reader:
         return left, start, end
 
     def _not(self) -> tuple[S.Expr, int, int]:
-        tok = self.peek()
+        tok = (self.tok or self.peek())
         if tok[:2] == ("WORD", "not"):
             self.take()
             self._deeper()
@@ -396,7 +400,7 @@ class _Reader:
             self.depth -= 1
             return S.Unary("not", operand, self.span(tok[2], end)), tok[2], end
         left, start, end = self._binary(1)
-        kind, word, _, _ = self.peek()
+        kind, word, _, _ = (self.tok or self.peek())
         if kind == "OP" and word in _CMP:
             self.take()
             right, _, end = self._binary(1)
@@ -404,7 +408,7 @@ class _Reader:
         negated = kind == "WORD" and word == "not"
         if negated:
             self.take()
-            if self.peek()[:2] != ("WORD", "in"):
+            if (self.tok or self.peek())[:2] != ("WORD", "in"):
                 raise _GiveUp
         if negated or (kind == "WORD" and word == "in"):
             self.take()
@@ -416,7 +420,7 @@ class _Reader:
         depth = self.depth
         left, start, end = self._unary()
         while True:
-            kind, op, _, _ = self.peek()
+            kind, op, _, _ = (self.tok or self.peek())
             strength = _BINARY.get(op, 0) if kind == "OP" else 0
             if strength < weakest:
                 self.depth = depth
@@ -451,7 +455,7 @@ class _Reader:
             self.expect("WORD", "symbol")
             _, name, _, end = self.expect("WORD")
             return S.SymbolRef(name, False, True, self.span(start, end)), start, end
-        tok = self.peek()
+        tok = (self.tok or self.peek())
         if tok[:2] == ("OP", "."):
             self.take()
             _, attr, _, end = self.expect("WORD")
