@@ -57,7 +57,7 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
         region = G.region_table(policy)[name]
         if region.empty:
             continue
-        pages = G.space_map_pages(G.region_bytes(region))
+        pages = G.named_region_pages(policy, name)
         span = {space: G.pages_to_bytes(ivs) for space, ivs in pages.items()}
         n_pages = G.space_map_measure(pages)
         by_access = {}

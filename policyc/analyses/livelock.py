@@ -145,15 +145,11 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]
     enforce = plan.get("policy", {}).get("mode", policy.mode) == "enforce"
     views = {v["id"]: v for v in plan.get("views", [])}
     responses = plan.get("responses", {})
-    pages: dict[str, G.SpaceMap] = {}
-
     def region_pages(name: str) -> G.SpaceMap:
-        if name not in pages:
-            try:
-                pages[name] = G.space_map_pages(G.region_bytes(G.region_table(policy)[name]))
-            except KeyError:
-                pages[name] = {}
-        return pages[name]
+        try:
+            return G.named_region_pages(policy, name)
+        except KeyError:
+            return {}
 
     def traps(rng: dict) -> set[str]:
         t = set(rng.get("traps", ""))

@@ -121,12 +121,8 @@ class _Maps:
     def __init__(self, policy: M.Policy, target: TargetInfo) -> None:
         self.policy = policy
         self.x86 = target.name.startswith("x86_64")
-        self._pages: dict[str, G.SpaceMap] = {}
-
     def region_pages(self, name: str) -> G.SpaceMap:
-        if name not in self._pages:
-            self._pages[name] = G.space_map_pages(G.region_bytes(G.region_table(self.policy)[name]))
-        return self._pages[name]
+        return G.named_region_pages(self.policy, name)
 
     def effective(self, traps: set[str]) -> set[str]:
         # EPT has no write-without-read: trapping reads traps writes too.
