@@ -306,3 +306,17 @@ def test_msr_bit_test_and_per_cpu_regions():
     assert evaluate(nxe, {"old": 0x501, "new": 0xD01}) is False
     gdt = plan["regions"]["gdt"]["extents"][0]
     assert gdt["percpu"] is True and gdt["relocatable"] is False
+
+
+def test_dump_plan_writes_exactly_what_json_dumps_writes():
+    # dump_plan has its own writer (the standard library's indented one is twice as slow); the
+    # canonical bytes must stay the standard library's, golden plans and awkward values alike.
+    def standard(value) -> str:
+        return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+
+    for path in GOLDEN_FILES:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        assert dump_plan(plan) == standard(plan), path.name
+    awkward = {"b": [0.0, 1.0, -0.0, 1.5, 1e100, 0, 1, True, False, None, "", "é\u2028\x00\"\\"], "a": {},
+               "c": [[], {}, (1, (2,)), {"z": {"y": []}}], "é": {10: "int keys", 9: 3}}
+    assert dump_plan(awkward) == standard(awkward)
