@@ -222,7 +222,7 @@ def _check_file(path: Path, target: str | None) -> _FileResult:
         # A policy its target cannot enforce, or with rules that contradict each other,
         # fails the check too: everything short of writing the plan.
         from .lower import compile_plan
-        compile_plan(policy, own, target=target)
+        compile_plan(policy, own, target=target, sealed=False)
     tree = read_policy_file(path, Diagnostics())  # the check's own parse, from the cache
     return _FileResult(path.resolve(), list(own), included_files(path),
                        tree is not None and tree.policy is not None)

@@ -60,17 +60,21 @@ class _Lowering:
         return f"{shown}:{span.line}:{span.col}"
 
 
-def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | None = None) -> dict | None:
-    """Lower a checked policy for a target (default: the policy's). None when there were errors."""
+def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | None = None,
+                 sealed: bool = True) -> dict | None:
+    """Lower a checked policy for a target (default: the policy's). None when there were errors.
+
+    `sealed=False` is for `policyc check`, which wants the diagnostics and throws the plan away: the
+    policy hash and the plan's content hash (a canonical serialisation of each) are left out."""
     arch = target or policy.target.arch
     if arch not in TARGETS:
         diagnostics.error("PC411", policy.span, f"unknown target '{arch}'", f"targets: {', '.join(TARGETS)}")
         return None
     with gc_paused():
-        return _compile(policy, diagnostics, arch)
+        return _compile(policy, diagnostics, arch, sealed)
 
 
-def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str) -> dict | None:
+def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str, sealed: bool) -> dict | None:
     low = _Lowering(policy, TARGETS[arch], diagnostics)
     errors_before = diagnostics.error_count
     seen_before = len(diagnostics.items)
@@ -88,7 +92,8 @@ def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str) -> dict | No
         "target": {"hypervisor": "xen", "min_version": ".".join(map(str, policy.target.min_version)),
                    "arch": low.target.name, "description": low.target.description,
                    "max_views": low.target.max_views},
-        "policy": {"name": policy.name, "hash": "sha256:" + policy.content_hash(), "mode": policy.mode,
+        "policy": {"name": policy.name, "hash": "sha256:" + policy.content_hash() if sealed else None,
+                   "mode": policy.mode,
                    "symbols": [{"name": s.name, "sha256": s.sha256} for s in policy.symbols]},
         "regions": regions,
         "views": views,
@@ -106,6 +111,8 @@ def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str) -> dict | No
     own = sorted(diagnostics.items[seen_before:], key=lambda x: x.sort_key())
     plan["warnings"] = [{"code": w.code, "message": w.message, "at": low.at(w.span) if w.span else None}
                         for w in own if w.severity.value == "warning" and w.code.startswith("PC5")]
+    if not sealed:
+        return plan
     from .plan import seal
     return seal(plan)
 

@@ -320,3 +320,19 @@ def test_dump_plan_writes_exactly_what_json_dumps_writes():
     awkward = {"b": [0.0, 1.0, -0.0, 1.5, 1e100, 0, 1, True, False, None, "", "é\u2028\x00\"\\"], "a": {},
                "c": [[], {}, (1, (2,)), {"z": {"y": []}}], "é": {10: "int keys", 9: 3}}
     assert dump_plan(awkward) == standard(awkward)
+
+
+def test_an_unsealed_compile_is_the_plan_without_its_hashes_and_the_same_diagnostics():
+    # `policyc check` compiles unsealed: it keeps the diagnostics and throws the plan away.
+    path = EXAMPLES / "linux-kernel-integrity.vmi"
+    runs = []
+    for sealed in (True, False):
+        d = Diagnostics()
+        plan = compile_plan(check_policy(path, d), d, target="x86_64-nomtf", sealed=sealed)  # warns PC501
+        runs.append((plan, [(x.code, x.span, x.message) for x in d.sorted()]))
+    (sealed_plan, sealed_diags), (unsealed_plan, unsealed_diags) = runs
+    assert unsealed_diags == sealed_diags and sealed_diags
+    assert "content_hash" not in unsealed_plan and unsealed_plan["policy"]["hash"] is None
+    sealed_plan.pop("content_hash")
+    sealed_plan["policy"]["hash"] = None
+    assert unsealed_plan == sealed_plan
