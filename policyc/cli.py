@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from . import __version__
 from .diagnostics import Diagnostic, Diagnostics, Severity, SourceCache, render_json, render_sarif, render_text
@@ -32,11 +32,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.run(args)
+        status = args.run(args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    if argv is None and args.command in ("check", "compile"):
+        _exit_now(status)
+    return status
+
+
+def _exit_now(status: int) -> NoReturn:
+    """End the process without the interpreter's teardown. A checked 10 MB policy is a gigabyte of
+    small objects, and freeing them one by one at exit took a third of the command's CPU time. check
+    and compile leave nothing to clean up (their files are closed, their worker processes joined,
+    nothing of theirs is registered with atexit); the runtime commands do, and exit normally."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, OSError):
+        pass
+    os._exit(status)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -438,3 +438,17 @@ def test_unwritable_output_and_directory_input_are_clear_errors(capsys, tmp_path
     assert not target.parent.exists()
     rc, out, err = run(capsys, "compile", str(tmp_path))
     assert rc == 1 and "is a directory" in err and "Traceback" not in err
+
+
+def test_the_installed_check_and_compile_flush_everything_before_ending_the_process(tmp_path):
+    # As a program, check and compile end the process without the interpreter's teardown: what they
+    # printed must still all arrive, and the status must be main()'s.
+    policyc = shutil.which("policyc", path=str(Path(sys.executable).parent))
+    if policyc is None:
+        pytest.skip("the policyc command is not installed next to this interpreter")
+    plan = subprocess.run([policyc, "compile", str(EXAMPLE)], capture_output=True, text=True, cwd=EXAMPLES)
+    golden = REPO / "tests" / "golden" / "plans" / "linux-kernel-integrity.x86_64.plan.json"
+    assert plan.returncode == 0 and plan.stdout == golden.read_text(encoding="utf-8")
+    broken = subprocess.run([policyc, "check", "--format", "json", str(REPO / "tests" / "broken")],
+                            capture_output=True, text=True)
+    assert broken.returncode == 1 and json.loads(broken.stdout)["diagnostics"]
