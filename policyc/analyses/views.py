@@ -376,9 +376,7 @@ def context_monitors(views: list[dict]) -> dict:
 def breakpoint_views(policy: M.Policy, views: list[dict], address: int, percpu: bool = False) -> list[int]:
     """The restricted views a shadow-frame breakpoint must be planted in: every restricted view when a
     global rule uses it, else the views of the contexts of its rules."""
-    wanted = {rule_context(r) for r in policy.rules
-              if isinstance(r.trigger, M.Breakpoint) and (r.trigger.address.value, r.trigger.address.percpu)
-              == (address, percpu)}
+    wanted = _breakpoint_contexts(policy).get((address, percpu), set())
     out = []
     for v in views:
         if v.get("role") != "restricted":
@@ -386,6 +384,22 @@ def breakpoint_views(policy: M.Policy, views: list[dict], address: int, percpu: 
         if GLOBAL in wanted or wanted & set(v.get("contexts", ())):
             out.append(v["id"])
     return out
+
+
+_BREAKPOINT_CONTEXTS: list = [None, {}]  # the last policy asked about; (address, percpu) -> contexts
+
+
+def _breakpoint_contexts(policy: M.Policy) -> dict[tuple[int, bool], set[str]]:
+    """The contexts of the rules on each breakpoint address, indexed once per policy (a policy places
+    hundreds of breakpoints among 10,000s of rules: scanning the rules per site was quadratic)."""
+    if _BREAKPOINT_CONTEXTS[0] is not policy:
+        index: dict[tuple[int, bool], set[str]] = {}
+        for r in policy.rules:
+            if isinstance(r.trigger, M.Breakpoint):
+                a = r.trigger.address
+                index.setdefault((a.value, a.percpu), set()).add(rule_context(r))
+        _BREAKPOINT_CONTEXTS[:] = [policy, index]
+    return _BREAKPOINT_CONTEXTS[1]
 
 
 def _greedy_colouring(nodes: list[str], neighbours: dict[str, list[str]]) -> dict[str, int]:
