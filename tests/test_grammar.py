@@ -140,3 +140,44 @@ def test_descent_reader_reads_yaml_expressions_as_lark_does(text):
         assert fast is None
     else:
         assert fast is not None and _same(fast, reference) is None
+
+
+_WORDS = ["on", "rule", "region", "const", "not", "in", "and", "or", "size", "symbol", "symbol?", "percpu", "va",
+          "pa", "register", "where", "deny", "with", "#UD", "feed", "log", "execute", "read", "write", "to", "of",
+          "msr", "cpuid", "leaf", "limit", "per", "second", "then", "..", "(", ")", "{", "}", ",", ":", "=", "==",
+          "<", "<<", "-", "~", "x", "0x10", "0b2", '"s"', "# c\n", "\n"]
+
+
+def test_descent_reader_agrees_with_lark_on_mutated_examples():
+    # Random token-level edits of the example policies: whatever the descent reader accepts, Lark must
+    # accept too and build the same tree (spans included); what Lark rejects, the reader must give up on.
+    import random
+    import re
+
+    rng = random.Random(12)
+    sources = sorted(p for p in (REPO / "examples" / "policies").glob("*.vmi"))
+    tokens_of = {p: re.findall(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*\n|\s+|[A-Za-z_0-9?#.]+|.', p.read_text()) for p in sources}
+    accepted = rejected = 0
+    for _ in range(150):
+        path = rng.choice(sources)
+        tokens = list(tokens_of[path])
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(tokens))
+            edit = rng.randrange(3)
+            if edit == 0:
+                del tokens[i]
+            elif edit == 1:
+                tokens.insert(i, rng.choice(_WORDS) + rng.choice([" ", ""]))
+            else:
+                j = rng.randrange(len(tokens))
+                tokens[i], tokens[j] = tokens[j], tokens[i]
+        text = "".join(tokens)
+        fast, reference, d = _both(text, path.name)
+        if d.has_errors:
+            assert fast is None, text
+            rejected += 1
+        elif fast is not None:
+            assert _same(fast[0], reference.items) is None, text
+            assert _same(fast[1], reference.comments) is None, text
+            accepted += 1
+    assert accepted and rejected  # both outcomes were exercised
