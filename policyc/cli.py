@@ -209,19 +209,23 @@ class _FileResult:
 def _check_files(files: list[Path], target: str | None, jobs: int) -> list[_FileResult]:
     """Every file's result, in the order given, whatever the number of processes. Each process
     keeps its own parser and symbol tables for all the files it is handed."""
-    jobs = min(jobs, len(files))
+    jobs = min(jobs, len(files) - 1)
     if jobs <= 1:
         return [_check_file(f, target) for f in files]
     import concurrent.futures
     import multiprocessing
 
+    # The first file here, before the workers fork: they inherit the symbol tables it loaded (a
+    # System.map is 160,000 symbols), so a tree of policies naming one map reads it once.
+    first = _check_file(files[0], target)
+    rest = files[1:]
     # Contiguous batches, a few per process: files of one directory tend to share symbol files.
-    batch = max(1, -(-len(files) // (jobs * 4)))
-    batches = [files[i:i + batch] for i in range(0, len(files), batch)]
+    batch = max(1, -(-len(rest) // (jobs * 4)))
+    batches = [rest[i:i + batch] for i in range(0, len(rest), batch)]
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         done = pool.map(_check_batch, batches, [target] * len(batches))
-        return [r for results in done for r in results]
+        return [first] + [r for results in done for r in results]
 
 
 def _check_batch(files: list[Path], target: str | None) -> list[_FileResult]:
