@@ -42,6 +42,11 @@ generator bug would otherwise measure the wrong thing. Nothing about time.
     python bench/check_scale.py [--rules N] [--regions M] [--seed S] [--repeat K] [--json] [--keep DIR]
 
     python bench/check_scale.py --rules 1000 --regions 10000     # a quick run
+
+With --json the report carries, at its top level, the keys every scale benchmark
+reports: check_s, compile_s and serialise_s (the last two with --lower, else
+null), peak_rss_mib (the fresh interpreter's max RSS during the check) and
+plan_bytes (with --lower).
 """
 
 from __future__ import annotations
@@ -443,6 +448,15 @@ class _Clock:
         self.cpu = time.process_time() - self.cpu0
 
 
+def _forget_parses() -> None:
+    """read_policy_file keeps recent parses by content: each measurement starts without them."""
+    import policyc.source as source
+    if hasattr(source, "_PARSED"):
+        source._PARSED.clear()
+    if hasattr(source, "_PARSED_BYTES"):
+        source._PARSED_BYTES[0] = 0
+
+
 def measure_in_process(path: Path, repeat: int) -> dict:
     """Best of `repeat`: the parse alone, the checker's passes alone on that parsed tree, and the whole check."""
     runs: dict[str, list[tuple[float, float]]] = {"parse": [], "passes": [], "check": []}
@@ -451,6 +465,7 @@ def measure_in_process(path: Path, repeat: int) -> dict:
     refusal: list[str] = []
     for _ in range(repeat):
         gc.collect()
+        _forget_parses()
         with _Clock() as c:
             tree = read_policy_file(path, Diagnostics())
         runs["parse"].append((c.wall, c.cpu))
@@ -460,6 +475,7 @@ def measure_in_process(path: Path, repeat: int) -> dict:
             runs["passes"].append((c.wall, c.cpu))
         del tree
         gc.collect()
+        _forget_parses()  # the whole check, parse included (read_policy_file keeps recent parses)
         d = Diagnostics()
         with _Clock() as c:
             policy = check_policy(path, d)
@@ -543,14 +559,21 @@ policy = check_policy(Path(sys.argv[1]), Diagnostics())
 gc.collect()
 d = Diagnostics()
 w, c = time.perf_counter(), time.process_time()
-compile_plan(policy, d)
+plan = compile_plan(policy, d)
 w, c = time.perf_counter() - w, time.process_time() - c
+serialise_s = plan_bytes = None
+if plan is not None:
+    from policyc.plan import dump_plan
+    s = time.perf_counter()
+    plan_bytes = len(dump_plan(plan).encode())
+    serialise_s = time.perf_counter() - s
 codes = {}
 for x in d:
     key = f"{x.severity.value} {x.code}"
     codes[key] = codes.get(key, 0) + 1
 errors = [f"{x.span}: {x.code} {x.message}" for x in d.sorted() if x.severity is Severity.ERROR]
-print(json.dumps({"lower_s": w, "lower_cpu_s": c, "lower_errors": len(errors),
+print(json.dumps({"lower_s": w, "lower_cpu_s": c, "serialise_s": serialise_s, "plan_bytes": plan_bytes,
+                  "lower_errors": len(errors),
                   "lower_warnings": sum(x.severity is Severity.WARNING for x in d),
                   "lower_diagnostics": codes, "lower_first_errors": errors[:3]}))
 """
@@ -745,6 +768,11 @@ def main() -> int:
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
+    # The keys every scale benchmark reports (bench/compile_scale.py has the same): the DSL at full size.
+    dsl_full = report.get("full", {}).get("dsl", {})
+    report.update({"check_s": dsl_full.get("check_s"), "compile_s": dsl_full.get("lower_s"),
+                   "serialise_s": dsl_full.get("serialise_s"), "plan_bytes": dsl_full.get("plan_bytes"),
+                   "peak_rss_mib": round(dsl_full["maxrss_kib"] / 1024, 1) if dsl_full.get("maxrss_kib") else None})
     text = table(report)
     if args.json:
         print(text, file=sys.stderr)

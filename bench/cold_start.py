@@ -68,9 +68,12 @@ def policyc_lark_cache() -> Path | None:
     code = (
         "import logging, lark\n"
         "lark.logger.setLevel(logging.DEBUG)\n"
-        "from policyc.dsl import parse_policy_text\n"
+        "try:\n"  # the Lark parser itself: policyc.dsl reads well-formed files without building it
+        "    from policyc.dsl_lark import parse_with_lark as parse\n"
+        "except ImportError:\n"
+        "    from policyc.dsl import parse_policy_text as parse\n"
         "from policyc.diagnostics import Diagnostics\n"
-        "parse_policy_text('policy \"x\" {}', 'x', Diagnostics())\n"
+        "parse('policy \"x\" {}', 'x', Diagnostics())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     for line in out.stderr.splitlines():

@@ -17,7 +17,6 @@ of them; `check_policy` returns a model only when there were no errors.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import string
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from . import syntax as S
 from .arch import (ARCHES, CONTROL_REGISTERS, DESCRIPTOR_REGISTERS, EVENT_FIELDS, EXCEPTION_VECTORS,
                    RESERVED_REGION_NAMES, SEVERITIES, ArchInfo)
 from .diagnostics import Diagnostics, Span, did_you_mean
+from .gc_pause import gc_paused
 from .plan import MAX_FORMAT_WIDTH, format_width_over_bound
 from .source import display_path, read_policy_file
 from .symbols import SymbolFileError, SymbolTable, load_symbol_table
@@ -47,13 +47,14 @@ def check_policy(path: str | Path, diagnostics: Diagnostics, *, target_arch: str
     """Check one root policy file and everything it includes. Returns None when there were errors."""
     root = Path(path)
     errors_before = diagnostics.error_count
-    tree = read_policy_file(root, diagnostics)
-    if tree is None:
-        return None
-    files = gather_files(root, diagnostics, tree)
-    if files is None:
-        return None
-    policy = _Checker(files, root, diagnostics, target_arch, tree).run()
+    with gc_paused():
+        tree = read_policy_file(root, diagnostics)
+        if tree is None:
+            return None
+        files = gather_files(root, diagnostics, tree)
+        if files is None:
+            return None
+        policy = _Checker(files, root, diagnostics, target_arch, tree).run()
     return None if diagnostics.error_count != errors_before else policy
 
 
@@ -61,8 +62,9 @@ def check_file_tree(tree: S.PolicyFile, root: Path, diagnostics: Diagnostics,
                     target_arch: str | None = None) -> M.Policy | None:
     """Check an already parsed root file (used by fmt's round-trip checks). Includes are read from disk."""
     errors_before = diagnostics.error_count
-    files = _Gatherer(root.parent.resolve(), diagnostics).expand(tree, root.resolve(), [])
-    policy = _Checker(files, root, diagnostics, target_arch, tree).run()
+    with gc_paused():
+        files = _Gatherer(root.parent.resolve(), diagnostics).expand(tree, root.resolve(), [])
+        policy = _Checker(files, root, diagnostics, target_arch, tree).run()
     return None if diagnostics.error_count != errors_before else policy
 
 
@@ -288,8 +290,7 @@ class _Checker:
                     self.d.error("PC304", u.item.span, str(exc), hint)
                     continue
                 self.tables.append(table)
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                self.symbol_sources.append(M.SymbolSource(display_path(path), name, digest))
+                self.symbol_sources.append(M.SymbolSource(display_path(path), name, table.sha256))
 
     def lookup_symbol(self, ref: S.SymbolRef) -> Value:
         if not self.tables:

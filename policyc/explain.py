@@ -464,9 +464,11 @@ def _collateral(c: dict) -> list[str]:
             mostly = "  <- mostly collateral"
         out.append(f"  {name:<24} traps {r.get('accesses', '?'):<3} {_pages_text(r.get('pages'))}: "
                    f"{_bytes_line(r)}{mostly}")
-        for page in r.get("partial_pages", []):
-            out.append(f"      partial page {page.get('space', '')} {page['page']}: "
-                       f"{page['watched_bytes']} of {page['trapped_bytes']} bytes watched")
+        for run in r.get("partial_runs", []):
+            pages = f"{run['pages']} pages from" if run["pages"] != 1 else "page"
+            each = " each" if run["pages"] != 1 else ""
+            out.append(f"      partial {pages} {run.get('space', '')} {run['start']}: "
+                       f"{run['watched_bytes']} of {run['trapped_bytes']} bytes watched{each}")
     return out
 
 

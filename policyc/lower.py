@@ -26,13 +26,15 @@ from . import __version__
 from . import model as M
 from .arch import EXCEPTION_VECTORS
 from .diagnostics import Diagnostics, Span
+from .gc_pause import gc_paused
 from .plan_expr import compile_condition
 from .targets import TARGETS, TargetInfo, access_name
 
 __all__ = ["compile_plan", "PLAN_FORMAT", "PLAN_VERSION", "VIEW_HOST", "VIEW_UNRESTRICTED", "VIEW_RESTRICTED"]
 
 PLAN_FORMAT = "policyc.trap-plan"
-PLAN_VERSION = 1
+# 2: the collateral analysis lists partially watched pages as runs (partial_runs), not page by page.
+PLAN_VERSION = 2
 PAGE = 4096
 VIEW_HOST, VIEW_UNRESTRICTED, VIEW_RESTRICTED = 0, 1, 2
 
@@ -47,18 +49,32 @@ class _Lowering:
     strategies: dict[str, str] = field(default_factory=dict)
     unusable: set[str] = field(default_factory=set)  # rules that cannot be lowered
 
+    relative: dict[str, str] = field(default_factory=dict)  # source file -> as the plan names it
+
     def at(self, span: Span) -> str:
         """A source position relative to the root policy's folder: plans must not depend on the cwd."""
-        root = os.path.dirname(self.policy.files[0]) if self.policy.files else ""
-        return f"{os.path.relpath(span.file, root or '.')}:{span.line}:{span.col}"
+        shown = self.relative.get(span.file)
+        if shown is None:
+            root = os.path.dirname(self.policy.files[0]) if self.policy.files else ""
+            shown = self.relative[span.file] = os.path.relpath(span.file, root or ".")
+        return f"{shown}:{span.line}:{span.col}"
 
 
-def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | None = None) -> dict | None:
-    """Lower a checked policy for a target (default: the policy's). None when there were errors."""
+def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | None = None,
+                 sealed: bool = True) -> dict | None:
+    """Lower a checked policy for a target (default: the policy's). None when there were errors.
+
+    `sealed=False` is for `policyc check`, which wants the diagnostics and throws the plan away: the
+    policy hash and the plan's content hash (a canonical serialisation of each) are left out."""
     arch = target or policy.target.arch
     if arch not in TARGETS:
         diagnostics.error("PC411", policy.span, f"unknown target '{arch}'", f"targets: {', '.join(TARGETS)}")
         return None
+    with gc_paused():
+        return _compile(policy, diagnostics, arch, sealed)
+
+
+def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str, sealed: bool) -> dict | None:
     low = _Lowering(policy, TARGETS[arch], diagnostics)
     errors_before = diagnostics.error_count
     seen_before = len(diagnostics.items)
@@ -76,7 +92,8 @@ def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | No
         "target": {"hypervisor": "xen", "min_version": ".".join(map(str, policy.target.min_version)),
                    "arch": low.target.name, "description": low.target.description,
                    "max_views": low.target.max_views},
-        "policy": {"name": policy.name, "hash": "sha256:" + policy.content_hash(), "mode": policy.mode,
+        "policy": {"name": policy.name, "hash": "sha256:" + policy.content_hash() if sealed else None,
+                   "mode": policy.mode,
                    "symbols": [{"name": s.name, "sha256": s.sha256} for s in policy.symbols]},
         "regions": regions,
         "views": views,
@@ -94,6 +111,8 @@ def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | No
     own = sorted(diagnostics.items[seen_before:], key=lambda x: x.sort_key())
     plan["warnings"] = [{"code": w.code, "message": w.message, "at": low.at(w.span) if w.span else None}
                         for w in own if w.severity.value == "warning" and w.code.startswith("PC5")]
+    if not sealed:
+        return plan
     from .plan import seal
     return seal(plan)
 

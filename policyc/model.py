@@ -311,15 +311,28 @@ def canonical_json(obj: object) -> str:
     return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
 
 
+# The compared fields of each dataclass met so far (a policy has 100,000s of model objects).
+_COMPARED: dict[type, tuple[str, ...]] = {}
+
+
 def _plain(obj: object) -> object:
-    if is_dataclass(obj):
-        out: dict = {"_": type(obj).__name__}
-        for f in fields(obj):
-            if not f.compare:
-                continue
-            out[f.name] = _plain(getattr(obj, f.name))
+    kind = type(obj)
+    compared = _COMPARED.get(kind)
+    if compared is not None:
+        out: dict = {"_": kind.__name__}
+        for name in compared:
+            out[name] = _plain(getattr(obj, name))
         return out
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+    if kind is str or obj is None or kind is bool:
+        return obj
+    if kind is int:
+        return hex(obj)  # type: ignore[arg-type]
+    if kind is tuple or kind is list:
+        return [_plain(x) for x in obj]  # type: ignore[attr-defined]
+    if is_dataclass(obj):
+        _COMPARED[kind] = tuple(f.name for f in fields(obj) if f.compare)
+        return _plain(obj)
+    if isinstance(obj, bool) or isinstance(obj, str):
         return obj
     if isinstance(obj, int):
         return hex(obj)

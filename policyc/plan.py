@@ -32,8 +32,59 @@ def seal(plan: dict) -> dict:
 
 
 def dump_plan(plan: dict) -> str:
-    """The plan's canonical text: sorted keys, two-space indent, trailing newline."""
-    return json.dumps(plan, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+    """The plan's canonical text: sorted keys, two-space indent, trailing newline.
+
+    Byte for byte `json.dumps(plan, indent=2, sort_keys=True, ensure_ascii=True)`: the standard
+    library writes indented JSON in pure Python through generators, about twice as slow as appending
+    to one list here (a plan of 10,000 rules is 16 MB of text)."""
+    out: list[str] = []
+    _indented(plan, "\n", out)
+    out.append("\n")
+    return "".join(out)
+
+
+def _indented(value: object, newline: str, out: list[str]) -> None:
+    """Append `value` as indented JSON; `newline` is a line break plus the current indent."""
+    kind = type(value)
+    if kind is str:
+        out.append(_quote(value))  # type: ignore[arg-type]
+    elif kind is dict:
+        if not value:
+            out.append("{}")
+            return
+        inner = newline + "  "
+        first = True
+        for key in sorted(value):  # type: ignore[call-overload]
+            out.append(("{" if first else ",") + inner + _key(key) + ": ")
+            first = False
+            _indented(value[key], inner, out)  # type: ignore[index]
+        out.append(newline + "}")
+    elif kind is list or kind is tuple:
+        if not value:
+            out.append("[]")
+            return
+        inner = newline + "  "
+        first = True
+        for item in value:  # type: ignore[attr-defined]
+            out.append(("[" if first else ",") + inner)
+            first = False
+            _indented(item, inner, out)
+        out.append(newline + "]")
+    elif kind is int:
+        out.append(int.__repr__(value))  # type: ignore[arg-type]
+    elif value is True or value is False or value is None:
+        out.append("true" if value is True else "false" if value is False else "null")
+    else:
+        out.append(json.dumps(value))  # floats as json writes them
+
+
+def _key(key: object) -> str:
+    if type(key) is str:
+        return _quote(key)  # type: ignore[arg-type]
+    return _quote(json.dumps(key).strip('"'))  # json's own spelling of a non-string key
+
+
+_quote = json.encoder.encode_basestring_ascii
 
 
 MAX_FORMAT_WIDTH = 128   # a message field's width or precision: wider than any register in binary

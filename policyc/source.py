@@ -51,23 +51,31 @@ def read_policy_file(path: Path, diagnostics: Diagnostics, *, at: Span | None = 
         return None
     # One run reads a file more than once (`check` first follows includes, then checks): parse
     # each content once, and replay its diagnostics into every collector that asks.
-    key = (shown, allow_empty, hashlib.sha1(raw).digest())
+    # `allow_empty` changes the outcome only for a file with no content, which costs nothing to
+    # read again: such files are not kept, so the include scan and the check share one parse.
+    key = (shown, hashlib.sha1(raw).digest())
     if key in _PARSED:
-        tree, found = _PARSED[key]
+        tree, found, _ = _PARSED[key]
         diagnostics.extend(found)
         return tree
     own = Diagnostics()
     tree = _parse(raw, path, shown, allow_empty, own)
-    _PARSED[key] = (tree, list(own))
-    while len(_PARSED) > _PARSED_KEPT:
-        _PARSED.pop(next(iter(_PARSED)))
+    if tree is not None and tree.items:
+        _PARSED[key] = (tree, list(own), len(raw))
+        _PARSED_BYTES[0] += len(raw)
+    while _PARSED and (len(_PARSED) > _PARSED_KEPT or _PARSED_BYTES[0] > _PARSED_KEPT_BYTES):
+        _PARSED_BYTES[0] -= _PARSED.pop(next(iter(_PARSED)))[2]
     diagnostics.extend(own)
     return tree
 
 
-# Recent parses by (shown path, allow_empty, content digest); trees are never mutated after parsing.
-_PARSED: dict[tuple[str, bool, bytes], tuple[S.PolicyFile | None, list]] = {}
-_PARSED_KEPT = 8
+# Recent parses by (shown path, content digest): tree, diagnostics, source bytes. Trees are never
+# mutated after parsing. `check` over a tree of policies reads each file twice (includes first), so
+# the cache holds a run's worth of files, bounded by their total size.
+_PARSED: dict[tuple[str, bytes], tuple[S.PolicyFile | None, list, int]] = {}
+_PARSED_BYTES = [0]
+_PARSED_KEPT = 4096
+_PARSED_KEPT_BYTES = 32 * 1024 * 1024
 
 
 def _parse(raw: bytes, path: Path, shown: str, allow_empty: bool, diagnostics: Diagnostics) -> S.PolicyFile | None:

@@ -13,6 +13,7 @@ never pass through a float or a signed 64-bit integer.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -68,6 +69,7 @@ class SymbolTable:
     pdb: PdbIdentity | None = None  # Windows ISF only: metadata.windows.pdb
     # System.map names defined again at another address: name -> the addresses not used.
     duplicates: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    sha256: str = ""  # of the file's bytes as stored (plans name the symbol files they were compiled against)
 
     def lookup(self, name: str) -> Symbol | None:
         return self.symbols.get(name)
@@ -119,7 +121,11 @@ def load_symbol_table(path: str | Path) -> SymbolTable:
         raise SymbolFileError(f"symbol file '{p}' is {st.st_size:,} bytes; the limit is {MAX_SYMBOL_FILE_BYTES:,}")
     key = (str(p.resolve()), st.st_mtime, st.st_size)
     if key not in _CACHE:
-        _CACHE[key] = _load(p)
+        table = _load(p)
+        # Once per file version, not once per policy naming it: a CI run checks hundreds of policies
+        # against one 2 MB System.map.
+        table.sha256 = hashlib.sha256(p.read_bytes()).hexdigest()
+        _CACHE[key] = table
     return _CACHE[key]
 
 

@@ -375,8 +375,8 @@ def test_an_eight_byte_region_leaves_most_of_its_page_unclaimed(policy_dir: Path
     pin = report["regions"]["pin"]
     assert (pin["pages"], pin["trapped_bytes"], pin["watched_bytes"], pin["unclaimed_bytes"]) == (1, 4096, 8, 4088)
     assert pin["unclaimed_share"] == 0.998046875
-    assert pin["partial_pages"] == [{"space": "va", "page": "0xffffffff8241c000", "trapped_bytes": 4096,
-                                     "watched_bytes": 8, "watched_by_access": {"write": 8}}]
+    assert pin["partial_runs"] == [{"space": "va", "start": "0xffffffff8241c000", "pages": 1, "trapped_bytes": 4096,
+                                    "watched_bytes": 8, "watched_by_access": {"write": 8}}]
     assert report["overall"]["unclaimed_share"] == 0.998046875
     (note,) = of(d, "PC506")
     assert note.severity is Severity.NOTE and "4088 of 4096" in note.message

@@ -267,6 +267,32 @@ def test_directory_skips_include_only_files(capsys, tmp_path):
     assert "checked 1 policy" in err
 
 
+def test_check_in_two_processes_reports_what_one_process_reports(capsys, tmp_path):
+    shutil.copy(SYSTEM_MAP, tmp_path)
+    shutil.copytree(REPO / "tests" / "broken", tmp_path / "broken")
+    (tmp_path / "common.vmi").write_text("region syscalls = symbol sys_call_table size 8 * 451\n", encoding="utf-8")
+    (tmp_path / "orphan.vmi").write_text("region lonely = symbol sys_call_table size 8\n", encoding="utf-8")
+    for i in range(6):
+        (tmp_path / f"p{i}.vmi").write_text(GOOD.replace('"good"', f'"p{i}"').replace(
+            "    region syscalls", '    include "common.vmi"\n    region other' if i % 2 else "    region syscalls"),
+            encoding="utf-8")
+    runs = {}
+    for jobs in ("1", "2", "0"):
+        for fmt in ("json", "text"):
+            runs[jobs, fmt] = run(capsys, "check", str(tmp_path), "-j", jobs, "--format", fmt)
+    for fmt in ("json", "text"):
+        assert runs["1", fmt] == runs["2", fmt] == runs["0", fmt]
+    rc, out, err = runs["1", "json"]
+    errors = {Path(d["file"]).name for d in json.loads(out)["diagnostics"] if d["severity"] == "error"}
+    assert rc == 1 and "orphan.vmi" in errors and "common.vmi" not in errors and not any(f.startswith("p") for f in errors)
+    assert "policies" in runs["1", "text"][2]
+
+
+def test_jobs_must_be_a_count(capsys):
+    rc, out, err = run(capsys, "check", "-j", "-1", str(EXAMPLE))
+    assert rc == 2 and "0 (one per CPU) or more" in err
+
+
 def test_examples_directory_is_clean(capsys):
     rc, out, err = run(capsys, "check", str(EXAMPLES), "--format", "json")
     assert rc == 0, out
@@ -482,3 +508,17 @@ def test_a_directory_without_policies_is_a_usage_error(capsys, tmp_path, command
     (tmp_path / "notes.txt").write_text("no policy here", encoding="utf-8")
     rc, _, err = run(capsys, command, str(tmp_path))
     assert rc == 2 and f"no policy files (.vmi, .yaml, .yml) under {tmp_path}" in err
+
+
+def test_the_installed_check_and_compile_flush_everything_before_ending_the_process(tmp_path):
+    # As a program, check and compile end the process without the interpreter's teardown: what they
+    # printed must still all arrive, and the status must be main()'s.
+    policyc = shutil.which("policyc", path=str(Path(sys.executable).parent))
+    if policyc is None:
+        pytest.skip("the policyc command is not installed next to this interpreter")
+    plan = subprocess.run([policyc, "compile", str(EXAMPLE)], capture_output=True, text=True, cwd=EXAMPLES)
+    golden = REPO / "tests" / "golden" / "plans" / "linux-kernel-integrity.x86_64.plan.json"
+    assert plan.returncode == 0 and plan.stdout == golden.read_text(encoding="utf-8")
+    broken = subprocess.run([policyc, "check", "--format", "json", str(REPO / "tests" / "broken")],
+                            capture_output=True, text=True)
+    assert broken.returncode == 1 and json.loads(broken.stdout)["diagnostics"]

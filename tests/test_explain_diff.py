@@ -123,11 +123,14 @@ def test_explain_shows_collateral_when_analysed():
     plan["analyses"] = {"collateral": {"note_threshold": 0.9, "regions": {"syscalls": {
         "accesses": "w", "pages": 2, "trapped_bytes": 8192, "watched_bytes": 3608, "unclaimed_bytes": 4584,
         "unclaimed_share": 0.5595703125,
-        "partial_pages": [{"page": "0xffffffff82000000", "space": "va", "trapped_bytes": 4096,
-                           "watched_bytes": 3232}]}}}, "livelock": {"livelocks": [], "states": 3}}
+        "partial_runs": [{"start": "0xffffffff82000000", "pages": 1, "space": "va", "trapped_bytes": 4096,
+                          "watched_bytes": 3232},
+                         {"start": "0xffffffff82001000", "pages": 3, "space": "va", "trapped_bytes": 4096,
+                          "watched_bytes": 0}]}}}, "livelock": {"livelocks": [], "states": 3}}
     text = explain_text(plan)
     assert "syscalls" in text and "3608 bytes watched in 8192 trapped (56.0% collateral)" in text
-    assert "partial page va 0xffffffff82000000: 3232 of 4096 bytes watched" in text
+    assert "partial page va 0xffffffff82000000: 3232 of 4096 bytes watched\n" in text
+    assert "partial 3 pages from va 0xffffffff82001000: 0 of 4096 bytes watched each" in text
     assert "livelock: livelocks 0, states 3" in text
     # An unknown layout is still shown, generically.
     plan["analyses"] = {"collateral": [{"region": "syscalls", "bytes_outside": 7144}]}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from lark import Lark
@@ -10,6 +12,8 @@ from lark import Lark
 from policyc import syntax as S
 from policyc.diagnostics import Diagnostics, Span
 from policyc.dsl import parse_expression
+from policyc.dsl_descent import read_expression, read_well_formed
+from policyc.dsl_lark import parse_expression_with_lark, parse_with_lark
 
 
 def test_grammar_has_no_conflicts_or_terminal_collisions():
@@ -32,3 +36,148 @@ def test_keywords_stay_usable_as_names_where_no_keyword_fits():
     e = parse_expression("size + msr + leaf + to", Span("x", 1, 1), d)
     assert list(d) == []
     assert isinstance(e, S.Binary) and e.right == S.Name("to")
+
+
+# ---------------------------------------------------------------- the descent reader against Lark
+
+REPO = Path(__file__).resolve().parent.parent
+TRICKY = '''
+# a comment before the block
+policy "tricky" {
+    target xen >= 4.17 on x86_64-nomtf
+    symbols "a.map", "b\\x41.map"
+    const K = (1 + 2) * ~3 - -(4) << 2 | 0x10 & 0b1 ^ 0o7
+    const N = size + msr + leaf + to + a.b + f(1, (2)) + not
+    region r = va 0x1000 size 4096, pa 0x2000 .. 0x3000, symbol? x + 8 .. (symbol y), register idtr size 16
+    region u = r, (0x5000) size (K)
+    rule on write
+        to r, va 0x9000 size 8 where (rip in r) == 1 and not cr3 not in u or rax < 3 { deny feed "\\x00" with #UD }
+    rule x: on execute in u where percpu symbol foo != (rsp) { log info "x {rip:#x}" alert warn "y" }  # trailing
+    rule y: on execute pa 0x1234 { limit (10) per second then deny with # a comment first
+        #GP pause disarm priority -1 }
+    rule z: on write msr 0xc0000082 { allow }
+    rule on write msr lstar { allow }
+    rule on read idtr { allow }
+    rule on write cr0 where changed(cr0.WP) { deny }
+    rule on cpuid leaf (1) { allow }
+    rule on cpuid { allow }
+    rule on guest_request { allow } rule on debug_exception { allow } rule on smc { allow }
+}
+'''
+
+
+def _same(a, b, where="file") -> str | None:
+    """The first difference between two syntax trees, spans included (they never take part in ==)."""
+    if type(a) is not type(b):
+        return f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            found = _same(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return f"{where}: {len(a)} items != {len(b)}"
+        return next((d for d in (_same(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))) if d), None)
+    return None if a == b else f"{where}: {a!r} != {b!r}"
+
+
+def _both(text: str, path: str):
+    d = Diagnostics()
+    reference = parse_with_lark(text, path, d)
+    return read_well_formed(text, path), reference, d
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in REPO.glob("**/*.vmi")
+                                        if ".venv" not in p.parts))
+def test_descent_reader_builds_the_tree_lark_builds(path):
+    text = (REPO / path).read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
+    fast, reference, d = _both(text, path)
+    if d.has_errors:
+        assert fast is None, "the descent reader accepted a file Lark rejects"
+        return
+    assert fast is not None, "the descent reader gave up on a well-formed file"
+    items, comments = fast
+    assert _same(items, reference.items) is None
+    assert _same(comments, reference.comments) is None
+
+
+def test_descent_reader_matches_lark_on_contextual_keywords_parentheses_and_vectors():
+    fast, reference, d = _both(TRICKY, "tricky.vmi")
+    assert not d.has_errors and fast is not None
+    assert _same(fast[0], reference.items) is None
+    assert _same(fast[1], reference.comments) is None
+    rules = reference.items[0].items
+    # `#GP` after a comment that follows `with` is the vector; the comment stays a comment
+    assert [c.text for c in reference.comments] == ["# a comment before the block", "# trailing",
+                                                    "# a comment first"]
+    assert rules[-10].actions[0].then.exception == "#GP"
+
+
+@pytest.mark.parametrize("text", ["policy \"p\" { rule on write to r { deny } ",  # unclosed
+                                  "policy \"p\" { const x = 0b102 }",  # malformed number
+                                  "policy \"p\" { rule on read of r { log info \"\\q\" } }",  # bad escape
+                                  "policy \"p\" { const x = a == b == c }",  # comparisons do not chain
+                                  "policy \"p\" { region on = va 1 size 2 rule on: on cpuid { allow } }",
+                                  "policy \"p\" { const x = " + "(" * 120 + "1" + ")" * 120 + " }",
+                                  "policy \"p\" { const x = " + "+".join(["1"] * 250) + " }"])
+def test_descent_reader_gives_up_where_lark_reports_or_nesting_is_deep(text):
+    fast, _, _ = _both(text, "p.vmi")
+    assert fast is None
+
+
+@pytest.mark.parametrize("text", ["a", "1", "(rip)", "not x in r and (cr4 & cr4.SMEP) == 0 or - ~ 3 * (4)",
+                                  "set(cr0.WP) or changed(cr4.SMEP, x)", "symbol? f + 0x10 .. 3",
+                                  "percpu symbol cur", "a # a comment\n + b", "a +", "0b12", "(((1)))",
+                                  "+".join(["1"] * 250), " or ".join(["a"] * 250)])
+def test_descent_reader_reads_yaml_expressions_as_lark_does(text):
+    base = Span("p.yaml", 7, 12)
+    d = Diagnostics()
+    reference = parse_expression_with_lark(text, base, d)
+    fast = read_expression(text, base)
+    if d.has_errors:
+        assert fast is None
+    else:
+        assert fast is not None and _same(fast, reference) is None
+
+
+_WORDS = ["on", "rule", "region", "const", "not", "in", "and", "or", "size", "symbol", "symbol?", "percpu", "va",
+          "pa", "register", "where", "deny", "with", "#UD", "feed", "log", "execute", "read", "write", "to", "of",
+          "msr", "cpuid", "leaf", "limit", "per", "second", "then", "..", "(", ")", "{", "}", ",", ":", "=", "==",
+          "<", "<<", "-", "~", "x", "0x10", "0b2", '"s"', "# c\n", "\n"]
+
+
+def test_descent_reader_agrees_with_lark_on_mutated_examples():
+    # Random token-level edits of the example policies: whatever the descent reader accepts, Lark must
+    # accept too and build the same tree (spans included); what Lark rejects, the reader must give up on.
+    import random
+    import re
+
+    rng = random.Random(12)
+    sources = sorted(p for p in (REPO / "examples" / "policies").glob("*.vmi"))
+    tokens_of = {p: re.findall(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*\n|\s+|[A-Za-z_0-9?#.]+|.', p.read_text()) for p in sources}
+    accepted = rejected = 0
+    for _ in range(150):
+        path = rng.choice(sources)
+        tokens = list(tokens_of[path])
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(tokens))
+            edit = rng.randrange(3)
+            if edit == 0:
+                del tokens[i]
+            elif edit == 1:
+                tokens.insert(i, rng.choice(_WORDS) + rng.choice([" ", ""]))
+            else:
+                j = rng.randrange(len(tokens))
+                tokens[i], tokens[j] = tokens[j], tokens[i]
+        text = "".join(tokens)
+        fast, reference, d = _both(text, path.name)
+        if d.has_errors:
+            assert fast is None, text
+            rejected += 1
+        elif fast is not None:
+            assert _same(fast[0], reference.items) is None, text
+            assert _same(fast[1], reference.comments) is None, text
+            accepted += 1
+    assert accepted and rejected  # both outcomes were exercised

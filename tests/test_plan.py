@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.lower import PLAN_VERSION, compile_plan
 from policyc.plan import PlanError, dump_plan, load_plan, plan_schema, seal, validate_plan
 from policyc.plan_expr import Bindings, evaluate
 
@@ -72,7 +72,7 @@ def test_schema_is_a_valid_draft_2020_12_schema():
     schema = plan_schema()
     Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["properties"]["plan_version"] == {"const": 1}
+    assert schema["properties"]["plan_version"] == {"const": PLAN_VERSION} and PLAN_VERSION == 2
     assert schema["additionalProperties"] is False
 
 
@@ -93,7 +93,7 @@ def test_every_golden_plan_validates_and_loads(path: Path):
 
 
 @pytest.mark.parametrize("mutate, where", [
-    (lambda p: p.__setitem__("plan_version", 2), "plan_version"),
+    (lambda p: p.__setitem__("plan_version", PLAN_VERSION + 1), "plan_version"),
     (lambda p: p.pop("dispatch"), "dispatch"),
     (lambda p: p.__setitem__("extra", 1), "extra"),
     (lambda p: p.__setitem__("content_hash", "sha256:xyz"), "content_hash"),
@@ -235,7 +235,7 @@ def test_load_plan_rejects_an_edited_plan(tmp_path: Path):
 
 def test_load_plan_rejects_a_schema_invalid_plan(tmp_path: Path):
     plan = golden("linux-kernel-integrity.x86_64")
-    plan["plan_version"] = 2
+    plan["plan_version"] = PLAN_VERSION + 1
     path = tmp_path / "future.json"
     path.write_text(dump_plan(seal(plan)))
     with pytest.raises(PlanError, match="not a valid trap plan"):
@@ -373,3 +373,33 @@ def test_msr_bit_test_and_per_cpu_regions():
     assert evaluate(nxe, {"old": 0x501, "new": 0xD01}) is False
     gdt = plan["regions"]["gdt"]["extents"][0]
     assert gdt["percpu"] is True and gdt["relocatable"] is False
+
+
+def test_dump_plan_writes_exactly_what_json_dumps_writes():
+    # dump_plan has its own writer (the standard library's indented one is twice as slow); the
+    # canonical bytes must stay the standard library's, golden plans and awkward values alike.
+    def standard(value) -> str:
+        return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+
+    for path in GOLDEN_FILES:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        assert dump_plan(plan) == standard(plan), path.name
+    awkward = {"b": [0.0, 1.0, -0.0, 1.5, 1e100, 0, 1, True, False, None, "", "é\u2028\x00\"\\"], "a": {},
+               "c": [[], {}, (1, (2,)), {"z": {"y": []}}], "é": {10: "int keys", 9: 3}}
+    assert dump_plan(awkward) == standard(awkward)
+
+
+def test_an_unsealed_compile_is_the_plan_without_its_hashes_and_the_same_diagnostics():
+    # `policyc check` compiles unsealed: it keeps the diagnostics and throws the plan away.
+    path = EXAMPLES / "linux-kernel-integrity.vmi"
+    runs = []
+    for sealed in (True, False):
+        d = Diagnostics()
+        plan = compile_plan(check_policy(path, d), d, target="x86_64-nomtf", sealed=sealed)  # warns PC501
+        runs.append((plan, [(x.code, x.span, x.message) for x in d.sorted()]))
+    (sealed_plan, sealed_diags), (unsealed_plan, unsealed_diags) = runs
+    assert unsealed_diags == sealed_diags and sealed_diags
+    assert "content_hash" not in unsealed_plan and unsealed_plan["policy"]["hash"] is None
+    sealed_plan.pop("content_hash")
+    sealed_plan["policy"]["hash"] = None
+    assert unsealed_plan == sealed_plan

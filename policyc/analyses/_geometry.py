@@ -138,7 +138,7 @@ def region_bytes(region: M.Region) -> SpaceMap:
 def regions_bytes(policy: M.Policy, names: Iterable[str]) -> SpaceMap:
     acc: dict[str, list[Interval]] = {}
     for name in names:
-        for space, ivs in region_bytes(region_table(policy)[name]).items():
+        for space, ivs in named_region_bytes(policy, name).items():
             acc.setdefault(space, []).extend(ivs)
     return {space: norm(ivs) for space, ivs in sorted(acc.items())}
 
@@ -230,7 +230,7 @@ class Indexed:
         return out
 
 
-_REGION_INDEX: list = [None, {}]
+_REGION_INDEX: list = [None, {}, {}, {}]  # policy; name -> region, -> bytes, -> pages
 
 
 def region_table(policy: M.Policy) -> dict[str, M.Region]:
@@ -238,4 +238,25 @@ def region_table(policy: M.Policy) -> dict[str, M.Region]:
     if _REGION_INDEX[0] is not policy:
         _REGION_INDEX[0] = policy
         _REGION_INDEX[1] = {r.name: r for r in policy.regions}
+        _REGION_INDEX[2] = {}
+        _REGION_INDEX[3] = {}
     return _REGION_INDEX[1]
+
+
+def named_region_bytes(policy: M.Policy, name: str) -> SpaceMap:
+    """The bytes of the policy's region `name` (KeyError when there is none), computed once per
+    policy for every analysis that asks. Shared: callers must not change the lists."""
+    table = region_table(policy)
+    found = _REGION_INDEX[2].get(name)
+    if found is None:
+        found = _REGION_INDEX[2][name] = region_bytes(table[name])
+    return found
+
+
+def named_region_pages(policy: M.Policy, name: str) -> SpaceMap:
+    """The pages of the policy's region `name`, like `named_region_bytes`."""
+    region_table(policy)
+    found = _REGION_INDEX[3].get(name)
+    if found is None:
+        found = _REGION_INDEX[3][name] = space_map_pages(named_region_bytes(policy, name))
+    return found

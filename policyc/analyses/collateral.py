@@ -29,7 +29,7 @@ from . import _geometry as G
 __all__ = ["analyse", "NOTE_THRESHOLD"]
 
 NOTE_THRESHOLD = 0.9
-PAGES_LISTED = 16  # partially watched pages listed per region
+RUNS_LISTED = 16  # runs of partially watched pages listed per region
 _ACCESS = {"read": "r", "write": "w", "execute": "x", "access": "rwx"}
 _NAMES = {"r": "read", "w": "write", "x": "execute"}
 
@@ -57,7 +57,7 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
         region = G.region_table(policy)[name]
         if region.empty:
             continue
-        pages = G.space_map_pages(G.region_bytes(region))
+        pages = G.named_region_pages(policy, name)
         span = {space: G.pages_to_bytes(ivs) for space, ivs in pages.items()}
         n_pages = G.space_map_measure(pages)
         by_access = {}
@@ -75,7 +75,7 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
                  "by_access": by_access}
         partial = {space: G.to_pages(G.norm(ivs)) for space, ivs in sorted(gaps.items())}
         entry["partial_page_count"] = G.space_map_measure(partial)
-        entry["partial_pages"] = _list_pages(partial, sorted(traps[name]), index)
+        entry["partial_runs"] = _list_runs(partial, sorted(traps[name]), index)
         assumed = sorted(s for s in pages if s in ("idtr", "gdtr"))
         if assumed:
             entry["assumes_page_aligned"] = assumed
@@ -107,17 +107,33 @@ def _numbers(trapped: int, watched: int) -> dict:
             "unclaimed_share": (trapped - watched) / trapped if trapped else 0.0}
 
 
-def _list_pages(partial: dict[str, G.Intervals], accesses: list[str], index: dict[tuple[str, str], G.Indexed]
-                ) -> list[dict]:
+def _list_runs(partial: dict[str, G.Intervals], accesses: list[str], index: dict[tuple[str, str], G.Indexed]
+               ) -> list[dict]:
+    """The partially watched pages as runs of consecutive pages with the same figures (each figure is
+    per page), at most RUNS_LISTED of them. Figures change only at pages holding an end of a watched
+    interval, so each run costs one lookup per access, whatever its length."""
     nothing = G.Indexed([])
-    out = []
+    out: list[dict] = []
     for space, ivs in partial.items():
+        sets = [(a, index.get((a, space), nothing)) for a in accesses]
         for lo, hi in ivs:
-            for page in range(lo, hi):
-                if len(out) >= PAGES_LISTED:
+            cuts = {lo, hi}
+            for _, watched in sets:
+                for a, b in watched.clip(lo * G.PAGE, hi * G.PAGE):
+                    cuts.update((a // G.PAGE, -(-a // G.PAGE), b // G.PAGE, -(-b // G.PAGE)))
+            edges = sorted(c for c in cuts if lo <= c <= hi)
+            for first, end in zip(edges, edges[1:]):
+                here = [(first * G.PAGE, (first + 1) * G.PAGE)]
+                w = {_NAMES[a]: watched.measure_within(here) for a, watched in sets}
+                run = {"space": space, "start": hex(first * G.PAGE), "pages": end - first,
+                       "trapped_bytes": G.PAGE * len(accesses), "watched_bytes": sum(w.values()),
+                       "watched_by_access": w}
+                last = out[-1] if out else None
+                if last is not None and last["space"] == space and last["watched_by_access"] == w and \
+                        int(last["start"], 16) + last["pages"] * G.PAGE == first * G.PAGE:
+                    last["pages"] += end - first
+                    continue
+                if len(out) >= RUNS_LISTED:
                     return out
-                here = [(page * G.PAGE, (page + 1) * G.PAGE)]
-                w = {_NAMES[a]: index.get((a, space), nothing).measure_within(here) for a in accesses}
-                out.append({"space": space, "page": hex(page * G.PAGE), "trapped_bytes": G.PAGE * len(accesses),
-                            "watched_bytes": sum(w.values()), "watched_by_access": w})
+                out.append(run)
     return out

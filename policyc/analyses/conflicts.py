@@ -181,12 +181,8 @@ class _Geometry:
     def __init__(self, policy: M.Policy) -> None:
         self.policy = policy
         self.table = G.region_table(policy)
-        self._bytes: dict[str, G.SpaceMap] = {}
-
     def region(self, name: str) -> G.SpaceMap:
-        if name not in self._bytes:
-            self._bytes[name] = G.region_bytes(self.table[name])
-        return self._bytes[name]
+        return G.named_region_bytes(self.policy, name)
 
     def regions(self, names) -> G.SpaceMap:
         acc: dict[str, list] = {}

@@ -37,13 +37,13 @@ second trapped page while it is being stepped is not modelled.
 
 from __future__ import annotations
 
-import networkx as nx
+from typing import Iterable
 
 from .. import model as M
 from ..diagnostics import Diagnostics
 from . import _geometry as G
 
-__all__ = ["analyse", "build_graph"]
+__all__ = ["analyse", "build_graph", "StateGraph"]
 
 _LETTER = {"read": "r", "write": "w", "execute": "x"}
 _ACCESS_OF = {"r": "read", "w": "write", "x": "execute"}
@@ -58,12 +58,21 @@ def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | Non
     graph, _ = build_graph(plan, policy, target)
     # Only answers that do not complete can take part in a cycle: search those alone (a plan of 100,000
     # trapped ranges has 100,000 fault states but next to no such edges).
-    pending = nx.DiGraph()
+    pending_edges: dict[tuple, tuple] = {}
     for answer in (n for n in graph if n[0] == "answer"):
         for nxt in graph.successors(answer):
             if nxt != DONE:
-                via = pending.get_edge_data(answer[1], nxt, {}).get("via")
-                pending.add_edge(answer[1], nxt, via=min(filter(None, (via, answer)), key=repr))
+                via = pending_edges.get((answer[1], nxt))
+                pending_edges[(answer[1], nxt)] = min(filter(None, (via, answer)), key=repr)
+    summary = {"states": sum(1 for n in graph if n[0] not in ("answer", "run", "done")),
+               "transitions": graph.number_of_edges()}
+    if not pending_edges:
+        return {**summary, "livelocks": []}
+    import networkx as nx  # only a plan with answers that do not complete needs the graph algorithms
+
+    pending = nx.DiGraph()
+    for (u, v), via in pending_edges.items():
+        pending.add_edge(u, v, via=via)
     roots = sorted(n for n in graph if n[0] == "run")
     entries = {s: r for r in reversed(roots) for s in graph.successors(r) if s in pending}
     reachable = set(entries)
@@ -98,24 +107,49 @@ def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | Non
                 f"livelock{where}: {_label(fault)} ({', '.join(rules) or 'no rule'}) never completes: "
                 + " -> ".join(entry["path"][:-1] + entry["cycle"]),
                 "the response must relax, emulate, skip or step the access in a view that does not trap it")
-    return {"states": sum(1 for n in graph if n[0] not in ("answer", "run", "done")),
-            "transitions": graph.number_of_edges(), "livelocks": found}
+    return {**summary, "livelocks": found}
 
 
-def build_graph(plan: dict, policy: M.Policy, target) -> tuple[nx.DiGraph, dict]:
+class StateGraph:
+    """The state graph: nodes with attributes, edges in insertion order (the subset of a networkx
+    DiGraph this pass uses; networkx is imported only when there is a cycle to look for)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[tuple, dict] = {}
+        self._succ: dict[tuple, dict[tuple, None]] = {}
+
+    def add_node(self, node: tuple, **attrs) -> None:
+        self.nodes.setdefault(node, {}).update(attrs)
+        self._succ.setdefault(node, {})
+
+    def add_edge(self, u: tuple, v: tuple) -> None:
+        self.add_node(u)
+        self.add_node(v)
+        self._succ[u][v] = None
+
+    def successors(self, node: tuple) -> Iterable[tuple]:
+        return iter(self._succ[node])
+
+    def number_of_edges(self) -> int:
+        return sum(len(s) for s in self._succ.values())
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.nodes
+
+
+def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]:
     x86 = (target.name if hasattr(target, "name") else str(target)).startswith("x86_64")
     enforce = plan.get("policy", {}).get("mode", policy.mode) == "enforce"
     views = {v["id"]: v for v in plan.get("views", [])}
     responses = plan.get("responses", {})
-    pages: dict[str, G.SpaceMap] = {}
-
     def region_pages(name: str) -> G.SpaceMap:
-        if name not in pages:
-            try:
-                pages[name] = G.space_map_pages(G.region_bytes(G.region_table(policy)[name]))
-            except KeyError:
-                pages[name] = {}
-        return pages[name]
+        try:
+            return G.named_region_pages(policy, name)
+        except KeyError:
+            return {}
 
     def traps(rng: dict) -> set[str]:
         t = set(rng.get("traps", ""))
@@ -127,7 +161,7 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[nx.DiGraph, dict]
         if r.verdict == "deny" and isinstance(r.trigger, M.MemoryTrigger):
             deny_access[r.name] = set({"access": "rwx"}.get(r.trigger.access, _LETTER.get(r.trigger.access, "")))
 
-    g = nx.DiGraph()
+    g = StateGraph()
     g.add_node(DONE)
 
     trapped: dict[tuple, G.IntervalSet] = {}  # (view, access, space) -> pages some range traps
@@ -271,7 +305,7 @@ def _describe(verdict: str, response: dict) -> str:
     return f"{verdict}: {what}"
 
 
-def _label(n: tuple, graph: nx.DiGraph | None = None) -> str:
+def _label(n: tuple, graph: StateGraph | None = None) -> str:
     if n[0] == "mem":
         return f"view {n[1]}: {_ACCESS_OF[n[3]]} in {n[2]}"
     if n[0] == "bp":

@@ -11,11 +11,11 @@ view 0 (the host p2m, untouched) when nothing is global.
 
 Views. With altp2m: view 0 is the host p2m, view 1 the unrestricted view used
 for stepping, and views 2.. are restricted, so `max_views - 2` are left for
-contexts. A networkx graph has a node per context with a non-empty map and an
-edge between two contexts whose maps differ, weighted by the cost of merging
-them. Greedy colouring groups contexts with identical maps (free sharing);
-while there are more groups than views, the cheapest edge of the quotient graph
-is contracted. A merged view takes the stricter permission of its contexts (the
+contexts. The conflict graph has a node per context with a non-empty map and
+an edge between two contexts whose maps differ. Greedy colouring (largest
+degree first) groups contexts with identical maps (free sharing); while there
+are more groups than views, the pair of groups cheapest to merge is merged
+(the quotient graph is complete). A merged view takes the stricter permission of its contexts (the
 intersection of what they allow); rules whose context does not match are
 filtered at run time by their condition.
 
@@ -34,8 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Iterable
-
-import networkx as nx
 
 from .. import model as M
 from ..diagnostics import Diagnostics
@@ -123,12 +121,8 @@ class _Maps:
     def __init__(self, policy: M.Policy, target: TargetInfo) -> None:
         self.policy = policy
         self.x86 = target.name.startswith("x86_64")
-        self._pages: dict[str, G.SpaceMap] = {}
-
     def region_pages(self, name: str) -> G.SpaceMap:
-        if name not in self._pages:
-            self._pages[name] = G.space_map_pages(G.region_bytes(G.region_table(self.policy)[name]))
-        return self._pages[name]
+        return G.named_region_pages(self.policy, name)
 
     def effective(self, traps: set[str]) -> set[str]:
         # EPT has no write-without-read: trapping reads traps writes too.
@@ -291,34 +285,34 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
 
     # The conflict graph: contexts whose maps differ cannot share a view for free.
     frozen = {n: _freeze(maps[n]) for n in nodes}
-    graph = nx.Graph()
-    graph.add_nodes_from(nodes)
+    conflicts: dict[str, list[str]] = {n: [] for n in nodes}
+    edges = 0
     for a, b in combinations(nodes, 2):
         if frozen[a] != frozen[b]:
-            graph.add_edge(a, b, weight=_group_cost((a, b), maps))
-    colouring = nx.greedy_color(graph, strategy="largest_first")
+            conflicts[a].append(b)
+            conflicts[b].append(a)
+            edges += 1
+    colouring = _greedy_colouring(nodes, conflicts)
     classes: dict[int, list[str]] = {}
     for n in nodes:
         classes.setdefault(colouring[n], []).append(n)
     groups = sorted((tuple(_sorted_contexts(c)) for c in classes.values()), key=_group_key)
+    colour_count = len(groups)
 
-    # Too many colours for the views there are: contract the cheapest edges of the quotient graph.
-    quotient = nx.Graph()
-    quotient.add_nodes_from(groups)
-    for a, b in combinations(groups, 2):
-        quotient.add_edge(a, b, weight=_merge_cost(a, b, maps))
+    # Too many colours for the views there are: merge the cheapest pair of groups (the quotient graph
+    # is complete: any two groups can share a view at some cost), until the groups fit.
     steps: list[tuple[tuple[str, ...], tuple[str, ...], int]] = []
-    while quotient.number_of_nodes() > available:
-        a, b, w = min(((*sorted((u, v), key=_group_key), w) for u, v, w in quotient.edges(data="weight")),
+    costs = {(u, v): _merge_cost(u, v, maps) for u, v in combinations(groups, 2)} if len(groups) > available else {}
+    while len(groups) > available:
+        a, b, w = min(((*sorted(pair, key=_group_key), w) for pair, w in costs.items()),
                       key=lambda e: (e[2], _group_key(e[0]), _group_key(e[1])))
         merged = tuple(_sorted_contexts(a + b))
-        others = [n for n in quotient.nodes if n not in (a, b)]
-        quotient.remove_nodes_from((a, b))
-        quotient.add_node(merged)
-        for o in others:
-            quotient.add_edge(merged, o, weight=_merge_cost(merged, o, maps))
+        groups = [g for g in groups if g not in (a, b)]
+        costs = {pair: w for pair, w in costs.items() if a not in pair and b not in pair}
+        costs.update({(merged, o): _merge_cost(merged, o, maps) for o in groups})
+        groups.append(merged)
         steps.append((a, b, w))
-    final = sorted(quotient.nodes, key=_group_key)
+    final = sorted(groups, key=_group_key)
     view_of = {c: VIEW_RESTRICTED + i for i, g in enumerate(final) for c in g}
 
     views = [
@@ -355,8 +349,8 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
         "views": view_reports,
         "merges": merges,
         "extra_trapped_pages": sum(w for _, _, w in steps),
-        "conflict_graph": {"nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(),
-                           "colours": len(groups)},
+        "conflict_graph": {"nodes": len(nodes), "edges": edges,
+                           "colours": colour_count},
         "monitors_needed": _CR3_MONITOR if contextual else {},
     }
     return Layout(views, report, merges)
@@ -382,9 +376,7 @@ def context_monitors(views: list[dict]) -> dict:
 def breakpoint_views(policy: M.Policy, views: list[dict], address: int, percpu: bool = False) -> list[int]:
     """The restricted views a shadow-frame breakpoint must be planted in: every restricted view when a
     global rule uses it, else the views of the contexts of its rules."""
-    wanted = {rule_context(r) for r in policy.rules
-              if isinstance(r.trigger, M.Breakpoint) and (r.trigger.address.value, r.trigger.address.percpu)
-              == (address, percpu)}
+    wanted = _breakpoint_contexts(policy).get((address, percpu), set())
     out = []
     for v in views:
         if v.get("role") != "restricted":
@@ -392,3 +384,30 @@ def breakpoint_views(policy: M.Policy, views: list[dict], address: int, percpu: 
         if GLOBAL in wanted or wanted & set(v.get("contexts", ())):
             out.append(v["id"])
     return out
+
+
+_BREAKPOINT_CONTEXTS: list = [None, {}]  # the last policy asked about; (address, percpu) -> contexts
+
+
+def _breakpoint_contexts(policy: M.Policy) -> dict[tuple[int, bool], set[str]]:
+    """The contexts of the rules on each breakpoint address, indexed once per policy (a policy places
+    hundreds of breakpoints among 10,000s of rules: scanning the rules per site was quadratic)."""
+    if _BREAKPOINT_CONTEXTS[0] is not policy:
+        index: dict[tuple[int, bool], set[str]] = {}
+        for r in policy.rules:
+            if isinstance(r.trigger, M.Breakpoint):
+                a = r.trigger.address
+                index.setdefault((a.value, a.percpu), set()).add(rule_context(r))
+        _BREAKPOINT_CONTEXTS[:] = [policy, index]
+    return _BREAKPOINT_CONTEXTS[1]
+
+
+def _greedy_colouring(nodes: list[str], neighbours: dict[str, list[str]]) -> dict[str, int]:
+    """Greedy colouring, largest degree first (ties in `nodes` order): each node takes the smallest
+    colour none of its coloured neighbours has. The same colouring as networkx's
+    greedy_color(strategy="largest_first"), without importing networkx for it."""
+    colours: dict[str, int] = {}
+    for n in sorted(nodes, key=lambda m: len(neighbours[m]), reverse=True):
+        taken = {colours[m] for m in neighbours[n] if m in colours}
+        colours[n] = next(c for c in range(len(taken) + 1) if c not in taken)
+    return colours
