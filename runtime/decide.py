@@ -93,7 +93,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from ..plan_expr import Bindings, evaluate
+from ..condition_form import Bindings, evaluate
 from ..native import abi
 
 __all__ = ["Binding", "Decision", "DecisionEngine", "SideEffect", "DATA_SLACK", "EVENT_SUMMARY",

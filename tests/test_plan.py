@@ -306,3 +306,12 @@ def test_msr_bit_test_and_per_cpu_regions():
     assert evaluate(nxe, {"old": 0x501, "new": 0xD01}) is False
     gdt = plan["regions"]["gdt"]["extents"][0]
     assert gdt["percpu"] is True and gdt["relocatable"] is False
+
+
+def test_the_condition_form_evaluator_imports_nothing_from_the_compiler_model():
+    import subprocess
+    import sys
+    code = ("import sys, policyc.condition_form, policyc.runtime.decide; "
+            "print(sorted(m for m in sys.modules if m in ('policyc.model', 'policyc.check', 'policyc.lower')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
