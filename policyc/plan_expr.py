@@ -3,19 +3,7 @@
 The form and its one evaluator live in `policyc.condition_form` (which imports
 nothing from the compiler's model, so the enforcer and the native engine use it
 without the compiler); they are re-exported here. Kafel keeps a BPF interpreter
-beside its compiler for the same reason. The form:
-
-    ["lit", "0x10"]                 a 64-bit number (hex string)
-    ["addr", "0xffff...", percpu]   a link-time address; bound to the guest at install
-    ["field", "gla"]                an event field or register
-    ["neg" | "inv" | "not", X]
-    ["+" | "-" | "*" | "/" | "%" | "<<" | ">>" | "&" | "|" | "^", A, B]
-    ["==" | "!=" | "<" | "<=" | ">" | ">=", A, B]
-    ["and" | "or", A, B]
-    ["in" | "not_in", X, "region"]
-    ["set" | "cleared" | "changed", "0xMASK"]   on register writes: old vs new under MASK
-
-Arithmetic wraps at 64 bits, as the guest's registers do.
+beside its compiler for the same reason.
 """
 
 from __future__ import annotations
