@@ -52,7 +52,9 @@ RING_IN_XEN = {
 
 
 def _our_types(ffi) -> list[str]:
+    """The ABI's types (the native decision engine's own pe_* types are not Xen's)."""
     typedefs, structs, unions = ffi.list_types()
+    typedefs = [t for t in typedefs if not t.startswith("pe_")]
     return (
         list(typedefs)
         + [f"struct {name}" for name in structs]
