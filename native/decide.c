@@ -15,8 +15,10 @@
  * (bounded, no jumps, every field one the event kind has, the stack never
  * under- or overflows), so evaluation needs no checks.
  */
+#include <errno.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "vm_event_abi.h"
 #include "decide.h"
@@ -782,4 +784,51 @@ size_t pe_decide(pe_engine *e, pe_call *c, const uint8_t *reqs, size_t n, uint8_
         }
     }
     return i;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Drain, decide, log, respond in one call: take what the ring has (at most
+ * max), decide it; if every event was decided here (and none has an alert
+ * the caller must copy to its alert stream, with finish_alerts), write the
+ * records with one write(2) to fd (fd < 0 with c->log: the caller writes
+ * them; no c->log: they are only counted) before the responses are put and
+ * published (group commit: a record is on its way to the disk before its
+ * answer). Otherwise the taken requests, the responses and records decided
+ * so far stay in taken / rsps / c->log for the caller to finish. */
+int pe_service(pe_engine *e, pe_call *c, struct vm_event_back_ring *back, size_t max, int fd,
+               int finish_alerts, uint8_t *taken, size_t *ntaken, size_t *decided, uint8_t *rsps,
+               int *notify)
+{
+    size_t n, i;
+
+    *notify = 0;
+    n = vm_ring_take_requests(back, (vm_event_request_t *)taken, max);
+    *ntaken = n;
+    c->log_len = 0;
+    *decided = n ? pe_decide(e, c, taken, n, rsps) : 0;
+    if (*decided < n || (c->log && fd < 0))
+        return PE_UNFINISHED;
+    if (finish_alerts && c->log && c->alert)
+        for (i = 0; i < n; i++)
+            if (c->alert[i])
+                return PE_UNFINISHED;
+    if (c->log && c->log_len && write_all(fd, c->log, c->log_len) < 0)
+        return PE_LOG_FAILED;
+    vm_ring_put_responses(back, (const vm_event_response_t *)rsps, n);
+    *notify = vm_ring_push_responses(back);
+    return PE_SERVED;
 }

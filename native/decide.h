@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include "vm_event_abi.h"
 
 /* Decision kinds the native engine decides (index into pe_engine.kind_*). */
 #define PE_K_MEM     0
@@ -247,6 +248,13 @@ typedef struct {                      /* one call's inputs and outputs */
     int32_t punt;                     /* out: why the event after the decided ones was not (-1: none) */
 } pe_call;
 
+/* One batch on the monitor's side of a ring: see decide.c. */
+#define PE_SERVED    1      /* taken, decided, recorded and answered */
+#define PE_UNFINISHED 0     /* taken; the caller finishes (handed-over events, alerts, a log it writes) */
+#define PE_LOG_FAILED (-1)  /* decided, but the records could not be written; nothing answered */
+int pe_service(pe_engine *e, pe_call *c, struct vm_event_back_ring *back, size_t max, int fd,
+               int finish_alerts, uint8_t *taken, size_t *ntaken, size_t *decided, uint8_t *rsps,
+               int *notify);
 int pe_verify_code(const pe_engine *e, uint32_t kind, uint32_t off, uint32_t len);
 size_t pe_decide(pe_engine *e, pe_call *c, const uint8_t *reqs, size_t n, uint8_t *rsps);
 

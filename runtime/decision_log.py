@@ -296,6 +296,19 @@ class DecisionLog:
     def has_alerts(self) -> bool:
         return self._alerts is not None
 
+    def native_fd(self) -> int:
+        """The file descriptor native code may write whole batches of records to (the log's file,
+        whose Python buffer is always flushed), or -1 when the log is not a plain file or wants
+        fsync (then the batch's text comes back here, to `write_text`)."""
+        if self._log is None or self.fsync:
+            return -1
+        try:
+            fd = self._log.fileno()
+        except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+            return -1
+        self._log.flush()
+        return fd
+
     # -- records
     def record(self, d: Decision) -> dict[str, Any]:
         """The JSON object for one decision (messages rendered and escaped)."""

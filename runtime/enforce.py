@@ -46,6 +46,7 @@ from .bind import BoundPlan, bind_plan
 from .decide import AFTER, BEFORE, Decision, DecisionEngine, SideEffect
 from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
+from .native_engine import NativeEngine, NativeLogError, native_available
 
 __all__ = ["Enforcer", "EnforcerError", "BATCH"]
 
@@ -70,7 +71,7 @@ class Enforcer:
                  log: DecisionLog | None = None, recorder: Any = None, state_dir: Any = None,
                  slide: int | None = None, batch: int = BATCH,
                  observer: Callable[[Sequence[tuple[bytes, Decision]], Sequence[bytes]], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, native: bool = True) -> None:
         self.plan = plan
         self.backend = backend
         self.symbols = symbols
@@ -85,6 +86,10 @@ class Enforcer:
         self.bound: BoundPlan | None = None
         self.installation: Installation | None = None
         self.engine: DecisionEngine | None = None
+        # The native engine answers what it can express; an observer (policy tests) needs every
+        # decision as an object, so it keeps the Python engine alone.
+        self.use_native = native and observer is None and native_available()
+        self.native: NativeEngine | None = None
         self.startup_seconds: dict[str, float] = {}   # bind, install, engine: set by start()
         self.requests = 0
         self.responses = 0
@@ -116,6 +121,10 @@ class Enforcer:
                 from None
         t2 = time.monotonic()
         self.engine = DecisionEngine(self.installation.engine_plan(), self.bound)
+        if self.use_native:
+            inst = self.installation
+            self.native = NativeEngine(self.engine, plan_hash=self.log.plan_hash,
+                                       pt_frames=lambda: inst.bound.pt_frames)
         # The plan, binding and tables live as long as the enforcer: keep the cyclic GC from scanning
         # them on every full collection (with 100,000 regions that scan dominated decision time).
         gc.collect()
@@ -186,31 +195,58 @@ class Enforcer:
         assert inst is not None and engine is not None, "start() first"
         answered = 0
         self._retry_rebinds()
+        ring = self._native_ring()
         while True:
-            reqs = inst.take_requests(self.batch)
-            if not reqs:
-                break
-            self.requests += len(reqs)
-            if self.recorder is not None:
-                self.recorder.requests(reqs)
-            pairs = engine.decide_batch(reqs)
-            pt_writes = self._note_page_table_writes(pairs)
-            if self.observer is not None:
-                self.observer(pairs, reqs)
-            try:
-                self.records += self.log.write_batch(pairs)
-            except (OSError, ValueError) as exc:
-                # A log that cannot be written must not leave vCPUs paused nor lift the protection:
-                # the batch is answered and enforcing goes on; the loss is counted and said once.
-                self.unlogged += len(pairs)
-                if self.log_error is None:
-                    self.log_error = str(exc)
-                    print(f"policyc: the decision log cannot be written ({exc}); enforcing goes on, "
-                          "decisions are counted but not recorded", file=sys.stderr, flush=True)
+            pt_writes: list[tuple[int, int]] = []
+            watch = self._page_table_watch(pt_writes)
+            if ring is not None:
+                # One native call drains, decides, logs and answers; it hands back what needs Python.
+                try:
+                    taken, _notify, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch)
+                except NativeLogError as exc:
+                    inst.adopt_requests(exc.requests)
+                    self.requests += len(exc.requests)
+                    self._log_lost(len(exc.requests), exc)
+                    inst.put_responses(exc.responses)
+                    self.responses += len(exc.responses)
+                    answered += len(exc.responses)
+                    continue
+                if not taken:
+                    break
+                self.requests += taken
+                if batch is None:
+                    self.records += taken
+                    self.responses += taken
+                    answered += taken
+                    self.backend.notify()
+                    continue
+                reqs = batch.requests
+                inst.adopt_requests(reqs)
+            else:
+                reqs = inst.take_requests(self.batch)
+                if not reqs:
+                    break
+                self.requests += len(reqs)
+                if self.recorder is not None:
+                    self.recorder.requests(reqs)
+                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native else None
+            if batch is not None:
+                # Native where it could; the Python engine's decisions are the ones with side effects.
+                responses = batch.responses
+                pairs = [(rsp, d) for _i, rsp, d in batch.decisions]
+                self._write_log(len(reqs), lambda: self.log.write_text(batch.text, batch.alerts))
+            else:
+                pairs = engine.decide_batch(reqs)
+                responses = [rsp for rsp, _ in pairs]
+                for _rsp, d in pairs:
+                    watch(d)
+                if self.observer is not None:
+                    self.observer(pairs, reqs)
+                self._write_log(len(reqs), lambda: self.log.write_batch(pairs))
             self._effects(pairs, BEFORE)
-            inst.put_responses([rsp for rsp, _ in pairs])
-            self.responses += len(pairs)
-            answered += len(pairs)
+            inst.put_responses(responses)
+            self.responses += len(responses)
+            answered += len(responses)
             self._effects(pairs, AFTER)
             for gfn, offset in pt_writes:
                 self._rebind(gfn, offset)
@@ -229,26 +265,53 @@ class Enforcer:
                 self.effect_errors.append(f"re-arm of {gfn:#x} failed: {exc}")
         self._retry_rebinds()
 
+    def _native_ring(self) -> Any:
+        """The ring when the native engine may drain and answer it in one call: a backend that keeps
+        no books on requests and responses (`native_ring`), and no recorder (it keeps every request)."""
+        if self.native is None or self.recorder is not None:
+            return None
+        get = getattr(self.backend, "native_ring", None)
+        return get() if get is not None else None
+
+    def _write_log(self, count: int, write: Callable[[], object]) -> None:
+        """Write a batch's `count` records (before its responses are pushed)."""
+        try:
+            write()
+            self.records += count
+        except (OSError, ValueError) as exc:
+            self._log_lost(count, exc)
+
+    def _log_lost(self, count: int, exc: Exception) -> None:
+        # A log that cannot be written must not leave vCPUs paused nor lift the protection:
+        # the batch is answered and enforcing goes on; the loss is counted and said once.
+        self.unlogged += count
+        if self.log_error is None:
+            self.log_error = str(exc)
+            print(f"policyc: the decision log cannot be written ({exc}); enforcing goes on, "
+                  "decisions are counted but not recorded", file=sys.stderr, flush=True)
+
     # ------------------------------------------------------------------ page-table watch
-    def _note_page_table_writes(self, pairs: Sequence[tuple[bytes, Decision]]) -> list[tuple[int, int]]:
+    def _page_table_watch(self, out: list[tuple[int, int]]) -> Callable[[Decision], None]:
+        """A function that notes, for each decision it is given, a write to a watched page-table entry
+        (the binding follows it after the response) and says so in the decision."""
         inst = self.installation
         assert inst is not None
-        out = []
-        for _rsp, d in pairs:
+
+        def watch(d: Decision) -> None:
             if d.kind != "mem_access":
-                continue
+                return
             gfn = d.event.get("gfn")
             if gfn is None or not inst.is_pt_frame(gfn):
-                continue
+                return
             offset = d.event.get("offset", 0)
             users = sorted(inst.bound.pt_entry_users(gfn, offset))
             if not users:
-                continue
+                return
             if d.verdict == "allow" or d.would_deny:
                 out.append((gfn, offset))
             d.collateral = False               # the engine's "no rule traps this frame" is not the story
             d.note = f"page-table write to an entry that maps {', '.join(users)}: the binding follows it"
-        return out
+        return watch
 
     def _rebind(self, gfn: int, offset: int) -> bool:
         inst, engine = self.installation, self.engine
@@ -257,6 +320,8 @@ class Enforcer:
         if not delta:
             return False
         engine.refresh_binding()
+        if self.native is not None:
+            self.native.rebuild()
         moved = {}
         for name, (old, new) in delta.regions.items():
             before, after = {g for g, _f, _l in old}, {g for g, _f, _l in new}

@@ -122,6 +122,14 @@ def native_available() -> bool:
     return True
 
 
+class NativeLogError(OSError):
+    """The native call could not write a batch's records: it is decided but not answered yet."""
+
+    def __init__(self, requests: list[bytes], responses: list[bytes], count: int) -> None:
+        super().__init__(f"the decision log could not be written ({count} decisions)")
+        self.requests, self.responses = requests, responses
+
+
 class _Unexpressible(Exception):
     """A rule, template or response the native engine leaves to the Python engine."""
 
@@ -134,6 +142,7 @@ class NativeBatch:
     decisions: list[tuple[int, bytes, Decision]] = field(default_factory=list)   # (index, response, d): Python's
     text: str | None = None             # every record of the batch, in order (None: counted only)
     alerts: list[str] = field(default_factory=list)    # alert stream lines, in order
+    requests: Sequence[bytes] = ()      # what was answered (service_ring: as taken off the ring)
 
 
 class _Pool:
@@ -186,28 +195,76 @@ class NativeEngine:
         """Decisions made natively so far (counted before any stats fold)."""
         return self._native_total + int(self.stats.decisions)
 
-    def decide_batch(self, requests: Sequence[bytes], log: Any = None) -> NativeBatch:
+    def decide_batch(self, requests: Sequence[bytes], log: Any = None,
+                     on_python: Callable[[Decision], None] | None = None) -> NativeBatch:
         """Answer every request, in order: natively where it can, else by the Python engine.
-        `log` (a `DecisionLog`) renders the records; with None, or a log that only counts, none are."""
-        ffi, lib, engine = self.ffi, self.lib, self.engine
-        n = len(requests)
-        render = log is not None and log.renders
+        `log` (a `DecisionLog`) renders the records; with None, or a log that only counts, none are.
+        `on_python(d)` sees each Python decision before its record is rendered (the enforcer notes
+        page-table writes there)."""
+        render = self._prepare(log)
+        self._call.log = self._log if render else self.ffi.NULL
+        self._call.log_len = 0
+        return self._finish(requests, 0, log, render, on_python)
+
+    def service_ring(self, ring: Any, log: Any, max_count: int,
+                     on_python: Callable[[Decision], None] | None = None) -> tuple[int, bool, NativeBatch | None]:
+        """One native call: take up to `max_count` requests from `ring` (an `abi.Ring`, monitor side),
+        decide, write the records (one write to the log's file) and put and publish the responses.
+        Returns (requests taken, whether the other side asked to be notified, None); when the batch
+        needs Python (a handed-over event, alerts, a log that is not a file) nothing is answered
+        yet and the third item is the finished `NativeBatch` for the caller to log and answer."""
+        ffi, lib = self.ffi, self.lib
+        render = self._prepare(log)
+        max_count = min(max_count, self._capacity)
+        call = self._call
+        call.log = self._log if render else ffi.NULL
+        call.next_id = self.engine.next_id
+        call.now_ns = self.engine.wall_clock_ns()
+        call.clock = self.engine.clock()
+        fd = log.native_fd() if render else -1
+        out = self._service_out
+        status = lib.pe_service(self.e, call, ring._back, max_count, fd, bool(render and log.has_alerts),
+                                self._taken, out, out + 1, self._rsp, self._notify)
+        self.engine.next_id = call.next_id
+        taken, decided = int(out[0]), int(out[1])
+        if status == lib.PE_SERVED:
+            return taken, bool(self._notify[0]), None
+        raw = ffi.buffer(self._taken, taken * EVENT_SIZE)[:]
+        requests = [raw[k * EVENT_SIZE:(k + 1) * EVENT_SIZE] for k in range(taken)]
+        if status == lib.PE_LOG_FAILED:
+            raise NativeLogError(requests, self._responses(taken), taken)
+        return taken, False, self._finish(requests, decided, log, render, on_python)
+
+    def _prepare(self, log: Any) -> bool:
         if log is not None and log is not self._counted_in:   # native counts reach the log's stats
             log.add_counter_source(self.fold_stats)
             self._counted_in = log
+        render = log is not None and log.renders
         if render and log.plan_hash != self.plan_hash:      # the record says the log's plan hash
             self.plan_hash = log.plan_hash
             self.rebuild()
+        return render
+
+    def _responses(self, n: int) -> list[bytes]:
+        out = self.ffi.buffer(self._rsp, n * EVENT_SIZE)[:]
+        return [out[k * EVENT_SIZE:(k + 1) * EVENT_SIZE] for k in range(n)]
+
+    def _finish(self, requests: Sequence[bytes], done: int, log: Any, render: bool,
+                on_python: Callable[[Decision], None] | None) -> NativeBatch:
+        """Decide requests[done:] (the first `done` are decided, their records in the buffer)."""
+        ffi, lib, engine = self.ffi, self.lib, self.engine
+        n = len(requests)
+        if n > self._capacity:
+            self._grow(n)
+        rsp, call, buf = self._rsp, self._call, self._log
         want_alerts = render and log.has_alerts
-        rsp = ffi.new("uint8_t[]", max(1, n) * EVENT_SIZE)
-        call, buf = self._call, self._log
-        call.log = buf if render else ffi.NULL
-        call.log_len = 0
         cut = 0                                   # start of the buffer's text not yet in pieces
         pieces: list[str] = []
         alerts: list[str] = []
         python: list[tuple[int, bytes, Decision]] = []
-        i = 0
+        if want_alerts and done:
+            alerts.extend(self._alert_lines(log, 0, done))
+        i = done
         while i < n:
             j = i
             while j < n and len(requests[j]) == EVENT_SIZE:
@@ -217,14 +274,11 @@ class NativeEngine:
                 call.now_ns = engine.wall_clock_ns()
                 call.clock = engine.clock()
                 start = call.log_len
-                done = lib.pe_decide(self.e, call, b"".join(requests[i:j]), j - i, rsp + i * EVENT_SIZE)
+                got = lib.pe_decide(self.e, call, b"".join(requests[i:j]), j - i, rsp + i * EVENT_SIZE)
                 engine.next_id = call.next_id
                 if want_alerts:
-                    ends = [start] + [self._line_end[x] for x in range(done)]
-                    for x in range(done):
-                        if self._alert[x]:
-                            alerts.extend(log.alert_lines(ffi.buffer(buf, ends[x + 1])[ends[x]:].decode("ascii")))
-                i += done
+                    alerts.extend(self._alert_lines(log, start, got))
+                i += got
                 if i < j and call.punt < 0:       # the log buffer is full: keep its text, go on
                     pieces.append(ffi.buffer(buf, call.log_len)[cut:].decode("ascii"))
                     call.log_len = cut = 0
@@ -241,6 +295,8 @@ class NativeEngine:
             self._push_state(self._stateful)      # ... and leaves its own
             ffi.memmove(rsp + i * EVENT_SIZE, response, EVENT_SIZE)
             python.append((i, response, d))
+            if on_python is not None:
+                on_python(d)
             if log is not None:
                 line, extra = log.render(d)
                 if render:
@@ -249,9 +305,16 @@ class NativeEngine:
             i += 1
         if render and call.log_len > cut:
             pieces.append(ffi.buffer(buf, call.log_len)[cut:].decode("ascii"))
-        out = ffi.buffer(rsp, n * EVENT_SIZE)[:]
-        return NativeBatch([out[k * EVENT_SIZE:(k + 1) * EVENT_SIZE] for k in range(n)], python,
-                           "".join(pieces) if render else None, alerts)
+        return NativeBatch(self._responses(n), python, "".join(pieces) if render else None, alerts, requests)
+
+    def _alert_lines(self, log: Any, start: int, count: int) -> list[str]:
+        """Alert stream lines for the native records just written at [start, ...) of the buffer."""
+        out: list[str] = []
+        ends = [start] + [self._line_end[x] for x in range(count)]
+        for x in range(count):
+            if self._alert[x]:
+                out.extend(log.alert_lines(self.ffi.buffer(self._log, ends[x + 1])[ends[x]:].decode("ascii")))
+        return out
 
     def fold_stats(self, stats: Any) -> None:
         """Add the native decisions counted since the last fold to a `decision_log.Stats`."""
@@ -435,15 +498,26 @@ class NativeEngine:
         e.bytes = self._pin(bytes(feeds.data))
         e.nbytes = len(feeds.data)
         self._log = ffi.new("char[]", max(1 << 20, 64 * self._record_max))
-        self._line_end = ffi.new("uint32_t[]", 4096)
-        self._alert = ffi.new("uint8_t[]", 4096)
+        self._grow(4096)
+        self._service_out = ffi.new("size_t[2]")
+        self._notify = ffi.new("int *")
         call = self._call = ffi.new("pe_call *")
+        call.line_end, call.alert = self._line_end, self._alert
         call.log_cap = len(self._log)
         call.record_max = self._record_max
-        call.line_end = self._line_end
-        call.alert = self._alert
         if not hasattr(self, "_native_total"):
             self._native_total = 0
+
+    def _grow(self, capacity: int) -> None:
+        """Room for `capacity` requests a call (responses, per-record line ends and alert flags)."""
+        ffi = self.ffi
+        self._capacity = capacity
+        self._taken = ffi.new("uint8_t[]", capacity * EVENT_SIZE)
+        self._rsp = ffi.new("uint8_t[]", capacity * EVENT_SIZE)
+        self._line_end = ffi.new("uint32_t[]", capacity)
+        self._alert = ffi.new("uint8_t[]", capacity)
+        if hasattr(self, "_call"):
+            self._call.line_end, self._call.alert = self._line_end, self._alert
 
     def _pin(self, data: bytes) -> Any:
         buf = self.ffi.new("char[]", max(1, len(data)))
