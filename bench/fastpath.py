@@ -50,8 +50,8 @@ from policyc.runtime.decide import DecisionEngine  # noqa: E402
 from policyc.runtime.decision_log import DecisionLog  # noqa: E402
 from policyc.runtime.enforce import Enforcer  # noqa: E402
 from policyc.runtime.native_engine import NativeEngine  # noqa: E402
-from policyc.runtime.sim.ring_replay import ReplayBackend  # noqa: E402
-from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario  # noqa: E402
+from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests  # noqa: E402
+from policyc.runtime.sim.scenario import build_scenario, load_scenario  # noqa: E402
 from policyc.symbols import load_symbol_table  # noqa: E402
 
 SYSCALL_TRACING = ROOT / "examples" / "policies" / "linux-syscall-tracing.vmi"
@@ -70,16 +70,8 @@ def compiled(policy: Path) -> tuple[dict, list]:
 
 
 def record(plan: dict, symbols: list, scenario_path: Path, where: Path) -> list[bytes]:
-    """The requests the guest raises running the scenario under the plan (the Python engine answers)."""
-    sc = load_scenario(scenario_path)
-    xen = build_scenario(sc, record=False)
-    out: list[bytes] = []
-    enforcer = Enforcer(plan, xen, symbols, guest="record", state_dir=where / "record",
-                        observer=lambda pairs, reqs: out.extend(bytes(r) for r in reqs))
-    enforcer.start()
-    ScenarioRunner(sc, xen, lambda _x: enforcer.service()).run()
-    enforcer.stop()
-    return out
+    """The requests the guest raises running the scenario under the plan."""
+    return record_requests(plan, symbols, load_scenario(scenario_path), where / "record", record=False)
 
 
 def example_storm(rounds: int, where: Path) -> Path:

@@ -23,8 +23,8 @@ from policyc.lower import compile_plan
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.enforce import Enforcer, EnforcerError
 from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator
-from policyc.runtime.sim.ring_replay import ReplayBackend
-from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario, load_scenario_text
+from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests
+from policyc.runtime.sim.scenario import build_scenario, load_scenario, load_scenario_text
 from policyc.symbols import load_symbol_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,7 +370,7 @@ def test_a_storm_of_mixed_traps_on_8_vcpus_answers_every_request(tmp_path):
     assert run.xen.paused_vcpus() == frozenset()
     assert log.stats.verdicts["deny"] == 4 * STORM_SIM_ROUNDS and log.stats.collateral == STORM_SIM_ROUNDS
     assert diff_snapshots(run.before, run.after) == []
-    recorded = _storm_requests(tmp_path, plan, symbols)
+    recorded = record_requests(plan, symbols, load_scenario(storm(5, tmp_path)), tmp_path / "record")
     assert len(recorded) == 5 * per_iteration
 
     count = -(-STORM_EVENTS // per_iteration) * per_iteration
@@ -390,19 +390,6 @@ def test_a_storm_of_mixed_traps_on_8_vcpus_answers_every_request(tmp_path):
     stats = log.stats
     assert stats.decisions == count and enf.native.decided_natively() == count
     assert stats.verdicts["deny"] == 4 * count // per_iteration and stats.collateral == count // per_iteration
-
-
-def _storm_requests(tmp_path: Path, plan: dict, symbols: list) -> list[bytes]:
-    """The requests of five storm rounds, as the guest raises them."""
-    scenario = load_scenario(storm(5, tmp_path))
-    out: list[bytes] = []
-    xen = build_scenario(scenario)
-    enf = Enforcer(plan, xen, symbols, guest="record", state_dir=tmp_path / "record",
-                   observer=lambda pairs, reqs: out.extend(bytes(r) for r in reqs))
-    enf.start()
-    ScenarioRunner(scenario, xen, lambda _x: enf.service()).run()
-    enf.stop()
-    return out
 
 
 def test_a_decision_log_that_fails_does_not_leave_vcpus_paused(tmp_path):

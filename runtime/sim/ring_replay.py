@@ -18,7 +18,25 @@ from typing import Any, Iterable, Sequence
 from ...native import abi
 from ...native.abi import _native
 
-__all__ = ["ReplayBackend"]
+__all__ = ["ReplayBackend", "record_requests"]
+
+
+def record_requests(plan: Any, symbols: Any, scenario: Any, state_dir: Any, **xen_options: Any) -> list[bytes]:
+    """The requests the scenario's guest raises under the plan, in order (the Python engine answers);
+    `xen_options` go to `build_scenario`."""
+    from ..enforce import Enforcer
+    from .scenario import ScenarioRunner, build_scenario
+
+    xen = build_scenario(scenario, **xen_options)
+    out: list[bytes] = []
+    enforcer = Enforcer(plan, xen, symbols, guest="record", state_dir=state_dir,
+                        observer=lambda pairs, reqs: out.extend(bytes(r) for r in reqs))
+    enforcer.start()
+    try:
+        ScenarioRunner(scenario, xen, lambda _x: enforcer.service()).run()
+    finally:
+        enforcer.stop()
+    return out
 
 
 class ReplayBackend:
