@@ -353,7 +353,7 @@ static void put_rule_list(wbuf *w, const pe_engine *e, const uint32_t *rules, ui
 
 /* The record decision_log.DecisionLog.record writes, key for key. */
 static void record(const pe_engine *e, pe_call *c, const decision *d, const uint8_t *raw,
-                   uint32_t rsp_flags, uint64_t latency, int *has_alert)
+                   uint32_t rsp_flags, uint64_t latency, int *has_alert, const wbuf *time_text)
 {
     wbuf w = {c->log + c->log_len, 0};
     uint32_t i, k = d->kind, bit;
@@ -362,7 +362,7 @@ static void record(const pe_engine *e, pe_call *c, const decision *d, const uint
     put_pool(&w, e, e->id_head_off, e->id_head_len);
     put_u64(&w, c->next_id, 10, 0, 1);
     PUTS(&w, "\",\"time\":\"");
-    put_time(&w, c->now_ns);
+    put(&w, time_text->p, time_text->n);
     put_pool(&w, e, e->hash_off, e->hash_len);
     put_pool(&w, e, e->kind_name_off[k], e->kind_name_len[k]);
     PUTS(&w, ",\"vcpu\":");
@@ -490,7 +490,8 @@ _Static_assert(sizeof(((pe_stats *)0)->by_kind) == sizeof(uint64_t) * PE_KINDS, 
 #define NOTE(d, s) ((d)->note = (s), (d)->note_len = sizeof(s) - 1)
 
 /* Returns -1 when decided (response and record written), else a PE_P_* reason. */
-static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out, size_t i)
+static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out, size_t i,
+                      const wbuf *time_text)
 {
     uint64_t t0 = mono_ns();
     decision d;
@@ -757,7 +758,7 @@ static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out
     latency = mono_ns() - t0;
     count(e, &d, latency);
     if (c->log) {
-        record(e, c, &d, raw, rsp_flags, latency, &has_alert);
+        record(e, c, &d, raw, rsp_flags, latency, &has_alert, time_text);
         if (c->line_end)
             c->line_end[i] = (uint32_t)c->log_len;
         if (c->alert)
@@ -770,13 +771,23 @@ static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out
 size_t pe_decide(pe_engine *e, pe_call *c, const uint8_t *reqs, size_t n, uint8_t *rsps)
 {
     size_t i;
+    char tbuf[40];
+    wbuf time_text = {tbuf, 0};
 
     c->punt = -1;
+    if (c->own_clocks) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        c->now_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+        clock_gettime(CLOCK_MONOTONIC, &ts);   /* as time.monotonic(): ns / 1e9 */
+        c->clock = (double)((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) / 1e9;
+    }
+    put_time(&time_text, c->now_ns);
     for (i = 0; i < n; i++) {
         int why;
         if (c->log && c->log_cap - c->log_len < c->record_max)
             break;             /* the caller writes the buffer out and calls again */
-        why = decide_one(e, c, reqs + i * EVENT, rsps + i * EVENT, i);
+        why = decide_one(e, c, reqs + i * EVENT, rsps + i * EVENT, i, &time_text);
         if (why >= 0) {
             c->punt = why;
             e->punts[why]++;
@@ -809,26 +820,24 @@ static int write_all(int fd, const char *p, size_t n)
  * published (group commit: a record is on its way to the disk before its
  * answer). Otherwise the taken requests, the responses and records decided
  * so far stay in taken / rsps / c->log for the caller to finish. */
-int pe_service(pe_engine *e, pe_call *c, struct vm_event_back_ring *back, size_t max, int fd,
-               int finish_alerts, uint8_t *taken, size_t *ntaken, size_t *decided, uint8_t *rsps,
-               int *notify)
+int pe_service(pe_engine *e, pe_call *c)
 {
     size_t n, i;
 
-    *notify = 0;
-    n = vm_ring_take_requests(back, (vm_event_request_t *)taken, max);
-    *ntaken = n;
+    c->notify = 0;
+    n = vm_ring_take_requests(c->back, (vm_event_request_t *)c->taken, c->max);
+    c->ntaken = n;
     c->log_len = 0;
-    *decided = n ? pe_decide(e, c, taken, n, rsps) : 0;
-    if (*decided < n || (c->log && fd < 0))
+    c->decided = n ? pe_decide(e, c, c->taken, n, c->rsps) : 0;
+    if (c->decided < n || (c->log && c->fd < 0))
         return PE_UNFINISHED;
-    if (finish_alerts && c->log && c->alert)
+    if (c->finish_alerts && c->log && c->alert)
         for (i = 0; i < n; i++)
             if (c->alert[i])
                 return PE_UNFINISHED;
-    if (c->log && c->log_len && write_all(fd, c->log, c->log_len) < 0)
+    if (c->log && c->log_len && write_all(c->fd, c->log, c->log_len) < 0)
         return PE_LOG_FAILED;
-    vm_ring_put_responses(back, (const vm_event_response_t *)rsps, n);
-    *notify = vm_ring_push_responses(back);
+    vm_ring_put_responses(c->back, (const vm_event_response_t *)c->rsps, n);
+    c->notify = vm_ring_push_responses(c->back);
     return PE_SERVED;
 }

@@ -246,15 +246,22 @@ typedef struct {                      /* one call's inputs and outputs */
     uint32_t *line_end;               /* per decided event: end of its line in log (or NULL) */
     uint8_t *alert;                   /* per decided event: its record has alert messages */
     int32_t punt;                     /* out: why the event after the decided ones was not (-1: none) */
+    uint8_t own_clocks;               /* take now_ns and clock from CLOCK_REALTIME / CLOCK_MONOTONIC */
+    /* pe_service only */
+    struct vm_event_back_ring *back;  /* the ring's monitor side */
+    size_t max;                       /* requests taken a call, at most (taken/rsps hold that many) */
+    int32_t fd;                       /* where the records go (-1: the caller writes them) */
+    uint8_t finish_alerts;            /* records with alerts: the caller finishes the batch */
+    uint8_t *taken, *rsps;            /* the requests taken, the responses */
+    size_t ntaken, decided;           /* out */
+    int32_t notify;                   /* out: the other side asked to be notified */
 } pe_call;
 
 /* One batch on the monitor's side of a ring: see decide.c. */
 #define PE_SERVED    1      /* taken, decided, recorded and answered */
 #define PE_UNFINISHED 0     /* taken; the caller finishes (handed-over events, alerts, a log it writes) */
 #define PE_LOG_FAILED (-1)  /* decided, but the records could not be written; nothing answered */
-int pe_service(pe_engine *e, pe_call *c, struct vm_event_back_ring *back, size_t max, int fd,
-               int finish_alerts, uint8_t *taken, size_t *ntaken, size_t *decided, uint8_t *rsps,
-               int *notify);
+int pe_service(pe_engine *e, pe_call *c);
 int pe_verify_code(const pe_engine *e, uint32_t kind, uint32_t off, uint32_t len);
 size_t pe_decide(pe_engine *e, pe_call *c, const uint8_t *reqs, size_t n, uint8_t *rsps);
 

@@ -202,7 +202,7 @@ class Enforcer:
             if ring is not None:
                 # One native call drains, decides, logs and answers; it hands back what needs Python.
                 try:
-                    taken, _notify, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch)
+                    taken, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch)
                 except NativeLogError as exc:
                     inst.adopt_requests(exc.requests)
                     self.requests += len(exc.requests)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -175,6 +176,9 @@ class NativeEngine:
                           if r.limit is not None or r.disarm or (r.then is not None and r.then.disarm)]
         self.unexpressible: dict[str, str] = {}     # rule -> why the native engine hands it over
         self._counted_in: Any = None
+        self._ring_key: Any = None
+        # The engine's clocks are the system's: C reads them itself (no Python call a batch).
+        self._own_clocks = engine.clock is time.monotonic and engine.wall_clock_ns is time.time_ns
         self.state = self.ffi.new("pe_state[]", max(1, len(self.rules)))
         self.stats = self.ffi.new("pe_stats *")
         self.rule_stats = self.ffi.new("pe_rule_stats[]", max(1, len(self.rules)))
@@ -207,33 +211,46 @@ class NativeEngine:
         return self._finish(requests, 0, log, render, on_python)
 
     def service_ring(self, ring: Any, log: Any, max_count: int,
-                     on_python: Callable[[Decision], None] | None = None) -> tuple[int, bool, NativeBatch | None]:
+                     on_python: Callable[[Decision], None] | None = None) -> tuple[int, NativeBatch | None]:
         """One native call: take up to `max_count` requests from `ring` (an `abi.Ring`, monitor side),
         decide, write the records (one write to the log's file) and put and publish the responses.
-        Returns (requests taken, whether the other side asked to be notified, None); when the batch
-        needs Python (a handed-over event, alerts, a log that is not a file) nothing is answered
-        yet and the third item is the finished `NativeBatch` for the caller to log and answer."""
-        ffi, lib = self.ffi, self.lib
-        render = self._prepare(log)
-        max_count = min(max_count, self._capacity)
-        call = self._call
-        call.log = self._log if render else ffi.NULL
-        call.next_id = self.engine.next_id
-        call.now_ns = self.engine.wall_clock_ns()
-        call.clock = self.engine.clock()
-        fd = log.native_fd() if render else -1
-        out = self._service_out
-        status = lib.pe_service(self.e, call, ring._back, max_count, fd, bool(render and log.has_alerts),
-                                self._taken, out, out + 1, self._rsp, self._notify)
-        self.engine.next_id = call.next_id
-        taken, decided = int(out[0]), int(out[1])
-        if status == lib.PE_SERVED:
-            return taken, bool(self._notify[0]), None
-        raw = ffi.buffer(self._taken, taken * EVENT_SIZE)[:]
+        Returns (requests taken, None); when the batch needs Python (a handed-over event, alerts, a
+        log that is not a file) nothing is answered yet and the second item is the finished
+        `NativeBatch` for the caller to log and answer. Raises `NativeLogError` when the records
+        could not be written (the batch is decided, not answered)."""
+        key = (ring, log, max_count)
+        if key != self._ring_key:
+            self._attach_ring(ring, log, max_count)
+        call, engine = self._call, self.engine
+        call.next_id = engine.next_id
+        if not self._own_clocks:
+            call.now_ns = engine.wall_clock_ns()
+            call.clock = engine.clock()
+        status = self._pe_service(self.e, call)
+        engine.next_id = call.next_id
+        taken = call.ntaken
+        if status == self._served:
+            return taken, None
+        raw = self.ffi.buffer(self._taken, taken * EVENT_SIZE)[:]
         requests = [raw[k * EVENT_SIZE:(k + 1) * EVENT_SIZE] for k in range(taken)]
-        if status == lib.PE_LOG_FAILED:
+        if status == self.lib.PE_LOG_FAILED:
             raise NativeLogError(requests, self._responses(taken), taken)
-        return taken, False, self._finish(requests, decided, log, render, on_python)
+        return taken, self._finish(requests, call.decided, log, self._ring_render, on_python)
+
+    def _attach_ring(self, ring: Any, log: Any, max_count: int) -> None:
+        """Set the call up once for a ring and a log (what pe_service needs besides the engine)."""
+        render = self._prepare(log)
+        call = self._call
+        call.log = self._log if render else self.ffi.NULL
+        call.back = ring._back
+        call.max = min(max_count, self._capacity)
+        call.fd = log.native_fd() if render else -1
+        call.finish_alerts = bool(render and log.has_alerts)
+        call.taken, call.rsps = self._taken, self._rsp
+        self._ring_key = (ring, log, max_count)
+        self._ring_render = render
+        self._pe_service = self.lib.pe_service
+        self._served = self.lib.PE_SERVED
 
     def _prepare(self, log: Any) -> bool:
         if log is not None and log is not self._counted_in:   # native counts reach the log's stats
@@ -271,8 +288,9 @@ class NativeEngine:
                 j += 1
             if j > i:
                 call.next_id = engine.next_id
-                call.now_ns = engine.wall_clock_ns()
-                call.clock = engine.clock()
+                if not self._own_clocks:
+                    call.now_ns = engine.wall_clock_ns()
+                    call.clock = engine.clock()
                 start = call.log_len
                 got = lib.pe_decide(self.e, call, b"".join(requests[i:j]), j - i, rsp + i * EVENT_SIZE)
                 engine.next_id = call.next_id
@@ -503,6 +521,8 @@ class NativeEngine:
         self._notify = ffi.new("int *")
         call = self._call = ffi.new("pe_call *")
         call.line_end, call.alert = self._line_end, self._alert
+        call.own_clocks = self._own_clocks
+        self._ring_key = None
         call.log_cap = len(self._log)
         call.record_max = self._record_max
         if not hasattr(self, "_native_total"):
@@ -518,6 +538,7 @@ class NativeEngine:
         self._alert = ffi.new("uint8_t[]", capacity)
         if hasattr(self, "_call"):
             self._call.line_end, self._call.alert = self._line_end, self._alert
+            self._ring_key = None             # the ring's call takes the new buffers
 
     def _pin(self, data: bytes) -> Any:
         buf = self.ffi.new("char[]", max(1, len(data)))
