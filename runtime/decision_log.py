@@ -298,9 +298,10 @@ class DecisionLog:
 
     def native_fd(self) -> int:
         """The file descriptor native code may write whole batches of records to (the log's file,
-        whose Python buffer is always flushed), or -1 when the log is not a plain file or wants
-        fsync (then the batch's text comes back here, to `write_text`)."""
-        if self._log is None or self.fsync:
+        whose Python buffer this log always flushes), or -1 when the log is not a file of its own
+        (standard output is shared with other writers) or wants fsync: then the batch's text comes
+        back here, to `write_text`."""
+        if self._log is None or self.fsync or self._log in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             return -1
         try:
             fd = self._log.fileno()

@@ -120,7 +120,7 @@ class Enforcer:
             raise EnforcerError(f"cannot install on guest '{self.guest}': {exc} (nothing was left behind)") \
                 from None
         t2 = time.monotonic()
-        self.engine = DecisionEngine(self.installation.engine_plan(), self.bound)
+        self.engine = DecisionEngine(self.installation.engine_plan(), self.bound, clock=self.clock)
         if self.use_native:
             inst = self.installation
             self.native = NativeEngine(self.engine, plan_hash=self.log.plan_hash,

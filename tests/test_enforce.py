@@ -24,7 +24,7 @@ from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.enforce import Enforcer, EnforcerError
 from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator
 from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests
-from policyc.runtime.sim.scenario import build_scenario, load_scenario, load_scenario_text
+from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario, load_scenario_text
 from policyc.symbols import load_symbol_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -469,3 +469,42 @@ def test_outputs_that_cannot_be_written_are_one_clear_line(tmp_path):
     for flag, what in (("--record", "cannot write the trace"), ("--log", "cannot open")):
         code, _out, err = cli("run", "--guest", "sim:rootkit-hooks-syscall-table", flag, str(missing / "f"))
         assert code == 2 and what in err and "Traceback" not in err
+
+
+# =========================================================================== native and Python enforcers
+
+_VARIABLE = re.compile(r'"(decision_id|time)":"[^"]*"|"(latency_ns|time_ns)":\d+')
+
+
+def _enforce_scenario(path: Path, tmp_path: Path, native: bool) -> tuple[list[str], list[str], Enforcer]:
+    scenario = load_scenario(path)
+    d = Diagnostics()
+    model = check_policy(Path(scenario.policy), d, target_arch=scenario.profile)
+    plan = compile_plan(model, d, target=scenario.profile)
+    symbols = [load_symbol_table(s.path) for s in model.symbols]
+    xen = build_scenario(scenario, profile=scenario.profile)
+    tag = "native" if native else "python"
+    log_path, alerts_path = tmp_path / f"{tag}.jsonl", tmp_path / f"{tag}.alerts"
+    with open(log_path, "w") as f, open(alerts_path, "w") as a:
+        enf = Enforcer(plan, xen, symbols, guest=tag, log=DecisionLog(f, a, plan["content_hash"]),
+                       state_dir=tmp_path / tag, native=native, clock=lambda: 1000.0)   # rate limits: no refill
+        enf.start()
+        runner = ScenarioRunner(scenario, xen, lambda _x: enf.service())
+        for step in scenario.steps:
+            runner.results.append(runner.run_step(step))
+            enf.idle()
+        runner.settle()
+        assert enf.stop() == []
+    enf.paused_at_end = xen.paused_vcpus()      # a policy's `pause` action leaves the domain paused
+    return ([_VARIABLE.sub("", line) for line in log_path.read_text().splitlines()],
+            [_VARIABLE.sub("", line) for line in alerts_path.read_text().splitlines()], enf)
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_native_enforcer_logs_what_the_python_enforcer_logs(path, tmp_path):
+    """Every example scenario, rebinds after page-table writes included: the same records and alerts."""
+    want, want_alerts, py = _enforce_scenario(path, tmp_path, native=False)
+    got, got_alerts, nat = _enforce_scenario(path, tmp_path, native=True)
+    assert nat.native is not None and py.native is None
+    assert got == want and got_alerts == want_alerts
+    assert nat.counters() == py.counters() and nat.paused_at_end == py.paused_at_end
