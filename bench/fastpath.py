@@ -10,8 +10,9 @@ CR0.WP and CR4.SMEP clears, an IDT write, a collateral write). Then:
 * ``floor_per_s``: the C ring floor (`abi.floor_loop`: a trivial responder in C);
 * ``python_engine_per_s``: `DecisionEngine.decide_batch` alone on the recorded
   requests (no log);
-* ``native_engine_per_s``: `NativeEngine.decide_batch` alone on the same
-  requests, in batches of 4,096 (no log);
+* ``native_engine_per_s``: `NativeEngine.decide_blob` alone on the same
+  requests, 4,096 a call packed in one buffer, responses likewise (no log;
+  what it hands over goes to the Python engine as in the enforcer);
 * ``enforcer_logged_per_s`` / ``enforcer_counted_per_s``: the whole
   `Enforcer` on a ring that `runtime.sim.ring_replay.ReplayBackend` keeps full
   in C with the recorded requests (no guest runs), the decision log written to
@@ -160,8 +161,8 @@ def main() -> int:
         python_engine = DecisionEngine(bound.plan, bound)
         py_rate = rate(lambda: python_engine.decide_batch(requests), len(requests))
         native = NativeEngine(DecisionEngine(bound.plan, bound))
-        batch = (requests * (4096 // len(requests) + 1))[:4096]
-        native_rate = rate(lambda: native.decide_batch(batch), len(batch))
+        blob = b"".join((requests * (4096 // len(requests) + 1))[:4096])
+        native_rate = rate(lambda: native.decide_blob(blob), 4096)
 
         logged = enforcer_run(plan, symbols, sc_path, requests, args.events, where, where / "decisions.jsonl")
         counted = enforcer_run(plan, symbols, sc_path, requests, args.events, where, None)

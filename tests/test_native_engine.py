@@ -274,3 +274,15 @@ def test_native_and_python_engines_answer_and_record_identically(policy, target)
         assert nat_alerts.getvalue() == ref_alerts.getvalue()
     print(f"{policy} {target}: {done} requests, native share "
           f"{native.decided_natively() / max(1, done):.3f}, handed over {native.punts}")
+
+
+def test_decide_blob_answers_as_decide_batch_does():
+    plan, bound = bound_plan("linux-kernel-integrity.vmi", "x86_64")
+    clocks = Clocks()
+    _ref, _w, by_batch = engines(plan, bound, clocks)
+    _ref2, _w2, by_blob = engines(plan, bound, clocks)
+    gen = Requests(_ref, by_batch, seed=3)
+    requests = [r for r in (gen.one() for _ in range(3000)) if len(r) == 400]
+    assert by_blob.decide_blob(b"".join(requests)) == b"".join(by_batch.decide_batch(requests).responses)
+    assert by_blob.engine.next_id == by_batch.engine.next_id == len(requests) + 1
+    assert by_blob.punts == by_batch.punts and sum(by_blob.punts.values()) > 0
