@@ -489,21 +489,291 @@ _Static_assert(sizeof(((pe_stats *)0)->by_kind) == sizeof(uint64_t) * PE_KINDS, 
 
 #define NOTE(d, s) ((d)->note = (s), (d)->note_len = sizeof(s) - 1)
 
-/* Returns -1 when decided (response and record written), else a PE_P_* reason. */
+typedef struct {                      /* the rules an event may match, before conditions */
+    uint32_t n, rule[MAXC], claim_of[MAXC];
+    const pe_claim *claims;           /* memory: the segment's claims (claim_of indexes them) */
+    uint32_t deny_slot;               /* the response slot of a deny */
+} candidates;
+
+/* Memory: the claims of the segment the access starts in, one per rule (the exact one if any;
+ * a segment's claims are in rule order). */
+static int mem_candidates(const pe_engine *e, const uint8_t *raw, decision *d, candidates *cs)
+{
+    uint64_t gfn = rd(raw + OFF_U, 8), offset = rd(raw + OFF_U + 8, 8);
+    uint32_t mflags = (uint32_t)rd(raw + OFF_U + 24, 4), k, j;
+    const pe_page *page = find_page(e, gfn);
+    int32_t seg = -1;
+
+    k = (mflags & MEM_ACCESS_W) ? 1 : (mflags & MEM_ACCESS_X) ? 2 : 0;
+    cs->deny_slot = k == 0 ? PE_R_DENY : k == 1 ? PE_R_DENY_W : PE_R_DENY_X;
+    if (page && page->pt)
+        return PE_P_PAGE_TABLE;
+    if (k != 2 && offset > PAGE - 1 - DATA_SLACK && (mflags & MEM_ACCESS_GLA_VALID))
+        return PE_P_NEXT_PAGE;
+    if (page)
+        seg = page->seg[k];
+    if (seg >= 0) {
+        const pe_segtab *t = &e->segtabs[seg];
+        uint32_t lo = 0, hi = t->count;
+        const pe_segment *s;
+        while (hi - lo > 1) {       /* the last segment starting at or before offset */
+            uint32_t mid = lo + (hi - lo) / 2;
+            if (e->segments[t->first + mid].start <= offset)
+                lo = mid;
+            else
+                hi = mid;
+        }
+        s = &e->segments[t->first + lo];
+        cs->claims = e->claims + s->claim_off;
+        for (j = 0; j < s->claim_len; j++) {
+            const pe_claim *cl = &cs->claims[j];
+            if (cs->n && cs->claims[cs->claim_of[cs->n - 1]].rule == cl->rule) {
+                if (cl->exact && !cs->claims[cs->claim_of[cs->n - 1]].exact)
+                    cs->claim_of[cs->n - 1] = j;
+                continue;
+            }
+            if (cs->n == MAXC)
+                return PE_P_RULE;
+            cs->claim_of[cs->n] = j;
+            cs->rule[cs->n++] = cl->rule;
+        }
+    }
+    if (!cs->n) {
+        d->collateral = 1;
+        if (page && page->trapped)
+            NOTE(d, NOTE_COLLATERAL);
+        else
+            NOTE(d, NOTE_UNTRAPPED);
+    }
+    return -1;
+}
+
+/* The candidate rules for the event's kind (-1), or why the Python engine must decide it. */
+static int select_candidates(const pe_engine *e, const uint8_t *raw, decision *d, candidates *cs)
+{
+    const pe_keyed *f = NULL;
+    const uint32_t *list = NULL;
+    uint32_t list_len = 0, j;
+
+    cs->deny_slot = PE_R_DENY;
+    switch ((uint32_t)rd(raw + 8, 4)) {
+    case VM_EVENT_REASON_MEM_ACCESS:
+        d->kind = PE_K_MEM;
+        return mem_candidates(e, raw, d, cs);
+    case VM_EVENT_REASON_WRITE_CTRLREG: {
+        uint32_t index = (uint32_t)rd(raw + OFF_U, 4);
+        d->kind = PE_K_CR;
+        if (e->cr3_switch && index == VM_EVENT_X86_CR3)
+            return PE_P_CR3_VIEW;
+        if (index < 8) {
+            list = e->lists + e->cr_list_off[index];
+            list_len = e->cr_list_len[index];
+        }
+        break;
+    }
+    case VM_EVENT_REASON_MOV_TO_MSR:
+        d->kind = PE_K_MSR;
+        f = find_key(e->msrs, e->nmsrs, rd(raw + OFF_U, 8));
+        break;
+    case VM_EVENT_REASON_SOFTWARE_BREAKPOINT: {
+        uint64_t rip = rd(raw + OFF_RIP, 8), gfn = rd(raw + OFF_U, 8);
+        d->kind = PE_K_BP;
+        f = find_key(e->bps, e->nbps, rip);
+        if (!f && gfn != ~(uint64_t)0)
+            f = find_key(e->bps, e->nbps, (gfn << 12) | (rip & 0xfff));
+        if (!f || f->extra < 0)
+            return PE_P_NOT_OURS;
+        break;
+    }
+    case VM_EVENT_REASON_CPUID:
+        d->kind = PE_K_CPUID;
+        f = find_key(e->cpuid, e->ncpuid, rd(raw + OFF_U + 4, 4));
+        if (!f) {
+            list = e->lists + e->cpuid_any_off;
+            list_len = e->cpuid_any_len;
+        }
+        break;
+    case VM_EVENT_REASON_DESCRIPTOR_ACCESS:
+        d->kind = PE_K_DESC;
+        f = find_key(e->desc, e->ndesc, rd(raw + OFF_U + 16, 1) << 1 | (rd(raw + OFF_U + 17, 1) ? 1 : 0));
+        break;
+    case VM_EVENT_REASON_GUEST_REQUEST:
+        d->kind = PE_K_GR;
+        list = e->lists + e->gr_off;
+        list_len = e->gr_len;
+        break;
+    default:
+        return PE_P_REASON;
+    }
+    if (f) {
+        list = e->lists + f->list_off;
+        list_len = f->list_len;
+    }
+    if (list_len > MAXC)
+        return PE_P_RULE;
+    for (j = 0; j < list_len; j++)
+        cs->rule[cs->n++] = list[j];
+    return -1;
+}
+
+/* Every live candidate must be one this engine runs; the matches are kept in plan order. */
+static int match(const pe_engine *e, const uint8_t *raw, decision *d, const candidates *cs)
+{
+    uint32_t j;
+
+    for (j = 0; j < cs->n; j++)
+        if (!e->state[cs->rule[j]].disarmed && !e->rules[cs->rule[j]].native)
+            return PE_P_RULE;
+    for (j = 0; j < cs->n; j++) {
+        const pe_rule *r = &e->rules[cs->rule[j]];
+        if (e->state[cs->rule[j]].disarmed)
+            continue;
+        if (r->cond_len && !run(e, d->kind, raw, r))
+            continue;
+        if (d->kind == PE_K_MEM) {
+            const pe_claim *cl = &cs->claims[cs->claim_of[j]];
+            uint32_t q;
+            for (q = 0; q < d->nregions && d->regions[q] != cl->region; q++)
+                ;
+            if (q == d->nregions)
+                d->regions[d->nregions++] = cl->region;
+            if (cl->exact)
+                d->conservative = -1;       /* an exact claim: not conservative */
+        }
+        d->matched[d->nmatched++] = cs->rule[j];
+    }
+    d->conservative = d->kind == PE_K_MEM && d->nmatched && d->conservative == 0;
+    return -1;
+}
+
+typedef struct {                      /* rate-limit tokens taken, committed once the decision stands */
+    double tokens[MAXC];
+    uint8_t took[MAXC];
+    int32_t feed_off, feed_len;       /* the winning deny's feed */
+} verdict_state;
+
+/* Every matched rule's actions; the strongest verdict wins (decide.py _verdict). */
+static int decide_verdict(const pe_engine *e, const pe_call *c, decision *d, verdict_state *v)
+{
+    uint32_t j, m;
+
+    v->feed_off = v->feed_len = -1;
+    for (j = 0; j < d->nmatched; j++) {
+        const pe_rule *r = &e->rules[d->matched[j]];
+        const pe_state *st = &e->state[d->matched[j]];
+        int deny = r->deny, ok = 1;
+        uint32_t moff = r->msg_off, mlen = r->msg_len;
+        int32_t foff = r->feed_off, flen = r->feed_len;
+        v->took[j] = 0;
+        if (r->limit > 0) {
+            double t = st->tokens;
+            if (st->has_stamp) {
+                double refill = t + (c->clock - st->stamp) * r->limit;
+                t = refill < r->limit ? refill : r->limit;
+            }
+            ok = t >= 1.0;
+            v->tokens[j] = ok ? t - 1.0 : t;
+            v->took[j] = 1;
+        }
+        if (!ok) {
+            if (!r->then_native)
+                return PE_P_LIMIT;
+            d->limited[d->nlimited++] = d->matched[j];
+            moff = r->then_msg_off;
+            mlen = r->then_msg_len;
+            if (r->then_verdict) {
+                deny = r->then_verdict == 2;
+                foff = r->then_feed_off;
+                flen = r->then_feed_len;
+            }
+        }
+        for (m = 0; m < mlen; m++) {
+            if (d->nmsgs == MAXC)
+                return PE_P_RULE;
+            d->msgs[d->nmsgs++] = e->msg_index[moff + m];
+        }
+        if (deny && !d->deny) {
+            d->deny = 1;
+            d->winner = (int)d->matched[j];
+            v->feed_off = foff;
+            v->feed_len = flen;
+        } else if (d->winner < 0) {
+            d->winner = (int)d->matched[j];
+        }
+    }
+    return -1;
+}
+
+/* The response, by the plan's strategy for the kind (audit: allow), packed into out. */
+static int respond(const pe_engine *e, const uint8_t *raw, uint8_t *out, decision *d, const candidates *cs,
+                   const verdict_state *v)
+{
+    const pe_slot *s;
+    const pe_low *low;
+    uint64_t step = 0;
+
+    if (d->kind == PE_K_CPUID && e->cpuid_no_response) {
+        /* Not in the plan, yet it arrived: CPUID has run but rip has not moved (livelock otherwise). */
+        d->resp_off = e->slots[PE_K_CPUID][PE_R_ALLOW].name_off;
+        d->resp_len = e->slots[PE_K_CPUID][PE_R_ALLOW].name_len;
+        if (d->paused)
+            pack(raw, out, 0, -1, -1, NULL, -1, 1, rd(raw + OFF_RIP, 8) + rd(raw + OFF_U, 4));
+        else
+            echo(raw, out);
+        return -1;
+    }
+    if (d->deny && e->audit)
+        d->would_deny = 1;
+    s = &e->slots[d->kind][d->deny && !e->audit ? cs->deny_slot : PE_R_ALLOW];
+    d->resp_off = s->name_off;
+    d->resp_len = s->name_len;
+    if (!d->paused) {
+        if (!d->note)
+            NOTE(d, NOTE_ASYNC);
+        echo(raw, out);
+        return -1;
+    }
+    if (s->low < 0) {
+        echo(raw, out);
+        return -1;
+    }
+    low = &e->lows[s->low];
+    if (!low->native)
+        return PE_P_RESPONSE;
+    if (low->advance)
+        step = low->advance == 1 ? low->advance_by :
+               e->fields[d->kind][PE_F_INSN_LENGTH].size ? field(e, d->kind, raw, PE_F_INSN_LENGTH) : 0;
+    pack(raw, out, low->base_flags, low->altp2m,
+         low->p2midx == -2 ? (int32_t)rd(raw + 16, 2) : low->p2midx,
+         low->read_data ? (v->feed_len >= 0 ? e->bytes + v->feed_off : (const uint8_t *)"\0\0\0\0\0\0\0\0") : NULL,
+         low->read_data ? (v->feed_len >= 0 ? v->feed_len : 8) : -1,
+         low->advance != 0, rd(raw + OFF_RIP, 8) + step);
+    return -1;
+}
+
+/* Stable, by priority, highest first (decide.py sorts the messages so). */
+static void sort_messages(const pe_engine *e, decision *d)
+{
+    uint32_t a, b;
+    for (a = 1; a < d->nmsgs; a++) {
+        uint32_t x = d->msgs[a];
+        for (b = a; b > 0 && e->msgs[d->msgs[b - 1]].priority < e->msgs[x].priority; b--)
+            d->msgs[b] = d->msgs[b - 1];
+        d->msgs[b] = x;
+    }
+}
+
+/* Returns -1 when decided (response and record written), else a PE_P_* reason; nothing is
+ * changed for an event handed over. */
 static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out, size_t i,
                       const wbuf *time_text)
 {
-    uint64_t t0 = mono_ns();
+    uint64_t t0 = mono_ns(), latency;
     decision d;
-    uint32_t reason = (uint32_t)rd(raw + 8, 4), cand[MAXC], claim_of[MAXC], ncand = 0, j, m;
-    const uint32_t *list = NULL;
-    uint32_t list_len = 0, slot = PE_R_ALLOW, k, rsp_flags;
-    const pe_claim *claims = NULL;
-    int32_t feed_off = -1, feed_len = -1;
-    double tokens[MAXC];
-    uint8_t took[MAXC];
-    int has_alert = 0;
-    uint64_t latency;
+    candidates cs;
+    verdict_state v;
+    uint32_t j;
+    int why, has_alert = 0;
 
     if (!e->enabled)
         return PE_P_ARCH;
@@ -514,251 +784,26 @@ static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out
     d.flags = (uint32_t)rd(raw + 4, 4);
     d.vcpu = (uint32_t)rd(raw + 12, 4);
     d.paused = (d.flags & VM_EVENT_FLAG_VCPU_PAUSED) != 0;
-    k = 0;
-    switch (reason) {
-    case VM_EVENT_REASON_MEM_ACCESS: {
-        uint64_t gfn = rd(raw + OFF_U, 8), offset = rd(raw + OFF_U + 8, 8);
-        uint32_t mflags = (uint32_t)rd(raw + OFF_U + 24, 4);
-        const pe_page *page = find_page(e, gfn);
-        int32_t seg = -1;
-        d.kind = PE_K_MEM;
-        k = (mflags & MEM_ACCESS_W) ? 1 : (mflags & MEM_ACCESS_X) ? 2 : 0;
-        slot = k == 0 ? PE_R_DENY : k == 1 ? PE_R_DENY_W : PE_R_DENY_X;
-        if (page && page->pt)
-            return PE_P_PAGE_TABLE;
-        if (k != 2 && offset > PAGE - 1 - DATA_SLACK && (mflags & MEM_ACCESS_GLA_VALID))
-            return PE_P_NEXT_PAGE;
-        if (page)
-            seg = page->seg[k];
-        if (seg >= 0) {
-            const pe_segtab *t = &e->segtabs[seg];
-            uint32_t lo = 0, hi = t->count;
-            const pe_segment *s;
-            while (hi - lo > 1) {       /* the last segment starting at or before offset */
-                uint32_t mid = lo + (hi - lo) / 2;
-                if (e->segments[t->first + mid].start <= offset)
-                    lo = mid;
-                else
-                    hi = mid;
-            }
-            s = &e->segments[t->first + lo];
-            claims = e->claims + s->claim_off;
-            /* One claim per rule, the exact one if any (claims are in rule order). */
-            for (j = 0; j < s->claim_len; j++) {
-                uint32_t r = claims[j].rule;
-                if (ncand && claims[claim_of[ncand - 1]].rule == r) {
-                    if (claims[j].exact && !claims[claim_of[ncand - 1]].exact)
-                        claim_of[ncand - 1] = j;
-                    continue;
-                }
-                if (ncand == MAXC)
-                    return PE_P_RULE;
-                claim_of[ncand] = j;
-                cand[ncand++] = r;
-            }
-        }
-        if (!ncand) {
-            d.collateral = 1;
-            if (page && page->trapped)
-                NOTE(&d, NOTE_COLLATERAL);
-            else
-                NOTE(&d, NOTE_UNTRAPPED);
-        }
-        break;
-    }
-    case VM_EVENT_REASON_WRITE_CTRLREG: {
-        uint32_t index = (uint32_t)rd(raw + OFF_U, 4);
-        d.kind = PE_K_CR;
-        if (e->cr3_switch && index == VM_EVENT_X86_CR3)
-            return PE_P_CR3_VIEW;
-        if (index < 8) {
-            list = e->lists + e->cr_list_off[index];
-            list_len = e->cr_list_len[index];
-        }
-        break;
-    }
-    case VM_EVENT_REASON_MOV_TO_MSR: {
-        const pe_keyed *f = find_key(e->msrs, e->nmsrs, rd(raw + OFF_U, 8));
-        d.kind = PE_K_MSR;
-        if (f) {
-            list = e->lists + f->list_off;
-            list_len = f->list_len;
-        }
-        break;
-    }
-    case VM_EVENT_REASON_SOFTWARE_BREAKPOINT: {
-        uint64_t rip = rd(raw + OFF_RIP, 8), gfn = rd(raw + OFF_U, 8);
-        const pe_keyed *f = find_key(e->bps, e->nbps, rip);
-        d.kind = PE_K_BP;
-        if (!f && gfn != ~(uint64_t)0)
-            f = find_key(e->bps, e->nbps, (gfn << 12) | (rip & 0xfff));
-        if (!f || f->extra < 0)
-            return PE_P_NOT_OURS;
-        list = e->lists + f->list_off;
-        list_len = f->list_len;
-        break;
-    }
-    case VM_EVENT_REASON_CPUID: {
-        const pe_keyed *f = find_key(e->cpuid, e->ncpuid, rd(raw + OFF_U + 4, 4));
-        d.kind = PE_K_CPUID;
-        list = e->lists + (f ? f->list_off : e->cpuid_any_off);
-        list_len = f ? f->list_len : e->cpuid_any_len;
-        break;
-    }
-    case VM_EVENT_REASON_DESCRIPTOR_ACCESS: {
-        uint64_t key = rd(raw + OFF_U + 16, 1) << 1 | (rd(raw + OFF_U + 17, 1) ? 1 : 0);
-        const pe_keyed *f = find_key(e->desc, e->ndesc, key);
-        d.kind = PE_K_DESC;
-        if (f) {
-            list = e->lists + f->list_off;
-            list_len = f->list_len;
-        }
-        break;
-    }
-    case VM_EVENT_REASON_GUEST_REQUEST:
-        d.kind = PE_K_GR;
-        list = e->lists + e->gr_off;
-        list_len = e->gr_len;
-        break;
-    default:
-        return PE_P_REASON;
-    }
-    if (d.kind != PE_K_MEM) {
-        if (list_len > MAXC)
-            return PE_P_RULE;
-        for (j = 0; j < list_len; j++)
-            cand[ncand++] = list[j];
-    }
-
-    /* Match: every live candidate must be one this engine can run. */
-    for (j = 0; j < ncand; j++)
-        if (!e->state[cand[j]].disarmed && !e->rules[cand[j]].native)
-            return PE_P_RULE;
-    for (j = 0; j < ncand; j++) {
-        const pe_rule *r = &e->rules[cand[j]];
-        if (e->state[cand[j]].disarmed)
-            continue;
-        if (r->cond_len && !run(e, d.kind, raw, r))
-            continue;
-        if (d.kind == PE_K_MEM) {
-            const pe_claim *cl = &claims[claim_of[j]];
-            uint32_t q;
-            for (q = 0; q < d.nregions && d.regions[q] != cl->region; q++)
-                ;
-            if (q == d.nregions)
-                d.regions[d.nregions++] = cl->region;
-            if (cl->exact)
-                d.conservative = -1;       /* an exact claim: not conservative */
-        }
-        d.matched[d.nmatched++] = cand[j];
-    }
-    d.conservative = d.kind == PE_K_MEM && d.nmatched && d.conservative == 0;
-
-    /* Verdict: every matched rule's actions; the strongest verdict wins. */
-    for (j = 0; j < d.nmatched; j++) {
-        const pe_rule *r = &e->rules[d.matched[j]];
-        const pe_state *st = &e->state[d.matched[j]];
-        int deny = r->deny, ok = 1;
-        uint32_t moff = r->msg_off, mlen = r->msg_len;
-        int32_t foff = r->feed_off, flen = r->feed_len;
-        took[j] = 0;
-        if (r->limit > 0) {
-            double t = st->tokens;
-            if (st->has_stamp) {
-                double refill = t + (c->clock - st->stamp) * r->limit;
-                t = refill < r->limit ? refill : r->limit;
-            }
-            ok = t >= 1.0;
-            tokens[j] = ok ? t - 1.0 : t;
-            took[j] = 1;
-        }
-        if (!ok) {
-            if (!r->then_native)
-                return PE_P_LIMIT;
-            d.limited[d.nlimited++] = d.matched[j];
-            moff = r->then_msg_off;
-            mlen = r->then_msg_len;
-            if (r->then_verdict) {
-                deny = r->then_verdict == 2;
-                foff = r->then_feed_off;
-                flen = r->then_feed_len;
-            }
-        }
-        for (m = 0; m < mlen; m++) {
-            if (d.nmsgs == MAXC)
-                return PE_P_RULE;
-            d.msgs[d.nmsgs++] = e->msg_index[moff + m];
-        }
-        if (deny && !d.deny) {
-            d.deny = 1;
-            d.winner = (int)d.matched[j];
-            feed_off = foff;
-            feed_len = flen;
-        } else if (d.winner < 0) {
-            d.winner = (int)d.matched[j];
-        }
-    }
-
-    /* The response, by the plan's strategy for the kind (audit: allow). */
-    if (d.kind == PE_K_CPUID && e->cpuid_no_response) {
-        d.resp_off = e->slots[PE_K_CPUID][PE_R_ALLOW].name_off;
-        d.resp_len = e->slots[PE_K_CPUID][PE_R_ALLOW].name_len;
-        if (d.paused)
-            pack(raw, out, 0, -1, -1, NULL, -1, 1, rd(raw + OFF_RIP, 8) + rd(raw + OFF_U, 4));
-        else
-            echo(raw, out);
-    } else {
-        const pe_slot *s;
-        if (d.deny && e->audit)
-            d.would_deny = 1;
-        s = &e->slots[d.kind][d.deny && !e->audit ? (d.kind == PE_K_MEM ? slot : PE_R_DENY) : PE_R_ALLOW];
-        d.resp_off = s->name_off;
-        d.resp_len = s->name_len;
-        if (!d.paused) {
-            if (!d.note)
-                NOTE(&d, NOTE_ASYNC);
-            echo(raw, out);
-        } else if (s->low < 0) {
-            echo(raw, out);
-        } else {
-            const pe_low *low = &e->lows[s->low];
-            uint64_t step = 0;
-            if (!low->native)
-                return PE_P_RESPONSE;
-            if (low->advance)
-                step = low->advance == 1 ? low->advance_by :
-                       e->fields[d.kind][PE_F_INSN_LENGTH].size ? field(e, d.kind, raw, PE_F_INSN_LENGTH) : 0;
-            pack(raw, out, low->base_flags, low->altp2m,
-                 low->p2midx == -2 ? (int32_t)rd(raw + 16, 2) : low->p2midx,
-                 low->read_data ? (feed_len >= 0 ? e->bytes + feed_off : (const uint8_t *)"\0\0\0\0\0\0\0\0") : NULL,
-                 low->read_data ? (feed_len >= 0 ? feed_len : 8) : -1,
-                 low->advance != 0, rd(raw + OFF_RIP, 8) + step);
-        }
-    }
+    cs.n = 0;
+    cs.claims = NULL;
+    if ((why = select_candidates(e, raw, &d, &cs)) >= 0 || (why = match(e, raw, &d, &cs)) >= 0 ||
+        (why = decide_verdict(e, c, &d, &v)) >= 0 || (why = respond(e, raw, out, &d, &cs, &v)) >= 0)
+        return why;
 
     /* Decided here: commit the rule state, then count and record. */
     for (j = 0; j < d.nmatched; j++) {
-        if (took[j]) {
+        if (v.took[j]) {
             pe_state *st = &e->state[d.matched[j]];
-            st->tokens = tokens[j];
+            st->tokens = v.tokens[j];
             st->stamp = c->clock;
             st->has_stamp = 1;
         }
     }
-    if (d.nmsgs > 1) {        /* stable, by priority, highest first */
-        uint32_t a, b;
-        for (a = 1; a < d.nmsgs; a++) {
-            uint32_t x = d.msgs[a];
-            for (b = a; b > 0 && e->msgs[d.msgs[b - 1]].priority < e->msgs[x].priority; b--)
-                d.msgs[b] = d.msgs[b - 1];
-            d.msgs[b] = x;
-        }
-    }
-    rsp_flags = (uint32_t)rd(out + 4, 4);
+    sort_messages(e, &d);
     latency = mono_ns() - t0;
     count(e, &d, latency);
     if (c->log) {
-        record(e, c, &d, raw, rsp_flags, latency, &has_alert, time_text);
+        record(e, c, &d, raw, (uint32_t)rd(out + 4, 4), latency, &has_alert, time_text);
         if (c->line_end)
             c->line_end[i] = (uint32_t)c->log_len;
         if (c->alert)

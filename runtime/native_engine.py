@@ -411,9 +411,8 @@ class NativeEngine:
 
     # ------------------------------------------------------------------ the tables
     def _build(self) -> None:
-        ffi, lib, engine = self.ffi, self.lib, self.engine
-        keep: list[Any] = []
-        self._keep = keep
+        ffi, engine = self.ffi, self.engine
+        self._keep: list[Any] = []           # every array the C tables point into
         pool = _Pool()
         feeds = _Pool()
         e = self.e = ffi.new("pe_engine *")
@@ -423,16 +422,39 @@ class NativeEngine:
         e.state = self.state
         e.stats = self.stats
         e.rule_stats = self.rule_stats
-
-        def arr(ctype: str, values: Sequence[Any]) -> Any:
-            a = ffi.new(f"{ctype}[]", max(1, len(values)))
-            for i, v in enumerate(values):
-                a[i] = v
-            keep.append(a)
-            return a
-
-        # event fields and record summaries, per kind
+        arr = self._array
         field_tables = [_kind_fields(k) for k in range(len(KINDS))]
+        self._build_records(e, pool, field_tables)
+        self._build_rules(e, pool, feeds, field_tables)
+        self._build_dispatch(e, arr, pool)
+        self._build_responses(e, pool)
+        self._record_max = self._bound_record(pool)
+
+        e.str = self._pin(bytes(pool.data))
+        e.nstr = len(pool.data)
+        e.bytes = self._pin(bytes(feeds.data))
+        e.nbytes = len(feeds.data)
+        self._log = ffi.new("char[]", max(1 << 20, 64 * self._record_max))
+        self._grow(4096)
+        call = self._call = ffi.new("pe_call *")
+        call.line_end, call.alert = self._line_end, self._alert
+        call.own_clocks = self._own_clocks
+        self._ring_key = None
+        call.log_cap = len(self._log)
+        call.record_max = self._record_max
+        if not hasattr(self, "_native_total"):
+            self._native_total = 0
+
+    def _array(self, ctype: str, values: Sequence[Any]) -> Any:
+        a = self.ffi.new(f"{ctype}[]", max(1, len(values)))
+        for i, v in enumerate(values):
+            a[i] = v
+        self._keep.append(a)
+        return a
+
+    def _build_records(self, e: Any, pool: _Pool, field_tables: list[dict[str, Any]]) -> None:
+        """Event fields per kind, and the decision record's fixed parts."""
+        arr, engine = self._array, self.engine
         for k, table in enumerate(field_tables):
             for name, (off, size, shift, mask) in table.items():
                 f = e.fields[k][FIELD_ID[name]]
@@ -454,7 +476,9 @@ class NativeEngine:
         e.id_head_off, e.id_head_len = pool.add(head[:-2])                    # {"decision_id":"PREFIX.
         e.hash_off, e.hash_len = pool.add('","plan_hash":' + _ENCODE(self.plan_hash) + ',"kind":')
 
-        # rules
+    def _build_rules(self, e: Any, pool: _Pool, feeds: _Pool, field_tables: list[dict[str, Any]]) -> None:
+        """Rules in plan order: conditions compiled and verified, verdicts, limits, messages."""
+        ffi, lib, engine, arr, keep = self.ffi, self.lib, self.engine, self._array, self._keep
         kinds_of = self._rule_kinds()
         code: list[int] = []
         consts: list[int] = []
@@ -532,27 +556,6 @@ class NativeEngine:
             p[x].field, p[x].hash, p[x].zero, p[x].upper, p[x].hex, p[x].width = \
                 fid, hash_, zero, upper, hexa, width
         e.pieces = p
-
-        self._build_dispatch(e, arr, pool)
-        self._build_responses(e, pool)
-        self._record_max = self._bound_record(pool)
-
-        e.str = self._pin(bytes(pool.data))
-        e.nstr = len(pool.data)
-        e.bytes = self._pin(bytes(feeds.data))
-        e.nbytes = len(feeds.data)
-        self._log = ffi.new("char[]", max(1 << 20, 64 * self._record_max))
-        self._grow(4096)
-        self._service_out = ffi.new("size_t[2]")
-        self._notify = ffi.new("int *")
-        call = self._call = ffi.new("pe_call *")
-        call.line_end, call.alert = self._line_end, self._alert
-        call.own_clocks = self._own_clocks
-        self._ring_key = None
-        call.log_cap = len(self._log)
-        call.record_max = self._record_max
-        if not hasattr(self, "_native_total"):
-            self._native_total = 0
 
     def _grow(self, capacity: int) -> None:
         """Room for `capacity` requests a call (responses, per-record line ends and alert flags)."""
@@ -748,7 +751,7 @@ class NativeEngine:
     def _bound_record(self, pool: _Pool) -> int:
         """Bytes one record can take at most (the buffer keeps this much room before each decision)."""
         names = sum(len(_ENCODE(r.name)) + 1 for r in self.rules)
-        longest_region = max((n for o, n in pool.index.values()), default=0)
+        longest_region = max((n for _off, n in pool.index.values()), default=0)
         per_message = 0
         for r in self.rules:
             for m in list(r.messages) + (list(r.then.messages) if r.then else []):
