@@ -12,7 +12,13 @@
   (`--record`); decide; write the decision log, flushed; perform the
   before-response effects (exception injection, arm64 relax, breakpoint
   restore); put the responses and notify; perform the after-response effects
-  (domain pause, disarm). Then follow page-table writes: a write to a
+  (domain pause, disarm). Deciding is native (`runtime/native_engine.py`)
+  for every event the C engine can express and by the Python engine for the
+  rest (the events with side effects among them). On a backend that keeps no
+  books on the ring (`native_ring()`: the simulator) and without `--record`,
+  a batch the C engine decides whole is drained, decided, logged (one write)
+  and answered in one native call. An `observer` (policy tests) keeps the
+  Python engine alone. Then follow page-table writes: a write to a
   page-table frame that maps a protected page was allowed (the guest's own
   page tables change all the time) and, once it has landed, the binding is
   re-walked (`Installation.rebind_after_pt_write`): a protected region whose
