@@ -755,7 +755,9 @@ class NativeEngine:
         per_message = 0
         for r in self.rules:
             for m in list(r.messages) + (list(r.then.messages) if r.then else []):
-                per_message += 120 + 8 * len(m.template) + len(_ENCODE(m.rule)) + len(m.severity)
+                # a template character renders to at most 12 bytes of JSON (an astral character's
+                # surrogate pair); a field of at most 3 characters to 20 digits (widths <= 99 take more)
+                per_message += 200 + 16 * len(m.template) + len(_ENCODE(m.rule)) + len(_ENCODE(m.severity))
         return 4096 + 2 * names + per_message + len(self.rules) * (longest_region + 1)
 
 

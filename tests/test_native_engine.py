@@ -286,3 +286,59 @@ def test_decide_blob_answers_as_decide_batch_does():
     assert by_blob.decide_blob(b"".join(requests)) == b"".join(by_batch.decide_batch(requests).responses)
     assert by_blob.engine.next_id == by_batch.engine.next_id == len(requests) + 1
     assert by_blob.punts == by_batch.punts and sum(by_blob.punts.values()) > 0
+
+
+NASTY = r'''policy "nasty" {
+    target xen >= 4.17 on x86_64
+    symbols "%s"
+    mode enforce
+    region syscalls = symbol sys_call_table size 8 * 451
+    region idt = symbol idt_table size 4096
+    rule loud: on write to syscalls, idt {
+        deny
+        priority 5
+        alert critical "wrote \"{gla:#018x}\" \\ {rip:X} {rcx:08d} {rax:#X} {r8:12x} ☃ 😀   tab	end"
+    }
+    rule quiet: on write to syscalls {
+        log info "{vcpu} then {rsp:x} {offset}"
+    }
+    rule odd_format: on write to idt {
+        log info "{rax:>8}"
+    }
+    rule masks: on write cr0 where (new ^ old) & 0x10000 != 0 and new < old + 5 * 3 or -old / (new & 0) == 0 {
+        alert high "cr0 {old:x} -> {new:#X}"
+    }
+    rule shifts: on write cr4 where (new >> 64) == 0 and (old << 3) %% 7 != 1 and not (new <= ~old) {
+        log low "cr4 {new}"
+    }
+}
+'''
+
+
+def test_templates_escapes_and_arithmetic_render_identically(tmp_path):
+    """Quotes, backslashes, control and astral characters, format specs, missing fields, odd
+    operators: native records equal the Python engine's (a spec it cannot render hands over)."""
+    path = tmp_path / "nasty.vmi"
+    path.write_text(NASTY % (POLICIES / "linux-6.1.System.map"), encoding="utf-8")
+    d = Diagnostics()
+    model = check_policy(path, d)
+    assert model is not None, [str(x) for x in d.items]
+    plan = compile_plan(model, d)
+    assert plan is not None, [str(x) for x in d.items]
+    xen = build_scenario(load_scenario(SCENARIOS / "rootkit-hooks-syscall-table.yaml"))
+    bound = bind_plan(plan, xen, [load_symbol_table(s.path) for s in model.symbols])
+    clocks = Clocks()
+    reference, _wrapped, native = engines(plan, bound, clocks)
+    assert set(native.unexpressible) == {"odd_format"}
+    gen = Requests(reference, native, seed=11)
+    requests = [gen.one() for _ in range(4000)]
+    ref_out, nat_out = io.StringIO(), io.StringIO()
+    ref_log, nat_log = DecisionLog(ref_out, plan_hash="h"), DecisionLog(nat_out, plan_hash="h")
+    pairs = reference.decide_batch(requests)
+    ref_log.write_batch(pairs)
+    batch = native.decide_batch(requests, nat_log)
+    nat_log.write_text(batch.text, batch.alerts)
+    assert batch.responses == [rsp for rsp, _d in pairs]
+    assert _normal(nat_out.getvalue()) == _normal(ref_out.getvalue())
+    assert '\\u2603 \\ud83d\\ude00' in nat_out.getvalue()
+    assert native.decided_natively() > 1000 and native.punts.get("rule", 0) > 0
