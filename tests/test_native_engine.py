@@ -1,6 +1,7 @@
 """The native decision engine against the Python engine (the reference): same bound plans, same requests,
 identical response bytes and identical decision records, for every example policy and every target it
-compiles for, on random requests from the plan's own tables and on hostile ones.
+compiles for, on the requests its example scenario's guest raises, on random requests from the plan's own
+tables and on hostile ones.
 
 POLICYC_DIFF_REQUESTS sets the total (1,000,000 in CI, 200,000 elsewhere): each example policy gets
 its share for each target it compiles for (so the total is larger). For a plan whose decisions
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import struct
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from policyc.runtime.bind import BindError, bind_plan
 from policyc.runtime.decide import DecisionEngine
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.native_engine import NativeEngine, native_available
+from policyc.runtime.sim.ring_replay import record_requests
 from policyc.runtime.sim.scenario import build_scenario, load_scenario
 from policyc.symbols import load_symbol_table
 
@@ -58,6 +61,18 @@ def _guests() -> dict[Path, Path]:
 def _cases() -> list[tuple[str, str]]:
     guests = _guests()
     return [(p.name, t) for p in sorted(POLICIES.glob("*.vmi")) if p.resolve() in guests for t in TARGETS]
+
+
+@lru_cache(maxsize=None)
+def recorded(policy: str, target: str) -> tuple[bytes, ...]:
+    """The requests the policy's example scenario raises on its guest (the Python engine answering)."""
+    path = POLICIES / policy
+    d = Diagnostics()
+    model = check_policy(path, d, target_arch=target)
+    plan = compile_plan(model, d, target=target)
+    with tempfile.TemporaryDirectory() as state:
+        return tuple(record_requests(plan, [load_symbol_table(s.path) for s in model.symbols],
+                                     load_scenario(_guests()[path.resolve()]), state, profile=target))
 
 
 @lru_cache(maxsize=None)
@@ -236,7 +251,7 @@ def test_native_and_python_engines_answer_and_record_identically(policy, target)
     share = TOTAL // len({p for p, _t in CASES})   # each policy compiles for one target at least
     if not stateless:
         share = min(share, 6000)          # the Python engine decides each of these too
-    distinct = [gen.one() for _ in range(min(share, 3000))]
+    distinct = list(recorded(policy, target)) + [gen.one() for _ in range(min(share, 3000))]
     ref_out, ref_alerts = io.StringIO(), io.StringIO()
     ref_log = DecisionLog(ref_out, ref_alerts, plan["content_hash"])
     nat_out, nat_alerts = io.StringIO(), io.StringIO()
