@@ -508,3 +508,24 @@ def test_the_native_enforcer_logs_what_the_python_enforcer_logs(path, tmp_path):
     assert nat.native is not None and py.native is None
     assert got == want and got_alerts == want_alerts
     assert nat.counters() == py.counters() and nat.paused_at_end == py.paused_at_end
+
+
+def test_a_native_log_write_that_fails_still_answers_every_request(tmp_path):
+    """The native call writes the records itself; when the file refuses them (ENOSPC), the batch is
+    answered all the same and the loss is counted, as with the Python engine."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to make writes fail with ENOSPC")
+    plan, symbols = compiled(KERNEL_INTEGRITY)
+    scenario = load_scenario(SCENARIOS / "rootkit-hooks-syscall-table.yaml")
+    xen = build_scenario(scenario)
+    err = io.StringIO()
+    with open("/dev/full", "w") as full, redirect_stderr(err):
+        enf = Enforcer(plan, xen, symbols, guest="full", log=DecisionLog(full, plan_hash="x"),
+                       state_dir=tmp_path / "state")
+        enf.start()
+        results = ScenarioRunner(scenario, xen, lambda _x: enf.service()).run()
+        assert enf.stop() == []
+    assert enf.native is not None and enf.native.decided_natively() > 0
+    assert enf.requests == enf.responses == enf.unlogged == 4 and enf.records == 0
+    assert [r.verdict for r in results[:3]] == ["deny"] * 3
+    assert xen.paused_vcpus() == frozenset() and err.getvalue().count("cannot be written") == 1
