@@ -21,6 +21,11 @@ with the rate-limit state copied across both ways, and the batch goes on
 natively after it. The result holds every response, the batch's log text
 (one record per request, in order, native and Python records alike) and the
 Python engine's decisions (the only ones with side effects).
+`service_ring(ring, log, n)` is the same in one native call that also takes
+the batch off the ring, writes its records (one write(2)) and answers it, when
+the C engine decides it whole; `decide_blob` is the engine alone on packed
+requests (benchmarks). Decisions made in C are counted in C and folded into
+the log's `Stats` when they are read.
 
 What the native engine decides: x86 plans; mem_access, write_ctrlreg,
 mov_to_msr, software_breakpoint (ours), cpuid, descriptor_access and
@@ -40,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ..native.abi import _native
-from .decide import (_DESC_INDEX, _FLAG_BITS, _FLAG_FOR_DATA, _HAS_ERROR_CODE, _X86_NAMES, EVENT_SIZE,
+from .decide import (_FLAG_BITS, _FLAG_FOR_DATA, _X86_NAMES, EVENT_SIZE,
                      EVENT_SUMMARY, F_ALTP2M, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X, Decision,
                      DecisionEngine, _Lowered, _Rule)
 from .decision_log import _DECIMAL_FIELDS, _ENCODE, _CONTROLS, _parse_template, escape_guest
