@@ -857,15 +857,15 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
-/* Drain, decide, log, respond in one call: take what the ring has (at most
- * max), decide it; if every event was decided here (and none has an alert
- * the caller must copy to its alert stream, with finish_alerts), write the
- * records with one write(2) to fd (fd < 0 with c->log: the caller writes
+/* Drain, decide, log, respond: take what the ring has (at most c->max),
+ * decide it; if every event was decided here (and none has an alert the
+ * caller must copy to its alert stream, with finish_alerts), write the
+ * records with one write(2) to c->fd (fd < 0 with c->log: the caller writes
  * them; no c->log: they are only counted) before the responses are put and
  * published (group commit: a record is on its way to the disk before its
  * answer). Otherwise the taken requests, the responses and records decided
- * so far stay in taken / rsps / c->log for the caller to finish. */
-int pe_service(pe_engine *e, pe_call *c)
+ * so far stay in c->taken / c->rsps / c->log for the caller to finish. */
+static int service_batch(pe_engine *e, pe_call *c)
 {
     size_t n, i;
 
@@ -885,4 +885,26 @@ int pe_service(pe_engine *e, pe_call *c)
     vm_ring_put_responses(c->back, (const vm_event_response_t *)c->rsps, n);
     c->notify = vm_ring_push_responses(c->back);
     return PE_SERVED;
+}
+
+/* One batch, or with a native notify, batch after batch (notifying after each) until the ring
+ * is empty, a batch needs the caller, or max_batches were served. c->served counts the
+ * requests answered whole; the last batch's state is as service_batch leaves it. */
+int pe_service(pe_engine *e, pe_call *c)
+{
+    uint32_t b;
+    int status;
+
+    c->served = 0;
+    for (b = 0;; b++) {
+        status = service_batch(e, c);
+        if (status != PE_SERVED || !c->ntaken)
+            return status;
+        c->served += c->ntaken;
+        if (!c->notify_fn)
+            return status;
+        c->notify_fn(c->notify_ctx);
+        if (b + 1 >= c->max_batches)
+            return status;
+    }
 }

@@ -236,6 +236,9 @@ typedef struct {
     uint64_t punts[11];
 } pe_engine;
 
+/* The other side's kick after responses are published (Xen's event channel; a producer in tests). */
+typedef int (*pe_notify_fn)(void *ctx);
+
 typedef struct {                      /* one call's inputs and outputs */
     uint64_t now_ns;                  /* wall time of the records */
     double clock;                     /* the rate limits' clock (seconds) */
@@ -253,11 +256,15 @@ typedef struct {                      /* one call's inputs and outputs */
     int32_t fd;                       /* where the records go (-1: the caller writes them) */
     uint8_t finish_alerts;            /* records with alerts: the caller finishes the batch */
     uint8_t *taken, *rsps;            /* the requests taken, the responses */
-    size_t ntaken, decided;           /* out */
+    size_t ntaken, decided;           /* out: of the last batch taken */
     int32_t notify;                   /* out: the other side asked to be notified */
+    pe_notify_fn notify_fn;           /* NULL: the caller notifies; else called after each batch */
+    void *notify_ctx;
+    uint32_t max_batches;             /* batches served in one call, at most (with notify_fn) */
+    size_t served;                    /* out: requests answered whole here, all batches */
 } pe_call;
 
-/* One batch on the monitor's side of a ring: see decide.c. */
+/* Batches on the monitor's side of a ring: see decide.c. */
 #define PE_SERVED    1      /* taken, decided, recorded and answered */
 #define PE_UNFINISHED 0     /* taken; the caller finishes (handed-over events, alerts, a log it writes) */
 #define PE_LOG_FAILED (-1)  /* decided, but the records could not be written; nothing answered */

@@ -362,3 +362,10 @@ size_t vm_ring_replay(struct vm_event_front_ring *front, struct vm_ring_replay *
         (void)vm_ring_push_requests(front);
     return put;
 }
+
+/* vm_ring_replay as an event-channel kick (a pe_notify_fn): r->front, r->limit. */
+int vm_ring_replay_notify(void *replay)
+{
+    struct vm_ring_replay *r = replay;
+    return (int)vm_ring_replay(r->front, r, r->limit);
+}

@@ -202,14 +202,18 @@ class Enforcer:
         answered = 0
         self._retry_rebinds()
         ring = self._native_ring()
+        notify = self._native_notify() if ring is not None else None
         while True:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)
             if ring is not None:
-                # One native call drains, decides, logs and answers; it hands back what needs Python.
+                # Native calls drain, decide, log and answer; they hand back what needs Python.
                 try:
-                    taken, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch)
+                    taken, served, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch,
+                                                                    notify=notify)
                 except NativeLogError as exc:
+                    self._count_served(exc.served, notify)
+                    answered += exc.served
                     inst.adopt_requests(exc.requests)
                     self.requests += len(exc.requests)
                     self._log_lost(len(exc.requests), exc)
@@ -219,13 +223,11 @@ class Enforcer:
                     continue
                 if not taken:
                     break
-                self.requests += taken
+                self._count_served(served, notify)
+                answered += served
                 if batch is None:
-                    self.records += taken
-                    self.responses += taken
-                    answered += taken
-                    self.backend.notify()
                     continue
+                self.requests += taken - served
                 reqs = batch.requests
                 inst.adopt_requests(reqs)
             else:
@@ -270,6 +272,22 @@ class Enforcer:
             except Exception as exc:  # noqa: BLE001 - reported, the loop goes on
                 self.effect_errors.append(f"re-arm of {gfn:#x} failed: {exc}")
         self._retry_rebinds()
+
+    def _count_served(self, served: int, native_notify: Any) -> None:
+        """Requests the native calls answered whole (the other side kicked already with a native
+        notify, else now)."""
+        if not served:
+            return
+        self.requests += served
+        self.records += served
+        self.responses += served
+        if native_notify is None:
+            self.backend.notify()
+
+    def _native_notify(self) -> Any:
+        """The backend's kick as a C function (`native_notify()`), or None: then Python notifies."""
+        get = getattr(self.backend, "native_notify", None)
+        return get() if get is not None else None
 
     def _native_ring(self) -> Any:
         """The ring when the native engine may drain and answer it in one call: a backend that keeps

@@ -131,9 +131,10 @@ def native_available() -> bool:
 class NativeLogError(OSError):
     """The native call could not write a batch's records: it is decided but not answered yet."""
 
-    def __init__(self, requests: list[bytes], responses: list[bytes], count: int) -> None:
-        super().__init__(f"the decision log could not be written ({count} decisions)")
+    def __init__(self, requests: list[bytes], responses: list[bytes], served: int) -> None:
+        super().__init__(f"the decision log could not be written ({len(requests)} decisions)")
         self.requests, self.responses = requests, responses
+        self.served = served                  # requests of earlier batches of the call, answered
 
 
 class _Unexpressible(Exception):
@@ -241,16 +242,19 @@ class NativeEngine:
         return ffi.buffer(rsp, n * EVENT_SIZE)[:]
 
     def service_ring(self, ring: Any, log: Any, max_count: int,
-                     on_python: Callable[[Decision], None] | None = None) -> tuple[int, NativeBatch | None]:
-        """One native call: take up to `max_count` requests from `ring` (an `abi.Ring`, monitor side),
-        decide, write the records (one write to the log's file) and put and publish the responses.
-        Returns (requests taken, None); when the batch needs Python (a handed-over event, alerts, a
-        log that is not a file) nothing is answered yet and the second item is the finished
-        `NativeBatch` for the caller to log and answer. Raises `NativeLogError` when the records
-        could not be written (the batch is decided, not answered)."""
-        key = (ring, log, max_count)
-        if key != self._ring_key:
-            self._attach_ring(ring, log, max_count)
+                     on_python: Callable[[Decision], None] | None = None,
+                     notify: tuple[Any, Any] | None = None) -> tuple[int, int, NativeBatch | None]:
+        """Native calls that take batches of up to `max_count` requests from `ring` (an `abi.Ring`,
+        monitor side), decide them, write their records (one write to the log's file a batch) and
+        put and publish their responses. With `notify` (a C kick and its argument: the backend's
+        `native_notify()`) batch follows batch in C, the kick after each, until the ring is empty;
+        without it the caller notifies after one batch. Returns (requests taken, requests answered
+        here, batch): when a batch needs Python (a handed-over event, alerts, a log that is not a
+        file) it is not answered yet and comes back as a finished `NativeBatch` for the caller to
+        log and answer. Raises `NativeLogError` when a batch's records could not be written (it is
+        decided, not answered)."""
+        if (ring, log, max_count, notify) != self._ring_key:
+            self._attach_ring(ring, log, max_count, notify)
         call, engine = self._call, self.engine
         call.next_id = engine.next_id
         if not self._own_clocks:
@@ -258,16 +262,17 @@ class NativeEngine:
             call.clock = engine.clock()
         status = self._pe_service(self.e, call)
         engine.next_id = call.next_id
-        taken = call.ntaken
+        served = call.served
         if status == self._served:
-            return taken, None
+            return served, served, None
+        taken = call.ntaken
         raw = self.ffi.buffer(self._taken, taken * EVENT_SIZE)[:]
         requests = [raw[k * EVENT_SIZE:(k + 1) * EVENT_SIZE] for k in range(taken)]
         if status == self.lib.PE_LOG_FAILED:
-            raise NativeLogError(requests, self._responses(taken), taken)
-        return taken, self._finish(requests, call.decided, log, self._ring_render, on_python)
+            raise NativeLogError(requests, self._responses(taken), served)
+        return served + taken, served, self._finish(requests, call.decided, log, self._ring_render, on_python)
 
-    def _attach_ring(self, ring: Any, log: Any, max_count: int) -> None:
+    def _attach_ring(self, ring: Any, log: Any, max_count: int, notify: tuple[Any, Any] | None) -> None:
         """Set the call up once for a ring and a log (what pe_service needs besides the engine)."""
         render = self._prepare(log)
         call = self._call
@@ -277,7 +282,10 @@ class NativeEngine:
         call.fd = log.native_fd() if render else -1
         call.finish_alerts = bool(render and log.has_alerts)
         call.taken, call.rsps = self._taken, self._rsp
-        self._ring_key = (ring, log, max_count)
+        call.notify_fn, call.notify_ctx = notify if notify is not None else (self.ffi.NULL, self.ffi.NULL)
+        # a bound on the batches one call serves: the loop around it checks for signals and stops
+        call.max_batches = 4096 if notify is not None else 1
+        self._ring_key = (ring, log, max_count, notify)
         self._ring_render = render
         self._pe_service = self.lib.pe_service
         self._served = self.lib.PE_SERVED

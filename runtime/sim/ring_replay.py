@@ -54,7 +54,11 @@ class ReplayBackend:
         self._state = ffi.new("struct vm_ring_replay *")
         self._state.reqs = ffi.cast("vm_event_request_t *", self._reqs)
         self._state.nreqs = len(requests)
+        self._state.front = ring_front = self.ring._front
+        self._state.limit = total
+        self._front = ring_front
         self._lib = lib
+        self._notify = (ffi.addressof(lib, "vm_ring_replay_notify"), ffi.cast("void *", self._state))
         self.feed()
 
     def __getattr__(self, name: str) -> Any:          # install, teardown, capabilities: the guest's
@@ -87,6 +91,10 @@ class ReplayBackend:
     # -- the monitor's side, as the backend protocol has it
     def native_ring(self) -> abi.Ring:
         return self.ring
+
+    def native_notify(self) -> tuple[Any, Any]:
+        """The kick as a C function and its argument: a native monitor calls it after each batch."""
+        return self._notify
 
     def take_requests(self, limit: int = 8) -> list[bytes]:
         return [r.raw for r in self.ring.take_requests(limit)]
