@@ -1,11 +1,12 @@
 """cffi builder for the vm_event ABI: ``policyc.native._vm_event``.
 
-Out-of-line API mode: the C compiler builds ``ring.c`` and checks the cdef
-against ``vm_event_abi.h``, so a wrong declaration fails the build instead of
+Out-of-line API mode: the C compiler builds ``ring.c`` (the ring) and
+``decide.c`` (the native decision engine) and checks the cdef against
+``vm_event_abi.h`` and ``decide.h``, so a wrong declaration fails the build instead of
 misreading memory. Only gcc and the Python headers are needed; no Xen headers
 or libraries.
 
-The header is the single source of truth. It is C for the compiler and,
+Each header is the single source of truth for what it declares. It is C for the compiler and,
 after :func:`cdef_from_header`, the cdef for cffi: the include guard and
 ``#include`` lines are dropped and each ``#define NAME value`` becomes
 ``#define NAME ...``, so cffi takes the value from the compiled header.
@@ -30,12 +31,14 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "vm_event_abi.h")
 RING_C = os.path.join(HERE, "ring.c")
+DECIDE_H = os.path.join(HERE, "decide.h")
+DECIDE_C = os.path.join(HERE, "decide.c")
 MODULE = "policyc.native._vm_event"
 
 _DEFINE = re.compile(r"^\s*#\s*define\s+([A-Za-z_]\w*)(\s+(.*))?$")
 
 
-def cdef_from_header(text: str) -> str:
+def cdef_from_header(text: str, path: str = HEADER) -> str:
     """Turn the header into a cdef (see the module docstring)."""
     out = []
     for line in text.splitlines():
@@ -47,7 +50,7 @@ def cdef_from_header(text: str) -> str:
             # #ifndef / #endif of the include guard, #include lines.
             if re.match(r"^\s*#\s*(ifndef|endif|include)\b", line) is None:
                 raise ValueError(
-                    f"{HEADER}: preprocessor line the cdef cannot carry: {line!r}"
+                    f"{path}: preprocessor line the cdef cannot carry: {line!r}"
                 )
             out.append("")
             continue
@@ -70,16 +73,16 @@ def _source_path(path: str, relative: bool) -> str:
 
 
 def make_builder(relative_sources: bool = True) -> FFI:
-    with open(HEADER, encoding="utf-8") as f:
-        header = f.read()
     builder = FFI()
-    builder.cdef(cdef_from_header(header))
+    for path in (HEADER, DECIDE_H):
+        with open(path, encoding="utf-8") as f:
+            builder.cdef(cdef_from_header(f.read(), path))
     builder.set_source(
         MODULE,
-        '#include "vm_event_abi.h"\n',
-        sources=[_source_path(RING_C, relative_sources)],
+        '#include "vm_event_abi.h"\n#include "decide.h"\n',
+        sources=[_source_path(RING_C, relative_sources), _source_path(DECIDE_C, relative_sources)],
         include_dirs=[HERE],
-        depends=[HEADER],
+        depends=[HEADER, DECIDE_H],
         extra_compile_args=["-std=gnu11", "-Wall", "-Wextra"],
     )
     return builder

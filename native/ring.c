@@ -325,3 +325,47 @@ uint64_t vm_ring_floor_loop(uint64_t n)
     }
     return ok;
 }
+
+/* ---- the Xen side, replaying recorded requests ------------------------- */
+
+/* Takes every published response (each must unpause a vCPU that waits for
+ * one, as Xen's vm_event_resume checks), then puts recorded requests while
+ * the ring has room, the next request's vCPU is not paused already (a paused
+ * vCPU raises nothing) and fewer than `limit` were put in all; publishes
+ * them. Returns how many it put. */
+size_t vm_ring_replay(struct vm_event_front_ring *front, struct vm_ring_replay *r, uint64_t limit)
+{
+    vm_event_response_t rsp;
+    size_t put = 0;
+
+    while (vm_ring_take_responses(front, &rsp, 1) == 1) {
+        uint8_t *p = &r->paused[rsp.vcpu_id & 255];
+        r->answered++;
+        if ((rsp.flags & VM_EVENT_FLAG_VCPU_PAUSED) && *p)
+            *p = 0;
+        else
+            r->wrong++;
+    }
+    while (r->nreqs && r->next < limit && vm_ring_free_requests(front)) {
+        const vm_event_request_t *req = &r->reqs[r->next % r->nreqs];
+        uint8_t *p = &r->paused[req->vcpu_id & 255];
+        if (req->flags & VM_EVENT_FLAG_VCPU_PAUSED) {
+            if (*p)
+                break;
+            *p = 1;
+        }
+        vm_ring_put_requests(front, req, 1);
+        r->next++;
+        put++;
+    }
+    if (put)
+        (void)vm_ring_push_requests(front);
+    return put;
+}
+
+/* vm_ring_replay as an event-channel kick (a pe_notify_fn): r->front, r->limit. */
+int vm_ring_replay_notify(void *replay)
+{
+    struct vm_ring_replay *r = replay;
+    return (int)vm_ring_replay(r->front, r, r->limit);
+}

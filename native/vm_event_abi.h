@@ -420,4 +420,16 @@ int vm_ring_final_check_for_requests(struct vm_event_back_ring *back);
 /* Round trips through a private ring: the bare C floor for benchmarks. */
 uint64_t vm_ring_floor_loop(uint64_t n);
 
+/* The Xen side replaying recorded requests (benchmarks and storm tests): see ring.c. */
+struct vm_ring_replay {
+    const vm_event_request_t *reqs;   /* recorded requests, replayed in a cycle */
+    uint64_t nreqs, next;             /* next: requests put so far */
+    uint64_t answered, wrong;         /* responses taken; those that unpaused no paused vCPU */
+    uint8_t paused[256];              /* per vCPU (vcpu_id & 255): waiting for its response */
+    struct vm_event_front_ring *front;   /* for vm_ring_replay_notify */
+    uint64_t limit;
+};
+size_t vm_ring_replay(struct vm_event_front_ring *front, struct vm_ring_replay *r, uint64_t limit);
+int vm_ring_replay_notify(void *replay);
+
 #endif /* POLICYC_VM_EVENT_ABI_H */

@@ -1,31 +1,17 @@
-"""The plan's condition form: small JSON trees, and the interpreter that evaluates them.
+"""The plan's condition form, from the compiler's side: model conditions lowered to JSON trees.
 
-A condition in a trap plan is a nested JSON array, checkable by the plan's
-schema and evaluated here, by the enforcer and by tests alike (Kafel keeps a
-BPF interpreter beside its compiler for the same reason):
-
-    ["lit", "0x10"]                 a 64-bit number (hex string)
-    ["addr", "0xffff...", percpu]   a link-time address; bound to the guest at install
-    ["field", "gla"]                an event field or register
-    ["neg" | "inv" | "not", X]
-    ["+" | "-" | "*" | "/" | "%" | "<<" | ">>" | "&" | "|" | "^", A, B]
-    ["==" | "!=" | "<" | "<=" | ">" | ">=", A, B]
-    ["and" | "or", A, B]
-    ["in" | "not_in", X, "region"]
-    ["set" | "cleared" | "changed", "0xMASK"]   on register writes: old vs new under MASK
-
-Arithmetic wraps at 64 bits, as the guest's registers do.
+The form and its one evaluator live in `policyc.condition_form` (which imports
+nothing from the compiler's model, so the enforcer and the native engine use it
+without the compiler); they are re-exported here. Kafel keeps a BPF interpreter
+beside its compiler for the same reason.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
 from . import model as M
+from .condition_form import U64, Bindings, evaluate, fields_read
 
 __all__ = ["compile_condition", "evaluate", "fields_read", "Bindings"]
-
-U64 = (1 << 64) - 1
 
 Form = list  # a JSON array as above
 
@@ -51,80 +37,5 @@ def compile_condition(c: M.Condition) -> Form:
     raise TypeError(c)
 
 
-class Bindings:
-    """What evaluation needs from the bound guest: the slide, per-CPU bases, region membership."""
-
-    def __init__(self, slide: int = 0, percpu_base: Callable[[int], int] | None = None,
-                 in_region: Callable[[str, int, Mapping[str, int]], bool] | None = None) -> None:
-        self.slide = slide
-        self.percpu_base = percpu_base or (lambda vcpu: 0)
-        self.in_region = in_region or (lambda region, value, event: False)
-
-
-def evaluate(form: Form, event: Mapping[str, int], bindings: Bindings | None = None) -> int | bool:
-    """Evaluate a condition form against one event (field name -> value). Missing fields raise KeyError."""
-    b = bindings or Bindings()
-    op = form[0]
-    if op == "lit":
-        return int(form[1], 16)
-    if op == "addr":
-        value = int(form[1], 16)
-        base = b.percpu_base(event.get("vcpu", 0)) if form[2] else b.slide
-        return (value + base) & U64
-    if op == "field":
-        return event[form[1]]
-    if op in ("set", "cleared", "changed"):
-        mask = int(form[1], 16)
-        old, new = event["old"] & mask, event["new"] & mask
-        if op == "set":
-            return (new & ~old) != 0
-        if op == "cleared":
-            return (old & ~new) != 0
-        return old != new
-    if op == "not":
-        return not evaluate(form[1], event, b)
-    if op == "neg":
-        return (-evaluate(form[1], event, b)) & U64
-    if op == "inv":
-        return (~evaluate(form[1], event, b)) & U64
-    if op in ("in", "not_in"):
-        inside = b.in_region(form[2], evaluate(form[1], event, b), event)
-        return inside if op == "in" else not inside
-    if op == "and":
-        return bool(evaluate(form[1], event, b)) and bool(evaluate(form[2], event, b))
-    if op == "or":
-        return bool(evaluate(form[1], event, b)) or bool(evaluate(form[2], event, b))
-    left, right = evaluate(form[1], event, b), evaluate(form[2], event, b)
-    if op in _COMPARE:
-        return _COMPARE[op](left, right)
-    return _ARITH[op](left, right) & U64
-
-
-def fields_read(form: Form) -> set[str]:
-    """Every event field a condition reads (the enforcer fetches only these)."""
-    op = form[0]
-    if op == "field":
-        return {form[1]}
-    if op in ("set", "cleared", "changed"):
-        return {"old", "new"}
-    out: set[str] = set()
-    for part in form[1:]:
-        if isinstance(part, list):
-            out |= fields_read(part)
-    return out
-
-
 def _hex(value: int) -> str:
     return hex(value & U64)
-
-
-_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
-    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
-}
-_ARITH: dict[str, Callable[[int, int], int]] = {
-    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-    "/": lambda a, b: a // b if b else 0, "%": lambda a, b: a % b if b else 0,
-    "<<": lambda a, b: a << b if b < 64 else 0, ">>": lambda a, b: a >> b if b < 64 else 0,
-    "&": lambda a, b: a & b, "|": lambda a, b: a | b, "^": lambda a, b: a ^ b,
-}

@@ -86,14 +86,13 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import os
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from ..plan_expr import Bindings, evaluate
+from ..condition_form import Bindings, evaluate
 from ..native import abi
 
 __all__ = ["Binding", "Decision", "DecisionEngine", "SideEffect", "DATA_SLACK", "EVENT_SUMMARY",
@@ -605,7 +604,7 @@ class DecisionEngine:
         self.arm = self.arch == "arm64"
         self.strategies: dict[str, str] = dict(plan.get("strategies", {}))
         self.id_prefix = id_prefix or f"{os.getpid():x}.{time.time_ns() // 1_000_000:x}"
-        self._ids = itertools.count(1)
+        self.next_id = 1             # decision ids are PREFIX.N (the native engine shares the count)
         self.bindings = Bindings(slide=binding.slide, percpu_base=binding.percpu_base,
                                  in_region=lambda region, value, event: binding.in_region(region, value))
         self.rules: dict[str, _Rule] = {}
@@ -765,7 +764,7 @@ class DecisionEngine:
             else:
                 ev["rip"] = _Q.unpack_from(raw, _OFF_RIP)[0]
                 ev["cr3"] = _Q.unpack_from(raw, _OFF_CR3)[0]
-            d = Decision(f"{self.id_prefix}.{next(self._ids)}", self.wall_clock_ns(),
+            d = Decision(self._take_id(), self.wall_clock_ns(),
                          _KIND_OF_REASON.get(reason, "unknown"), reason, vcpu, bool(flags & F_PAUSED), ev)
             if version != VERSION:
                 d.errors.append(f"interface version {version}, expected {VERSION}: Xen drops the response")
@@ -785,6 +784,11 @@ class DecisionEngine:
         d.latency_ns = time.perf_counter_ns() - t0
         return response, d
 
+    def _take_id(self) -> str:
+        n = self.next_id
+        self.next_id = n + 1
+        return f"{self.id_prefix}.{n}"
+
     def _fallback(self, raw: Any, exc: Exception) -> tuple[bytes, Decision]:
         data = bytes(raw[:EVENT_SIZE]) if isinstance(raw, (bytes, bytearray, memoryview)) else b""
         data = data.ljust(EVENT_SIZE, b"\0")
@@ -792,7 +796,7 @@ class DecisionEngine:
         kind = _KIND_OF_REASON.get(reason, "unknown")
         ev = _Event(data, self.arm)
         ev["vcpu"] = vcpu
-        d = Decision(f"{self.id_prefix}.{next(self._ids)}", self.wall_clock_ns(), kind, reason, vcpu,
+        d = Decision(self._take_id(), self.wall_clock_ns(), kind, reason, vcpu,
                      bool(flags & F_PAUSED), ev)
         d.errors.append(f"{type(exc).__name__}: {exc}")
         d.note = "engine error: answered with the allow response"

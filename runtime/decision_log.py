@@ -49,7 +49,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping, TextIO
+from typing import IO, Any, Callable, Iterable, Mapping, TextIO
 
 from .decide import Decision, flag_names
 
@@ -272,8 +272,43 @@ class DecisionLog:
         self._alerts, self._own_alerts = _open(alerts)
         self.plan_hash = plan_hash
         self.fsync = fsync
-        self.stats = Stats()
+        self._stats = Stats()
+        self._folds: list[Callable[[Stats], None]] = []
         self.closed = False
+
+    @property
+    def stats(self) -> "Stats":
+        """Counters over every decision written (native engines' counts folded in first)."""
+        for fold in self._folds:
+            fold(self._stats)
+        return self._stats
+
+    def add_counter_source(self, fold: Callable[[Stats], None]) -> None:
+        """`fold(stats)` adds decisions counted elsewhere (the native engine) whenever stats are read."""
+        self._folds.append(fold)
+
+    @property
+    def renders(self) -> bool:
+        """Whether records are rendered (False: a log that only counts)."""
+        return self._log is not None or self._alerts is not None
+
+    @property
+    def has_alerts(self) -> bool:
+        return self._alerts is not None
+
+    def native_fd(self) -> int:
+        """The file descriptor native code may write whole batches of records to (the log's file,
+        whose Python buffer this log always flushes), or -1 when the log is not a file of its own
+        (standard output is shared with other writers) or wants fsync: then the batch's text comes
+        back here, to `write_text`."""
+        if self._log is None or self.fsync or self._log in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            return -1
+        try:
+            fd = self._log.fileno()
+        except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+            return -1
+        self._log.flush()
+        return fd
 
     # -- records
     def record(self, d: Decision) -> dict[str, Any]:
@@ -313,7 +348,7 @@ class DecisionLog:
             rec["note"] = d.note
         return rec
 
-    def _alert_records(self, d: Decision, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _alert_records(self, d: Decision | None, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         out = []
         for m in rec.get("messages", ()):
             if m["kind"] != "alert":
@@ -333,23 +368,45 @@ class DecisionLog:
         n = 0
         if self._log is None and self._alerts is None:      # counting only: no record to render
             for d in decisions:
-                self.stats.add(d)
+                self._stats.add(d)
                 n += 1
             return n
         for d in decisions:
             rec = self.record(d)
-            self.stats.add(d)
+            self._stats.add(d)
             lines.append(dumps(rec))
             if d.messages and self._alerts is not None:
                 alerts.extend(dumps(a) for a in self._alert_records(d, rec))
             n += 1
-        if self._log is not None and lines:
-            self._log.write("\n".join(lines) + "\n")
-            self._flush(self._log)
-        if self._alerts is not None and alerts:
-            self._alerts.write("\n".join(alerts) + "\n")
-            self._flush(self._alerts)
+        self.write_text("\n".join(lines) + "\n" if lines else "", [a + "\n" for a in alerts])
         return n
+
+    def render(self, d: Decision) -> tuple[str, list[str]]:
+        """One decision's record line and alert lines (each ending in a newline), counted in the
+        stats; nothing is written (`write_text` does, for a whole batch)."""
+        self._stats.add(d)
+        if self._log is None and self._alerts is None:
+            return "", []
+        rec = self.record(d)
+        alerts = []
+        if d.messages and self._alerts is not None:
+            alerts = [_ENCODE(a) + "\n" for a in self._alert_records(d, rec)]
+        return _ENCODE(rec) + "\n", alerts
+
+    def alert_lines(self, line: str) -> list[str]:
+        """The alert stream lines for a record rendered elsewhere (the native engine's)."""
+        return [_ENCODE(a) + "\n" for a in self._alert_records(None, json.loads(line))]
+
+    def write_text(self, text: str | None, alerts: Iterable[str] = ()) -> None:
+        """Write a batch's rendered records (JSON Lines, each ending in a newline) with one write and
+        one flush, and its alert lines likewise. Call it before pushing the batch's responses."""
+        if self._log is not None and text:
+            self._log.write(text)
+            self._flush(self._log)
+        alerts = "".join(alerts)
+        if self._alerts is not None and alerts:
+            self._alerts.write(alerts)
+            self._flush(self._alerts)
 
     def event(self, kind: str, data: Mapping[str, Any], *, alert: str | None = None) -> None:
         """A record that is not a decision (``"record": kind``), e.g. the binding following a remapped
@@ -361,7 +418,7 @@ class DecisionLog:
         if alert is not None and self._alerts is not None:
             self._alerts.write(_ENCODE({**rec, "severity": "high", "message": escape_guest(alert)}) + "\n")
             self._flush(self._alerts)
-        self.stats.events[kind] += 1
+        self._stats.events[kind] += 1
 
     def flush(self) -> None:
         for f in (self._log, self._alerts):

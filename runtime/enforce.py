@@ -12,7 +12,13 @@
   (`--record`); decide; write the decision log, flushed; perform the
   before-response effects (exception injection, arm64 relax, breakpoint
   restore); put the responses and notify; perform the after-response effects
-  (domain pause, disarm). Then follow page-table writes: a write to a
+  (domain pause, disarm). Deciding is native (`runtime/native_engine.py`)
+  for every event the C engine can express and by the Python engine for the
+  rest (the events with side effects among them). On a backend that keeps no
+  books on the ring (`native_ring()`: the simulator) and without `--record`,
+  a batch the C engine decides whole is drained, decided, logged (one write)
+  and answered in one native call. An `observer` (policy tests) keeps the
+  Python engine alone. Then follow page-table writes: a write to a
   page-table frame that maps a protected page was allowed (the guest's own
   page tables change all the time) and, once it has landed, the binding is
   re-walked (`Installation.rebind_after_pt_write`): a protected region whose
@@ -46,6 +52,7 @@ from .bind import BoundPlan, bind_plan
 from .decide import AFTER, BEFORE, Decision, DecisionEngine, SideEffect
 from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
+from .native_engine import NativeEngine, NativeLogError, native_available
 
 __all__ = ["Enforcer", "EnforcerError", "BATCH"]
 
@@ -89,7 +96,7 @@ class Enforcer:
                  log: DecisionLog | None = None, recorder: Any = None, state_dir: Any = None,
                  slide: int | None = None, batch: int = BATCH,
                  observer: Callable[[Sequence[tuple[bytes, Decision]], Sequence[bytes]], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, native: bool = True) -> None:
         self.plan = plan
         self.backend = backend
         self.symbols = symbols
@@ -104,6 +111,10 @@ class Enforcer:
         self.bound: BoundPlan | None = None
         self.installation: Installation | None = None
         self.engine: DecisionEngine | None = None
+        # The native engine answers what it can express; an observer (policy tests) needs every
+        # decision as an object, so it keeps the Python engine alone.
+        self.use_native = native and observer is None and native_available()
+        self.native: NativeEngine | None = None
         self.startup_seconds: dict[str, float] = {}   # bind, install, engine: set by start()
         self.requests = 0
         self.responses = 0
@@ -135,7 +146,11 @@ class Enforcer:
             raise EnforcerError(f"cannot install on guest '{self.guest}': {exc} (nothing was left behind)") \
                 from None
         t2 = time.monotonic()
-        self.engine = DecisionEngine(self.installation.engine_plan(), self.bound)
+        self.engine = DecisionEngine(self.installation.engine_plan(), self.bound, clock=self.clock)
+        if self.use_native:
+            inst = self.installation
+            self.native = NativeEngine(self.engine, plan_hash=self.log.plan_hash,
+                                       pt_frames=lambda: inst.bound.pt_frames)
         # The plan, binding and tables live as long as the enforcer: keep the cyclic GC from scanning
         # them on every full collection (with 100,000 regions that scan dominated decision time).
         gc.collect()
@@ -206,33 +221,62 @@ class Enforcer:
         assert inst is not None and engine is not None, "start() first"
         answered = 0
         self._retry_rebinds()
+        if inst.notify_owed:                   # responses on the ring that Xen was never told of
+            inst.notify()
+        ring = self._native_ring()
+        notify = self._native_notify() if ring is not None else None
         while True:
-            reqs = inst.take_requests(self.batch)
-            if not reqs:
-                break
-            self.requests += len(reqs)
-            if self.recorder is not None:
-                self.recorder.requests(reqs)
-            pairs = engine.decide_batch(reqs)
-            pt_writes = self._note_page_table_writes(pairs)
-            if self.observer is not None:
-                self.observer(pairs, reqs)
-            try:
-                self.records += self.log.write_batch(pairs)
-            except (OSError, ValueError) as exc:
-                # A log that cannot be written must not leave vCPUs paused nor lift the protection:
-                # the batch is answered and enforcing goes on; the loss is counted and said once.
-                self.unlogged += len(pairs)
-                if self.log_error is None:
-                    self.log_error = str(exc)
-                    what = exc if getattr(exc, "stream", None) else f"the decision log cannot be written ({exc})"
-                    print(f"policyc: {what}; {_LOG_FAILURE_WORDS[self.on_log_failure]}",
-                          file=sys.stderr, flush=True)
-                    self._after_log_failure()
+            pt_writes: list[tuple[int, int]] = []
+            watch = self._page_table_watch(pt_writes)
+            if ring is not None:
+                # Native calls drain, decide, log and answer; they hand back what needs Python.
+                try:
+                    taken, served, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch,
+                                                                    notify=notify)
+                except NativeLogError as exc:
+                    self._count_served(exc.served, notify)
+                    answered += exc.served
+                    inst.adopt_requests(exc.requests)
+                    self.requests += len(exc.requests)
+                    self._log_lost(len(exc.requests), exc)
+                    inst.put_responses(exc.responses)
+                    self.responses += len(exc.responses)
+                    answered += len(exc.responses)
+                    continue
+                if not taken:
+                    break
+                self._count_served(served, notify)
+                answered += served
+                if batch is None:
+                    continue
+                self.requests += taken - served
+                reqs = batch.requests
+                inst.adopt_requests(reqs)
+            else:
+                reqs = inst.take_requests(self.batch)
+                if not reqs:
+                    break
+                self.requests += len(reqs)
+                if self.recorder is not None:
+                    self.recorder.requests(reqs)
+                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native else None
+            if batch is not None:
+                # Native where it could; the Python engine's decisions are the ones with side effects.
+                responses = batch.responses
+                pairs = [(rsp, d) for _i, rsp, d in batch.decisions]
+                self._write_log(len(reqs), lambda: self.log.write_text(batch.text, batch.alerts))
+            else:
+                pairs = engine.decide_batch(reqs)
+                responses = [rsp for rsp, _ in pairs]
+                for _rsp, d in pairs:
+                    watch(d)
+                if self.observer is not None:
+                    self.observer(pairs, reqs)
+                self._write_log(len(reqs), lambda: self.log.write_batch(pairs))
             self._effects(pairs, BEFORE)
-            inst.put_responses([rsp for rsp, _ in pairs])
-            self.responses += len(pairs)
-            answered += len(pairs)
+            inst.put_responses(responses)
+            self.responses += len(responses)
+            answered += len(responses)
             self._effects(pairs, AFTER)
             for gfn, offset in pt_writes:
                 self._rebind(gfn, offset)
@@ -244,6 +288,8 @@ class Enforcer:
             engine = self.engine
             assert engine is not None
             engine.audit = True          # every later deny is answered allow (counted as would-deny)
+            if self.native is not None:
+                self.native.set_audit(True)
         elif self.on_log_failure == "stop":
             self.stop_requested = True
 
@@ -259,26 +305,72 @@ class Enforcer:
                 self.effect_errors.append(f"re-arm of {gfn:#x} failed: {exc}")
         self._retry_rebinds()
 
+    def _count_served(self, served: int, native_notify: Any) -> None:
+        """Requests the native calls answered whole (the other side kicked already with a native
+        notify, else now)."""
+        if not served:
+            return
+        self.requests += served
+        self.records += served
+        self.responses += served
+        if native_notify is None:
+            assert self.installation is not None
+            self.installation.notify()        # a failed kick is owed and retried, not fatal
+
+    def _native_notify(self) -> Any:
+        """The backend's kick as a C function (`native_notify()`), or None: then Python notifies."""
+        get = getattr(self.backend, "native_notify", None)
+        return get() if get is not None else None
+
+    def _native_ring(self) -> Any:
+        """The ring when the native engine may drain and answer it in one call: a backend that keeps
+        no books on requests and responses (`native_ring`), and no recorder (it keeps every request)."""
+        if self.native is None or self.recorder is not None:
+            return None
+        get = getattr(self.backend, "native_ring", None)
+        return get() if get is not None else None
+
+    def _write_log(self, count: int, write: Callable[[], object]) -> None:
+        """Write a batch's `count` records (before its responses are pushed)."""
+        try:
+            write()
+            self.records += count
+        except (OSError, ValueError) as exc:
+            self._log_lost(count, exc)
+
+    def _log_lost(self, count: int, exc: Exception) -> None:
+        # A log that cannot be written must not leave vCPUs paused nor lift the protection:
+        # the batch is answered, the loss is counted and said once, and `on_log_failure` says
+        # what enforcing does from then on.
+        self.unlogged += count
+        if self.log_error is None:
+            self.log_error = str(exc)
+            what = exc if getattr(exc, "stream", None) else f"the decision log cannot be written ({exc})"
+            print(f"policyc: {what}; {_LOG_FAILURE_WORDS[self.on_log_failure]}", file=sys.stderr, flush=True)
+            self._after_log_failure()
+
     # ------------------------------------------------------------------ page-table watch
-    def _note_page_table_writes(self, pairs: Sequence[tuple[bytes, Decision]]) -> list[tuple[int, int]]:
+    def _page_table_watch(self, out: list[tuple[int, int]]) -> Callable[[Decision], None]:
+        """A function that notes, for each decision it is given, a write to a watched page-table entry
+        (the binding follows it after the response) and says so in the decision."""
         inst = self.installation
         assert inst is not None
-        out = []
-        for _rsp, d in pairs:
+
+        def watch(d: Decision) -> None:
             if d.kind != "mem_access":
-                continue
+                return
             gfn = d.event.get("gfn")
             if gfn is None or not inst.is_pt_frame(gfn):
-                continue
+                return
             offset = d.event.get("offset", 0)
             users = sorted(inst.bound.pt_entry_users(gfn, offset))
             if not users:
-                continue
+                return
             if d.verdict == "allow" or d.would_deny:
                 out.append((gfn, offset))
             d.collateral = False               # the engine's "no rule traps this frame" is not the story
             d.note = f"page-table write to an entry that maps {', '.join(users)}: the binding follows it"
-        return out
+        return watch
 
     def _rebind(self, gfn: int, offset: int) -> bool:
         inst, engine = self.installation, self.engine
@@ -287,6 +379,8 @@ class Enforcer:
         if not delta:
             return False
         engine.refresh_binding()
+        if self.native is not None:
+            self.native.rebuild()
         moved = {}
         for name, (old, new) in delta.regions.items():
             before, after = {g for g, _f, _l in old}, {g for g, _f, _l in new}

@@ -704,10 +704,16 @@ class Installation:
             if self.notify_owed:
                 self.notify()
             reqs = self.backend.take_requests(limit)
+            self.adopt_requests(reqs)
+            return reqs
+
+    def adopt_requests(self, reqs: Sequence[bytes]) -> None:
+        """Requests taken off the ring by native code and not answered there: in flight until
+        `put_responses` (teardown answers them otherwise)."""
+        with self._lock:
             for r in reqs:
                 self.in_flight[self._seq] = r
                 self._seq += 1
-            return reqs
 
     def put_responses(self, responses: Sequence[bytes]) -> None:
         """`backend.put_responses` + `notify`; the oldest in-flight requests count as answered."""

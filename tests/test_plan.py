@@ -403,3 +403,12 @@ def test_an_unsealed_compile_is_the_plan_without_its_hashes_and_the_same_diagnos
     sealed_plan.pop("content_hash")
     sealed_plan["policy"]["hash"] = None
     assert unsealed_plan == sealed_plan
+
+
+def test_the_condition_form_evaluator_imports_nothing_from_the_compiler_model():
+    import subprocess
+    import sys
+    code = ("import sys, policyc.condition_form, policyc.runtime.decide; "
+            "print(sorted(m for m in sys.modules if m in ('policyc.model', 'policyc.check', 'policyc.lower')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -58,7 +58,11 @@ RING_IN_XEN = {
 
 
 def _our_types(ffi) -> list[str]:
+    """The ABI's types (the native decision engine's pe_* types and the replaying producer's state
+    are ours, not Xen's)."""
     typedefs, structs, unions = ffi.list_types()
+    typedefs = [t for t in typedefs if not t.startswith("pe_")]
+    structs = [s for s in structs if s != "vm_ring_replay"]
     return (
         list(typedefs)
         + [f"struct {name}" for name in structs]
