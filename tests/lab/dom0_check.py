@@ -467,9 +467,20 @@ def step_after_teardown(domid: int, page: ReportPage | None, mode: str) -> dict:
                      and b["fault"] == page.kind.no_fault and state_ok(res["state"]))
     else:
         res["ok"] = False
+    if not res["ok"]:
+        res["guest_console_tail"] = guest_console_tail(page.kind.name if page else "")
     rc, out = run(["xl", "vcpu-list", str(domid)])
     res["vcpu_list"] = out.strip().splitlines()[-1:] if rc == 0 else out.strip().splitlines()[-2:]
     return res
+
+
+def guest_console_tail(name: str, lines: int = 40) -> list[str]:
+    """The end of the guest's own console (xenconsoled --log=guest), to see why a guest stopped."""
+    try:
+        with open(f"/var/log/xen/guest-{name}.log", errors="replace") as f:
+            return f.read().splitlines()[-lines:]
+    except OSError as e:
+        return [f"{type(e).__name__}: {e}"]
 
 
 def step_backend_calls(domid: int, gfn: int, page: ReportPage | None) -> dict:
