@@ -154,8 +154,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     results = _check_files(files, args.target, args.jobs or os.cpu_count() or 1)
     # Drop include-only files that another file in the run includes: they are checked through it.
-    included = set().union(*(r.includes for r in results))
-    roots = [r for r in results if r.resolved not in included or r.has_policy_block]
+    roots = _roots(results)
     diagnostics = Diagnostics()
     for r in roots:
         diagnostics.extend(r.diagnostics)
@@ -250,6 +249,25 @@ def _check_files(files: list[Path], target: str | None, jobs: int) -> list[_File
 
 def _check_batch(files: list[Path], target: str | None) -> list[_FileResult]:
     return [_check_file(f, target) for f in files]
+
+
+def _roots(results: list[_FileResult]) -> list[_FileResult]:
+    """Drop include-only files that another file in the run includes: they are checked through it."""
+    included = set().union(*(r.includes for r in results))
+    return [r for r in results if r.resolved not in included or r.has_policy_block]
+
+
+def _policy_roots(files: list[Path]) -> list[Path]:
+    """The files of a run that are policies of their own (not included by another file of the run)."""
+    from .check import included_files
+    from .source import read_policy_file
+
+    results = []
+    for f in files:
+        tree = read_policy_file(f, Diagnostics())
+        results.append(_FileResult(f.resolve(), [], included_files(f), tree is not None and tree.policy is not None))
+    keep = {r.resolved for r in _roots(results)}
+    return [f for f in files if f.resolve() in keep]
 
 
 def _check_file(path: Path, target: str | None) -> _FileResult:

@@ -673,11 +673,11 @@ def _new_coverage():
 def _add_unrun_policies(coverage, paths: Sequence[str]) -> None:
     """Policies under the tested paths that no scenario ran: their rules are uncovered too."""
     from .check import check_policy
-    from .cli import _exclude_included, _policy_files
+    from .cli import _policy_files, _policy_roots
     from .source import display_path
 
     files, _skipped, _problems = _policy_files([p for p in paths if Path(p).is_dir()])
-    for path in _exclude_included(files):
+    for path in _policy_roots(files):
         model = check_policy(path, Diagnostics())
         if model is not None:
             coverage.add_unrun(display_path(path), [(r.name, r.span.file, r.span.line) for r in model.rules])
