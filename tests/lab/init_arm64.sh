@@ -13,8 +13,6 @@ for a in $(cat /proc/cmdline); do case "$a" in lab.seconds=*) SECS=${a#lab.secon
 echo "=== LAB-BEGIN mode=arm64 guest=linux seconds=$SECS"
 echo "LAB-T dom0_init $(up)"
 . /lab/toolstack.sh
-awk 'NF == 3' /proc/kallsyms > /lab/policies/linux-6.1-arm64.System.map   # this kernel's own symbols
-echo "LAB-INFO kallsyms $(wc -l < /lab/policies/linux-6.1-arm64.System.map) symbols; $(grep -w linux_banner /lab/policies/linux-6.1-arm64.System.map)"
 T=$(up)
 xl create -q /lab/guest.cfg || echo "LAB-ERR xl create failed"
 D=$(xl domid armguest 2>/dev/null)

@@ -7,6 +7,7 @@
 #
 #   tests/lab/lab_arm64.sh setup   # apt: qemu-system-arm, gcc-aarch64-linux-gnu, qemu-user-static; then fetch + build
 #   tests/lab/lab_arm64.sh fetch   # apt-get download the arm64 .debs into $LAB/debs, dpkg-deb -x into $LAB/root
+#   tests/lab/lab_arm64.sh xen     # Xen 4.17 arm64 rebuilt from Debian's source with CONFIG_MEM_ACCESS=y (see xen_mem_access)
 #   tests/lab/lab_arm64.sh build   # ring extension for aarch64, dom0 and guest initramfs
 #   tests/lab/lab_arm64.sh run     # build if not built yet, then boot
 #   tests/lab/lab_arm64.sh boot    # QEMU: prints the serial console; results between === LAB-BEGIN / LAB-END
@@ -27,8 +28,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 # The arm64 packages: hypervisor, tools and libraries, a kernel (dom0 and guest), busybox, and
 # Python 3.11 with policyc's dependencies as Debian packages them (arch:all ones need no suffix).
-KPKG=${KPKG:-$(apt-cache depends linux-image-arm64:arm64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')}
-KPKG=${KPKG%:arm64}
+# The kernel (dom0's and the guest's) is the build examples/policies/linux-arm64-integrity.vmi and its
+# symbol file linux-6.1-arm64.System.map were written for.
+KPKG=${KPKG:-linux-image-6.1.0-56-arm64}
 ARM64_DEBS="xen-hypervisor-4.17-arm64 xen-utils-4.17 libxenmisc4.17 libxenstore4 libxentoollog1 libxentoolcore1
  libxencall1 libxendevicemodel1 libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxenhypfs1 libxen-dev
  busybox-static libc6 libgcc-s1 libbz2-1.0 libcrypt1 libdb5.3 libexpat1 libext2fs2 libfdt1 libffi8 liblzma5
@@ -91,10 +93,9 @@ build_dom0() {
   find "$SP/policyc" \( -name __pycache__ -prune -o -name '_vm_event*.so' \) -exec rm -rf {} +
   cp "$LAB/xbuild/_vm_event.abi3.so" "$SP/policyc/native/"
   printf '#!/bin/sh\nexec /usr/bin/python3 -m policyc "$@"\n' > "$S/bin/policyc"; chmod +x "$S/bin/policyc"
-  # the lab: the example policy as written. Its symbol file is made in dom0 from /proc/kallsyms:
-  # dom0 runs the guest's very kernel, and Debian's /boot/System.map is a placeholder (the real
-  # one is in the -dbg package).
-  cp "$REPO/examples/policies/linux-arm64-integrity.vmi" "$S/lab/policies/"
+  # the lab: the example policy as written, with the symbol file it names
+  cp "$REPO/examples/policies/linux-arm64-integrity.vmi" "$REPO/examples/policies/linux-6.1-arm64.System.map" \
+     "$S/lab/policies/"
   cp "$HERE/dom0_check_arm64.py" "$HERE/toolstack.sh" "$S/lab/"
   cp "$R/boot/vmlinuz-$KV" "$S/lab/Image"                   # Debian's arm64 vmlinuz is the bare Image
   cp "$LAB/guest.cpio.gz" "$S/lab/"
@@ -119,6 +120,30 @@ build_guest() {   # a busybox initramfs: the guest runs, and reports on Xen's co
   (cd "$G" && find . | cpio -o -H newc 2>/dev/null) | gzip -1 > "$LAB/guest.cpio.gz"
 }
 
+# Debian's arm64 hypervisor is built without CONFIG_MEM_ACCESS (its xen-4.17-arm64.config says
+# "# CONFIG_MEM_ACCESS is not set"; xc_set_mem_access gives ENOSYS, measured), so no stage-2 watching.
+# The same Xen 4.17 from Debian's source package (4.17.5: the 4.17.7 source is 404 on the mirror),
+# with Debian's own config plus CONFIG_MEM_ACCESS=y, cross-built: the hypervisor only, ~2 min.
+# The tools stay Debian's 4.17.7 (same domctl/vm_event interface versions).
+xen_mem_access() {
+  local X=$LAB/xensrc; mkdir -p "$X/lists/partial"; cd "$X"
+  echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main" > src.list
+  local O=(-o Dir::Etc::sourcelist="$X/src.list" -o Dir::Etc::sourceparts=- -o Dir::State::Lists="$X/lists")
+  apt-get "${O[@]}" update -q >/dev/null
+  local V; V=$(apt-cache "${O[@]}" showsrc xen | awk '/^Version: 4[.]17/{print $2}' | sort -V | tail -1)
+  ls xen_*.orig.tar.xz >/dev/null 2>&1 || apt-get "${O[@]}" source --download-only "xen=$V" >/dev/null
+  command -v flex >/dev/null && command -v bison >/dev/null || apt-get install -y -q flex bison >/dev/null
+  rm -rf src; mkdir src; tar -C src --strip-components=1 -xf xen_*.orig.tar.xz
+  cp "$LAB/root/boot/xen-4.17-arm64.config" src/xen/.config
+  sed -i 's/^# CONFIG_MEM_ACCESS is not set/CONFIG_MEM_ACCESS=y/' src/xen/.config
+  local M=(-C src/xen XEN_TARGET_ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
+  make "${M[@]}" olddefconfig >/dev/null
+  grep -qx CONFIG_MEM_ACCESS=y src/xen/.config || { log "CONFIG_MEM_ACCESS did not stick"; exit 1; }
+  nice make "${M[@]}" -j"$(nproc)" >"$X/build.log" 2>&1 || { tail -20 "$X/build.log"; exit 1; }
+  cp src/xen/xen "$LAB/xen-4.17-arm64-mem-access"
+  log "Xen $V with CONFIG_MEM_ACCESS=y: $LAB/xen-4.17-arm64-mem-access"
+}
+
 build() {
   [ -d "$LAB/root/boot" ] || fetch
   build_ring_extension; build_guest; build_dom0
@@ -127,10 +152,13 @@ build() {
 boot() {
   cd "$LAB"
   [ -f dom0.cpio.gz ] || { log "run '$0 setup' first"; exit 1; }
-  local KV=${KPKG#linux-image-} t0=$SECONDS
+  local KV=${KPKG#linux-image-} t0=$SECONDS XEN=${LAB_XEN:-xen-4.17-arm64-mem-access}
+  [ "$XEN" = debian ] || [ -f "$XEN" ] || XEN=debian
+  [ "$XEN" = debian ] && XEN=root/boot/xen-4.17-arm64
+  echo "=== LAB-XEN $XEN"
   timeout "${LAB_TIMEOUT:-900}" qemu-system-aarch64 -machine virt,virtualization=on,gic-version=3 \
     -cpu "${LAB_CPU:-cortex-a57}" -accel tcg,thread=multi -smp 2 -m 3G -nographic -no-reboot \
-    -kernel root/boot/xen-4.17-arm64 \
+    -kernel "$XEN" \
     -append "dom0_mem=1536M console=dtuart dtuart=/pl011@9000000 loglvl=all guest_loglvl=all" \
     -device guest-loader,addr=0x49000000,kernel=root/boot/vmlinuz-$KV,bootargs="console=hvc0 earlycon=xenboot rdinit=/init lab.seconds=$LAB_SECONDS" \
     -device guest-loader,addr=0x50000000,initrd=dom0.cpio.gz < /dev/null 2>&1 | tee boot-serial.log
@@ -138,10 +166,11 @@ boot() {
 }
 
 case "${1:-}" in
-  setup) packages; fetch; build ;;
+  setup) packages; fetch; xen_mem_access; build ;;
   fetch) fetch ;;
+  xen) xen_mem_access ;;
   build) build ;;
   boot) boot ;;
   run) [ -f "$LAB/dom0.cpio.gz" ] || build; boot ;;
-  *) echo "usage: $0 setup|fetch|build|boot|run   (work dir: \$LAB=$LAB)"; exit 2 ;;
+  *) echo "usage: $0 setup|fetch|xen|build|boot|run   (work dir: \$LAB=$LAB)"; exit 2 ;;
 esac
