@@ -11,7 +11,10 @@ format as dom0_check.py (tests/test_lab.py parses both). Steps, each recorded wh
    version, monitor capabilities, stage-2 mem_access set and read back on one guest frame,
    the privileged_call (SMC) monitor enabled and disabled;
 3. attach: `XenBackend.open` on the guest, its capabilities and notes;
-4. run: `policyc run POLICY --guest xen:D` for N seconds, then SIGTERM; the decisions by rule.
+4. run: `policyc run PLAN --guest xen:D` (the plan of step 1) for N seconds from "in place", then
+   SIGTERM; the decisions by rule;
+5. after: the guest's own loop (its console, through xenconsoled's log) still advances after
+   teardown, and `xl list` shows it neither paused nor dead.
 
 Only the standard library and policyc are used.
 """
@@ -23,6 +26,7 @@ import collections
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,16 +124,23 @@ def step_attach(domid: int) -> dict:
 
 def step_run(domid: int, seconds: float) -> dict:
     t0 = time.monotonic()
+    samples = {"guest_before": guest_report()}
     with open("/tmp/enforcer.out", "w") as out:
-        p = subprocess.Popen([sys.executable, "-m", "policyc", "run", POLICY, "--guest", f"xen:{domid}",
-                              "--log", LOG], stdout=out, stderr=subprocess.STDOUT)
+        # the plan step 1 compiled from the example policy (its symbol file beside it): compiling again
+        # costs two minutes of emulated CPU
+        target = PLAN if os.path.exists(PLAN) else POLICY
+        p = subprocess.Popen([sys.executable, "-m", "policyc", "run", target, "--symbols", "/lab/policies",
+                              "--guest", f"xen:{domid}", "--log", LOG], stdout=out, stderr=subprocess.STDOUT)
         ended, placed = "exited", None
         while p.poll() is None:         # N seconds from "in place" (start-up is slow on TCG), at most 300 s to get there
             with open("/tmp/enforcer.out") as f:
                 if placed is None and "in place" in f.read():
                     placed = time.monotonic()
+                    time.sleep(2)       # the module prints every 10 rounds: a line from after install
+                    samples["guest_placed"] = guest_report()
             now = time.monotonic()
             if (placed and now - placed > seconds) or (not placed and now - t0 > 300):
+                samples["guest_end"] = guest_report()
                 p.send_signal(signal.SIGTERM)
                 ended = "sigterm"
                 try:
@@ -149,8 +160,67 @@ def step_run(domid: int, seconds: float) -> dict:
                 except ValueError:
                     continue
                 by_rule[f"{d.get('rule')}:{d.get('verdict')}"] += 1
-    return {"rc": p.returncode, "ended": ended, "seconds": round(time.monotonic() - t0, 1),
+    return {**samples, "rc": p.returncode, "ended": ended, "seconds": round(time.monotonic() - t0, 1),
             "decisions": dict(by_rule), "output_tail": text[-1500:]}
+
+
+def guest_report() -> dict:
+    """The attacker module's last counters line ("policyc-lab-arm64 round=N sct_landed=N ...") on the
+    guest's console, as xenconsoled logged it; {} before the module printed one."""
+    try:
+        with open("/var/log/xen/guest-armguest.log", errors="replace") as f:
+            lines = re.findall(r"policyc-lab-arm64 (round=.*)", f.read())
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", lines[-1])} if lines else {}
+
+
+def compare(run: dict) -> dict:
+    """The decision log against the guest's own counters, rule by rule. A refusal happens only under
+    the enforcer, so whole-run totals compare exactly: each protect_tables deny is one write the guest
+    saw refused, each firmware_calls decision one SMC it saw skipped."""
+    before, placed, end, after = (run.get(k) or {} for k in ("guest_before", "guest_placed", "guest_end",
+                                                               "guest_after"))
+    dec = run.get("decisions", {})
+    out = {
+        "protect_tables": {"decisions": dec.get("protect_tables:deny", 0), "guest": after.get("sct_blocked")},
+        "firmware_calls": {"decisions": sum(v for k, v in dec.items() if k.startswith("firmware_calls:")),
+                           "guest": after.get("smc_skipped")},
+        "trace_creds": {"decisions": sum(v for k, v in dec.items() if k.startswith("trace_creds:")),
+                        "guest": (end.get("creds", 0) - placed.get("creds", 0)) if placed and end else None,
+                        "guest_read_the_smc": after.get("creds_smc_seen")},
+        "collateral": {"decisions": dec.get("None:allow", 0),
+                       "guest": (end.get("collateral", 0) - placed.get("collateral", 0)) if placed and end else None},
+        "exec_rodata": {"decisions": sum(v for k, v in dec.items() if k.startswith("exec_rodata:")), "guest": None},
+    }
+    for rule in ("protect_tables", "firmware_calls"):
+        out[rule]["ok"] = out[rule]["guest"] is not None and out[rule]["decisions"] == out[rule]["guest"] > 0
+    out["sct_landed_while_enforced"] = (end.get("sct_landed", 0) - placed.get("sct_landed", 0)) if placed else None
+    out["benign_blocked"] = after.get("benign_blocked")
+    out["attacks_land_after_teardown"] = bool(after and end and after.get("sct_landed", 0) > end.get("sct_landed", 0)
+                                              and after.get("smc_answered", 0) > end.get("smc_answered", 0))
+    return out
+
+
+def guest_rounds() -> int:
+    """The guest's last "ARMGUEST round=N" on its console (xenconsoled's log)."""
+    try:
+        with open("/var/log/xen/guest-armguest.log", errors="replace") as f:
+            found = re.findall(r"ARMGUEST round=(\d+)", f.read())
+    except OSError:
+        return -1
+    return int(found[-1]) if found else 0
+
+
+def step_after(domid: int) -> dict:
+    """After teardown: the guest's loop still advances and xl shows it neither paused nor dead."""
+    first = guest_rounds()
+    time.sleep(12)
+    last = guest_rounds()
+    rc, out = run(["xl", "list", str(domid)])
+    state = out.split()[-2] if rc == 0 and len(out.split()) >= 2 else f"xl rc {rc}"
+    return {"rounds_before": first, "rounds_after": last, "state": state, "guest_after": guest_report(),
+            "running": last > first and "p" not in state and "d" not in state and rc == 0}
 
 
 def main() -> int:
@@ -160,13 +230,19 @@ def main() -> int:
     a = ap.parse_args()
     result: dict = {"mode": "arm64", "domid": a.domid}
     for name, fn in (("environment", step_environment), ("xen", lambda: step_xen(a.domid)),
-                     ("attach", lambda: step_attach(a.domid)), ("run", lambda: step_run(a.domid, a.seconds))):
+                     ("attach", lambda: step_attach(a.domid)), ("run", lambda: step_run(a.domid, a.seconds)),
+                     ("after", lambda: step_after(a.domid))):
         print(f"LAB-T {name}_start {uptime()}", flush=True)
         try:
             result[name] = fn()
         except Exception as exc:
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         emit(name, result[name])
+    run_res = dict(result.get("run") or {}, guest_after=(result.get("after") or {}).get("guest_after"))
+    result["compare"] = compare(run_res)
+    result["guest_counts"] = {rule: c["guest"] for rule, c in result["compare"].items()
+                              if isinstance(c, dict) and "guest" in c}
+    emit("compare", result["compare"])
     text = json.dumps(result, sort_keys=True)
     pieces = [text[i:i + 60] for i in range(0, len(text), 60)]
     for i, piece in enumerate(pieces, 1):

@@ -41,10 +41,10 @@ ARM64_DEBS="xen-hypervisor-4.17-arm64 xen-utils-4.17 libxenmisc4.17 libxenstore4
 ALL_DEBS="python3-cffi python3-pycparser python3-ply python3-lark python3-networkx python3-jsonschema python3-attr
  python3-typing-extensions python3-importlib-metadata python3-zipp python3-more-itertools"
 
-packages() {
+packages() {   # linux-kbuild-6.1: the host half of the module build
   dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
   apt-get update -q
-  apt-get install -y -q --no-install-recommends qemu-system-arm gcc-aarch64-linux-gnu qemu-user-static cpio
+  apt-get install -y -q --no-install-recommends qemu-system-arm gcc-aarch64-linux-gnu qemu-user-static cpio linux-kbuild-6.1 make
 }
 
 fetch() {
@@ -113,11 +113,26 @@ EOF
   log "dom0 initramfs: $(du -h "$LAB/dom0.cpio.gz" | cut -f1) gz, $(du -sh "$S" | cut -f1) unpacked"
 }
 
-build_guest() {   # a busybox initramfs: the guest runs, and reports on Xen's console
-  local G=$LAB/guest; rm -rf "$G"; mkdir -p "$G"/{bin,proc,sys,dev,tmp}
+build_guest() {   # busybox, and the attacker module cross-built against the guest kernel's own headers
+  local G=$LAB/guest KV=${KPKG#linux-image-} KH=$LAB/kh MAP=$REPO/examples/policies/linux-6.1-arm64.System.map
+  rm -rf "$G"; mkdir -p "$G"/{bin,proc,sys,dev,tmp} "$LAB/mod"
   cp "$LAB/root/bin/busybox" "$G/bin/"
+  if [ ! -d "$KH/usr/src/linux-headers-$KV" ]; then
+    (cd "$LAB/debs" && apt-get download "linux-headers-$KV:arm64" "linux-headers-$KV-common" >/dev/null 2>&1)
+    dpkg-deb -x "$LAB/debs/linux-headers-${KV}_"*_arm64.deb "$KH"
+    dpkg-deb -x "$LAB/debs/linux-headers-${KV}-common_"*_all.deb "$KH"
+    mkdir -p "$KH/usr/lib"; ln -sfn /usr/lib/linux-kbuild-6.1 "$KH/usr/lib/linux-kbuild-6.1"   # host tools (amd64)
+    sed -i "s|include /usr/src/|include $KH/usr/src/|" "$KH/usr/src/linux-headers-$KV/Makefile"
+  fi
+  cp "$HERE/guest/linux-arm64/Kbuild" "$HERE/guest/linux-arm64/policyc_lab_attack_arm64.c" "$LAB/mod/"
+  make -s -C "$KH/usr/src/linux-headers-$KV" M="$LAB/mod" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- modules \
+    >"$LAB/mod/make.log" 2>&1 || { cat "$LAB/mod/make.log"; log "module build failed"; exit 1; }
+  cp "$LAB/mod/policyc_lab_attack_arm64.ko" "$G/"
+  awk '$3 == "sys_call_table" {t = $1} $3 == "commit_creds" {c = $1} END {print "table_link=0x" t " creds_link=0x" c}' \
+    "$MAP" > "$G/modparams"
   cp "$HERE/guest/linux/init_arm64.sh" "$G/init"; chmod +x "$G/init"
   (cd "$G" && find . | cpio -o -H newc 2>/dev/null) | gzip -1 > "$LAB/guest.cpio.gz"
+  log "guest: $(cat "$G/modparams")"
 }
 
 # Debian's arm64 hypervisor is built without CONFIG_MEM_ACCESS (its xen-4.17-arm64.config says
