@@ -136,8 +136,7 @@ def step_run(domid: int, seconds: float) -> dict:
             with open("/tmp/enforcer.out") as f:
                 if placed is None and "in place" in f.read():
                     placed = time.monotonic()
-                    time.sleep(2)       # the module prints every 10 rounds: a line from after install
-                    samples["guest_placed"] = guest_report()
+                    samples["guest_placed"] = first_line_after(guest_report().get("round", -1))
             now = time.monotonic()
             if (placed and now - placed > seconds) or (not placed and now - t0 > 300):
                 samples["guest_end"] = guest_report()
@@ -152,6 +151,8 @@ def step_run(domid: int, seconds: float) -> dict:
     with open("/tmp/enforcer.out") as f:
         text = f.read()
     by_rule: collections.Counter = collections.Counter()
+    exec_pcs: collections.Counter = collections.Counter()
+    access_kinds: collections.Counter = collections.Counter()
     if os.path.exists(LOG):
         with open(LOG) as f:
             for line in f:
@@ -160,8 +161,14 @@ def step_run(domid: int, seconds: float) -> dict:
                 except ValueError:
                     continue
                 by_rule[f"{d.get('rule')}:{d.get('verdict')}"] += 1
+                ev = d.get("event") or {}
+                if d.get("rule") == "exec_rodata":      # the execute watch on a region the guest reads
+                    exec_pcs[str(ev.get("pc"))] += 1
+                if d.get("kind") == "mem_access":
+                    access_kinds[str(ev.get("access"))] += 1
     return {**samples, "rc": p.returncode, "ended": ended, "seconds": round(time.monotonic() - t0, 1),
-            "decisions": dict(by_rule), "output_tail": text[-1500:]}
+            "decisions": dict(by_rule), "exec_rodata_pcs": dict(exec_pcs.most_common(8)),
+            "mem_access_by_access_bits": dict(access_kinds), "output_tail": text[-1500:]}
 
 
 def guest_report() -> dict:
@@ -173,6 +180,19 @@ def guest_report() -> dict:
     except OSError:
         return {}
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", lines[-1])} if lines else {}
+
+
+def first_line_after(round_seen: int, timeout: float = 60) -> dict:
+    """The module's first counters line printed after the one last seen when protection was in place:
+    every round it counts after that line ran under the enforcer (it prints every 10 rounds, so the
+    line seen then may predate the install by up to 10 rounds)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        rep = guest_report()
+        if rep.get("round", -1) > round_seen:
+            return rep
+        time.sleep(0.2)
+    return {}
 
 
 def compare(run: dict) -> dict:

@@ -105,7 +105,7 @@ static int attack_loop(void *unused)
 	while (!kthread_should_stop()) {
 		one_round();
 		if (c.round % 10 == 0)
-			pr_info("policyc-lab-arm64 round=%llu sct_landed=%llu sct_blocked=%llu benign_landed=%llu "
+			pr_notice("policyc-lab-arm64 round=%llu sct_landed=%llu sct_blocked=%llu benign_landed=%llu "
 				"benign_blocked=%llu smc_answered=%llu smc_skipped=%llu creds=%llu creds_smc_seen=%llu "
 				"collateral=%llu\n", c.round, c.sct_landed, c.sct_blocked, c.benign_landed,
 				c.benign_blocked, c.smc_answered, c.smc_skipped, c.creds, c.creds_smc_seen,
@@ -133,7 +133,7 @@ static int __init lab_init(void)
 	own = kzalloc(PAGE_SIZE, GFP_KERNEL);
 	if (!alias || !own)
 		return -ENOMEM;
-	pr_info("policyc-lab-arm64 start table=%lx creds=%lx first=%08x\n", table_addr, creds_addr,
+	pr_notice("policyc-lab-arm64 start table=%lx creds=%lx first=%08x\n", table_addr, creds_addr,
 		*(u32 *)creds_addr);
 	worker = kthread_run(attack_loop, NULL, "policyc_lab");
 	return IS_ERR(worker) ? PTR_ERR(worker) : 0;
