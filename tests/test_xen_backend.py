@@ -23,6 +23,7 @@ import pytest
 
 from policyc.cli import main
 from policyc.native import abi
+from policyc.runtime import xen_arm64 as xa
 from policyc.runtime import xen_backend as xb
 from policyc.runtime.backend import ACCESS_VALUES, BackendError, InvalidArgument
 
@@ -484,7 +485,7 @@ def test_arm64_vcpu_context_layout_matches_the_arm64_headers(tmp_path):
     lines = ["#define __XEN_TOOLS__ 1", "#include <stddef.h>", "#include <stdint.h>", "#include <stdio.h>",
              "#include <xenctrl.h>", "int main(void) {",
              '  printf("size %zu %zu\\n", sizeof(vcpu_guest_context_t), sizeof(vcpu_guest_context_any_t));']
-    for name, field in xb.ARM64_VCPU_CONTEXT_C.items():
+    for name, field in xa.ARM64_VCPU_CONTEXT_C.items():
         lines.append(f'  printf("{name} %zu %zu\\n", offsetof(vcpu_guest_context_t, {field}), '
                      f'sizeof(((vcpu_guest_context_t *)0)->{field}));')
     lines += ["  return 0;", "}"]
@@ -494,20 +495,20 @@ def test_arm64_vcpu_context_layout_matches_the_arm64_headers(tmp_path):
     assert build.returncode == 0, build.stderr
     out = subprocess.run([qemu, str(tmp_path / "ctx")], capture_output=True, text=True, check=True).stdout
     facts = {k: (int(a), int(b)) for k, a, b in (line.split() for line in out.splitlines())}
-    assert facts.pop("size") == (xb.ARM64_VCPU_CONTEXT_SIZE, xb.ARM64_VCPU_CONTEXT_SIZE)
-    assert facts == xb.ARM64_VCPU_CONTEXT
+    assert facts.pop("size") == (xa.ARM64_VCPU_CONTEXT_SIZE, xa.ARM64_VCPU_CONTEXT_SIZE)
+    assert facts == xa.ARM64_VCPU_CONTEXT
 
 
 def test_arm64_registers_come_from_their_context_fields():
-    blob = bytearray(xb.ARM64_VCPU_CONTEXT_SIZE)
-    for i, (name, (off, size)) in enumerate(sorted(xb.ARM64_VCPU_CONTEXT.items())):
+    blob = bytearray(xa.ARM64_VCPU_CONTEXT_SIZE)
+    for i, (name, (off, size)) in enumerate(sorted(xa.ARM64_VCPU_CONTEXT.items())):
         blob[off:off + size] = (0x1000 + i).to_bytes(size, "little")
-    regs = xb.registers_from_arm64_context(bytes(blob))
-    assert regs == {name: 0x1000 + i for i, name in enumerate(sorted(xb.ARM64_VCPU_CONTEXT))}
+    regs = xa.registers_from_arm64_context(bytes(blob))
+    assert regs == {name: 0x1000 + i for i, name in enumerate(sorted(xa.ARM64_VCPU_CONTEXT))}
     # the names the binder and the request use
     assert {"ttbr0", "ttbr1", "ttbcr", "pc", "cpsr"} <= set(regs)
 
 
 def test_arm64_access_goes_in_runs_of_consecutive_frames_with_one_access():
-    assert xb.access_runs([5, 3, 4, 10, 6], [1, 1, 1, 1, 2]) == [(3, 3, 1), (6, 1, 2), (10, 1, 1)]
-    assert xb.access_runs([], []) == []
+    assert xa.access_runs([5, 3, 4, 10, 6], [1, 1, 1, 1, 2]) == [(3, 3, 1), (6, 1, 2), (10, 1, 1)]
+    assert xa.access_runs([], []) == []

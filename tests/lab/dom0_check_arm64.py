@@ -135,8 +135,8 @@ def step_run(domid: int, seconds: float) -> dict:
         while p.poll() is None:         # N seconds from "in place" (start-up is slow on TCG), at most 300 s to get there
             with open("/tmp/enforcer.out") as f:
                 if placed is None and "in place" in f.read():
-                    placed = time.monotonic()
                     samples["guest_placed"] = first_line_after(guest_report().get("round", -1))
+                    placed = time.monotonic()       # the N seconds count from that line
             now = time.monotonic()
             if (placed and now - placed > seconds) or (not placed and now - t0 > 300):
                 samples["guest_end"] = guest_report()
