@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..native import abi
 from .backend import ACCESS_VALUES, BackendError, Capabilities, InvalidArgument, Unsupported
+from .xen_arm64 import ARM64_VCPU_CONTEXT_SIZE, access_runs, registers_from_arm64_context
 
 __all__ = ["XenBackend", "XenUnavailable", "XenRelease", "RELEASES", "loaded_release", "LIBRARIES", "DECLARATIONS", "STRUCTS", "MONITOR_EVENT_BITS",
            "HVM_HW_CPU_FIELDS", "HVM_HW_CPU_SIZE", "registers_from_hvm_cpu", "patch_hvm_cpu",
@@ -109,6 +110,7 @@ typedef uint16_t domid_t;
 typedef uint32_t evtchn_port_t;
 typedef int xenevtchn_port_or_error_t;
 typedef uint32_t xs_transaction_t;
+typedef union vcpu_guest_context_any vcpu_guest_context_any_t;
 typedef enum {
     XENMEM_access_n, XENMEM_access_r, XENMEM_access_w, XENMEM_access_rw, XENMEM_access_x,
     XENMEM_access_rx, XENMEM_access_wx, XENMEM_access_rwx, XENMEM_access_rx2rw, XENMEM_access_n2rwx,
@@ -156,6 +158,7 @@ DECLARATIONS: dict[str, list[tuple[str, str, str]]] = {
         ("int", "xc_domain_unpause", "xc_interface *, uint32_t"),
         ("int", "xc_physinfo", "xc_interface *, xc_physinfo_t *"),
         ("int", "xc_vcpu_getinfo", "xc_interface *, uint32_t, uint32_t, xc_vcpuinfo_t *"),
+        ("int", "xc_vcpu_getcontext", "xc_interface *, uint32_t, uint32_t, vcpu_guest_context_any_t *"),
         ("int", "xc_vm_event_get_version", "xc_interface *"),
         ("void *", "xc_monitor_enable", "xc_interface *, uint32_t, uint32_t *"),
         ("int", "xc_monitor_disable", "xc_interface *, uint32_t"),
@@ -172,6 +175,7 @@ DECLARATIONS: dict[str, list[tuple[str, str, str]]] = {
         ("int", "xc_domctl", "xc_interface *, struct xen_domctl *"),
         ("int", "xc_set_mem_access_multi", "xc_interface *, uint32_t, uint8_t *, uint64_t *, uint32_t"),
         ("int", "xc_get_mem_access", "xc_interface *, uint32_t, uint64_t, xenmem_access_t *"),
+        ("int", "xc_set_mem_access", "xc_interface *, uint32_t, xenmem_access_t, uint64_t, uint32_t"),
         ("int", "xc_altp2m_get_domain_state", "xc_interface *, uint32_t, bool *"),
         ("int", "xc_altp2m_set_domain_state", "xc_interface *, uint32_t, bool"),
         ("int", "xc_altp2m_create_view", "xc_interface *, uint32_t, xenmem_access_t, uint16_t *"),
@@ -590,7 +594,7 @@ class XenBackend:
         else:
             altp2m = True
         if "singlestep" not in monitors:
-            self.capability_notes["singlestep"] = "no singlestep monitor (needs Intel MTF)"
+            self.capability_notes.setdefault("singlestep", "no singlestep monitor (needs Intel MTF)")
         return Capabilities(arch=arch, vm_event_version=version, vcpus=info.max_vcpu_id + 1,
                             mem_access=mem_access and hap, altp2m=altp2m, max_views=10 if altp2m else 0,
                             singlestep="singlestep" in monitors, monitors=monitors, ring_slots=abi.RING_SLOTS)
@@ -606,6 +610,9 @@ class XenBackend:
             raise Unsupported("attach", "this Xen host has no HVM support", _errno.EOPNOTSUPP)
         if not phys.capabilities & CONSTANTS["XEN_SYSCTL_PHYSCAP_hap"]:
             self.capability_notes["mem_access"] = "the host has no HAP (EPT/NPT)"
+        if os.uname().machine == "aarch64":          # dom0's arch is Xen's: there is no arm64-on-x86 Xen
+            self.capability_notes.setdefault("singlestep", "Xen on Arm cannot single-step: relax-and-rearm")
+            return "arm64"
         return arch_from_vendor(cpu_vendor())
 
     def _probe_mem_access(self) -> bool:
@@ -619,7 +626,9 @@ class XenBackend:
             return True
         self.capability_notes["mem_access"] = (
             "Xen allows mem_access only on Intel VT-x with EPT (AMD NPT keeps no access bits)"
-            if err == _errno.EINVAL else f"xc_get_mem_access: {os.strerror(err)}")
+            if err == _errno.EINVAL else
+            "this Xen was built without CONFIG_MEM_ACCESS (Debian's arm64 hypervisor is): no stage-2 watching"
+            if err == _errno.ENOSYS else f"xc_get_mem_access: {os.strerror(err)}")
         return False
 
     def capabilities(self) -> Capabilities:
@@ -785,6 +794,13 @@ class XenBackend:
             if g not in populated:
                 raise InvalidArgument(op, f"gfn {g:#x} is not populated", _errno.EINVAL)
         ffi = self._ffi
+        if self._caps.arch == "arm64":
+            # Xen on Arm has no XENMEM_access_op_set_access_multi (EOPNOTSUPP, measured in the arm64
+            # lab) and no altp2m: one xc_set_mem_access per run of consecutive frames sharing an access.
+            for first, count, code in access_runs(gfns, codes):
+                if self._xc.xc_set_mem_access(self._xch, self.domid, code, first, count) < 0:
+                    raise _error(op, "xc_set_mem_access", ffi.errno, f"{count} gfn(s) from {first:#x}")
+            return
         for start in range(0, len(gfns), 4096):
             chunk = gfns[start:start + 4096]
             arr_a = ffi.new("uint8_t[]", codes[start:start + 4096])
@@ -1150,6 +1166,8 @@ class XenBackend:
         CPU_XSAVE record when Xen gives one (absent key otherwise)."""
         self._vcpu_check("get_registers", vcpu)
         ffi = self._ffi
+        if self._caps.arch == "arm64":
+            return self._arm64_registers(vcpu)
         buf = ffi.new("uint8_t[]", HVM_HW_CPU_SIZE)
         if self._xc.xc_domain_hvm_getcontext_partial(self._xch, self.domid, CONSTANTS["HVM_SAVE_CODE(CPU)"],
                                                      vcpu, buf, HVM_HW_CPU_SIZE) < 0:
@@ -1162,6 +1180,18 @@ class XenBackend:
             regs["xcr0"] = int.from_bytes(ffi.buffer(xs + off, 8)[:], "little")
         return regs
 
+    def _not_on_arm64(self, op: str, why: str) -> None:
+        if self._caps.arch == "arm64":
+            raise Unsupported(op, why, _errno.EOPNOTSUPP)
+
+    def _arm64_registers(self, vcpu: int) -> dict[str, int]:
+        """Arm keeps no HVM save records: the vCPU's vcpu_guest_context (xc_vcpu_getcontext)."""
+        ffi = self._ffi
+        buf = ffi.new("uint8_t[]", 4096)         # vcpu_guest_context_any_t is 352 bytes on arm64
+        if self._xc.xc_vcpu_getcontext(self._xch, self.domid, vcpu, ffi.cast("vcpu_guest_context_any_t *", buf)) < 0:
+            raise _error("get_registers", "xc_vcpu_getcontext", ffi.errno, f"vCPU {vcpu}")
+        return registers_from_arm64_context(bytes(ffi.buffer(buf, ARM64_VCPU_CONTEXT_SIZE)))
+
     def set_registers(self, vcpu: int, registers: Mapping[str, int]) -> None:
         """Rewrite the vCPU's CPU record: the domain is paused, its whole HVM context read
         (xc_domain_hvm_getcontext), and a context of the header, the patched CPU record and END loaded
@@ -1169,6 +1199,7 @@ class XenBackend:
         the pause keeps current. Inside a vm_event, prefer SET_REGISTERS in the response."""
         op = "set_registers"
         self._vcpu_check(op, vcpu)
+        self._not_on_arm64(op, "registers are written only through a response's SET_REGISTERS (pc)")
         patch_hvm_cpu(bytes(HVM_HW_CPU_SIZE), registers)          # refuse unknown names before pausing
         ffi = self._ffi
         self.pause()
@@ -1193,6 +1224,7 @@ class XenBackend:
         writes; dropped by Xen if one is already pending [XEN-SEMANTICS §1.0]."""
         op = "inject_exception"
         self._vcpu_check(op, vcpu)
+        self._not_on_arm64(op, "Xen on Arm has no exception injection for a monitor")
         if not 0 <= vector < 32:
             raise InvalidArgument(op, f"vector {vector}", _errno.EINVAL)
         kind = _ET_SW_EXC if software else _ET_HW_EXC

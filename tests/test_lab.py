@@ -197,3 +197,80 @@ def test_bochs3_lab() -> None:
     assert s["backend_calls_ok"], lab["result"].get("backend_calls")
     print(f"bochs3 lab, {guest} guest: wall {lab.get('wall_seconds')} s, enforcer "
           f"{s['enforcer_events_per_second']} events/s, flags {flags}")
+
+
+# =========================================================================== arm64
+
+LAB_ARM64_SH = HERE / "lab" / "lab_arm64.sh"
+WORK_ARM64 = Path(os.environ.get("LAB_ARM64", "/tmp/policyc-lab-arm64"))
+
+
+def _arm64_skip_reason() -> str | None:
+    if os.environ.get("POLICYC_LAB") != "1" or os.environ.get("POLICYC_LAB_ARM64") != "1":
+        return "the arm64 Xen lab runs only with POLICYC_LAB=1 POLICYC_LAB_ARM64=1 (see tests/lab/README.md)"
+    missing = [b for b in ("qemu-system-aarch64", "aarch64-linux-gnu-gcc", "qemu-aarch64-static", "cpio")
+               if shutil.which(b) is None]
+    if missing:
+        return f"the arm64 lab needs {', '.join(missing)}: run tests/lab/lab_arm64.sh setup"
+    if not (WORK_ARM64 / "root" / "boot").is_dir():
+        arches = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True).stdout
+        if "arm64" not in arches.split():
+            return "no arm64 packages to be had (dpkg --add-architecture arm64): run tests/lab/lab_arm64.sh setup"
+    return None
+
+
+def test_arm64_lab() -> None:
+    """Xen 4.17 arm64 in qemu-system-aarch64 TCG: examples/policies/linux-arm64-integrity.vmi compiled
+    for arm64 unmodified in dom0, enforced by `policyc run` on a Debian 6.1.0-56-arm64 guest, torn
+    down clean, the guest running after; $LAB/result-arm64.json gets the decisions per rule."""
+    if reason := _arm64_skip_reason():
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    env = dict(os.environ, LAB=str(WORK_ARM64), LAB_SECONDS=os.environ.get("LAB_SECONDS", "15"))
+    if not (WORK_ARM64 / "root" / "boot").is_dir():
+        subprocess.run([str(LAB_ARM64_SH), "fetch"], env=env, check=True, timeout=900)
+    if not (WORK_ARM64 / "xen-4.17-arm64-mem-access").exists():
+        subprocess.run([str(LAB_ARM64_SH), "xen"], env=env, check=True, timeout=1800)
+    subprocess.run([str(LAB_ARM64_SH), "build"], env=env, check=True, timeout=900,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = subprocess.run([str(LAB_ARM64_SH), "boot"], env=env, timeout=1500, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, errors="replace")
+    lab = parse_lab_output(p.stdout)
+    print(json.dumps({k: v for k, v in lab.items() if k != "result"}, indent=1, sort_keys=True)[:20000])
+    assert lab["begin"] and lab["end"], "the arm64 dom0 /init did not reach the end markers"
+    assert "result" in lab, f"no result: {lab['errors']}"
+    r = lab["result"]
+    run = r["run"]
+    rules = {}
+    for key, n in run.get("decisions", {}).items():
+        rule, _, verdict = key.rpartition(":")
+        rules.setdefault(rule, {"decisions": 0, "by_verdict": {}, "guest_count": None})
+        rules[rule]["decisions"] += n
+        rules[rule]["by_verdict"][verdict] = n
+    for rule, count in (r.get("guest_counts") or {}).items():
+        rules.setdefault(rule, {"decisions": 0, "by_verdict": {}})["guest_count"] = count
+    (WORK_ARM64 / "result-arm64.json").write_text(json.dumps(
+        {"rules": rules, "times": lab["times"], "wall_seconds": lab.get("wall_seconds"),
+         "capabilities": r["attach"].get("capabilities"), "after_teardown": r.get("after"),
+         "compare": r.get("compare")},
+        indent=1, sort_keys=True) + "\n")
+    env_step = r["environment"]
+    assert env_step["import_policyc"] and env_step["machine"] == "aarch64", env_step
+    assert env_step["compile_rc"] == 0, env_step["compile_tail"]     # the example policy, unmodified
+    assert r["attach"]["ok"] and r["attach"]["capabilities"]["arch"] == "arm64", r["attach"]
+    assert r["attach"]["capabilities"]["mem_access"], r["attach"]["notes"]
+    assert run["rc"] == 0 and run["ended"] == "sigterm", run["output_tail"]
+    assert "teardown clean" in run["output_tail"], run["output_tail"]
+    assert sum(v["decisions"] for v in rules.values()) > 0, rules
+    assert r["after"]["running"], r["after"]
+    cmp = r["compare"]
+    # the guest's side (tests/lab/guest/linux-arm64/): every refused table write and skipped SMC is one
+    # decision, no table write landed while enforced, the benign write always landed, and after
+    # teardown both attacks land again
+    assert cmp["protect_tables"]["ok"], cmp
+    assert cmp["firmware_calls"]["ok"], cmp
+    assert cmp["sct_landed_while_enforced"] == 0, cmp
+    assert cmp["benign_blocked"] == 0, cmp
+    assert cmp["attacks_land_after_teardown"], cmp
+    print(f"arm64 lab: wall {lab.get('wall_seconds')} s, decisions per rule "
+          f"{ {k: v['decisions'] for k, v in rules.items()} }, result in {WORK_ARM64 / 'result-arm64.json'}")

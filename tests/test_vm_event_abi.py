@@ -208,26 +208,53 @@ def _header_root(which: str) -> str:
     return root
 
 
-@pytest.fixture(scope="module", params=sorted(HEADER_SETS))
+# The arm64 layout: the same probe cross-compiled against Debian's libxen-dev:arm64 headers (unpacked
+# by tests/lab/lab_arm64.sh fetch, or wherever POLICYC_XEN_ARM64_INCLUDE points) and run under
+# qemu-user. The request's register union holds both arches' structs on every arch, so our one
+# layout must be Xen's on arm64 too.
+ARM64_INCLUDE = os.environ.get("POLICYC_XEN_ARM64_INCLUDE", "/tmp/policyc-lab-arm64/root/usr/include")
+
+
+@pytest.fixture(scope="module", params=sorted(HEADER_SETS) + ["arm64"])
 def xen(request, tmp_path_factory):
-    """Our checks, and Xen's values for them from a compiled program (each release's headers)."""
-    root = _header_root(request.param)
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler to build the Xen layout probe")
+    """Our checks, and Xen's values for them from a compiled program: each x86 release's headers,
+    and the arm64 headers."""
+    if request.param != "arm64":
+        root = _header_root(request.param)
+        gcc = shutil.which("gcc") or shutil.which("cc")
+        if gcc is None:
+            pytest.skip("no C compiler to build the Xen layout probe")
+        compile_cmd, runner = [gcc, f"-I{root}"], []
+    else:
+        header = os.path.join(ARM64_INCLUDE, "xen", "vm_event.h")
+        tools = {t: shutil.which(t) for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64-static")}
+        missing = [t for t, path in tools.items() if path is None]
+        if not os.path.exists(header) or missing:
+            reason = (f"the arm64 layout check needs {header} (tests/lab/lab_arm64.sh fetch unpacks "
+                      f"libxen-dev:arm64) and {', '.join(tools)}; missing: "
+                      f"{', '.join(missing + ([header] if not os.path.exists(header) else []))}")
+            print(f"SKIP: {reason}")
+            pytest.skip(reason)
+        compile_cmd = [tools["aarch64-linux-gnu-gcc"], "-static", "-nostdinc",
+                       "-isystem", subprocess.run([tools["aarch64-linux-gnu-gcc"], "-print-file-name=include"],
+                                                  capture_output=True, text=True).stdout.strip(),
+                       "-isystem", "/usr/aarch64-linux-gnu/include", "-isystem", ARM64_INCLUDE]
+        runner = [tools["qemu-aarch64-static"]]
     from policyc.native._vm_event import ffi, lib
 
     numeric, bitfields = _checks(ffi, lib)
-    d = tmp_path_factory.mktemp("xenprobe")
+    d = tmp_path_factory.mktemp(f"xenprobe-{request.param}")
     src = d / "probe.c"
     exe = d / "probe"
     src.write_text(_c_program(numeric, bitfields))
     build = subprocess.run(
-        [gcc, "-std=gnu11", "-Wall", "-Wextra", "-Werror", f"-I{root}", "-o", str(exe), str(src)],
+        compile_cmd + ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(src)],
         capture_output=True, text=True,
     )
-    assert build.returncode == 0, f"probe against Xen headers failed:\n{build.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
+    assert build.returncode == 0, f"probe against Xen headers ({request.param}) failed:\n{build.stderr}"
+    run = subprocess.run(runner + [str(exe)], capture_output=True, text=True, check=True)
+    if request.param == "arm64":
+        assert "aarch64" in subprocess.run(["file", str(exe)], capture_output=True, text=True).stdout
     values = dict(line.split("=", 1) for line in run.stdout.splitlines())
     return numeric, bitfields, values
 

@@ -23,6 +23,7 @@ import pytest
 
 from policyc.cli import main
 from policyc.native import abi
+from policyc.runtime import xen_arm64 as xa
 from policyc.runtime import xen_backend as xb
 from policyc.runtime.backend import ACCESS_VALUES, BackendError, InvalidArgument
 
@@ -533,3 +534,47 @@ def test_access_in_a_view_that_never_held_the_frame_is_the_hosts():
     assert b.get_access(2, 0x201) == "rx"
     with pytest.raises(InvalidArgument):            # any other failure is still an error
         b.get_access(2, 0x202)
+
+
+# =========================================================================== arm64
+
+ARM64_INCLUDE = Path(os.environ.get("POLICYC_XEN_ARM64_INCLUDE", "/tmp/policyc-lab-arm64/root/usr/include"))
+
+
+def test_arm64_vcpu_context_layout_matches_the_arm64_headers(tmp_path):
+    """ARM64_VCPU_CONTEXT against struct vcpu_guest_context of Debian's libxen-dev:arm64, the probe
+    cross-compiled and run under qemu-user (tests/lab/lab_arm64.sh fetch unpacks the headers)."""
+    gcc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64-static")
+    if gcc is None or qemu is None or not (ARM64_INCLUDE / "xen" / "arch-arm.h").is_file():
+        _skip(f"needs aarch64-linux-gnu-gcc, qemu-aarch64-static and {ARM64_INCLUDE}/xen/arch-arm.h "
+              "(tests/lab/lab_arm64.sh setup)")
+    lines = ["#define __XEN_TOOLS__ 1", "#include <stddef.h>", "#include <stdint.h>", "#include <stdio.h>",
+             "#include <xenctrl.h>", "int main(void) {",
+             '  printf("size %zu %zu\\n", sizeof(vcpu_guest_context_t), sizeof(vcpu_guest_context_any_t));']
+    for name, field in xa.ARM64_VCPU_CONTEXT_C.items():
+        lines.append(f'  printf("{name} %zu %zu\\n", offsetof(vcpu_guest_context_t, {field}), '
+                     f'sizeof(((vcpu_guest_context_t *)0)->{field}));')
+    lines += ["  return 0;", "}"]
+    (tmp_path / "ctx.c").write_text("\n".join(lines) + "\n")
+    build = subprocess.run([gcc, "-static", "-std=gnu11", "-Wall", "-Werror", "-isystem", str(ARM64_INCLUDE),
+                            "-o", str(tmp_path / "ctx"), str(tmp_path / "ctx.c")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    out = subprocess.run([qemu, str(tmp_path / "ctx")], capture_output=True, text=True, check=True).stdout
+    facts = {k: (int(a), int(b)) for k, a, b in (line.split() for line in out.splitlines())}
+    assert facts.pop("size") == (xa.ARM64_VCPU_CONTEXT_SIZE, xa.ARM64_VCPU_CONTEXT_SIZE)
+    assert facts == xa.ARM64_VCPU_CONTEXT
+
+
+def test_arm64_registers_come_from_their_context_fields():
+    blob = bytearray(xa.ARM64_VCPU_CONTEXT_SIZE)
+    for i, (name, (off, size)) in enumerate(sorted(xa.ARM64_VCPU_CONTEXT.items())):
+        blob[off:off + size] = (0x1000 + i).to_bytes(size, "little")
+    regs = xa.registers_from_arm64_context(bytes(blob))
+    assert regs == {name: 0x1000 + i for i, name in enumerate(sorted(xa.ARM64_VCPU_CONTEXT))}
+    # the names the binder and the request use
+    assert {"ttbr0", "ttbr1", "ttbcr", "pc", "cpsr"} <= set(regs)
+
+
+def test_arm64_access_goes_in_runs_of_consecutive_frames_with_one_access():
+    assert xa.access_runs([5, 3, 4, 10, 6], [1, 1, 1, 1, 2]) == [(3, 3, 1), (6, 1, 2), (10, 1, 1)]
+    assert xa.access_runs([], []) == []

@@ -18,14 +18,7 @@ done
 [ "$GUEST" = linux ] && [ ! -f /lab/linuxguest.cfg ] && { echo "LAB-ERR no Linux guest in this build"; GUEST=tiny; }
 echo "=== LAB-BEGIN mode=$MODE guest=$GUEST seconds=$SECS"
 echo "LAB-T dom0_init $(up)"
-for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc; do insmod /mod/$m.ko || echo "LAB-ERR insmod $m"; done
-mount -t xenfs xenfs /proc/xen
-mkdir -p /run/xen /run/xenstored
-xenstored --pid-file=/run/xenstored.pid
-xen-init-dom0 >/dev/null
-xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen
-echo "LAB-T toolstack_ready $(up)"
-xl info | grep -E 'xen_version|virt_caps|nr_cpus|free_memory' | sed 's/^/LAB-INFO /'
+. /lab/toolstack.sh
 T=$(up)
 P=/lab/policies
 case "$MODE/$GUEST" in

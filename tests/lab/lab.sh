@@ -8,6 +8,7 @@
 #   tests/lab/lab.sh build    # rebuild guest + dom0 initramfs + Bochs ISO (after editing the project)
 #   tests/lab/lab.sh qemu     # QEMU TCG, emulated AMD SVM+NPT: register policy   (fast)
 #   tests/lab/lab.sh bochs    # Bochs, emulated Intel VT-x+EPT: memory+register policy (slow)
+#   tests/lab/lab.sh arm64    # Xen 4.17 arm64 in qemu-system-aarch64 TCG (tests/lab/lab_arm64.sh)
 #
 # LAB_GUEST picks the test guest: `tiny` (QEMU's default) or `linux` (Bochs's default, with the
 # example policy linux-kernel-integrity.vmi). For Bochs it is read at `build` (it goes into the ISO).
@@ -150,7 +151,7 @@ EOF
   # --- the lab: guest, policies, driver, /init
   cp "$LAB/guest/labguest.elf" "$S/lab/"
   cp "$HERE"/policies/*.vmi "$S/lab/policies/"
-  cp "$HERE/dom0_check.py" "$S/lab/"
+  cp "$HERE/dom0_check.py" "$HERE/toolstack.sh" "$S/lab/"
   cat > "$S/lab/labguest.cfg" <<'EOF'
 name = "labguest"
 type = "pvh"
@@ -314,5 +315,6 @@ case "${1:-}" in
   build) build ;;
   qemu) qemu ;;
   bochs) bochs ;;
-  *) echo "usage: $0 setup|build|qemu|bochs|bochs3-build|bochs3   (work dir: \$LAB=$LAB)"; exit 2 ;;
+  arm64) shift; LAB=${LAB_ARM64:-/tmp/policyc-lab-arm64} exec "$HERE/lab_arm64.sh" "${@:-run}" ;;   # Xen on arm64: lab_arm64.sh
+  *) echo "usage: $0 setup|build|qemu|bochs|bochs3-build|bochs3|arm64 [setup|fetch|build|boot|run]   (work dir: \$LAB=$LAB)"; exit 2 ;;
 esac
