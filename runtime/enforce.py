@@ -150,7 +150,8 @@ class Enforcer:
         if self.use_native:
             inst = self.installation
             self.native = NativeEngine(self.engine, plan_hash=self.log.plan_hash,
-                                       pt_frames=lambda: inst.bound.pt_frames)
+                                       pt_frames=lambda: inst.bound.pt_frames,
+                                       python_denies=getattr(self.backend, "python_denies", ()))
         # The plan, binding and tables live as long as the enforcer: keep the cyclic GC from scanning
         # them on every full collection (with 100,000 regions that scan dominated decision time).
         gc.collect()

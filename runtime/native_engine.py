@@ -172,9 +172,13 @@ class NativeEngine:
     """`native/decide.c` over one `DecisionEngine`'s tables (see the module docstring)."""
 
     def __init__(self, engine: DecisionEngine, *, plan_hash: str | None = None,
-                 pt_frames: Callable[[], frozenset[int] | set[int]] | None = None) -> None:
+                 pt_frames: Callable[[], frozenset[int] | set[int]] | None = None,
+                 python_denies: Sequence[str] = ()) -> None:
         self.ffi, self.lib = _native()
         self.engine = engine
+        # Kinds whose deny the backend must send itself (Xen's register-write DENY is held until
+        # the vCPU left its pCPU): handed to Python whenever the native call would push them.
+        self.python_denies = frozenset(python_denies)
         self.plan_hash = engine.plan_hash if plan_hash is None else plan_hash
         self.pt_frames = pt_frames or (lambda: frozenset())
         self.rules: list[_Rule] = sorted(engine.rules.values(), key=lambda r: r.order)
@@ -735,9 +739,10 @@ class NativeEngine:
 
     def _build_responses(self, e: Any, pool: _Pool) -> None:
         eng, ffi = self.engine, self.ffi
-        lows: dict[int, int] = {}
+        lows: dict[tuple[int, bool], int] = {}
         specs: list[_Lowered] = []
         keys = {K_MEM: ("allow", "deny:read", "deny:write", "deny:execute")}
+        by_python: set[int] = set()
         for k, kind in enumerate(KINDS):
             plan_kind = _RESPONSE_KIND.get(kind, kind)
             for slot, key in enumerate(keys.get(k, ("allow", "deny"))):
@@ -747,10 +752,13 @@ class NativeEngine:
                 if low is None:
                     s.low = -1
                     continue
-                if id(low) not in lows:
-                    lows[id(low)] = len(specs)
+                python = key == "deny" and kind in self.python_denies
+                if (id(low), python) not in lows:
+                    lows[(id(low), python)] = len(specs)
+                    if python:
+                        by_python.add(len(specs))
                     specs.append(low)
-                s.low = lows[id(low)]
+                s.low = lows[(id(low), python)]
         t = ffi.new("pe_low[]", max(1, len(specs)))
         self._keep.append(t)
         for i, low in enumerate(specs):
@@ -761,7 +769,8 @@ class NativeEngine:
             c.read_data = low.read_data
             c.advance = 1 if low.advance is not None else (2 if low.advance_insn else 0)
             c.advance_by = (low.advance or 0) & U64
-            c.native = not (low.inject or low.insn_data or low.relax is not None or low.restore or low.disarm)
+            c.native = not (low.inject or low.insn_data or low.relax is not None or low.restore or low.disarm
+                            or i in by_python)
         e.lows = t
         e.cpuid_no_response = "cpuid" not in eng._resp
 

@@ -1234,6 +1234,17 @@ class XenBackend:
             raise _error(op, "xendevicemodel_inject_event", self._ffi.errno, f"vector {vector}, vCPU {vcpu}")
 
     # ================================================================== the ring
+    # The kinds whose DENY must go through `put_responses` (held until the vCPU left its pCPU):
+    # a native monitor hands those back instead of pushing them (`NativeEngine(python_denies=)`).
+    python_denies = ("write_ctrlreg", "mov_to_msr")
+
+    def native_ring(self) -> abi.Ring:
+        """The monitor ring, for a native monitor that takes, decides and answers in C (then calls
+        `notify`). Those requests never reach the books `take_requests` keeps (sync requests out per
+        vCPU): each is answered within the same native call. Register-write DENYs are not pushed
+        there (`python_denies`): they come back to `put_responses`, which holds them."""
+        return self._check_ring("native_ring")
+
     def take_requests(self, limit: int = 8) -> list[bytes]:
         ring = self._check_ring("take_requests")
         out = [r.raw for r in ring.take_requests(limit)]

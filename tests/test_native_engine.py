@@ -387,3 +387,26 @@ def test_templates_escapes_and_arithmetic_render_identically(tmp_path):
     assert _normal(nat_out.getvalue()) == _normal(ref_out.getvalue())
     assert '\\u2603 \\ud83d\\ude00' in nat_out.getvalue()
     assert native.decided_natively() > 1000 and native.punts.get("rule", 0) > 0
+
+
+def test_register_denies_a_backend_must_hold_are_handed_to_python():
+    # Xen's register-write DENY waits in put_responses until the vCPU left its pCPU: a native
+    # monitor on its ring must hand those back instead of pushing them (python_denies)
+    plan, bound = bound_plan("linux-kernel-integrity.vmi", "x86_64")
+    clocks = Clocks()
+    ref, _w, free = engines(plan, bound, clocks)
+    _r2, wrapped, _n = engines(plan, bound, clocks)
+    held = NativeEngine(wrapped, python_denies=("write_ctrlreg", "mov_to_msr"))
+    gen = Requests(ref, free, seed=11)
+    requests = [r for r in (gen.one() for _ in range(4000)) if len(r) == 400]
+    a, b = free.decide_batch(requests), held.decide_batch(requests)
+    assert a.responses == b.responses                       # the same answers, whoever gives them
+    deny = abi.Flag.DENY
+    reg_denies = [i for i, rsp in enumerate(b.responses)
+                  if abi.parse_response(rsp).flags & deny and struct.unpack_from("<I", rsp, 8)[0]
+                  in (abi.Reason.WRITE_CTRLREG, abi.Reason.MOV_TO_MSR)]
+    assert reg_denies
+    python_decided = {i for i, _rsp, _d in b.decisions}
+    assert set(reg_denies) <= python_decided                 # every register DENY came back to Python
+    assert set(reg_denies) - {i for i, _rsp, _d in a.decisions}       # without the flag: native ones
+    assert held.punts.get("response", 0) >= len(reg_denies)
