@@ -249,6 +249,8 @@ class Enforcer:
                 self._count_served(served, notify)
                 answered += served
                 if batch is None:
+                    if notify is not None or served < self.batch:
+                        break             # the ring was drained: a later request wakes wait()
                     continue
                 self.requests += taken - served
                 reqs = batch.requests

@@ -491,6 +491,7 @@ class XenBackend:
                                            "module loaded and xenfs mounted)", _errno.ENOENT)
         self._xch = self._xce = self._fmh = self._dmh = ffi.NULL
         self._ring: abi.Ring | None = None
+        self._poller: Any = None            # select.poll on the event channel's fd (wait)
         self._ring_page = ffi.NULL
         self._port: int | None = None
         self._disabled = False            # close() disabled the ring; a second close() does nothing
@@ -669,6 +670,7 @@ class XenBackend:
             self._ev.xenevtchn_unbind(self._xce, self._port)
             self._port = None
         self._ring = None                  # never touch the page after this
+        self._poller = None
         if self._ring_page != self._ffi.NULL:
             self._c.munmap(self._ring_page, PAGE_SIZE)
             self._ring_page = self._ffi.NULL
@@ -1314,9 +1316,10 @@ class XenBackend:
         ring = self._check_ring("wait")
         if ring.final_check_for_requests():
             return True
-        fd = self._ev.xenevtchn_fd(self._xce)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        poller = self._poller
+        if poller is None:             # one poll object per ring: set up once, not at every wait
+            poller = self._poller = select.poll()
+            poller.register(self._ev.xenevtchn_fd(self._xce), select.POLLIN)
         if not poller.poll(max(0, int(timeout * 1000))):
             return ring.unconsumed_requests > 0
         port = self._ev.xenevtchn_pending(self._xce)
