@@ -432,4 +432,13 @@ struct vm_ring_replay {
 size_t vm_ring_replay(struct vm_event_front_ring *front, struct vm_ring_replay *r, uint64_t limit);
 int vm_ring_replay_notify(void *replay);
 
+/* Xen's event-channel kick as a pe_notify_fn (decide.h): libxenevtchn's xenevtchn_notify, which
+   the caller loads at run time, with its handle and local port (see ring.c). */
+struct vm_evtchn_kick {
+    int (*notify)(void *xce, uint32_t port);
+    void *xce;
+    uint32_t port;
+};
+int vm_evtchn_kick(void *kick);
+
 #endif /* POLICYC_VM_EVENT_ABI_H */

@@ -125,6 +125,7 @@ class Enforcer:
         self.unlogged = 0                     # decisions answered while the log could not be written
         self.log_error: str | None = None
         self._pending_rebinds: list[_PendingRebind] = []
+        self._native_path: tuple[Any, Any] | None = None    # (ring, kick) for native service, once known
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
@@ -224,8 +225,10 @@ class Enforcer:
         self._retry_rebinds()
         if inst.notify_owed:                   # responses on the ring that Xen was never told of
             inst.notify()
-        ring = self._native_ring()
-        notify = self._native_notify() if ring is not None else None
+        if self._native_path is None:           # the backend's ring and kick do not change while enforcing
+            ring = self._native_ring()
+            self._native_path = (ring, self._native_notify() if ring is not None else None)
+        ring, notify = self._native_path
         while True:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)

@@ -492,6 +492,7 @@ class XenBackend:
         self._xch = self._xce = self._fmh = self._dmh = ffi.NULL
         self._ring: abi.Ring | None = None
         self._poller: Any = None            # select.poll on the event channel's fd (wait)
+        self._kick: Any = None              # native_notify's C kick (kept alive with its struct)
         self._ring_page = ffi.NULL
         self._port: int | None = None
         self._disabled = False            # close() disabled the ring; a second close() does nothing
@@ -671,6 +672,7 @@ class XenBackend:
             self._port = None
         self._ring = None                  # never touch the page after this
         self._poller = None
+        self._kick = None
         if self._ring_page != self._ffi.NULL:
             self._c.munmap(self._ring_page, PAGE_SIZE)
             self._ring_page = self._ffi.NULL
@@ -1246,6 +1248,21 @@ class XenBackend:
         vCPU): each is answered within the same native call. Register-write DENYs are not pushed
         there (`python_denies`): they come back to `put_responses`, which holds them."""
         return self._check_ring("native_ring")
+
+    def native_notify(self) -> tuple[Any, Any]:
+        """The kick as a C function and its argument (`vm_evtchn_kick` over libxenevtchn's
+        xenevtchn_notify, this handle and port): a native monitor answers batch after batch and
+        kicks after each without coming back to Python."""
+        self._check_ring("native_notify")
+        if self._kick is None:
+            nffi, nlib = abi._native()
+            xffi = self._ffi
+            k = nffi.new("struct vm_evtchn_kick *")
+            k.notify = nffi.cast("int (*)(void *, uint32_t)", int(xffi.cast("uintptr_t", self._ev.xenevtchn_notify)))
+            k.xce = nffi.cast("void *", int(xffi.cast("uintptr_t", self._xce)))
+            k.port = self._port
+            self._kick = (nffi.addressof(nlib, "vm_evtchn_kick"), nffi.cast("void *", k), k)
+        return self._kick[:2]
 
     def take_requests(self, limit: int = 8) -> list[bytes]:
         ring = self._check_ring("take_requests")

@@ -62,7 +62,7 @@ def _our_types(ffi) -> list[str]:
     are ours, not Xen's)."""
     typedefs, structs, unions = ffi.list_types()
     typedefs = [t for t in typedefs if not t.startswith("pe_")]
-    structs = [s for s in structs if s != "vm_ring_replay"]
+    structs = [s for s in structs if s not in ("vm_ring_replay", "vm_evtchn_kick")]
     return (
         list(typedefs)
         + [f"struct {name}" for name in structs]

@@ -578,3 +578,27 @@ def test_arm64_registers_come_from_their_context_fields():
 def test_arm64_access_goes_in_runs_of_consecutive_frames_with_one_access():
     assert xa.access_runs([5, 3, 4, 10, 6], [1, 1, 1, 1, 2]) == [(3, 3, 1), (6, 1, 2), (10, 1, 1)]
     assert xa.access_runs([], []) == []
+
+
+def test_the_native_kick_calls_xenevtchn_notify_with_the_handle_and_port():
+    # native_notify hands C a kick over libxenevtchn's xenevtchn_notify: here a stand-in C callback
+    import ctypes
+
+    calls = []
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
+    stand_in = proto(lambda xce, port: calls.append((xce, port)) or 0)
+
+    class _Evtchn:
+        pass
+
+    b = object.__new__(xb.XenBackend)
+    b._ffi, b._kick, b._port, b._ring = xb._ffi(), None, 7, object()
+    b._ev = _Evtchn()
+    b._ev.xenevtchn_notify = b._ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
+                                         ctypes.cast(stand_in, ctypes.c_void_p).value)
+    b._xce = b._ffi.cast("xenevtchn_handle *", 0x1234)
+    fn, ctx = b.native_notify()
+    nffi, nlib = abi._native()
+    assert fn == nffi.addressof(nlib, "vm_evtchn_kick")
+    assert nlib.vm_evtchn_kick(ctx) == 0 and calls == [(0x1234, 7)]
+    assert b.native_notify() == (fn, ctx)          # made once per ring
