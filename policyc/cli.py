@@ -425,8 +425,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_file(path: Path, text: str, command: str) -> bool:
-    """Write an output file; a failure is one clear line, and no partial file is left behind.
+def _write_file(path: Path, text: str | bytes, command: str) -> bool:
+    """Write an output file (text, or bytes such as a bundle); a failure is one clear line, and no
+    partial file is left behind.
 
     `-` is stdout. A regular file (or a new one) is replaced atomically: a temporary file in the
     same directory, then a rename. A symlink is followed, so the link stays and its target gets
@@ -434,7 +435,10 @@ def _write_file(path: Path, text: str, command: str) -> bool:
     never replaced: `-o /dev/null` as root must not turn the device into a file.
     """
     if str(path) == "-":
-        sys.stdout.write(text)
+        if isinstance(text, bytes):
+            sys.stdout.buffer.write(text)
+        else:
+            sys.stdout.write(text)
         sys.stdout.flush()
         return True
     try:
@@ -451,9 +455,9 @@ def _write_file(path: Path, text: str, command: str) -> bool:
     return _replace_atomically(target, text, command, existing)
 
 
-def _write_through(path: Path, text: str, command: str) -> bool:
+def _write_through(path: Path, text: str | bytes, command: str) -> bool:
     try:
-        with open(path, "w", encoding="utf-8") as f:
+        with _open_for(path, text) as f:
             f.write(text)
         return True
     except OSError as exc:
@@ -461,13 +465,17 @@ def _write_through(path: Path, text: str, command: str) -> bool:
         return False
 
 
-def _replace_atomically(target: Path, text: str, command: str, existing: os.stat_result | None) -> bool:
+def _open_for(path: Path | int, data: str | bytes):
+    return open(path, "wb") if isinstance(data, bytes) else open(path, "w", encoding="utf-8")
+
+
+def _replace_atomically(target: Path, text: str | bytes, command: str, existing: os.stat_result | None) -> bool:
     import tempfile
 
     tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".policyc-tmp", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with _open_for(fd, text) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

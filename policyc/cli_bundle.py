@@ -109,12 +109,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
                      else _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(days=args.valid_days))
         data = build_bundle(args.plan, key_pem=_read_key(args.key, "--key"), revision=args.revision,
                             not_after=not_after, symbols_dir=args.symbols)
-        Path(args.output).write_bytes(data)
     except BundleError as exc:
         print(f"policyc bundle build: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:
-        print(f"policyc bundle build: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+    from .cli import _write_file
+
+    # as `compile -o`: a regular file replaced atomically, a device, FIFO or symlink written through
+    if not _write_file(Path(args.output), data, "bundle build"):
         return EXIT_USAGE
     print(f"wrote {args.output}: revision {args.revision}, {len(data)} bytes", file=sys.stderr)
     return EXIT_OK

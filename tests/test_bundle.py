@@ -234,3 +234,21 @@ def test_cli_build_and_verify(plan_dir, tmp_path, capsys):
                  "--revision", "1", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "needs a time zone" in err
+
+
+def test_build_writes_through_devices_and_replaces_regular_files_whole(plan_dir, tmp_path, capsys):
+    import os
+    import stat
+
+    assert main(["bundle", "keygen", str(tmp_path / "k")]) == 0
+    args = ["bundle", "build", str(plan_dir / "plan.json"), "--key", str(tmp_path / "k.key"), "--revision", "2",
+            "--not-after", "2099-01-01T00:00:00Z", "-o"]
+    assert main(args + [os.devnull]) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)              # /dev/null stays a device
+    out = tmp_path / "b.bundle"
+    out.write_bytes(b"old")
+    assert main(args + [str(out)]) == 0
+    assert verify_bundle(out.read_bytes(), trusted_pem=(tmp_path / "k.pub").read_bytes()).revision == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bundle", "k.key", "k.pub"]   # no temporary left
+    assert main(args + [str(tmp_path)]) == 2                        # a directory: one line, exit 2
+    assert "it is a directory" in capsys.readouterr().err
