@@ -67,7 +67,6 @@ class FaultyBackend:
     calls: int = 0
     phase: str = "attach"
     injected: str | None = None         # "phase:method" of the injected fault
-    sites: Counter = field(default_factory=Counter)
     sequence: list = field(default_factory=list)        # the site of every call, in order
 
     def __getattr__(self, attr: str) -> Any:
@@ -78,7 +77,6 @@ class FaultyBackend:
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
             site = f"{self.phase}:{attr}"
-            self.sites[site] += 1
             self.sequence.append(site)
             if self.calls == self.fail_at:
                 self.injected = site
@@ -122,7 +120,7 @@ def run_trials(trials: int, seed: int, scenarios: Sequence[Path] | None = None) 
         results.append(t)
         if t.site:
             sites[t.site] += 1
-    reachable = set().union(*(p.sites for p in prepared))
+    reachable = set().union(*(p.at for p in prepared))
     return {
         "trials": trials, "seed": seed, "scenarios": [str(p.path) for p in prepared],
         "faults_injected": sum(1 for t in results if t.site),
@@ -173,7 +171,6 @@ class _Prepared:
     plan: dict
     symbols: list
     calls: int = 0                       # backend calls a clean run makes
-    sites: set = field(default_factory=set)
     at: dict = field(default_factory=dict)   # site -> the call numbers (from 1) where a clean run makes it
     # vCPUs a clean run leaves paused: the policy's own `pause` action pauses the domain on purpose
     intended_pause: tuple = ()
@@ -202,7 +199,7 @@ def _learn_clean_run(p: _Prepared) -> None:
     backend = _run_one(p, t)
     if t.outcome != "still_enforcing":
         raise SystemExit(f"{p.path}: the run without a fault is not clean: {t.problems}")
-    p.calls, p.sites, p.intended_pause = backend.calls, set(backend.sites), t.intended_pause
+    p.calls, p.intended_pause = backend.calls, t.intended_pause
     for n, site in enumerate(backend.sequence, 1):
         p.at.setdefault(site, []).append(n)
 

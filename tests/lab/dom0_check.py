@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import datetime
 import json
 import os
 import re
@@ -339,7 +340,6 @@ def rate_from_first(decisions: list[dict], seconds: float) -> float:
 
 
 def _epoch(iso: str | None) -> float:
-    import datetime
     try:
         return datetime.datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
     except ValueError:
