@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import NoReturn, Sequence
 
 from . import __version__
 from .diagnostics import Diagnostic, Diagnostics, Severity, SourceCache, render_json, render_sarif, render_text
+from .output_writer import write_output
 from .source import is_yaml_path
 
 __all__ = ["main"]
@@ -318,7 +318,7 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
                 status = EXIT_PROBLEMS
                 continue
             if changed:
-                if not _write_file(out_path, text, "fmt"):
+                if not write_output(out_path, text, "fmt"):
                     status = EXIT_PROBLEMS
                     continue
                 print(f"{'wrote' if out_path != path else 'formatted'} {out_path}", file=sys.stderr)
@@ -420,83 +420,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         text = dump_plan(plan)
     if args.output:
-        return EXIT_OK if _write_file(Path(args.output), text, "compile") else EXIT_PROBLEMS
+        return EXIT_OK if write_output(Path(args.output), text, "compile") else EXIT_PROBLEMS
     sys.stdout.write(text)
     return EXIT_OK
-
-
-def _write_file(path: Path, text: str | bytes, command: str) -> bool:
-    """Write an output file (text, or bytes such as a bundle); a failure is one clear line, and no
-    partial file is left behind.
-
-    `-` is stdout. A regular file (or a new one) is replaced atomically: a temporary file in the
-    same directory, then a rename. A symlink is followed, so the link stays and its target gets
-    the text. Anything else at the path (a character device, a FIFO, a socket) is written through,
-    never replaced: `-o /dev/null` as root must not turn the device into a file.
-    """
-    if str(path) == "-":
-        if isinstance(text, bytes):
-            sys.stdout.buffer.write(text)
-        else:
-            sys.stdout.write(text)
-        sys.stdout.flush()
-        return True
-    try:
-        target = path.resolve(strict=False) if path.is_symlink() else path
-        existing = target.stat() if target.exists() else None
-    except (OSError, RuntimeError) as exc:   # RuntimeError: a symlink loop on older Pythons
-        print(f"policyc {command}: cannot write '{path}': {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
-        return False
-    if existing is not None and stat.S_ISDIR(existing.st_mode):
-        print(f"policyc {command}: cannot write '{path}': it is a directory", file=sys.stderr)
-        return False
-    if existing is not None and not stat.S_ISREG(existing.st_mode):
-        return _write_through(path, text, command)
-    return _replace_atomically(target, text, command, existing)
-
-
-def _write_through(path: Path, text: str | bytes, command: str) -> bool:
-    try:
-        with _open_for(path, text) as f:
-            f.write(text)
-        return True
-    except OSError as exc:
-        print(f"policyc {command}: cannot write '{path}': {exc.strerror or exc}", file=sys.stderr)
-        return False
-
-
-def _open_for(path: Path | int, data: str | bytes):
-    return open(path, "wb") if isinstance(data, bytes) else open(path, "w", encoding="utf-8")
-
-
-def _replace_atomically(target: Path, text: str | bytes, command: str, existing: os.stat_result | None) -> bool:
-    import tempfile
-
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".policyc-tmp", dir=target.parent)
-        with _open_for(fd, text) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; keep the replaced file's mode, or the usual one for a new file.
-        os.chmod(tmp, stat.S_IMODE(existing.st_mode) if existing else 0o666 & ~_umask())
-        os.replace(tmp, target)
-        return True
-    except OSError as exc:
-        print(f"policyc {command}: cannot write '{target}': {exc.strerror or exc}", file=sys.stderr)
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        return False
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

@@ -112,10 +112,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"policyc bundle build: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from .cli import _write_file
+    from .output_writer import write_output
 
     # as `compile -o`: a regular file replaced atomically, a device, FIFO or symlink written through
-    if not _write_file(Path(args.output), data, "bundle build"):
+    if not write_output(Path(args.output), data, "bundle build"):
         return EXIT_USAGE
     print(f"wrote {args.output}: revision {args.revision}, {len(data)} bytes", file=sys.stderr)
     return EXIT_OK
