@@ -888,23 +888,50 @@ static int service_batch(pe_engine *e, pe_call *c)
 }
 
 /* One batch, or with a native notify, batch after batch (notifying after each) until the ring
- * is empty, a batch needs the caller, or max_batches were served. c->served counts the
+ * is empty, a batch needs the caller, or max_batches were served. With a native wait too, an
+ * empty ring is waited on (after the ring's final check, so no request published meanwhile is
+ * missed) until wait_ms have passed since the call began: the whole answering loop runs in C, and
+ * the caller sees signals, idle work and stop requests at least that often. c->served counts the
  * requests answered whole; the last batch's state is as service_batch leaves it. */
 int pe_service(pe_engine *e, pe_call *c)
 {
-    uint32_t b;
-    int status;
+    uint32_t b = 0;
+    uint64_t deadline = 0, now;
+    int status, woke;
 
     c->served = 0;
-    for (b = 0;; b++) {
+    c->notify_failed = 0;
+    c->wait_errno = 0;
+    if (c->wait_fn)
+        deadline = mono_ns() + (uint64_t)c->wait_ms * 1000000u;
+    for (;;) {
         status = service_batch(e, c);
-        if (status != PE_SERVED || !c->ntaken)
+        if (status != PE_SERVED)
             return status;
-        c->served += c->ntaken;
-        if (!c->notify_fn)
+        if (c->ntaken) {
+            c->served += c->ntaken;
+            if (!c->notify_fn)
+                return status;
+            if (c->notify_fn(c->notify_ctx) < 0) {
+                c->notify_failed = 1;
+                return status;
+            }
+            if (++b >= c->max_batches)
+                return status;
+            continue;
+        }
+        if (!c->wait_fn || !c->notify_fn)
             return status;
-        c->notify_fn(c->notify_ctx);
-        if (b + 1 >= c->max_batches)
+        if (vm_ring_final_check_for_requests(c->back))
+            continue;
+        now = mono_ns();
+        if (now >= deadline)
+            return status;
+        errno = 0;
+        woke = c->wait_fn(c->wait_ctx, (int)((deadline - now + 999999u) / 1000000u));
+        if (woke < 0)
+            c->wait_errno = errno ? errno : EIO;
+        if (woke <= 0)
             return status;
     }
 }

@@ -238,6 +238,9 @@ typedef struct {
 
 /* The other side's kick after responses are published (Xen's event channel; a producer in tests). */
 typedef int (*pe_notify_fn)(void *ctx);
+/* Waiting for the other side's next requests (Xen's event channel): 1 woken, 0 timed out, -1 failed
+   with errno set (EINTR: a signal, for the caller's loop to see). */
+typedef int (*pe_wait_fn)(void *ctx, int timeout_ms);
 
 typedef struct {                      /* one call's inputs and outputs */
     uint64_t now_ns;                  /* wall time of the records */
@@ -261,7 +264,12 @@ typedef struct {                      /* one call's inputs and outputs */
     pe_notify_fn notify_fn;           /* NULL: the caller notifies; else called after each batch */
     void *notify_ctx;
     uint32_t max_batches;             /* batches served in one call, at most (with notify_fn) */
+    pe_wait_fn wait_fn;               /* NULL: return when the ring is empty; else wait (with notify_fn) */
+    void *wait_ctx;
+    uint32_t wait_ms;                 /* the call returns after this long, at most, when events stop */
     size_t served;                    /* out: requests answered whole here, all batches */
+    int32_t notify_failed;            /* out: the last kick failed (the caller owes the other side one) */
+    int32_t wait_errno;               /* out: the wait failed with this errno (0: it did not) */
 } pe_call;
 
 /* Batches on the monitor's side of a ring: see decide.c. */

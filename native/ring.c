@@ -20,6 +20,8 @@
  * count by the ring size, so a misbehaving producer cannot make it read
  * past the slots it owns.
  */
+#include <errno.h>
+#include <poll.h>
 #include <string.h>
 
 #include "vm_event_abi.h"
@@ -370,10 +372,43 @@ int vm_ring_replay_notify(void *replay)
     return (int)vm_ring_replay(r->front, r, r->limit);
 }
 
+/* The producer as the monitor's wait (a pe_wait_fn): the replay puts what it can at once, so a
+   wait that finds nothing to put is one that would never be woken. */
+int vm_ring_replay_wait(void *replay, int timeout_ms)
+{
+    (void)timeout_ms;
+    return vm_ring_replay_notify(replay) > 0;
+}
+
 /* The monitor's kick on real Xen: xenevtchn_notify(handle, port), so that a native service call
    can answer batch after batch without returning to Python between them. */
 int vm_evtchn_kick(void *kick)
 {
     struct vm_evtchn_kick *k = kick;
     return k->notify(k->xce, k->port);
+}
+
+/* The monitor's wait on real Xen (a pe_wait_fn): poll the handle's descriptor for up to timeout_ms,
+   and on a wake-up consume it as xenevtchn requires (pending, then unmask the port) so that the
+   next event raises the descriptor again. 1: woken; 0: timed out; -1: failed, errno says why
+   (EINTR: a signal arrived, which the caller's loop must see). */
+int vm_evtchn_wait(void *kick, int timeout_ms)
+{
+    struct vm_evtchn_kick *k = kick;
+    struct pollfd p = { .fd = k->fd, .events = POLLIN };
+    int n, port;
+
+    n = poll(&p, 1, timeout_ms);
+    if (n <= 0)
+        return n;
+    if (!(p.revents & POLLIN)) {
+        errno = EIO;                /* POLLERR / POLLHUP / POLLNVAL: the handle is gone */
+        return -1;
+    }
+    port = k->pending(k->xce);
+    if (port < 0)
+        return -1;
+    if (k->unmask(k->xce, (uint32_t)port) < 0)
+        return -1;
+    return 1;
 }

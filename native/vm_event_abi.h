@@ -431,14 +431,20 @@ struct vm_ring_replay {
 };
 size_t vm_ring_replay(struct vm_event_front_ring *front, struct vm_ring_replay *r, uint64_t limit);
 int vm_ring_replay_notify(void *replay);
+int vm_ring_replay_wait(void *replay, int timeout_ms);
 
-/* Xen's event-channel kick as a pe_notify_fn (decide.h): libxenevtchn's xenevtchn_notify, which
-   the caller loads at run time, with its handle and local port (see ring.c). */
+/* Xen's event channel for a native monitor, over libxenevtchn's calls, which the caller loads at
+   run time, with its handle, local port and the handle's file descriptor (see ring.c): the kick
+   after responses (a pe_notify_fn, decide.h) and the wait for the next requests (a pe_wait_fn). */
 struct vm_evtchn_kick {
     int (*notify)(void *xce, uint32_t port);
     void *xce;
     uint32_t port;
+    int (*pending)(void *xce);                 /* xenevtchn_pending: the port that fired, or -1 */
+    int (*unmask)(void *xce, uint32_t port);
+    int fd;                                    /* xenevtchn_fd: readable when a port fired */
 };
 int vm_evtchn_kick(void *kick);
+int vm_evtchn_wait(void *kick, int timeout_ms);
 
 #endif /* POLICYC_VM_EVENT_ABI_H */

@@ -42,12 +42,15 @@ landed yet is still followed, one batch later.
 
 from __future__ import annotations
 
+import errno
 import gc
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from .backend import BackendError
 from .bind import BoundPlan, bind_plan
 from .decide import AFTER, BEFORE, Decision, DecisionEngine, SideEffect
 from .decision_log import DecisionLog, Progress
@@ -125,12 +128,11 @@ class Enforcer:
         self.unlogged = 0                     # decisions answered while the log could not be written
         self.log_error: str | None = None
         self._pending_rebinds: list[_PendingRebind] = []
-        self._native_path: tuple[Any, Any] | None = None    # (ring, kick) for native service, once known
+        self._native_path: tuple[Any, Any, Any] | None = None    # (ring, kick, wait) for native service, once known
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
         """Bind and install. Raises `EnforcerError` (the guest untouched) when either fails."""
-        from .backend import BackendError
         from .bind import BindError
         from .install import InstallError
 
@@ -200,7 +202,10 @@ class Enforcer:
         def step() -> bool:
             if self.stop_requested or (stop is not None and stop()):
                 return False
-            if backend.wait(wait):
+            if self._native_waits():
+                if not self.service(wait=wait):   # waits in C while the ring is empty
+                    self.idle()
+            elif backend.wait(wait):
                 self.service()
             else:
                 self.idle()
@@ -217,18 +222,17 @@ class Enforcer:
             if progress is not None:
                 progress.finish()
 
-    def service(self) -> int:
-        """Answer every request on the ring now; returns how many were answered."""
+    def service(self, wait: float = 0.0) -> int:
+        """Answer every request on the ring now; returns how many were answered. With `wait`, when
+        the backend's wait is native (`native_wait()`), go on answering what arrives for up to that
+        long in one native call (`run` does; the ring's wait is then never a Python call)."""
         inst, engine = self.installation, self.engine
         assert inst is not None and engine is not None, "start() first"
         answered = 0
         self._retry_rebinds()
         if inst.notify_owed:                   # responses on the ring that Xen was never told of
             inst.notify()
-        if self._native_path is None:           # the backend's ring and kick do not change while enforcing
-            ring = self._native_ring()
-            self._native_path = (ring, self._native_notify() if ring is not None else None)
-        ring, notify = self._native_path
+        ring, notify, native_wait = self._native_path or self._find_native_path()
         while True:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)
@@ -236,9 +240,10 @@ class Enforcer:
                 # Native calls drain, decide, log and answer; they hand back what needs Python.
                 try:
                     taken, served, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch,
-                                                                    notify=notify)
+                                                                    notify=notify, wait=native_wait, wait_s=wait)
                 except NativeLogError as exc:
                     self._count_served(exc.served, notify)
+                    self._after_native_kick()
                     answered += exc.served
                     inst.adopt_requests(exc.requests)
                     self.requests += len(exc.requests)
@@ -247,9 +252,9 @@ class Enforcer:
                     self.responses += len(exc.responses)
                     answered += len(exc.responses)
                     continue
-                if not taken:
-                    break
                 self._count_served(served, notify)
+                if self._after_native_kick() or not taken:
+                    break
                 answered += served
                 if batch is None:
                     if notify is not None or served < self.batch:
@@ -323,10 +328,38 @@ class Enforcer:
             assert self.installation is not None
             self.installation.notify()        # a failed kick is owed and retried, not fatal
 
-    def _native_notify(self) -> Any:
-        """The backend's kick as a C function (`native_notify()`), or None: then Python notifies."""
-        get = getattr(self.backend, "native_notify", None)
+    def _native_waits(self) -> bool:
+        return (self._native_path or self._find_native_path())[2] is not None
+
+    def _find_native_path(self) -> tuple[Any, Any, Any]:
+        """Once: the ring the native calls drain and answer, the backend's kick and its wait as C
+        functions (`native_ring()`, `native_notify()`, `native_wait()`), each None where missing:
+        then Python takes, notifies or waits instead. They do not change while enforcing."""
+        ring = self._native_ring()
+        notify = self._native_function("native_notify") if ring is not None else None
+        wait = self._native_function("native_wait") if notify is not None else None
+        self._native_path = (ring, notify, wait)
+        return self._native_path
+
+    def _native_function(self, name: str) -> Any:
+        get = getattr(self.backend, name, None)
         return get() if get is not None else None
+
+    def _after_native_kick(self) -> bool:
+        """After a native service call: a failed kick is owed (retried as a Python notify is), and a
+        failed wait stops the call's loop (a signal: the run loop looks at it; else the backend's
+        error, as its `wait` raises). True when the loop must stop."""
+        native, inst = self.native, self.installation
+        assert native is not None and inst is not None
+        if native.notify_failed:
+            inst.notify_owed = True
+            inst.notify_failures += 1
+        err = native.wait_errno
+        if not err:
+            return False
+        if err == errno.EINTR:
+            return True
+        raise BackendError("wait", f"the event channel's wait failed: {os.strerror(err)}", err)
 
     def _native_ring(self) -> Any:
         """The ring when the native engine may drain and answer it in one call: a backend that keeps

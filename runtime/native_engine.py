@@ -247,19 +247,24 @@ class NativeEngine:
 
     def service_ring(self, ring: Any, log: Any, max_count: int,
                      on_python: Callable[[Decision], None] | None = None,
-                     notify: tuple[Any, Any] | None = None) -> tuple[int, int, NativeBatch | None]:
+                     notify: tuple[Any, Any] | None = None, wait: tuple[Any, Any] | None = None,
+                     wait_s: float = 0.0) -> tuple[int, int, NativeBatch | None]:
         """Native calls that take batches of up to `max_count` requests from `ring` (an `abi.Ring`,
         monitor side), decide them, write their records (one write to the log's file a batch) and
         put and publish their responses. With `notify` (a C kick and its argument: the backend's
         `native_notify()`) batch follows batch in C, the kick after each, until the ring is empty;
-        without it the caller notifies after one batch. Returns (requests taken, requests answered
+        without it the caller notifies after one batch. With `wait` too (a C wait and its argument:
+        the backend's `native_wait()`) an empty ring is waited on in C, for up to `wait_s` seconds
+        from the call's start, so the answering loop never comes back to Python while events flow;
+        `notify_failed` and `wait_errno` then say how the call's last kick and wait ended. Returns (requests taken, requests answered
         here, batch): when a batch needs Python (a handed-over event, alerts, a log that is not a
         file) it is not answered yet and comes back as a finished `NativeBatch` for the caller to
         log and answer. Raises `NativeLogError` when a batch's records could not be written (it is
         decided, not answered)."""
-        if (ring, log, max_count, notify) != self._ring_key:
-            self._attach_ring(ring, log, max_count, notify)
+        if (ring, log, max_count, notify, wait) != self._ring_key:
+            self._attach_ring(ring, log, max_count, notify, wait)
         call, engine = self._call, self.engine
+        call.wait_ms = max(0, round(wait_s * 1000))
         call.next_id = engine.next_id
         if not self._own_clocks:
             call.now_ns = engine.wall_clock_ns()
@@ -276,7 +281,18 @@ class NativeEngine:
             raise NativeLogError(requests, self._responses(taken), served)
         return served + taken, served, self._finish(requests, call.decided, log, self._ring_render, on_python)
 
-    def _attach_ring(self, ring: Any, log: Any, max_count: int, notify: tuple[Any, Any] | None) -> None:
+    @property
+    def notify_failed(self) -> bool:
+        """The last service_ring call's native kick failed: the other side is owed one."""
+        return bool(self._call.notify_failed)
+
+    @property
+    def wait_errno(self) -> int:
+        """How the last service_ring call's native wait failed (EINTR: a signal), or 0."""
+        return int(self._call.wait_errno)
+
+    def _attach_ring(self, ring: Any, log: Any, max_count: int, notify: tuple[Any, Any] | None,
+                     wait: tuple[Any, Any] | None) -> None:
         """Set the call up once for a ring and a log (what pe_service needs besides the engine)."""
         render = self._prepare(log)
         call = self._call
@@ -289,7 +305,9 @@ class NativeEngine:
         call.notify_fn, call.notify_ctx = notify if notify is not None else (self.ffi.NULL, self.ffi.NULL)
         # a bound on the batches one call serves: the loop around it checks for signals and stops
         call.max_batches = 4096 if notify is not None else 1
-        self._ring_key = (ring, log, max_count, notify)
+        # a wait only after a native kick: without one, the caller must notify before anything waits
+        call.wait_fn, call.wait_ctx = wait if wait is not None and notify is not None else (self.ffi.NULL, self.ffi.NULL)
+        self._ring_key = (ring, log, max_count, notify, wait)
         self._ring_render = render
         self._pe_service = self.lib.pe_service
         self._served = self.lib.PE_SERVED

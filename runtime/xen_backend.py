@@ -492,7 +492,7 @@ class XenBackend:
         self._xch = self._xce = self._fmh = self._dmh = ffi.NULL
         self._ring: abi.Ring | None = None
         self._poller: Any = None            # select.poll on the event channel's fd (wait)
-        self._kick: Any = None              # native_notify's C kick (kept alive with its struct)
+        self._kick: Any = None              # the native kick and wait (kept alive with their struct)
         self._ring_page = ffi.NULL
         self._port: int | None = None
         self._disabled = False            # close() disabled the ring; a second close() does nothing
@@ -1254,15 +1254,36 @@ class XenBackend:
         xenevtchn_notify, this handle and port): a native monitor answers batch after batch and
         kicks after each without coming back to Python."""
         self._check_ring("native_notify")
+        return self._native_evtchn()[0]
+
+    def native_wait(self) -> tuple[Any, Any]:
+        """The wait as a C function and its argument (`vm_evtchn_wait`: poll the handle's descriptor,
+        then xenevtchn_pending and xenevtchn_unmask, as `wait` does): with `native_notify` the whole
+        answering loop, waits included, stays in one native call while events flow."""
+        self._check_ring("native_wait")
+        return self._native_evtchn()[1]
+
+    def _native_evtchn(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+        """Made once per ring: the kick's and the wait's (function, argument), over one struct that
+        holds libxenevtchn's calls, the handle, the port and the handle's descriptor."""
         if self._kick is None:
             nffi, nlib = abi._native()
-            xffi = self._ffi
+            xffi, ev = self._ffi, self._ev
+
+            def c_function(ctype: str, fn: Any) -> Any:
+                return nffi.cast(ctype, int(xffi.cast("uintptr_t", fn)))
+
             k = nffi.new("struct vm_evtchn_kick *")
-            k.notify = nffi.cast("int (*)(void *, uint32_t)", int(xffi.cast("uintptr_t", self._ev.xenevtchn_notify)))
+            k.notify = c_function("int (*)(void *, uint32_t)", ev.xenevtchn_notify)
+            k.pending = c_function("int (*)(void *)", ev.xenevtchn_pending)
+            k.unmask = c_function("int (*)(void *, uint32_t)", ev.xenevtchn_unmask)
             k.xce = nffi.cast("void *", int(xffi.cast("uintptr_t", self._xce)))
             k.port = self._port
-            self._kick = (nffi.addressof(nlib, "vm_evtchn_kick"), nffi.cast("void *", k), k)
-        return self._kick[:2]
+            k.fd = ev.xenevtchn_fd(self._xce)
+            ctx = nffi.cast("void *", k)
+            self._kick = ((nffi.addressof(nlib, "vm_evtchn_kick"), ctx),
+                          (nffi.addressof(nlib, "vm_evtchn_wait"), ctx), k)
+        return self._kick[0], self._kick[1]
 
     def take_requests(self, limit: int = 8) -> list[bytes]:
         ring = self._check_ring("take_requests")

@@ -392,6 +392,31 @@ def test_a_storm_of_mixed_traps_on_8_vcpus_answers_every_request(tmp_path):
     assert stats.verdicts["deny"] == 4 * count // per_iteration and stats.collateral == count // per_iteration
 
 
+def test_the_run_loop_waits_in_c_when_the_backend_has_a_native_wait(tmp_path):
+    """With a native kick and wait (`native_wait()`), `run` answers, kicks and waits in one native call
+    a turn: the backend's Python `wait` is never asked, and every request is answered and recorded."""
+    per_iteration = 7
+    plan, symbols = compiled(KERNEL_INTEGRITY)
+    recorded = record_requests(plan, symbols, load_scenario(storm(5, tmp_path)), tmp_path / "record")
+    count = 20_000 * per_iteration
+    backend = ReplayBackend(build_scenario(load_scenario(storm(1, tmp_path))), recorded, count)
+
+    def python_wait(timeout):
+        raise AssertionError("the Python wait was asked")
+
+    backend.wait = python_wait
+    log_path = tmp_path / "decisions.jsonl"
+    with open(log_path, "w") as f:
+        log = DecisionLog(f, plan_hash=plan["content_hash"])
+        enf = Enforcer(plan, backend, symbols, guest="storm", log=log, state_dir=tmp_path / "state")
+        enf.start()
+        enf.run(stop=backend.done, wait=0.05)
+    assert enf.requests == enf.responses == enf.records == backend.answered == count
+    assert backend.wrong == 0 and backend.paused_vcpus() == frozenset()
+    with open(log_path) as f:
+        assert sum(1 for _ in f) == count
+
+
 def test_a_decision_log_that_fails_does_not_leave_vcpus_paused(tmp_path):
     class Full(io.StringIO):
         def write(self, s):

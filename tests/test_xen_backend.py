@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -580,25 +581,83 @@ def test_arm64_access_goes_in_runs_of_consecutive_frames_with_one_access():
     assert xa.access_runs([], []) == []
 
 
-def test_the_native_kick_calls_xenevtchn_notify_with_the_handle_and_port():
-    # native_notify hands C a kick over libxenevtchn's xenevtchn_notify: here a stand-in C callback
+def _backend_over_stand_in_evtchn(fd: int, pending: list[int], calls: list) -> tuple[xb.XenBackend, list]:
+    """A XenBackend whose libxenevtchn calls are stand-in C callbacks (ctypes) over a pipe's read end:
+    what the native kick and wait call, and in which order, is recorded in `calls`."""
     import ctypes
 
-    calls = []
-    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
-    stand_in = proto(lambda xce, port: calls.append((xce, port)) or 0)
+    def notify(xce, port):
+        calls.append(("notify", xce, port))
+        return 0
+
+    def take_pending(xce):
+        calls.append(("pending", xce))
+        os.read(fd, 1)
+        return pending.pop(0) if pending else -1
+
+    def unmask(xce, port):
+        calls.append(("unmask", xce, port))
+        return 0
+
+    keep = [ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)(notify),
+            ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(take_pending),
+            ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)(unmask)]
 
     class _Evtchn:
         pass
 
     b = object.__new__(xb.XenBackend)
     b._ffi, b._kick, b._port, b._ring = xb._ffi(), None, 7, object()
+    ffi = b._ffi
     b._ev = _Evtchn()
-    b._ev.xenevtchn_notify = b._ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
-                                         ctypes.cast(stand_in, ctypes.c_void_p).value)
-    b._xce = b._ffi.cast("xenevtchn_handle *", 0x1234)
-    fn, ctx = b.native_notify()
-    nffi, nlib = abi._native()
-    assert fn == nffi.addressof(nlib, "vm_evtchn_kick")
-    assert nlib.vm_evtchn_kick(ctx) == 0 and calls == [(0x1234, 7)]
-    assert b.native_notify() == (fn, ctx)          # made once per ring
+    b._ev.xenevtchn_notify = ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
+                                      ctypes.cast(keep[0], ctypes.c_void_p).value)
+    b._ev.xenevtchn_pending = ffi.cast("xenevtchn_port_or_error_t (*)(xenevtchn_handle *)",
+                                       ctypes.cast(keep[1], ctypes.c_void_p).value)
+    b._ev.xenevtchn_unmask = ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
+                                      ctypes.cast(keep[2], ctypes.c_void_p).value)
+    b._ev.xenevtchn_fd = lambda xce: fd
+    b._xce = ffi.cast("xenevtchn_handle *", 0x1234)
+    return b, keep
+
+
+def test_the_native_kick_calls_xenevtchn_notify_with_the_handle_and_port():
+    r, w = os.pipe()
+    try:
+        calls: list = []
+        b, _keep = _backend_over_stand_in_evtchn(r, [], calls)
+        fn, ctx = b.native_notify()
+        nffi, nlib = abi._native()
+        assert fn == nffi.addressof(nlib, "vm_evtchn_kick")
+        assert nlib.vm_evtchn_kick(ctx) == 0 and calls == [("notify", 0x1234, 7)]
+        assert b.native_notify() == (fn, ctx)          # made once per ring
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_native_wait_polls_the_handle_then_takes_and_unmasks_the_port_that_fired():
+    r, w = os.pipe()
+    try:
+        calls: list = []
+        b, _keep = _backend_over_stand_in_evtchn(r, [7], calls)
+        fn, ctx = b.native_wait()
+        nffi, nlib = abi._native()
+        assert fn == nffi.addressof(nlib, "vm_evtchn_wait")
+        t0 = time.monotonic()
+        assert nlib.vm_evtchn_wait(ctx, 50) == 0 and calls == []      # nothing fired: timed out
+        assert time.monotonic() - t0 >= 0.045
+        os.write(w, b"x")                                             # the port fired
+        assert nlib.vm_evtchn_wait(ctx, 1000) == 1
+        assert calls == [("pending", 0x1234), ("unmask", 0x1234, 7)]
+        os.write(w, b"x")                                             # pending fails: an error, errno kept
+        assert nlib.vm_evtchn_wait(ctx, 1000) == -1
+        assert calls[-1] == ("pending", 0x1234)
+        os.close(w)
+        w = -1
+        assert nlib.vm_evtchn_wait(ctx, 1000) == -1                   # the handle hung up: an error
+        assert nffi.errno == errno.EIO
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)

@@ -59,6 +59,7 @@ class ReplayBackend:
         self._front = ring_front
         self._lib = lib
         self._notify = (ffi.addressof(lib, "vm_ring_replay_notify"), ffi.cast("void *", self._state))
+        self._wait = (ffi.addressof(lib, "vm_ring_replay_wait"), ffi.cast("void *", self._state))
         self.feed()
 
     def __getattr__(self, name: str) -> Any:          # install, teardown, capabilities: the guest's
@@ -95,6 +96,10 @@ class ReplayBackend:
     def native_notify(self) -> tuple[Any, Any]:
         """The kick as a C function and its argument: a native monitor calls it after each batch."""
         return self._notify
+
+    def native_wait(self) -> tuple[Any, Any]:
+        """The wait as a C function and its argument: the producer puts what it has at once."""
+        return self._wait
 
     def take_requests(self, limit: int = 8) -> list[bytes]:
         return [r.raw for r in self.ring.take_requests(limit)]
