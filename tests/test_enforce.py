@@ -23,6 +23,7 @@ from policyc.lower import compile_plan
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.enforce import Enforcer, EnforcerError
 from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator
+from policyc.native import abi
 from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests
 from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario, load_scenario_text
 from policyc.symbols import load_symbol_table
@@ -415,6 +416,32 @@ def test_the_run_loop_waits_in_c_when_the_backend_has_a_native_wait(tmp_path):
     assert backend.wrong == 0 and backend.paused_vcpus() == frozenset()
     with open(log_path) as f:
         assert sum(1 for _ in f) == count
+
+
+def test_a_failed_native_kick_is_owed_and_retried_before_the_next_take(tmp_path):
+    import ctypes
+
+    plan, symbols = compiled(KERNEL_INTEGRITY)
+    recorded = record_requests(plan, symbols, load_scenario(storm(1, tmp_path)), tmp_path / "record")
+    backend = ReplayBackend(build_scenario(load_scenario(storm(1, tmp_path))), recorded, 70)
+    kicks = []
+    failing = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda ctx: kicks.append(ctx) or -1)
+    nffi, _ = abi._native()
+    backend.native_notify = lambda: (nffi.cast("int (*)(void *)", ctypes.cast(failing, ctypes.c_void_p).value),
+                                     nffi.NULL)
+    with open(tmp_path / "decisions.jsonl", "w") as f:
+        enf = Enforcer(plan, backend, symbols, guest="storm", log=DecisionLog(f), state_dir=tmp_path / "state")
+        inst = enf.start()
+        first = backend.answered
+        assert enf.service() > 0 and len(kicks) == 1       # one batch answered, its kick failed: stop there
+        assert inst.notify_owed and inst.notify_failures == 1
+        assert backend.answered == first                   # Xen was never told: its vCPUs still wait
+        enf.service()                                      # the owed kick (a Python notify) goes first
+        assert backend.answered > first and inst.notify_failures >= 1
+        while not backend.done():
+            enf.service()
+        assert enf.stop() == []
+    assert backend.answered == 70 and backend.paused_vcpus() == frozenset()
 
 
 def test_a_decision_log_that_fails_does_not_leave_vcpus_paused(tmp_path):
