@@ -343,3 +343,15 @@ def test_run_scenario_convenience_and_svm_profile():
     # no monitor: everything the rootkit does lands (step 0 through the direct-map alias)
     assert [r.verdict for r in runner.results] == ["allow"] * 6
     assert runner.xen.profile == "x86_64-svm"
+
+
+def test_a_character_yaml_refuses_is_a_scenario_error_at_its_position():
+    with pytest.raises(ScenarioError, match=r"s\.yaml:2:1: unacceptable character #x00"):
+        load_scenario_text("scenario: x\n\x00\n", "s.yaml")
+
+
+def test_a_missing_guest_symbol_file_is_a_scenario_error(tmp_path):
+    scenario = load_scenario_text("scenario: x\nguest:\n  layout: linux-x86_64\n  symbols: no-such.System.map\n"
+                                  "steps: []\n", str(tmp_path / "s.yaml"))
+    with pytest.raises(ScenarioError, match=r"guest: cannot read symbol file .*no-such\.System\.map"):
+        build_scenario(scenario)
