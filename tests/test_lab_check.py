@@ -56,7 +56,31 @@ def _linux_bochs() -> tuple[str, object, dict]:
     return "bochs", kind, res
 
 
-RUNS = {"qemu-tiny": _tiny_qemu, "bochs-linux": _linux_bochs}
+def _tiny_bochs3_strategies() -> tuple[str, object, dict]:
+    """The tiny guest under policies/lab-strategies-vmx.vmi: a fed read, an injected #UD, a CR0 refusal."""
+    kind = dom0_check.GUESTS["tiny"]
+    n, w = 300, 280
+    res = {
+        "rc": 0, "teardown_clean": True, "exited_before_sigterm": False, "decisions": 7 * n,
+        "policy_rules": ["bp_site", "cr0_guard", "cr4_guard", "exec_guard", "secret_read", "sysenter_eip",
+                         "watched_write"],
+        "decisions_by_kind_rule_verdict": {
+            "write_ctrlreg/cr0_guard/deny": n, "write_ctrlreg/cr4_guard/deny": n, "mov_to_msr/sysenter_eip/deny": n,
+            "mem_access/watched_write/deny": n, "mem_access/secret_read/deny": n, "mem_access/exec_guard/deny": n,
+            "software_breakpoint/bp_site/allow": n},
+        "decisions_in_window": {"cr0_guard/deny": w, "cr4_guard/deny": w, "sysenter_eip/deny": w,
+                                "watched_write/deny": w, "secret_read/deny": w, "exec_guard/deny": w,
+                                "bp_site/allow": w},
+        "guest_delta_whole_run": {g: n for g in ("cr0_blocked", "cr4_blocked", "msr_blocked", "wat_blocked",
+                                                 "rd_blocked", "exec_blocked")},
+        "guest_delta_enforced_window": {"round": w, "bp_passes": w, "unw_landed": w, "unw_blocked": 0}
+        | {f"{g}_landed": 0 for g in ("cr0", "cr4", "msr", "wat", "rd", "exec")}
+        | {f"{g}_blocked": w for g in ("cr0", "cr4", "msr", "wat", "rd", "exec")},
+    }
+    return "bochs3", kind, res
+
+
+RUNS = {"qemu-tiny": _tiny_qemu, "bochs-linux": _linux_bochs, "bochs3-tiny-strategies": _tiny_bochs3_strategies}
 
 
 def _agrees(mode: str, kind: object, res: dict) -> bool:
@@ -116,6 +140,14 @@ ALTERATIONS = {
         "exited before SIGTERM": _set("exited_before_sigterm", True),
         "no comparison window": _drop("guest_delta_enforced_window"),
         "a rule nothing on the guest counts": lambda r: r["policy_rules"].append("mystery_rule"),
+    },
+    "bochs3-tiny-strategies": {
+        "a fed read answered with the real word": _bump("guest_delta_whole_run.rd_blocked", -1),
+        "the real word read while enforced": _set("guest_delta_enforced_window.rd_landed", 2),
+        "an injected #UD the guest never took": _bump("guest_delta_whole_run.exec_blocked", -1),
+        "the guarded function ran while enforced": _set("guest_delta_enforced_window.exec_landed", 2),
+        "a CR0 write landed while enforced": _set("guest_delta_enforced_window.cr0_landed", 2),
+        "CR0 refusals beyond the teardown drop": _bump("guest_delta_whole_run.cr0_blocked", 2),
     },
     "bochs-linux": {
         "sys_call_table deny count off by one": _bump("guest_delta_whole_run.sct_blocked", 1),

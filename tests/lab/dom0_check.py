@@ -49,17 +49,23 @@ class GuestKind:
 
     def __init__(self, name: str, fields: tuple[str, ...], counters: int, magic: int, no_fault: int,
                  denies: dict[str, str], memory_deny: tuple[str, str], benign: tuple[str, ...],
-                 counted: dict[str, str], never: tuple[str, ...] = (), vcpus: int = 1) -> None:
-        self.name, self.fields, self.magic, self.no_fault = name, fields, magic, no_fault
-        self.counters = fields[1:counters]
+                 counted: dict[str, str], never: tuple[str, ...] = (), vcpus: int = 1,
+                 more_counters: tuple[str, ...] = (), optional_denies: dict[str, str] | None = None) -> None:
+        self.name, self.fields, self.magic, self.no_fault = name, fields + more_counters, magic, no_fault
+        self.counters = fields[1:counters] + more_counters
         self.denies, self.memory_deny, self.benign = denies, memory_deny, benign
+        # attacks only some lab policies deny (rule -> report prefix): compared where the policy has the rule
+        self.optional_denies = optional_denies or {}
         self.counted = counted      # rule -> the guest's counter of the instructions it traps (allowed)
         self.never = never          # rules whose trigger this guest never performs: no decision expected
         self.vcpus = vcpus
 
-    def deny_pairs(self, mode: str) -> list[tuple[str, str]]:
-        """(rule, report prefix) of each attack the policy denies; memory only where Xen can watch it."""
-        return list(self.denies.items()) + ([self.memory_deny] if mode in VMX_MODES else [])
+    def deny_pairs(self, mode: str, rules: tuple[str, ...] | list[str] | None = None) -> list[tuple[str, str]]:
+        """(rule, report prefix) of each attack the policy denies; memory only where Xen can watch it;
+        the optional ones where the policy has the rule (`rules`; None: every one, as after teardown,
+        where each attack must land again)."""
+        optional = [(r, g) for r, g in self.optional_denies.items() if rules is None or r in rules]
+        return list(self.denies.items()) + ([self.memory_deny] if mode in VMX_MODES else []) + optional
 
 
 GUESTS = {
@@ -69,7 +75,11 @@ GUESTS = {
                                    "bp_passes", "fault", "bp_addr", "watched_addr", "unwatched_addr"),
                       counters=13, magic=0x42414C50, no_fault=0xFFFFFFFF,
                       denies={"cr4_guard": "cr4", "sysenter_eip": "msr"}, memory_deny=("watched_write", "wat"),
-                      benign=("unw",), counted={"hypervisor_probe": "cpuid", "bp_site": "bp_passes"}),
+                      benign=("unw",), counted={"hypervisor_probe": "cpuid", "bp_site": "bp_passes"},
+                      more_counters=("cr0_landed", "cr0_blocked", "rd_landed", "rd_blocked", "exec_landed",
+                                     "exec_blocked"),
+                      # policies/lab-strategies-vmx.vmi: a register refusal, a fed read, an injected #UD
+                      optional_denies={"cr0_guard": "cr0", "secret_read": "rd", "exec_guard": "exec"}),
     # tests/lab/guest/linux/policyc_lab_attack.c with examples/policies/linux-kernel-integrity.vmi
     "linux": GuestKind("linuxguest", ("magic", "round", "cr4_landed", "cr4_blocked", "msr_landed", "msr_blocked",
                                       "sct_landed", "sct_blocked", "benign_landed", "benign_blocked", "creds",
@@ -81,7 +91,7 @@ GUESTS = {
 }
 TINY_REPORT_GFN = 0x200
 # The guests' counters of register writes (CR, MSR): the ones TEARDOWN_REGISTER_DROP applies to
-REGISTER_COUNTERS = ("cr4", "msr")
+REGISTER_COUNTERS = ("cr0", "cr4", "msr")
 # The emulators whose Xen has Intel VT-x with EPT (mem_access, altp2m): Bochs 2.7 (no MTF) and 3.0
 VMX_MODES = ("bochs", "bochs3")
 
@@ -368,7 +378,7 @@ def compare(mode: str, kind: GuestKind, res: dict) -> dict:
                         "page was not read, or the enforcer exited before SIGTERM"}
         return out
     compared: set[str] = set()
-    for rule, g in kind.deny_pairs(mode):
+    for rule, g in kind.deny_pairs(mode, res.get("policy_rules", ())):
         compared.add(rule)
         denies = decision_count(res, rule, "deny")
         c = {"deny_decisions": denies, "guest_blocked_whole_run": whole[f"{g}_blocked"],

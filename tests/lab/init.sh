@@ -23,10 +23,10 @@ T=$(up)
 P=/lab/policies
 case "$MODE/$GUEST" in
   bochs3/tiny)
-    # Bochs 3.0 has the monitor trap flag: the memory policy compiled for x86_64 (altp2m views with
-    # FAST_SINGLESTEP, the breakpoint in a shadow frame)
+    # Bochs 3.0 has the monitor trap flag: the x86_64 target's strategies (altp2m views with
+    # FAST_SINGLESTEP, the breakpoint in a shadow frame, a fed read, an injected #UD, register refusals)
     NAME=labguest; xl create -q /lab/labguest-altp2m.cfg || xl create -q /lab/labguest.cfg
-    ARGS="--policy $P/lab-memory-vmx.vmi --target x86_64 --startup 900" ;;
+    ARGS="--policy $P/lab-strategies-vmx.vmi --startup 900" ;;
   bochs3/linux)
     NAME=linuxguest; xl create -q /lab/linuxguest-altp2m.cfg || xl create -q /lab/linuxguest.cfg
     # the example policy as written, for x86_64 (MTF)

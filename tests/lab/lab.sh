@@ -62,13 +62,17 @@ build_guest() {
   as --32 -o labguest.o labguest.s
   ld -m elf_i386 -T "$HERE/guest/labguest.ld" -o labguest.elf labguest.o
   # the policies name the guest's real addresses: check them against the build
-  local bp wat
-  bp=$(nm labguest.elf | awk '$3=="bp_site"{print "0x"substr($1,3)}' | sed 's/^0x0*/0x/')
+  local bp wat sym addr const pol
+  bp=$(nm labguest.elf | awk '$3=="bp_site"{print $1}' | sed 's/^0*/0x/')
   wat=$(nm labguest.elf | awk '$3=="watched"{print $1}' | sed 's/^0*/0x/')
-  grep -qi "const BP_SITE = $bp\b" "$HERE/policies/lab-memory-vmx.vmi" \
-    || { log "bp_site is at $bp: update BP_SITE in policies/lab-memory-vmx.vmi"; exit 1; }
-  grep -qi "const WATCHED = $wat\b" "$HERE/policies/lab-memory-vmx.vmi" \
-    || { log "watched is at $wat: update WATCHED in policies/lab-memory-vmx.vmi"; exit 1; }
+  for check in lab-memory-vmx:BP_SITE:bp_site lab-memory-vmx:WATCHED:watched \
+               lab-strategies-vmx:BP_SITE:bp_site lab-strategies-vmx:WATCHED:watched \
+               lab-strategies-vmx:SECRET:secret lab-strategies-vmx:EXEC_FN:exec_fn; do
+    IFS=: read -r pol const sym <<< "$check"
+    addr=$(nm labguest.elf | awk -v s="$sym" '$3==s{print $1}' | sed 's/^0*/0x/')
+    grep -qi "const $const = $addr\b" "$HERE/policies/$pol.vmi" \
+      || { log "$sym is at $addr: update $const in policies/$pol.vmi"; exit 1; }
+  done
   log "guest built: bp_site=$bp watched=$wat"
 }
 

@@ -12,6 +12,10 @@
  *   - passes the instruction at bp_site       (the memory policy's `execute pa` site)
  *   - a write to the watched page   gfn 0x201 (attack under the memory policy: denied)
  *   - a write to the unwatched page gfn 0x202 (benign: must land)
+ *   - a CR0.WP flip (harmless with paging off) (attack under the strategies policy: denied)
+ *   - a read of the secret page     gfn 0x203 (its real word, or what `deny feed` gives instead)
+ *   - a call of exec_fn on          gfn 0x204 (it runs, or `deny with #UD` injects #UD, whose
+ *     handler counts it and returns past the call)
  * The counters live on the report page (gfn 0x200, layout below), which the
  * dom0 driver reads with a foreign map; every REPORT_EVERY rounds the guest
  * also prints them (until round REPORT_UNTIL) on Xen's HVM debug port 0xe9 ("(dN) LABGUEST ..." on the
@@ -23,8 +27,11 @@
  *  24 cpuid_count  28 int3_handled  32 wat_landed    36 wat_blocked
  *  40 unw_landed   44 unw_blocked   48 bp_site_passes 52 last_fault_vector (0xffffffff: none)
  *  56 bp_site address               60 watched page address   64 unwatched page address
+ *  68 cr0_landed   72 cr0_blocked   76 rd_landed     80 rd_blocked
+ *  84 exec_landed  88 exec_blocked
  */
 #define REPORT_EVERY 1024
+#define SECRET_WORD 0x5ec2e7ed  /* the secret page's word; a `deny feed` gives another */
 #define REPORT_UNTIL 8192   /* then quiet: the serial console carries the lab's markers */
         .code32
         .section .note.Xen, "a"
@@ -46,14 +53,18 @@ _start:
         mov %ax, %fs
         mov %ax, %gs
         mov $stack_top, %esp
-        /* IDT: every vector -> fault handler (records the vector, prints, halts); #BP -> bp_handler */
+        /* IDT: every vector -> fault handler (records the vector, prints, halts); #BP -> bp_handler,
+           #UD -> ud_handler */
         mov $idt, %edi
         xor %ebx, %ebx
 2:      lea fault_stubs(,%ebx,8), %eax
         cmp $3, %ebx
         jne 3f
         mov $bp_handler, %eax
-3:      movw %ax, (%edi)
+3:      cmp $6, %ebx
+        jne 4f
+        mov $ud_handler, %eax
+4:      movw %ax, (%edi)
         movw $0x08, 2(%edi)
         movw $0x8E00, 4(%edi)
         shr $16, %eax
@@ -131,6 +142,27 @@ bp_site:
         jmp 11f
 10:     incl R_UNW_BLOCKED
 11:
+        /* --- CR0.WP flip (no effect with paging off): did it land? */
+        mov %cr0, %eax
+        xor $0x10000, %eax
+        mov %eax, %cr0
+        mov %cr0, %ebx
+        cmp %eax, %ebx
+        jne 14f
+        incl R_CR0_LANDED
+        jmp 15f
+14:     incl R_CR0_BLOCKED
+15:
+        /* --- read the secret page: its own word, or one a `deny feed` gave instead */
+        mov secret, %eax
+        cmp $SECRET_WORD, %eax
+        jne 16f
+        incl R_RD_LANDED
+        jmp 17f
+16:     incl R_RD_BLOCKED
+17:
+        /* --- run exec_fn: it counts itself, or ud_handler counts a #UD and returns past the call */
+        call exec_fn
         /* --- every REPORT_EVERY rounds: one console line */
         cmpl $REPORT_UNTIL, R_ROUND
         ja 12f
@@ -196,6 +228,14 @@ bp_handler:
         incl R_INT3
         iret
 
+/* #UD: only ever injected (by `deny with #UD` on exec_fn's page), at exec_fn's first instruction
+   just after `call exec_fn` pushed its return address: drop the fault frame (EIP, CS, EFLAGS; no
+   error code) and return to the caller as exec_fn would have. */
+ud_handler:
+        incl R_EXEC_BLOCKED
+        add $12, %esp
+        ret
+
 /* 32 stubs of 8 bytes: push the vector, then go to fault_common */
         .align 8
 fault_stubs:
@@ -250,6 +290,15 @@ watched:                        /* gfn 0x201: the memory policy's watched page *
         .globl unwatched
 unwatched:                      /* gfn 0x202: never watched */
         .space 4096
+        .globl secret
+secret:                         /* gfn 0x203: its first word is read every round */
+        .long SECRET_WORD
+        .space 4092
+        .globl exec_fn
+exec_fn:                        /* gfn 0x204: code, called every round */
+        incl R_EXEC_LANDED
+        ret
+        .align 4096
 
         .section .bss
         .align 4096
@@ -274,3 +323,9 @@ stack_top:
         .set R_BPADDR,      report_page + 56
         .set R_WADDR,       report_page + 60
         .set R_UADDR,       report_page + 64
+        .set R_CR0_LANDED,  report_page + 68
+        .set R_CR0_BLOCKED, report_page + 72
+        .set R_RD_LANDED,   report_page + 76
+        .set R_RD_BLOCKED,  report_page + 80
+        .set R_EXEC_LANDED, report_page + 84
+        .set R_EXEC_BLOCKED, report_page + 88
