@@ -75,11 +75,14 @@ GUESTS = {
                                    "bp_passes", "fault", "bp_addr", "watched_addr", "unwatched_addr"),
                       counters=13, magic=0x42414C50, no_fault=0xFFFFFFFF,
                       denies={"cr4_guard": "cr4", "sysenter_eip": "msr"}, memory_deny=("watched_write", "wat"),
-                      benign=("unw",), counted={"hypervisor_probe": "cpuid", "bp_site": "bp_passes"},
+                      benign=("unw",), counted={"hypervisor_probe": "cpuid", "bp_site": "bp_passes",
+                                                "sidt_probe": "sidt", "debug_traps": "db"},
                       more_counters=("cr0_landed", "cr0_blocked", "rd_landed", "rd_blocked", "exec_landed",
-                                     "exec_blocked"),
-                      # policies/lab-strategies-vmx.vmi: a register refusal, a fed read, an injected #UD
-                      optional_denies={"cr0_guard": "cr0", "secret_read": "rd", "exec_guard": "exec"}),
+                                     "exec_blocked", "sidt", "lidt_landed", "lidt_blocked", "db"),
+                      # policies/lab-strategies-vmx.vmi: a register refusal, a fed read, an injected #UD,
+                      # a refused lidt (an injected #GP)
+                      optional_denies={"cr0_guard": "cr0", "secret_read": "rd", "exec_guard": "exec",
+                                       "lidt_guard": "lidt"}),
     # tests/lab/guest/linux/policyc_lab_attack.c with examples/policies/linux-kernel-integrity.vmi
     "linux": GuestKind("linuxguest", ("magic", "round", "cr4_landed", "cr4_blocked", "msr_landed", "msr_blocked",
                                       "sct_landed", "sct_blocked", "benign_landed", "benign_blocked", "creds",

@@ -273,9 +273,9 @@ EOF
 }
 
 # Bochs 3.0 (Debian trixie's source, built once into $BOCHS3): its Intel models have the monitor
-# trap flag. Built by the lab notes' recipe (shared/xenlab/build_bochs3.sh); about 6 min on 2 CPUs.
+# trap flag. Built by build_bochs3.sh beside this script (after the lab notes' recipe); about 6 min on 2 CPUs.
 BOCHS3=${BOCHS3:-/opt/bochs3}
-BOCHS3_RECIPE=${BOCHS3_RECIPE:-$REPO/../shared/xenlab/build_bochs3.sh}
+BOCHS3_RECIPE=${BOCHS3_RECIPE:-$HERE/build_bochs3.sh}
 bochs3_build() {
   [ -x "$BOCHS3/bin/bochs" ] && { log "Bochs 3.0: $BOCHS3/bin/bochs (cached)"; return 0; }
   [ -f "$BOCHS3_RECIPE" ] || { log "no Bochs 3.0 and no recipe at $BOCHS3_RECIPE"; return 1; }

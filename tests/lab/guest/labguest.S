@@ -16,6 +16,10 @@
  *   - a read of the secret page     gfn 0x203 (its real word, or what `deny feed` gives instead)
  *   - a call of exec_fn on          gfn 0x204 (it runs, or `deny with #UD` injects #UD, whose
  *     handler counts it and returns past the call)
+ *   - sidt, twice (a probe of the IDT register; counted)
+ *   - lidt of another limit (landed if sidt reads it back; then the real one again), or an
+ *     injected #GP, whose handler counts it and skips the 7-byte lidt
+ *   - one single step (TF): the #DB handler counts it and clears TF
  * The counters live on the report page (gfn 0x200, layout below), which the
  * dom0 driver reads with a foreign map; every REPORT_EVERY rounds the guest
  * also prints them (until round REPORT_UNTIL) on Xen's HVM debug port 0xe9 ("(dN) LABGUEST ..." on the
@@ -28,9 +32,11 @@
  *  40 unw_landed   44 unw_blocked   48 bp_site_passes 52 last_fault_vector (0xffffffff: none)
  *  56 bp_site address               60 watched page address   64 unwatched page address
  *  68 cr0_landed   72 cr0_blocked   76 rd_landed     80 rd_blocked
- *  84 exec_landed  88 exec_blocked
+ *  84 exec_landed  88 exec_blocked  92 sidt          96 lidt_landed
+ * 100 lidt_blocked 104 db
  */
 #define REPORT_EVERY 1024
+#define IDT_ALT_LIMIT (31*8-1)
 #define SECRET_WORD 0x5ec2e7ed  /* the secret page's word; a `deny feed` gives another */
 #define REPORT_UNTIL 8192   /* then quiet: the serial console carries the lab's markers */
         .code32
@@ -64,7 +70,13 @@ _start:
 3:      cmp $6, %ebx
         jne 4f
         mov $ud_handler, %eax
-4:      movw %ax, (%edi)
+4:      cmp $1, %ebx
+        jne 5f
+        mov $db_handler, %eax
+5:      cmp $13, %ebx
+        jne 6f
+        mov $gp_handler, %eax
+6:      movw %ax, (%edi)
         movw $0x08, 2(%edi)
         movw $0x8E00, 4(%edi)
         shr $16, %eax
@@ -163,6 +175,24 @@ bp_site:
 17:
         /* --- run exec_fn: it counts itself, or ud_handler counts a #UD and returns past the call */
         call exec_fn
+        /* --- sidt: a probe of the IDT register */
+        sidt scratch_desc
+        incl R_SIDT
+        /* --- lidt of another limit: landed if sidt reads it back (then the real one again); a
+           refused one is an injected #GP that gp_handler counts and skips */
+        lidt idt_desc_alt
+        sidt scratch_desc
+        incl R_SIDT
+        cmpw $IDT_ALT_LIMIT, scratch_desc
+        jne 18f
+        incl R_LIDT_LANDED
+        lidt idt_desc
+18:
+        /* --- one single step: TF set by popf traps after the next instruction; db_handler counts */
+        pushf
+        orl $0x100, (%esp)
+        popf
+        nop
         /* --- every REPORT_EVERY rounds: one console line */
         cmpl $REPORT_UNTIL, R_ROUND
         ja 12f
@@ -228,6 +258,20 @@ bp_handler:
         incl R_INT3
         iret
 
+/* #DB from the round's single step: count it, clear TF in the saved EFLAGS */
+db_handler:
+        incl R_DB
+        andl $~0x100, 8(%esp)
+        iret
+
+/* #GP: only ever injected (by a refused lidt): count it, drop the error code, resume after the
+   lidt (7 bytes: 0f 01 1d disp32) */
+gp_handler:
+        incl R_LIDT_BLOCKED
+        add $4, %esp
+        addl $7, (%esp)
+        iret
+
 /* #UD: only ever injected (by `deny with #UD` on exec_fn's page), at exec_fn's first instruction
    just after `call exec_fn` pushed its return address: drop the fault frame (EIP, CS, EFLAGS; no
    error code) and return to the caller as exec_fn would have. */
@@ -266,6 +310,9 @@ gdt_desc:
 idt_desc:
         .word 32*8-1
         .long idt
+idt_desc_alt:                   /* the same table, one entry shorter: a load that can be seen */
+        .word IDT_ALT_LIMIT
+        .long idt
 hexdigits: .ascii "0123456789abcdef"
 msg_start: .asciz "LABGUEST start report=0x200000 watched=0x201000 unwatched=0x202000\n"
 msg_round: .asciz "LABGUEST round="
@@ -303,6 +350,7 @@ exec_fn:                        /* gfn 0x204: code, called every round */
         .section .bss
         .align 4096
 idt:    .space 4096
+scratch_desc: .space 8
 stack:  .space 4096
 stack_top:
 
@@ -329,3 +377,7 @@ stack_top:
         .set R_RD_BLOCKED,  report_page + 80
         .set R_EXEC_LANDED, report_page + 84
         .set R_EXEC_BLOCKED, report_page + 88
+        .set R_SIDT,        report_page + 92
+        .set R_LIDT_LANDED, report_page + 96
+        .set R_LIDT_BLOCKED, report_page + 100
+        .set R_DB,          report_page + 104
