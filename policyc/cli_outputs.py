@@ -1,0 +1,165 @@
+"""What `policyc run` serves and ships besides answering: metrics, log format, rotation, syslog.
+
+`add_output_arguments(parser)` adds ``--metrics``, ``--log-format``, ``--log-rotate-size``,
+``--log-rotate-every``, ``--log-keep`` and ``--syslog`` to `run`; `RunOutputs(args, ...)` checks
+them (one usage error, before the guest is touched), starts the metrics server (its port printed
+at once, so /health answers 503 while the guest is attached and the plan installed), builds the
+decision log with its sinks, and is called by the answering loop once per turn (`on_turn`:
+metrics snapshot when a scrape asked, rotation when due) — never per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+__all__ = ["RunOutputs", "add_output_arguments"]
+
+
+def add_output_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--log-format", choices=("jsonl", "ocsf"), default="jsonl",
+                     help="the decision log's records: jsonl (default), or ocsf: OCSF 1.8.0 events (Memory "
+                          "Activity for memory accesses, Base Event for other traps, a Detection Finding per alert), "
+                          "written by a thread of their own after the answers")
+    run.add_argument("--log-rotate-size", metavar="SIZE", help="rotate the log (and --alerts) file at this size "
+                     "(e.g. 100M): FILE becomes FILE.1, between two batches, no record lost or torn")
+    run.add_argument("--log-rotate-every", metavar="DURATION", help="rotate them this often (e.g. 1h, 1d)")
+    run.add_argument("--log-keep", type=int, default=10, metavar="N", help="rotated files kept (default 10)")
+    run.add_argument("--syslog", metavar="ADDR", help="send every record to a syslog daemon as RFC 5424: "
+                     "udp://HOST:PORT (default scheme) or tcp://HOST:PORT")
+    run.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus /metrics, /health (200 once "
+                     "protection is in place) and /status (JSON) here; port 0 picks one (printed)")
+
+
+class RunOutputs:
+    """The run's metrics server, log sinks and rotations (see the module docstring). `usage` is the
+    exception class a usage error is raised as; `open_out(target, stream, role)` opens an output."""
+
+    def __init__(self, args: argparse.Namespace, guest_scheme: str, usage: type[Exception],
+                 open_out: Callable[..., Any]) -> None:
+        from .runtime.log_rotation import parse_duration, parse_size
+        from .runtime.metrics import parse_address
+        from .runtime.syslog_sink import parse_syslog_address
+
+        self.args, self.usage, self.open_out = args, usage, open_out
+        self.metrics: Any = None
+        self.rotations: list[Any] = []
+        self.sinks: list[Any] = []
+        self.max_bytes = self.every = None
+        try:
+            if args.log_rotate_size:
+                self.max_bytes = parse_size(args.log_rotate_size)
+            if args.log_rotate_every:
+                self.every = parse_duration(args.log_rotate_every)
+            address = parse_address(args.metrics) if args.metrics else None
+            if args.syslog:
+                parse_syslog_address(args.syslog)
+        except ValueError as exc:
+            raise usage(str(exc)) from None
+        rotating = self.max_bytes is not None or self.every is not None
+        if rotating and args.log_keep < 1:
+            raise usage("--log-keep must be at least 1")
+        if rotating and (args.log in (None, "-")):
+            raise usage("--log-rotate-size/--log-rotate-every rotate a --log FILE: give one")
+        if guest_scheme == "sim" and (rotating or address):
+            raise usage("--metrics and log rotation are for a guest that keeps running (simhost: or xen:); "
+                        "a sim: scenario ends with its steps")
+        if args.log_format == "ocsf" and args.log is None:
+            raise usage("--log-format ocsf formats the --log FILE: give one")
+        if address is not None:
+            from .runtime.metrics import MetricsServer
+
+            self.metrics = MetricsServer(address)
+            try:
+                port = self.metrics.start()
+            except ImportError:
+                raise usage("--metrics needs prometheus-client: pip install 'policyc[metrics]'") from None
+            except OSError as exc:
+                raise usage(f"cannot serve metrics on {args.metrics}: {exc.strerror or exc}") from None
+            print(f"policyc run: metrics on http://{address[0]}:{port}/metrics (/health, /status)",
+                  file=sys.stderr, flush=True)
+
+    def decision_log(self, plan: dict, guest: str, identity: dict | None = None) -> Any:
+        """The run's `DecisionLog`: JSON Lines to --log, or OCSF events; --alerts; the syslog sink."""
+        from . import __version__
+        from .runtime.decision_log import DecisionLog
+        from .runtime.log_rotation import Rotation
+        from .runtime.log_shipping import OcsfFile
+        from .runtime.ocsf import OcsfContext
+
+        args = self.args
+        rotate = {"max_bytes": self.max_bytes, "every": self.every, "keep": args.log_keep}
+        rotating = self.max_bytes is not None or self.every is not None
+        alerts = self.open_out(args.alerts, sys.stderr, "the alert stream")
+        if args.log_format == "ocsf":
+            out = self.open_out(args.log, sys.stdout)
+            context = OcsfContext(plan["policy"]["name"], guest, (identity or {}).get("uuid"), __version__)
+            ocsf = OcsfFile(out, context, Rotation(out, **rotate) if rotating else None, own=args.log != "-")
+            log = DecisionLog(None, alerts, plan.get("content_hash", ""))
+            self._add_sink(log, ocsf)
+        else:
+            out = self.open_out(args.log, sys.stdout)
+            log = DecisionLog(out, alerts, plan.get("content_hash", ""))
+            if rotating:
+                self.rotations.append(Rotation(out, **rotate))
+        if rotating and args.alerts not in (None, "-"):
+            self.rotations.append(Rotation(alerts, **rotate))
+        if args.syslog:
+            from .runtime.syslog_sink import SyslogSink
+
+            try:
+                sink = SyslogSink(args.syslog, policy=plan["policy"]["name"], guest=guest)
+            except OSError as exc:
+                log.close()
+                raise self.usage(f"cannot reach the syslog daemon at {args.syslog}: {exc.strerror or exc}") from None
+            self._add_sink(log, sink)
+        return log
+
+    def on_turn(self) -> None:
+        """Once per turn of the answering loop, between batches."""
+        if self.metrics is not None:
+            self.metrics.refresh()
+        for rotation in self.rotations:
+            rotation.check()
+
+    def protected(self, enforcer: Any, backend: Any, plan: dict) -> None:
+        """Protection is in place: the install counts as an activation; snapshots come from the loop."""
+        from .runtime.metrics import take_snapshot
+
+        if self.metrics is None:
+            return
+        self.metrics.activated(plan, "success")
+        failures = [s.failures for s in self.sinks]
+        self.metrics.serve_snapshots(lambda: take_snapshot(enforcer, backend, failures))
+        self.metrics.set_protected(True)
+
+    def failed(self, error: str) -> None:
+        if self.metrics is not None:
+            self.metrics.activated(None, "failure")
+            self.metrics.set_protected(False, error)
+
+    def unprotected(self, why: str | None = None) -> None:
+        """Teardown begins (or the run stopped on an error): /health answers 503 from now on."""
+        if self.metrics is not None:
+            self.metrics.refresh()
+            self.metrics.set_protected(False, why)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def report(self) -> list[str]:
+        """What the sinks and rotations could not do, one line each (printed at exit)."""
+        out = []
+        for sink in self.sinks:
+            lost = sum(sink.failures.values())
+            if lost:
+                out.append(f"{lost} record(s) not shipped ({', '.join(f'{k} {n}' for k, n in sorted(sink.failures.items()))}"
+                           f"){': ' + sink.shipper.last_error if sink.shipper.last_error else ''}")
+        out += [r.last_error for r in self.rotations if r.last_error]
+        return out
+
+    def _add_sink(self, log: Any, sink: Any) -> None:
+        log.add_sink(sink)
+        self.sinks.append(sink)
