@@ -13,9 +13,9 @@ native engine renders) to OCSF events, each a JSON object:
   decision's event: ``finding_info.analytic`` is the rule (type Rule), the title the rendered
   message, the severity the rule's.
 
-Every event carries the `security_control` profile: ``action_id`` Allowed (1) or Denied (2),
-``disposition_id`` Allowed (1), Blocked (2) or Detected (15, audit mode's would-deny), and
-``policy`` {name: the policy, uid: the plan hash}; ``device`` is the guest (type Virtual, uid its
+Every event carries the `host` and `security_control` profiles: ``action_id`` Allowed (1) or
+Denied (2), ``disposition_id`` Allowed (1), Blocked (2) or Detected (15, audit mode's would-deny),
+and ``policy`` {name: the policy, uid: the plan hash}; ``device`` is the guest (type Virtual, uid its
 Xen UUID when the backend knows it, name its domain name); ``metadata.uid`` the decision id; and
 ``unmapped.policyc`` keeps the decision's own fields (rule, rules, verdict, would_deny, kind, vcpu,
 regions, event, response). The guest process is not visible from the hypervisor: ``process`` (and
@@ -56,7 +56,7 @@ class OcsfContext:
         return {"type_id": 6, "type": "Virtual", "name": self.guest_name, "uid": self.guest_uuid or self.guest_name}
 
     def metadata(self, uid: str, log_name: str) -> dict[str, Any]:
-        return {"version": OCSF_VERSION, "uid": uid, "log_name": log_name, "profiles": ["security_control"],
+        return {"version": OCSF_VERSION, "uid": uid, "log_name": log_name, "profiles": ["host", "security_control"],
                 "product": {"name": "policyc", "vendor_name": "policyc", "version": self.version or "unknown"}}
 
 
