@@ -21,7 +21,7 @@ def add_output_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--log-format", choices=("jsonl", "ocsf"), default="jsonl",
                      help="the decision log's records: jsonl (default), or ocsf: OCSF 1.8.0 events (Memory "
                           "Activity for memory accesses, Base Event for other traps, a Detection Finding per alert), "
-                          "written by a thread of their own after the answers")
+                          "written by a process of their own after the answers")
     run.add_argument("--log-rotate-size", metavar="SIZE", help="rotate the log (and --alerts) file at this size "
                      "(e.g. 100M): FILE becomes FILE.1, between two batches, no record lost or torn")
     run.add_argument("--log-rotate-every", metavar="DURATION", help="rotate them this often (e.g. 1h, 1d)")
@@ -82,22 +82,31 @@ class RunOutputs:
 
     def decision_log(self, plan: dict, guest: str, identity: dict | None = None) -> Any:
         """The run's `DecisionLog`: JSON Lines to --log, or OCSF events; --alerts; the syslog sink."""
+        import os
+
         from . import __version__
         from .runtime.decision_log import DecisionLog
         from .runtime.log_rotation import Rotation
-        from .runtime.log_shipping import OcsfFile
-        from .runtime.ocsf import OcsfContext
 
         args = self.args
         rotate = {"max_bytes": self.max_bytes, "every": self.every, "keep": args.log_keep}
         rotating = self.max_bytes is not None or self.every is not None
         alerts = self.open_out(args.alerts, sys.stderr, "the alert stream")
         if args.log_format == "ocsf":
-            out = self.open_out(args.log, sys.stdout)
-            context = OcsfContext(plan["policy"]["name"], guest, (identity or {}).get("uuid"), __version__)
-            ocsf = OcsfFile(out, context, Rotation(out, **rotate) if rotating else None, own=args.log != "-")
             log = DecisionLog(None, alerts, plan.get("content_hash", ""))
-            self._add_sink(log, ocsf)
+            context = {"policy": plan["policy"]["name"], "guest_name": guest,
+                       "guest_uuid": (identity or {}).get("uuid"), "version": __version__}
+            config: dict[str, Any] = {"kind": "ocsf", "context": context, "rotation": rotate if rotating else None}
+            if args.log == "-":
+                sys.stdout.flush()
+                config["fd"] = os.dup(sys.stdout.fileno())
+            else:
+                config["path"] = os.path.abspath(args.log)
+            try:
+                self._add_sink(log, "ocsf", config, blocking=True, pass_fd=config.get("fd"))
+            finally:
+                if "fd" in config:
+                    os.close(config["fd"])
         else:
             out = self.open_out(args.log, sys.stdout)
             log = DecisionLog(out, alerts, plan.get("content_hash", ""))
@@ -106,14 +115,8 @@ class RunOutputs:
         if rotating and args.alerts not in (None, "-"):
             self.rotations.append(Rotation(alerts, **rotate))
         if args.syslog:
-            from .runtime.syslog_sink import SyslogSink
-
-            try:
-                sink = SyslogSink(args.syslog, policy=plan["policy"]["name"], guest=guest)
-            except OSError as exc:
-                log.close()
-                raise self.usage(f"cannot reach the syslog daemon at {args.syslog}: {exc.strerror or exc}") from None
-            self._add_sink(log, sink)
+            self._add_sink(log, "syslog", {"kind": "syslog", "address": args.syslog, "policy": plan["policy"]["name"],
+                                           "guest": guest, "pid": os.getpid()}, blocking=False)
         return log
 
     def on_turn(self) -> None:
@@ -130,8 +133,8 @@ class RunOutputs:
         if self.metrics is None:
             return
         self.metrics.activated(plan, "success")
-        failures = [s.failures for s in self.sinks]
-        self.metrics.serve_snapshots(lambda: take_snapshot(enforcer, backend, failures))
+        sinks = self.sinks
+        self.metrics.serve_snapshots(lambda: take_snapshot(enforcer, backend, [s.failures for s in sinks]))
         self.metrics.set_protected(True)
 
     def failed(self, error: str) -> None:
@@ -156,10 +159,17 @@ class RunOutputs:
             lost = sum(sink.failures.values())
             if lost:
                 out.append(f"{lost} record(s) not shipped ({', '.join(f'{k} {n}' for k, n in sorted(sink.failures.items()))}"
-                           f"){': ' + sink.shipper.last_error if sink.shipper.last_error else ''}")
+                           f"){': ' + sink.last_error if sink.last_error else ''}")
         out += [r.last_error for r in self.rotations if r.last_error]
         return out
 
-    def _add_sink(self, log: Any, sink: Any) -> None:
+    def _add_sink(self, log: Any, name: str, config: dict, *, blocking: bool, pass_fd: int | None = None) -> None:
+        from .runtime.log_shipping import ShipperError, ShipperProcess
+
+        try:
+            sink = ShipperProcess(name, config, blocking=blocking, pass_fd=pass_fd)
+        except ShipperError as exc:
+            log.close()
+            raise self.usage(str(exc)) from None
         log.add_sink(sink)
         self.sinks.append(sink)

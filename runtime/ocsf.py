@@ -17,8 +17,8 @@ Every event carries the `host` and `security_control` profiles: ``action_id`` Al
 Denied (2), ``disposition_id`` Allowed (1), Blocked (2) or Detected (15, audit mode's would-deny),
 and ``policy`` {name: the policy, uid: the plan hash}; ``device`` is the guest (type Virtual, uid its
 Xen UUID when the backend knows it, name its domain name); ``metadata.uid`` the decision id; and
-``unmapped.policyc`` keeps the decision's own fields (rule, rules, verdict, would_deny, kind, vcpu,
-regions, event, response). The guest process is not visible from the hypervisor: ``process`` (and
+``unmapped.policyc`` is the decision-log record itself (rule, rules, verdict, would_deny, kind, vcpu,
+event, messages, ...). The guest process is not visible from the hypervisor: ``process`` (and
 ``actor.process``) name the vCPU the access came from (``uid`` "vcpu:N").
 
 Guest-controlled text was escaped when the record was rendered; it is carried as it is.
@@ -61,28 +61,34 @@ class OcsfContext:
 
 
 def ocsf_lines(lines: Iterable[str], context: OcsfContext) -> str:
-    """JSON Lines of decision-log records → JSON Lines of OCSF events (see `ocsf_events`)."""
+    """JSON Lines of decision-log records → JSON Lines of OCSF events (see `ocsf_events`). The
+    record's own text becomes ``unmapped.policyc`` as it is (spliced in, not encoded again)."""
     out = []
     for line in lines:
         if line:
-            out.extend(_ENCODE(e) for e in ocsf_events(json.loads(line), context))
+            tail = ',"unmapped":{"policyc":' + line + "}}"
+            out.extend(_ENCODE(e)[:-1] + tail for e in ocsf_events(json.loads(line), context, unmapped=False))
     return "\n".join(out) + "\n" if out else ""
 
 
-def ocsf_events(record: Mapping[str, Any], context: OcsfContext) -> list[dict[str, Any]]:
-    """The OCSF events for one decision-log record (see the module docstring)."""
+def ocsf_events(record: Mapping[str, Any], context: OcsfContext, *, unmapped: bool = True) -> list[dict[str, Any]]:
+    """The OCSF events for one decision-log record (see the module docstring); ``unmapped=False``
+    leaves ``unmapped`` out (`ocsf_lines` adds the record's text)."""
     if "record" in record:
-        return [_base_event(record, context, str(record["record"]), uid=f"{record['record']}@{record['time']}")]
-    controls = _security_controls(record, context)
-    kind = record["kind"]
-    if kind == "mem_access":
-        first = _activity(record, context, controls)
+        events = [_base_event(record, context, str(record["record"]), uid=f"{record['record']}@{record['time']}")]
     else:
-        first = {**_base_event(record, context, kind, uid=record["decision_id"]), **controls}
-    events = [first]
-    alerts = [m for m in record.get("messages", ()) if m["kind"] == "alert"]
-    for n, m in enumerate(alerts):
-        events.append(_finding(record, m, n, context, controls))
+        controls = _security_controls(record, context)
+        kind = record["kind"]
+        if kind == "mem_access":
+            events = [_activity(record, context, controls)]
+        else:
+            events = [{**_base_event(record, context, kind, uid=record["decision_id"]), **controls}]
+        alerts = [m for m in record.get("messages", ()) if m["kind"] == "alert"]
+        for n, m in enumerate(alerts):
+            events.append(_finding(record, m, n, context, controls))
+    if unmapped:
+        for e in events:
+            e["unmapped"] = {"policyc": dict(record)}
     return events
 
 
@@ -110,7 +116,7 @@ def _activity(record: Mapping[str, Any], context: OcsfContext, controls: Mapping
         "time": _epoch_ms(record["time"]), "severity_id": severity, "severity": _SEVERITY_NAME[severity],
         "message": _message(record), "metadata": context.metadata(record["decision_id"], "decisions"),
         "device": context.device(), "process": process, "actor": {"process": process},
-        "base_address": address, **controls, "unmapped": {"policyc": _own_fields(record)},
+        "base_address": address, **controls
     }
 
 
@@ -121,7 +127,6 @@ def _base_event(record: Mapping[str, Any], context: OcsfContext, name: str, *, u
         "activity_id": 99, "activity_name": name, "type_uid": 99, "type_name": f"Base Event: {name}",
         "time": _epoch_ms(record["time"]), "severity_id": severity, "severity": _SEVERITY_NAME[severity],
         "message": _message(record), "metadata": context.metadata(uid, "decisions"), "device": context.device(),
-        "unmapped": {"policyc": _own_fields(record)},
     }
 
 
@@ -138,7 +143,6 @@ def _finding(record: Mapping[str, Any], message: Mapping[str, Any], n: int, cont
         "finding_info": {"uid": uid, "title": message["message"],
                          "analytic": {"type_id": 1, "type": "Rule", "name": message["rule"]}},
         "metadata": context.metadata(uid, "alerts"), "device": context.device(), **controls,
-        "unmapped": {"policyc": _own_fields(record)},
     }
 
 
@@ -171,12 +175,6 @@ def _message(record: Mapping[str, Any]) -> str:
         return str(record["record"])
     verdict = "would deny" if record.get("would_deny") else record.get("verdict", "")
     return f"{verdict} {record.get('kind', '')}" + (f" by rule {record['rule']}" if record.get("rule") else "")
-
-
-def _own_fields(record: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("decision_id", "record", "rule", "rules", "verdict", "would_deny", "kind", "vcpu", "regions", "event",
-            "response", "plan_hash")
-    return {k: record[k] for k in keep if k in record and record[k] is not None}
 
 
 def _epoch_ms(iso: str) -> int:

@@ -15,21 +15,18 @@ write_ctrlreg, ...) or the record type (rebind); the structured data's values ar
 no number of its own. MSG is the record as the decision log has it (ASCII: its guest-controlled
 text is escaped), so a collector can parse it as JSON.
 
-Sending runs on a `Shipper` thread that drops (and counts) when the daemon cannot keep up: a
-syslog daemon that is down must not hold a guest's vCPUs. rsyslog and syslog-ng accept records
+Sending runs in a shipper process (runtime/log_shipping.py) whose queue drops (and counts) when
+the daemon cannot keep up: a syslog daemon that is down must not hold a guest's vCPUs. rsyslog and syslog-ng accept records
 of 8 KiB by default; a longer record (many messages) needs their maximum message size raised.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 from typing import Any, Mapping
 
-from .log_shipping import Shipper
-
-__all__ = ["SyslogSink", "parse_syslog_address", "rfc5424"]
+__all__ = ["SyslogError", "SyslogSender", "parse_syslog_address", "rfc5424"]
 
 FACILITY_LOCAL0 = 16
 ENTERPRISE = 32473
@@ -37,7 +34,12 @@ _ALERT_SEVERITY = {"critical": 2, "high": 3, "medium": 4, "low": 5, "info": 6}
 
 
 class SyslogError(OSError):
+    """A record could not be sent (counted as "syslog_send"); says where, without the errno prefix."""
+
     reason = "send"
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def parse_syslog_address(text: str) -> tuple[str, str, int]:
@@ -62,49 +64,22 @@ def rfc5424(record: Mapping[str, Any], line: str, *, hostname: str, pid: int, po
             f"[policyc@{ENTERPRISE} {sd}] {line}").encode("utf-8")
 
 
-class SyslogSink:
-    """Sends each shipped record to a syslog daemon (see the module docstring)."""
+class SyslogSender:
+    """Sends records to a syslog daemon (in the shipper process, runtime/log_shipping.py)."""
 
-    def __init__(self, address: str, *, policy: str, guest: str) -> None:
+    def __init__(self, address: str, *, policy: str, guest: str, pid: int) -> None:
         self.transport, self.host, self.port = parse_syslog_address(address)
         self.policy = policy
         self.guest = guest
         self.hostname = (socket.gethostname() or "-").split(".")[0][:255]
-        self.pid = os.getpid()
+        self.pid = pid
         self._sock: socket.socket | None = None
         self._connect()             # fails at start (a usage error), not in the middle of a run
-        self.shipper = Shipper("syslog", self._send, blocking=False)
 
-    @property
-    def failures(self) -> Any:
-        return self.shipper.failures
-
-    def ship(self, text: str) -> None:
-        self.shipper.ship(text)
-
-    def close(self) -> None:
-        self.shipper.close()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _connect(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        kind = socket.SOCK_DGRAM if self.transport == "udp" else socket.SOCK_STREAM
-        sock = socket.socket(family, kind)
-        try:
-            sock.connect((self.host, self.port))
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-
-    def _send(self, text: str) -> None:
-        messages = []
-        for line in text.splitlines():
-            if line:
-                messages.append(rfc5424(json.loads(line), line, hostname=self.hostname, pid=self.pid,
-                                        policy=self.policy, guest=self.guest))
+    def send(self, lines: list[str]) -> None:
+        """Send one batch of decision-log records; raises `SyslogError` (reason "send")."""
+        messages = [rfc5424(json.loads(line), line, hostname=self.hostname, pid=self.pid, policy=self.policy,
+                            guest=self.guest) for line in lines if line]
         try:
             if self._sock is None:
                 self._connect()
@@ -120,6 +95,23 @@ class SyslogSink:
                 self._sock = None         # reconnect with the next batch
             raise SyslogError(exc.errno, f"cannot send to {self.transport}://{self.host}:{self.port}: "
                                          f"{exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _connect(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        kind = socket.SOCK_DGRAM if self.transport == "udp" else socket.SOCK_STREAM
+        sock = socket.socket(family, kind)
+        try:
+            sock.connect((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise SyslogError(exc.errno, f"cannot reach the syslog daemon at {self.transport}://{self.host}:"
+                                         f"{self.port}: {exc.strerror or exc}") from None
+        self._sock = sock
 
 
 def _severity(record: Mapping[str, Any]) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from policyc.runtime.log_shipping import Shipper
+from policyc.runtime.log_shipping import ShipperProcess
 from policyc.runtime.ocsf import OCSF_VERSION, OcsfContext, ocsf_events
 from policyc.runtime.syslog_sink import parse_syslog_address, rfc5424
 
@@ -210,23 +210,32 @@ def test_a_syslog_daemon_that_is_not_there_is_a_usage_error_for_tcp():
     assert p.returncode == 2 and "cannot reach the syslog daemon" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_a_shipper_that_cannot_keep_up_drops_and_counts_without_blocking():
-    import threading
-
-    gate = threading.Event()
-    got: list[str] = []
-
-    def slow(text: str) -> None:
-        gate.wait(10)
-        got.append(text)
-
-    s = Shipper("syslog", slow, blocking=False, max_batches=2)
+def test_a_syslog_daemon_that_stops_reading_costs_counted_drops_never_a_wait():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    sink = ShipperProcess("syslog", {"kind": "syslog", "address": f"tcp://127.0.0.1:{port}", "policy": "p",
+                                     "guest": "g", "pid": 1}, blocking=False)
+    conn, _addr = server.accept()          # accepted, never read: the socket's buffers fill, then the pipe
+    record = {"decision_id": "x.1", "time": "2026-12-07T00:39:04.283501Z", "plan_hash": "sha256:ab",
+              "kind": "mem_access", "rule": "r", "verdict": "deny", "would_deny": False, "pad": "x" * 200}
+    batch = (json.dumps(record) + "\n") * 64
     t0 = time.monotonic()
-    for n in range(6):
-        s.ship(f"{n}a\n{n}b\n")
-    assert time.monotonic() - t0 < 1.0              # the answering loop never waited
-    gate.set()
-    s.close()
-    dropped = s.failures["syslog_queue_full"]
-    assert dropped >= 4 and dropped + 2 * len(got) == 12 and s.delivered == 2 * len(got)
-    assert [t[0] for t in got] == sorted(t[0] for t in got)     # in the order shipped
+    for _ in range(2000):                  # 128,000 records, about 40 MB
+        sink.ship(batch)
+    assert time.monotonic() - t0 < 10      # the answering loop never waited for the daemon
+    dropped = sink.failures["syslog_queue_full"]
+    assert dropped > 0 and dropped % 64 == 0       # whole batches
+    conn.close()
+    server.close()                         # the daemon is gone: what the child still holds fails fast
+    sink.close()
+    assert sink.delivered + sum(sink.failures.values()) == 2000 * 64
+    assert sink.failures["syslog_send"] > 0 and "cannot send to tcp://127.0.0.1" in sink.last_error
+
+
+def test_ocsf_to_standard_output(tmp_path):
+    p = _run("--guest", "sim:rootkit-hooks-syscall-table", "--log", "-", "--log-format", "ocsf")
+    assert p.returncode == 0, p.stderr
+    events = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+    assert {1004, 2004} <= {e["class_uid"] for e in events}
