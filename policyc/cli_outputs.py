@@ -153,7 +153,8 @@ class RunOutputs:
             self.metrics.close()
 
     def report(self) -> list[str]:
-        """What the sinks and rotations could not do, one line each (printed at exit)."""
+        """What the sinks and rotations could not do, one line each (printed at exit; the run exits 1:
+        records were not where the operator asked for them)."""
         out = []
         for sink in self.sinks:
             lost = sum(sink.failures.values())

@@ -443,7 +443,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     print(log.summary(), file=out)
     if args.record:
         print(f"recorded {recorder.batches if recorder else 0} batch(es) to {args.record}", file=out)
-    lost = _output_failures(log, recorder, enf)
+    lost = _output_failures(log, recorder, enf) + args.outputs.report()
     for line in lost:
         print(f"NOT RECORDED: {line}", file=out)
     if enf.stop_requested:
@@ -583,8 +583,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     if holds and holds["checked"]:
         print(f"register-write denies: {holds['checked']}, {holds['held']} held until the vCPU had left its pCPU "
               f"(longest {holds['max_wait_ms']} ms), {holds['unconfirmed']} sent unconfirmed", file=sys.stderr)
-    lost = _output_failures(log, recorder, enforcer)
-    for line in lost + outputs.report():
+    lost = _output_failures(log, recorder, enforcer) + outputs.report()
+    for line in lost:
         print(f"NOT RECORDED: {line}", file=sys.stderr)
     if enforcer.stop_requested:
         print(f"STOPPED (--on-log-failure stop): {enforcer.log_error}", file=sys.stderr)

@@ -239,3 +239,11 @@ def test_ocsf_to_standard_output(tmp_path):
     assert p.returncode == 0, p.stderr
     events = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     assert {1004, 2004} <= {e["class_uid"] for e in events}
+
+
+def test_records_that_could_not_be_shipped_are_said_and_fail_the_run():
+    port = _free_port(socket.SOCK_DGRAM)          # nobody listens: the sends after the first are refused
+    p = _run("--guest", "sim:rootkit-remaps-syscall-table", "--syslog", f"udp://127.0.0.1:{port}")
+    assert p.returncode == 1, p.stdout + p.stderr
+    line = next(l for l in p.stdout.splitlines() if l.startswith("NOT RECORDED:"))
+    assert "record(s) not shipped (syslog_send " in line and "Connection refused" in line
