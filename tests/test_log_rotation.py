@@ -35,7 +35,8 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", [["--log-rotate-size", "64K"], ["--log-rotate-every", "0.2s"]])
+@pytest.mark.parametrize("how", [["--log-rotate-size", "64K"], ["--log-rotate-every", "0.2s"],
+                                 ["--log-format", "ocsf", "--log-rotate-size", "256K"]], ids=["size", "age", "ocsf"])
 def test_rotation_under_a_storm_keeps_one_whole_line_per_request(tmp_path, how):
     from policyc.runtime.sim.host import connect
 
@@ -68,13 +69,24 @@ def test_rotation_under_a_storm_keeps_one_whole_line_per_request(tmp_path, how):
     for f in files:
         text = f.read_text()
         assert text.endswith("\n") or not text, f
-        for line in text.splitlines():
-            ids.append(json.loads(line)["decision_id"])     # a torn line would not parse
+        ids += _decision_ids(text)              # a torn line would not parse
     assert len(ids) == len(set(ids)) == requests
     # in order: FILE.N is the oldest; the newest records are in FILE
     newest_first = [tmp_path / "log.jsonl"] + [tmp_path / f"log.jsonl.{n}" for n in range(1, len(files))]
-    ordered = [json.loads(l)["decision_id"] for f in reversed(newest_first) for l in f.read_text().splitlines()]
+    ordered = [i for f in reversed(newest_first) for i in _decision_ids(f.read_text())]
     assert [int(i.rsplit(".", 1)[1]) for i in ordered] == sorted(int(i.rsplit(".", 1)[1]) for i in ordered)
+
+
+def _decision_ids(text: str) -> list[str]:
+    """The decision of each record (JSON Lines), or of each activity event (OCSF; findings follow theirs)."""
+    out = []
+    for line in text.splitlines():
+        rec = json.loads(line)
+        if "class_uid" not in rec:
+            out.append(rec["decision_id"])
+        elif rec["class_uid"] != 2004:
+            out.append(rec["metadata"]["uid"])
+    return out
 
 
 def test_rotation_moves_the_descriptor_the_native_writer_holds_to_the_new_file(tmp_path):
