@@ -21,7 +21,7 @@ def add_output_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--log-format", choices=("jsonl", "ocsf"), default="jsonl",
                      help="the decision log's records: jsonl (default), or ocsf: OCSF 1.8.0 events (Memory "
                           "Activity for memory accesses, Base Event for other traps, a Detection Finding per alert), "
-                          "written by a process of their own after the answers")
+                          "written by a process of their own from the records the answering loop writes")
     run.add_argument("--log-rotate-size", metavar="SIZE", help="rotate the log (and --alerts) file at this size "
                      "(e.g. 100M): FILE becomes FILE.1, between two batches, no record lost or torn")
     run.add_argument("--log-rotate-every", metavar="DURATION", help="rotate them this often (e.g. 1h, 1d)")
@@ -67,6 +67,8 @@ class RunOutputs:
                         "a sim: scenario ends with its steps")
         if args.log_format == "ocsf" and args.log is None:
             raise usage("--log-format ocsf formats the --log FILE: give one")
+        if args.syslog and args.log == "-" and args.log_format == "jsonl":
+            raise usage("--syslog ships the records of a --log FILE (or of no --log), not of standard output")
         if address is not None:
             from .runtime.metrics import MetricsServer
 
@@ -81,7 +83,9 @@ class RunOutputs:
                   file=sys.stderr, flush=True)
 
     def decision_log(self, plan: dict, guest: str, identity: dict | None = None) -> Any:
-        """The run's `DecisionLog`: JSON Lines to --log, or OCSF events; --alerts; the syslog sink."""
+        """The run's `DecisionLog` (JSON Lines to --log, --alerts) and the shipper that makes OCSF
+        events and syslog messages of its records (runtime/log_shipping.py: it follows the --log file,
+        or reads a pipe that stands in for it)."""
         import os
 
         from . import __version__
@@ -91,32 +95,44 @@ class RunOutputs:
         args = self.args
         rotate = {"max_bytes": self.max_bytes, "every": self.every, "keep": args.log_keep}
         rotating = self.max_bytes is not None or self.every is not None
-        alerts = self.open_out(args.alerts, sys.stderr, "the alert stream")
+        shipped: list[dict[str, Any]] = []
+        pass_fds: list[int] = []
         if args.log_format == "ocsf":
-            log = DecisionLog(None, alerts, plan.get("content_hash", ""))
             context = {"policy": plan["policy"]["name"], "guest_name": guest,
                        "guest_uuid": (identity or {}).get("uuid"), "version": __version__}
-            config: dict[str, Any] = {"kind": "ocsf", "context": context, "rotation": rotate if rotating else None}
+            ocsf: dict[str, Any] = {"kind": "ocsf", "context": context, "rotation": rotate if rotating else None}
             if args.log == "-":
                 sys.stdout.flush()
-                config["fd"] = os.dup(sys.stdout.fileno())
+                ocsf["fd"] = os.dup(sys.stdout.fileno())
+                pass_fds.append(ocsf["fd"])
             else:
-                config["path"] = os.path.abspath(args.log)
-            try:
-                self._add_sink(log, "ocsf", config, blocking=True, pass_fd=config.get("fd"))
-            finally:
-                if "fd" in config:
-                    os.close(config["fd"])
-        else:
+                ocsf["path"] = os.path.abspath(args.log)
+            shipped.append(ocsf)
+        if args.syslog:
+            shipped.append({"kind": "syslog", "address": args.syslog, "policy": plan["policy"]["name"],
+                            "guest": guest, "pid": os.getpid()})
+        alerts = self.open_out(args.alerts, sys.stderr, "the alert stream")
+        if rotating and args.alerts not in (None, "-"):
+            self.rotations.append(Rotation(alerts, **rotate))
+        if not shipped or (args.log not in (None, "-") and args.log_format == "jsonl"):
             out = self.open_out(args.log, sys.stdout)
             log = DecisionLog(out, alerts, plan.get("content_hash", ""))
             if rotating:
                 self.rotations.append(Rotation(out, **rotate))
-        if rotating and args.alerts not in (None, "-"):
-            self.rotations.append(Rotation(alerts, **rotate))
-        if args.syslog:
-            self._add_sink(log, "syslog", {"kind": "syslog", "address": args.syslog, "policy": plan["policy"]["name"],
-                                           "guest": guest, "pid": os.getpid()}, blocking=False)
+            if shipped:         # the shipper follows the log file from where it ends now
+                source = {"follow": os.path.abspath(args.log), "offset": os.fstat(out.fileno()).st_size}
+                self._start_shipper(log, {"input": source, "outputs": shipped}, pass_fds)
+            return log
+        # The native engine writes the records to a pipe to the shipper, as it would to a file.
+        from .runtime.log_shipping import pipe_for_log
+
+        read_end, writer = pipe_for_log()
+        log = DecisionLog(writer, alerts, plan.get("content_hash", ""))
+        try:
+            self._start_shipper(log, {"input": {"fd": read_end}, "outputs": shipped}, [*pass_fds, read_end], writer)
+        finally:
+            for fd in (*pass_fds, read_end):
+                os.close(fd)
         return log
 
     def on_turn(self) -> None:
@@ -164,13 +180,15 @@ class RunOutputs:
         out += [r.last_error for r in self.rotations if r.last_error]
         return out
 
-    def _add_sink(self, log: Any, name: str, config: dict, *, blocking: bool, pass_fd: int | None = None) -> None:
+    def _start_shipper(self, log: Any, config: dict, pass_fds: list[int], writer: Any = None) -> None:
         from .runtime.log_shipping import ShipperError, ShipperProcess
 
         try:
-            sink = ShipperProcess(name, config, blocking=blocking, pass_fd=pass_fd)
+            shipper = ShipperProcess(config, pass_fds=tuple(pass_fds), writer=writer)
         except ShipperError as exc:
             log.close()
+            if writer is not None:
+                writer.close()
             raise self.usage(str(exc)) from None
-        log.add_sink(sink)
-        self.sinks.append(sink)
+        log.close_after(shipper)
+        self.sinks.append(shipper)

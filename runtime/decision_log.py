@@ -274,7 +274,7 @@ class DecisionLog:
         self.fsync = fsync
         self._stats = Stats()
         self._folds: list[Callable[[Stats], None]] = []
-        self._sinks: list[Any] = []
+        self._close_after: list[Any] = []
         self.closed = False
 
     @property
@@ -288,15 +288,15 @@ class DecisionLog:
         """`fold(stats)` adds decisions counted elsewhere (the native engine) whenever stats are read."""
         self._folds.append(fold)
 
-    def add_sink(self, sink: Any) -> None:
-        """`sink.ship(text)` gets every batch's records as JSON Lines text, after they are written
-        here (runtime/log_shipping.py: OCSF, syslog); `sink.close()` at close."""
-        self._sinks.append(sink)
+    def close_after(self, follower: Any) -> None:
+        """`follower.close()` once this log's files are flushed and closed (a log shipper reading them:
+        runtime/log_shipping.py)."""
+        self._close_after.append(follower)
 
     @property
     def renders(self) -> bool:
         """Whether records are rendered (False: a log that only counts)."""
-        return self._log is not None or self._alerts is not None or bool(self._sinks)
+        return self._log is not None or self._alerts is not None
 
     @property
     def has_alerts(self) -> bool:
@@ -307,7 +307,7 @@ class DecisionLog:
         whose Python buffer this log always flushes), or -1 when the log is not a file of its own
         (standard output is shared with other writers) or wants fsync: then the batch's text comes
         back here, to `write_text`."""
-        if self._log is None or self.fsync or self._sinks or self._log in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if self._log is None or self.fsync or self._log in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             return -1
         try:
             fd = self._log.fileno()
@@ -372,7 +372,7 @@ class DecisionLog:
         alerts: list[str] = []
         dumps = _ENCODE
         n = 0
-        if not self.renders:      # counting only: no record to render
+        if self._log is None and self._alerts is None:      # counting only: no record to render
             for d in decisions:
                 self._stats.add(d)
                 n += 1
@@ -391,7 +391,7 @@ class DecisionLog:
         """One decision's record line and alert lines (each ending in a newline), counted in the
         stats; nothing is written (`write_text` does, for a whole batch)."""
         self._stats.add(d)
-        if not self.renders:
+        if self._log is None and self._alerts is None:
             return "", []
         rec = self.record(d)
         alerts = []
@@ -409,9 +409,6 @@ class DecisionLog:
         if self._log is not None and text:
             self._log.write(text)
             self._flush(self._log)
-        if text:
-            for sink in self._sinks:
-                sink.ship(text)
         alerts = "".join(alerts)
         if self._alerts is not None and alerts:
             self._alerts.write(alerts)
@@ -421,12 +418,9 @@ class DecisionLog:
         """A record that is not a decision (``"record": kind``), e.g. the binding following a remapped
         page; with ``alert`` (a message) it goes to the alert stream too. Flushed."""
         rec = {"record": kind, "time": _iso(time.time_ns()), "plan_hash": self.plan_hash, **data}
-        line = _ENCODE(rec) + "\n"
         if self._log is not None:
-            self._log.write(line)
+            self._log.write(_ENCODE(rec) + "\n")
             self._flush(self._log)
-        for sink in self._sinks:
-            sink.ship(line)
         if alert is not None and self._alerts is not None:
             self._alerts.write(_ENCODE({**rec, "severity": "high", "message": escape_guest(alert)}) + "\n")
             self._flush(self._alerts)
@@ -453,15 +447,17 @@ class DecisionLog:
         if self.closed:
             return
         self.closed = True
-        for sink in self._sinks:
-            sink.close()
-        for f, own in ((self._log, self._own_log), (self._alerts, self._own_alerts)):
-            if f is not None:
-                try:
-                    f.flush()
-                finally:
-                    if own:
-                        f.close()
+        try:
+            for f, own in ((self._log, self._own_log), (self._alerts, self._own_alerts)):
+                if f is not None:
+                    try:
+                        f.flush()
+                    finally:
+                        if own:
+                            f.close()
+        finally:
+            for follower in self._close_after:
+                follower.close()
 
     def __enter__(self) -> "DecisionLog":
         return self

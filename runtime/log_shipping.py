@@ -1,23 +1,27 @@
 """Decision records shipped in other forms (OCSF, syslog), by a process of their own.
 
-`DecisionLog.add_sink(sink)` hands a sink each batch's records as JSON Lines text, the text the
-native engine (or the Python engine) rendered for the decision log. `ShipperProcess` is that sink:
-the answering loop writes the text to a pipe (one `write` a batch, no per-record work) and a child
-process (``python -m policyc.runtime.log_shipping CONFIG``) converts and delivers it, in order.
-A process, not a thread: a thread converting records would hold the interpreter lock the loop
-needs after every native call (up to the 5 ms switch interval each time), so a busy shipper
-would slow the answers down; a process only shares the CPUs.
+The answering path does not change when records are shipped: the native engine writes each
+batch's records (JSON Lines) to one file descriptor, as it always does, and a child process
+(``python -m policyc.runtime.log_shipping CONFIG``) reads them from there, converts and delivers
+them, in order:
 
-A full pipe (1 MiB; the destination slower than the guest's events): a `blocking` shipper (a file:
-the same back-pressure as a slow disk under the JSON Lines log) makes the loop wait; a non-blocking
-one (a network destination, which may be down for minutes) never waits: what the pipe did not take
-of a batch is kept (one batch at most) and written first next time, and while it waits the new
-batches are dropped and their records counted in `failures["<name>_queue_full"]`. The child counts what it could not deliver by reason
-(`<name>_send`, `<name>_write`, ...) and reports its counters on its standard output, read by a
-thread here that wakes only then; the run goes on either way (metrics:
-policyc_decision_log_failures_total). `close()` ends the pipe: the child delivers what is queued
-and exits. The child ignores SIGINT and SIGTERM (they are the enforcer's to act on: it tears down,
-then closes the pipe); when the enforcer is killed outright the child sees the pipe end and exits.
+* **follow** (`--log FILE` with `--syslog`): the child follows the decision log file as a
+  collector does, from where it ended when the run started, across rotations (a rotated file is
+  read to its end before the new one);
+* **pipe** (`--log-format ocsf`, or `--syslog` without `--log`): the decision log's descriptor is a
+  pipe (1 MiB) to the child. A record is in the pipe before its answer, as it would be in a file;
+  a child that is gone makes the pipe fail like a full disk (`--on-log-failure`).
+
+A thread of the child reads; each output has a thread and a bounded queue of its own. A file
+output (OCSF) waits when its queue is full, so in pipe mode the pipe fills and the enforcer waits
+as for a slow disk; a network output (syslog) never waits: its batches are dropped and their
+records counted (``syslog_queue_full``), because a syslog daemon that is down must not hold the
+guest's vCPUs. What an output could not deliver is counted by reason (``<output>_<reason>``).
+The child reports its counters on its standard output (read here by a thread that wakes only
+then: metrics' policyc_decision_log_failures_total, and a line at exit). It ignores SIGINT and
+SIGTERM (the enforcer acts on them: it tears down, closes the log, then `close()` tells the child
+the log is complete); an enforcer killed outright ends the pipe or the control channel, and the
+child delivers what it has and exits.
 """
 
 from __future__ import annotations
@@ -25,17 +29,21 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-__all__ = ["ShipperError", "ShipperProcess", "main"]
+__all__ = ["ShipperError", "ShipperProcess", "main", "pipe_for_log"]
 
 PIPE_BYTES = 1 << 20
+READ_BYTES = 1 << 16
+QUEUE_BATCHES = 512            # of at most READ_BYTES each: 32 MiB per output at most
+_FOLLOW_POLL = 0.02
 _REPORT_EVERY = 0.2
 
 
@@ -43,98 +51,56 @@ class ShipperError(Exception):
     """The shipper could not start (its destination cannot be opened or reached): one line."""
 
 
-class ShipperProcess:
-    """The enforcer's side of a shipper (see the module docstring). `config` says what the child
-    does (`_open_sink`); `pass_fd` is a descriptor the child may write to (standard output)."""
+def pipe_for_log() -> tuple[int, Any]:
+    """A pipe for pipe mode: (read end for the child, the write end as a text stream for the
+    `DecisionLog`, whose descriptor the native engine writes to)."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass                           # the system's limit is lower: the default size
+    return r, os.fdopen(w, "w", encoding="utf-8")
 
-    def __init__(self, name: str, config: dict[str, Any], *, blocking: bool, pass_fd: int | None = None) -> None:
-        self.name = name
-        self.blocking = blocking
+
+class ShipperProcess:
+    """The enforcer's side of the shipper (see the module docstring). `config` is
+    {"input": {"fd": N} | {"follow": PATH, "offset": BYTES}, "outputs": [...]}; `pass_fds` the
+    descriptors the child gets (the pipe's read end, a standard output for OCSF); `writer` the
+    pipe's write end, closed by `close()` before the child is told to finish."""
+
+    def __init__(self, config: dict[str, Any], *, pass_fds: tuple[int, ...] = (), writer: Any = None) -> None:
+        self.writer = writer
         self.delivered = 0
         self.last_error: str | None = None
-        self._dropped: Counter[str] = Counter()          # the loop's thread writes it
-        self._reported: dict[str, int] = {}               # the reader's thread replaces it whole
+        self.failures: Counter[str] = Counter()      # replaced whole by the reports' reader
         self._proc = subprocess.Popen([sys.executable, "-m", "policyc.runtime.log_shipping", json.dumps(config)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      pass_fds=(pass_fd,) if pass_fd is not None else ())
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=pass_fds)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         first = json.loads(self._proc.stdout.readline() or '{"error": "the shipper process ended at start"}')
         if "error" in first:
             self._proc.stdin.close()
             self._proc.wait()
             raise ShipperError(first["error"])
-        self._fd = self._proc.stdin.fileno()
-        self._carry = b""
-        try:
-            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except OSError:
-            pass                      # the system's limit is lower: the default pipe size
-        if not blocking:
-            os.set_blocking(self._fd, False)
-        self._gone = False
-        self._reader = threading.Thread(target=self._read_reports, name=f"policyc-{name}-reports", daemon=True)
+        self._reader = threading.Thread(target=self._read_reports, name="policyc-shipper-reports", daemon=True)
         self._reader.start()
 
-    @property
-    def failures(self) -> Counter[str]:
-        """Records not delivered, by reason: dropped here, or failed in the child."""
-        return Counter(self._reported) + self._dropped
-
-    def ship(self, text: str) -> None:
-        """Queue one batch of records (called by the answering loop): one write, or a counted drop."""
-        if not text:
-            return
-        if self._gone:
-            self._drop(text, "gone")
-            return
-        try:
-            if self.blocking:
-                self._write_all(text.encode("utf-8"))
-                return
-            # Never wait: what a full pipe did not take of the previous batch goes first (a record is
-            # never torn in the pipe); while some is still waiting, this batch is dropped.
-            if self._carry:
-                self._carry = self._write_some(self._carry)
-            if self._carry:
-                self._drop(text, "queue_full")
-                return
-            self._carry = self._write_some(text.encode("utf-8"))
-        except OSError as exc:          # the child is gone (EPIPE)
-            self._gone = True
-            self.last_error = f"{self.name}: the shipper process ended ({exc.strerror or exc})"
-            self._drop(text, "gone")
-
-    def _write_some(self, data: bytes) -> bytes:
-        try:
-            return data[os.write(self._fd, data):]
-        except BlockingIOError:
-            return data
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Let the child deliver what is queued and exit."""
-        if self._proc.stdin is not None and not self._proc.stdin.closed:
+    def close(self, timeout: float = 120.0) -> None:
+        """The log is complete: the child delivers what it has and exits."""
+        if self.writer is not None and not self.writer.closed:
             try:
-                os.set_blocking(self._fd, True)
-                if self._carry and not self._gone:
-                    self._write_all(self._carry)
-                self._proc.stdin.close()
+                self.writer.close()
             except OSError:
-                pass
+                pass                    # the child is gone: the run counted it as a log failure
+        assert self._proc.stdin is not None
+        if not self._proc.stdin.closed:
+            self._proc.stdin.close()
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-            self.last_error = f"{self.name}: the shipper did not finish in {timeout:.0f} s"
+            self.last_error = f"the shipper did not finish in {timeout:.0f} s"
         self._reader.join(5)
-
-    def _drop(self, text: str, reason: str) -> None:
-        self._dropped[f"{self.name}_{reason}"] += text.count("\n")
 
     def _read_reports(self) -> None:
         assert self._proc.stdout is not None
@@ -143,7 +109,7 @@ class ShipperProcess:
                 report = json.loads(line)
             except ValueError:
                 continue
-            self._reported = dict(report.get("failures", {}))
+            self.failures = Counter(report.get("failures", {}))
             self.delivered = int(report.get("delivered", 0))
             if report.get("last_error"):
                 self.last_error = report["last_error"]
@@ -152,37 +118,78 @@ class ShipperProcess:
 # --------------------------------------------------------------------------- the child
 
 def main(argv: list[str] | None = None) -> int:
-    """The shipper process: JSON Lines records on standard input, reports on standard output."""
+    """The shipper process: reads the decision log's records, delivers them to its outputs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    args = sys.argv[1:] if argv is None else argv
-    config = json.loads(args[0])
-    name = config["kind"]
+    config = json.loads((sys.argv[1:] if argv is None else argv)[0])
     try:
-        deliver, close = _open_sink(config)
+        outputs = [_Output(o["kind"], *_open_output(o)) for o in config["outputs"]]
+        source = _source(config["input"])
     except (OSError, ValueError) as exc:
         _report({"error": str(exc)})
         return 2
     _report({"ready": True})
-    failures: Counter[str] = Counter()
-    delivered, last_error, last_report = 0, None, 0.0
-    for lines in _batches(sys.stdin.fileno()):
-        try:
-            deliver(lines)
-            delivered += len(lines)
-        except Exception as exc:  # noqa: BLE001 - counted and reported; shipping goes on
-            reason = getattr(exc, "reason", None) or ("write" if isinstance(exc, OSError) else "error")
-            failures[f"{name}_{reason}"] += len(lines)
-            last_error = f"{name}: {exc}"
-        if failures and time.monotonic() - last_report >= _REPORT_EVERY:
-            last_report = time.monotonic()
-            _report({"delivered": delivered, "failures": failures, "last_error": last_error})
-    close()
-    _report({"delivered": delivered, "failures": failures, "last_error": last_error})
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), done.set()), daemon=True).start()
+    last = 0.0
+    for lines in source(done):
+        for out in outputs:
+            out.put(lines)
+        if time.monotonic() - last >= _REPORT_EVERY:
+            last = time.monotonic()
+            _report(_counters(outputs))
+    for out in outputs:
+        out.close()
+    _report(_counters(outputs))
     return 0
 
 
-def _open_sink(config: dict[str, Any]) -> tuple[Callable[[list[str]], None], Callable[[], None]]:
+class _Output:
+    """One output: a thread delivering batches from a bounded queue (see the module docstring)."""
+
+    def __init__(self, name: str, deliver: Callable[[list[str]], None], close: Callable[[], None],
+                 blocking: bool) -> None:
+        self.name, self.deliver, self._close, self.blocking = name, deliver, close, blocking
+        self.failures: Counter[str] = Counter()
+        self.delivered = 0
+        self.last_error: str | None = None
+        self._queue: queue.Queue[list[str] | None] = queue.Queue(QUEUE_BATCHES)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def put(self, lines: list[str]) -> None:
+        try:
+            self._queue.put(lines, block=self.blocking)
+        except queue.Full:
+            self.failures[f"{self.name}_queue_full"] += len(lines)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._close()
+
+    def _run(self) -> None:
+        while (lines := self._queue.get()) is not None:
+            try:
+                self.deliver(lines)
+                self.delivered += len(lines)
+            except Exception as exc:  # noqa: BLE001 - counted and reported; shipping goes on
+                reason = getattr(exc, "reason", None) or ("write" if isinstance(exc, OSError) else "error")
+                self.failures[f"{self.name}_{reason}"] += len(lines)
+                self.last_error = f"{self.name}: {exc}"
+
+
+def _counters(outputs: list[_Output]) -> dict[str, Any]:
+    failures: Counter[str] = Counter()
+    for out in outputs:
+        failures.update(out.failures)
+    errors = [o.last_error for o in outputs if o.last_error]
+    return {"delivered": min((o.delivered for o in outputs), default=0), "failures": failures,
+            "last_error": errors[-1] if errors else None}
+
+
+def _open_output(config: dict[str, Any]) -> tuple[Callable[[list[str]], None], Callable[[], None], bool]:
+    """(deliver, close, blocking) for one output's configuration."""
     if config["kind"] == "ocsf":
         from .log_rotation import Rotation
         from .ocsf import OcsfContext, ocsf_lines
@@ -197,28 +204,68 @@ def _open_sink(config: dict[str, Any]) -> tuple[Callable[[list[str]], None], Cal
             out.flush()
             if rotation is not None:
                 rotation.check()
-        return write, out.close
+        return write, out.close, True
     if config["kind"] == "syslog":
         from .syslog_sink import SyslogSender
 
-        sender = SyslogSender(config["address"], policy=config["policy"], guest=config["guest"],
-                              pid=config["pid"])
-        return sender.send, sender.close
-    raise ValueError(f"unknown shipper '{config['kind']}'")
+        sender = SyslogSender(config["address"], policy=config["policy"], guest=config["guest"], pid=config["pid"])
+        return sender.send, sender.close, False
+    raise ValueError(f"unknown output '{config['kind']}'")
 
 
-def _batches(fd: int) -> Any:
-    """Whole lines as they arrive, a read's worth at a time (a natural batch)."""
+def _source(config: dict[str, Any]) -> Callable[[threading.Event], Iterator[list[str]]]:
+    """The records' source: a pipe (read to its end) or a followed file (until `done`, then to its end)."""
+    if "fd" in config:
+        fd = config["fd"]
+        return lambda _done: _lines(fd)
+    path = config["follow"]
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    os.lseek(fd, int(config.get("offset", 0)), os.SEEK_SET)
+    return lambda done: _follow(path, fd, done)
+
+
+def _follow(path: str, fd: int, done: threading.Event) -> Iterator[list[str]]:
+    """Lines appended to `path`, across rotations (FILE renamed, a fresh FILE: the old one is read to
+    its end, then the new one from its start), until `done` is set and the file is read to its end."""
     rest = b""
     while True:
-        chunk = os.read(fd, PIPE_BYTES)
-        if not chunk:
+        finished = done.is_set()            # before the read: every write came before `done`
+        chunk = os.read(fd, READ_BYTES)
+        if chunk:
+            rest, lines = _split(rest + chunk)
+            if lines:
+                yield lines
+            continue
+        try:
+            rotated = os.stat(path).st_ino != os.fstat(fd).st_ino
+        except FileNotFoundError:
+            rotated = False                 # between the rename and the new file: look again
+        if rotated:
+            # the writer moved to the new file before it was there to see: the old one is complete
+            while chunk := os.read(fd, READ_BYTES):
+                rest, lines = _split(rest + chunk)
+                if lines:
+                    yield lines
+            os.close(fd)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            continue
+        if finished:
+            os.close(fd)
             return
-        data = rest + chunk
-        cut = data.rfind(b"\n") + 1
-        rest = data[cut:]
-        if cut:
-            yield data[:cut].decode("utf-8").splitlines()
+        done.wait(_FOLLOW_POLL)
+
+
+def _lines(fd: int) -> Iterator[list[str]]:
+    rest = b""
+    while chunk := os.read(fd, READ_BYTES):
+        rest, lines = _split(rest + chunk)
+        if lines:
+            yield lines
+
+
+def _split(data: bytes) -> tuple[bytes, list[str]]:
+    cut = data.rfind(b"\n") + 1
+    return data[cut:], data[:cut].decode("utf-8").splitlines()
 
 
 def _report(obj: dict[str, Any]) -> None:

@@ -15,8 +15,8 @@ write_ctrlreg, ...) or the record type (rebind); the structured data's values ar
 no number of its own. MSG is the record as the decision log has it (ASCII: its guest-controlled
 text is escaped), so a collector can parse it as JSON.
 
-Sending runs in a shipper process (runtime/log_shipping.py) whose queue drops (and counts) when
-the daemon cannot keep up: a syslog daemon that is down must not hold a guest's vCPUs. rsyslog and syslog-ng accept records
+Sending runs in the shipper process (runtime/log_shipping.py), whose syslog queue drops (and
+counts) when the daemon cannot keep up: a syslog daemon that is down must not hold a guest's vCPUs. rsyslog and syslog-ng accept records
 of 8 KiB by default; a longer record (many messages) needs their maximum message size raised.
 """
 

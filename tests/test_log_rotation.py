@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,52 +14,16 @@ import pytest
 from policyc.runtime.log_rotation import Rotation, parse_duration, parse_size
 from policyc.runtime.output_file import OutputFile
 
+from helpers import run_storm_on_simhost
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_INTEGRITY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
-STORM = ROOT / "tests" / "data" / "scenarios" / "storm.yaml"
-
-
-def _storm(tmp_path: Path, count: int) -> Path:
-    text = STORM.read_text().replace("count: 1000", f"count: {count}")
-    path = tmp_path / "storm.yaml"
-    path.write_text(text.replace("../../../examples/", f"{ROOT}/examples/"))
-    return path
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("how", [["--log-rotate-size", "64K"], ["--log-rotate-every", "0.2s"],
                                  ["--log-format", "ocsf", "--log-rotate-size", "256K"]], ids=["size", "age", "ocsf"])
 def test_rotation_under_a_storm_keeps_one_whole_line_per_request(tmp_path, how):
-    from policyc.runtime.sim.host import connect
-
-    sock = str(tmp_path / "host.sock")
-    host_proc = subprocess.Popen([sys.executable, "-m", "policyc.runtime.sim.host", str(_storm(tmp_path, 400)),
-                                  "--socket", sock, "--no-start"], stdout=subprocess.PIPE, text=True)
-    log = tmp_path / "log.jsonl"
-    enf = None
-    try:
-        assert host_proc.stdout.readline().strip() == "ready"
-        host = connect(sock)
-        enf = subprocess.Popen([sys.executable, "-m", "policyc", "run", str(KERNEL_INTEGRITY), "--guest",
-                                f"simhost:{sock}", "--state-dir", str(tmp_path / "state"), "--log", str(log),
-                                *how, "--log-keep", "10000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: host.monitors() != {})
-        host.start_workload()
-        out, err = enf.communicate(timeout=300)      # the workload ends: the run tears down and exits
-        assert enf.returncode == 0, err
-    finally:
-        if enf is not None and enf.poll() is None:
-            enf.kill()
-        host_proc.terminate()
-        host_proc.wait(10)
-    requests = int(re.search(r"requests (\d+), responses (\d+), decision records (\d+)", err)[1])
+    requests = run_storm_on_simhost(tmp_path, 400, ["--log", str(tmp_path / "log.jsonl"), *how, "--log-keep", "10000"])
     assert requests > 1000
     files = sorted(tmp_path.glob("log.jsonl*"))
     assert len(files) >= 3, files                # rotated more than once

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from policyc.runtime.log_shipping import ShipperProcess
+from policyc.runtime.log_shipping import ShipperProcess, pipe_for_log
 from policyc.runtime.ocsf import OCSF_VERSION, OcsfContext, ocsf_events
 from policyc.runtime.syslog_sink import parse_syslog_address, rfc5424
+
+from helpers import run_storm_on_simhost
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "examples" / "scenarios"
@@ -215,22 +217,25 @@ def test_a_syslog_daemon_that_stops_reading_costs_counted_drops_never_a_wait():
     server.bind(("127.0.0.1", 0))
     server.listen()
     port = server.getsockname()[1]
-    sink = ShipperProcess("syslog", {"kind": "syslog", "address": f"tcp://127.0.0.1:{port}", "policy": "p",
-                                     "guest": "g", "pid": 1}, blocking=False)
-    conn, _addr = server.accept()          # accepted, never read: the socket's buffers fill, then the pipe
+    read_end, writer = pipe_for_log()         # what the native engine writes the records to
+    sink = ShipperProcess({"input": {"fd": read_end}, "outputs": [
+        {"kind": "syslog", "address": f"tcp://127.0.0.1:{port}", "policy": "p", "guest": "g", "pid": 1}]},
+        pass_fds=(read_end,), writer=writer)
+    os.close(read_end)
+    conn, _addr = server.accept()          # accepted, never read: the socket's buffers fill, then the queue
     record = {"decision_id": "x.1", "time": "2026-12-07T00:39:04.283501Z", "plan_hash": "sha256:ab",
               "kind": "mem_access", "rule": "r", "verdict": "deny", "would_deny": False, "pad": "x" * 200}
     batch = (json.dumps(record) + "\n") * 64
     t0 = time.monotonic()
-    for _ in range(2000):                  # 128,000 records, about 40 MB
-        sink.ship(batch)
-    assert time.monotonic() - t0 < 10      # the answering loop never waited for the daemon
-    dropped = sink.failures["syslog_queue_full"]
-    assert dropped > 0 and dropped % 64 == 0       # whole batches
+    for _ in range(4000):                  # 256,000 records, about 80 MB
+        writer.write(batch)
+        writer.flush()
+    assert time.monotonic() - t0 < 20      # the writer (the answering loop) never waited for the daemon
     conn.close()
     server.close()                         # the daemon is gone: what the child still holds fails fast
     sink.close()
-    assert sink.delivered + sum(sink.failures.values()) == 2000 * 64
+    assert sink.failures["syslog_queue_full"] > 0
+    assert sink.delivered + sum(sink.failures.values()) == 4000 * 64
     assert sink.failures["syslog_send"] > 0 and "cannot send to tcp://127.0.0.1" in sink.last_error
 
 
@@ -247,3 +252,14 @@ def test_records_that_could_not_be_shipped_are_said_and_fail_the_run():
     assert p.returncode == 1, p.stdout + p.stderr
     line = next(l for l in p.stdout.splitlines() if l.startswith("NOT RECORDED:"))
     assert "record(s) not shipped (syslog_send " in line and "Connection refused" in line
+
+
+def test_syslog_follows_the_log_file_across_rotations_under_a_storm(tmp_path, rsyslog):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"decision_id":"an older run"}\n')      # the shipper starts where the log ends
+    requests = run_storm_on_simhost(tmp_path, 300, ["--log", str(log), "--log-rotate-size", "64K", "--log-keep",
+                                                    "1000", "--syslog", f"tcp://127.0.0.1:{rsyslog['tcp']}"])
+    assert len(list(tmp_path.glob("log.jsonl.*"))) >= 3
+    got = _received(rsyslog["out"], requests)
+    ids = [json.loads(line.partition("] ")[2])["decision_id"] for line in got]
+    assert len(ids) == len(set(ids)) == requests and "an older run" not in ids

@@ -19,11 +19,12 @@ import pytest
 
 from policyc.runtime.metrics import MetricsServer, Snapshot, parse_address, record_activation
 
+from helpers import storm_scenario
+
 prometheus_parser = pytest.importorskip("prometheus_client.parser", reason="prometheus-client is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_INTEGRITY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
-STORM = ROOT / "tests" / "data" / "scenarios" / "storm.yaml"
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -45,17 +46,9 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def _storm(tmp_path: Path, count: int = 1000) -> Path:
-    text = STORM.read_text().replace("count: 1000", f"count: {count}")
-    text = text.replace("../../../examples/", f"{ROOT}/examples/")
-    path = tmp_path / "storm.yaml"
-    path.write_text(text)
-    return path
-
-
 def test_metrics_count_what_the_decision_log_holds_and_health_follows_protection(tmp_path):
     host_sock = str(tmp_path / "host.sock")
-    host = subprocess.Popen([sys.executable, "-m", "policyc.runtime.sim.host", str(_storm(tmp_path)), "--socket",
+    host = subprocess.Popen([sys.executable, "-m", "policyc.runtime.sim.host", str(storm_scenario(tmp_path, 1000)), "--socket",
                              host_sock, "--forever", "--no-start"], stdout=subprocess.PIPE, text=True)
     enf = None
     log = tmp_path / "log.jsonl"
