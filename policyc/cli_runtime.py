@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_outputs import RunOutputs, add_output_arguments
 from .diagnostics import Diagnostics
 
 __all__ = ["add_runtime_commands"]
@@ -66,6 +67,7 @@ def add_runtime_commands(sub: Any) -> None:
                           "answers allow from then on; stop tears down and exits. Every request is answered "
                           "and the decisions not recorded are counted, in each mode; the run exits 1")
     run.add_argument("-v", "--verbose", action="store_true", help="show every decision under its step")
+    add_output_arguments(run)
     run.set_defaults(run=_cmd_run)
 
     test = sub.add_parser("test", help="run scenario files with expect: against their policies (CI)",
@@ -350,15 +352,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
     if args.bundle is not None:
         _use_bundle(args)
-    if scheme == "sim":
-        return _run_sim(args, _scenario_path(where))
-    if scheme == "xen":
-        return _run_xen(args, where)
-    return _run_simhost(args, where)
+    args.outputs = RunOutputs(args, scheme, _Usage, _open_out)
+    try:
+        if scheme == "sim":
+            return _run_sim(args, _scenario_path(where))
+        if scheme == "xen":
+            return _run_xen(args, where)
+        return _run_simhost(args, where)
+    finally:
+        args.outputs.close()
 
 
 def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
-    from .runtime.decision_log import DecisionLog
     from .runtime.enforce import EnforcerError
     from .runtime.policy_test import describe_decision, run_on_simulator, teardown_differences
     from .runtime.sim.scenario import ScenarioError, load_scenario
@@ -374,8 +379,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     compiled = _compile(policy, args.target or scenario.profile, audit=args.audit, command="run",
                         symbols_dir=args.symbols)
     plan = compiled.plan
-    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr, "the alert stream"),
-                      plan.get("content_hash", ""))
+    log = args.outputs.decision_log(plan, f"sim:{scenario.name}")
     recorder = _recorder(args.record, plan, f"sim:{scenario.name}")
     out = sys.stdout if args.log != "-" else sys.stderr
     mode = plan["policy"].get("mode", "enforce")
@@ -439,7 +443,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     print(log.summary(), file=out)
     if args.record:
         print(f"recorded {recorder.batches if recorder else 0} batch(es) to {args.record}", file=out)
-    lost = _output_failures(log, recorder, enf)
+    lost = _output_failures(log, recorder, enf) + args.outputs.report()
     for line in lost:
         print(f"NOT RECORDED: {line}", file=out)
     if enf.stop_requested:
@@ -493,7 +497,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     `finished_now()` (checked every 50 waits) or a signal, tear down. Shared by simhost: and xen:."""
     import signal as _signal
 
-    from .runtime.decision_log import DecisionLog, Progress
+    from .runtime.decision_log import Progress
     from .runtime.enforce import Enforcer, EnforcerError
     from .runtime.service import Notifier
 
@@ -516,8 +520,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     if caps.arch == "x86_64" and not caps.singlestep and "singlestep" in (plan.get("monitors") or {}):
         raise _Usage(f"{guest} has VT-x without single-stepping (no monitor trap flag), which this {planned} "
                      "plan needs to step over allowed accesses and breakpoints: use --target x86_64-nomtf")
-    log = DecisionLog(_open_out(args.log, sys.stdout), _open_out(args.alerts, sys.stderr, "the alert stream"),
-                      plan.get("content_hash", ""))
+    outputs = args.outputs
+    log = outputs.decision_log(plan, guest, _identity(backend))
     recorder = _recorder(args.record, plan, guest)
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
@@ -527,10 +531,12 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     try:
         enforcer.start()
     except EnforcerError as exc:
+        outputs.failed(str(exc))
         log.close()
         raise _Usage(str(exc)) from None
     except KeyboardInterrupt:
         return 130
+    outputs.protected(enforcer, backend, plan)
     phases = {"compile": compile_seconds, **enforcer.startup_seconds}
     print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop",
           file=sys.stderr)
@@ -542,12 +548,14 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
 
     def finished() -> bool:
         notifier.watchdog()          # called from the answering loop: a stuck loop stops the pings
+        outputs.on_turn()
         status_every[0] += 1
         if status_every[0] % 50:
             return False
         done = bool(finished_now())
         if done:
             notifier.stopping("the guest is gone: tearing down")
+            outputs.unprotected("the guest is gone")
         return done
 
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
@@ -556,8 +564,10 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     except Exception as exc:  # noqa: BLE001 - teardown already ran (run_with_teardown)
         print(f"policyc run: stopped by an error after teardown: {exc}", file=sys.stderr)
         notifier.stopping(f"stopped by an error: {exc}")
+        outputs.unprotected(f"stopped by an error: {exc}")
         log.close()
         return EXIT_PROBLEMS
+    outputs.unprotected()
     notifier.stopping("torn down")
     notifier.close()
     log.close()
@@ -573,12 +583,20 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     if holds and holds["checked"]:
         print(f"register-write denies: {holds['checked']}, {holds['held']} held until the vCPU had left its pCPU "
               f"(longest {holds['max_wait_ms']} ms), {holds['unconfirmed']} sent unconfirmed", file=sys.stderr)
-    lost = _output_failures(log, recorder, enforcer)
+    lost = _output_failures(log, recorder, enforcer) + outputs.report()
     for line in lost:
         print(f"NOT RECORDED: {line}", file=sys.stderr)
     if enforcer.stop_requested:
         print(f"STOPPED (--on-log-failure stop): {enforcer.log_error}", file=sys.stderr)
     return EXIT_OK if not errors and not lost else EXIT_PROBLEMS
+
+
+def _identity(backend: Any) -> dict:
+    """The guest's identity (its Xen UUID) for the records that name it; {} when the backend has none."""
+    try:
+        return dict(backend.domain_identity())
+    except Exception:  # noqa: BLE001 - a record without the UUID beats no run
+        return {}
 
 
 def _cmd_service_unit(args: argparse.Namespace) -> int:

@@ -274,6 +274,7 @@ class DecisionLog:
         self.fsync = fsync
         self._stats = Stats()
         self._folds: list[Callable[[Stats], None]] = []
+        self._close_after: list[Any] = []
         self.closed = False
 
     @property
@@ -286,6 +287,11 @@ class DecisionLog:
     def add_counter_source(self, fold: Callable[[Stats], None]) -> None:
         """`fold(stats)` adds decisions counted elsewhere (the native engine) whenever stats are read."""
         self._folds.append(fold)
+
+    def close_after(self, follower: Any) -> None:
+        """`follower.close()` once this log's files are flushed and closed (a log shipper reading them:
+        runtime/log_shipping.py)."""
+        self._close_after.append(follower)
 
     @property
     def renders(self) -> bool:
@@ -441,13 +447,17 @@ class DecisionLog:
         if self.closed:
             return
         self.closed = True
-        for f, own in ((self._log, self._own_log), (self._alerts, self._own_alerts)):
-            if f is not None:
-                try:
-                    f.flush()
-                finally:
-                    if own:
-                        f.close()
+        try:
+            for f, own in ((self._log, self._own_log), (self._alerts, self._own_alerts)):
+                if f is not None:
+                    try:
+                        f.flush()
+                    finally:
+                        if own:
+                            f.close()
+        finally:
+            for follower in self._close_after:
+                follower.close()
 
     def __enter__(self) -> "DecisionLog":
         return self

@@ -7,6 +7,7 @@ on sys.path for the test modules.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from policyc.runtime.sim import SimulatedXen
 
@@ -35,3 +36,50 @@ def reads_missing_field(plan: dict, placeholder: str, missing: str) -> dict:
     edited one) may still hold one: the engine must answer anyway."""
     text = json.dumps(plan).replace(json.dumps(["field", placeholder]), json.dumps(["field", missing]))
     return json.loads(text)
+
+
+def storm_scenario(where: Path, count: int) -> Path:
+    """tests/data/scenarios/storm.yaml with `count` rounds of 7 requests, written into `where`."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "tests" / "data" / "scenarios" / "storm.yaml").read_text().replace("count: 1000", f"count: {count}")
+    path = where / "storm.yaml"
+    path.write_text(text.replace("../../../examples/", f"{root}/examples/"))
+    return path
+
+
+def run_storm_on_simhost(where: Path, rounds: int, run_args: list[str]) -> int:
+    """`policyc run` of the kernel-integrity example (with `run_args`) on a simhost guest that runs
+    the storm `rounds` times once the plan is installed; the run ends with it. Returns the requests
+    the run reported (it must exit 0)."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from policyc.runtime.sim.host import connect
+
+    root = Path(__file__).resolve().parents[1]
+    sock = str(where / "host.sock")
+    host_proc = subprocess.Popen([sys.executable, "-m", "policyc.runtime.sim.host", str(storm_scenario(where, rounds)),
+                                  "--socket", sock, "--no-start"], stdout=subprocess.PIPE, text=True)
+    enf = None
+    try:
+        assert host_proc.stdout.readline().strip() == "ready"
+        host = connect(sock)
+        enf = subprocess.Popen([sys.executable, "-m", "policyc", "run",
+                                str(root / "examples" / "policies" / "linux-kernel-integrity.vmi"),
+                                "--guest", f"simhost:{sock}", "--state-dir", str(where / "state"), *run_args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while host.monitors() == {}:                 # installed
+            assert time.monotonic() < deadline and enf.poll() is None, "the plan was not installed"
+            time.sleep(0.05)
+        host.start_workload()
+        _out, err = enf.communicate(timeout=300)     # the workload ends: the run tears down and exits
+        assert enf.returncode == 0, err
+    finally:
+        if enf is not None and enf.poll() is None:
+            enf.kill()
+        host_proc.terminate()
+        host_proc.wait(10)
+    return int(re.search(r"requests (\d+), responses (\d+), decision records (\d+)", err)[1])
