@@ -239,6 +239,13 @@ def _mark_span(path: str, mark: Any, text: str | None = None) -> Span:
 
 
 def _yaml_error(err: yaml.YAMLError, path: str, text: str, diagnostics: Diagnostics) -> None:
+    message, span, hint = describe_yaml_error(err, path, text)
+    diagnostics.error("PC200", span, message, hint)
+
+
+def describe_yaml_error(err: yaml.YAMLError, path: str, text: str) -> tuple[str, Span, str | None]:
+    """PyYAML's error as (message, where, hint): the reader's too (a character YAML refuses, which
+    has an index into the text rather than a line and column)."""
     problem = getattr(err, "problem", None)
     mark = getattr(err, "problem_mark", None)
     if problem is None and isinstance(err, yaml.reader.ReaderError):
@@ -254,7 +261,7 @@ def _yaml_error(err: yaml.YAMLError, path: str, text: str, diagnostics: Diagnost
         hint = context + (f" at line {cmark.line + 1}, column {cmark.column + 1}" if cmark is not None else "")
     if "'\\t'" in message:
         hint = (hint + "; " if hint else "") + "YAML indentation uses spaces, not tabs"
-    diagnostics.error("PC200", _mark_span(path, mark, text), message, hint)
+    return message, _mark_span(path, mark, text), hint
 
 
 def _kind(node: Node) -> str:

@@ -32,7 +32,8 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from ...arch import ARCHES
 from ...diagnostics import Diagnostics, Span
 from ...dsl import parse_expression
-from ...yaml_form import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, BoundedLoader, YamlBoundError
+from ...symbols import SymbolFileError
+from ...yaml_form import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, BoundedLoader, YamlBoundError, describe_yaml_error
 from ... import syntax as S
 from ..guest_memory import MemorySnapshot
 from .guest import MSR, GuestFault, TranslationFault
@@ -147,7 +148,11 @@ def _load_yaml(text: str, path: str) -> Any:
     """The document read with the policy loader's bounds (size, nodes, depth, alias expansion)."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
         raise ScenarioError(f"larger than {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB", path)
-    loader = BoundedLoader(text)
+    try:
+        loader = BoundedLoader(text)
+    except yaml.YAMLError as exc:   # the reader refuses a character before any parsing
+        message, span, _hint = describe_yaml_error(exc, path, text)
+        raise ScenarioError(message, path, span.line, span.col) from None
     try:
         node = loader.get_single_node()
     except YamlBoundError as stop:
@@ -558,7 +563,7 @@ def build_scenario(scenario: Scenario, *, profile: str | None = None, **xen_opti
         kwargs.update(symbols=scenario.symbols, kaslr_slide=scenario.kaslr_slide)
     try:
         guest = build_guest(scenario.layout, **kwargs)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, SymbolFileError) as exc:
         raise ScenarioError(f"guest: {exc}", scenario.path) from None
     return SimulatedXen(guest, profile or scenario.profile, **xen_options)
 
