@@ -355,3 +355,15 @@ def test_a_missing_guest_symbol_file_is_a_scenario_error(tmp_path):
                                   "steps: []\n", str(tmp_path / "s.yaml"))
     with pytest.raises(ScenarioError, match=r"guest: cannot read symbol file .*no-such\.System\.map"):
         build_scenario(scenario)
+
+
+def test_a_symbols_or_policy_entry_that_is_not_a_file_name_is_a_scenario_error(tmp_path):
+    # found by the fuzz campaign: a list here reached the file system as its repr (ENAMETOOLONG)
+    with pytest.raises(ScenarioError, match=r"s\.yaml:2:18: guest\.symbols: must be a file name"):
+        load_scenario_text("scenario: x\nguest: {symbols: [{vcpu: 1, op: sidt}]}\nsteps: []\n", str(tmp_path / "s.yaml"))
+    with pytest.raises(ScenarioError, match=r"policy: must be a file name"):
+        load_scenario_text("scenario: x\npolicy: [1]\nguest: {symbols: a.map}\nsteps: []\n", str(tmp_path / "s.yaml"))
+    long_name = load_scenario_text("scenario: x\nguest: {symbols: " + "a" * 5000 + "}\nsteps: []\n",
+                                   str(tmp_path / "s.yaml"))
+    with pytest.raises(ScenarioError, match="guest: "):
+        build_scenario(long_name)

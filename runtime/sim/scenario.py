@@ -176,6 +176,14 @@ def _load_yaml(text: str, path: str) -> Any:
         raise ScenarioError(f"YAML value cannot be read: {exc}", path) from None
 
 
+def _exists(path: Path) -> bool:
+    """Whether a file is there; a name the system cannot even look up (too long, a NUL) is not."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _mark_pos(mark: Any) -> tuple[int | None, int | None]:
     return (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
 
@@ -407,11 +415,15 @@ def load_scenario_text(text: str, path: str = "<scenario>") -> Scenario:
     policy = doc.get("policy")
     symbols = guest.get("symbols")
     if symbols is not None:
+        if not isinstance(symbols, str) or (policy is not None and not isinstance(policy, str)):
+            key = "guest.symbols" if not isinstance(symbols, str) else "policy"
+            where = guest.value_pos["symbols"] if key == "guest.symbols" else doc.value_pos["policy"]
+            raise ScenarioError(f"{key}: must be a file name", path, *where)
         # Next to the scenario, else next to its policy (where a policy's own symbol file lives).
-        cand = base / str(symbols)
-        if not cand.exists() and policy:
-            beside_policy = (base / str(policy)).parent / str(symbols)
-            if beside_policy.exists():
+        cand = base / symbols
+        if not _exists(cand) and policy:
+            beside_policy = (base / policy).parent / symbols
+            if _exists(beside_policy):
                 cand = beside_policy
         symbols = str(cand)
     steps_node = doc.get("steps")

@@ -29,6 +29,7 @@ CORPUS = HERE / "corpus"
 MAX_LEN = {"dsl": 8192, "yaml": 4096, "plan": 16384, "scenario": 4096, "trace": 8192, "engine": 2048, "native": 8192}
 _EXECUTED = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 _CRASH = re.compile(r"Test unit written to (\S+)")
+_SLOW = "slow-unit-"                 # libFuzzer keeps its slowest inputs too: reported, not crashes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,13 +97,15 @@ def _run(name: str, args: argparse.Namespace) -> dict:
     seconds = time.monotonic() - t0
     out = done.stdout
     executed = sum(int(n) for n in _EXECUTED.findall(out))
-    crashes = [{"target": name, "input": path, "detail": _crash_detail(out)} for path in _CRASH.findall(out)]
+    units = _CRASH.findall(out)
+    slow = [path for path in units if _SLOW in path]
+    crashes = [{"target": name, "input": path, "detail": _crash_detail(out)} for path in units if _SLOW not in path]
     if done.returncode and not crashes:
         crashes.append({"target": name, "input": None, "detail": f"exit {done.returncode}: {out[-2000:]}"})
     if not args.keep:
         shutil.rmtree(grown, ignore_errors=True)
     return {"target": name, "executions": executed, "seconds": round(seconds, 1),
-            "per_second": round(executed / seconds, 1) if seconds else 0.0, "crashes": crashes}
+            "per_second": round(executed / seconds, 1) if seconds else 0.0, "crashes": crashes, "slow_units": slow}
 
 
 def _crash_detail(out: str) -> str:
