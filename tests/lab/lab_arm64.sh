@@ -119,13 +119,15 @@ EOF
 }
 
 build_guest() {   # busybox, and the attacker module cross-built against the guest kernel's own headers
-  local G=$LAB/guest KV=${KPKG#linux-image-} KH=$LAB/kh MAP=$REPO/examples/policies/linux-6.1-arm64.System.map
+  local G=$LAB/guest KV=${KPKG#linux-image-} KC KH=$LAB/kh MAP=$REPO/examples/policies/linux-6.1-arm64.System.map
+  KC=${KV%-arm64}            # the flavour-independent half: linux-headers-6.1.0-56-common
   rm -rf "$G"; mkdir -p "$G"/{bin,proc,sys,dev,tmp} "$LAB/mod"
   cp "$LAB/root/bin/busybox" "$G/bin/"
   if [ ! -d "$KH/usr/src/linux-headers-$KV" ]; then
-    (cd "$LAB/debs" && apt-get download "linux-headers-$KV:arm64" "linux-headers-$KV-common" >/dev/null 2>&1)
+    (cd "$LAB/debs" && apt-get download "linux-headers-$KV:arm64" "linux-headers-$KC-common" >/dev/null \
+      2>"$LAB/headers.err") || { cat "$LAB/headers.err"; log "the guest kernel's headers could not be fetched"; exit 1; }
     dpkg-deb -x "$LAB/debs/linux-headers-${KV}_"*_arm64.deb "$KH"
-    dpkg-deb -x "$LAB/debs/linux-headers-${KV}-common_"*_all.deb "$KH"
+    dpkg-deb -x "$LAB/debs/linux-headers-${KC}-common_"*_all.deb "$KH"
     mkdir -p "$KH/usr/lib"; ln -sfn /usr/lib/linux-kbuild-6.1 "$KH/usr/lib/linux-kbuild-6.1"   # host tools (amd64)
     sed -i "s|include /usr/src/|include $KH/usr/src/|" "$KH/usr/src/linux-headers-$KV/Makefile"
   fi
