@@ -114,6 +114,11 @@ def step_xen(domid: int) -> dict:
         return rc
 
     res["vm_event_version"] = xc_lib.xc_vm_event_get_version(xch)
+    # The guest stays paused throughout: an SMC it makes while the privileged_call monitor is on (or a
+    # write to the frame while it is rx) would put a request on a ring nobody answers, and Xen does not
+    # unpause a vCPU paused for such a request when the ring is disabled (common/vm_event.c,
+    # vm_event_disable, unpauses only vCPUs blocked on a full ring): it would stay paused for good.
+    call("xc_domain_pause", ctypes.c_uint32(domid))
     caps = ctypes.c_uint32()
     if call("xc_monitor_get_capabilities", ctypes.c_uint16(domid), ctypes.byref(caps)) >= 0:
         res["capabilities"] = hex(caps.value)
@@ -136,6 +141,7 @@ def step_xen(domid: int) -> dict:
         call("xc_monitor_privileged_call", ctypes.c_uint16(domid), ctypes.c_bool(False))
         res["privileged_call_off"] = res.pop("xc_monitor_privileged_call")
         call("xc_monitor_disable", ctypes.c_uint16(domid))
+    call("xc_domain_unpause", ctypes.c_uint32(domid))
     xc_lib.xc_interface_close(xch)
     return res
 
