@@ -62,6 +62,11 @@ def cdef_from_header(text: str, path: str = HEADER) -> str:
     return "\n".join(out)
 
 
+# The C compiled into the extension beside the code cffi generates (tests/lab/lab_arm64.sh cross-compiles
+# the same list for aarch64).
+SOURCES = (RING_C, DECIDE_C)
+
+
 def _source_path(path: str, relative: bool) -> str:
     # setuptools wants sources relative to setup.py's directory, the current
     # one during an install. ffi.compile() changes into its output directory
@@ -80,7 +85,7 @@ def make_builder(relative_sources: bool = True) -> FFI:
     builder.set_source(
         MODULE,
         '#include "vm_event_abi.h"\n#include "decide.h"\n',
-        sources=[_source_path(RING_C, relative_sources), _source_path(DECIDE_C, relative_sources)],
+        sources=[_source_path(c, relative_sources) for c in SOURCES],
         include_dirs=[HERE],
         depends=[HEADER, DECIDE_H],
         extra_compile_args=["-std=gnu11", "-Wall", "-Wextra"],

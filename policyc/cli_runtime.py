@@ -427,6 +427,8 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
               f"{len(plan.get('regions', {}))} region(s) on {len(frames)} frame(s), "
               f"{len(bound.breakpoints)} breakpoint(s), {len(bound.pt_frames)} page-table frame(s) watched",
               file=out)
+        if (kernel := _kernel_build_line(bound)) is not None:
+            print(kernel, file=out)
 
     try:
         run = run_on_simulator(scenario, plan, compiled.symbols, log=log, recorder=recorder, on_start=on_start,
@@ -492,6 +494,15 @@ def _memory_capability_check(plan: dict, backend: Any, guest: str) -> None:
                      f"{guest} ({caps.arch}) lacks the capability mem_access" + (f": {why}" if why else ""))
 
 
+def _kernel_build_line(bound: Any) -> str | None:
+    """What binding checked of the guest kernel's build (its linux_banner), for the operator."""
+    banner = bound.slide_evidence.get("linux_banner")
+    if banner is None:
+        return None
+    how = "matches the symbol file" if banner["compared"] else "read (the symbol file records none to compare)"
+    return f"guest kernel: linux_banner at {banner['address']} {how}: {banner['banner']!r}"
+
+
 def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_now: Any) -> int:
     """Compile (the policy's target, or --target), check it runs on the backend's host, enforce until
     `finished_now()` (checked every 50 waits) or a signal, tear down. Shared by simhost: and xen:."""
@@ -540,6 +551,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     phases = {"compile": compile_seconds, **enforcer.startup_seconds}
     print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop",
           file=sys.stderr)
+    if (kernel := _kernel_build_line(enforcer.bound)) is not None:
+        print(kernel, file=sys.stderr)
     print("in place after " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
           f" ({sum(phases.values()):.2f} s)", file=sys.stderr, flush=True)
     notifier = Notifier()

@@ -12,6 +12,8 @@ never pass through a float or a signed 64-bit integer.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
 import hashlib
 import json
@@ -70,6 +72,9 @@ class SymbolTable:
     # System.map names defined again at another address: name -> the addresses not used.
     duplicates: dict[str, tuple[int, ...]] = field(default_factory=dict)
     sha256: str = ""  # of the file's bytes as stored (plans name the symbol files they were compiled against)
+    # Linux only: the text at linux_banner in the build the symbols were made for ("Linux version ..."),
+    # from an ISF's constant_data or a System.map's "# linux_banner: " header; binding compares the guest's.
+    banner: str | None = None
 
     def lookup(self, name: str) -> Symbol | None:
         return self.symbols.get(name)
@@ -166,7 +171,11 @@ def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
         raise SymbolFileError(f"'{p}' is neither a System.map (text) nor an ISF (JSON)") from None
     symbols: dict[str, Symbol] = {}
     duplicates: dict[str, tuple[int, ...]] = {}
+    banner: str | None = None
     for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(_MAP_BANNER):
+            banner = _map_banner(p, lineno, line[len(_MAP_BANNER):])
+            continue
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split()
@@ -186,7 +195,22 @@ def _load_system_map(p: Path, raw: bytes) -> SymbolTable:
     if not symbols:
         raise SymbolFileError(f"'{p}' holds no symbols")
     _mark_percpu(symbols)
-    return SymbolTable(str(p), "system.map", "linux", symbols, duplicates=duplicates)
+    return SymbolTable(str(p), "system.map", "linux", symbols, duplicates=duplicates, banner=banner)
+
+
+# tools/trim_system_map.py --image writes this header line: the banner as one JSON string.
+_MAP_BANNER = "# linux_banner: "
+
+
+def _map_banner(p: Path, lineno: int, value: str) -> str:
+    try:
+        banner = json.loads(value)
+    except ValueError:
+        banner = None
+    if not isinstance(banner, str) or not banner.startswith("Linux version "):
+        raise SymbolFileError(f"'{p}' line {lineno}: the linux_banner header is not a JSON string "
+                              "starting 'Linux version '", lineno)
+    return banner
 
 
 def _mark_percpu(symbols: dict[str, Symbol]) -> None:
@@ -245,7 +269,21 @@ def _load_isf(p: Path, raw: bytes) -> SymbolTable:
                 nested = ftype.get("name") if ftype.get("kind") in ("struct", "union", "class") else None
                 fields[fname] = (fdef["offset"], nested if isinstance(nested, str) else None)
         types[tname] = TypeInfo(tname, size, fields)
-    return SymbolTable(str(p), "isf", os_name, symbols, types, _pdb_identity(doc.get("metadata")))
+    return SymbolTable(str(p), "isf", os_name, symbols, types, _pdb_identity(doc.get("metadata")),
+                       banner=_isf_banner(doc["symbols"]) if os_name == "linux" else None)
+
+
+def _isf_banner(isf_symbols: dict) -> str | None:
+    """linux_banner's constant_data (base64 of the text and its NUL, as dwarf2json writes it), when it
+    reads as a banner; None otherwise (binding then checks only that the guest has one there)."""
+    data = (isf_symbols.get("linux_banner") or {}).get("constant_data")
+    if not isinstance(data, str):
+        return None
+    try:
+        text = base64.b64decode(data, validate=True).split(b"\0", 1)[0].decode("ascii")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return text if text.startswith("Linux version ") else None
 
 
 def _pdb_identity(metadata: object) -> PdbIdentity | None:

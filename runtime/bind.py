@@ -975,6 +975,47 @@ def _check_arm64_image(backend: Any, tables: Sequence[SymbolTable], space: _Arm6
                                     f"_end - _text = {end - text:#x}: these symbols are not this kernel's"))
 
 
+_BANNER_PREFIX = b"Linux version "
+_BANNER_MAX = 512          # 6.1's banners are about 200 bytes; the read stops at the first NUL
+_BANNER_SHOWN = 240
+
+
+def _check_linux_banner(tables: Sequence[SymbolTable], space: _Space, slide: int, evidence: dict[str, Any],
+                        notes: list[str]) -> None:
+    """The guest kernel's own linux_banner, read at the slid symbol, must be the banner the symbols were
+    made for (SymbolTable.banner); without a recorded one it must at least be a Linux banner. Symbols of
+    another build point elsewhere or name another version: refused, as a wrong PDB is on Windows."""
+    link = _lookup(tables, "linux_banner")
+    if link is None:
+        notes.append("no linux_banner symbol: the guest kernel's build was not checked against the symbols")
+        return
+    want = next((t.banner for t in tables if t.banner is not None), None)
+    source = next((t.source for t in tables if t.lookup("linux_banner") is not None), "the symbols")
+    va = (link + slide) & U64
+    first = min(_BANNER_MAX, PAGE - (va & (PAGE - 1)))     # the next page only if the text runs on into it
+    try:
+        raw = space.read_virtual(va, first)
+        if b"\0" not in raw and first < _BANNER_MAX:
+            raw += space.read_virtual((va + first) & U64, _BANNER_MAX - first)
+    except _READ_ERRORS as exc:
+        raise BindError(BindFailure(None, va, f"linux_banner does not translate at slide {slide:#x} ({exc}): "
+                                    f"these symbols ({source}) are not this kernel's; refusing to bind")) from None
+    got = raw.split(b"\0", 1)[0]
+    shown = got[:_BANNER_SHOWN].decode("ascii", "replace").rstrip("\n")
+    if want is not None and got != want.encode("ascii"):
+        raise BindError(BindFailure(None, va, f"the guest kernel's linux_banner says {shown!r}, but {source} was made "
+                                    f"for {want.rstrip(chr(10))!r}: these symbols are not this kernel's; refusing "
+                                    "to bind (use the symbol file of the guest's own build)"))
+    if not got.startswith(_BANNER_PREFIX):
+        raise BindError(BindFailure(None, va, f"linux_banner holds {shown!r}, not a 'Linux version ...' banner: these "
+                                    f"symbols ({source}) are not this kernel's; refusing to bind"))
+    evidence["linux_banner"] = {"address": hex(va), "banner": got.decode("ascii", "replace").rstrip("\n"),
+                                "compared": want is not None}
+    if want is None:
+        notes.append("the symbol file records no linux_banner text: only checked that the guest has a Linux "
+                     "banner at the symbol")
+
+
 def _arm64_percpu_bases(binder: "_Binder", need: bool) -> list[int]:
     """Each vCPU's per-CPU area: slid __per_cpu_start plus its offset (TPIDR_EL1 when the backend gives
     it, else __per_cpu_offset[i])."""
@@ -1068,6 +1109,7 @@ def _bind_arm64(plan: Mapping[str, Any], backend: Any, tables: list[SymbolTable]
     binder.regs = regs
     binder.slide = slide
     binder.notes.extend(notes)
+    _check_linux_banner(tables, binder.space, slide, evidence, binder.notes)
     binder.percpu_bases = _arm64_percpu_bases(binder, _needs_percpu(plan))
     return _bind_all(binder, evidence)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from policyc.runtime.sim import Op, SimulatedXen, build_guest
 from policyc.runtime.sim.guest_arm64 import ARM64_REGISTERS, Arm64Guest
 from policyc.runtime.sim.layout_arm64 import ARM64_NOP, USER_CODE, USER_STACK, build_linux_arm64
 from policyc.runtime.sim.scenario import ScenarioError, build_scenario, load_scenario, load_scenario_text
-from policyc.symbols import load_symbol_table
+from policyc.cli import main as cli_main
+from policyc.symbols import SymbolFileError, load_symbol_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MAP = ROOT / "examples" / "policies" / "linux-6.1-arm64.System.map"
@@ -500,7 +502,8 @@ def test_the_slide_is_found_from_the_guest_at_any_slide(symbols, slide: int) -> 
     xen = mk(slide)
     b = bind_plan(plan(), xen, symbols)
     assert b.slide == slide and b.arch == "arm64" and b.cr3 == phys("swapper_pg_dir")
-    assert set(b.slide_evidence) == {"ttbr1", "vbar_el1", "image_header"} and not b.notes
+    assert set(b.slide_evidence) == {"ttbr1", "vbar_el1", "image_header", "linux_banner"} and not b.notes
+    assert b.slide_evidence["linux_banner"]["compared"]
     b2 = bind_plan(plan(), HiddenRegisters(xen), symbols)
     assert b2.slide == slide and "vbar_el1" not in b2.slide_evidence
     assert any("TTBR1 only" in n for n in b2.notes)
@@ -529,6 +532,69 @@ def test_the_image_header_must_describe_this_kernel(symbols) -> None:
     xen.write_physical(RAM, bytes(64))                     # a reused head frame: no header, no check
     b = bind_plan(plan(), xen, symbols)
     assert "image_header" not in b.slide_evidence and any("Image header" in n for n in b.notes)
+
+
+BANNER_56 = load_symbol_table(MAP).banner
+
+
+def test_the_guest_kernels_banner_must_be_the_symbol_files(symbols) -> None:
+    assert BANNER_56 and "6.1.0-56-arm64" in BANNER_56 and "Debian 6.1.192-2" in BANNER_56
+    xen = mk()
+    b = bind_plan(plan(), xen, symbols)
+    assert b.slide_evidence["linux_banner"]["banner"] == BANNER_56.rstrip("\n")
+    # the next ABI's build at the same address (same layout, another version): refused, by name
+    other = BANNER_56.replace("6.1.0-56-arm64", "6.1.0-57-arm64").replace("6.1.192-2", "6.1.192-3")
+    xen.write_physical(phys("linux_banner"), other.encode() + b"\0")
+    with pytest.raises(BindError) as exc:
+        bind_plan(plan(), xen, symbols)
+    msg = str(exc.value)
+    assert "linux_banner" in msg and "6.1.0-57-arm64" in msg and "6.1.0-56-arm64" in msg
+    assert "not this kernel's" in msg and "refusing to bind" in msg
+    with pytest.raises(BindError, match="not this kernel's"):       # the operator's slide is checked too
+        bind_plan(plan(), xen, symbols, slide=SLIDE)
+    # symbols of another build point at something that is no banner at all
+    xen.write_physical(phys("linux_banner"), b"\x1f\x20\x03\xd5" * 8)
+    with pytest.raises(BindError, match=r"linux_banner says '\\x1f"):
+        bind_plan(plan(), xen, symbols)
+
+
+def test_without_a_recorded_banner_only_its_presence_is_checked(tmp_path) -> None:
+    bare = tmp_path / MAP.name
+    bare.write_text("".join(l for l in MAP.read_text().splitlines(True) if not l.startswith("# linux_banner: ")))
+    table = load_symbol_table(bare)
+    assert table.banner is None
+    p = plan()                  # compiled against the map with the banner: the sha256 check is not this test's
+    b = bind_plan(p, mk(), table, check_symbols=False)
+    assert not b.slide_evidence["linux_banner"]["compared"] and any("no linux_banner text" in n for n in b.notes)
+    xen = mk()
+    xen.write_physical(phys("linux_banner"), b"not a banner\0")
+    with pytest.raises(BindError, match="not a 'Linux version ...' banner"):
+        bind_plan(p, xen, table, check_symbols=False)
+    bad = tmp_path / "bad.System.map"
+    bad.write_text('# linux_banner: "Linux version 6.1 \n' + "ffff800008000000 T _text\n")
+    with pytest.raises(SymbolFileError, match="line 1: the linux_banner header"):
+        load_symbol_table(bad)
+
+
+def test_a_symbol_file_of_another_build_is_refused_by_policyc_run(tmp_path, capsys) -> None:
+    """policyc run on the simulator: the guest runs 6.1.0-56's kernel, the policy names a symbol file
+    recorded for another build at the same addresses: a clear error, exit 1, no traceback."""
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    shutil.copy(ROOT / "examples" / "policies" / "linux-arm64-integrity.vmi", pol)
+    (pol / MAP.name).write_text(MAP.read_text().replace("6.1.0-56-arm64 (debian", "6.1.0-57-arm64 (debian"))
+    scen = tmp_path / "s.yaml"
+    scen.write_text(SCENARIO.read_text().replace("../policies/linux-6.1-arm64.System.map", str(MAP))
+                    .replace("../policies/linux-arm64-integrity.vmi", str(pol / "linux-arm64-integrity.vmi")))
+    rc = cli_main(["run", "--guest", f"sim:{scen}"])
+    out, err = capsys.readouterr()
+    assert rc == 2, out + err                                  # the run's error, as any failed bind
+    assert "linux_banner" in err and "6.1.0-57-arm64" in err and "not this kernel's" in err, err
+    assert "Traceback" not in out + err
+    rc = cli_main(["run", "--guest", f"sim:{SCENARIO}"])      # its own build: bound, and said so
+    out, err = capsys.readouterr()
+    assert rc == 0 and "guest kernel: linux_banner at 0xffffaab5354f3be0 matches the symbol file: 'Linux version " \
+        "6.1.0-56-arm64 " in out, out + err
 
 
 def test_without_swapper_in_ttbr1_vbar_alone_binds_and_nothing_is_refused(symbols) -> None:
@@ -625,3 +691,23 @@ steps:
     assert d.rule == "helper_path_overwrite"
     (d,) = run.step_decisions(2)
     assert not [e for e in d.effects if e.kind == "rearm"]       # re-armed already, while quiet
+
+
+def test_the_trimmed_map_records_the_banner_its_image_holds(tmp_path) -> None:
+    """tools/trim_system_map.py --image: the text at linux_banner - _text in the flat Image goes into the
+    header, and policyc's reader gives it back; an Image of another layout has no banner there."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("trim_system_map", ROOT / "tools" / "trim_system_map.py")
+    trim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trim)                                  # type: ignore[union-attr]
+    source = tmp_path / "System.map"
+    source.write_text("ffff800008000000 T _text\nffff800008000100 D linux_banner\nffff800008000200 B _end\n")
+    image = tmp_path / "Image"
+    text = "Linux version 9.9.9-test (x@y) #1 SMP\n"
+    image.write_bytes(bytes(0x100) + text.encode() + b"\0" + bytes(64))
+    out = tmp_path / "out.map"
+    assert trim.main([str(source), str(out), "--names", "linux_banner", "--image", str(image)]) == 0
+    assert load_symbol_table(out).banner == text
+    image.write_bytes(bytes(0x200))
+    with pytest.raises(SystemExit, match="no 'Linux version ...' text at linux_banner's offset 0x100"):
+        trim.main([str(source), str(out), "--names", "linux_banner", "--image", str(image)])

@@ -219,3 +219,57 @@ def test_rate_counts_from_the_first_decision():
     decisions = [{"time": t} for t in times]
     # 3 decisions fall within 2 s of the first one
     assert dom0_check.rate_from_first(decisions, 2.0) == 1.5
+
+
+# =========================================================================== arm64: the split-TLB experiment
+
+_SPEC_ARM64 = importlib.util.spec_from_file_location(
+    "dom0_check_arm64", Path(__file__).resolve().parent / "lab" / "dom0_check_arm64.py")
+dom0_check_arm64 = importlib.util.module_from_spec(_SPEC_ARM64)
+_SPEC_ARM64.loader.exec_module(dom0_check_arm64)
+
+_PROBE = {"probe_gfn": "0x434a5", "probe_va": "0xffff800000d01000"}
+
+
+def _split_run() -> dict:
+    """Shaped like a live run: 700 enforced rounds, each with one refused table write and one trapped
+    execute of the probe page, which the guest also read every round."""
+    before = {"round": 5000, "sct_blocked": 0, "probe_execs_enforced": 0, "probe_reads_enforced": 0,
+              "probe_read_wrong": 0, "probe_exec_wrong": 0}
+    after = dict(before, round=6100, sct_blocked=700, probe_execs_enforced=700, probe_reads_enforced=700)
+    return {"guest_before": before, "guest_after": after,
+            "decisions": {"protect_tables:deny": 700, "probe_exec:allow": 700, "None:allow": 700},
+            "exec_watch_events": {"probe_exec": {"access": {"4": 700}, "gfn": {"0x434a5": 700},
+                                                 "pc": {"0xffff800000d01000": 700},
+                                                 "gla": {"0xffff800000d01000": 700}}}}
+
+
+def test_the_split_tlb_comparison_passes_when_both_sides_agree() -> None:
+    out = dom0_check_arm64.compare_split(_split_run(), _PROBE)
+    assert out["ok"] and out["decisions"] == 700 and out["events_not_execute"] == 0, out
+    run = _split_run()
+    run["decisions"]["probe_exec:allow"] = 699               # the install landed between a round's write and call
+    assert dom0_check_arm64.compare_split(run, _PROBE)["ok"]
+
+
+@pytest.mark.parametrize("spoil", ["execute_missed", "read_reported", "other_frame", "wrong_bytes", "no_rounds",
+                                   "denies_differ", "no_after"])
+def test_the_split_tlb_comparison_fails_each_way_a_run_can_go_wrong(spoil: str) -> None:
+    run = _split_run()
+    ev = run["exec_watch_events"]["probe_exec"]
+    if spoil == "execute_missed":
+        run["decisions"]["probe_exec:allow"] = 690
+    elif spoil == "read_reported":                   # a read of the page attributed to the execute watch
+        ev["access"] = {"4": 700, "1": 3}
+    elif spoil == "other_frame":                     # an execute Xen's data-side walk put on another frame
+        ev["gfn"] = {"0x434a5": 698, "0x51000": 2}
+    elif spoil == "wrong_bytes":
+        run["guest_after"]["probe_read_wrong"] = 1
+    elif spoil == "no_rounds":
+        run["guest_after"].update(probe_execs_enforced=0, sct_blocked=0)
+        run["decisions"] = {"probe_exec:allow": 0, "protect_tables:deny": 0}
+    elif spoil == "denies_differ":
+        run["decisions"]["protect_tables:deny"] = 701
+    elif spoil == "no_after":
+        run["guest_after"] = {}
+    assert not dom0_check_arm64.compare_split(run, _PROBE)["ok"]

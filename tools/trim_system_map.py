@@ -23,6 +23,12 @@ listed in the header. That is not an error: some are absent on purpose
 (e.g. ia32_sys_call_table on kernels with the 6.9 / 6.1.85 syscall-dispatch
 change). Use --strict to make it one.
 
+With --image (a flat kernel Image of the same build, e.g. Debian's arm64
+vmlinuz, which is the uncompressed Image), the text at linux_banner is read
+from the Image at linux_banner - _text and written to the header as
+``# linux_banner: "<JSON string>"``. policyc's reader takes it as the banner the
+symbols were made for, and binding compares it with the guest kernel's own.
+
 This is a development tool, not part of the policyc package.
 """
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -59,6 +66,8 @@ _LINE_RE = re.compile(r"^([0-9A-Fa-f]+)\s+(\S)\s+(\S+)(?:\s+(.*))?$")
 # `symbol NAME`, `symbol? NAME`, `percpu symbol NAME` (the last is covered by
 # the first). Not `symbols "file"`: \b after `symbol` rejects `symbols`.
 _REF_RE = re.compile(r"(?<![A-Za-z0-9_.])symbol\b\??\s*([A-Za-z_][A-Za-z0-9_]*)")
+# The header line policyc's System.map reader takes the recorded banner from (policyc/symbols.py).
+BANNER_HEADER = "linux_banner: "
 _NAME_RE = re.compile(r"^[A-Za-z_.$][A-Za-z0-9_.$]*$")
 
 
@@ -114,6 +123,19 @@ def read_map(path: Path) -> list[tuple[int, int, str, str]]:
                 raise SystemExit(f"{path}:{lineno}: not a System.map line: {line!r}")
             entries.append((int(m.group(1), 16), lineno, m.group(3), line.strip()))
     return entries
+
+
+def banner_from_image(image: Path, entries: list[tuple[int, int, str, str]]) -> str:
+    """The NUL-terminated text at linux_banner in a flat Image that starts at _text."""
+    addr = {name: a for a, _line, name, _raw in entries}
+    if "linux_banner" not in addr or "_text" not in addr:
+        raise SystemExit("--image needs linux_banner and _text in the source map")
+    data = image.read_bytes()
+    at = addr["linux_banner"] - addr["_text"]
+    end = data.find(b"\0", at, at + 1024)
+    if not 0 <= at < len(data) or end < 0 or not data[at:end].startswith(b"Linux version "):
+        raise SystemExit(f"{image}: no 'Linux version ...' text at linux_banner's offset {at:#x}: not this build's Image")
+    return data[at:end].decode("ascii")
 
 
 def sha256_of(path: Path) -> str:
@@ -174,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--origin", default=DEFAULT_ORIGIN, help="where SOURCE came from (header text)")
     p.add_argument("--kernel", default=DEFAULT_KERNEL, help="which kernel SOURCE belongs to (header text)")
     p.add_argument("--strict", action="store_true", help="exit 1 if a requested name is missing")
+    p.add_argument("--image", type=Path, metavar="IMAGE",
+                   help="flat kernel Image of the same build: record the text at linux_banner in the header")
     args = p.parse_args(argv)
 
     wanted: dict[str, str] = {}          # name -> why it is wanted
@@ -206,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         "Made with:",
         *("  " + line for line in wrap_command(command)),
     ]
+    if args.image is not None:
+        header.append(f"linux_banner's text, read from {args.image.name} (sha256 {sha256_of(args.image)}) at "
+                      "linux_banner - _text:")
+        header.append(BANNER_HEADER + json.dumps(banner_from_image(args.image, entries)))
     if missing:
         header.append("Requested but absent from the source map: " + ", ".join(missing))
 

@@ -38,7 +38,8 @@ boot, with 4 KiB pages and 48-bit virtual addresses:
 * contents: kernel text filled with NOP (0xd503201f); ``sys_call_table``
   with pointers to ``_stext`` except the handlers the map keeps, at their
   generic syscall numbers; ``modprobe_path`` "/sbin/modprobe" and
-  ``core_pattern`` "core" (the defaults); per-CPU areas in the linear map,
+  ``core_pattern`` "core" (the defaults); ``linux_banner`` the banner the
+  symbol file records (empty when it records none); per-CPU areas in the linear map,
   2 MiB apart above the image, ``__per_cpu_offset[i]`` = area - slid
   ``__per_cpu_start``;
 * registers: PC at ``invoke_syscall`` (each vCPU is serving a system call:
@@ -191,7 +192,8 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
             if name in g.symbols:
                 entries[nr] = g.symbols[name]
         mem.write(pa_of_link(link("sys_call_table")), struct.pack(f"<{NR_SYSCALLS}Q", *entries))
-    for name, text in (("modprobe_path", b"/sbin/modprobe\0"), ("core_pattern", b"core\0")):
+    for name, text in (("modprobe_path", b"/sbin/modprobe\0"), ("core_pattern", b"core\0"),
+                       ("linux_banner", (table.banner or "").encode("ascii") + b"\0")):
         if table.lookup(name):
             mem.write(pa_of_link(link(name)), text)
 

@@ -12,8 +12,13 @@ format as dom0_check.py (tests/test_lab.py parses both). Steps, each recorded wh
    the privileged_call (SMC) monitor enabled and disabled;
 3. attach: `XenBackend.open` on the guest, its capabilities and notes;
 4. run: `policyc run PLAN --guest xen:D` (the plan of step 1) for N seconds from "in place", then
-   SIGTERM; the decisions by rule;
-5. after: the guest's own loop (its console, through xenconsoled's log) still advances after
+   SIGTERM; the decisions by rule, and the guest kernel's linux_banner the binder checked;
+5. split_tlb: the split-TLB experiment. The guest module's probe page (its frame printed at load) is
+   watched for execute by a lab policy written here (`SPLIT_POLICY`, with the frame filled in) and
+   compiled in step 1's wake; the module reads the page and executes it every round. Enforced like
+   step 4, then both sides: execute decisions on the frame (their access bits, frames, addresses)
+   against the guest's count of executions and reads while its table writes were refused;
+6. after: the guest's own loop (its console, through xenconsoled's log) still advances after
    teardown, and `xl list` shows it neither paused nor dead.
 
 Only the standard library and policyc are used.
@@ -35,6 +40,31 @@ import time
 POLICY = "/lab/policies/linux-arm64-integrity.vmi"
 PLAN = "/tmp/plan-arm64.json"
 LOG = "/tmp/decisions-arm64.jsonl"
+SPLIT_VMI = "/lab/policies/lab-arm64-split-tlb.vmi"
+SPLIT_PLAN = "/tmp/plan-split-tlb.json"
+SPLIT_LOG = "/tmp/decisions-split-tlb.jsonl"
+# The table write is denied every round, and its event re-arms the probe page relaxed for the previous
+# round's execute (arm64 relax-and-rearm): so each enforced round's execute of the probe traps once.
+SPLIT_POLICY = """policy "lab-arm64-split-tlb" {
+    target xen >= 4.17 on arm64
+    symbols "linux-6.1-arm64.System.map"
+    mode enforce
+
+    region syscalls = symbol sys_call_table size 8 * 451
+    region probe = pa %#x size 4096      # the guest module's probe page
+
+    rule protect_tables: on write to syscalls {
+        deny
+    }
+
+    rule probe_exec: on execute in probe {
+        log info "probe executed at {pc:#x}, gla {gla:#x}"
+    }
+}
+"""
+# A round under the enforcer whose table write was refused may have had its probe executed before the
+# install or its table write after teardown: one round at each edge.
+SPLIT_EDGE = 1
 
 
 def uptime() -> float:
@@ -84,6 +114,11 @@ def step_xen(domid: int) -> dict:
         return rc
 
     res["vm_event_version"] = xc_lib.xc_vm_event_get_version(xch)
+    # The guest stays paused throughout: an SMC it makes while the privileged_call monitor is on (or a
+    # write to the frame while it is rx) would put a request on a ring nobody answers, and Xen does not
+    # unpause a vCPU paused for such a request when the ring is disabled (common/vm_event.c,
+    # vm_event_disable, unpauses only vCPUs blocked on a full ring): it would stay paused for good.
+    call("xc_domain_pause", ctypes.c_uint32(domid))
     caps = ctypes.c_uint32()
     if call("xc_monitor_get_capabilities", ctypes.c_uint16(domid), ctypes.byref(caps)) >= 0:
         res["capabilities"] = hex(caps.value)
@@ -106,6 +141,7 @@ def step_xen(domid: int) -> dict:
         call("xc_monitor_privileged_call", ctypes.c_uint16(domid), ctypes.c_bool(False))
         res["privileged_call_off"] = res.pop("xc_monitor_privileged_call")
         call("xc_monitor_disable", ctypes.c_uint16(domid))
+    call("xc_domain_unpause", ctypes.c_uint32(domid))
     xc_lib.xc_interface_close(xch)
     return res
 
@@ -122,15 +158,46 @@ def step_attach(domid: int) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def step_run(domid: int, seconds: float) -> dict:
+def step_split_policy() -> dict:
+    """The probe page's frame from the guest module's load line, the lab policy watching it for execute,
+    compiled for arm64."""
+    t = time.monotonic()
+    probe = {}
+    while not probe and time.monotonic() - t < 120:
+        probe = guest_probe()
+        if not probe:
+            time.sleep(0.5)
+    if not probe:
+        return {"error": "the guest module printed no probe line in 120 s"}
+    with open(SPLIT_VMI, "w") as f:
+        f.write(SPLIT_POLICY % (probe["pfn"] << 12))
+    t = time.monotonic()
+    rc, out = run([sys.executable, "-m", "policyc", "compile", SPLIT_VMI, "--target", "arm64", "-o", SPLIT_PLAN])
+    return {"probe_va": hex(probe["va"]), "probe_gfn": hex(probe["pfn"]), "compile_rc": rc,
+            "compile_seconds": round(time.monotonic() - t, 2), "compile_tail": out[-900:]}
+
+
+def guest_probe() -> dict:
+    """The module's "policyc-lab-arm64 probe va=... pfn=..." line; {} before it printed one."""
+    try:
+        with open("/var/log/xen/guest-armguest.log", errors="replace") as f:
+            m = re.search(r"policyc-lab-arm64 probe va=([0-9a-f]+) pfn=([0-9a-f]+)", f.read())
+    except OSError:
+        return {}
+    return {"va": int(m.group(1), 16), "pfn": int(m.group(2), 16)} if m else {}
+
+
+def step_run(domid: int, seconds: float, plan: str = PLAN, log: str = LOG) -> dict:
+    if plan != PLAN and not os.path.exists(plan):
+        return {"error": f"no {plan}: its policy did not compile"}
     t0 = time.monotonic()
     samples = {"guest_before": guest_report()}
     with open("/tmp/enforcer.out", "w") as out:
-        # the plan step 1 compiled from the example policy (its symbol file beside it): compiling again
-        # costs two minutes of emulated CPU
-        target = PLAN if os.path.exists(PLAN) else POLICY
+        # a plan compiled in step 1 (its symbol file beside the policy): compiling again costs a minute
+        # of emulated CPU
+        target = plan if os.path.exists(plan) else POLICY
         p = subprocess.Popen([sys.executable, "-m", "policyc", "run", target, "--symbols", "/lab/policies",
-                              "--guest", f"xen:{domid}", "--log", LOG], stdout=out, stderr=subprocess.STDOUT)
+                              "--guest", f"xen:{domid}", "--log", log], stdout=out, stderr=subprocess.STDOUT)
         ended, placed = "exited", None
         while p.poll() is None:         # N seconds from "in place" (start-up is slow on TCG), at most 300 s to get there
             with open("/tmp/enforcer.out") as f:
@@ -151,10 +218,11 @@ def step_run(domid: int, seconds: float) -> dict:
     with open("/tmp/enforcer.out") as f:
         text = f.read()
     by_rule: collections.Counter = collections.Counter()
-    exec_pcs: collections.Counter = collections.Counter()
     access_kinds: collections.Counter = collections.Counter()
-    if os.path.exists(LOG):
-        with open(LOG) as f:
+    # the execute watches (rules on a region the guest also reads): what Xen reported for each event
+    watched = {r: {k: collections.Counter() for k in ("access", "gfn", "pc", "gla")} for r in EXEC_RULES}
+    if os.path.exists(log):
+        with open(log) as f:
             for line in f:
                 try:
                     d = json.loads(line)
@@ -162,13 +230,23 @@ def step_run(domid: int, seconds: float) -> dict:
                     continue
                 by_rule[f"{d.get('rule')}:{d.get('verdict')}"] += 1
                 ev = d.get("event") or {}
-                if d.get("rule") == "exec_rodata":      # the execute watch on a region the guest reads
-                    exec_pcs[str(ev.get("pc"))] += 1
+                if d.get("rule") in watched:
+                    for k, counter in watched[d["rule"]].items():
+                        counter[str(ev.get(k))] += 1
                 if d.get("kind") == "mem_access":
                     access_kinds[str(ev.get("access"))] += 1
+    banner = re.search(r"guest kernel: linux_banner at (0x[0-9a-f]+) (matches the symbol file|read[^:]*): '(.*)'",
+                       text)
     return {**samples, "rc": p.returncode, "ended": ended, "seconds": round(time.monotonic() - t0, 1),
-            "decisions": dict(by_rule), "exec_rodata_pcs": dict(exec_pcs.most_common(8)),
+            "decisions": dict(by_rule),
+            "exec_watch_events": {r: {k: dict(c.most_common(6)) for k, c in w.items()} for r, w in watched.items()
+                                  if sum(w["access"].values())},
+            "kernel_banner": {"address": banner.group(1), "matched": banner.group(2) == "matches the symbol file",
+                              "banner": banner.group(3)} if banner else None,
             "mem_access_by_access_bits": dict(access_kinds), "output_tail": text[-1500:]}
+
+
+EXEC_RULES = ("exec_rodata", "probe_exec")
 
 
 def guest_report() -> dict:
@@ -222,6 +300,38 @@ def compare(run: dict) -> dict:
     return out
 
 
+def compare_split(run: dict, probe: dict) -> dict:
+    """The split-TLB run: execute events on the probe frame against the guest's executions of it in
+    rounds whose table write was refused (whole run: a refusal happens only under the enforcer), and
+    what Xen reported for them; reads of the page must raise none."""
+    before, after = run.get("guest_before") or {}, run.get("guest_after") or {}
+    dec = run.get("decisions", {})
+    ev = (run.get("exec_watch_events") or {}).get("probe_exec") or {}
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("probe_execs_enforced", "probe_reads_enforced",
+                                                                "sct_blocked", "probe_read_wrong",
+                                                                "probe_exec_wrong")} if after else {}
+    n = sum(v for k, v in dec.items() if k.startswith("probe_exec:"))
+    out = {"decisions": n, "protect_tables_denies": dec.get("protect_tables:deny", 0), "guest": delta,
+           "reported_access_bits": ev.get("access", {}), "reported_gfns": ev.get("gfn", {}),
+           "reported_glas": ev.get("gla", {}), "reported_pcs": ev.get("pc", {})}
+    gfn, va = probe.get("probe_gfn"), probe.get("probe_va")
+    out["events_not_execute"] = sum(v for k, v in out["reported_access_bits"].items() if k != "4")
+    out["events_on_another_frame"] = sum(v for k, v in out["reported_gfns"].items() if k != gfn)
+    out["events_elsewhere_than_the_probe"] = sum(v for k, v in out["reported_pcs"].items() if k != va)
+    out["ok"] = bool(delta) and delta["probe_execs_enforced"] > 0 \
+        and abs(n - delta["probe_execs_enforced"]) <= SPLIT_EDGE and delta["sct_blocked"] == out["protect_tables_denies"] \
+        and out["events_not_execute"] == out["events_on_another_frame"] == 0 \
+        and delta["probe_read_wrong"] == delta["probe_exec_wrong"] == 0
+    return out
+
+
+def settled_report(end: dict) -> dict:
+    """Two of the module's counter lines after `end` (the last seen before SIGTERM): rounds that ran once
+    the enforcer was gone."""
+    first = first_line_after(end.get("round", -1))
+    return first_line_after(first.get("round", -1)) if first else {}
+
+
 def guest_rounds() -> int:
     """The guest's last "ARMGUEST round=N" on its console (xenconsoled's log)."""
     try:
@@ -249,8 +359,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20)
     a = ap.parse_args()
     result: dict = {"mode": "arm64", "domid": a.domid}
-    for name, fn in (("environment", step_environment), ("xen", lambda: step_xen(a.domid)),
-                     ("attach", lambda: step_attach(a.domid)), ("run", lambda: step_run(a.domid, a.seconds)),
+
+    def run_and_settle(plan: str, log: str) -> dict:
+        res = step_run(a.domid, a.seconds, plan, log)
+        res["guest_after"] = settled_report(res.get("guest_end") or {})
+        return res
+
+    for name, fn in (("environment", step_environment), ("split_policy", step_split_policy),
+                     ("xen", lambda: step_xen(a.domid)), ("attach", lambda: step_attach(a.domid)),
+                     ("run", lambda: run_and_settle(PLAN, LOG)),
+                     ("split_tlb", lambda: run_and_settle(SPLIT_PLAN, SPLIT_LOG)),
                      ("after", lambda: step_after(a.domid))):
         print(f"LAB-T {name}_start {uptime()}", flush=True)
         try:
@@ -258,11 +376,12 @@ def main() -> int:
         except Exception as exc:
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         emit(name, result[name])
-    run_res = dict(result.get("run") or {}, guest_after=(result.get("after") or {}).get("guest_after"))
-    result["compare"] = compare(run_res)
+    result["compare"] = compare(result.get("run") or {})
     result["guest_counts"] = {rule: c["guest"] for rule, c in result["compare"].items()
                               if isinstance(c, dict) and "guest" in c}
+    result["split_compare"] = compare_split(result.get("split_tlb") or {}, result.get("split_policy") or {})
     emit("compare", result["compare"])
+    emit("split_compare", result["split_compare"])
     text = json.dumps(result, sort_keys=True)
     pieces = [text[i:i + 60] for i in range(0, len(text), 60)]
     for i, piece in enumerate(pieces, 1):

@@ -63,13 +63,18 @@ fetch() {
 # cross compiler against Debian's arm64 Python headers (abi3, like the host build).
 build_ring_extension() {
   local X=$LAB/xbuild R=$LAB/root; rm -rf "$X"; mkdir -p "$X"
-  python3 - "$REPO/native" "$X/_vm_event.c" <<'EOF'
+  python3 - "$REPO/native" "$X/_vm_event.c" "$X/sources" <<'EOF'
 import sys; sys.path.insert(0, sys.argv[1])
 import build_vm_event
 build_vm_event.make_builder(relative_sources=False).emit_c_code(sys.argv[2])
+open(sys.argv[3], "w").write("\n".join(build_vm_event.SOURCES) + "\n")
 EOF
+  local src=() missing; mapfile -t src < "$X/sources"
   aarch64-linux-gnu-gcc -shared -fPIC -O2 -std=gnu11 -Wall -I "$REPO/native" -I "$R/usr/include/python3.11" \
-    -I "$R/usr/include" "$X/_vm_event.c" "$REPO/native/ring.c" -o "$X/_vm_event.abi3.so"
+    -I "$R/usr/include" "$X/_vm_event.c" "${src[@]}" -o "$X/_vm_event.abi3.so"
+  # what the extension calls must come from libc or Python: a C source left out fails here, not in dom0
+  missing=$(aarch64-linux-gnu-nm -u "$X/_vm_event.abi3.so" | awk '$1 == "U" {print $2}' | grep -v -e '@' -e '^_*Py' || true)
+  [ -z "$missing" ] || { log "the aarch64 ring extension leaves undefined: $(echo $missing)"; exit 1; }
 }
 
 build_dom0() {
@@ -114,13 +119,15 @@ EOF
 }
 
 build_guest() {   # busybox, and the attacker module cross-built against the guest kernel's own headers
-  local G=$LAB/guest KV=${KPKG#linux-image-} KH=$LAB/kh MAP=$REPO/examples/policies/linux-6.1-arm64.System.map
+  local G=$LAB/guest KV=${KPKG#linux-image-} KC KH=$LAB/kh MAP=$REPO/examples/policies/linux-6.1-arm64.System.map
+  KC=${KV%-arm64}            # the flavour-independent half: linux-headers-6.1.0-56-common
   rm -rf "$G"; mkdir -p "$G"/{bin,proc,sys,dev,tmp} "$LAB/mod"
   cp "$LAB/root/bin/busybox" "$G/bin/"
   if [ ! -d "$KH/usr/src/linux-headers-$KV" ]; then
-    (cd "$LAB/debs" && apt-get download "linux-headers-$KV:arm64" "linux-headers-$KV-common" >/dev/null 2>&1)
+    (cd "$LAB/debs" && apt-get download "linux-headers-$KV:arm64" "linux-headers-$KC-common" >/dev/null \
+      2>"$LAB/headers.err") || { cat "$LAB/headers.err"; log "the guest kernel's headers could not be fetched"; exit 1; }
     dpkg-deb -x "$LAB/debs/linux-headers-${KV}_"*_arm64.deb "$KH"
-    dpkg-deb -x "$LAB/debs/linux-headers-${KV}-common_"*_all.deb "$KH"
+    dpkg-deb -x "$LAB/debs/linux-headers-${KC}-common_"*_all.deb "$KH"
     mkdir -p "$KH/usr/lib"; ln -sfn /usr/lib/linux-kbuild-6.1 "$KH/usr/lib/linux-kbuild-6.1"   # host tools (amd64)
     sed -i "s|include /usr/src/|include $KH/usr/src/|" "$KH/usr/src/linux-headers-$KV/Makefile"
   fi

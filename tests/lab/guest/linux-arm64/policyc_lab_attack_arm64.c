@@ -13,7 +13,12 @@
  *   - calls commit_creds(prepare_creds()), the policy's execute breakpoint, and first reads the 4
  *     bytes at commit_creds: an injected SMC breakpoint is visible to the guest's reads (the caveat
  *     the compiler warns about), counted as creds_smc_seen;
- *   - writes its own buffer (benign).
+ *   - writes its own buffer (benign);
+ *   - reads the first instruction of its probe page and then calls it (the split-TLB experiment: an
+ *     execute watch on a page the guest also reads; tests/lab/dom0_check_arm64.py watches the page's
+ *     frame, which the module prints at load as "policyc-lab-arm64 probe va=... pfn=..."). The probe
+ *     page holds only `bti c; mov x0, #42; ret`, alone on its page. Each call is counted, and those
+ *     in a round whose table write was refused (so: under the enforcer) separately.
  *
  * The counters go to the console every 10 rounds as one "policyc-lab-arm64 ..." line (hvc0, which
  * xenconsoled logs in dom0: tests/lab/dom0_check_arm64.py reads the last one).
@@ -43,9 +48,25 @@ module_param(period_ms, uint, 0444);
 #define SMC_INSN 0xd4000003u	/* smc #0 */
 #define SMCCC_VERSION 0x80000000ul
 
+#define PROBE_MOV_X0_42 0xd2800540u	/* mov x0, #42 */
+
+/* The probe: a page of its own in the module's text (module memory is page aligned, and the section
+ * asks for 4096), so that watching its frame watches nothing else. */
+asm(".pushsection .text.policyc_probe, \"ax\"\n"
+    ".balign 4096\n"
+    ".globl policyc_probe_fn\n"
+    "policyc_probe_fn:\n"
+    "	hint #34\n"			/* bti c (a NOP without BTI) */
+    "	mov x0, #42\n"
+    "	ret\n"
+    ".balign 4096\n"
+    ".popsection\n");
+unsigned long policyc_probe_fn(void);
+
 static struct {
 	u64 round, sct_landed, sct_blocked, benign_landed, benign_blocked, smc_answered, smc_skipped;
 	u64 creds, creds_smc_seen, collateral;
+	u64 probe_reads, probe_read_wrong, probe_execs, probe_exec_wrong, probe_execs_enforced, probe_reads_enforced;
 } c;
 static struct task_struct *worker;
 static u8 *alias;		/* the writable alias of the frame holding the slot */
@@ -65,10 +86,12 @@ static void one_round(void)
 	u8 *last = alias + PAGE_SIZE - 1, b;
 	unsigned long flags, v;
 	u32 first;
+	bool refused;
 
 	local_irq_save(flags);
 	WRITE_ONCE(*entry, bogus);
-	if (READ_ONCE(*entry) == bogus) {
+	refused = READ_ONCE(*entry) != bogus;
+	if (!refused) {
 		WRITE_ONCE(*entry, old);
 		c.sct_landed++;
 	} else {
@@ -92,6 +115,18 @@ static void one_round(void)
 	commit_creds(prepare_creds());
 	c.creds++;
 
+	/* the probe page: read its first instruction, then execute it */
+	if (READ_ONCE(*(u32 *)((unsigned long)policyc_probe_fn + 4)) == PROBE_MOV_X0_42)
+		c.probe_reads++;
+	else
+		c.probe_read_wrong++;
+	c.probe_reads_enforced += refused;
+	if (policyc_probe_fn() == 42)
+		c.probe_execs++;
+	else
+		c.probe_exec_wrong++;
+	c.probe_execs_enforced += refused;
+
 	WRITE_ONCE(own[c.round & 7], c.round);
 	if (READ_ONCE(own[c.round & 7]) == c.round)
 		c.benign_landed++;
@@ -107,9 +142,12 @@ static int attack_loop(void *unused)
 		if (c.round % 10 == 0)
 			pr_notice("policyc-lab-arm64 round=%llu sct_landed=%llu sct_blocked=%llu benign_landed=%llu "
 				"benign_blocked=%llu smc_answered=%llu smc_skipped=%llu creds=%llu creds_smc_seen=%llu "
-				"collateral=%llu\n", c.round, c.sct_landed, c.sct_blocked, c.benign_landed,
+				"collateral=%llu probe_reads=%llu probe_read_wrong=%llu probe_execs=%llu "
+				"probe_exec_wrong=%llu probe_reads_enforced=%llu probe_execs_enforced=%llu\n",
+				c.round, c.sct_landed, c.sct_blocked, c.benign_landed,
 				c.benign_blocked, c.smc_answered, c.smc_skipped, c.creds, c.creds_smc_seen,
-				c.collateral);
+				c.collateral, c.probe_reads, c.probe_read_wrong, c.probe_execs, c.probe_exec_wrong,
+				c.probe_reads_enforced, c.probe_execs_enforced);
 		msleep(period_ms);
 	}
 	return 0;
@@ -120,6 +158,10 @@ static int __init lab_init(void)
 	struct page *page;
 	unsigned long slot_addr;
 
+	if ((unsigned long)policyc_probe_fn & ~PAGE_MASK) {
+		pr_err("policyc-lab-arm64: the probe is not alone at a page start (%px)\n", policyc_probe_fn);
+		return -EINVAL;
+	}
 	creds_addr = (unsigned long)&commit_creds;
 	table_addr = table_link + (creds_addr - creds_link);
 	slot_addr = table_addr + slot * sizeof(u64);
@@ -135,6 +177,8 @@ static int __init lab_init(void)
 		return -ENOMEM;
 	pr_notice("policyc-lab-arm64 start table=%lx creds=%lx first=%08x\n", table_addr, creds_addr,
 		*(u32 *)creds_addr);
+	pr_notice("policyc-lab-arm64 probe va=%px pfn=%lx\n", policyc_probe_fn,
+		vmalloc_to_pfn((void *)policyc_probe_fn));
 	worker = kthread_run(attack_loop, NULL, "policyc_lab");
 	return IS_ERR(worker) ? PTR_ERR(worker) : 0;
 }
