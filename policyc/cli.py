@@ -15,6 +15,7 @@ from typing import NoReturn, Sequence
 
 from . import __version__
 from .diagnostics import Diagnostic, Diagnostics, Severity, SourceCache, render_json, render_sarif, render_text
+from .errors import PolicycError
 from .output_writer import write_output
 from .source import is_yaml_path
 
@@ -39,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except PolicycError as exc:     # each command reports its own; this is the net under them all
+        print(f"policyc {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     if argv is None and args.command in ("check", "compile"):
         _exit_now(status)
     return status

@@ -15,13 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+from ..errors import PolicycError
+
 __all__ = ["ACCESS_VALUES", "Backend", "BackendError", "Capabilities", "Unsupported", "InvalidArgument"]
 
 # Xen's p2m access values (xenmem_access_t), by the names xen-access uses.
 ACCESS_VALUES = ("n", "r", "w", "rw", "x", "rx", "wx", "rwx", "rx2rw", "n2rwx", "default")
 
 
-class BackendError(RuntimeError):
+class BackendError(PolicycError, RuntimeError):
     def __init__(self, operation: str, message: str, errno: int | None = None) -> None:
         super().__init__(f"{operation}: {message}")
         self.operation = operation

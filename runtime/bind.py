@@ -74,6 +74,7 @@ from .backend import BackendError
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, PhysicalAddressError
 from .paging import PAGE_2M, NonCanonicalAddress, PageFault, PageTables
 from .paging_arm64 import LINUX_TCR_48, TCR_EPD0, TTBR_BADDR_MASK, Stage1Tables
+from ..errors import PolicycError
 
 __all__ = ["BindError", "BindFailure", "BoundPlan", "BoundBreakpoint", "BindDelta", "ViewBinding",
            "bind_plan", "intersect_access", "find_slide", "PT_WATCH_ACCESS"]
@@ -113,7 +114,7 @@ class BindFailure:
         return f"{where}{at}: {self.reason}"
 
 
-class BindError(Exception):
+class BindError(PolicycError):
     """The plan cannot be bound to this guest. `failures` lists every cause; `region` and `address`
     are those of the first (the common case is one)."""
 

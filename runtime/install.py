@@ -75,6 +75,7 @@ from .backend import BackendError, Unsupported
 from ..targets import runs_on
 from .bind import BindDelta, BoundBreakpoint, BoundPlan, intersect_access
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
+from ..errors import PolicycError
 
 __all__ = ["Installation", "InstallError", "TeardownError", "RecoveryReport", "install", "recover", "recover_guest",
            "run_with_teardown", "state_path_for", "default_state_dir", "STATE_FORMAT"]
@@ -99,7 +100,7 @@ _ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call
 
 # --------------------------------------------------------------------------- errors
 
-class InstallError(RuntimeError):
+class InstallError(PolicycError, RuntimeError):
     """Install failed. `cause` is the first failure; `undo_errors` lists undo steps that failed too (then
     the guest is NOT as before and the state record at `state_path` is kept for `recover`)."""
 
@@ -114,7 +115,7 @@ class InstallError(RuntimeError):
         self.state_path = state_path
 
 
-class TeardownError(RuntimeError):
+class TeardownError(PolicycError, RuntimeError):
     def __init__(self, errors: Sequence[str], state_path: Path | None) -> None:
         super().__init__(f"teardown incomplete ({len(errors)} step(s) failed: {'; '.join(errors[:3])}); "
                          f"state record kept at {state_path} for 'policyc recover'")

@@ -49,6 +49,7 @@ from .decide import (_FLAG_BITS, _FLAG_FOR_DATA, _X86_NAMES, EVENT_SIZE,
                      EVENT_SUMMARY, F_ALTP2M, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X, Decision,
                      DecisionEngine, _Lowered, _Rule)
 from .decision_log import _DECIMAL_FIELDS, _ENCODE, _CONTROLS, _parse_template, escape_guest
+from ..errors import PolicycError
 
 __all__ = ["NativeEngine", "NativeBatch", "PUNT_REASONS", "native_available"]
 
@@ -128,7 +129,7 @@ def native_available() -> bool:
     return True
 
 
-class NativeLogError(OSError):
+class NativeLogError(PolicycError, OSError):
     """The native call could not write a batch's records: it is decided but not answered yet."""
 
     def __init__(self, requests: list[bytes], responses: list[bytes], served: int) -> None:

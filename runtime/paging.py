@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, GuestMemory, PhysicalAddressError
+from ..errors import PolicycError
 
 __all__ = [
     "AddressSpace",
@@ -113,7 +114,7 @@ def _size_name(size: int) -> str:
 
 
 # --------------------------------------------------------------------- errors
-class PagingError(Exception):
+class PagingError(PolicycError):
     """Base class for errors of the paging model."""
 
 

@@ -41,13 +41,14 @@ from typing import IO, Any, Iterator, Mapping, Sequence
 from .backend import BackendError, Capabilities
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
 from .output_file import OutputFile
+from ..errors import PolicycError
 
 __all__ = ["TRACE_FORMAT", "TraceRecorder", "TraceError", "RecordedGuest", "read_trace", "TraceRecord"]
 
 TRACE_FORMAT = "policyc-trace/1"
 
 
-class TraceError(Exception):
+class TraceError(PolicycError):
     """A trace that cannot be read (with the line it failed at)."""
 
 

@@ -38,6 +38,7 @@ from ..guest_memory import MemorySnapshot
 from .guest import MSR, GuestFault, TranslationFault
 from .layouts import build_guest, parse_size
 from .xen import Op, SimulatedXen
+from ...errors import PolicycError
 
 __all__ = ["ScenarioError", "Scenario", "Step", "StepResult", "ScenarioRunner", "load_scenario",
            "load_scenario_text", "build_scenario", "run_scenario", "OPS"]
@@ -75,7 +76,7 @@ MAX_MEMORY = 8 << 30                # the simulator builds page tables and frame
 WRITE_ROUTES = ("auto", "va", "alias")
 
 
-class ScenarioError(Exception):
+class ScenarioError(PolicycError):
     """A scenario that cannot be used; ``line``/``col`` locate the culprit (1-based)."""
 
     def __init__(self, message: str, path: str = "<scenario>", line: int | None = None,
