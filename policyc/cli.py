@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from . import __version__
+from .version import __version__
 from .diagnostics import Diagnostic, Diagnostics, Severity, SourceCache, render_json, render_sarif, render_text
 from .errors import PolicycError
 from .output_writer import write_output

@@ -626,6 +626,12 @@ class DecisionEngine:
         for name in foreign:
             self._handlers[RS[name]] = self._foreign
 
+    def table_keys(self) -> dict[str, frozenset[int]]:
+        """What the dispatch tables are keyed on: the trapped gfns, breakpoint sites (addresses), MSRs
+        and CPUID leaves for which a request reaches a rule other than by default."""
+        return {"gfns": self.trapped_gfns, "sites": frozenset(self._sites), "msrs": frozenset(self._msr),
+                "cpuid_leaves": frozenset(self._cpuid_leaf)}
+
     def take_pending_rearm(self) -> list[int]:
         """Pages relaxed for the last event (arm64 relax-and-rearm) and not re-armed yet; the caller
         re-arms them when the guest goes quiet, since the next event may be long in coming."""

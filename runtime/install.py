@@ -78,7 +78,7 @@ from .guest_memory import FRAME_SHIFT, FRAME_SIZE
 from ..errors import PolicycError
 
 __all__ = ["Installation", "InstallError", "TeardownError", "RecoveryReport", "install", "recover", "recover_guest",
-           "run_with_teardown", "state_path_for", "default_state_dir", "STATE_FORMAT"]
+           "run_with_teardown", "state_path_for", "default_state_dir", "StateRecord", "STATE_FORMAT"]
 
 STATE_FORMAT = "policyc.install-state/1"
 PAGE = FRAME_SIZE
@@ -175,7 +175,7 @@ def _decode(entry: Mapping[str, Any]) -> dict:
     return out
 
 
-class _Record:
+class StateRecord:
     """The on-disk state record: written atomically (temp file + rename), 0600 in a 0700 directory."""
 
     def __init__(self, path: Path, guest: str, plan: Mapping[str, Any], domain: Mapping[str, Any] | None) -> None:
@@ -212,7 +212,7 @@ class _Record:
 
 
 def _remove_stray_temporaries(path: Path) -> None:
-    """Temporary records a killed `_Record.save` left between mkstemp and the rename."""
+    """Temporary records a killed `StateRecord.save` left between mkstemp and the rename."""
     try:
         strays = list(path.parent.glob(glob.escape(path.name) + ".*"))
     except OSError:
@@ -400,7 +400,7 @@ def _dummy_unpause(vcpu: int) -> bytes:
 class Installation:
     """A bound plan applied to a guest. Use `teardown()` (or `run_with_teardown`) to remove it."""
 
-    def __init__(self, bound: BoundPlan, backend: Any, record: _Record) -> None:
+    def __init__(self, bound: BoundPlan, backend: Any, record: StateRecord) -> None:
         self.bound = bound
         self.backend = backend
         self.record = record
@@ -975,7 +975,7 @@ def install(bound: BoundPlan, backend: Any, *, guest: str | None = None, state_d
                            + (f"an enforcer (pid {pid}{me}) is running" if alive else
                               "an earlier enforcer did not tear down; run 'policyc recover --guest "
                               f"{name}' first"))
-    inst = Installation(bound, backend, _Record(path, name, bound.plan, _domain_identity(backend)))
+    inst = Installation(bound, backend, StateRecord(path, name, bound.plan, _domain_identity(backend)))
     try:
         inst._save()
         inst._install()

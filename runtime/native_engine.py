@@ -197,6 +197,12 @@ class NativeEngine:
         self._build()
 
     # ------------------------------------------------------------------ public
+    @property
+    def stateful(self) -> bool:
+        """Whether a rule keeps state between events (a rate limit, a disarm) that the native and the
+        Python engine must hand each other."""
+        return bool(self._stateful)
+
     def rebuild(self) -> None:
         """After the binding moved (a rebind) or the watched page-table frames changed."""
         self._pull_state(self._stateful)

@@ -409,6 +409,8 @@ def _ffi() -> Any:
 
 
 _LIBS: dict[str, Any] = {}
+# What a backend opens, in this order (libc last: it serves the foreign mappings' munmap).
+_LIBRARIES = ("xenctrl", "xenevtchn", "xenforeignmemory", "xendevicemodel", "c")
 
 
 def load_library(key: str) -> Any:
@@ -476,19 +478,47 @@ class XenBackend:
     MAP_CACHE = 1024                 # foreign mappings kept (LRU) for read/write_physical
 
     def __init__(self, domid: int, name: str, *, ring: bool = True) -> None:
-        self.domid = domid
-        self.name = name
-        self.capability_notes: dict[str, str] = {}     # why a capability is missing, for messages
-        self._ffi = ffi = _ffi()
-        self._xc = load_library("xenctrl")
-        self.xen_release = loaded_release()
-        self._ev = load_library("xenevtchn")
-        self._fm = load_library("xenforeignmemory")
-        self._dm = load_library("xendevicemodel")
-        self._c = load_library("c")
+        libraries = {lib: load_library(lib) for lib in _LIBRARIES}
+        release = loaded_release()
         if not os.path.exists(PRIVCMD):
             raise XenUnavailable("attach", f"{PRIVCMD} is missing (run as root in dom0 with the xen-privcmd "
                                            "module loaded and xenfs mounted)", _errno.ENOENT)
+        self._init_state(domid, name, _ffi(), libraries, release)
+        try:
+            self._open_handles()
+            self._caps = self._discover()
+            if ring:
+                self._enable_ring()
+        except BaseException:
+            self.release()
+            raise
+
+    @classmethod
+    def detached(cls, *, domid: int = 0, name: str = "detached", libraries: Mapping[str, Any] | None = None,
+                 handles: Mapping[str, Any] | None = None, ring: abi.Ring | None = None,
+                 port: int | None = None, xen_release: Any = None) -> "XenBackend":
+        """A backend attached to no domain, for exercising its bookkeeping and the calls it makes
+        without Xen: `libraries` stand in for the Xen libraries by name ("xenctrl", "xenevtchn",
+        "xenforeignmemory", "xendevicemodel", "c"; a missing one is None), `handles` for the handles
+        opened on them ("xch", "xce", "fmh", "dmh"; NULL unless given), `ring` is the monitor ring."""
+        b = cls.__new__(cls)
+        b._init_state(domid, name, _ffi(), dict(libraries or {}), xen_release or RELEASES[0])
+        for handle, value in (handles or {}).items():
+            setattr(b, f"_{handle}", value)
+        b._ring, b._port = ring, port
+        return b
+
+    def _init_state(self, domid: int, name: str, ffi: Any, libraries: Mapping[str, Any], release: Any) -> None:
+        self.domid = domid
+        self.name = name
+        self.capability_notes: dict[str, str] = {}     # why a capability is missing, for messages
+        self._ffi = ffi
+        self._xc = libraries.get("xenctrl")
+        self.xen_release = release
+        self._ev = libraries.get("xenevtchn")
+        self._fm = libraries.get("xenforeignmemory")
+        self._dm = libraries.get("xendevicemodel")
+        self._c = libraries.get("c")
         self._xch = self._xce = self._fmh = self._dmh = ffi.NULL
         self._ring: abi.Ring | None = None
         self._poller: Any = None            # select.poll on the event channel's fd (wait)
@@ -507,14 +537,6 @@ class XenBackend:
         self._mon: dict[str, bool] = {}
         # register-write DENYs held until their vCPU was off its pCPU (_hold_register_denies)
         self.deny_holds = {"checked": 0, "held": 0, "max_wait_ms": 0.0, "unconfirmed": 0}
-        try:
-            self._open_handles()
-            self._caps = self._discover()
-            if ring:
-                self._enable_ring()
-        except BaseException:
-            self.release()
-            raise
 
     # ================================================================== attach
     @classmethod
@@ -1263,6 +1285,10 @@ class XenBackend:
             k.port = self._port
             self._kick = (nffi.addressof(nlib, "vm_evtchn_kick"), nffi.cast("void *", k), k)
         return self._kick[:2]
+
+    def sync_outstanding(self) -> dict[int, int]:
+        """vCPU -> sync requests taken from the ring and not answered yet (those vCPUs are paused)."""
+        return {v: n for v, n in self._sync_out.items() if n > 0}
 
     def take_requests(self, limit: int = 8) -> list[bytes]:
         ring = self._check_ring("take_requests")

@@ -334,25 +334,22 @@ def test_the_context_loaded_back_holds_header_the_patched_cpu_record_and_end():
 
 # =========================================================================== the ring bookkeeping
 
-def _ring_only_backend() -> xb.XenBackend:
+def _ring_only_backend(**kw) -> xb.XenBackend:
     """A XenBackend with a private ring and no Xen: enough for the ring methods that need no hypercall."""
-    b = xb.XenBackend.__new__(xb.XenBackend)
-    b._ring = abi.Ring()
-    b._sync_out = {}
-    return b
+    return xb.XenBackend.detached(ring=abi.Ring(), **kw)
 
 
 def test_sync_requests_are_tracked_until_answered():
     b = _ring_only_backend()
-    ring = b._ring
+    ring = b.native_ring()
     paused = abi.Flag.VCPU_PAUSED
     ring.put_requests([abi.make_request(abi.Reason.MEM_ACCESS, 1, flags=paused),
                        abi.make_request(abi.Reason.GUEST_REQUEST, 2)])        # async: vCPU 2 runs on
     ring.push_requests()
     reqs = b.take_requests(8)
-    assert len(reqs) == 2 and b._sync_out == {1: 1}
+    assert len(reqs) == 2 and b.sync_outstanding() == {1: 1}
     b.put_responses([abi.make_response(r).raw for r in reqs])
-    assert b._sync_out == {1: 0}
+    assert b.sync_outstanding() == {}
     assert [r.vcpu_id for r in ring.take_responses()] == [1, 2]
 
 
@@ -362,7 +359,7 @@ def test_bare_unpause_responses_on_a_quiet_ring_are_accepted():
     bare = [struct.pack("<IIIIH", abi.VERSION, int(abi.Flag.VCPU_PAUSED), 0, v, 0).ljust(abi.EVENT_SIZE, b"\0")
             for v in range(3)]
     b.put_responses(bare)
-    assert [r.vcpu_id for r in b._ring.take_responses()] == [0, 1, 2]
+    assert [r.vcpu_id for r in b.native_ring().take_responses()] == [0, 1, 2]
     with pytest.raises(BackendError) as info:
         b.put_responses(bare * 3)                # more than a ring's worth
     assert info.value.errno == errno.EINVAL
@@ -381,41 +378,39 @@ class _VcpuStillRunning:
         return 0
 
 
-def _deny_backend(running_for: int) -> xb.XenBackend:
-    b = _ring_only_backend()
-    b._ffi, b._xch, b.domid = xb._ffi(), None, 7
-    b._xc = _VcpuStillRunning(running_for)
-    b.deny_holds = {"checked": 0, "held": 0, "max_wait_ms": 0.0, "unconfirmed": 0}
-    return b
+def _deny_backend(running_for: int) -> tuple[xb.XenBackend, _VcpuStillRunning]:
+    xc = _VcpuStillRunning(running_for)
+    return _ring_only_backend(domid=7, libraries={"xenctrl": xc}, handles={"xch": None}), xc
 
 
 def _answer(b: xb.XenBackend, reason: int, flags: int) -> list:
-    b._ring.put_requests([abi.make_request(reason, 1, flags=abi.Flag.VCPU_PAUSED)])
-    b._ring.push_requests()
+    ring = b.native_ring()
+    ring.put_requests([abi.make_request(reason, 1, flags=abi.Flag.VCPU_PAUSED)])
+    ring.push_requests()
     (raw,) = b.take_requests(8)
     b.put_responses([abi.make_response(abi.parse_request(raw), flags=flags).raw])
-    return b._ring.take_responses()
+    return ring.take_responses()
 
 
 @pytest.mark.parametrize("reason", [abi.Reason.WRITE_CTRLREG, abi.Reason.MOV_TO_MSR])
 def test_a_register_write_deny_waits_until_its_vcpu_left_its_pcpu(reason):
-    b = _deny_backend(running_for=3)
+    b, xc = _deny_backend(running_for=3)
     (rsp,) = _answer(b, reason, abi.Flag.VCPU_PAUSED | abi.Flag.DENY)
     assert rsp.flags & abi.Flag.DENY
-    assert b._xc.asked == 4                       # asked until the vCPU was off, then sent
+    assert xc.asked == 4                       # asked until the vCPU was off, then sent
     assert b.deny_holds["checked"] == 1 and b.deny_holds["held"] == 1 and b.deny_holds["unconfirmed"] == 0
 
 
 def test_other_answers_are_not_held():
-    b = _deny_backend(running_for=10**6)
+    b, xc = _deny_backend(running_for=10**6)
     _answer(b, abi.Reason.WRITE_CTRLREG, abi.Flag.VCPU_PAUSED)                    # allow
     _answer(b, abi.Reason.MEM_ACCESS, abi.Flag.VCPU_PAUSED | abi.Flag.EMULATE)    # no early-DENY gap there
-    assert b._xc.asked == 0 and b.deny_holds["checked"] == 0
+    assert xc.asked == 0 and b.deny_holds["checked"] == 0
 
 
 def test_a_vcpu_that_never_leaves_its_pcpu_gets_its_answer_anyway(monkeypatch):
     monkeypatch.setattr(xb.XenBackend, "DENY_HOLD_LIMIT", 0.01)
-    b = _deny_backend(running_for=10**6)
+    b, _xc = _deny_backend(running_for=10**6)
     (rsp,) = _answer(b, abi.Reason.MOV_TO_MSR, abi.Flag.VCPU_PAUSED | abi.Flag.DENY)
     assert rsp.flags & abi.Flag.DENY and b.deny_holds["unconfirmed"] == 1
 
@@ -439,31 +434,25 @@ class _ForeignMemoryWithHoles:
 
 
 def test_population_probe_skips_holes_in_whole_batches_and_single_frames():
-    b = _ring_only_backend()
-    b._ffi = xb._ffi()
-    b._fmh, b.domid = None, 3
     holes = set(range(0xA0, 0xC0)) | {1023, 1024, 5000}       # VGA hole, a batch boundary, a lone frame
-    b._fm = _ForeignMemoryWithHoles(b._ffi, holes)
+    fm = _ForeignMemoryWithHoles(xb._ffi(), holes)
+    b = _ring_only_backend(domid=3, libraries={"xenforeignmemory": fm}, handles={"fmh": None})
     found = b._probe_population(0, 6143)
     assert found == [g for g in range(6144) if g not in holes]
-    assert b._fm.calls == 6                                   # 1024 frames per map call
+    assert fm.calls == 6                                   # 1024 frames per map call
 
 
 def test_populated_among_probes_only_the_runs_it_is_asked_about():
-    b = _ring_only_backend()
-    b._ffi = xb._ffi()
-    b._fmh, b.domid = None, 3
-    b._populated, b._population_index, b._known = None, None, {}
-    b._fm = _ForeignMemoryWithHoles(b._ffi, set(range(0xA0, 0xC0)))
+    fm = _ForeignMemoryWithHoles(xb._ffi(), set(range(0xA0, 0xC0)))
+    b = _ring_only_backend(domid=3, libraries={"xenforeignmemory": fm}, handles={"fmh": None})
     want = {10, 11, 0xA5, 5000, 0x100000}
     assert b.populated_among(want) == want - {0xA5}
-    assert b._fm.calls == 3                      # [10..0xa5], [5000], [0x100000]: not the whole range
-    assert b.populated_among({11, 5000}) == {11, 5000} and b._fm.calls == 3     # answered from memory
+    assert fm.calls == 3                      # [10..0xa5], [5000], [0x100000]: not the whole range
+    assert b.populated_among({11, 5000}) == {11, 5000} and fm.calls == 3     # answered from memory
 
 
 def test_ring_methods_without_a_ring_fail_with_enodev():
-    b = _ring_only_backend()
-    b._ring = None
+    b = xb.XenBackend.detached(ring=None)
     for call in (lambda: b.take_requests(), lambda: b.put_responses([]), lambda: b.set_access(0, [1], "r")):
         with pytest.raises(BackendError) as info:
             call()
@@ -528,9 +517,8 @@ class _ViewWithoutTheFrame:
 
 
 def test_access_in_a_view_that_never_held_the_frame_is_the_hosts():
-    b = object.__new__(xb.XenBackend)
-    b._ffi, b._xch, b.domid, b.xen_release = xb._ffi(), None, 7, xb.RELEASES[0]
-    b._xc = _ViewWithoutTheFrame(b._ffi)
+    b = xb.XenBackend.detached(domid=7, libraries={"xenctrl": _ViewWithoutTheFrame(xb._ffi())},
+                               handles={"xch": None}, xen_release=xb.RELEASES[0])
     assert b.get_access(2, 0x201) == "rx"
     with pytest.raises(InvalidArgument):            # any other failure is still an error
         b.get_access(2, 0x202)
@@ -591,12 +579,12 @@ def test_the_native_kick_calls_xenevtchn_notify_with_the_handle_and_port():
     class _Evtchn:
         pass
 
-    b = object.__new__(xb.XenBackend)
-    b._ffi, b._kick, b._port, b._ring = xb._ffi(), None, 7, object()
-    b._ev = _Evtchn()
-    b._ev.xenevtchn_notify = b._ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
-                                         ctypes.cast(stand_in, ctypes.c_void_p).value)
-    b._xce = b._ffi.cast("xenevtchn_handle *", 0x1234)
+    ffi = xb._ffi()
+    ev = _Evtchn()
+    ev.xenevtchn_notify = ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
+                                   ctypes.cast(stand_in, ctypes.c_void_p).value)
+    b = xb.XenBackend.detached(libraries={"xenevtchn": ev}, handles={"xce": ffi.cast("xenevtchn_handle *", 0x1234)},
+                               ring=abi.Ring(), port=7)
     fn, ctx = b.native_notify()
     nffi, nlib = abi._native()
     assert fn == nffi.addressof(nlib, "vm_evtchn_kick")
