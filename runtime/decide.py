@@ -92,8 +92,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+from ..arch import EXCEPTION_VECTORS
 from ..condition_form import Bindings, evaluate
 from ..native import abi
+from ..native.constants import (CR_INDEX, DESC_INDEX, ET_HW_EXC, EVENT_SIZE, FLAG_BITS, F_ALTP2M, F_EMULATE,
+                                F_FAST_SS, F_INSN_DATA, F_PAUSED, F_READ_DATA, F_SET_REGS, F_TOGGLE_SS,
+                                MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X, RS_CPUID, RS_DEBUG_EXCEPTION,
+                                RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST, RS_MEM_ACCESS, RS_MOV_TO_MSR,
+                                RS_PRIVILEGED_CALL, RS_SINGLESTEP, RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG,
+                                VERSION)
 
 __all__ = ["Binding", "Decision", "DecisionEngine", "SideEffect", "DATA_SLACK", "EVENT_SUMMARY",
            "flag_names", "classify_access"]
@@ -102,45 +109,16 @@ PAGE = 4096
 DATA_SLACK = 7          # bytes before a region that an 8-byte data access may start at
 U64 = (1 << 64) - 1
 
-# --------------------------------------------------------------------------- ABI constants
+# --------------------------------------------------------------------------- reasons and vectors
 
-_C = abi.constants()
-VERSION = _C["VM_EVENT_INTERFACE_VERSION"]
-EVENT_SIZE = abi.EVENT_SIZE
-F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
-F_EMULATE = _C["VM_EVENT_FLAG_EMULATE"]
-F_READ_DATA = _C["VM_EVENT_FLAG_SET_EMUL_READ_DATA"]
-F_INSN_DATA = _C["VM_EVENT_FLAG_SET_EMUL_INSN_DATA"]
-F_ALTP2M = _C["VM_EVENT_FLAG_ALTERNATE_P2M"]
-F_FAST_SS = _C["VM_EVENT_FLAG_FAST_SINGLESTEP"]
-F_SET_REGS = _C["VM_EVENT_FLAG_SET_REGISTERS"]
-F_TOGGLE_SS = _C["VM_EVENT_FLAG_TOGGLE_SINGLESTEP"]
-MA_R, MA_W, MA_X = _C["MEM_ACCESS_R"], _C["MEM_ACCESS_W"], _C["MEM_ACCESS_X"]
-MA_GLA_VALID = _C["MEM_ACCESS_GLA_VALID"]
-MA_IN_GPT = _C["MEM_ACCESS_FAULT_IN_GPT"]
-
-RS = {name: _C[f"VM_EVENT_REASON_{name}"] for name in (
-    "MEM_ACCESS", "WRITE_CTRLREG", "MOV_TO_MSR", "SOFTWARE_BREAKPOINT", "SINGLESTEP", "GUEST_REQUEST",
-    "DEBUG_EXCEPTION", "CPUID", "PRIVILEGED_CALL", "DESCRIPTOR_ACCESS")}
 # vm_event reason -> the plan's dispatch table name
 _KIND_OF_REASON = {
-    RS["MEM_ACCESS"]: "mem_access", RS["WRITE_CTRLREG"]: "write_ctrlreg", RS["MOV_TO_MSR"]: "mov_to_msr",
-    RS["SOFTWARE_BREAKPOINT"]: "software_breakpoint", RS["SINGLESTEP"]: "singlestep",
-    RS["GUEST_REQUEST"]: "guest_request", RS["DEBUG_EXCEPTION"]: "debug_exception", RS["CPUID"]: "cpuid",
-    RS["PRIVILEGED_CALL"]: "privileged_call", RS["DESCRIPTOR_ACCESS"]: "descriptor_access",
+    RS_MEM_ACCESS: "mem_access", RS_WRITE_CTRLREG: "write_ctrlreg", RS_MOV_TO_MSR: "mov_to_msr",
+    RS_SOFTWARE_BREAKPOINT: "software_breakpoint", RS_SINGLESTEP: "singlestep",
+    RS_GUEST_REQUEST: "guest_request", RS_DEBUG_EXCEPTION: "debug_exception", RS_CPUID: "cpuid",
+    RS_PRIVILEGED_CALL: "privileged_call", RS_DESCRIPTOR_ACCESS: "descriptor_access",
 }
-_CR_INDEX = {"cr0": _C["VM_EVENT_X86_CR0"], "cr3": _C["VM_EVENT_X86_CR3"], "cr4": _C["VM_EVENT_X86_CR4"],
-             "xcr0": _C["VM_EVENT_X86_XCR0"]}
-_DESC_INDEX = {"idtr": _C["VM_EVENT_DESC_IDTR"], "gdtr": _C["VM_EVENT_DESC_GDTR"],
-               "ldtr": _C["VM_EVENT_DESC_LDTR"], "tr": _C["VM_EVENT_DESC_TR"]}
-_FLAG_BITS = {name[len("VM_EVENT_FLAG_"):]: value for name, value in _C.items()
-              if name.startswith("VM_EVENT_FLAG_")}
-_VECTORS = {"#DE": 0, "#DB": 1, "#BP": 3, "#OF": 4, "#BR": 5, "#UD": 6, "#NM": 7, "#DF": 8, "#TS": 10,
-            "#NP": 11, "#SS": 12, "#GP": 13, "#PF": 14, "#MF": 16, "#AC": 17, "#MC": 18, "#XM": 19,
-            "#VE": 20, "#CP": 21}
 _HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
-ET_SW_EXC = _C["X86_EVENTTYPE_SW_EXCEPTION"]
-ET_HW_EXC = _C["X86_EVENTTYPE_HW_EXCEPTION"]
 
 # --------------------------------------------------------------------------- request layout
 
@@ -204,7 +182,7 @@ def classify_access(flags: int) -> int:
     return READ
 
 
-_FLAGS_BY_BIT = tuple(sorted(_FLAG_BITS.items(), key=lambda kv: kv[1]))
+_FLAGS_BY_BIT = tuple(sorted(FLAG_BITS.items(), key=lambda kv: kv[1]))
 
 
 @functools.lru_cache(maxsize=256)
@@ -484,9 +462,9 @@ class _Lowered:
         self.key = key
         flags = 0
         for name in spec.get("flags", ()):
-            if name not in _FLAG_BITS:
+            if name not in FLAG_BITS:
                 raise ValueError(f"responses: unknown response flag '{name}'")
-            flags |= _FLAG_BITS[name]
+            flags |= FLAG_BITS[name]
         self.flags = flags
         self.altp2m_idx: int | None = spec.get("altp2m_idx")
         p2m = spec.get("fast_singlestep_p2midx")
@@ -495,7 +473,7 @@ class _Lowered:
         self.read_data = "read_data" in spec or bool(flags & F_READ_DATA)
         inject = spec.get("inject")
         self.inject = inject is not None
-        self.default_vector = _VECTORS.get(inject.split(",")[-1].replace("else", "").strip(), 13) \
+        self.default_vector = EXCEPTION_VECTORS.get(inject.split(",")[-1].replace("else", "").strip(), 13) \
             if isinstance(inject, str) else 13
         adv = spec.get("advance_ip")
         self.advance_insn = isinstance(adv, str)          # "u.cpuid.insn_length"
@@ -557,14 +535,14 @@ def _check_packer() -> None:
     """The packer must agree with the ABI module (as the simulator checks its own)."""
     regs = {name: 0x1000 + i for i, name in enumerate(_X86_NAMES[:33])}
     regs.update(cs={"limit": 0xFFFFF, "ar": 0xA9B}, ss={"limit": 0xFFFFF, "ar": 0xC93}, gs_sel=7)
-    req = abi.make_request(RS["MEM_ACCESS"], 2, flags=F_PAUSED | F_ALTP2M, altp2m_idx=3,
+    req = abi.make_request(RS_MEM_ACCESS, 2, flags=F_PAUSED | F_ALTP2M, altp2m_idx=3,
                            payload={"gfn": 0x1234, "offset": 0x88, "gla": 0xFFFF888000001088, "flags": MA_W | MA_R},
                            regs=regs)
     cases = [
         (pack_response(req.raw, 0, altp2m_idx=1, p2midx=3),
          abi.make_response(req, altp2m_idx=1, fast_singlestep_p2midx=3)),
-        (pack_response(req.raw, F_EMULATE | _FLAG_BITS["EMULATE_NOWRITE"]),
-         abi.make_response(req, flags=F_EMULATE | _FLAG_BITS["EMULATE_NOWRITE"])),
+        (pack_response(req.raw, F_EMULATE | FLAG_BITS["EMULATE_NOWRITE"]),
+         abi.make_response(req, flags=F_EMULATE | FLAG_BITS["EMULATE_NOWRITE"])),
         (pack_response(req.raw, 0, read_data=b"\1\2\3"), abi.make_response(req, emul_read=b"\1\2\3")),
         (pack_response(req.raw, 0, rip=0x4242), abi.make_response(req, regs={"rip": 0x4242})),
         (pack_response(req.raw, 0, insn_data=bytes(range(16))), abi.make_response(req, emul_insn=bytes(range(16)))),
@@ -613,18 +591,18 @@ class DecisionEngine:
         self._build_responses(plan.get("responses", {}))
         self._build_views(plan.get("views", []))
         self._handlers = {
-            RS["MEM_ACCESS"]: self._mem_access, RS["WRITE_CTRLREG"]: self._write_ctrlreg,
-            RS["MOV_TO_MSR"]: self._mov_to_msr, RS["SOFTWARE_BREAKPOINT"]: self._breakpoint,
-            RS["CPUID"]: self._cpuid, RS["DESCRIPTOR_ACCESS"]: self._descriptor,
-            RS["GUEST_REQUEST"]: self._guest_request, RS["DEBUG_EXCEPTION"]: self._debug_exception,
-            RS["PRIVILEGED_CALL"]: self._privileged_call, RS["SINGLESTEP"]: self._singlestep,
+            RS_MEM_ACCESS: self._mem_access, RS_WRITE_CTRLREG: self._write_ctrlreg,
+            RS_MOV_TO_MSR: self._mov_to_msr, RS_SOFTWARE_BREAKPOINT: self._breakpoint,
+            RS_CPUID: self._cpuid, RS_DESCRIPTOR_ACCESS: self._descriptor,
+            RS_GUEST_REQUEST: self._guest_request, RS_DEBUG_EXCEPTION: self._debug_exception,
+            RS_PRIVILEGED_CALL: self._privileged_call, RS_SINGLESTEP: self._singlestep,
         }
         # Reasons the architecture never sends (x86-only on arm64, SMC on x86): a bare echo.
-        foreign = ("PRIVILEGED_CALL",) if not self.arm else (
-            "WRITE_CTRLREG", "MOV_TO_MSR", "SOFTWARE_BREAKPOINT", "CPUID", "DESCRIPTOR_ACCESS",
-            "DEBUG_EXCEPTION", "SINGLESTEP")
-        for name in foreign:
-            self._handlers[RS[name]] = self._foreign
+        foreign = (RS_PRIVILEGED_CALL,) if not self.arm else (
+            RS_WRITE_CTRLREG, RS_MOV_TO_MSR, RS_SOFTWARE_BREAKPOINT, RS_CPUID, RS_DESCRIPTOR_ACCESS,
+            RS_DEBUG_EXCEPTION, RS_SINGLESTEP)
+        for reason in foreign:
+            self._handlers[reason] = self._foreign
 
     def table_keys(self) -> dict[str, frozenset[int]]:
         """What the dispatch tables are keyed on: the trapped gfns, breakpoint sites (addresses), MSRs
@@ -691,12 +669,12 @@ class DecisionEngine:
             self._mem_regions[k].extend((r, tuple(sorted(rs, key=lambda x: x.order)))
                                         for r, rs in by_region[k].items())
         self.trapped_gfns = frozenset().union(*(m.keys() for m in self._mem))
-        self._cr = {_CR_INDEX[name]: self._table(es) for name, es in dispatch.get("write_ctrlreg", {}).items()}
+        self._cr = {CR_INDEX[name]: self._table(es) for name, es in dispatch.get("write_ctrlreg", {}).items()}
         self._msr = {int(k, 16): self._table(es) for k, es in dispatch.get("mov_to_msr", {}).items()}
         self._desc: dict[tuple[int, int], tuple[_Rule, ...]] = {}
         for key, es in dispatch.get("descriptor_access", {}).items():
             reg, access = key.split(":")
-            self._desc[(_DESC_INDEX[reg], 1 if access == "write" else 0)] = self._table(es)
+            self._desc[(DESC_INDEX[reg], 1 if access == "write" else 0)] = self._table(es)
         cpuid = dispatch.get("cpuid", {})
         self._cpuid_any = self._table(cpuid.get("*", ()))
         self._cpuid_leaf = {int(k, 16): tuple(sorted(self._table(es) + self._cpuid_any,
@@ -974,7 +952,7 @@ class DecisionEngine:
         ev["register"], ev["new"], ev["old"] = index, new, old
         rules = self._cr.get(index, ())
         verdict, _f, _v = self._verdict(self._match(rules, ev, d), d)
-        if self._switch_on_cr3 and index == _CR_INDEX["cr3"] and (verdict == "allow" or self.audit) \
+        if self._switch_on_cr3 and index == CR_INDEX["cr3"] and (verdict == "allow" or self.audit) \
                 and d.paused and not self.arm:
             # The plan has context views: the vCPU runs in its new CR3's view (the monitor exists for
             # this even when no rule watches CR3, so the plan may have no write_ctrlreg responses).

@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..native import abi
+from ..native.constants import F_PAUSED, F_TOGGLE_SS, RS_SINGLESTEP, VERSION
 from .backend import BackendError, Unsupported
 from ..targets import runs_on
 from .bind import BindDelta, BoundBreakpoint, BoundPlan, intersect_access
@@ -83,11 +84,6 @@ __all__ = ["Installation", "InstallError", "TeardownError", "RecoveryReport", "i
 STATE_FORMAT = "policyc.install-state/1"
 PAGE = FRAME_SIZE
 
-_C = abi.constants()
-VERSION = _C["VM_EVENT_INTERFACE_VERSION"]
-F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
-F_TOGGLE_SS = _C["VM_EVENT_FLAG_TOGGLE_SINGLESTEP"]
-RS_SINGLESTEP = _C["VM_EVENT_REASON_SINGLESTEP"]
 _HDR = abi.HEADER
 _OFF_DATA = 56
 

@@ -45,9 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ..native.abi import _native
-from .decide import (_FLAG_BITS, _FLAG_FOR_DATA, _X86_NAMES, EVENT_SIZE,
-                     EVENT_SUMMARY, F_ALTP2M, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X, Decision,
-                     DecisionEngine, _Lowered, _Rule)
+from ..native.constants import EVENT_SIZE, F_ALTP2M, FLAG_BITS, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X
+from .decide import _FLAG_FOR_DATA, _X86_NAMES, EVENT_SUMMARY, Decision, DecisionEngine, _Lowered, _Rule
 from .decision_log import _DECIMAL_FIELDS, _ENCODE, _CONTROLS, _parse_template, escape_guest
 from ..errors import PolicycError
 
@@ -498,7 +497,7 @@ class NativeEngine:
         e.summary_key_off = arr("uint32_t", [o for o, _ in keys])
         e.summary_key_len = arr("uint32_t", [n for _, n in keys])
         e.summary_hex = arr("uint8_t", [name not in _DECIMAL_FIELDS for name in _FIELDS])
-        for name, bit in _FLAG_BITS.items():
+        for name, bit in FLAG_BITS.items():
             e.flag_name_off[_bit(bit)], e.flag_name_len[_bit(bit)] = pool.add(_ENCODE(name))
         head = _ENCODE({"decision_id": engine.id_prefix + "."})
         e.id_head_off, e.id_head_len = pool.add(head[:-2])                    # {"decision_id":"PREFIX.

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..native import abi
+from ..native.constants import CR_INDEX, ET_HW_EXC, ET_SW_EXC, F_DENY, F_PAUSED, RS_MOV_TO_MSR, RS_WRITE_CTRLREG
 from .backend import ACCESS_VALUES, BackendError, Capabilities, InvalidArgument, Unsupported
 from .xen_arm64 import ARM64_VCPU_CONTEXT_SIZE, access_runs, registers_from_arm64_context
 
@@ -792,7 +793,7 @@ class XenBackend:
             prod = ring.indices["req_prod"]
             for i in range(prod - ring.unconsumed_requests, prod):
                 _, flags, _, vcpu, _ = abi.HEADER.unpack_from(ring.slot_bytes(i))
-                if flags & _F_PAUSED:
+                if flags & F_PAUSED:
                     out.add(vcpu)
         return frozenset(out)
 
@@ -1042,7 +1043,7 @@ class XenBackend:
         op = "monitor_write_ctrlreg"
         self._mon_check(op, "write_ctrlreg")
         name = index.lower()
-        idx = _CR_INDEX.get(name)
+        idx = CR_INDEX.get(name)
         if idx is None:
             raise InvalidArgument(op, f"unknown control register '{index}'", _errno.EINVAL)
         if self._xc.xc_monitor_write_ctrlreg(self._xch, self.domid, idx, bool(enable), bool(sync),
@@ -1253,7 +1254,7 @@ class XenBackend:
         self._not_on_arm64(op, "Xen on Arm has no exception injection for a monitor")
         if not 0 <= vector < 32:
             raise InvalidArgument(op, f"vector {vector}", _errno.EINVAL)
-        kind = _ET_SW_EXC if software else _ET_HW_EXC
+        kind = ET_SW_EXC if software else ET_HW_EXC
         code = _NO_ERROR_CODE if error_code is None else error_code & 0xFFFFFFFF
         if self._dm.xendevicemodel_inject_event(self._dmh, self.domid, vcpu, vector, kind, code,
                                                 insn_length, 0) < 0:
@@ -1295,7 +1296,7 @@ class XenBackend:
         out = [r.raw for r in ring.take_requests(limit)]
         for raw in out:
             _, flags, _, v, _ = abi.HEADER.unpack_from(raw)
-            if flags & _F_PAUSED:
+            if flags & F_PAUSED:
                 self._sync_out[v] = self._sync_out.get(v, 0) + 1
         return out
 
@@ -1314,7 +1315,7 @@ class XenBackend:
         ring.push_responses()
         for raw in batch:
             _, flags, _, v, _ = abi.HEADER.unpack_from(raw)
-            if flags & _F_PAUSED:
+            if flags & F_PAUSED:
                 if self._sync_out.get(v, 0) > 0:
                     self._sync_out[v] -= 1
 
@@ -1327,7 +1328,7 @@ class XenBackend:
         2 emulated pCPUs: one denied CR4 write and one LSTAR write landed in 205."""
         for raw in batch:
             _, flags, reason, vcpu, _ = abi.HEADER.unpack_from(raw)
-            if not flags & _F_DENY or reason not in _REGISTER_WRITE_REASONS:
+            if not flags & F_DENY or reason not in _REGISTER_WRITE_REASONS:
                 continue
             self.deny_holds["checked"] += 1
             info = self._ffi.new("xc_vcpuinfo_t *")
@@ -1378,14 +1379,7 @@ class XenBackend:
 
 # --------------------------------------------------------------------------- helpers
 
-_C = abi.constants()
-_F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
-_F_DENY = _C["VM_EVENT_FLAG_DENY"]
-_REGISTER_WRITE_REASONS = (_C["VM_EVENT_REASON_WRITE_CTRLREG"], _C["VM_EVENT_REASON_MOV_TO_MSR"])
-_ET_HW_EXC = _C["X86_EVENTTYPE_HW_EXCEPTION"]
-_ET_SW_EXC = _C["X86_EVENTTYPE_SW_EXCEPTION"]
-_CR_INDEX = {"cr0": _C["VM_EVENT_X86_CR0"], "cr3": _C["VM_EVENT_X86_CR3"],
-             "cr4": _C["VM_EVENT_X86_CR4"], "xcr0": _C["VM_EVENT_X86_XCR0"]}
+_REGISTER_WRITE_REASONS = (RS_WRITE_CTRLREG, RS_MOV_TO_MSR)
 
 
 def build_cpu_context(context: bytes, vcpu: int, registers: Mapping[str, int]) -> bytes:

@@ -54,11 +54,12 @@ import uuid
 from collections import deque
 from typing import Any, Mapping
 
+from ...arch import EXCEPTION_VECTORS
 from ...native import abi
 from ..backend import BackendError, Capabilities, InvalidArgument, Unsupported
 from .guest import Guest, GuestFault, VCpu
 from ..guest_memory import FRAME_SHIFT
-from .xen_abi import VERSION
+from ...native.constants import VERSION
 from .xen_access import AccessMixin
 from .xen_memory import MemoryMixin
 from .xen_monitors import MonitorMixin
@@ -71,9 +72,7 @@ from .xen_state import A_RWX, P2M, R, W, X, Op, VState
 __all__ = ["SimulatedXen", "Op", "PROFILES", "echo_response", "echo_responder",
            "R", "W", "X"]
 
-_VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
-                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC",
-                 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+_VECTOR_NAMES = {vector: name for name, vector in EXCEPTION_VECTORS.items()}
 
 
 class SimulatedXen(AccessMixin, RingMixin, MonitorMixin, ResponseMixin, MemoryMixin, RunMixin):

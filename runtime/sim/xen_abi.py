@@ -1,5 +1,5 @@
-"""The vm_event ABI as the simulated Xen packs and reads it: constants by their C names, and the
-`struct` layouts of a request's header, ``u`` and registers, proved against the cffi layout at import.
+"""The vm_event ABI as the simulated Xen packs and reads it (its constants are `policyc.native.constants`):
+the `struct` layouts of a request's header, ``u`` and registers, proved against the cffi layout at import.
 """
 
 from __future__ import annotations
@@ -8,48 +8,11 @@ import operator
 import struct
 
 from ...native import abi
+from ...native.constants import (F_ALTP2M, F_PAUSED, MA_R, MA_W, RS_MEM_ACCESS, RS_PRIVILEGED_CALL,
+                                 VERSION)
 from .guest import GPRS
 
-_C = abi.constants()          # the header's constants by C name (no cffi objects here)
-
-VERSION = _C["VM_EVENT_INTERFACE_VERSION"]
-F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
-F_EMULATE = _C["VM_EVENT_FLAG_EMULATE"]
-F_NOWRITE = _C["VM_EVENT_FLAG_EMULATE_NOWRITE"]
-F_TOGGLE_SS = _C["VM_EVENT_FLAG_TOGGLE_SINGLESTEP"]
-F_READ_DATA = _C["VM_EVENT_FLAG_SET_EMUL_READ_DATA"]
-F_DENY = _C["VM_EVENT_FLAG_DENY"]
-F_ALTP2M = _C["VM_EVENT_FLAG_ALTERNATE_P2M"]
-F_SET_REGS = _C["VM_EVENT_FLAG_SET_REGISTERS"]
-F_INSN_DATA = _C["VM_EVENT_FLAG_SET_EMUL_INSN_DATA"]
-F_FAST_SS = _C["VM_EVENT_FLAG_FAST_SINGLESTEP"]
-
-RS_MEM_ACCESS = _C["VM_EVENT_REASON_MEM_ACCESS"]
-RS_CTRLREG = _C["VM_EVENT_REASON_WRITE_CTRLREG"]
-RS_MSR = _C["VM_EVENT_REASON_MOV_TO_MSR"]
-RS_SWBP = _C["VM_EVENT_REASON_SOFTWARE_BREAKPOINT"]
-RS_SINGLESTEP = _C["VM_EVENT_REASON_SINGLESTEP"]
-RS_GUEST_REQUEST = _C["VM_EVENT_REASON_GUEST_REQUEST"]
-RS_DEBUG = _C["VM_EVENT_REASON_DEBUG_EXCEPTION"]
-RS_CPUID = _C["VM_EVENT_REASON_CPUID"]
-RS_PRIVCALL = _C["VM_EVENT_REASON_PRIVILEGED_CALL"]
-RS_DESC = _C["VM_EVENT_REASON_DESCRIPTOR_ACCESS"]
-
-MA_R, MA_W, MA_X = _C["MEM_ACCESS_R"], _C["MEM_ACCESS_W"], _C["MEM_ACCESS_X"]
-MA_GLA_VALID = _C["MEM_ACCESS_GLA_VALID"]
-MA_WITH_GLA = _C["MEM_ACCESS_FAULT_WITH_GLA"]
-MA_IN_GPT = _C["MEM_ACCESS_FAULT_IN_GPT"]
-
-CR_INDEX = {"cr0": _C["VM_EVENT_X86_CR0"], "cr3": _C["VM_EVENT_X86_CR3"],
-            "cr4": _C["VM_EVENT_X86_CR4"], "xcr0": _C["VM_EVENT_X86_XCR0"]}
-CR_NAME = {v: k for k, v in CR_INDEX.items()}
-
-ET_PRI_SW_EXC = _C["X86_EVENTTYPE_PRI_SW_EXCEPTION"]
-ET_SW_EXC = _C["X86_EVENTTYPE_SW_EXCEPTION"]
-
-EVENT_SIZE = abi.EVENT_SIZE
 FLAGS_AT = 4                                    # the header's flags field
-OFF_U, OFF_DATA = 24, 56                      # u and data (XEN-FACTS); _check_layout proves it
 OFF_REGS_RIP = 56 + 19 * 8
 OFF_EMUL_READ = 60
 
@@ -104,7 +67,7 @@ def _check_layout() -> None:
     rsp = abi.make_response(abi.parse_request(ref), fast_singlestep_p2midx=7).raw
     if struct.unpack_from("<H", rsp, 24)[0] != 7:
         raise ImportError("policyc.runtime.sim: u.fast_singlestep is not where expected")
-    arm = abi.make_request(RS_PRIVCALL, 0, fields={"data.regs.arm.pc": 0x1234}).raw
+    arm = abi.make_request(RS_PRIVILEGED_CALL, 0, fields={"data.regs.arm.pc": 0x1234}).raw
     if REGS_ARM.unpack_from(arm, 56)[3] != 0x1234:
         raise ImportError("policyc.runtime.sim: data.regs.arm is not where expected")
 

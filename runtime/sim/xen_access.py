@@ -8,7 +8,8 @@ import errno as _errno
 from typing import Iterable, Sequence
 
 from ..backend import ACCESS_VALUES, BackendError, InvalidArgument, Unsupported
-from .xen_abi import MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_WITH_GLA, MA_X, RS_MEM_ACCESS, U_MEM
+from ...native.constants import MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_WITH_GLA, MA_X, RS_MEM_ACCESS
+from .xen_abi import U_MEM
 from .xen_state import (ACC_CODE, ALLOWED, A_DEFAULT, A_N, A_N2RWX, A_RW, A_RWX, A_RX, A_RX2RW,
                         MISCONFIG_X86, P2M, R, W, X, Op, VState)
 

@@ -9,11 +9,14 @@ from typing import Mapping
 
 from ..backend import BackendError, InvalidArgument, Unsupported
 from .guest import CR0, CR4, EFER, MSR_NAMES, GuestFault
-from .xen_abi import (CR_INDEX, CR_NAME, ET_PRI_SW_EXC, ET_SW_EXC, RS_CPUID, RS_CTRLREG, RS_DEBUG, RS_DESC,
-                      RS_GUEST_REQUEST, RS_MSR, RS_PRIVCALL, RS_SWBP, U_CPUID, U_CR, U_DEBUG, U_DESC,
-                      U_MSR, U_PAD)
+from ...native.constants import (CR_INDEX, ET_PRI_SW_EXC, ET_SW_EXC, RS_CPUID, RS_DEBUG_EXCEPTION,
+                                 RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST, RS_MOV_TO_MSR, RS_PRIVILEGED_CALL,
+                                 RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG)
+from .xen_abi import U_CPUID, U_CR, U_DEBUG, U_DESC, U_MSR, U_PAD
 from .xen_profiles import cpuid_values
 from .xen_state import PHASE_FINISH, Op, VState
+
+_CR_NAME = {index: name for name, index in CR_INDEX.items()}
 
 
 class MonitorMixin:
@@ -79,7 +82,7 @@ class MonitorMixin:
     def monitors(self) -> Mapping[str, object]:
         out: dict[str, object] = {}
         if self._cr_mon:
-            out["write_ctrlreg"] = {CR_NAME[i]: {"sync": s, "onchangeonly": o, "bitmask": m}
+            out["write_ctrlreg"] = {_CR_NAME[i]: {"sync": s, "onchangeonly": o, "bitmask": m}
                                     for i, (s, o, m) in sorted(self._cr_mon.items())}
         if self._msr_mon:
             out["mov_to_msr"] = {msr: {"onchangeonly": o} for msr, o in sorted(self._msr_mon.items())}
@@ -91,7 +94,7 @@ class MonitorMixin:
         v = s.v
         if self._mon.get("software_breakpoint") and self._p.x86:
             u = U_DEBUG.pack(self._gfn_of(s, v.rip), 0, 1, ET_SW_EXC)
-            if self._send(s, op, RS_SWBP, u, True):
+            if self._send(s, op, RS_SOFTWARE_BREAKPOINT, u, True):
                 return
         # no monitor (or no ring): the #BP is the guest's [doc §1.5]
         self._fault(s, op, GuestFault(3, "#BP", None, v.rip), took_effect=op.kind == "int3")
@@ -105,7 +108,7 @@ class MonitorMixin:
             def after(rc: int) -> None:
                 if rc == 2:   # async: the #DB reaches the guest as well
                     self._fault(s, op, GuestFault(1, "#DB", None, v.rip), took_effect=True)
-            if self._send(s, op, RS_DEBUG, u, sync, after):
+            if self._send(s, op, RS_DEBUG_EXCEPTION, u, sync, after):
                 return
         self._fault(s, op, GuestFault(1, "#DB", None, v.rip), took_effect=True)
 
@@ -113,7 +116,7 @@ class MonitorMixin:
         if self._p.x86:
             raise ValueError("smc is an arm64 instruction")
         if self._mon.get("privileged_call"):
-            if self._send(s, op, RS_PRIVCALL, U_PAD, True):
+            if self._send(s, op, RS_PRIVILEGED_CALL, U_PAD, True):
                 return      # PC is not advanced: the monitor must move it [doc §1.11]
         op.took_effect = True
         s.v.rip = op.rip + 4
@@ -160,7 +163,7 @@ class MonitorMixin:
             is_load = kind in ("lidt", "lgdt")
             info = ((1 if is_idt else 0) << 28 | (1 if is_load else 0) << 29) if self.capabilities().arch == "x86_64" else 0
             u = U_DESC.pack(info, 0, 1 if is_idt else 2, 1 if is_load else 0)
-            if self._send(s, op, RS_DESC, u, True):
+            if self._send(s, op, RS_DESCRIPTOR_ACCESS, u, True):
                 return        # nothing else happens until EMULATE [doc §1.7]
         if kind in ("lidt", "lgdt"):
             self._load_desc(v, kind, op.base, op.limit)
@@ -225,7 +228,7 @@ class MonitorMixin:
                 op.took_effect = True
                 v.rip = op.rip + op.insn_len
                 self._finish(s, op, native=False)
-            if fire and self._send(s, op, RS_CTRLREG, U_CR.pack(idx, value, old), mon[0], write_xcr0):
+            if fire and self._send(s, op, RS_WRITE_CTRLREG, U_CR.pack(idx, value, old), mon[0], write_xcr0):
                 return
             write_xcr0()
             return
@@ -243,7 +246,7 @@ class MonitorMixin:
                 self._write_now(s, op, name, value)
 
         if fire:
-            rc = self._send(s, op, RS_CTRLREG, U_CR.pack(idx, value, old), mon[0], after)
+            rc = self._send(s, op, RS_WRITE_CTRLREG, U_CR.pack(idx, value, old), mon[0], after)
             if rc:
                 return
         v.rip = op.rip + op.insn_len
@@ -296,7 +299,7 @@ class MonitorMixin:
                     op.phase = PHASE_FINISH
                 else:
                     self._msr_now(s, op, msr, value)
-            if self._send(s, op, RS_MSR, U_MSR.pack(msr, value, old), True, after):
+            if self._send(s, op, RS_MOV_TO_MSR, U_MSR.pack(msr, value, old), True, after):
                 return
         v.rip = op.rip + op.insn_len
         self._msr_now(s, op, msr, value)

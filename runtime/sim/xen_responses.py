@@ -8,9 +8,10 @@ import struct
 
 from ..guest_memory import FRAME_MASK, FRAME_SHIFT, FRAME_SIZE
 from .guest import CR0, GPRS, GuestFault, TranslationFault, VCpu
-from .xen_abi import (F_ALTP2M, F_DENY, F_EMULATE, F_FAST_SS, F_INSN_DATA, F_NOWRITE, F_PAUSED,
-                      F_READ_DATA, F_SET_REGS, F_TOGGLE_SS, GPRS_IN, HDR, OFF_EMUL_READ, OFF_REGS_RIP,
-                      RS_CTRLREG, RS_DESC, RS_MEM_ACCESS, RS_MSR, RS_SWBP, U_MEM, VERSION)
+from ...native.constants import (F_ALTP2M, F_DENY, F_EMULATE, F_FAST_SS, F_INSN_DATA, F_NOWRITE, F_PAUSED,
+                                 F_READ_DATA, F_SET_REGS, F_TOGGLE_SS, RS_DESCRIPTOR_ACCESS, RS_MEM_ACCESS,
+                                 RS_MOV_TO_MSR, RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG, VERSION)
+from .xen_abi import GPRS_IN, HDR, OFF_EMUL_READ, OFF_REGS_RIP, U_MEM
 from .xen_state import PHASE_EXEC, PHASE_FINISH, R, W, Op, VState
 
 
@@ -57,18 +58,18 @@ class ResponseMixin:
                 gfn, _off, _gla, mflags = U_MEM.unpack_from(raw, 24)
                 if self._still_violates(s, gfn, mflags):
                     s.emulate = (flags, self._read_data(raw) if flags & F_READ_DATA else None)
-            elif reason == RS_SWBP:
+            elif reason == RS_SOFTWARE_BREAKPOINT:
                 if flags & F_INSN_DATA:
                     s.emulate = (flags, raw[56:72])
-            elif reason == RS_DESC:
+            elif reason == RS_DESCRIPTOR_ACCESS:
                 s.emulate = (flags, self._read_data(raw) if flags & F_READ_DATA else None)
         else:
             s.emulate = None
         # 2. DENY [xen arch/x86/vm_event.c vm_event_register_write_resume]
         if flags & F_DENY:
-            if reason == RS_MSR:
+            if reason == RS_MOV_TO_MSR:
                 s.do_write.pop("msr", None)
-            elif reason == RS_CTRLREG:
+            elif reason == RS_WRITE_CTRLREG:
                 index = struct.unpack_from("<I", raw, 24)[0]
                 name = {0: "cr0", 1: "cr3", 2: "cr4"}.get(index)
                 if name:

@@ -10,9 +10,9 @@ from typing import Any, Callable, Iterable
 
 from ...native import abi
 from ..backend import BackendError
-from .xen_abi import (ARM_PAD, CS_AR, EVENT_SIZE, FLAGS_AT, F_ALTP2M, F_EMULATE, F_PAUSED, GPR_GET, HDR24,
-                      MSR_GET1, MSR_GET2, MSR_SET1, MSR_SET2, OFF_DATA, REGS_ARM, REGS_X86, SEL_GET, SS_AR,
-                      VERSION)
+from ...native.constants import EVENT_SIZE, F_ALTP2M, F_EMULATE, F_PAUSED, OFF_DATA, VERSION
+from .xen_abi import (ARM_PAD, CS_AR, FLAGS_AT, GPR_GET, HDR24, MSR_GET1, MSR_GET2, MSR_SET1, MSR_SET2,
+                      REGS_ARM, REGS_X86, SEL_GET, SS_AR)
 from .xen_state import Op, VState
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from ..guest_memory import FRAME_SHIFT
 from .guest import MSR, GuestFault, TranslationFault
-from .xen_abi import RS_SINGLESTEP, U_SS
+from ...native.constants import RS_SINGLESTEP
+from .xen_abi import U_SS
 from .xen_profiles import X86_ONLY
 from .xen_state import PHASE_FINISH, R, W, Op, VState
 
