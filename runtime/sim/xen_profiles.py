@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-X86_MONITORS = frozenset({"write_ctrlreg", "mov_to_msr", "software_breakpoint", "descriptor_access",
-                           "cpuid", "guest_request", "debug_exception", "singlestep"})
-
+from ...targets import TARGETS, runs_on
 
 @dataclass(frozen=True)
 class Profile:
@@ -17,23 +15,35 @@ class Profile:
     mem_access: bool
     altp2m: bool
     singlestep: bool
-    emulate: bool
     monitors: frozenset[str]
     write_implies_read: bool     # VMX (and SVM) report writes as W|R; ARM reports W
     arch: str = ""               # what the host reports (Capabilities.arch); the name when empty
 
 
-PROFILES: dict[str, Profile] = {
-    "x86_64": Profile("x86_64", True, True, True, True, True, X86_MONITORS, True),
-    # VT-x with EPT but no monitor trap flag, as Bochs emulates it (shared/xenlab/NOTES.md): the host
-    # is an x86_64 host to the enforcer, without single-stepping.
-    "x86_64-nomtf": Profile("x86_64-nomtf", True, True, True, False, True, X86_MONITORS - {"singlestep"}, True,
-                            arch="x86_64"),
-    "x86_64-svm": Profile("x86_64-svm", True, False, False, False, True,
-                          X86_MONITORS - {"singlestep"}, True),
-    "arm64": Profile("arm64", False, True, False, False, False,
-                     frozenset({"guest_request", "privileged_call"}), False),
-}
+# The monitors among a target's capabilities (single-stepping is one where the host has MTF).
+_MONITORS = ("write_ctrlreg", "mov_to_msr", "software_breakpoint", "descriptor_access", "cpuid", "guest_request",
+             "debug_exception", "privileged_call", "singlestep")
+
+
+def _host_capabilities(name: str) -> tuple[frozenset[str], str]:
+    """What the host a target is named after can do, and the architecture it reports. One table says
+    it (`policyc.targets.TARGETS`); a target that runs on another's host (x86_64-nomtf on x86_64) is that
+    host without what the target lacks for want of the hardware: VT-x without MTF keeps EPT and altp2m,
+    it only cannot step (the plan avoids altp2m because a step-over needs MTF, not because it is gone)."""
+    host = next((h for h in TARGETS if h != name and runs_on(name, h)), None)
+    if host is None:
+        return TARGETS[name].capabilities, ""
+    return TARGETS[host].capabilities - {"singlestep", "fast_singlestep"}, host
+
+
+def _profile(name: str) -> Profile:
+    caps, arch = _host_capabilities(name)
+    x86 = "write_ctrlreg" in caps        # the x86 monitors every x86 target has
+    return Profile(name, x86, "mem_access" in caps, "altp2m" in caps, "singlestep" in caps,
+                   frozenset(m for m in _MONITORS if m in caps), write_implies_read=x86, arch=arch)
+
+
+PROFILES: dict[str, Profile] = {name: _profile(name) for name in TARGETS}
 
 # Default instruction lengths per operation (bytes): mov r/m64, NOP, mov cr, wrmsr,
 # lidt [m], cpuid, int3, vmcall, icebp, smc.
