@@ -72,7 +72,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..native import abi
 from ..native.constants import F_PAUSED, F_TOGGLE_SS, RS_SINGLESTEP, VERSION
-from .backend import BackendError, Unsupported
+from .backend import ON_OFF_MONITORS, BackendError, Unsupported
 from ..targets import runs_on
 from .bind import BindDelta, BoundBreakpoint, BoundPlan, intersect_access
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
@@ -90,8 +90,6 @@ _OFF_DATA = 56
 INT3 = b"\xcc"
 SMC = (0xD4000003).to_bytes(4, "little")     # smc #0
 
-_ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep",
-           "guest_request", "debug_exception")
 
 
 # --------------------------------------------------------------------------- errors
@@ -668,7 +666,7 @@ class Installation:
             want = {"onchangeonly": bool(m.get("onchangeonly", False))}
             have = current.get("mov_to_msr") or {}
             self._enable_one("mov_to_msr", want, have.get(msr, have.get(hex(msr))), msr=msr)
-        for kind in _ON_OFF:
+        for kind in ON_OFF_MONITORS:
             setting = mons.get(kind)
             if not setting:
                 continue

@@ -46,7 +46,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..native import abi
 from ..native.constants import CR_INDEX, ET_HW_EXC, ET_SW_EXC, F_DENY, F_PAUSED, RS_MOV_TO_MSR, RS_WRITE_CTRLREG
-from .backend import ACCESS_VALUES, BackendError, Capabilities, InvalidArgument, Unsupported
+from .backend import (ACCESS_VALUES, ALWAYS_SYNC_MONITORS, ON_OFF_MONITORS, BackendError, Capabilities, InvalidArgument,
+                      Unsupported)
 from .xen_arm64 import ARM64_VCPU_CONTEXT_SIZE, access_runs, registers_from_arm64_context
 
 __all__ = ["XenBackend", "XenUnavailable", "XenRelease", "RELEASES", "loaded_release", "LIBRARIES", "DECLARATIONS", "STRUCTS", "MONITOR_EVENT_BITS",
@@ -471,10 +472,7 @@ class XenBackend:
     `close` disables whatever ring the domain has (a dead agent's), `reattach` enables a fresh one.
     """
 
-    _ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "guest_request",
-               "debug_exception", "privileged_call", "singlestep")
     DENY_HOLD_LIMIT = 0.25           # seconds a register-write DENY waits for its vCPU to leave its pCPU
-    _ALWAYS_SYNC = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep")
     POPULATION_BATCH = 1024          # frames per foreign-map probe in populated_frames()
     MAP_CACHE = 1024                 # foreign mappings kept (LRU) for read/write_physical
 
@@ -1088,7 +1086,7 @@ class XenBackend:
 
     def monitor(self, kind: str, enable: bool, *, sync: bool = True) -> None:
         op = "monitor"
-        if kind not in self._ON_OFF:
+        if kind not in ON_OFF_MONITORS:
             raise InvalidArgument(op, f"unknown monitor '{kind}'", _errno.EINVAL)
         self._mon_check(op, kind)
         xc, xch, d, on = self._xc, self._xch, self.domid, bool(enable)
@@ -1110,7 +1108,7 @@ class XenBackend:
         if rc < 0:
             raise _error(op, call, self._ffi.errno, kind)
         if enable:
-            self._mon[kind] = True if kind in self._ALWAYS_SYNC else bool(sync)
+            self._mon[kind] = True if kind in ALWAYS_SYNC_MONITORS else bool(sync)
         else:
             self._mon.pop(kind, None)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno as _errno
 from typing import Mapping
 
-from ..backend import BackendError, InvalidArgument, Unsupported
+from ..backend import ALWAYS_SYNC_MONITORS, ON_OFF_MONITORS, BackendError, InvalidArgument, Unsupported
 from .guest import CR0, CR4, EFER, MSR_NAMES, GuestFault
 from ...native.constants import (CR_INDEX, ET_PRI_SW_EXC, ET_SW_EXC, RS_CPUID, RS_DEBUG_EXCEPTION,
                                  RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST, RS_MOV_TO_MSR, RS_PRIVILEGED_CALL,
@@ -62,20 +62,15 @@ class MonitorMixin:
         else:
             del self._msr_mon[msr]
 
-    _ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "guest_request",
-               "debug_exception", "privileged_call", "singlestep")
-
-    _ALWAYS_SYNC = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep")
-
     def monitor(self, kind: str, enable: bool, *, sync: bool = True) -> None:
-        if kind not in self._ON_OFF:
+        if kind not in ON_OFF_MONITORS:
             raise InvalidArgument("monitor", f"unknown monitor '{kind}'", _errno.EINVAL)
         self._mon_errors("monitor", kind)
         if (kind in self._mon) == enable:
             raise BackendError("monitor", f"{kind} monitor already {'enabled' if enable else 'disabled'}",
                                _errno.EEXIST)
         if enable:
-            self._mon[kind] = True if kind in self._ALWAYS_SYNC else sync
+            self._mon[kind] = True if kind in ALWAYS_SYNC_MONITORS else sync
         else:
             del self._mon[kind]
 
