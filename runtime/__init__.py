@@ -1,8 +1,8 @@
 """The enforcer (installed as policyc.runtime): a trap plan bound to a guest, installed, enforced.
 
-Stage: the last one (plan -> bound to a guest -> installed -> every vm_event answered).
-May import: `policyc.plan`, `policyc.targets`, `policyc.errors` and `policyc.native`; never the
-compiler's front end (check, lower, dsl, yaml_form), which the runtime must run without.
+Stage: the last one: a loaded plan -> bound to a guest -> installed -> every vm_event answered.
+May import: policyc.native and the compiler's shared facts (arch, targets, symbols, condition_form, errors),
+never its stages (dsl, yaml_form, check, lower: a host runs plans without them); `sim` may, for scenarios.
 
 The public API, and all of it:
 

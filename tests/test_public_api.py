@@ -3,6 +3,7 @@ and each name is the object its module defines (no second meaning under the same
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
@@ -88,3 +89,31 @@ def test_importing_the_package_does_not_load_the_compiler():
            "('policyc.check', 'policyc.lower', 'policyc.runtime.enforce', 'policyc.runtime.sim.xen')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = ("policyc", "grammar", "runtime", "native")
+
+
+def _package_inits() -> list[Path]:
+    return sorted(p for folder in PACKAGE_DIRS for p in (ROOT / folder).rglob("__init__.py"))
+
+
+def test_every_package_says_its_stage_and_what_it_may_import():
+    inits = _package_inits()
+    assert len(inits) >= 6
+    for path in inits:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        lines = doc.splitlines()
+        assert any(line.startswith("Stage: ") for line in lines), f"{path.relative_to(ROOT)}: no 'Stage:' line"
+        assert any(line.startswith("May import: ") for line in lines), \
+            f"{path.relative_to(ROOT)}: no 'May import:' line"
+
+
+def test_the_readme_maps_every_package_folder():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    listed = {line.split("`")[1].rstrip("/") for line in table}
+    folders = {str(p.parent.relative_to(ROOT)) for p in _package_inits()}
+    assert folders <= listed, f"README's layout table lacks {sorted(folders - listed)}"
+    assert all((ROOT / f).is_dir() for f in listed), "README's layout table names a folder that is not there"

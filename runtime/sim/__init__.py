@@ -1,5 +1,8 @@
 """The simulated Xen and its guest (installed as policyc.runtime.sim).
 
+Stage: a stand-in for a Xen host and its guest, for tests, policy-test scenarios and the chaos harness.
+May import: the runtime and policyc.native; the compiler's stages only in `scenario`/`chaos`, to compile.
+
 `SimulatedXen` (xen.py) is a `policyc.runtime.backend.Backend` with Xen
 4.17's semantics, caveats included; `Guest` (guest.py) is the machine it
 runs; `layouts` builds guests as a booted kernel leaves them; `scenario`
