@@ -10,7 +10,8 @@ loads SCENARIOS.md files and runs their steps against a responder.
 """
 
 from .guest import Guest, GuestFault, VCpu
-from .layouts import build_bare, build_guest, build_linux_x86_64, parse_size
+from .layout_pages import parse_size
+from .layouts import build_bare, build_guest, build_linux_x86_64
 from .xen import PROFILES, Op, SimulatedXen, echo_responder, echo_response
 
 __all__ = ["Guest", "GuestFault", "VCpu", "SimulatedXen", "Op", "PROFILES", "echo_response",

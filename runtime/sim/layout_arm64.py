@@ -62,7 +62,7 @@ from ..guest_memory import FRAME_SHIFT
 from ..paging_arm64 import (BLOCK_2M, DESC_DBM, LINUX_TCR_48, PAGE_4K, SCTLR_M, TABLE_PXN, TABLE_UXN,
                             Stage1Tables)
 from .guest_arm64 import CPSR_EL1H, GUEST_RAM0_BASE, Arm64Guest
-from .layouts import _down, _up, page_runs, parse_size
+from .layout_pages import align_down, align_up, page_runs, parse_size
 
 __all__ = ["build_linux_arm64", "PAGE_OFFSET", "KIMAGE_REGION", "ARM64_NOP", "IMAGE_MAGIC", "SLIDE_ALIGN",
            "image_header", "SYSCALL_NUMBERS", "NR_SYSCALLS"]
@@ -136,7 +136,7 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
     image_size = end_link - text_link
     pa_of_link = lambda a: a - text_link + ram_base          # noqa: E731
     va_of = lambda name: link(name) + kaslr_slide            # noqa: E731
-    percpu_pa0 = _up(pa_of_link(end_link), PERCPU_STRIDE)
+    percpu_pa0 = align_up(pa_of_link(end_link), PERCPU_STRIDE)
     frames = (ram_base + size) >> FRAME_SHIFT
     alloc_lo = frames - min(max(size // 4 >> FRAME_SHIFT, 1), (64 << 20) >> FRAME_SHIFT)
     if percpu_pa0 + vcpus * PERCPU_STRIDE > alloc_lo << FRAME_SHIFT:
@@ -149,7 +149,7 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
     g.symbols = {name: s.address + kaslr_slide for name, s in table.symbols.items() if not s.percpu}
     g.percpu = {name: s.address for name, s in table.symbols.items() if s.percpu}
     g.kaslr_slide = kaslr_slide
-    memstart = _down(ram_base, MEMSTART_ALIGN)
+    memstart = align_down(ram_base, MEMSTART_ALIGN)
     g.direct_map_base = PAGE_OFFSET - memstart
     g.kimage_voffset = va_of("_text") - ram_base            # type: ignore[attr-defined]
 
@@ -158,7 +158,7 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
     pt = Stage1Tables(mem, swapper_pa, 0, tcr=LINUX_TCR_48, sctlr=_SCTLR_KERNEL)
 
     def segment(start: str, end: str, *, writable: bool, executable: bool) -> None:
-        s, e = _down(va_of(start), PAGE_4K), _up(va_of(end), PAGE_4K)
+        s, e = align_down(va_of(start), PAGE_4K), align_up(va_of(end), PAGE_4K)
         if e > s:
             _map_segment(pt, s, pa_of_link(s - kaslr_slide), e - s, writable=writable, executable=executable,
                          blocks=True, table_flags=TABLE_UXN)
@@ -173,14 +173,14 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
             _map_segment(pt, g.direct_map_base + pa, pa, n, writable=writable, executable=False, blocks=False,
                          table_flags=TABLE_PXN | TABLE_UXN)
 
-    ro_lo, ro_hi = pa_of_link(link("_stext")), pa_of_link(_up(link("__init_begin"), PAGE_4K))
+    ro_lo, ro_hi = pa_of_link(link("_stext")), pa_of_link(align_up(link("__init_begin"), PAGE_4K))
     linear(ram_base, ro_lo - ram_base, writable=True)
     linear(ro_lo, ro_hi - ro_lo, writable=False)
     linear(ro_hi, ram_base + size - ro_hi, writable=True)
 
     # -- contents
     mem.write(pa_of_link(text_link), image_header(image_size))
-    text_lo, text_hi = pa_of_link(link("_stext")), pa_of_link(_up(link("_etext"), PAGE_4K))
+    text_lo, text_hi = pa_of_link(link("_stext")), pa_of_link(align_up(link("_etext"), PAGE_4K))
     nops = struct.pack("<I", ARM64_NOP) * (PAGE_4K // 4)
     for pa in range(text_lo, text_hi, PAGE_4K):
         mem.write(pa, nops)

@@ -63,7 +63,7 @@ from pathlib import Path
 from ...symbols import PdbIdentity, SymbolFileError, SymbolTable, load_symbol_table
 from ..paging import PAGE_2M, PAGE_4K, PageTables
 from .guest import CR0, CR4, EFER, MSR, Guest
-from .layouts import _map_range, _up, parse_size
+from .layout_pages import align_up, map_range, parse_size
 
 __all__ = ["build_windows_x86_64", "KERNEL_IMAGE_RANGE", "IMAGE_PA", "SECTIONS", "SIZE_OF_IMAGE",
            "LSTAR_RVA", "CSTAR_RVA", "IDT_STUB_RVA", "KI_SERVICE_TABLE_RVA", "NONPAGED_POOL_VA",
@@ -248,7 +248,7 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
     size = parse_size(memory)
     if vcpus < 1:
         raise ValueError("a guest needs at least one vCPU")
-    pool_pa = _up(image_pa + SIZE_OF_IMAGE, PAGE_2M)
+    pool_pa = align_up(image_pa + SIZE_OF_IMAGE, PAGE_2M)
     pool_size = vcpus * PROCESSOR_BLOCK_SIZE + _POOL_MISC_SIZE
     frames = size >> 12
     alloc_lo = frames - min(max(frames // 4, 1), (64 << 20) >> 12)
@@ -268,10 +268,10 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
 
     # -- page tables and the image's sections
     pt = PageTables(mem)
-    _map_range(pt, image_base, image_pa, SECTIONS[".text"][1], writable=False, executable=True)  # headers + .text
+    map_range(pt, image_base, image_pa, SECTIONS[".text"][1], writable=False, executable=True)  # headers + .text
     for name in (".rdata", ".data"):
         start, end, writable, executable, _chars = SECTIONS[name]
-        _map_range(pt, va(start), pa(start), end - start, writable=writable, executable=executable)
+        map_range(pt, va(start), pa(start), end - start, writable=writable, executable=executable)
 
     # -- image contents
     header, debug = _pe_headers(image_base, table.pdb)

@@ -31,17 +31,18 @@ slide, what Linux 6.1 on x86-64 has set up once it has booted:
 
 from __future__ import annotations
 
-import re
 import struct
 from pathlib import Path
-from typing import Iterator
 
 from ...symbols import load_symbol_table
 
 from ..paging import PAGE_1G, PAGE_2M, PAGE_4K, PageTables
 from .guest import CR0, CR4, EFER, MSR, Guest
+from .layout_arm64 import build_linux_arm64
+from .layout_pages import align_down, align_up, map_range, parse_size
+from .layout_windows import build_windows_x86_64
 
-__all__ = ["LAYOUTS", "build_guest", "build_linux_x86_64", "build_bare", "parse_size",
+__all__ = ["LAYOUTS", "build_guest", "build_linux_x86_64", "build_bare",
            "START_KERNEL_MAP", "LOAD_PHYSICAL_ADDR", "CPU_ENTRY_AREA_IDT", "DEFAULT_PAGE_OFFSET"]
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -60,52 +61,6 @@ _SYSCALLS = {"__x64_sys_mprotect": 10, "__x64_sys_execve": 59, "__x64_sys_kill":
              "__x64_sys_getdents64": 217, "__x64_sys_process_vm_writev": 311,
              "__x64_sys_finit_module": 313, "__x64_sys_memfd_create": 319, "__x64_sys_bpf": 321}
 NR_SYSCALLS = 451
-
-
-def parse_size(text: int | str) -> int:
-    """``256M``, ``1G``, ``4096``, ``512K`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]i?B?)?\s*", str(text))
-    if not m:
-        raise ValueError(f"'{text}' is not a size (e.g. 256M)")
-    value = int(m.group(1), 0)
-    unit = (m.group(2) or "").upper()[:1]
-    return value << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
-
-
-def _up(x: int, a: int) -> int:
-    return (x + a - 1) & ~(a - 1)
-
-
-def _down(x: int, a: int) -> int:
-    return x & ~(a - 1)
-
-
-def page_runs(va: int, pa: int, size: int, *, large: bool = True) -> Iterator[tuple[int, int, int, int]]:
-    """``(va, pa, length, page size)`` runs that map [va, va+size) to [pa, pa+size) the way the
-    kernels do: 2 MiB pages (x86-64) or blocks (AArch64) where va, pa and the range allow and ``large``,
-    4 KiB pages elsewhere. Small pages stop at each 2 MiB boundary, so that an aligned stretch after a
-    misaligned head still gets large pages."""
-    end = va + size
-    cur = va
-    while cur < end:
-        p = pa + (cur - va)
-        if large and cur % PAGE_2M == 0 and p % PAGE_2M == 0 and cur + PAGE_2M <= end:
-            n = _down(end - cur, PAGE_2M)
-            yield cur, p, n, PAGE_2M
-            cur += n
-            continue
-        nxt = min(end, _up(cur + 1, PAGE_2M)) if large else end
-        yield cur, p, nxt - cur, PAGE_4K
-        cur = nxt
-
-
-def _map_range(pt: PageTables, va: int, pa: int, size: int, *, writable: bool, executable: bool,
-               large: bool = True) -> None:
-    """Map [va, va+size) as :func:`page_runs` splits it, global (kernel mappings)."""
-    for v, p, n, page_size in page_runs(va, pa, size, large=large):
-        pt.map(v, p, n, page_size, writable=writable, executable=executable, global_=True)
 
 
 def build_bare(memory: int | str = 64 << 20, vcpus: int = 1) -> Guest:
@@ -147,7 +102,7 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
     end_link = link("_end")
     phys_of_link = lambda a: a - START_KERNEL_MAP + phys_slide  # noqa: E731
     image_pa_end = phys_of_link(end_link)
-    percpu_pa0 = _up(image_pa_end, PERCPU_STRIDE)
+    percpu_pa0 = align_up(image_pa_end, PERCPU_STRIDE)
     frames = size >> 12
     alloc_lo = frames - min(max(frames // 4, 1), (64 << 20) >> 12)
     if percpu_pa0 + vcpus * PERCPU_STRIDE > alloc_lo << 12:
@@ -174,9 +129,9 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
     va = lambda name: link(name) + kaslr_slide  # noqa: E731
 
     def section(start: str, end: str, *, writable: bool, executable: bool) -> None:
-        s, e = _down(va(start), PAGE_4K), _up(va(end), PAGE_4K)
+        s, e = align_down(va(start), PAGE_4K), align_up(va(end), PAGE_4K)
         if e > s:
-            _map_range(pt, s, phys_of_link(s - kaslr_slide), e - s, writable=writable, executable=executable)
+            map_range(pt, s, phys_of_link(s - kaslr_slide), e - s, writable=writable, executable=executable)
 
     section("_stext", "_etext", writable=False, executable=True)
     section("__start_rodata", "__end_rodata", writable=False, executable=False)
@@ -186,12 +141,12 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
 
     # -- the direct map
     cur = 0
-    gib = _down(size, PAGE_1G)
+    gib = align_down(size, PAGE_1G)
     if gib:
         pt.map(page_offset_base, 0, gib, PAGE_1G, writable=True, executable=False, global_=True)
         cur = gib
     if size - cur >= PAGE_2M:
-        n = _down(size - cur, PAGE_2M)
+        n = align_down(size - cur, PAGE_2M)
         pt.map(page_offset_base + cur, cur, n, PAGE_2M, writable=True, executable=False, global_=True)
         cur += n
     if size > cur:
@@ -202,13 +157,13 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
     idt_pa = None
     if table.lookup("idt_table"):
         idt_pa = pa_of("idt_table")
-        pt.map(CPU_ENTRY_AREA_IDT, _down(idt_pa, PAGE_4K), PAGE_4K, PAGE_4K,
+        pt.map(CPU_ENTRY_AREA_IDT, align_down(idt_pa, PAGE_4K), PAGE_4K, PAGE_4K,
                writable=False, executable=False, global_=True)
 
     # -- contents
-    text_pa, text_end_pa = pa_of("_stext"), phys_of_link(_up(link("_etext"), PAGE_4K))
+    text_pa, text_end_pa = pa_of("_stext"), phys_of_link(align_up(link("_etext"), PAGE_4K))
     nop_frame = b"\x90" * PAGE_4K
-    for pa in range(_down(text_pa, PAGE_4K), text_end_pa, PAGE_4K):
+    for pa in range(align_down(text_pa, PAGE_4K), text_end_pa, PAGE_4K):
         mem.write(pa, nop_frame)
     stext = va("_stext")
     if table.lookup("sys_call_table"):
@@ -277,20 +232,8 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
     return g
 
 
-def _build_windows_x86_64(**kwargs) -> Guest:
-    # Imported when used: layout_windows imports its helpers from here.
-    from .layout_windows import build_windows_x86_64
-    return build_windows_x86_64(**kwargs)
-
-
-def _build_linux_arm64(**kwargs) -> Guest:
-    # Imported when used, for the same reason (layout_arm64 imports its helpers from here).
-    from .layout_arm64 import build_linux_arm64
-    return build_linux_arm64(**kwargs)
-
-
-LAYOUTS = {"linux-x86_64": build_linux_x86_64, "windows-x86_64": _build_windows_x86_64,
-           "linux-arm64": _build_linux_arm64, "bare": build_bare}
+LAYOUTS = {"linux-x86_64": build_linux_x86_64, "windows-x86_64": build_windows_x86_64,
+           "linux-arm64": build_linux_arm64, "bare": build_bare}
 
 
 def build_guest(layout: str, **kwargs) -> Guest:

@@ -36,7 +36,8 @@ from ...yaml_form import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, BoundedLoader
 from ... import syntax as S
 from ..guest_memory import MemorySnapshot
 from .guest import MSR, GuestFault, TranslationFault
-from .layouts import build_guest, parse_size
+from .layout_pages import parse_size
+from .layouts import build_guest
 from .xen import Op, SimulatedXen
 from ...errors import PolicycError
 
