@@ -168,7 +168,17 @@ def _verdict_lines(plan: dict, table: str, entry: dict) -> list[str]:
 # ---------------------------------------------------------------- text
 
 def explain_text(plan: dict) -> str:
-    """A readable report of a plan."""
+    """A readable report of a plan: its sections in order, a blank line between them."""
+    out: list[str] = []
+    for i, section in enumerate(_SECTIONS):
+        if i:
+            out.append("")
+        out.extend(section(plan))
+    return "\n".join(out) + "\n"
+
+
+def _header_lines(plan: dict) -> list[str]:
+    """The plan's identity: policy, target, compiler, hashes, symbol files, mode."""
     out: list[str] = []
     pol, tgt = plan.get("policy", {}), plan.get("target", {})
     out.append(f"policy {pol.get('name')!s} (mode {pol.get('mode')})")
@@ -182,16 +192,24 @@ def explain_text(plan: dict) -> str:
     if pol.get("mode") == "audit":
         out.append("  audit mode: nothing is refused; every deny is logged as \"would deny\" and answered "
                    "with the allow response")
+    return out
 
-    out.append("")
+
+def _strategy_lines(plan: dict) -> list[str]:
+    """How each kind of event is handled (the plan's strategies)."""
+    out: list[str] = []
     out.append("strategies")
     strategies = plan.get("strategies", {})
     if not strategies:
         out.append("  (none: no memory or breakpoint rules)")
     for k, v in sorted(strategies.items()):
         out.append(f"  {k:<24} {v}")
+    return out
 
-    out.append("")
+
+def _view_lines(plan: dict) -> list[str]:
+    """Each view with its regions, their pages and extents."""
+    out: list[str] = []
     out.append("views")
     views = plan.get("views", [])
     if not views:
@@ -223,8 +241,12 @@ def explain_text(plan: dict) -> str:
                 out.append("          (empty region: nothing to trap)")
             for e in region.get("extents", []):
                 out.append("          " + extent_text(e))
+    return out
 
-    out.append("")
+
+def _monitor_lines(plan: dict) -> list[str]:
+    """The monitors the plan enables."""
+    out: list[str] = []
     out.append("monitors")
     monitors = plan.get("monitors", {})
     if not monitors:
@@ -240,8 +262,12 @@ def explain_text(plan: dict) -> str:
             out.append(f"  {name} " + ", ".join(f"{k}={_lower(v)}" for k, v in sorted(value.items())))
         else:
             out.append(f"  {name}")
+    return out
 
-    out.append("")
+
+def _breakpoint_lines(plan: dict) -> list[str]:
+    """The breakpoints, where and how each is planted."""
+    out: list[str] = []
     out.append("breakpoints")
     bps = plan.get("breakpoints", [])
     if not bps:
@@ -251,8 +277,12 @@ def explain_text(plan: dict) -> str:
                  f"stepped in view {bp['step_view']}") if "views" in bp else ""
         out.append(f"  {bp['id']:<4} {_address(bp['address'], bp['relocatable'])} {bp['mechanism']}{where}; "
                    f"rules: {', '.join(bp['rules'])}")
+    return out
 
-    out.append("")
+
+def _response_lines(plan: dict) -> list[str]:
+    """The response flags per trigger and verdict."""
+    out: list[str] = []
     out.append("responses")
     responses = plan.get("responses", {})
     if not responses:
@@ -265,8 +295,12 @@ def explain_text(plan: dict) -> str:
                 out.append(f"  {kind + ' ' + verdict:<28} " + ", ".join(f"{k} {v}" for k, v in sorted(resp.items())))
             else:
                 out.append(f"  {kind + ' ' + verdict:<28} {resp}")
+    return out
 
-    out.append("")
+
+def _rule_lines(plan: dict) -> list[str]:
+    """Each rule, in source order: trigger, landing, condition, verdict and actions."""
+    out: list[str] = []
     rules = plan.get("rules", {})
     out.append(f"rules ({len(rules)})")
     landings = rule_landings(plan)
@@ -287,16 +321,24 @@ def explain_text(plan: dict) -> str:
         out.extend("    " + line for line in _verdict_lines(plan, table, entry))
         for action in entry["actions"]:
             out.append(f"    then      {action_text(action)}")
+    return out
 
-    out.append("")
+
+def _warning_lines(plan: dict) -> list[str]:
+    """The compiler's warnings."""
+    out: list[str] = []
     warnings = plan.get("warnings", [])
     out.append(f"warnings ({len(warnings)})")
     for w in warnings:
         out.append(f"  {w['code']} at {w['at'] or '(policy)'}: {w['message']}")
+    return out
 
+
+def _analysis_lines(plan: dict) -> list[str]:
+    """The analyses: collateral of sub-page regions, then a summary of the others."""
+    out: list[str] = []
     analyses = plan.get("analyses", {}) or {}
     collateral = analyses.get("collateral")
-    out.append("")
     out.append("collateral (sub-page regions trap whole pages; the verdict filters the rest by offset)")
     if collateral is None:
         out.append("  (not analysed)")
@@ -313,7 +355,10 @@ def explain_text(plan: dict) -> str:
         out.append("other analyses")
         for name in others:
             out.append(f"  {name}: {_summary(analyses[name])}")
-    return "\n".join(out) + "\n"
+    return out
+
+
+_SECTIONS = (_header_lines, _strategy_lines, _view_lines, _monitor_lines, _breakpoint_lines, _response_lines, _rule_lines, _warning_lines, _analysis_lines)
 
 
 def _share(part: int, whole: int) -> str:
