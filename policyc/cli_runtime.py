@@ -224,7 +224,8 @@ def _guest(spec: str) -> tuple[str, str]:
 def _open_xen(spec: str, *, ring: bool) -> Any:
     """Attach to xen:NAME|DOMID; every way it can fail is one line (exit 2), never a traceback."""
     from .runtime.backend import BackendError
-    from .runtime.xen_backend import XenBackend, XenUnavailable
+    from .runtime.xen_backend import XenBackend
+    from .runtime.xen_libs import XenUnavailable
 
     try:
         return XenBackend.open(spec, ring=ring)
