@@ -62,7 +62,6 @@ import json
 import os
 import re
 import signal
-import struct
 import tempfile
 import threading
 import time
@@ -76,6 +75,7 @@ from .backend import ON_OFF_MONITORS, BackendError, Unsupported
 from ..targets import runs_on
 from .bind import BindDelta, BoundBreakpoint, BoundPlan, intersect_access
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
+from .vm_event_layout import echo_response
 from ..errors import PolicycError
 
 __all__ = ["Installation", "InstallError", "TeardownError", "RecoveryReport", "install", "recover", "recover_guest",
@@ -85,7 +85,6 @@ STATE_FORMAT = "policyc.install-state/1"
 PAGE = FRAME_SIZE
 
 _HDR = abi.HEADER
-_OFF_DATA = 56
 
 INT3 = b"\xcc"
 SMC = (0xD4000003).to_bytes(4, "little")     # smc #0
@@ -367,21 +366,11 @@ def _describe(entry: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- responses
 
-def _echo(raw: bytes, extra_flags: int = 0) -> bytes:
-    """The minimal response: the request's header and `u` (what Xen reads back), VCPU_PAUSED echoed."""
-    out = bytearray(len(raw))
-    out[:_OFF_DATA] = raw[:_OFF_DATA]
-    flags = _HDR.unpack_from(raw)[1]
-    struct.pack_into("<I", out, 4, (flags & F_PAUSED) | extra_flags)
-    struct.pack_into("<H", out, 16, 0)
-    return bytes(out)
-
-
 def _teardown_response(raw: bytes) -> bytes:
     """Answer for teardown: unpause, nothing else; a single-stepping vCPU also stops stepping."""
     _, flags, reason, _, _ = _HDR.unpack_from(raw)
     paused = flags & F_PAUSED
-    return _echo(raw, F_TOGGLE_SS if reason == RS_SINGLESTEP and paused else 0)
+    return echo_response(raw, F_TOGGLE_SS if reason == RS_SINGLESTEP and paused else 0)
 
 
 def _dummy_unpause(vcpu: int) -> bytes:

@@ -46,8 +46,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..native.abi import _native
 from ..native.constants import EVENT_SIZE, F_ALTP2M, FLAG_BITS, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X
-from .decide import _FLAG_FOR_DATA, _X86_NAMES, EVENT_SUMMARY, Decision, DecisionEngine, _Lowered, _Rule
+from .decide import Decision, DecisionEngine, _Lowered, _Rule
 from .decision_log import _DECIMAL_FIELDS, _ENCODE, _CONTROLS, _parse_template, escape_guest
+from .vm_event_layout import EVENT_SUMMARY, FLAG_FOR_DATA, X86_NAMES
 from ..errors import PolicycError
 
 __all__ = ["NativeEngine", "NativeBatch", "PUNT_REASONS", "native_available"]
@@ -72,7 +73,7 @@ def _register_layout() -> dict[str, tuple[int, int, int, int]]:
     out, off = {}, _OFF_DATA
     sizes = [8] * 33 + [4] * 4 + [8] * 2 + [4] * 6 + [8] + [2] * 8
     raw_at = {}
-    for name, size in zip(_X86_NAMES, sizes):
+    for name, size in zip(X86_NAMES, sizes):
         raw_at[name] = (off, size)
         if name[0] != "_":
             out[name] = (off, size, 0, (1 << (8 * size)) - 1)
@@ -769,7 +770,7 @@ class NativeEngine:
         self._keep.append(t)
         for i, low in enumerate(specs):
             c = t[i]
-            c.base_flags = low.flags & ~_FLAG_FOR_DATA | (low.flags & F_ALTP2M if low.altp2m_idx is None else 0)
+            c.base_flags = low.flags & ~FLAG_FOR_DATA | (low.flags & F_ALTP2M if low.altp2m_idx is None else 0)
             c.altp2m = -1 if low.altp2m_idx is None else low.altp2m_idx
             c.p2midx = -2 if low.p2midx_faulting else (-1 if low.p2midx is None else low.p2midx)
             c.read_data = low.read_data

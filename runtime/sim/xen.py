@@ -65,7 +65,8 @@ from .xen_memory import MemoryMixin
 from .xen_monitors import MonitorMixin
 from .xen_profiles import PROFILES
 from .xen_responses import ResponseMixin
-from .xen_ring import RingMixin, echo_responder, echo_response
+from ..vm_event_layout import echo_response
+from .xen_ring import RingMixin, echo_responder
 from .xen_run import RunMixin
 from .xen_state import A_RWX, P2M, R, W, X, Op, VState
 

@@ -12,7 +12,6 @@ from ...native.constants import (F_ALTP2M, F_PAUSED, MA_R, MA_W, RS_MEM_ACCESS, 
                                  VERSION)
 from .guest import GPRS
 
-FLAGS_AT = 4                                    # the header's flags field
 OFF_REGS_RIP = 56 + 19 * 8
 OFF_EMUL_READ = 60
 

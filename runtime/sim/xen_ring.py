@@ -5,27 +5,15 @@ ring throttle and the wait queue for a slot), the Backend's ring calls, and the 
 from __future__ import annotations
 
 import errno as _errno
-import struct
 from typing import Any, Callable, Iterable
 
 from ...native import abi
 from ..backend import BackendError
-from ...native.constants import EVENT_SIZE, F_ALTP2M, F_EMULATE, F_PAUSED, OFF_DATA, VERSION
-from .xen_abi import (ARM_PAD, CS_AR, FLAGS_AT, GPR_GET, HDR24, MSR_GET1, MSR_GET2, MSR_SET1, MSR_SET2,
+from ...native.constants import F_ALTP2M, F_EMULATE, F_PAUSED, VERSION
+from .xen_abi import (ARM_PAD, CS_AR, GPR_GET, HDR24, MSR_GET1, MSR_GET2, MSR_SET1, MSR_SET2,
                       REGS_ARM, REGS_X86, SEL_GET, SS_AR)
+from ..vm_event_layout import echo_response
 from .xen_state import Op, VState
-
-
-def echo_response(request: bytes, flags: int = 0) -> bytes:
-    """The response xen-access builds: the request's header and ``u`` copied
-    (version, flags & VCPU_PAUSED, reason, vcpu_id, and u.mem_access /
-    u.write_ctrlreg that EMULATE and DENY read back [doc §0.2]), plus ``flags``."""
-    out = bytearray(EVENT_SIZE)
-    out[:OFF_DATA] = request[:OFF_DATA]
-    req_flags = int.from_bytes(request[4:8], "little")
-    struct.pack_into("<I", out, FLAGS_AT, (req_flags & F_PAUSED) | flags)
-    struct.pack_into("<H", out, 16, 0)
-    return bytes(out)
 
 
 def echo_responder(flags: int = F_EMULATE) -> Callable[[Any], None]:
