@@ -43,7 +43,7 @@ def test_the_runtime_defines_its_errors():
     names = {n for n, _ in _exception_classes()}
     # the walk finds them (a walk that found nothing would pass the next test vacuously)
     assert {"policyc.plan.PlanError", "policyc.runtime.backend.BackendError",
-            "policyc.runtime.install.InstallError", "policyc.runtime.bind.BindError",
+            "policyc.runtime.install.InstallError", "policyc.runtime.guest_kernel.BindError",
             "policyc.runtime.enforce.EnforcerError", "policyc.native.abi.RingError"} <= names
 
 
