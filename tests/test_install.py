@@ -25,9 +25,10 @@ from policyc.native import abi
 from policyc.runtime.backend import BackendError
 from policyc.runtime.bind import bind_plan
 from policyc.runtime.install import (InstallError, Installation, TeardownError, install, recover,
-                                     remap_view_ids, run_with_teardown, state_path_for)
+                                     remap_view_ids, run_with_teardown)
 from policyc.runtime.paging import PageTables
 from policyc.runtime.sim import Guest, Op, SimulatedXen, build_linux_x86_64
+from policyc.runtime.state_record import state_path_for
 from policyc.symbols import load_symbol_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -597,7 +598,7 @@ class _Crash(Flaky):
 
 
 def test_recover_after_a_kill_in_the_middle_of_install(symbols, tmp_path, monkeypatch):
-    from policyc.runtime.install import StateRecord
+    from policyc.runtime.state_record import StateRecord
     total, log = _count_mutating_calls(symbols, tmp_path)
     before = guest_snapshot(mk())
     save, delete = StateRecord.save, StateRecord.delete
@@ -869,7 +870,7 @@ def test_the_recover_command_refuses_another_domain_and_changes_nothing(tmp_path
     from contextlib import redirect_stderr, redirect_stdout
 
     from policyc.cli import main
-    from policyc.runtime.install import StateRecord
+    from policyc.runtime.state_record import StateRecord
 
     guest = "simhost:/nonexistent.sock"
     path = state_path_for(guest, tmp_path)
