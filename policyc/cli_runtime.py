@@ -791,7 +791,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _recover_report(backend: Any, guest: str, state_dir: str | None) -> int:
-    from .runtime.install import recover_guest
+    from .runtime.recover import recover_guest
     from .runtime.state_record import state_path_for
 
     path = state_path_for(guest, state_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["STATE_FORMAT", "StateRecord", "default_state_dir", "state_path_for", "load_record",
-           "remove_stray_temporaries", "domain_identity", "other_domain"]
+           "remove_stray_temporaries", "domain_identity", "other_domain", "pid_alive"]
 
 STATE_FORMAT = "policyc.install-state/1"
 
@@ -151,3 +151,16 @@ def load_record(path: Path) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not a policyc install-state record")
     data["journal"] = [_decode(e) for e in data.get("journal", [])]
     return data
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether the process that wrote a record (its pid) still runs."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

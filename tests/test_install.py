@@ -24,9 +24,10 @@ import pytest
 from policyc.native import abi
 from policyc.runtime.backend import BackendError
 from policyc.runtime.bind import bind_plan
-from policyc.runtime.install import (InstallError, Installation, TeardownError, install, recover,
-                                     remap_view_ids, run_with_teardown)
+from policyc.runtime.install import (InstallError, Installation, TeardownError, install, remap_view_ids,
+                                     run_with_teardown)
 from policyc.runtime.paging import PageTables
+from policyc.runtime.recover import recover
 from policyc.runtime.sim import Guest, Op, SimulatedXen, build_linux_x86_64
 from policyc.runtime.state_record import state_path_for
 from policyc.symbols import load_symbol_table
