@@ -44,7 +44,7 @@ from policyc.runtime.decision_log import DecisionLog  # noqa: E402
 from policyc.runtime.enforce import Enforcer  # noqa: E402
 from policyc.runtime.sim import echo_response  # noqa: E402
 from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario  # noqa: E402
-from policyc.runtime.sim.xen import F_EMULATE  # noqa: E402
+from policyc.native.constants import F_EMULATE  # noqa: E402
 from policyc.symbols import load_symbol_table  # noqa: E402
 
 SPACING = 64          # 100,000 regions fit in .rodata (9.3 MiB), which the layout maps whole

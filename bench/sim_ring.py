@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ring_floor import c_floor  # noqa: E402
 
 from policyc.runtime.sim import Op, SimulatedXen, build_linux_x86_64, echo_response  # noqa: E402
-from policyc.runtime.sim.xen import F_EMULATE  # noqa: E402
+from policyc.native.constants import F_EMULATE  # noqa: E402
 
 MAP = Path(__file__).resolve().parents[1] / "examples" / "policies" / "linux-6.1.System.map"
 

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from ..errors import PolicycError
+
 __all__ = [
     "ExtensionNotBuilt",
     "RingError",
@@ -61,11 +63,11 @@ __all__ = [
 ]
 
 
-class ExtensionNotBuilt(ImportError):
+class ExtensionNotBuilt(PolicycError, ImportError):
     """The compiled vm_event extension is missing."""
 
 
-class RingError(RuntimeError):
+class RingError(PolicycError, RuntimeError):
     """A ring operation that would break the protocol."""
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from .errors import PolicycError
+
 __all__ = ["Bundle", "BundleError", "BundleStore", "build_bundle", "verify_bundle", "fetch_bundle",
            "generate_key", "MANIFEST_FORMAT"]
 
@@ -43,7 +45,7 @@ MAX_BUNDLE_BYTES = 512 << 20        # a plan and a kernel's ISF fit many times o
 MAX_MEMBERS = 64
 
 
-class BundleError(Exception):
+class BundleError(PolicycError):
     """A bundle that cannot be used (unreadable, unsigned by the trusted key, expired, replayed)."""
 
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from . import __version__
-from .diagnostics import Diagnostic, Diagnostics, Severity, SourceCache, render_json, render_sarif, render_text
+from .version import __version__
+from .diagnostics import Diagnostics, Severity
+from .errors import PolicycError
+from .cli_shared import POLICY_SUFFIXES, FileResult, emit_diagnostics, policy_files, root_results
 from .output_writer import write_output
-from .source import is_yaml_path
 
 __all__ = ["main"]
 
-POLICY_SUFFIXES = (".vmi", ".yaml", ".yml")
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 
@@ -39,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except PolicycError as exc:     # each command reports its own; this is the net under them all
+        print(f"policyc {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     if argv is None and args.command in ("check", "compile"):
         _exit_now(status)
     return status
@@ -147,21 +149,21 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.target and args.target not in ARCHES:
         print(f"policyc check: unknown target '{args.target}' (targets: {', '.join(ARCHES)})", file=sys.stderr)
         return EXIT_USAGE
-    files, skipped, problems = _policy_files(args.paths)
+    files, skipped, problems = policy_files(args.paths)
     if problems:
         for m in problems:
             print(f"policyc check: {m}", file=sys.stderr)
         return EXIT_USAGE
     results = _check_files(files, args.target, args.jobs or os.cpu_count() or 1)
     # Drop include-only files that another file in the run includes: they are checked through it.
-    roots = _roots(results)
+    roots = root_results(results)
     diagnostics = Diagnostics()
     for r in roots:
         diagnostics.extend(r.diagnostics)
     items = diagnostics.sorted()
     errors = sum(d.severity is Severity.ERROR for d in items)
     warnings = sum(d.severity is Severity.WARNING for d in items)
-    _emit(items, args.format)
+    emit_diagnostics(items, args.format)
     if args.format == "text" and not args.quiet:
         summary = f"checked {len(roots)} polic{'y' if len(roots) == 1 else 'ies'}: " \
                   f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
@@ -169,41 +171,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
             summary += f" ({len(skipped)} non-policy file{'s' * (len(skipped) != 1)} skipped)"
         print(summary, file=sys.stderr)
     return EXIT_PROBLEMS if errors or (args.strict and warnings) else EXIT_OK
-
-
-def _emit(items, fmt: str) -> None:
-    if fmt == "json":
-        print(render_json(items))
-    elif fmt == "sarif":
-        print(render_sarif(items, __version__))
-    elif items:
-        color = sys.stderr.isatty() and os.environ.get("NO_COLOR") is None
-        print(render_text(items, SourceCache(), color=color), file=sys.stderr)
-
-
-def _policy_files(paths: list[str]) -> tuple[list[Path], list[Path], list[str]]:
-    """The policy files named or found under directories, skipped non-policy files, and what is
-    wrong with the paths (a missing path, a directory holding no policy file) as messages."""
-    files: list[Path] = []
-    skipped: list[Path] = []
-    problems: list[str] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            from .cli_runtime import _is_scenario
-            # A directory search passes over scenario files (YAML too, but not policies); named files are kept.
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in POLICY_SUFFIXES
-                           and not (is_yaml_path(f) and _is_scenario(f)))
-            if not found:
-                problems.append(f"no policy files ({', '.join(POLICY_SUFFIXES)}) under {raw}")
-            files += found
-        elif p.is_file():
-            (files if p.suffix.lower() in POLICY_SUFFIXES else skipped).append(p)
-        elif p.is_symlink():
-            problems.append(f"{raw} is a symbolic link to nothing (or a loop)")
-        else:
-            problems.append(f"no such file or directory: {raw}")
-    return list(dict.fromkeys(files)), skipped, problems
 
 
 def _jobs(text: str) -> int:
@@ -216,16 +183,7 @@ def _jobs(text: str) -> int:
     return value
 
 
-@dataclass
-class _FileResult:
-    """One file checked as if alone (one file's errors must not hide another's)."""
-    resolved: Path
-    diagnostics: list[Diagnostic]
-    includes: set[Path]
-    has_policy_block: bool
-
-
-def _check_files(files: list[Path], target: str | None, jobs: int) -> list[_FileResult]:
+def _check_files(files: list[Path], target: str | None, jobs: int) -> list[FileResult]:
     """Every file's result, in the order given, whatever the number of processes. Each process
     keeps its own parser and symbol tables for all the files it is handed."""
     jobs = min(jobs, len(files) - 1)
@@ -247,30 +205,11 @@ def _check_files(files: list[Path], target: str | None, jobs: int) -> list[_File
         return [first] + [r for results in done for r in results]
 
 
-def _check_batch(files: list[Path], target: str | None) -> list[_FileResult]:
+def _check_batch(files: list[Path], target: str | None) -> list[FileResult]:
     return [_check_file(f, target) for f in files]
 
 
-def _roots(results: list[_FileResult]) -> list[_FileResult]:
-    """Drop include-only files that another file in the run includes: they are checked through it."""
-    included = set().union(*(r.includes for r in results))
-    return [r for r in results if r.resolved not in included or r.has_policy_block]
-
-
-def _policy_roots(files: list[Path]) -> list[Path]:
-    """The files of a run that are policies of their own (not included by another file of the run)."""
-    from .check import included_files
-    from .source import read_policy_file
-
-    results = []
-    for f in files:
-        tree = read_policy_file(f, Diagnostics())
-        results.append(_FileResult(f.resolve(), [], included_files(f), tree is not None and tree.policy is not None))
-    keep = {r.resolved for r in _roots(results)}
-    return [f for f in files if f.resolve() in keep]
-
-
-def _check_file(path: Path, target: str | None) -> _FileResult:
+def _check_file(path: Path, target: str | None) -> FileResult:
     from .check import check_policy, included_files
     from .source import read_policy_file
 
@@ -282,14 +221,14 @@ def _check_file(path: Path, target: str | None) -> _FileResult:
         from .lower import compile_plan
         compile_plan(policy, own, target=target, sealed=False)
     tree = read_policy_file(path, Diagnostics())  # the check's own parse, from the cache
-    return _FileResult(path.resolve(), list(own), included_files(path),
+    return FileResult(path.resolve(), list(own), included_files(path),
                        tree is not None and tree.policy is not None)
 
 
 # ---------------------------------------------------------------- fmt
 
 def _cmd_fmt(args: argparse.Namespace) -> int:
-    files, skipped, problems = _policy_files(args.paths)
+    files, skipped, problems = policy_files(args.paths)
     for m in problems:
         print(f"policyc fmt: {m}", file=sys.stderr)
     if problems:
@@ -301,7 +240,7 @@ def _cmd_fmt(args: argparse.Namespace) -> int:
         diagnostics = Diagnostics()
         result = _format_file(path, diagnostics, args.to)
         if result is None or diagnostics.has_errors:
-            _emit(diagnostics.sorted(), "text")
+            emit_diagnostics(diagnostics.sorted(), "text")
             print(f"policyc fmt: {path}: not formatted (fix the errors above first)", file=sys.stderr)
             status = EXIT_PROBLEMS
             continue
@@ -411,7 +350,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     diagnostics = Diagnostics()
     plan = _plan_for(args.policy, args.target, diagnostics)
-    _emit(diagnostics.sorted(), args.format if args.format != "text" else "text")
+    emit_diagnostics(diagnostics.sorted(), args.format if args.format != "text" else "text")
     if plan is None:
         return EXIT_PROBLEMS
     if args.emit == "xsm":
@@ -432,7 +371,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     diagnostics = Diagnostics()
     plan = _plan_for(args.source, args.target, diagnostics)
-    _emit(diagnostics.sorted(), "text")
+    emit_diagnostics(diagnostics.sorted(), "text")
     if plan is None:
         return EXIT_PROBLEMS
     sys.stdout.write(explain_dot(plan) if args.dot else explain_text(plan))
@@ -447,7 +386,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     diagnostics = Diagnostics()
     old = _plan_for(args.old, args.target, diagnostics)
     new = _plan_for(args.new, args.target, diagnostics)
-    _emit(diagnostics.sorted(), "text")
+    emit_diagnostics(diagnostics.sorted(), "text")
     if old is None or new is None:
         return EXIT_PROBLEMS
     result = diff_plans(old, new)

@@ -167,6 +167,6 @@ def _cache_dir(cache: str | None) -> Path:
         return Path(cache)
     if os.environ.get("STATE_DIRECTORY"):
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "bundles"
-    from .runtime.install import default_state_dir
+    from .runtime.state_record import default_state_dir
 
     return default_state_dir() / "bundles"

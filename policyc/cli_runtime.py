@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_outputs import RunOutputs, add_output_arguments
+from .cli_shared import is_scenario_file
 from .diagnostics import Diagnostics
 
 __all__ = ["add_runtime_commands"]
@@ -128,7 +129,7 @@ class _Compiled:
 def _compile(policy: str, target: str | None, *, audit: bool = False, command: str,
              warnings: bool = True, symbols_dir: str | None = None) -> _Compiled:
     from .check import check_policy
-    from .cli import _emit
+    from .cli_shared import emit_diagnostics
     from .lower import compile_plan
     from .symbols import SymbolFileError, load_symbol_table
 
@@ -143,7 +144,7 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     plan = compile_plan(model, diagnostics, target=target) if model is not None else None
     from .diagnostics import Severity
     shown = [d for d in diagnostics.sorted() if warnings or d.severity is Severity.ERROR]
-    _emit(shown, "text")
+    emit_diagnostics(shown, "text")
     if plan is None or model is None:
         raise _Usage(f"{policy} does not compile (see above): nothing was installed")
     if audit:
@@ -225,7 +226,8 @@ def _guest(spec: str) -> tuple[str, str]:
 def _open_xen(spec: str, *, ring: bool) -> Any:
     """Attach to xen:NAME|DOMID; every way it can fail is one line (exit 2), never a traceback."""
     from .runtime.backend import BackendError
-    from .runtime.xen_backend import XenBackend, XenUnavailable
+    from .runtime.xen_backend import XenBackend
+    from .runtime.xen_libs import XenUnavailable
 
     try:
         return XenBackend.open(spec, ring=ring)
@@ -704,11 +706,11 @@ def _new_coverage():
 def _add_unrun_policies(coverage, paths: Sequence[str]) -> None:
     """Policies under the tested paths that no scenario ran: their rules are uncovered too."""
     from .check import check_policy
-    from .cli import _policy_files, _policy_roots
+    from .cli_shared import policy_files, policy_roots
     from .source import display_path
 
-    files, _skipped, _problems = _policy_files([p for p in paths if Path(p).is_dir()])
-    for path in _policy_roots(files):
+    files, _skipped, _problems = policy_files([p for p in paths if Path(p).is_dir()])
+    for path in policy_roots(files):
         model = check_policy(path, Diagnostics())
         if model is not None:
             coverage.add_unrun(display_path(path), [(r.name, r.span.file, r.span.line) for r in model.rules])
@@ -744,19 +746,10 @@ def _scenario_files(paths: Sequence[str]) -> list[Path]:
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            out += [f for f in sorted(p.rglob("*")) if f.suffix in SCENARIO_SUFFIXES and _is_scenario(f)]
+            out += [f for f in sorted(p.rglob("*")) if f.suffix in SCENARIO_SUFFIXES and is_scenario_file(f)]
         else:
             raise _Usage(f"no such file or directory: {raw}")
     return list(dict.fromkeys(out))
-
-
-def _is_scenario(path: Path) -> bool:
-    """A scenario file has a top-level `scenario:` key (policies in YAML start with `policy:`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return any(line.startswith("scenario:") for line in f)
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 # --------------------------------------------------------------------------- replay
@@ -829,7 +822,8 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
 
 def _recover_report(backend: Any, guest: str, state_dir: str | None) -> int:
-    from .runtime.install import recover_guest, state_path_for
+    from .runtime.recover import recover_guest
+    from .runtime.state_record import state_path_for
 
     path = state_path_for(guest, state_dir)
     report = recover_guest(backend, guest, state_dir)

@@ -16,12 +16,12 @@ no DSL source to go back to: a relocatable link-time address is shown as
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
-from .arch import ARCHES
-from .syntax import PRECEDENCE
+from .plan_text import (action_text, bits_for, dispatch_entries, extent_text, region_pages, render_condition,
+                        view_pages)
 
-__all__ = ["explain_text", "explain_dot", "render_condition", "rule_landings", "TRIGGER_RESPONSES"]
+__all__ = ["explain_text", "explain_dot", "rule_landings", "TRIGGER_RESPONSES"]
 
 # The responses table each trigger kind is answered from.
 TRIGGER_RESPONSES = {
@@ -30,121 +30,16 @@ TRIGGER_RESPONSES = {
     "guest_request": "guest_request", "debug_exception": "debug_exception", "smc": "privileged_call",
 }
 
-_ATOM = 12
-_UNARY_OPS = {"neg": "-", "inv": "~"}
 _MEMORY_DENY = {"read": ["deny:read"], "write": ["deny:write"], "execute": ["deny:execute"],
                 "access": ["deny:read", "deny:write", "deny:execute"]}
 
 
-# ---------------------------------------------------------------- conditions
-
-def render_condition(form: list | None, bits: dict[str, int] | None = None, register: str | None = None) -> str:
-    """A plan-form condition in the DSL's infix spelling. `bits`: the named bits of the register a
-    set()/cleared()/changed() test reads (e.g. {"WP": 0x10000}), shown as `register.NAME`."""
-    if form is None:
-        return "always"
-    text, _ = _render(form, bits or {}, register)
-    return text
-
-
-def _render(form: list, bits: dict[str, int], register: str | None) -> tuple[str, int]:
-    op = form[0]
-    if op == "lit":
-        return form[1], _ATOM
-    if op == "addr":
-        return ("percpu " if form[2] else "va ") + form[1], _ATOM
-    if op == "field":
-        return form[1], _ATOM
-    if op in ("set", "cleared", "changed"):
-        return f"{op}({_mask_names(int(form[1], 16), bits, register)})", _ATOM
-    if op == "not":
-        inner, p = _render(form[1], bits, register)
-        prec = PRECEDENCE["not"]
-        return "not " + (f"({inner})" if p < prec else inner), prec
-    if op in _UNARY_OPS:
-        inner, p = _render(form[1], bits, register)
-        prec = PRECEDENCE["neg"]
-        return _UNARY_OPS[op] + (f"({inner})" if p < prec else inner), prec
-    if op in ("in", "not_in"):
-        inner, p = _render(form[1], bits, register)
-        prec = PRECEDENCE["in"]
-        value = f"({inner})" if p <= prec else inner
-        return f"{value} {'not in' if op == 'not_in' else 'in'} {form[2]}", prec
-    if op in PRECEDENCE:
-        prec = PRECEDENCE[op]
-        left, lp = _render(form[1], bits, register)
-        right, rp = _render(form[2], bits, register)
-        if prec == PRECEDENCE["=="]:  # comparisons do not chain
-            wrap_left, wrap_right = lp <= prec, rp <= prec
-        else:  # left-associative
-            wrap_left, wrap_right = lp < prec, rp <= prec
-        left = f"({left})" if wrap_left else left
-        right = f"({right})" if wrap_right else right
-        return f"{left} {op} {right}", prec
-    return repr(form), _ATOM  # not a condition the schema allows; show it as it is
-
-
-def _mask_names(mask: int, bits: dict[str, int], register: str | None) -> str:
-    if not bits or not register:
-        return hex(mask)
-    names = [name for name, bit in sorted(bits.items(), key=lambda kv: (kv[1], kv[0])) if mask & bit]
-    covered = 0
-    for name in names:
-        covered |= bits[name]
-    if covered != mask or not names:
-        return hex(mask)
-    return " | ".join(f"{register}.{name}" for name in names)
-
-
-def _bits_for(plan: dict, table: str, key: str | None) -> tuple[dict[str, int], str | None]:
-    """The named bits that a bit test in this dispatch table refers to."""
-    arch = ARCHES.get(plan.get("target", {}).get("arch", ""))
-    if arch is None or key is None:
-        return {}, None
-    if table == "write_ctrlreg":
-        return arch.named_bits.get(key, {}), key
-    if table == "mov_to_msr":
-        name = arch.msr_name(int(key, 16))
-        if name and name in arch.msr_bits:
-            return arch.msr_bits[name], name
-    return {}, None
-
-
 # ---------------------------------------------------------------- reading a plan
-
-def _entries(plan: dict) -> Iterable[tuple[str, str | None, dict]]:
-    """Every dispatch entry as (table, key or None, entry), in the plan's order."""
-    for table, content in sorted(plan.get("dispatch", {}).items()):
-        if isinstance(content, list):
-            for entry in content:
-                yield table, None, entry
-        else:
-            for key, entries in sorted(content.items()):
-                for entry in entries:
-                    yield table, key, entry
-
-
-def _region_pages(plan: dict, name: str) -> int | None:
-    region = plan.get("regions", {}).get(name)
-    return None if region is None else region.get("pages")
-
 
 def _pages_text(pages: int | None) -> str:
     if pages is None:
         return "bound at install"
     return f"{pages} page{'s' * (pages != 1)}"
-
-
-def view_pages(plan: dict, view: dict) -> tuple[int, list[str]]:
-    """(pages restricted, regions whose pages are bound at install) for one view: the sum of its regions' pages."""
-    total, unbound = 0, []
-    for rng in view.get("ranges", []):
-        pages = _region_pages(plan, rng["region"])
-        if pages is None:
-            unbound.append(rng["region"])
-        else:
-            total += pages
-    return total, unbound
 
 
 def _distinct_pages(plan: dict, view: dict) -> int | None:
@@ -171,7 +66,7 @@ def rule_landings(plan: dict) -> dict[str, list[str]]:
             for rule in rng["rules"]:
                 out.setdefault(rule, []).append(
                     f"view {view['id']} ({view['role']}): range {rng['region']} allows {rng['access']}, "
-                    f"traps {rng['traps']} ({_pages_text(_region_pages(plan, rng['region']))})")
+                    f"traps {rng['traps']} ({_pages_text(region_pages(plan, rng['region']))})")
     for bp in plan.get("breakpoints", []):
         where = (f" in view{'s' * (len(bp['views']) > 1)} {', '.join(map(str, bp['views']))}, "
                  f"stepped in view {bp['step_view']}") if "views" in bp else ""
@@ -179,7 +74,7 @@ def rule_landings(plan: dict) -> dict[str, list[str]]:
             out.setdefault(rule, []).append(
                 f"breakpoint {bp['id']} at {_address(bp['address'], bp['relocatable'])} ({bp['mechanism']}{where})")
     monitors = plan.get("monitors", {})
-    for table, key, entry in _entries(plan):
+    for table, key, entry in dispatch_entries(plan):
         rule = entry["rule"]
         if table == "write_ctrlreg":
             mon = next((m for m in monitors.get("write_ctrlreg", []) if m["index"] == key), None)
@@ -242,23 +137,6 @@ def _trigger_text(plan: dict, table: str, key: str | None, entry: dict) -> str:
     return table.replace("privileged_call", "smc")
 
 
-def _action_text(action: dict) -> str:
-    (kind, value), = action.items()
-    if kind in ("log", "alert"):
-        return f"{kind} {value['severity']} {_quote(value['template'])}"
-    if kind in ("pause", "disarm"):
-        return kind
-    if kind == "limit":
-        then = value["then"]
-        then_text = then["verdict"] if set(then) == {"verdict"} else _action_text(then)
-        return f"limit {value['per_second']} per second then {then_text}"
-    return f"{kind} {value}"
-
-
-def _quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def _verdict_lines(plan: dict, table: str, entry: dict) -> list[str]:
     """The verdict and the response flags it lowers to under the plan's mode."""
     mode = plan.get("policy", {}).get("mode", "enforce")
@@ -290,7 +168,17 @@ def _verdict_lines(plan: dict, table: str, entry: dict) -> list[str]:
 # ---------------------------------------------------------------- text
 
 def explain_text(plan: dict) -> str:
-    """A readable report of a plan."""
+    """A readable report of a plan: its sections in order, a blank line between them."""
+    out: list[str] = []
+    for i, section in enumerate(_SECTIONS):
+        if i:
+            out.append("")
+        out.extend(section(plan))
+    return "\n".join(out) + "\n"
+
+
+def _header_lines(plan: dict) -> list[str]:
+    """The plan's identity: policy, target, compiler, hashes, symbol files, mode."""
     out: list[str] = []
     pol, tgt = plan.get("policy", {}), plan.get("target", {})
     out.append(f"policy {pol.get('name')!s} (mode {pol.get('mode')})")
@@ -304,16 +192,24 @@ def explain_text(plan: dict) -> str:
     if pol.get("mode") == "audit":
         out.append("  audit mode: nothing is refused; every deny is logged as \"would deny\" and answered "
                    "with the allow response")
+    return out
 
-    out.append("")
+
+def _strategy_lines(plan: dict) -> list[str]:
+    """How each kind of event is handled (the plan's strategies)."""
+    out: list[str] = []
     out.append("strategies")
     strategies = plan.get("strategies", {})
     if not strategies:
         out.append("  (none: no memory or breakpoint rules)")
     for k, v in sorted(strategies.items()):
         out.append(f"  {k:<24} {v}")
+    return out
 
-    out.append("")
+
+def _view_lines(plan: dict) -> list[str]:
+    """Each view with its regions, their pages and extents."""
+    out: list[str] = []
     out.append("views")
     views = plan.get("views", [])
     if not views:
@@ -344,9 +240,13 @@ def explain_text(plan: dict) -> str:
             if region.get("extents") == []:
                 out.append("          (empty region: nothing to trap)")
             for e in region.get("extents", []):
-                out.append("          " + _extent_text(e))
+                out.append("          " + extent_text(e))
+    return out
 
-    out.append("")
+
+def _monitor_lines(plan: dict) -> list[str]:
+    """The monitors the plan enables."""
+    out: list[str] = []
     out.append("monitors")
     monitors = plan.get("monitors", {})
     if not monitors:
@@ -362,8 +262,12 @@ def explain_text(plan: dict) -> str:
             out.append(f"  {name} " + ", ".join(f"{k}={_lower(v)}" for k, v in sorted(value.items())))
         else:
             out.append(f"  {name}")
+    return out
 
-    out.append("")
+
+def _breakpoint_lines(plan: dict) -> list[str]:
+    """The breakpoints, where and how each is planted."""
+    out: list[str] = []
     out.append("breakpoints")
     bps = plan.get("breakpoints", [])
     if not bps:
@@ -373,8 +277,12 @@ def explain_text(plan: dict) -> str:
                  f"stepped in view {bp['step_view']}") if "views" in bp else ""
         out.append(f"  {bp['id']:<4} {_address(bp['address'], bp['relocatable'])} {bp['mechanism']}{where}; "
                    f"rules: {', '.join(bp['rules'])}")
+    return out
 
-    out.append("")
+
+def _response_lines(plan: dict) -> list[str]:
+    """The response flags per trigger and verdict."""
+    out: list[str] = []
     out.append("responses")
     responses = plan.get("responses", {})
     if not responses:
@@ -387,12 +295,16 @@ def explain_text(plan: dict) -> str:
                 out.append(f"  {kind + ' ' + verdict:<28} " + ", ".join(f"{k} {v}" for k, v in sorted(resp.items())))
             else:
                 out.append(f"  {kind + ' ' + verdict:<28} {resp}")
+    return out
 
-    out.append("")
+
+def _rule_lines(plan: dict) -> list[str]:
+    """Each rule, in source order: trigger, landing, condition, verdict and actions."""
+    out: list[str] = []
     rules = plan.get("rules", {})
     out.append(f"rules ({len(rules)})")
     landings = rule_landings(plan)
-    entries = {entry["rule"]: (table, key, entry) for table, key, entry in _entries(plan)}
+    entries = {entry["rule"]: (table, key, entry) for table, key, entry in dispatch_entries(plan)}
     for name in sorted(rules, key=lambda n: (_position_key(rules[n].get("at", "")), n)):
         summary = rules[name]
         out.append(f"  {name}  [{summary['trigger']}, {summary['verdict']}, priority {summary['priority']}] "
@@ -401,24 +313,32 @@ def explain_text(plan: dict) -> str:
             out.append("    (not in any dispatch table)")
             continue
         table, key, entry = entries[name]
-        bits, register = _bits_for(plan, table, key)
+        bits, register = bits_for(plan, table, key)
         out.append(f"    on        {_trigger_text(plan, table, key, entry)}")
         for landing in landings.get(name, []):
             out.append(f"    landed    {landing}")
         out.append(f"    where     {render_condition(entry['condition'], bits, register)}")
         out.extend("    " + line for line in _verdict_lines(plan, table, entry))
         for action in entry["actions"]:
-            out.append(f"    then      {_action_text(action)}")
+            out.append(f"    then      {action_text(action)}")
+    return out
 
-    out.append("")
+
+def _warning_lines(plan: dict) -> list[str]:
+    """The compiler's warnings."""
+    out: list[str] = []
     warnings = plan.get("warnings", [])
     out.append(f"warnings ({len(warnings)})")
     for w in warnings:
         out.append(f"  {w['code']} at {w['at'] or '(policy)'}: {w['message']}")
+    return out
 
+
+def _analysis_lines(plan: dict) -> list[str]:
+    """The analyses: collateral of sub-page regions, then a summary of the others."""
+    out: list[str] = []
     analyses = plan.get("analyses", {}) or {}
     collateral = analyses.get("collateral")
-    out.append("")
     out.append("collateral (sub-page regions trap whole pages; the verdict filters the rest by offset)")
     if collateral is None:
         out.append("  (not analysed)")
@@ -435,7 +355,10 @@ def explain_text(plan: dict) -> str:
         out.append("other analyses")
         for name in others:
             out.append(f"  {name}: {_summary(analyses[name])}")
-    return "\n".join(out) + "\n"
+    return out
+
+
+_SECTIONS = (_header_lines, _strategy_lines, _view_lines, _monitor_lines, _breakpoint_lines, _response_lines, _rule_lines, _warning_lines, _analysis_lines)
 
 
 def _share(part: int, whole: int) -> str:
@@ -492,15 +415,6 @@ def _position_key(at: str) -> tuple:
         return (file, int(line), int(rest))
     except ValueError:
         return (at, 0, 0)
-
-
-def _extent_text(e: dict) -> str:
-    if "register" in e:
-        return f"register {e['register']} size {e['size']} (base read at install)"
-    kind = "percpu " if e.get("percpu") else ""
-    reloc = " (+slide)" if e.get("relocatable") else ""
-    origin = f"  [{e['origin']}]" if e.get("origin") else ""
-    return f"{kind}{e['space']} {e['start']}{reloc} size {e['size']}{origin}"
 
 
 def _lower(v: Any) -> str:

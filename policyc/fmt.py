@@ -40,6 +40,7 @@ from typing import Iterable
 from . import syntax as S
 from .diagnostics import Diagnostics
 from .dsl import encode_string, quote_string
+from .errors import PolicycError
 
 __all__ = ["FormatError", "check_format", "format_dsl", "format_expr", "format_yaml"]
 
@@ -47,7 +48,7 @@ INDENT = "    "
 WIDTH = 110  # a region union longer than this continues on the next lines, one or more terms a line
 
 
-class FormatError(ValueError):
+class FormatError(PolicycError, ValueError):
     """The text did not parse, so it cannot be formatted. `diagnostics` says why."""
 
     def __init__(self, diagnostics: Diagnostics) -> None:

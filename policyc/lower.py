@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from . import __version__
+from .version import __version__
 from . import model as M
 from .arch import EXCEPTION_VECTORS
 from .diagnostics import Diagnostics, Span

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .authoring import Analysis, analyze, complete, definition, hover, replacements
 from .diagnostics import Diagnostic, Severity, Span
 

@@ -17,10 +17,12 @@ import string
 from importlib import resources
 from pathlib import Path
 
+from .errors import PolicycError
+
 __all__ = ["dump_plan", "load_plan", "plan_schema", "reference_problems", "format_width_over_bound", "MAX_FORMAT_WIDTH", "seal", "validate_plan", "PlanError"]
 
 
-class PlanError(Exception):
+class PlanError(PolicycError):
     """A plan file that cannot be used."""
 
 

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .explain import _action_text, _bits_for, _entries, _extent_text, render_condition, view_pages
+from .plan_text import action_text, bits_for, dispatch_entries, extent_text, render_condition, view_pages
 
 __all__ = ["Change", "PlanDiff", "diff_plans"]
 
@@ -148,7 +148,7 @@ def _same_traps_note(old: dict, new: dict) -> str:
 
 def _positions(plan: dict) -> dict:
     at = {name: r.get("at") for name, r in plan.get("rules", {}).items()}
-    at.update({("entry", e["rule"]): e.get("at") for _, _, e in _entries(plan)})
+    at.update({("entry", e["rule"]): e.get("at") for _, _, e in dispatch_entries(plan)})
     at["warnings"] = [w.get("at") for w in plan.get("warnings", [])]
     return at
 
@@ -199,7 +199,7 @@ def _extents_sig(plan: dict, region: str) -> tuple[tuple[str, ...], Any]:
     r = plan.get("regions", {}).get(region)
     if r is None:
         return (("(unknown region)",), None)
-    return tuple(_extent_text({k: v for k, v in e.items() if k != "origin"}) for e in r.get("extents", [])), \
+    return tuple(extent_text({k: v for k, v in e.items() if k != "origin"}) for e in r.get("extents", [])), \
         r.get("pages")
 
 
@@ -218,7 +218,7 @@ def _rule_records(plan: dict) -> dict[str, dict]:
     bps = {b["id"]: b for b in plan.get("breakpoints", [])}
     msr_names = {m["msr"]: m.get("name") for m in plan.get("monitors", {}).get("mov_to_msr", [])}
     out: dict[str, dict] = {}
-    for table, key, entry in _entries(plan):
+    for table, key, entry in dispatch_entries(plan):
         if table == "mem_access":
             trigger = {"kind": "memory", "access": entry["access"], "regions": list(entry["regions"])}
             text = f"{entry['access']} in {', '.join(entry['regions'])}"
@@ -238,7 +238,7 @@ def _rule_records(plan: dict) -> dict[str, dict]:
             trigger, text = {"kind": "cpuid", "leaf": key}, "cpuid" + ("" if key == "*" else f" leaf {key}")
         else:
             trigger, text = {"kind": table}, table
-        bits, register = _bits_for(plan, table, key)
+        bits, register = bits_for(plan, table, key)
         cond_regions = sorted(_condition_regions(entry["condition"]))
         out[entry["rule"]] = {
             "trigger": trigger,
@@ -269,7 +269,7 @@ def _rule_summary(rec: dict) -> tuple[str, ...]:
     if rec["condition"] is not None:
         lines.append(f"where {rec['condition_text']}")
     lines.append(f"verdict {_verdict_text(rec['verdict'])}, priority {rec['priority']}")
-    lines += [f"then {_action_text(a)}" for a in rec["actions"]]
+    lines += [f"then {action_text(a)}" for a in rec["actions"]]
     if rec.get("at"):
         lines.append(f"at {rec['at']}")
     return tuple(lines)
@@ -320,8 +320,8 @@ def _diff_rules(old: dict, new: dict, added: list, removed: list, changed: list)
         if a["verdict"] != b["verdict"]:
             details.append(f"verdict: {_verdict_text(a['verdict'])} -> {_verdict_text(b['verdict'])}")
         if a["actions"] != b["actions"]:
-            ia = [_action_text(x) for x in a["actions"]]
-            ib = [_action_text(x) for x in b["actions"]]
+            ia = [action_text(x) for x in a["actions"]]
+            ib = [action_text(x) for x in b["actions"]]
             gone, came = Counter(ia) - Counter(ib), Counter(ib) - Counter(ia)
             for text in ia:
                 if gone[text]:

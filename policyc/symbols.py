@@ -25,10 +25,12 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import PolicycError
+
 __all__ = ["Symbol", "SymbolTable", "SymbolFileError", "TypeInfo", "PdbIdentity", "load_symbol_table"]
 
 
-class SymbolFileError(Exception):
+class SymbolFileError(PolicycError):
     """A symbol file that cannot be used; `line` is set when one line is at fault."""
 
     def __init__(self, message: str, line: int | None = None) -> None:

@@ -15,13 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["ACCESS_VALUES", "Backend", "BackendError", "Capabilities", "Unsupported", "InvalidArgument"]
+from ..errors import PolicycError
+
+__all__ = ["ACCESS_VALUES", "ON_OFF_MONITORS", "ALWAYS_SYNC_MONITORS", "Backend", "BackendError", "Capabilities",
+           "Unsupported", "InvalidArgument"]
 
 # Xen's p2m access values (xenmem_access_t), by the names xen-access uses.
 ACCESS_VALUES = ("n", "r", "w", "rw", "x", "rx", "wx", "rwx", "rx2rw", "n2rwx", "default")
 
 
-class BackendError(RuntimeError):
+class BackendError(PolicycError, RuntimeError):
     def __init__(self, operation: str, message: str, errno: int | None = None) -> None:
         super().__init__(f"{operation}: {message}")
         self.operation = operation
@@ -39,6 +42,14 @@ class Unsupported(BackendError):
 
 class InvalidArgument(BackendError):
     """The hypervisor refuses the arguments (EINVAL on Xen)."""
+
+
+# The monitors `Backend.monitor` switches on and off (the others take arguments: write_ctrlreg,
+# mov_to_msr), in the order install enables them; and those Xen always delivers synchronously.
+ON_OFF_MONITORS = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep",
+                   "guest_request", "debug_exception")
+ALWAYS_SYNC_MONITORS = frozenset({"software_breakpoint", "descriptor_access", "cpuid", "privileged_call",
+                                  "singlestep"})
 
 
 @dataclass(frozen=True)

@@ -85,108 +85,38 @@ decision that was answered.
 from __future__ import annotations
 
 import bisect
-import functools
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+from ..arch import EXCEPTION_VECTORS
 from ..condition_form import Bindings, evaluate
-from ..native import abi
+from ..native.constants import (CR_INDEX, DESC_INDEX, ET_HW_EXC, EVENT_SIZE, FLAG_BITS, F_ALTP2M, F_INSN_DATA,
+                                F_PAUSED, F_READ_DATA, F_TOGGLE_SS, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X,
+                                RS_CPUID, RS_DEBUG_EXCEPTION, RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST,
+                                RS_MEM_ACCESS, RS_MOV_TO_MSR, RS_PRIVILEGED_CALL, RS_SINGLESTEP,
+                                RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG, VERSION)
+from .vm_event_layout import (ARM_NAMES, EVENT_SUMMARY, FLAG_FOR_DATA, HDR, I, OFF_CR3, OFF_DATA, OFF_PC,
+                              OFF_RIP, OFF_U, Q, REGS_ARM, REGS_X86, U_CPUID, U_CR, U_DEBUG, U_DESC, U_MEM,
+                              U_MSR, X86_NAMES, ZERO_READ, bare_response, pack_response)
 
-__all__ = ["Binding", "Decision", "DecisionEngine", "SideEffect", "DATA_SLACK", "EVENT_SUMMARY",
-           "flag_names", "classify_access"]
+__all__ = ["Binding", "Decision", "DecisionEngine", "SideEffect", "DATA_SLACK", "classify_access"]
 
 PAGE = 4096
 DATA_SLACK = 7          # bytes before a region that an 8-byte data access may start at
 U64 = (1 << 64) - 1
 
-# --------------------------------------------------------------------------- ABI constants
+# --------------------------------------------------------------------------- reasons and vectors
 
-_C = abi.constants()
-VERSION = _C["VM_EVENT_INTERFACE_VERSION"]
-EVENT_SIZE = abi.EVENT_SIZE
-F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
-F_EMULATE = _C["VM_EVENT_FLAG_EMULATE"]
-F_READ_DATA = _C["VM_EVENT_FLAG_SET_EMUL_READ_DATA"]
-F_INSN_DATA = _C["VM_EVENT_FLAG_SET_EMUL_INSN_DATA"]
-F_ALTP2M = _C["VM_EVENT_FLAG_ALTERNATE_P2M"]
-F_FAST_SS = _C["VM_EVENT_FLAG_FAST_SINGLESTEP"]
-F_SET_REGS = _C["VM_EVENT_FLAG_SET_REGISTERS"]
-F_TOGGLE_SS = _C["VM_EVENT_FLAG_TOGGLE_SINGLESTEP"]
-MA_R, MA_W, MA_X = _C["MEM_ACCESS_R"], _C["MEM_ACCESS_W"], _C["MEM_ACCESS_X"]
-MA_GLA_VALID = _C["MEM_ACCESS_GLA_VALID"]
-MA_IN_GPT = _C["MEM_ACCESS_FAULT_IN_GPT"]
-
-RS = {name: _C[f"VM_EVENT_REASON_{name}"] for name in (
-    "MEM_ACCESS", "WRITE_CTRLREG", "MOV_TO_MSR", "SOFTWARE_BREAKPOINT", "SINGLESTEP", "GUEST_REQUEST",
-    "DEBUG_EXCEPTION", "CPUID", "PRIVILEGED_CALL", "DESCRIPTOR_ACCESS")}
 # vm_event reason -> the plan's dispatch table name
 _KIND_OF_REASON = {
-    RS["MEM_ACCESS"]: "mem_access", RS["WRITE_CTRLREG"]: "write_ctrlreg", RS["MOV_TO_MSR"]: "mov_to_msr",
-    RS["SOFTWARE_BREAKPOINT"]: "software_breakpoint", RS["SINGLESTEP"]: "singlestep",
-    RS["GUEST_REQUEST"]: "guest_request", RS["DEBUG_EXCEPTION"]: "debug_exception", RS["CPUID"]: "cpuid",
-    RS["PRIVILEGED_CALL"]: "privileged_call", RS["DESCRIPTOR_ACCESS"]: "descriptor_access",
+    RS_MEM_ACCESS: "mem_access", RS_WRITE_CTRLREG: "write_ctrlreg", RS_MOV_TO_MSR: "mov_to_msr",
+    RS_SOFTWARE_BREAKPOINT: "software_breakpoint", RS_SINGLESTEP: "singlestep",
+    RS_GUEST_REQUEST: "guest_request", RS_DEBUG_EXCEPTION: "debug_exception", RS_CPUID: "cpuid",
+    RS_PRIVILEGED_CALL: "privileged_call", RS_DESCRIPTOR_ACCESS: "descriptor_access",
 }
-_CR_INDEX = {"cr0": _C["VM_EVENT_X86_CR0"], "cr3": _C["VM_EVENT_X86_CR3"], "cr4": _C["VM_EVENT_X86_CR4"],
-             "xcr0": _C["VM_EVENT_X86_XCR0"]}
-_DESC_INDEX = {"idtr": _C["VM_EVENT_DESC_IDTR"], "gdtr": _C["VM_EVENT_DESC_GDTR"],
-               "ldtr": _C["VM_EVENT_DESC_LDTR"], "tr": _C["VM_EVENT_DESC_TR"]}
-_FLAG_BITS = {name[len("VM_EVENT_FLAG_"):]: value for name, value in _C.items()
-              if name.startswith("VM_EVENT_FLAG_")}
-_VECTORS = {"#DE": 0, "#DB": 1, "#BP": 3, "#OF": 4, "#BR": 5, "#UD": 6, "#NM": 7, "#DF": 8, "#TS": 10,
-            "#NP": 11, "#SS": 12, "#GP": 13, "#PF": 14, "#MF": 16, "#AC": 17, "#MC": 18, "#XM": 19,
-            "#VE": 20, "#CP": 21}
 _HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
-ET_SW_EXC = _C["X86_EVENTTYPE_SW_EXCEPTION"]
-ET_HW_EXC = _C["X86_EVENTTYPE_HW_EXCEPTION"]
-
-# --------------------------------------------------------------------------- request layout
-
-_OFF_U, _OFF_DATA = 24, 56
-_HDR = struct.Struct("<IIIIH")                   # version flags reason vcpu_id altp2m_idx
-_HDR_OUT = struct.Struct("<IIIIH6x")
-_U_MEM = struct.Struct("<QQQI")                  # gfn offset gla flags
-_U_CR = struct.Struct("<I4xQQ")                  # index new old
-_U_MSR = struct.Struct("<QQQ")                   # msr new old
-_U_DEBUG = struct.Struct("<QQIB")                # gfn pending_dbg insn_length type
-_U_CPUID = struct.Struct("<III")                 # insn_length leaf subleaf
-_U_DESC = struct.Struct("<I4xQBB")               # instr_info exit_qualification descriptor is_write
-_Q = struct.Struct("<Q")
-_H = struct.Struct("<H")
-_I = struct.Struct("<I")
-_REGS_X86 = struct.Struct("<33Q4I2Q6IQ8H")
-_REGS_ARM = struct.Struct("<5Q")
-_X86_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
-              "r13", "r14", "r15", "rflags", "dr6", "dr7", "rip", "cr0", "cr2", "cr3", "cr4",
-              "sysenter_cs", "sysenter_esp", "sysenter_eip", "msr_efer", "msr_star", "msr_lstar",
-              "gdtr_base", "npt_base", "vmtrace_pos", "cs_base", "ss_base", "ds_base", "es_base",
-              "fs_base", "gs_base", "_cs", "_ss", "_ds", "_es", "_fs", "_gs", "shadow_gs", "gdtr_limit",
-              "cs_sel", "ss_sel", "ds_sel", "es_sel", "fs_sel", "gs_sel", "_pad")
-_ARM_NAMES = ("ttbr0", "ttbr1", "ttbcr", "pc", "cpsr")
-_OFF_RIP = _OFF_DATA + 19 * 8
-_OFF_CR3 = _OFF_DATA + 22 * 8
-_OFF_PC = _OFF_DATA + 3 * 8
-_REGS_PAD = _OFF_DATA + _REGS_X86.size - 2       # data.regs.x86._pad (make_response leaves it 0)
-_DATA_SIZE = EVENT_SIZE - _OFF_DATA
-_ZERO_DATA = bytes(_DATA_SIZE)
-_ZERO_READ = bytes(8)
-
-# The event fields a decision record keeps, per kind (besides vcpu, rip/pc and cr3).
-EVENT_SUMMARY: dict[str, tuple[str, ...]] = {
-    "mem_access": ("access", "gfn", "offset", "gla", "gla_valid", "in_gpt"),
-    "write_ctrlreg": ("register", "new", "old"),
-    "mov_to_msr": ("msr", "new", "old"),
-    "software_breakpoint": ("gfn", "insn_length"),
-    "debug_exception": ("gfn", "pending_dbg", "insn_length"),
-    "cpuid": ("leaf", "subleaf", "insn_length"),
-    "descriptor_access": ("descriptor", "is_write"),
-    "singlestep": ("gfn",),
-    "guest_request": (),
-    "privileged_call": (),
-    "unknown": (),
-}
 
 _SUMMARY_FIELDS = {kind: ("rip", "pc", "cr3") + names for kind, names in EVENT_SUMMARY.items()}
 
@@ -202,19 +132,6 @@ def classify_access(flags: int) -> int:
     if flags & MA_X:
         return EXECUTE
     return READ
-
-
-_FLAGS_BY_BIT = tuple(sorted(_FLAG_BITS.items(), key=lambda kv: kv[1]))
-
-
-@functools.lru_cache(maxsize=256)
-def _flag_names(flags: int) -> tuple[str, ...]:
-    return tuple(name for name, bit in _FLAGS_BY_BIT if flags & bit)
-
-
-def flag_names(flags: int) -> list[str]:
-    """VM_EVENT_FLAG_* names set in `flags`, low bit first."""
-    return list(_flag_names(flags))
 
 
 # --------------------------------------------------------------------------- the binding
@@ -363,11 +280,11 @@ class _Event(dict):
             raise KeyError(key)
         self._raw = None
         if self._arm:
-            for name, value in zip(_ARM_NAMES, _REGS_ARM.unpack_from(raw, _OFF_DATA)):
+            for name, value in zip(ARM_NAMES, REGS_ARM.unpack_from(raw, OFF_DATA)):
                 self.setdefault(name, value)
         else:
-            values = _REGS_X86.unpack_from(raw, _OFF_DATA)
-            for name, value in zip(_X86_NAMES, values):
+            values = REGS_X86.unpack_from(raw, OFF_DATA)
+            for name, value in zip(X86_NAMES, values):
                 if name[0] != "_":
                     self.setdefault(name, value)
             cs, ss = values[39], values[40]
@@ -484,9 +401,9 @@ class _Lowered:
         self.key = key
         flags = 0
         for name in spec.get("flags", ()):
-            if name not in _FLAG_BITS:
+            if name not in FLAG_BITS:
                 raise ValueError(f"responses: unknown response flag '{name}'")
-            flags |= _FLAG_BITS[name]
+            flags |= FLAG_BITS[name]
         self.flags = flags
         self.altp2m_idx: int | None = spec.get("altp2m_idx")
         p2m = spec.get("fast_singlestep_p2midx")
@@ -495,7 +412,7 @@ class _Lowered:
         self.read_data = "read_data" in spec or bool(flags & F_READ_DATA)
         inject = spec.get("inject")
         self.inject = inject is not None
-        self.default_vector = _VECTORS.get(inject.split(",")[-1].replace("else", "").strip(), 13) \
+        self.default_vector = EXCEPTION_VECTORS.get(inject.split(",")[-1].replace("else", "").strip(), 13) \
             if isinstance(inject, str) else 13
         adv = spec.get("advance_ip")
         self.advance_insn = isinstance(adv, str)          # "u.cpuid.insn_length"
@@ -508,73 +425,6 @@ class _Lowered:
 
 
 _PLAIN_ALLOW = _Lowered("allow", {"flags": []})
-_FLAG_FOR_DATA = F_ALTP2M | F_FAST_SS | F_READ_DATA | F_INSN_DATA | F_SET_REGS
-
-
-def pack_response(raw: bytes, flags: int, *, altp2m_idx: int | None = None, p2midx: int | None = None,
-                  read_data: bytes | None = None, insn_data: bytes | None = None,
-                  rip: int | None = None, pc: int | None = None) -> bytes:
-    """The response to request `raw`, byte for byte what `abi.make_response` builds: version,
-    reason, vcpu_id and the VCPU_PAUSED flag echoed, the `u` union copied (Xen reads
-    u.mem_access and u.write_ctrlreg back), plus the given flags and data."""
-    req_flags = _I.unpack_from(raw, 4)[0]
-    out_flags = (req_flags & F_PAUSED) | flags
-    idx = 0
-    if altp2m_idx is not None:
-        out_flags |= F_ALTP2M
-        idx = altp2m_idx
-    u = raw[_OFF_U:_OFF_DATA]
-    if p2midx is not None:
-        out_flags |= F_FAST_SS
-        u = _H.pack(p2midx) + u[2:]
-    if read_data is not None:
-        out_flags |= F_EMULATE | F_READ_DATA
-        data = _I.pack(len(read_data)) + read_data
-        data += bytes(_DATA_SIZE - len(data))
-    elif insn_data is not None:
-        out_flags |= F_EMULATE | F_INSN_DATA
-        data = insn_data + bytes(_DATA_SIZE - len(insn_data))
-    elif rip is not None:
-        out_flags |= F_SET_REGS
-        data = raw[_OFF_DATA:_OFF_RIP] + _Q.pack(rip & U64) + raw[_OFF_RIP + 8:_REGS_PAD] + b"\0\0"
-    elif pc is not None:
-        out_flags |= F_SET_REGS
-        data = (raw[_OFF_DATA:_OFF_PC] + _Q.pack(pc & U64) + raw[_OFF_PC + 8:_OFF_DATA + _REGS_ARM.size])
-        data += bytes(_DATA_SIZE - len(data))
-    else:
-        data = _ZERO_DATA
-    version, _f, reason, vcpu = struct.unpack_from("<IIII", raw, 0)
-    return _HDR_OUT.pack(version, out_flags, reason, vcpu, idx) + u + data
-
-
-def _echo(raw: bytes) -> bytes:
-    """A bare response: the header, paused flag and union echoed, nothing else (never fails)."""
-    raw = bytes(raw[:EVENT_SIZE]).ljust(EVENT_SIZE, b"\0")
-    return pack_response(raw, 0)
-
-
-def _check_packer() -> None:
-    """The packer must agree with the ABI module (as the simulator checks its own)."""
-    regs = {name: 0x1000 + i for i, name in enumerate(_X86_NAMES[:33])}
-    regs.update(cs={"limit": 0xFFFFF, "ar": 0xA9B}, ss={"limit": 0xFFFFF, "ar": 0xC93}, gs_sel=7)
-    req = abi.make_request(RS["MEM_ACCESS"], 2, flags=F_PAUSED | F_ALTP2M, altp2m_idx=3,
-                           payload={"gfn": 0x1234, "offset": 0x88, "gla": 0xFFFF888000001088, "flags": MA_W | MA_R},
-                           regs=regs)
-    cases = [
-        (pack_response(req.raw, 0, altp2m_idx=1, p2midx=3),
-         abi.make_response(req, altp2m_idx=1, fast_singlestep_p2midx=3)),
-        (pack_response(req.raw, F_EMULATE | _FLAG_BITS["EMULATE_NOWRITE"]),
-         abi.make_response(req, flags=F_EMULATE | _FLAG_BITS["EMULATE_NOWRITE"])),
-        (pack_response(req.raw, 0, read_data=b"\1\2\3"), abi.make_response(req, emul_read=b"\1\2\3")),
-        (pack_response(req.raw, 0, rip=0x4242), abi.make_response(req, regs={"rip": 0x4242})),
-        (pack_response(req.raw, 0, insn_data=bytes(range(16))), abi.make_response(req, emul_insn=bytes(range(16)))),
-    ]
-    for ours, ref in cases:
-        if ours != ref.raw:
-            raise ImportError("policyc.runtime.decide: the response packer disagrees with the vm_event ABI")
-
-
-_check_packer()
 
 
 # --------------------------------------------------------------------------- the engine
@@ -613,18 +463,24 @@ class DecisionEngine:
         self._build_responses(plan.get("responses", {}))
         self._build_views(plan.get("views", []))
         self._handlers = {
-            RS["MEM_ACCESS"]: self._mem_access, RS["WRITE_CTRLREG"]: self._write_ctrlreg,
-            RS["MOV_TO_MSR"]: self._mov_to_msr, RS["SOFTWARE_BREAKPOINT"]: self._breakpoint,
-            RS["CPUID"]: self._cpuid, RS["DESCRIPTOR_ACCESS"]: self._descriptor,
-            RS["GUEST_REQUEST"]: self._guest_request, RS["DEBUG_EXCEPTION"]: self._debug_exception,
-            RS["PRIVILEGED_CALL"]: self._privileged_call, RS["SINGLESTEP"]: self._singlestep,
+            RS_MEM_ACCESS: self._mem_access, RS_WRITE_CTRLREG: self._write_ctrlreg,
+            RS_MOV_TO_MSR: self._mov_to_msr, RS_SOFTWARE_BREAKPOINT: self._breakpoint,
+            RS_CPUID: self._cpuid, RS_DESCRIPTOR_ACCESS: self._descriptor,
+            RS_GUEST_REQUEST: self._guest_request, RS_DEBUG_EXCEPTION: self._debug_exception,
+            RS_PRIVILEGED_CALL: self._privileged_call, RS_SINGLESTEP: self._singlestep,
         }
         # Reasons the architecture never sends (x86-only on arm64, SMC on x86): a bare echo.
-        foreign = ("PRIVILEGED_CALL",) if not self.arm else (
-            "WRITE_CTRLREG", "MOV_TO_MSR", "SOFTWARE_BREAKPOINT", "CPUID", "DESCRIPTOR_ACCESS",
-            "DEBUG_EXCEPTION", "SINGLESTEP")
-        for name in foreign:
-            self._handlers[RS[name]] = self._foreign
+        foreign = (RS_PRIVILEGED_CALL,) if not self.arm else (
+            RS_WRITE_CTRLREG, RS_MOV_TO_MSR, RS_SOFTWARE_BREAKPOINT, RS_CPUID, RS_DESCRIPTOR_ACCESS,
+            RS_DEBUG_EXCEPTION, RS_SINGLESTEP)
+        for reason in foreign:
+            self._handlers[reason] = self._foreign
+
+    def table_keys(self) -> dict[str, frozenset[int]]:
+        """What the dispatch tables are keyed on: the trapped gfns, breakpoint sites (addresses), MSRs
+        and CPUID leaves for which a request reaches a rule other than by default."""
+        return {"gfns": self.trapped_gfns, "sites": frozenset(self._sites), "msrs": frozenset(self._msr),
+                "cpuid_leaves": frozenset(self._cpuid_leaf)}
 
     def take_pending_rearm(self) -> list[int]:
         """Pages relaxed for the last event (arm64 relax-and-rearm) and not re-armed yet; the caller
@@ -685,12 +541,12 @@ class DecisionEngine:
             self._mem_regions[k].extend((r, tuple(sorted(rs, key=lambda x: x.order)))
                                         for r, rs in by_region[k].items())
         self.trapped_gfns = frozenset().union(*(m.keys() for m in self._mem))
-        self._cr = {_CR_INDEX[name]: self._table(es) for name, es in dispatch.get("write_ctrlreg", {}).items()}
+        self._cr = {CR_INDEX[name]: self._table(es) for name, es in dispatch.get("write_ctrlreg", {}).items()}
         self._msr = {int(k, 16): self._table(es) for k, es in dispatch.get("mov_to_msr", {}).items()}
         self._desc: dict[tuple[int, int], tuple[_Rule, ...]] = {}
         for key, es in dispatch.get("descriptor_access", {}).items():
             reg, access = key.split(":")
-            self._desc[(_DESC_INDEX[reg], 1 if access == "write" else 0)] = self._table(es)
+            self._desc[(DESC_INDEX[reg], 1 if access == "write" else 0)] = self._table(es)
         cpuid = dispatch.get("cpuid", {})
         self._cpuid_any = self._table(cpuid.get("*", ()))
         self._cpuid_leaf = {int(k, 16): tuple(sorted(self._table(es) + self._cpuid_any,
@@ -756,14 +612,14 @@ class DecisionEngine:
             raw = bytes(raw)
             if len(raw) != EVENT_SIZE:
                 raise ValueError(f"a request is {EVENT_SIZE} bytes, got {len(raw)}")
-            version, flags, reason, vcpu, idx = _HDR.unpack_from(raw, 0)
+            version, flags, reason, vcpu, idx = HDR.unpack_from(raw, 0)
             ev = _Event(raw, self.arm)
             ev["vcpu"] = vcpu
             if self.arm:
-                ev["pc"] = _Q.unpack_from(raw, _OFF_PC)[0]
+                ev["pc"] = Q.unpack_from(raw, OFF_PC)[0]
             else:
-                ev["rip"] = _Q.unpack_from(raw, _OFF_RIP)[0]
-                ev["cr3"] = _Q.unpack_from(raw, _OFF_CR3)[0]
+                ev["rip"] = Q.unpack_from(raw, OFF_RIP)[0]
+                ev["cr3"] = Q.unpack_from(raw, OFF_CR3)[0]
             d = Decision(self._take_id(), self.wall_clock_ns(),
                          _KIND_OF_REASON.get(reason, "unknown"), reason, vcpu, bool(flags & F_PAUSED), ev)
             if version != VERSION:
@@ -773,14 +629,14 @@ class DecisionEngine:
             handler = self._handlers.get(reason)
             if handler is None:
                 d.note = f"reason {reason} is not handled by this plan: answered with a bare echo"
-                response = _echo(raw)
+                response = bare_response(raw)
             else:
                 response = handler(raw, flags, idx, ev, d)
             if rearm:
                 d.effects = tuple(SideEffect("rearm", BEFORE, gfn=g) for g in rearm) + d.effects
         except Exception as exc:  # noqa: BLE001 - one response per request, always
             response, d = self._fallback(raw, exc)
-        d.response_flags = _I.unpack_from(response, 4)[0]
+        d.response_flags = I.unpack_from(response, 4)[0]
         d.latency_ns = time.perf_counter_ns() - t0
         return response, d
 
@@ -792,7 +648,7 @@ class DecisionEngine:
     def _fallback(self, raw: Any, exc: Exception) -> tuple[bytes, Decision]:
         data = bytes(raw[:EVENT_SIZE]) if isinstance(raw, (bytes, bytearray, memoryview)) else b""
         data = data.ljust(EVENT_SIZE, b"\0")
-        version, flags, reason, vcpu, idx = _HDR.unpack_from(data, 0)
+        version, flags, reason, vcpu, idx = HDR.unpack_from(data, 0)
         kind = _KIND_OF_REASON.get(reason, "unknown")
         ev = _Event(data, self.arm)
         ev["vcpu"] = vcpu
@@ -803,9 +659,9 @@ class DecisionEngine:
         try:
             plan_kind = "breakpoint" if kind == "software_breakpoint" else kind
             low = self._lowered(plan_kind, "allow")
-            response = self._pack(data, flags, idx, low, d, None) if low is not None and d.paused else _echo(data)
+            response = self._pack(data, flags, idx, low, d, None) if low is not None and d.paused else bare_response(data)
         except Exception:  # noqa: BLE001
-            response = _echo(data)
+            response = bare_response(data)
         return response, d
 
     # ------------------------------------------------------------------ matching and verdicts
@@ -875,9 +731,9 @@ class DecisionEngine:
         d.response = key if low is None else low.key
         if not d.paused:
             d.note = d.note or "asynchronous event: Xen ignores response flags, nothing enforced"
-            return _echo(raw)
+            return bare_response(raw)
         if low is None:
-            return _echo(raw)
+            return bare_response(raw)
         return self._pack(raw, flags, idx, low, d, feed, vector)
 
     def _pack(self, raw: bytes, flags: int, idx: int, low: _Lowered, d: Decision,
@@ -892,7 +748,7 @@ class DecisionEngine:
         elif low.p2midx is not None:
             kw["p2midx"] = low.p2midx
         if low.read_data:
-            kw["read_data"] = feed if feed is not None else _ZERO_READ
+            kw["read_data"] = feed if feed is not None else ZERO_READ
         if low.advance is not None or low.advance_insn:
             step = low.advance if low.advance is not None else d.event.get("insn_length", 0)
             if self.arm:
@@ -915,12 +771,12 @@ class DecisionEngine:
         if low.disarm and d.event.get("site"):
             effects.append(SideEffect("disarm", AFTER, site=d.event["site"]))
         d.effects = tuple(effects)
-        base = low.flags & ~_FLAG_FOR_DATA | (low.flags & F_ALTP2M if alt is None else 0)
+        base = low.flags & ~FLAG_FOR_DATA | (low.flags & F_ALTP2M if alt is None else 0)
         return pack_response(raw, base, **kw)
 
     # ------------------------------------------------------------------ per reason
     def _mem_access(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
-        gfn, offset, gla, mflags = _U_MEM.unpack_from(raw, _OFF_U)
+        gfn, offset, gla, mflags = U_MEM.unpack_from(raw, OFF_U)
         k = classify_access(mflags)
         ev["gfn"], ev["offset"], ev["gla"] = gfn, offset, gla
         ev["access"] = mflags & (MA_R | MA_W | MA_X)
@@ -964,11 +820,11 @@ class DecisionEngine:
         return tuple(claims) + tuple(extra) if extra else claims
 
     def _write_ctrlreg(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
-        index, new, old = _U_CR.unpack_from(raw, _OFF_U)
+        index, new, old = U_CR.unpack_from(raw, OFF_U)
         ev["register"], ev["new"], ev["old"] = index, new, old
         rules = self._cr.get(index, ())
         verdict, _f, _v = self._verdict(self._match(rules, ev, d), d)
-        if self._switch_on_cr3 and index == _CR_INDEX["cr3"] and (verdict == "allow" or self.audit) \
+        if self._switch_on_cr3 and index == CR_INDEX["cr3"] and (verdict == "allow" or self.audit) \
                 and d.paused and not self.arm:
             # The plan has context views: the vCPU runs in its new CR3's view (the monitor exists for
             # this even when no rule watches CR3, so the plan may have no write_ctrlreg responses).
@@ -982,7 +838,7 @@ class DecisionEngine:
         return self._respond(raw, flags, idx, "write_ctrlreg", verdict, d)
 
     def _mov_to_msr(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
-        msr, new, old = _U_MSR.unpack_from(raw, _OFF_U)
+        msr, new, old = U_MSR.unpack_from(raw, OFF_U)
         ev["msr"], ev["new"], ev["old"] = msr, new, old
         verdict, _f, _v = self._verdict(self._match(self._msr.get(msr, ()), ev, d), d)
         return self._respond(raw, flags, idx, "mov_to_msr", verdict, d)
@@ -996,7 +852,7 @@ class DecisionEngine:
         return site
 
     def _breakpoint(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
-        gfn, pending, insn_length, etype = _U_DEBUG.unpack_from(raw, _OFF_U)
+        gfn, pending, insn_length, etype = U_DEBUG.unpack_from(raw, OFF_U)
         ev["gfn"], ev["insn_length"], ev["gla"] = gfn, insn_length, ev["pc" if self.arm else "rip"]
         site = self._site_of(ev, gfn)
         if site is None or site not in self._bp:
@@ -1006,24 +862,24 @@ class DecisionEngine:
                 d.effects = (SideEffect("inject", BEFORE, vcpu=d.vcpu, vector=3, insn_length=insn_length,
                                         software=True),)
             d.response = "not_ours"
-            return _echo(raw)
+            return bare_response(raw)
         ev["site"] = site
         verdict, _f, vector = self._verdict(self._match(self._bp[site], ev, d), d)
         return self._respond(raw, flags, idx, "breakpoint", verdict, d, vector=vector)
 
     def _cpuid(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
-        insn_length, leaf, subleaf = _U_CPUID.unpack_from(raw, _OFF_U)
+        insn_length, leaf, subleaf = U_CPUID.unpack_from(raw, OFF_U)
         ev["insn_length"], ev["leaf"], ev["subleaf"] = insn_length, leaf, subleaf
         rules = self._cpuid_leaf.get(leaf, self._cpuid_any)
         verdict, _f, _v = self._verdict(self._match(rules, ev, d), d)
         if "cpuid" not in self._resp:
             # Not in the plan, yet it arrived: CPUID has run but rip has not moved (livelock otherwise).
             d.response = "allow"
-            return pack_response(raw, 0, rip=ev["rip"] + insn_length) if d.paused else _echo(raw)
+            return pack_response(raw, 0, rip=ev["rip"] + insn_length) if d.paused else bare_response(raw)
         return self._respond(raw, flags, idx, "cpuid", verdict, d)
 
     def _descriptor(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
-        _info, _qual, descriptor, is_write = _U_DESC.unpack_from(raw, _OFF_U)
+        _info, _qual, descriptor, is_write = U_DESC.unpack_from(raw, OFF_U)
         ev["descriptor"], ev["is_write"] = descriptor, is_write
         rules = self._desc.get((descriptor, 1 if is_write else 0), ())
         verdict, _f, _v = self._verdict(self._match(rules, ev, d), d)
@@ -1034,7 +890,7 @@ class DecisionEngine:
         return self._respond(raw, flags, idx, "guest_request", verdict, d)
 
     def _debug_exception(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
-        gfn, pending, insn_length, etype = _U_DEBUG.unpack_from(raw, _OFF_U)
+        gfn, pending, insn_length, etype = U_DEBUG.unpack_from(raw, OFF_U)
         ev["gfn"], ev["pending_dbg"], ev["insn_length"] = gfn, pending, insn_length
         verdict, _f, _v = self._verdict(self._match(self._flat["debug_exception"], ev, d), d)
         response = self._respond(raw, flags, idx, "debug_exception", verdict, d)
@@ -1046,7 +902,7 @@ class DecisionEngine:
 
     def _foreign(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
         d.note = f"{d.kind} events do not exist on {self.arch}: answered with a bare echo"
-        return _echo(raw)
+        return bare_response(raw)
 
     def _privileged_call(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
         if self._bp and self.strategies.get("breakpoint") == "smc-inline":
@@ -1059,16 +915,16 @@ class DecisionEngine:
         verdict, _f, _v = self._verdict(self._match(self._flat["privileged_call"], ev, d), d)
         if "privileged_call" not in self._resp:
             d.response = "allow"
-            return pack_response(raw, 0, pc=ev["pc"] + 4) if d.paused else _echo(raw)
+            return pack_response(raw, 0, pc=ev["pc"] + 4) if d.paused else bare_response(raw)
         return self._respond(raw, flags, idx, "privileged_call", verdict, d)
 
     def _singlestep(self, raw: bytes, flags: int, idx: int, ev: _Event, d: Decision) -> bytes:
         """The plans step only with FAST_SINGLESTEP, which ends without an event: a SINGLESTEP event
         is stray stepping (e.g. left over from a previous agent). Stepping would go on for every
         instruction until a response toggles it (XEN-SEMANTICS §1.10): toggle it off."""
-        ev["gfn"] = _Q.unpack_from(raw, _OFF_U)[0]
+        ev["gfn"] = Q.unpack_from(raw, OFF_U)[0]
         if not d.paused:
-            return _echo(raw)
+            return bare_response(raw)
         d.note = "stray single-step: turned off"
         d.response = "toggle_singlestep"
         return pack_response(raw, F_TOGGLE_SS)

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, TextIO
 
-from .decide import Decision, flag_names
+from .decide import Decision
+from .vm_event_layout import flag_names
 
 __all__ = ["DecisionLog", "Histogram", "Progress", "Stats", "escape_guest", "render_template"]
 

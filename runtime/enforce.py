@@ -56,13 +56,14 @@ from .decide import AFTER, BEFORE, Decision, DecisionEngine, SideEffect
 from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available
+from ..errors import PolicycError
 
 __all__ = ["Enforcer", "EnforcerError", "BATCH"]
 
 BATCH = 64              # requests taken per ring read (the ring has 8 slots; more arrive while we decide)
 
 
-class EnforcerError(RuntimeError):
+class EnforcerError(PolicycError, RuntimeError):
     """The enforcer could not start (binding or install failed); the guest is as it was."""
 
 

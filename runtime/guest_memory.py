@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping
 
+from ..errors import PolicycError
+
 __all__ = [
     "FRAME_SHIFT",
     "FRAME_SIZE",
@@ -42,7 +44,7 @@ _U16 = struct.Struct("<H")
 _ZERO_FRAME = bytes(FRAME_SIZE)
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(PolicycError):
     """Base class for guest-memory errors."""
 
 

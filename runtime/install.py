@@ -40,7 +40,7 @@ shadow frames, views, altp2m); unpause. `run_with_teardown` runs an enforcer
 loop with SIGINT/SIGTERM handlers that only set a flag, and tears down on any
 exit, exception included (and at interpreter exit).
 
-`recover(backend, state_path)` (`recover_guest(backend, guest)` for
+`recover.recover(backend, state_path)` (`recover.recover_guest(backend, guest)` for
 `policyc recover --guest G`) cleans up after an enforcer killed outright, from
 the state record alone (XEN-SEMANTICS §7): pause; answer what is on the old
 ring if this process can reach it, else disable the monitor ring (clears
@@ -56,50 +56,34 @@ from __future__ import annotations
 
 import atexit
 import copy
-import errno as _errno
-import glob
 import json
 import os
-import re
 import signal
-import struct
-import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from ..native import abi
-from .backend import BackendError, Unsupported
+from .backend import ON_OFF_MONITORS, BackendError
 from ..targets import runs_on
 from .bind import BindDelta, BoundBreakpoint, BoundPlan, intersect_access
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
+from .journal import describe_entry, disable_monitor, enable_monitor, set_access_map, teardown_response, undo_entry
+from .state_record import StateRecord, domain_identity, pid_alive, remove_stray_temporaries, state_path_for
+from ..errors import PolicycError
 
-__all__ = ["Installation", "InstallError", "TeardownError", "RecoveryReport", "install", "recover", "recover_guest",
-           "run_with_teardown", "state_path_for", "default_state_dir", "STATE_FORMAT"]
+__all__ = ["Installation", "InstallError", "TeardownError", "install", "remap_view_ids", "run_with_teardown"]
 
-STATE_FORMAT = "policyc.install-state/1"
 PAGE = FRAME_SIZE
 
-_C = abi.constants()
-VERSION = _C["VM_EVENT_INTERFACE_VERSION"]
-F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
-F_TOGGLE_SS = _C["VM_EVENT_FLAG_TOGGLE_SINGLESTEP"]
-RS_SINGLESTEP = _C["VM_EVENT_REASON_SINGLESTEP"]
-_HDR = abi.HEADER
-_OFF_DATA = 56
 
 INT3 = b"\xcc"
 SMC = (0xD4000003).to_bytes(4, "little")     # smc #0
 
-_ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep",
-           "guest_request", "debug_exception")
 
 
 # --------------------------------------------------------------------------- errors
 
-class InstallError(RuntimeError):
+class InstallError(PolicycError, RuntimeError):
     """Install failed. `cause` is the first failure; `undo_errors` lists undo steps that failed too (then
     the guest is NOT as before and the state record at `state_path` is kept for `recover`)."""
 
@@ -114,7 +98,7 @@ class InstallError(RuntimeError):
         self.state_path = state_path
 
 
-class TeardownError(RuntimeError):
+class TeardownError(PolicycError, RuntimeError):
     def __init__(self, errors: Sequence[str], state_path: Path | None) -> None:
         super().__init__(f"teardown incomplete ({len(errors)} step(s) failed: {'; '.join(errors[:3])}); "
                          f"state record kept at {state_path} for 'policyc recover'")
@@ -122,284 +106,12 @@ class TeardownError(RuntimeError):
         self.state_path = state_path
 
 
-# --------------------------------------------------------------------------- the state record
-
-def default_state_dir() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "policyc"
-    return Path(tempfile.gettempdir()) / f"policyc-{os.getuid()}"
-
-
-def state_path_for(guest: str, state_dir: str | Path | None = None) -> Path:
-    """Where the state record of `guest` lives (the name made file-safe)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", guest).lstrip(".") or "guest"
-    return (Path(state_dir) if state_dir is not None else default_state_dir()) / f"{safe}.json"
-
-
-def _runs(prior: Mapping[int, str]) -> list[list]:
-    """{gfn: access} as [[first gfn, count, access], ...] (big maps are mostly runs)."""
-    out: list[list] = []
-    for gfn in sorted(prior):
-        acc = prior[gfn]
-        if out and out[-1][0] + out[-1][1] == gfn and out[-1][2] == acc:
-            out[-1][1] += 1
-        else:
-            out.append([gfn, 1, acc])
-    return out
-
-
-def _unruns(runs: Iterable[Sequence]) -> dict[int, str]:
-    return {g: acc for first, count, acc in runs for g in range(first, first + count)}
-
-
-def _encode(entry: Mapping[str, Any]) -> dict:
-    out = dict(entry)
-    for key in ("prior",):
-        if key in out and isinstance(out[key], dict):
-            out[key] = {"runs": _runs(out[key])}
-    for key in ("views", "restricted"):
-        if key in out and isinstance(out[key], dict):
-            out[key] = {str(v): a for v, a in out[key].items()}
-    return out
-
-
-def _decode(entry: Mapping[str, Any]) -> dict:
-    out = dict(entry)
-    if isinstance(out.get("prior"), dict) and "runs" in out["prior"]:
-        out["prior"] = _unruns(out["prior"]["runs"])
-    for key in ("views", "restricted"):
-        if isinstance(out.get(key), dict):
-            out[key] = {int(v): a for v, a in out[key].items()}
-    return out
-
-
-class _Record:
-    """The on-disk state record: written atomically (temp file + rename), 0600 in a 0700 directory."""
-
-    def __init__(self, path: Path, guest: str, plan: Mapping[str, Any], domain: Mapping[str, Any] | None) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {
-            "format": STATE_FORMAT, "guest": guest, "pid": os.getpid(), "started": time.time(),
-            "plan": (plan.get("policy") or {}).get("name"), "plan_hash": plan.get("content_hash"),
-            "domain": dict(domain) if domain is not None else None,
-            "phase": "installing", "paused": 0, "view_map": {}, "journal": [],
-        }
-
-    def save(self, journal: Sequence[Mapping[str, Any]]) -> None:
-        self.data["journal"] = [_encode(e) for e in journal]
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-    def delete(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _remove_stray_temporaries(path: Path) -> None:
-    """Temporary records a killed `_Record.save` left between mkstemp and the rename."""
-    try:
-        strays = list(path.parent.glob(glob.escape(path.name) + ".*"))
-    except OSError:
-        return
-    for stray in strays:
-        try:
-            stray.unlink()
-        except OSError:
-            pass
-
-
-def _domain_identity(backend: Any) -> dict[str, Any] | None:
-    """The backend's identity of its domain (Xen: domid and UUID), or None for one that has none."""
-    identify = getattr(backend, "domain_identity", None)
-    return dict(identify()) if callable(identify) else None
-
-
-def _other_domain(recorded: Any, current: dict[str, Any] | None) -> str | None:
-    """Why a journal must not be applied to this domain, or None when it belongs to it."""
-    if recorded == current:
-        return None
-    if recorded is None:
-        return ("the journal names no domain (an older policyc wrote it), so it cannot be told apart from "
-                "another guest that took the same name")
-    return (f"the journal belongs to domain {_describe_domain(recorded)}, but this guest is "
-            f"{_describe_domain(current)}: another guest took the name")
-
-
-def _describe_domain(identity: Any) -> str:
-    if not isinstance(identity, Mapping):
-        return "(unknown)"
-    return ", ".join(f"{k} {v}" for k, v in identity.items() if k != "kind")
-
-
-def _load_record(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    if data.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a policyc install-state record")
-    data["journal"] = [_decode(e) for e in data.get("journal", [])]
-    return data
-
-
-# --------------------------------------------------------------------------- undo
-
-def _monitor_enabled(backend: Any, entry: Mapping[str, Any]) -> bool:
-    mons = backend.monitors()
-    kind = entry["kind"]
-    if kind == "write_ctrlreg":
-        return entry["index"] in (mons.get("write_ctrlreg") or {})
-    if kind == "mov_to_msr":
-        return entry["msr"] in (mons.get("mov_to_msr") or {}) or hex(entry["msr"]) in (mons.get("mov_to_msr") or {})
-    return kind in mons
-
-
-def _enable_monitor(backend: Any, kind: str, settings: Mapping[str, Any], *, index: str | None = None,
-                    msr: int | None = None) -> None:
-    if kind == "write_ctrlreg":
-        backend.monitor_write_ctrlreg(index, True, sync=bool(settings.get("sync", True)),
-                                      onchangeonly=bool(settings.get("onchangeonly", False)),
-                                      bitmask=int(settings.get("bitmask", 0)))
-    elif kind == "mov_to_msr":
-        backend.monitor_mov_to_msr(msr, True, onchangeonly=bool(settings.get("onchangeonly", False)))
-    else:
-        backend.monitor(kind, True, sync=bool(settings.get("sync", True)))
-
-
-def _disable_monitor(backend: Any, entry: Mapping[str, Any]) -> None:
-    kind = entry["kind"]
-    if kind == "write_ctrlreg":
-        backend.monitor_write_ctrlreg(entry["index"], False)
-    elif kind == "mov_to_msr":
-        backend.monitor_mov_to_msr(entry["msr"], False)
-    else:
-        backend.monitor(kind, False)
-
-
-def _set_access_map(backend: Any, view: int, prior: Mapping[int, str]) -> None:
-    if not prior:
-        return
-    gfns = sorted(prior)
-    values = [prior[g] for g in gfns]
-    if len(set(values)) == 1:
-        backend.set_access(view, gfns, values[0])
-    else:
-        backend.set_access(view, gfns, values)
-
-
-def _view_exists(backend: Any, view: int) -> bool:
-    if view == 0:
-        return True
-    try:
-        backend.get_access(view, next(iter(backend.populated_frames()), 0))
-    except BackendError:
-        return False
-    return True
-
-
-def _undo(backend: Any, entry: Mapping[str, Any], *, recovering: bool = False) -> None:
-    """Undo one journal entry. Every undo is safe to repeat or to run for a step that never happened
-    (entries are journaled before their call where possible). In recovery, state that is gone already
-    (a view destroyed by a teardown the kill interrupted) counts as undone."""
-    op = entry["op"]
-    if op == "altp2m":
-        backend.altp2m_set_state(False)
-    elif op == "view":
-        if not recovering or _view_exists(backend, entry["view"]):
-            backend.destroy_view(entry["view"])
-    elif op == "access":
-        if not recovering or _view_exists(backend, entry["view"]):
-            _set_access_map(backend, entry["view"], entry["prior"])
-    elif op == "shadow":
-        g = entry["gfn"]
-        for view, prior in sorted(entry.get("restricted", {}).items()):
-            if not recovering or _view_exists(backend, view):
-                backend.set_access(view, [g], prior)
-        for view, prior in sorted(entry.get("views", {}).items()):
-            if not recovering or _view_exists(backend, view):
-                backend.change_gfn(view, g, None)
-                if prior is not None:
-                    backend.set_access(view, [g], prior)
-        shadow = entry.get("shadow")
-        if shadow is not None and (not recovering or shadow in set(backend.populated_frames())):
-            backend.remove_frame(shadow)
-    elif op == "bytes":
-        pa = entry["pa"]
-        original, planted = bytes.fromhex(entry["original"]), bytes.fromhex(entry["planted"])
-        if backend.read_physical(pa, len(planted)) == planted:   # the guest did not rewrite it since
-            backend.write_physical(pa, original)
-    elif op == "monitor":
-        if _monitor_enabled(backend, entry):
-            _disable_monitor(backend, entry)
-        prev = entry.get("previous")
-        if prev is not None:
-            _enable_monitor(backend, entry["kind"], prev, index=entry.get("index"), msr=entry.get("msr"))
-    elif op == "switch_view":
-        view = entry["view"]
-        if recovering and not _view_exists(backend, view):
-            view = 0
-        try:
-            backend.switch_view(view)
-        except Unsupported:
-            if not recovering:
-                raise              # altp2m is off: every vCPU runs on the host p2m already
-    else:
-        raise ValueError(f"unknown journal entry '{op}'")
-
-
-def _describe(entry: Mapping[str, Any]) -> str:
-    op = entry["op"]
-    detail = {k: v for k, v in entry.items() if k not in ("op", "prior")}
-    if "prior" in entry:
-        detail["gfns"] = len(entry["prior"])
-    return f"{op} {detail}"
-
-
-# --------------------------------------------------------------------------- responses
-
-def _echo(raw: bytes, extra_flags: int = 0) -> bytes:
-    """The minimal response: the request's header and `u` (what Xen reads back), VCPU_PAUSED echoed."""
-    out = bytearray(len(raw))
-    out[:_OFF_DATA] = raw[:_OFF_DATA]
-    flags = _HDR.unpack_from(raw)[1]
-    struct.pack_into("<I", out, 4, (flags & F_PAUSED) | extra_flags)
-    struct.pack_into("<H", out, 16, 0)
-    return bytes(out)
-
-
-def _teardown_response(raw: bytes) -> bytes:
-    """Answer for teardown: unpause, nothing else; a single-stepping vCPU also stops stepping."""
-    _, flags, reason, _, _ = _HDR.unpack_from(raw)
-    paused = flags & F_PAUSED
-    return _echo(raw, F_TOGGLE_SS if reason == RS_SINGLESTEP and paused else 0)
-
-
-def _dummy_unpause(vcpu: int) -> bytes:
-    """XEN-SEMANTICS §7 step 5: version, vcpu_id and VCPU_PAUSED; Xen does not match it to a request."""
-    return _HDR.pack(VERSION, F_PAUSED, 0, vcpu, 0).ljust(abi.EVENT_SIZE, b"\0")
-
-
 # --------------------------------------------------------------------------- the installation
 
 class Installation:
     """A bound plan applied to a guest. Use `teardown()` (or `run_with_teardown`) to remove it."""
 
-    def __init__(self, bound: BoundPlan, backend: Any, record: _Record) -> None:
+    def __init__(self, bound: BoundPlan, backend: Any, record: StateRecord) -> None:
         self.bound = bound
         self.backend = backend
         self.record = record
@@ -469,10 +181,10 @@ class Installation:
         while self.journal:
             entry = self.journal.pop()
             try:
-                _undo(self.backend, entry)
+                undo_entry(self.backend, entry)
                 errors += self._read_back(entry)
             except Exception as exc:  # noqa: BLE001 - keep undoing; report every failure
-                errors.append(f"undo {_describe(entry)}: {exc}")
+                errors.append(f"undo {describe_entry(entry)}: {exc}")
                 self.leftover.insert(0, entry)
             if entry["op"] == "access":
                 self._access_entries.pop(entry["view"], None)
@@ -589,7 +301,7 @@ class Installation:
             if g not in entry["prior"]:
                 entry["prior"][g] = b.get_access(actual, g)
         self._save()                                    # before the call: multi can half-succeed
-        _set_access_map(b, actual, {g: access[g] for g in gfns})
+        set_access_map(b, actual, {g: access[g] for g in gfns})
 
     # -- breakpoints
     def _plant_all(self, populated: set[int]) -> None:
@@ -639,7 +351,7 @@ class Installation:
         entry = self._shadows.pop(gfn, None)
         if entry is None:
             return
-        _undo(self.backend, entry)
+        undo_entry(self.backend, entry)
         self.journal.remove(entry)
         self._save()
 
@@ -671,7 +383,7 @@ class Installation:
             want = {"onchangeonly": bool(m.get("onchangeonly", False))}
             have = current.get("mov_to_msr") or {}
             self._enable_one("mov_to_msr", want, have.get(msr, have.get(hex(msr))), msr=msr)
-        for kind in _ON_OFF:
+        for kind in ON_OFF_MONITORS:
             setting = mons.get(kind)
             if not setting:
                 continue
@@ -691,11 +403,11 @@ class Installation:
                 return                               # already as wanted (and not ours to disable)
             entry["previous"] = dict(have)           # undo: ours off, the previous setting back on
             self._log(entry)
-            _disable_monitor(b, entry)
-            _enable_monitor(b, kind, want, index=index, msr=msr)
+            disable_monitor(b, entry)
+            enable_monitor(b, kind, want, index=index, msr=msr)
             return
         self._log(entry)                             # undo checks whether it is on before disabling
-        _enable_monitor(b, kind, want, index=index, msr=msr)
+        enable_monitor(b, kind, want, index=index, msr=msr)
 
     # ------------------------------------------------------------------ the enforcer's ring access
     def take_requests(self, limit: int = 8) -> list[bytes]:
@@ -757,7 +469,7 @@ class Installation:
                 if not pending:
                     break
                 try:
-                    b.put_responses([_teardown_response(r) for r in pending])
+                    b.put_responses([teardown_response(r) for r in pending])
                     b.notify()
                     self.notify_owed = False
                 except BackendError as exc:
@@ -796,7 +508,7 @@ class Installation:
                     if old.mechanism != "int3-shadow-frame":
                         entry = self._inline.pop(site, None)
                         if entry is not None:
-                            _undo(self.backend, entry)
+                            undo_entry(self.backend, entry)
                             self.journal.remove(entry)
                         self._plant_inline(new)
                 for g in sorted(moved_gfns):
@@ -829,9 +541,9 @@ class Installation:
             if g not in entry["prior"]:
                 entry["prior"][g] = b.get_access(actual, g)
         self._save()
-        _set_access_map(b, actual, tighten)
+        set_access_map(b, actual, tighten)
         back = {g: entry["prior"][g] for g in relax if g in entry["prior"]}
-        _set_access_map(b, actual, back)
+        set_access_map(b, actual, back)
         for g in back:
             del entry["prior"][g]
         self._save()
@@ -845,7 +557,7 @@ class Installation:
             entry = self._inline.pop(site or "", None)
             if entry is None:
                 return False
-            _undo(self.backend, entry)
+            undo_entry(self.backend, entry)
             self.journal.remove(entry)
             self._save()
             return True
@@ -961,20 +673,20 @@ def install(bound: BoundPlan, backend: Any, *, guest: str | None = None, state_d
     name = guest or getattr(backend, "name", None) or "guest"
     path = Path(state_path) if state_path is not None else state_path_for(name, state_dir)
     if not path.exists():
-        _remove_stray_temporaries(path)
+        remove_stray_temporaries(path)
     if path.exists():
         try:
             other = json.loads(path.read_text())
             pid = int(other.get("pid", 0))
         except (OSError, ValueError):
             pid = 0
-        alive = _pid_alive(pid)
+        alive = pid_alive(pid)
         me = " (this process)" if pid == os.getpid() else ""
         raise InstallError(f"guest '{name}' has a state record at {path}: "
                            + (f"an enforcer (pid {pid}{me}) is running" if alive else
                               "an earlier enforcer did not tear down; run 'policyc recover --guest "
                               f"{name}' first"))
-    inst = Installation(bound, backend, _Record(path, name, bound.plan, _domain_identity(backend)))
+    inst = Installation(bound, backend, StateRecord(path, name, bound.plan, domain_identity(backend)))
     try:
         inst._save()
         inst._install()
@@ -992,191 +704,6 @@ def install(bound: BoundPlan, backend: Any, *, guest: str | None = None, state_d
         msg = str(exc) if isinstance(exc, InstallError) else f"install failed: {exc}"
         raise InstallError(msg, cause=exc, undo_errors=errors, state_path=path) from exc
     return inst
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@dataclass
-class RecoveryReport:
-    """What `recover` did and what it could not do.
-
-    Restored: monitors (undone from the journal; the ring disable clears them all anyway), paused
-    vCPUs (their requests answered with a plain unpause, or one bare VCPU_PAUSED response each), the
-    domain pause count, views and access (host p2m included), shadow frames and inline breakpoint
-    bytes (when the guest has not rewritten them since), the vCPUs' view, altp2m off if it was off.
-    Not restored: CR/MSR writes held back for a response and pending emulations when the ring had to
-    be disabled (XEN-SEMANTICS §7: the guest's write silently never happens); the decisions the dead
-    agent owed (everything pending is let through, retried in an unwatched guest); a vCPU left
-    single-stepping (no per-vCPU debug_control in the Backend: listed in `cannot`); the op-4
-    "deferred register writes" flag, which only a ring disable clears; a vCPU asleep waiting for a
-    ring slot makes the disable fail (EBUSY) and the domain cannot be freed short of destroying it
-    (`stuck`). A frame or view created in the instant between the hypercall and the journal write
-    is not known to the record (a view goes when altp2m is switched off)."""
-
-    found: bool = False
-    guest: str | None = None
-    undone: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    unpaused_vcpus: list[int] = field(default_factory=list)
-    answered: int = 0                # requests answered on the old ring (when it was reachable)
-    refused: list[str] = field(default_factory=list)   # bare unpause responses the ring refused
-    ring_reenabled: bool = False
-    stuck: bool = False
-    cannot: list[str] = field(default_factory=list)
-    not_this_domain: str | None = None   # the journal belongs to another domain: nothing was done
-
-    @property
-    def clean(self) -> bool:
-        return not self.errors and not self.stuck
-
-
-_RING_SLOTS = abi.Ring().slots      # 8: one 4 KiB page (XEN-SEMANTICS §7)
-
-
-def _reset_ring(b: Any, report: RecoveryReport, reenable: bool) -> None:
-    """XEN-SEMANTICS §7 steps 1-5: disable the ring, re-enable it, one bare unpause per vCPU."""
-    try:
-        b.close()
-    except BackendError as exc:
-        report.stuck = exc.errno == _errno.EBUSY
-        report.errors.append(f"monitor ring disable: {exc}" + (": a vCPU waits for a ring slot; the domain "
-                                                               "stays stuck until it is destroyed"
-                                                               if report.stuck else ""))
-        return
-    if not reenable:
-        return
-    reattach = getattr(b, "reattach", None)
-    if not callable(reattach):
-        report.cannot.append("the backend cannot re-enable the monitor ring: vCPUs paused on the dead "
-                             "agent's events stay paused")
-        return
-    try:
-        reattach()
-        report.ring_reenabled = True
-    except BackendError as exc:
-        report.errors.append(f"monitor ring re-enable: {exc}")
-        return
-    # Xen matches responses to nothing, and an extra unpause only logs a warning (§7 step 5). Answers to
-    # nothing leave the ring's indices skewed (responses ahead of requests), and a ring in that state
-    # would misplace the next answers: after each ring's worth, disable and enable once more.
-    vcpus = list(range(b.capabilities().vcpus))
-    for start in range(0, len(vcpus), _RING_SLOTS):
-        chunk = vcpus[start:start + _RING_SLOTS]
-        try:
-            b.put_responses([_dummy_unpause(v) for v in chunk])
-            b.notify()
-            report.unpaused_vcpus.extend(chunk)
-        except BackendError as exc:
-            report.refused.append(f"vCPU(s) {chunk}: {exc}")
-        try:
-            b.close()
-            reattach()
-        except BackendError as exc:
-            report.errors.append(f"monitor ring reset after the bare responses: {exc}")
-            return
-
-
-def recover(backend: Any, state_path: str | Path, *, reenable_ring: bool = True) -> RecoveryReport:
-    """Undo what a killed enforcer left in the guest, from its state record (XEN-SEMANTICS §7)."""
-    path = Path(state_path)
-    report = RecoveryReport()
-    data = _load_record(path)
-    if data is None:
-        return report
-    report.found = True
-    report.guest = data.get("guest")
-    try:
-        other = _other_domain(data.get("domain"), _domain_identity(backend))
-    except BackendError as exc:
-        other = f"the domain cannot be identified: {exc}"
-    if other is not None:
-        report.not_this_domain = other      # nothing is touched; the journal stays
-        report.errors.append(f"refused: {other}")
-        return report
-    b = backend
-    paused_here = 0
-    try:
-        b.pause()
-        paused_here = 1
-    except Exception as exc:  # noqa: BLE001
-        report.errors.append(f"pause: {exc}")
-    # 1. the ring. If this process can still reach the dead agent's ring (the same process, or a
-    # backend that can map it), answer what is on it; the vCPUs finish (held-back CR/MSR writes
-    # included) once the domain runs again. On real Xen a new process cannot (the ring gfn left the
-    # physmap, §7): then disable (wakes throttled vCPUs, clears monitors, drops held-back writes),
-    # re-enable, and push one VCPU_PAUSED response per vCPU.
-    reachable = True
-    try:
-        for _ in range(4096):
-            reqs = b.take_requests(64)
-            if not reqs:
-                break
-            b.put_responses([_teardown_response(r) for r in reqs])
-            b.notify()
-            report.answered += len(reqs)
-    except BackendError:
-        reachable = False
-    if not reachable:
-        _reset_ring(b, report, reenable_ring)
-    # 2. the journal, newest first
-    for entry in reversed(data["journal"]):
-        try:
-            _undo(b, entry, recovering=True)
-            report.undone.append(_describe(entry))
-        except Exception as exc:  # noqa: BLE001
-            report.errors.append(f"undo {_describe(entry)}: {exc}")
-    # 3. single-step cannot be switched off through the Backend
-    stepping = getattr(b, "single_stepping", None)
-    if callable(stepping):
-        left = [v for v in range(b.capabilities().vcpus) if stepping(v)]
-        if left:
-            report.cannot.append(f"vCPU(s) {left} are left single-stepping (no debug_control in the Backend)")
-    # 4. unpause: ours and the dead enforcer's outstanding pauses
-    for _ in range(paused_here + int(data.get("paused", 0))):
-        try:
-            b.unpause()
-        except BackendError as exc:
-            if exc.errno != _errno.EINVAL:
-                report.errors.append(f"unpause: {exc}")
-            break
-    try:
-        still = sorted(b.paused_vcpus())
-        if still and reachable and not report.stuck:
-            # requests the dead agent had taken and never answered: §7's disable / re-enable / bare
-            # responses is the only way left to reach those vCPUs
-            _reset_ring(b, report, reenable_ring)
-            still = sorted(b.paused_vcpus())
-    except BackendError:
-        still = []
-    asked = int(data.get("policy_paused", 0))
-    if still and asked and still == list(range(b.capabilities().vcpus)):
-        # the whole domain, paused by the policy's own `pause` action: kept, as teardown keeps it
-        report.cannot.append(f"the domain stays paused: the policy's pause action paused it ({asked}x), as asked")
-    elif still:
-        report.errors.append(f"vCPU(s) {still} are still paused: their requests were taken by the dead agent "
-                             "and the bare unpause responses did not reach them")
-    if report.clean:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        _remove_stray_temporaries(path)
-    return report
-
-
-def recover_guest(backend: Any, guest: str, state_dir: str | Path | None = None) -> RecoveryReport:
-    """`policyc recover --guest G`: recover from the record at `state_path_for(guest, state_dir)`."""
-    return recover(backend, state_path_for(guest, state_dir))
 
 
 # --------------------------------------------------------------------------- running

@@ -38,6 +38,8 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterator
 
+from ..errors import PolicycError
+
 __all__ = ["ShipperError", "ShipperProcess", "main", "pipe_for_log"]
 
 PIPE_BYTES = 1 << 20
@@ -47,7 +49,7 @@ _FOLLOW_POLL = 0.02
 _REPORT_EVERY = 0.2
 
 
-class ShipperError(Exception):
+class ShipperError(PolicycError):
     """The shipper could not start (its destination cannot be opened or reached): one line."""
 
 

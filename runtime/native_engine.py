@@ -45,10 +45,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ..native.abi import _native
-from .decide import (_FLAG_BITS, _FLAG_FOR_DATA, _X86_NAMES, EVENT_SIZE,
-                     EVENT_SUMMARY, F_ALTP2M, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X, Decision,
-                     DecisionEngine, _Lowered, _Rule)
+from ..native.constants import EVENT_SIZE, F_ALTP2M, FLAG_BITS, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X
+from .decide import Decision, DecisionEngine, _Lowered, _Rule
 from .decision_log import _DECIMAL_FIELDS, _ENCODE, _CONTROLS, _parse_template, escape_guest
+from .vm_event_layout import EVENT_SUMMARY, FLAG_FOR_DATA, X86_NAMES
+from ..errors import PolicycError
 
 __all__ = ["NativeEngine", "NativeBatch", "PUNT_REASONS", "native_available"]
 
@@ -72,7 +73,7 @@ def _register_layout() -> dict[str, tuple[int, int, int, int]]:
     out, off = {}, _OFF_DATA
     sizes = [8] * 33 + [4] * 4 + [8] * 2 + [4] * 6 + [8] + [2] * 8
     raw_at = {}
-    for name, size in zip(_X86_NAMES, sizes):
+    for name, size in zip(X86_NAMES, sizes):
         raw_at[name] = (off, size)
         if name[0] != "_":
             out[name] = (off, size, 0, (1 << (8 * size)) - 1)
@@ -128,7 +129,7 @@ def native_available() -> bool:
     return True
 
 
-class NativeLogError(OSError):
+class NativeLogError(PolicycError, OSError):
     """The native call could not write a batch's records: it is decided but not answered yet."""
 
     def __init__(self, requests: list[bytes], responses: list[bytes], served: int) -> None:
@@ -196,6 +197,12 @@ class NativeEngine:
         self._build()
 
     # ------------------------------------------------------------------ public
+    @property
+    def stateful(self) -> bool:
+        """Whether a rule keeps state between events (a rate limit, a disarm) that the native and the
+        Python engine must hand each other."""
+        return bool(self._stateful)
+
     def rebuild(self) -> None:
         """After the binding moved (a rebind) or the watched page-table frames changed."""
         self._pull_state(self._stateful)
@@ -509,7 +516,7 @@ class NativeEngine:
         e.summary_key_off = arr("uint32_t", [o for o, _ in keys])
         e.summary_key_len = arr("uint32_t", [n for _, n in keys])
         e.summary_hex = arr("uint8_t", [name not in _DECIMAL_FIELDS for name in _FIELDS])
-        for name, bit in _FLAG_BITS.items():
+        for name, bit in FLAG_BITS.items():
             e.flag_name_off[_bit(bit)], e.flag_name_len[_bit(bit)] = pool.add(_ENCODE(name))
         head = _ENCODE({"decision_id": engine.id_prefix + "."})
         e.id_head_off, e.id_head_len = pool.add(head[:-2])                    # {"decision_id":"PREFIX.
@@ -781,7 +788,7 @@ class NativeEngine:
         self._keep.append(t)
         for i, low in enumerate(specs):
             c = t[i]
-            c.base_flags = low.flags & ~_FLAG_FOR_DATA | (low.flags & F_ALTP2M if low.altp2m_idx is None else 0)
+            c.base_flags = low.flags & ~FLAG_FOR_DATA | (low.flags & F_ALTP2M if low.altp2m_idx is None else 0)
             c.altp2m = -1 if low.altp2m_idx is None else low.altp2m_idx
             c.p2midx = -2 if low.p2midx_faulting else (-1 if low.p2midx is None else low.p2midx)
             c.read_data = low.read_data

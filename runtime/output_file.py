@@ -14,10 +14,12 @@ import errno as _errno
 import os
 import stat
 
+from ..errors import PolicycError
+
 __all__ = ["OutputError", "OutputFile"]
 
 
-class OutputError(OSError):
+class OutputError(PolicycError, OSError):
     """A write to an output stream failed; `stream` is its role ("the alert stream")."""
 
     def __init__(self, code: int | None, message: str, stream: str) -> None:

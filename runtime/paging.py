@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, GuestMemory, PhysicalAddressError
+from ..errors import PolicycError
 
 __all__ = [
     "AddressSpace",
@@ -113,7 +114,7 @@ def _size_name(size: int) -> str:
 
 
 # --------------------------------------------------------------------- errors
-class PagingError(Exception):
+class PagingError(PolicycError):
     """Base class for errors of the paging model."""
 
 
@@ -210,14 +211,16 @@ class Translation:
 
 @dataclass(frozen=True)
 class WalkStep:
-    """One paging-structure entry read during a walk."""
+    """One paging-structure entry read during a walk: x86 (a `Level` of this module) or AArch64 stage 1
+    (`paging_arm64.Level`; what else a descriptor says is read by `paging_arm64.is_table`/`is_leaf`)."""
 
-    level: Level
+    level: int
     entry_address: int
     entry: int
 
     @property
     def present(self) -> bool:
+        """x86's P bit; AArch64's valid bit is the same bit 0."""
         return bool(self.entry & PTE_P)
 
 

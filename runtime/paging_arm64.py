@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE, PhysicalAddressError
-from .paging import AddressSpace, AlignmentError, MappingConflict, PageFault
+from .paging import AddressSpace, AlignmentError, MappingConflict, PageFault, WalkStep
 
 __all__ = [
     "PAGE_4K", "BLOCK_2M", "BLOCK_1G", "PAGE_SIZES",
@@ -60,7 +60,7 @@ __all__ = [
     "TABLE_PXN", "TABLE_UXN", "TABLE_AP_NOEL0", "TABLE_AP_RO", "TABLE_NS", "OA_MASK",
     "TCR_EPD0", "TCR_EPD1", "TCR_A1", "TCR_AS", "TCR_TBI0", "TCR_TBI1", "TCR_HA", "TCR_HD",
     "LINUX_TCR_48", "SCTLR_M", "SCTLR_WXN", "PSTATE_PAN", "TTBR_BADDR_MASK",
-    "Level", "WalkStep", "Translation", "Permissions", "Stage1Tables",
+    "Level", "WalkStep", "is_table", "is_leaf", "Translation", "Permissions", "Stage1Tables",
     "Stage1Fault", "TranslationFault", "AccessFlagFault", "PermissionFault", "AddressSizeFault",
     "WalkExternalAbort", "permissions", "ttbr_base", "is_high", "attr_index",
 ]
@@ -231,32 +231,18 @@ class WalkExternalAbort(Stage1Fault):
 
 
 # --------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class WalkStep:
-    """One descriptor read during a walk."""
+def is_table(step: WalkStep) -> bool:
+    """A valid table descriptor (levels 0-2)."""
+    return step.present and step.level < Level.L3 and bool(step.entry & DESC_TABLE)
 
-    level: Level
-    entry_address: int
-    entry: int
 
-    @property
-    def valid(self) -> bool:
-        return bool(self.entry & DESC_VALID)
-
-    present = valid
-
-    @property
-    def is_table(self) -> bool:
-        return self.valid and self.level < Level.L3 and bool(self.entry & DESC_TABLE)
-
-    @property
-    def is_leaf(self) -> bool:
-        """A block (levels 1-2) or a page (level 3)."""
-        if not self.valid:
-            return False
-        if self.level is Level.L3:
-            return bool(self.entry & DESC_PAGE)
-        return self.level in (Level.L1, Level.L2) and not self.entry & DESC_TABLE
+def is_leaf(step: WalkStep) -> bool:
+    """A valid block (levels 1-2) or page (level 3) descriptor."""
+    if not step.present:
+        return False
+    if step.level is Level.L3:
+        return bool(step.entry & DESC_PAGE)
+    return step.level in (Level.L1, Level.L2) and not step.entry & DESC_TABLE
 
 
 @dataclass(frozen=True)
@@ -415,7 +401,7 @@ class Stage1Tables(AddressSpace):
                 break
             step = WalkStep(level, addr, entry)
             steps.append(step)
-            if not step.is_table or entry & ~self._oa_limit & OA_MASK:
+            if not is_table(step) or entry & ~self._oa_limit & OA_MASK:
                 break
             table = entry & OA_MASK
         return steps
@@ -704,7 +690,7 @@ class Stage1Tables(AddressSpace):
             last = steps[-1] if steps else None
             span = last.level.coverage if last is not None else Level.L0.coverage
             base = cur & ~(span - 1)
-            if last is not None and last.is_leaf:
+            if last is not None and is_leaf(last):
                 yield last.entry_address, base, span
             cur = base + span
 
@@ -717,7 +703,7 @@ class Stage1Tables(AddressSpace):
         table is filled first and linked by one descriptor write. Returns the new table's address."""
         steps = self.walk(va)
         last = steps[-1] if steps else None
-        if last is None or not last.is_leaf or last.level is Level.L3:
+        if last is None or not is_leaf(last) or last.level is Level.L3:
             raise MappingConflict(f"{va:#x} is not mapped by a block")
         size = last.level.coverage
         child_size = size >> 9
@@ -737,7 +723,7 @@ class Stage1Tables(AddressSpace):
             raise ValueError(f"set_descriptor_address: {pa!r} is not a 4 KiB aligned physical address")
         steps = self.walk(va)
         last = steps[-1] if steps else None
-        if last is None or not last.is_leaf:
+        if last is None or not is_leaf(last):
             where = last or WalkStep(Level.L0, self.root_for(va), 0)
             raise TranslationFault(va, where.level, where.entry_address, where.entry, "no page descriptor to rewrite",
                                    steps=tuple(steps))
@@ -753,7 +739,7 @@ class Stage1Tables(AddressSpace):
         Returns its address."""
         level = Level(level)
         step = next((s for s in self.walk(va) if s.level is level), None)
-        if step is None or not step.is_leaf:
+        if step is None or not is_leaf(step):
             raise MappingConflict(f"the walk of {va:#x} has no block or page descriptor at level {int(level)}")
         e = step.entry
         for value, bit, when_true in ((writable, DESC_AP_RO, False), (executable, DESC_PXN, False),

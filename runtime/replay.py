@@ -24,11 +24,12 @@ from .guest_memory import GuestMemoryError
 from ..targets import runs_on
 from .install import remap_view_ids
 from .trace import RecordedGuest, Trace
+from ..errors import PolicycError
 
 __all__ = ["ReplayResult", "ReplayError", "Change", "replay", "compare"]
 
 
-class ReplayError(Exception):
+class ReplayError(PolicycError):
     """The plan cannot be replayed on this trace (binding failed, or the trace is for another arch)."""
 
 

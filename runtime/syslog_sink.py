@@ -26,6 +26,8 @@ import json
 import socket
 from typing import Any, Mapping
 
+from ..errors import PolicycError
+
 __all__ = ["SyslogError", "SyslogSender", "parse_syslog_address", "rfc5424"]
 
 FACILITY_LOCAL0 = 16
@@ -33,7 +35,7 @@ ENTERPRISE = 32473
 _ALERT_SEVERITY = {"critical": 2, "high": 3, "medium": 4, "low": 5, "info": 6}
 
 
-class SyslogError(OSError):
+class SyslogError(PolicycError, OSError):
     """A record could not be sent (counted as "syslog_send"); says where, without the errno prefix."""
 
     reason = "send"

@@ -41,13 +41,14 @@ from typing import IO, Any, Iterator, Mapping, Sequence
 from .backend import BackendError, Capabilities
 from .guest_memory import FRAME_SHIFT, FRAME_SIZE
 from .output_file import OutputFile
+from ..errors import PolicycError
 
 __all__ = ["TRACE_FORMAT", "TraceRecorder", "TraceError", "RecordedGuest", "read_trace", "TraceRecord"]
 
 TRACE_FORMAT = "policyc-trace/1"
 
 
-class TraceError(Exception):
+class TraceError(PolicycError):
     """A trace that cannot be read (with the line it failed at)."""
 
 
@@ -127,13 +128,13 @@ class TraceRecorder:
         have (any region inside the image). Best effort: a guest whose image does not translate here
         is simply recorded with what binding reads."""
         from .paging import PAGE_2M, PageTables, PagingError
-        from .bind import _PhysReader
+        from .guest_kernel import PhysReader
 
         if not (self.plan.get("target") or {}).get("arch", "x86_64").startswith("x86_64"):
             return
         try:
             regs = backend.get_registers(0)
-            reader = _PhysReader(_RecordingBackend(backend, self))
+            reader = PhysReader(_RecordingBackend(backend, self))
             pt = PageTables(reader, regs["cr3"] & 0x000FFFFFFFFFF000)
             lstar = regs.get("msr_lstar")
             if not lstar:

@@ -15,7 +15,7 @@ libxendevicemodel.so.1      exception injection (dm_op inject_event)
 libxenstore.so.4            name -> domid only (loaded when a name is given)
 ==========================  ==================================================
 
-The declarations (`DECLARATIONS`, `STRUCTS`) are checked against Debian's
+The libraries' declarations (`xen_libs.DECLARATIONS`, `xen_libs.STRUCTS`) are checked against Debian's
 libxen-dev headers of both releases (`RELEASES`: 4.17 in Debian 12, 4.20 in Debian 13; what
 differs between them is in `XenRelease`) by tests/test_xen_backend.py, which compiles a C
 file asserting every prototype and struct offset; a declaration that drifts
@@ -36,7 +36,6 @@ whose message starts "not a Xen dom0 (or no privcmd): ".
 from __future__ import annotations
 
 import errno as _errno
-import functools
 import os
 import select
 import time
@@ -45,211 +44,16 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..native import abi
-from .backend import ACCESS_VALUES, BackendError, Capabilities, InvalidArgument, Unsupported
+from ..native.constants import CR_INDEX, ET_HW_EXC, ET_SW_EXC, F_DENY, F_PAUSED, RS_MOV_TO_MSR, RS_WRITE_CTRLREG
+from .backend import ALWAYS_SYNC_MONITORS, ON_OFF_MONITORS, BackendError, Capabilities, InvalidArgument, Unsupported
 from .xen_arm64 import ARM64_VCPU_CONTEXT_SIZE, access_runs, registers_from_arm64_context
+from .xen_libs import (BACKEND_LIBRARIES, CONSTANTS, DOMCTL_SIZE, HVM_HW_CPU_SIZE, PAGE_SHIFT, PAGE_SIZE, PRIVCMD,
+                       RELEASES, XenUnavailable, access_code, access_name, arch_from_vendor, build_cpu_context,
+                       call_error, cpu_vendor, load_library, loaded_release, monitors_from_capabilities,
+                       native_event_channel, patch_hvm_cpu, registers_from_hvm_cpu, resolve_domain, xen_ffi)
 
-__all__ = ["XenBackend", "XenUnavailable", "XenRelease", "RELEASES", "loaded_release", "LIBRARIES", "DECLARATIONS", "STRUCTS", "MONITOR_EVENT_BITS",
-           "HVM_HW_CPU_FIELDS", "HVM_HW_CPU_SIZE", "registers_from_hvm_cpu", "patch_hvm_cpu",
-           "monitors_from_capabilities", "access_code", "access_name", "PRIVCMD"]
+__all__ = ["XenBackend"]
 
-PRIVCMD = "/dev/xen/privcmd"
-PAGE_SIZE = 4096                 # XC_PAGE_SIZE; the ring page and every foreign mapping
-PAGE_SHIFT = 12
-
-
-
-@dataclass(frozen=True)
-class XenRelease:
-    """What differs between the Xen releases this backend speaks to. libxenctrl's soname carries the
-    release, and it only talks to a hypervisor of the same release (the domctl interface version is
-    checked by Xen), so the library found decides. Everything else the backend declares is the same
-    in both releases' headers (tests/test_xen_backend.py compiles it against each)."""
-
-    version: str                       # "4.17"
-    xenctrl: str                       # libxenctrl's soname
-    domctl_interface: int              # XEN_DOMCTL_INTERFACE_VERSION (the raw domctl of op 4)
-    access_order: tuple[str, ...]      # xenmem_access_t, in enum order (4.19 added r_pw before default)
-
-    @property
-    def hypervisor(self) -> tuple[int, int]:
-        major, minor = self.version.split(".")
-        return int(major), int(minor)
-
-
-RELEASES: tuple[XenRelease, ...] = (
-    XenRelease("4.17", "libxenctrl.so.4.17", 0x15, ACCESS_VALUES),                      # Debian 12
-    XenRelease("4.20", "libxenctrl.so.4.20", 0x17, ACCESS_VALUES[:10] + ("r_pw", "default")),  # Debian 13
-)
-
-# soname per library key; the versioned names, so a different libxenctrl ABI is never picked up.
-# "xenctrl" is the release found on the host (`RELEASES`, tried in order); the rest do not change.
-LIBRARIES: dict[str, str] = {
-    "xenctrl": RELEASES[0].xenctrl,
-    "xenevtchn": "libxenevtchn.so.1",
-    "xenforeignmemory": "libxenforeignmemory.so.1",
-    "xendevicemodel": "libxendevicemodel.so.1",
-    "xenstore": "libxenstore.so.4",
-}
-
-# --------------------------------------------------------------------------- declarations
-#
-# Types as the headers spell them on x86_64 (xen_pfn_t is unsigned long, domid_t uint16_t). The two
-# structs are declared field by field (no bitfields: xc_dominfo_t has them, so xc_domain_getinfolist's
-# xen_domctl_getdomaininfo is used instead); the test compares every offset with the C compiler's.
-
-TYPEDEFS = """
-typedef struct xc_interface_core xc_interface;
-typedef struct xentoollog_logger xentoollog_logger;
-typedef struct xenevtchn_handle xenevtchn_handle;
-typedef struct xenforeignmemory_handle xenforeignmemory_handle;
-typedef struct xendevicemodel_handle xendevicemodel_handle;
-struct xs_handle;
-struct xen_domctl;
-typedef unsigned long xen_pfn_t;
-typedef uint16_t domid_t;
-typedef uint32_t evtchn_port_t;
-typedef int xenevtchn_port_or_error_t;
-typedef uint32_t xs_transaction_t;
-typedef union vcpu_guest_context_any vcpu_guest_context_any_t;
-typedef enum {
-    XENMEM_access_n, XENMEM_access_r, XENMEM_access_w, XENMEM_access_rw, XENMEM_access_x,
-    XENMEM_access_rx, XENMEM_access_wx, XENMEM_access_rwx, XENMEM_access_rx2rw, XENMEM_access_n2rwx,
-    XENMEM_access_default
-} xenmem_access_t;
-"""
-
-# (C type name, [(field, C declaration)]) -- cdef'd as typedef struct { ... } NAME;
-STRUCTS: dict[str, list[tuple[str, str]]] = {
-    "xc_domaininfo_t": [
-        ("domain", "uint16_t domain"), ("pad1", "uint16_t pad1"), ("flags", "uint32_t flags"),
-        ("tot_pages", "uint64_t tot_pages"), ("max_pages", "uint64_t max_pages"),
-        ("outstanding_pages", "uint64_t outstanding_pages"), ("shr_pages", "uint64_t shr_pages"),
-        ("paged_pages", "uint64_t paged_pages"), ("shared_info_frame", "uint64_t shared_info_frame"),
-        ("cpu_time", "uint64_t cpu_time"), ("nr_online_vcpus", "uint32_t nr_online_vcpus"),
-        ("max_vcpu_id", "uint32_t max_vcpu_id"), ("ssidref", "uint32_t ssidref"),
-        ("handle", "uint8_t handle[16]"), ("cpupool", "uint32_t cpupool"),
-        ("gpaddr_bits", "uint8_t gpaddr_bits"), ("pad2", "uint8_t pad2[7]"),
-        ("arch_config", "struct { uint32_t emulation_flags; uint32_t misc_flags; } arch_config"),
-    ],
-    "xc_physinfo_t": [
-        ("threads_per_core", "uint32_t threads_per_core"), ("cores_per_socket", "uint32_t cores_per_socket"),
-        ("nr_cpus", "uint32_t nr_cpus"), ("max_cpu_id", "uint32_t max_cpu_id"),
-        ("nr_nodes", "uint32_t nr_nodes"), ("max_node_id", "uint32_t max_node_id"),
-        ("cpu_khz", "uint32_t cpu_khz"), ("capabilities", "uint32_t capabilities"),
-        ("arch_capabilities", "uint32_t arch_capabilities"), ("pad", "uint32_t pad"),
-        ("total_pages", "uint64_t total_pages"), ("free_pages", "uint64_t free_pages"),
-        ("scrub_pages", "uint64_t scrub_pages"), ("outstanding_pages", "uint64_t outstanding_pages"),
-        ("max_mfn", "uint64_t max_mfn"), ("hw_cap", "uint32_t hw_cap[8]"),
-    ],
-    "xc_vcpuinfo_t": [
-        ("vcpu", "uint32_t vcpu"), ("online", "uint8_t online"), ("blocked", "uint8_t blocked"),
-        ("running", "uint8_t running"), ("cpu_time", "uint64_t cpu_time"), ("cpu", "uint32_t cpu"),
-    ],
-}
-
-# library key -> [(return type, name, parameter list)]; cdef'd verbatim and asserted in C.
-DECLARATIONS: dict[str, list[tuple[str, str, str]]] = {
-    "xenctrl": [
-        ("xc_interface *", "xc_interface_open", "xentoollog_logger *, xentoollog_logger *, unsigned"),
-        ("int", "xc_interface_close", "xc_interface *"),
-        ("int", "xc_version", "xc_interface *, int, void *"),
-        ("int", "xc_domain_getinfolist", "xc_interface *, uint32_t, unsigned int, xc_domaininfo_t *"),
-        ("int", "xc_domain_pause", "xc_interface *, uint32_t"),
-        ("int", "xc_domain_unpause", "xc_interface *, uint32_t"),
-        ("int", "xc_physinfo", "xc_interface *, xc_physinfo_t *"),
-        ("int", "xc_vcpu_getinfo", "xc_interface *, uint32_t, uint32_t, xc_vcpuinfo_t *"),
-        ("int", "xc_vcpu_getcontext", "xc_interface *, uint32_t, uint32_t, vcpu_guest_context_any_t *"),
-        ("int", "xc_vm_event_get_version", "xc_interface *"),
-        ("void *", "xc_monitor_enable", "xc_interface *, uint32_t, uint32_t *"),
-        ("int", "xc_monitor_disable", "xc_interface *, uint32_t"),
-        ("int", "xc_monitor_get_capabilities", "xc_interface *, uint32_t, uint32_t *"),
-        ("int", "xc_monitor_write_ctrlreg", "xc_interface *, uint32_t, uint16_t, bool, bool, uint64_t, bool"),
-        ("int", "xc_monitor_mov_to_msr", "xc_interface *, uint32_t, uint32_t, bool, bool"),
-        ("int", "xc_monitor_singlestep", "xc_interface *, uint32_t, bool"),
-        ("int", "xc_monitor_software_breakpoint", "xc_interface *, uint32_t, bool"),
-        ("int", "xc_monitor_descriptor_access", "xc_interface *, uint32_t, bool"),
-        ("int", "xc_monitor_guest_request", "xc_interface *, uint32_t, bool, bool, bool"),
-        ("int", "xc_monitor_debug_exceptions", "xc_interface *, uint32_t, bool, bool"),
-        ("int", "xc_monitor_cpuid", "xc_interface *, uint32_t, bool"),
-        ("int", "xc_monitor_privileged_call", "xc_interface *, uint32_t, bool"),
-        ("int", "xc_domctl", "xc_interface *, struct xen_domctl *"),
-        ("int", "xc_set_mem_access_multi", "xc_interface *, uint32_t, uint8_t *, uint64_t *, uint32_t"),
-        ("int", "xc_get_mem_access", "xc_interface *, uint32_t, uint64_t, xenmem_access_t *"),
-        ("int", "xc_set_mem_access", "xc_interface *, uint32_t, xenmem_access_t, uint64_t, uint32_t"),
-        ("int", "xc_altp2m_get_domain_state", "xc_interface *, uint32_t, bool *"),
-        ("int", "xc_altp2m_set_domain_state", "xc_interface *, uint32_t, bool"),
-        ("int", "xc_altp2m_create_view", "xc_interface *, uint32_t, xenmem_access_t, uint16_t *"),
-        ("int", "xc_altp2m_destroy_view", "xc_interface *, uint32_t, uint16_t"),
-        ("int", "xc_altp2m_switch_to_view", "xc_interface *, uint32_t, uint16_t"),
-        ("int", "xc_altp2m_set_mem_access_multi",
-         "xc_interface *, uint32_t, uint16_t, uint8_t *, uint64_t *, uint32_t"),
-        ("int", "xc_altp2m_get_mem_access", "xc_interface *, uint32_t, uint16_t, xen_pfn_t, xenmem_access_t *"),
-        ("int", "xc_altp2m_change_gfn", "xc_interface *, uint32_t, uint16_t, xen_pfn_t, xen_pfn_t"),
-        ("int", "xc_altp2m_set_visibility", "xc_interface *, uint32_t, uint16_t, bool"),
-        ("int", "xc_altp2m_get_vcpu_p2m_idx", "xc_interface *, uint32_t, uint32_t, uint16_t *"),
-        ("int", "xc_domain_maximum_gpfn", "xc_interface *, uint32_t, xen_pfn_t *"),
-        ("int", "xc_domain_populate_physmap_exact",
-         "xc_interface *, uint32_t, unsigned long, unsigned int, unsigned int, xen_pfn_t *"),
-        ("int", "xc_domain_decrease_reservation_exact",
-         "xc_interface *, uint32_t, unsigned long, unsigned int, xen_pfn_t *"),
-        ("int", "xc_domain_setmaxmem", "xc_interface *, uint32_t, uint64_t"),
-        ("int", "xc_domain_hvm_getcontext", "xc_interface *, uint32_t, uint8_t *, uint32_t"),
-        ("int", "xc_domain_hvm_getcontext_partial", "xc_interface *, uint32_t, uint16_t, uint16_t, void *, uint32_t"),
-        ("int", "xc_domain_hvm_setcontext", "xc_interface *, uint32_t, uint8_t *, uint32_t"),
-    ],
-    "xenevtchn": [
-        ("xenevtchn_handle *", "xenevtchn_open", "struct xentoollog_logger *, unsigned int"),
-        ("int", "xenevtchn_close", "xenevtchn_handle *"),
-        ("int", "xenevtchn_fd", "xenevtchn_handle *"),
-        ("int", "xenevtchn_notify", "xenevtchn_handle *, evtchn_port_t"),
-        ("xenevtchn_port_or_error_t", "xenevtchn_bind_interdomain", "xenevtchn_handle *, uint32_t, evtchn_port_t"),
-        ("int", "xenevtchn_unbind", "xenevtchn_handle *, evtchn_port_t"),
-        ("xenevtchn_port_or_error_t", "xenevtchn_pending", "xenevtchn_handle *"),
-        ("int", "xenevtchn_unmask", "xenevtchn_handle *, evtchn_port_t"),
-    ],
-    "xenforeignmemory": [
-        ("xenforeignmemory_handle *", "xenforeignmemory_open", "struct xentoollog_logger *, unsigned int"),
-        ("int", "xenforeignmemory_close", "xenforeignmemory_handle *"),
-        ("void *", "xenforeignmemory_map", "xenforeignmemory_handle *, uint32_t, int, size_t, const xen_pfn_t *, int *"),
-        ("int", "xenforeignmemory_unmap", "xenforeignmemory_handle *, void *, size_t"),
-    ],
-    "xendevicemodel": [
-        ("xendevicemodel_handle *", "xendevicemodel_open", "struct xentoollog_logger *, unsigned int"),
-        ("int", "xendevicemodel_close", "xendevicemodel_handle *"),
-        ("int", "xendevicemodel_inject_event",
-         "xendevicemodel_handle *, domid_t, int, uint8_t, uint8_t, uint32_t, uint8_t, uint64_t"),
-    ],
-    "xenstore": [
-        ("struct xs_handle *", "xs_open", "unsigned long"),
-        ("void", "xs_close", "struct xs_handle *"),
-        ("char **", "xs_directory", "struct xs_handle *, xs_transaction_t, const char *, unsigned int *"),
-        ("void *", "xs_read", "struct xs_handle *, xs_transaction_t, const char *, unsigned int *"),
-    ],
-    "c": [
-        ("int", "munmap", "void *, size_t"),
-        ("void", "free", "void *"),
-    ],
-}
-
-# Header constants this module relies on (name -> value); the test checks each against the headers.
-CONSTANTS: dict[str, int] = {
-    "XC_PAGE_SIZE": PAGE_SIZE,
-    "XEN_DOMINF_dying": 1 << 0, "XEN_DOMINF_hvm_guest": 1 << 1, "XEN_DOMINF_shutdown": 1 << 2,
-    "XEN_DOMINF_paused": 1 << 3, "XEN_DOMINF_hap": 1 << 8,
-    "XEN_SYSCTL_PHYSCAP_hvm": 1 << 0, "XEN_SYSCTL_PHYSCAP_hap": 1 << 3,
-    "XEN_DOMCTL_monitor_op": 77, "XENVER_version": 0,
-    "XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS": 4,
-    "HVM_SAVE_CODE(END)": 0, "HVM_SAVE_CODE(HEADER)": 1, "HVM_SAVE_CODE(CPU)": 2,
-    "CPU_XSAVE_CODE": 16,
-    "sizeof(struct hvm_save_descriptor)": 8,
-    "sizeof(struct xen_domctl)": 0,            # filled below, after HVM_HW_CPU_SIZE
-    "offsetof(struct xen_domctl, cmd)": 0, "offsetof(struct xen_domctl, interface_version)": 4,
-    "offsetof(struct xen_domctl, domain)": 8, "offsetof(struct xen_domctl, u.monitor_op.op)": 16,
-    "offsetof(struct xen_domctl, u.monitor_op.event)": 20,
-    "offsetof(struct hvm_hw_cpu_xsave, xcr0)": 8,
-}
-_DOMCTL_SIZE = 16 + 128          # header + the union (its pad[128] is the largest member)
-CONSTANTS["sizeof(struct xen_domctl)"] = _DOMCTL_SIZE
 _INVALID_GFN = (1 << 64) - 1     # ~0: xc_altp2m_change_gfn's "restore the identity mapping"
 _NO_ERROR_CODE = 0xFFFFFFFF      # dm_op inject_event: ~0 means no error code (xen/hvm/dm_op.h)
 
@@ -265,191 +69,6 @@ def _probe_runs(gfns: Sequence[int], gap: int) -> list[tuple[int, int]]:
             runs.append((g, g))
     return runs
 
-# XEN_DOMCTL_MONITOR_EVENT_* bit -> the monitor's name in the Backend vocabulary (the simulator's names).
-# Bits without a Backend monitor (INTERRUPT, EMUL_UNIMPLEMENTED, INGUEST_PAGEFAULT, VMEXIT, IO) are left out.
-MONITOR_EVENT_BITS: dict[str, tuple[int, str]] = {
-    "XEN_DOMCTL_MONITOR_EVENT_WRITE_CTRLREG": (0, "write_ctrlreg"),
-    "XEN_DOMCTL_MONITOR_EVENT_MOV_TO_MSR": (1, "mov_to_msr"),
-    "XEN_DOMCTL_MONITOR_EVENT_SINGLESTEP": (2, "singlestep"),
-    "XEN_DOMCTL_MONITOR_EVENT_SOFTWARE_BREAKPOINT": (3, "software_breakpoint"),
-    "XEN_DOMCTL_MONITOR_EVENT_GUEST_REQUEST": (4, "guest_request"),
-    "XEN_DOMCTL_MONITOR_EVENT_DEBUG_EXCEPTION": (5, "debug_exception"),
-    "XEN_DOMCTL_MONITOR_EVENT_CPUID": (6, "cpuid"),
-    "XEN_DOMCTL_MONITOR_EVENT_PRIVILEGED_CALL": (7, "privileged_call"),
-    "XEN_DOMCTL_MONITOR_EVENT_DESC_ACCESS": (9, "descriptor_access"),
-}
-
-
-def monitors_from_capabilities(bitmask: int) -> frozenset[str]:
-    """`xc_monitor_get_capabilities`'s (1 << XEN_DOMCTL_MONITOR_EVENT_*) bitmap as monitor names."""
-    return frozenset(name for bit, name in MONITOR_EVENT_BITS.values() if bitmask >> bit & 1)
-
-
-# --------------------------------------------------------------------------- access values
-
-def access_code(name: str, op: str = "set_access", release: XenRelease = RELEASES[0]) -> int:
-    """xenmem_access_t for an access name in `release`'s enum (checked against its memory.h)."""
-    if name not in ACCESS_VALUES:
-        raise InvalidArgument(op, f"unknown access '{name}' (one of {', '.join(ACCESS_VALUES)})",
-                              _errno.EINVAL) from None
-    return release.access_order.index(name)
-
-
-def access_name(code: int, op: str = "get_access", release: XenRelease = RELEASES[0]) -> str:
-    order = release.access_order
-    if not 0 <= code < len(order):
-        raise BackendError(op, f"Xen returned access value {code}, which xenmem_access_t does not have")
-    if order[code] not in ACCESS_VALUES:
-        raise BackendError(op, f"Xen returned access {order[code]} ({code}), which policyc never sets")
-    return order[code]
-
-
-# --------------------------------------------------------------------------- struct hvm_hw_cpu
-
-def _hvm_cpu_layout() -> tuple[dict[str, tuple[int, int]], int]:
-    """(field -> (offset, size), total size) of struct hvm_hw_cpu (xen/arch-x86/hvm/save.h)."""
-    fields: list[tuple[str, int]] = [("fpu_regs", 512)]
-    fields += [(r, 8) for r in ("rax", "rbx", "rcx", "rdx", "rbp", "rsi", "rdi", "rsp",
-                                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
-                                "cr0", "cr2", "cr3", "cr4", "dr0", "dr1", "dr2", "dr3", "dr6", "dr7")]
-    segs = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr")
-    fields += [(f"{s}_sel", 4) for s in segs]
-    fields += [(f"{s}_limit", 4) for s in segs + ("idtr", "gdtr")]
-    fields += [(f"{s}_base", 8) for s in segs + ("idtr", "gdtr")]
-    fields += [(f"{s}_arbytes", 4) for s in segs]
-    fields += [(r, 8) for r in ("sysenter_cs", "sysenter_esp", "sysenter_eip", "shadow_gs", "msr_flags",
-                                "msr_lstar", "msr_star", "msr_cstar", "msr_syscall_mask", "msr_efer",
-                                "msr_tsc_aux", "tsc")]
-    fields += [("pending_event", 4), ("error_code", 4), ("flags", 4), ("pad0", 4)]
-    out: dict[str, tuple[int, int]] = {}
-    off = 0
-    for name, size in fields:
-        off = (off + size - 1) // size * size if size in (4, 8) else off
-        out[name] = (off, size)
-        off += size
-    return out, (off + 7) // 8 * 8
-
-
-HVM_HW_CPU_FIELDS, HVM_HW_CPU_SIZE = _hvm_cpu_layout()
-CONSTANTS["sizeof(struct hvm_hw_cpu)"] = HVM_HW_CPU_SIZE
-
-# Backend register name -> hvm_hw_cpu field, for the names that map one to one (the simulator's names,
-# `VCpu.registers`). fs_base/gs_base are the segment bases (= the MSRs in 64-bit mode).
-_REG_FIELDS: dict[str, str] = {r: r for r in (
-    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
-    "r14", "r15", "rip", "rflags", "cr0", "cr2", "cr3", "cr4", "dr6", "dr7", "idtr_base", "idtr_limit",
-    "gdtr_base", "gdtr_limit", "msr_efer", "msr_star", "msr_lstar", "msr_cstar", "fs_base", "gs_base",
-    "shadow_gs", "sysenter_cs", "sysenter_esp", "sysenter_eip")}
-_REG_FIELDS.update({f"{s}_sel": f"{s}_sel" for s in ("cs", "ss", "ds", "es", "fs", "gs", "ldtr", "tr")})
-
-
-def registers_from_hvm_cpu(blob: bytes) -> dict[str, int]:
-    """The Backend register dict (names as `SimulatedXen.get_registers`) from one HVM_SAVE_CODE(CPU)
-    record. ``cpl`` is SS.DPL (VMX keeps CPL there); ``xcr0`` is not in this record (see
-    `XenBackend.get_registers`)."""
-    if len(blob) < HVM_HW_CPU_SIZE:
-        raise ValueError(f"an hvm_hw_cpu record is {HVM_HW_CPU_SIZE} bytes, got {len(blob)}")
-    out: dict[str, int] = {}
-    for name, field in _REG_FIELDS.items():
-        off, size = HVM_HW_CPU_FIELDS[field]
-        value = int.from_bytes(blob[off:off + size], "little")
-        out[name] = value & 0xFFFF if name.endswith("_sel") else value
-    off, size = HVM_HW_CPU_FIELDS["ss_arbytes"]
-    out["cpl"] = int.from_bytes(blob[off:off + size], "little") >> 5 & 3
-    return out
-
-
-def patch_hvm_cpu(blob: bytes, registers: Mapping[str, int]) -> bytes:
-    """`blob` (one hvm_hw_cpu record) with `registers` written in. Unknown or read-only names raise
-    InvalidArgument (cpl and xcr0 cannot be set through this record)."""
-    out = bytearray(blob)
-    for name, value in registers.items():
-        if name == "pc":
-            name = "rip"
-        field = _REG_FIELDS.get(name)
-        if field is None:
-            raise InvalidArgument("set_registers", f"register '{name}' cannot be set through the HVM CPU "
-                                                   "context", _errno.EINVAL)
-        off, size = HVM_HW_CPU_FIELDS[field]
-        out[off:off + size] = (int(value) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-    return bytes(out)
-
-
-# --------------------------------------------------------------------------- loading
-
-class XenUnavailable(BackendError):
-    """This host cannot reach Xen: a tools library or /dev/xen/privcmd is missing, or a handle
-    cannot be opened. The message starts "not a Xen dom0 (or no privcmd): "."""
-
-    def __init__(self, operation: str, message: str, errno: int | None = None) -> None:
-        if not message.startswith("not a Xen dom0"):
-            message = f"not a Xen dom0 (or no privcmd): {message}"
-        super().__init__(operation, message, errno)
-
-
-def cdef_source() -> str:
-    """The complete cdef: typedefs, structs and every declared function."""
-    parts = [TYPEDEFS]
-    for name, fields in STRUCTS.items():
-        parts.append("typedef struct {\n" + "".join(f"    {decl};\n" for _f, decl in fields) + f"}} {name};\n")
-    for decls in DECLARATIONS.values():
-        parts.extend(f"{ret} {name}({params});\n" for ret, name, params in decls)
-    return "".join(parts)
-
-
-@functools.cache
-def _ffi() -> Any:
-    try:
-        from cffi import FFI
-    except ImportError as exc:   # cffi is a dependency; without it nothing native works
-        raise XenUnavailable("attach", f"cffi is not installed ({exc})") from None
-    ffi = FFI()
-    ffi.cdef(cdef_source())
-    return ffi
-
-
-_LIBS: dict[str, Any] = {}
-
-
-def load_library(key: str) -> Any:
-    """dlopen one library of `LIBRARIES` (or libc, key "c"); XenUnavailable when it is missing. For
-    "xenctrl", the first release of `RELEASES` whose library is installed (`LIBRARIES` names it then)."""
-    if key in _LIBS:
-        return _LIBS[key]
-    ffi = _ffi()
-    names = ([LIBRARIES[key]] + [r.xenctrl for r in RELEASES if r.xenctrl != LIBRARIES[key]]
-             if key == "xenctrl" else [LIBRARIES.get(key)])
-    errors = []
-    for soname in names:
-        try:
-            lib = ffi.dlopen(None) if key == "c" else ffi.dlopen(soname)
-        except OSError as exc:
-            errors.append(str(exc))
-            continue
-        if key == "xenctrl":
-            LIBRARIES[key] = soname
-        _LIBS[key] = lib
-        return lib
-    raise XenUnavailable("attach", f"cannot load {' or '.join(n or 'libc' for n in names)} ({errors[0]}); install "
-                                   "the Xen tools libraries (Debian 12: libxenmisc4.17, Debian 13: "
-                                   "libxenmisc4.20)") from None
-
-
-def loaded_release() -> XenRelease:
-    """The Xen release of the libxenctrl `load_library` found."""
-    load_library("xenctrl")
-    return next(r for r in RELEASES if r.xenctrl == LIBRARIES["xenctrl"])
-
-
-def _error(op: str, call: str, err: int, detail: str = "") -> BackendError:
-    text = f"{call} failed: {os.strerror(err) if err else 'unknown error'}"
-    if detail:
-        text += f" ({detail})"
-    if err == _errno.EINVAL:
-        return InvalidArgument(op, text, err)
-    if err in (_errno.EOPNOTSUPP, _errno.ENOSYS):
-        return Unsupported(op, text, err)
-    return BackendError(op, text, err)
 
 
 @dataclass
@@ -468,27 +87,52 @@ class XenBackend:
     `close` disables whatever ring the domain has (a dead agent's), `reattach` enables a fresh one.
     """
 
-    _ON_OFF = ("software_breakpoint", "descriptor_access", "cpuid", "guest_request",
-               "debug_exception", "privileged_call", "singlestep")
     DENY_HOLD_LIMIT = 0.25           # seconds a register-write DENY waits for its vCPU to leave its pCPU
-    _ALWAYS_SYNC = ("software_breakpoint", "descriptor_access", "cpuid", "privileged_call", "singlestep")
     POPULATION_BATCH = 1024          # frames per foreign-map probe in populated_frames()
     MAP_CACHE = 1024                 # foreign mappings kept (LRU) for read/write_physical
 
     def __init__(self, domid: int, name: str, *, ring: bool = True) -> None:
-        self.domid = domid
-        self.name = name
-        self.capability_notes: dict[str, str] = {}     # why a capability is missing, for messages
-        self._ffi = ffi = _ffi()
-        self._xc = load_library("xenctrl")
-        self.xen_release = loaded_release()
-        self._ev = load_library("xenevtchn")
-        self._fm = load_library("xenforeignmemory")
-        self._dm = load_library("xendevicemodel")
-        self._c = load_library("c")
+        libraries = {lib: load_library(lib) for lib in BACKEND_LIBRARIES}
+        release = loaded_release()
         if not os.path.exists(PRIVCMD):
             raise XenUnavailable("attach", f"{PRIVCMD} is missing (run as root in dom0 with the xen-privcmd "
                                            "module loaded and xenfs mounted)", _errno.ENOENT)
+        self._init_state(domid, name, xen_ffi(), libraries, release)
+        try:
+            self._open_handles()
+            self._caps = self._discover()
+            if ring:
+                self._enable_ring()
+        except BaseException:
+            self.release()
+            raise
+
+    @classmethod
+    def detached(cls, *, domid: int = 0, name: str = "detached", libraries: Mapping[str, Any] | None = None,
+                 handles: Mapping[str, Any] | None = None, ring: abi.Ring | None = None,
+                 port: int | None = None, xen_release: Any = None) -> "XenBackend":
+        """A backend attached to no domain, for exercising its bookkeeping and the calls it makes
+        without Xen: `libraries` stand in for the Xen libraries by name ("xenctrl", "xenevtchn",
+        "xenforeignmemory", "xendevicemodel", "c"; a missing one is None), `handles` for the handles
+        opened on them ("xch", "xce", "fmh", "dmh"; NULL unless given), `ring` is the monitor ring."""
+        b = cls.__new__(cls)
+        b._init_state(domid, name, xen_ffi(), dict(libraries or {}), xen_release or RELEASES[0])
+        for handle, value in (handles or {}).items():
+            setattr(b, f"_{handle}", value)
+        b._ring, b._port = ring, port
+        return b
+
+    def _init_state(self, domid: int, name: str, ffi: Any, libraries: Mapping[str, Any], release: Any) -> None:
+        self.domid = domid
+        self.name = name
+        self.capability_notes: dict[str, str] = {}     # why a capability is missing, for messages
+        self._ffi = ffi
+        self._xc = libraries.get("xenctrl")
+        self.xen_release = release
+        self._ev = libraries.get("xenevtchn")
+        self._fm = libraries.get("xenforeignmemory")
+        self._dm = libraries.get("xendevicemodel")
+        self._c = libraries.get("c")
         self._xch = self._xce = self._fmh = self._dmh = ffi.NULL
         self._ring: abi.Ring | None = None
         self._poller: Any = None            # select.poll on the event channel's fd (wait)
@@ -507,14 +151,6 @@ class XenBackend:
         self._mon: dict[str, bool] = {}
         # register-write DENYs held until their vCPU was off its pCPU (_hold_register_denies)
         self.deny_holds = {"checked": 0, "held": 0, "max_wait_ms": 0.0, "unconfirmed": 0}
-        try:
-            self._open_handles()
-            self._caps = self._discover()
-            if ring:
-                self._enable_ring()
-        except BaseException:
-            self.release()
-            raise
 
     # ================================================================== attach
     @classmethod
@@ -552,7 +188,7 @@ class XenBackend:
         info = self._ffi.new("xc_domaininfo_t *")
         n = self._xc.xc_domain_getinfolist(self._xch, self.domid, 1, info)
         if n < 0:
-            raise _error(op, "xc_domain_getinfolist", self._ffi.errno)
+            raise call_error(op, "xc_domain_getinfolist", self._ffi.errno)
         if n == 0 or info.domain != self.domid:
             raise BackendError(op, f"no domain {self.domid}", _errno.ESRCH)
         return info
@@ -571,13 +207,13 @@ class XenBackend:
             raise BackendError("attach", f"domain {self.domid} has no vCPUs", _errno.ESRCH)
         version = xc.xc_vm_event_get_version(self._xch)
         if version < 0:
-            raise _error("attach", "xc_vm_event_get_version", ffi.errno)
+            raise call_error("attach", "xc_vm_event_get_version", ffi.errno)
         if version != abi.VERSION:
             raise Unsupported("attach", f"Xen speaks vm_event interface version {version}; this build speaks "
                                         f"{abi.VERSION} (Xen 4.17 to 4.20)", _errno.EPROTO)
         caps = ffi.new("uint32_t *")
         if xc.xc_monitor_get_capabilities(self._xch, self.domid, caps) < 0:
-            raise _error("attach", "xc_monitor_get_capabilities", ffi.errno)
+            raise call_error("attach", "xc_monitor_get_capabilities", ffi.errno)
         monitors = monitors_from_capabilities(caps[0])
         arch = self._host_arch()
         hap = bool(info.flags & CONSTANTS["XEN_DOMINF_hap"])
@@ -607,7 +243,7 @@ class XenBackend:
         ffi = self._ffi
         phys = ffi.new("xc_physinfo_t *")
         if self._xc.xc_physinfo(self._xch, phys) < 0:
-            raise _error("attach", "xc_physinfo", ffi.errno)
+            raise call_error("attach", "xc_physinfo", ffi.errno)
         if not phys.capabilities & CONSTANTS["XEN_SYSCTL_PHYSCAP_hvm"]:
             raise Unsupported("attach", "this Xen host has no HVM support", _errno.EOPNOTSUPP)
         if not phys.capabilities & CONSTANTS["XEN_SYSCTL_PHYSCAP_hap"]:
@@ -645,7 +281,7 @@ class XenBackend:
             err = ffi.errno
             detail = ("another agent holds this domain's monitor ring (xen-access, LibVMI, or a killed "
                       "enforcer: run 'policyc recover')" if err == _errno.EBUSY else "")
-            raise _error("monitor ring", "xc_monitor_enable", err, detail)
+            raise call_error("monitor ring", "xc_monitor_enable", err, detail)
         try:
             # The page is Xen's front ring: SHARED_RING_INIT and BACK_RING_INIT as every monitor does
             # (abi.Ring's constructor); Xen's own FRONT_RING_INIT starts at index 0 as well.
@@ -659,7 +295,7 @@ class XenBackend:
             err = ffi.errno
             self._xc.xc_monitor_disable(self._xch, self.domid)
             self._c.munmap(page, PAGE_SIZE)
-            raise _error("monitor ring", "xenevtchn_bind_interdomain", err)
+            raise call_error("monitor ring", "xenevtchn_bind_interdomain", err)
         self._ring, self._ring_page, self._port = ring, page, local
         self._disabled = False
         self._sync_out.clear()
@@ -698,7 +334,7 @@ class XenBackend:
         self._sync_out.clear()
         self._disabled = True
         if err and not (err == _errno.EINVAL and not had_ring):
-            raise _error("close", "xc_monitor_disable", err)
+            raise call_error("close", "xc_monitor_disable", err)
 
     def reattach(self) -> None:
         """Enable a fresh monitor ring after `close` (a new agent attaching)."""
@@ -747,11 +383,11 @@ class XenBackend:
     # ================================================================== pausing
     def pause(self) -> None:
         if self._xc.xc_domain_pause(self._xch, self.domid) < 0:
-            raise _error("pause", "xc_domain_pause", self._ffi.errno)
+            raise call_error("pause", "xc_domain_pause", self._ffi.errno)
 
     def unpause(self) -> None:
         if self._xc.xc_domain_unpause(self._xch, self.domid) < 0:
-            raise _error("unpause", "xc_domain_unpause", self._ffi.errno)
+            raise call_error("unpause", "xc_domain_unpause", self._ffi.errno)
 
     def paused_vcpus(self) -> frozenset[int]:
         """Every vCPU while the domain is paused by a controller (XEN_DOMINF_paused); otherwise the
@@ -770,7 +406,7 @@ class XenBackend:
             prod = ring.indices["req_prod"]
             for i in range(prod - ring.unconsumed_requests, prod):
                 _, flags, _, vcpu, _ = abi.HEADER.unpack_from(ring.slot_bytes(i))
-                if flags & _F_PAUSED:
+                if flags & F_PAUSED:
                     out.add(vcpu)
         return frozenset(out)
 
@@ -803,7 +439,7 @@ class XenBackend:
             # lab) and no altp2m: one xc_set_mem_access per run of consecutive frames sharing an access.
             for first, count, code in access_runs(gfns, codes):
                 if self._xc.xc_set_mem_access(self._xch, self.domid, code, first, count) < 0:
-                    raise _error(op, "xc_set_mem_access", ffi.errno, f"{count} gfn(s) from {first:#x}")
+                    raise call_error(op, "xc_set_mem_access", ffi.errno, f"{count} gfn(s) from {first:#x}")
             return
         for start in range(0, len(gfns), 4096):
             chunk = gfns[start:start + 4096]
@@ -817,7 +453,7 @@ class XenBackend:
                                                               len(chunk))
                 call = "xc_altp2m_set_mem_access_multi"
             if rc < 0:
-                raise _error(op, call, ffi.errno, f"view {view}, {len(chunk)} gfn(s) from {chunk[0]:#x}")
+                raise call_error(op, call, ffi.errno, f"view {view}, {len(chunk)} gfn(s) from {chunk[0]:#x}")
 
     def get_access(self, view: int, gfn: int) -> str:
         op = "get_access"
@@ -835,7 +471,7 @@ class XenBackend:
                 # XEN-SEMANTICS §3).
                 return self.get_access(0, gfn)
         if rc < 0:
-            raise _error(op, call, ffi.errno, f"view {view}, gfn {gfn:#x}")
+            raise call_error(op, call, ffi.errno, f"view {view}, gfn {gfn:#x}")
         return access_name(int(acc[0]), op, self.xen_release)
 
     def populated_frames(self) -> Iterable[int]:
@@ -877,7 +513,7 @@ class XenBackend:
     def _max_gpfn(self, op: str) -> int:
         out = self._ffi.new("xen_pfn_t *")
         if self._xc.xc_domain_maximum_gpfn(self._xch, self.domid, out) < 0:
-            raise _error(op, "xc_domain_maximum_gpfn", self._ffi.errno)
+            raise call_error(op, "xc_domain_maximum_gpfn", self._ffi.errno)
         return int(out[0])
 
     def _probe_population(self, first: int = 0, last: int | None = None) -> list[int]:
@@ -899,7 +535,7 @@ class XenBackend:
             ffi.memmove(errs, no_errors, 4 * n)
             ptr = self._fm.xenforeignmemory_map(self._fmh, self.domid, prot_read, n, arr, errs)
             if ptr == ffi.NULL:
-                raise _error("populated_frames", "xenforeignmemory_map", ffi.errno,
+                raise call_error("populated_frames", "xenforeignmemory_map", ffi.errno,
                              f"{n} frame(s) from {gfn:#x}")
             if ffi.buffer(errs, 4 * n)[:] == no_errors[:4 * n]:
                 found.extend(range(gfn, gfn + n))
@@ -916,27 +552,27 @@ class XenBackend:
             err = self._ffi.errno
             if err in (_errno.EOPNOTSUPP, _errno.EINVAL):
                 return False
-            raise _error("altp2m_get_state", "xc_altp2m_get_domain_state", err)
+            raise call_error("altp2m_get_state", "xc_altp2m_get_domain_state", err)
         return bool(state[0])
 
     def altp2m_set_state(self, enabled: bool) -> None:
         if self._xc.xc_altp2m_set_domain_state(self._xch, self.domid, bool(enabled)) < 0:
-            raise _error("altp2m_set_state", "xc_altp2m_set_domain_state", self._ffi.errno)
+            raise call_error("altp2m_set_state", "xc_altp2m_set_domain_state", self._ffi.errno)
 
     def create_view(self, default_access: str = "rwx") -> int:
         view = self._ffi.new("uint16_t *")
         if self._xc.xc_altp2m_create_view(self._xch, self.domid, access_code(default_access, "create_view", self.xen_release),
                                           view) < 0:
-            raise _error("create_view", "xc_altp2m_create_view", self._ffi.errno)
+            raise call_error("create_view", "xc_altp2m_create_view", self._ffi.errno)
         return int(view[0])
 
     def destroy_view(self, view: int) -> None:
         if self._xc.xc_altp2m_destroy_view(self._xch, self.domid, view) < 0:
-            raise _error("destroy_view", "xc_altp2m_destroy_view", self._ffi.errno, f"view {view}")
+            raise call_error("destroy_view", "xc_altp2m_destroy_view", self._ffi.errno, f"view {view}")
 
     def switch_view(self, view: int) -> None:
         if self._xc.xc_altp2m_switch_to_view(self._xch, self.domid, view) < 0:
-            raise _error("switch_view", "xc_altp2m_switch_to_view", self._ffi.errno, f"view {view}")
+            raise call_error("switch_view", "xc_altp2m_switch_to_view", self._ffi.errno, f"view {view}")
 
     def current_view(self, vcpu: int) -> int:
         """xc_altp2m_get_vcpu_p2m_idx; 0 when altp2m is off."""
@@ -945,18 +581,18 @@ class XenBackend:
             err = self._ffi.errno
             if err in (_errno.EOPNOTSUPP, _errno.EINVAL):
                 return 0
-            raise _error("current_view", "xc_altp2m_get_vcpu_p2m_idx", err)
+            raise call_error("current_view", "xc_altp2m_get_vcpu_p2m_idx", err)
         return int(idx[0])
 
     def altp2m_set_visibility(self, view: int, visible: bool) -> None:
         """Hide a view from the guest's VMFUNC and from xc_altp2m_switch_to_view (XEN-SEMANTICS §2)."""
         if self._xc.xc_altp2m_set_visibility(self._xch, self.domid, view, bool(visible)) < 0:
-            raise _error("altp2m_set_visibility", "xc_altp2m_set_visibility", self._ffi.errno, f"view {view}")
+            raise call_error("altp2m_set_visibility", "xc_altp2m_set_visibility", self._ffi.errno, f"view {view}")
 
     def change_gfn(self, view: int, gfn: int, new_gfn: int | None) -> None:
         target = _INVALID_GFN if new_gfn is None else new_gfn
         if self._xc.xc_altp2m_change_gfn(self._xch, self.domid, view, gfn, target) < 0:
-            raise _error("change_gfn", "xc_altp2m_change_gfn", self._ffi.errno,
+            raise call_error("change_gfn", "xc_altp2m_change_gfn", self._ffi.errno,
                          f"view {view}, {gfn:#x} -> {'identity' if new_gfn is None else hex(new_gfn)}")
 
     def add_frame(self) -> int:
@@ -972,16 +608,16 @@ class XenBackend:
         if self._xc.xc_domain_populate_physmap_exact(self._xch, self.domid, 1, 0, 0, arr) < 0:
             err = ffi.errno
             if err != _errno.ENOMEM:
-                raise _error("add_frame", "xc_domain_populate_physmap_exact", err, f"gfn {gfn:#x}")
+                raise call_error("add_frame", "xc_domain_populate_physmap_exact", err, f"gfn {gfn:#x}")
             info = self._info("add_frame")
             if self._xc.xc_domain_setmaxmem(self._xch, self.domid, (info.max_pages + 1) * (PAGE_SIZE // 1024)) < 0:
-                raise _error("add_frame", "xc_domain_setmaxmem", ffi.errno)
+                raise call_error("add_frame", "xc_domain_setmaxmem", ffi.errno)
             raised = True
             arr[0] = gfn
             if self._xc.xc_domain_populate_physmap_exact(self._xch, self.domid, 1, 0, 0, arr) < 0:
                 err = ffi.errno
                 self._xc.xc_domain_setmaxmem(self._xch, self.domid, info.max_pages * (PAGE_SIZE // 1024))
-                raise _error("add_frame", "xc_domain_populate_physmap_exact", err, f"gfn {gfn:#x}")
+                raise call_error("add_frame", "xc_domain_populate_physmap_exact", err, f"gfn {gfn:#x}")
         self._added[gfn] = raised
         self._known[gfn] = True
         if self._populated is not None:
@@ -995,7 +631,7 @@ class XenBackend:
         self._unmap(gfn)
         arr = self._ffi.new("xen_pfn_t[1]", [gfn])
         if self._xc.xc_domain_decrease_reservation_exact(self._xch, self.domid, 1, 0, arr) < 0:
-            raise _error("remove_frame", "xc_domain_decrease_reservation_exact", self._ffi.errno, f"gfn {gfn:#x}")
+            raise call_error("remove_frame", "xc_domain_decrease_reservation_exact", self._ffi.errno, f"gfn {gfn:#x}")
         raised = self._added.pop(gfn)
         self._known[gfn] = False
         if self._populated is not None and gfn in self._populated:
@@ -1005,7 +641,7 @@ class XenBackend:
             info = self._info("remove_frame")
             if self._xc.xc_domain_setmaxmem(self._xch, self.domid,
                                             max(info.max_pages - 1, 0) * (PAGE_SIZE // 1024)) < 0:
-                raise _error("remove_frame", "xc_domain_setmaxmem", self._ffi.errno)
+                raise call_error("remove_frame", "xc_domain_setmaxmem", self._ffi.errno)
 
     # ================================================================== monitors
     def _mon_check(self, op: str, kind: str) -> None:
@@ -1020,12 +656,12 @@ class XenBackend:
         op = "monitor_write_ctrlreg"
         self._mon_check(op, "write_ctrlreg")
         name = index.lower()
-        idx = _CR_INDEX.get(name)
+        idx = CR_INDEX.get(name)
         if idx is None:
             raise InvalidArgument(op, f"unknown control register '{index}'", _errno.EINVAL)
         if self._xc.xc_monitor_write_ctrlreg(self._xch, self.domid, idx, bool(enable), bool(sync),
                                              bitmask & ((1 << 64) - 1), bool(onchangeonly)) < 0:
-            raise _error(op, "xc_monitor_write_ctrlreg", self._ffi.errno, name)
+            raise call_error(op, "xc_monitor_write_ctrlreg", self._ffi.errno, name)
         if enable:
             self._mon_cr[name] = {"sync": bool(sync), "onchangeonly": bool(onchangeonly), "bitmask": bitmask}
         else:
@@ -1035,7 +671,7 @@ class XenBackend:
         op = "monitor_mov_to_msr"
         self._mon_check(op, "mov_to_msr")
         if self._xc.xc_monitor_mov_to_msr(self._xch, self.domid, msr, bool(enable), bool(onchangeonly)) < 0:
-            raise _error(op, "xc_monitor_mov_to_msr", self._ffi.errno, f"MSR {msr:#x}")
+            raise call_error(op, "xc_monitor_mov_to_msr", self._ffi.errno, f"MSR {msr:#x}")
         if enable:
             self._mon_msr[msr] = {"onchangeonly": bool(onchangeonly)}
         else:
@@ -1054,18 +690,18 @@ class XenBackend:
             raise Unsupported(op, "Xen clears XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS only when the monitor "
                                   "ring is disabled", _errno.EOPNOTSUPP)
         self._check_ring(op)
-        buf = bytearray(_DOMCTL_SIZE)
+        buf = bytearray(DOMCTL_SIZE)
         buf[0:4] = CONSTANTS["XEN_DOMCTL_monitor_op"].to_bytes(4, "little")
         buf[4:8] = self.xen_release.domctl_interface.to_bytes(4, "little")
         buf[8:10] = self.domid.to_bytes(2, "little")
         buf[16:20] = CONSTANTS["XEN_DOMCTL_MONITOR_OP_CONTROL_REGISTERS"].to_bytes(4, "little")
         cbuf = self._ffi.new("uint8_t[]", bytes(buf))
         if self._xc.xc_domctl(self._xch, self._ffi.cast("struct xen_domctl *", cbuf)) < 0:
-            raise _error(op, "xc_domctl(XEN_DOMCTL_monitor_op, CONTROL_REGISTERS)", self._ffi.errno)
+            raise call_error(op, "xc_domctl(XEN_DOMCTL_monitor_op, CONTROL_REGISTERS)", self._ffi.errno)
 
     def monitor(self, kind: str, enable: bool, *, sync: bool = True) -> None:
         op = "monitor"
-        if kind not in self._ON_OFF:
+        if kind not in ON_OFF_MONITORS:
             raise InvalidArgument(op, f"unknown monitor '{kind}'", _errno.EINVAL)
         self._mon_check(op, kind)
         xc, xch, d, on = self._xc, self._xch, self.domid, bool(enable)
@@ -1085,9 +721,9 @@ class XenBackend:
         else:
             rc, call = xc.xc_monitor_singlestep(xch, d, on), "xc_monitor_singlestep"
         if rc < 0:
-            raise _error(op, call, self._ffi.errno, kind)
+            raise call_error(op, call, self._ffi.errno, kind)
         if enable:
-            self._mon[kind] = True if kind in self._ALWAYS_SYNC else bool(sync)
+            self._mon[kind] = True if kind in ALWAYS_SYNC_MONITORS else bool(sync)
         else:
             self._mon.pop(kind, None)
 
@@ -1175,7 +811,7 @@ class XenBackend:
         buf = ffi.new("uint8_t[]", HVM_HW_CPU_SIZE)
         if self._xc.xc_domain_hvm_getcontext_partial(self._xch, self.domid, CONSTANTS["HVM_SAVE_CODE(CPU)"],
                                                      vcpu, buf, HVM_HW_CPU_SIZE) < 0:
-            raise _error("get_registers", "xc_domain_hvm_getcontext_partial(CPU)", ffi.errno, f"vCPU {vcpu}")
+            raise call_error("get_registers", "xc_domain_hvm_getcontext_partial(CPU)", ffi.errno, f"vCPU {vcpu}")
         regs = registers_from_hvm_cpu(bytes(ffi.buffer(buf)))
         xs = ffi.new("uint8_t[]", 1 << 16)
         if self._xc.xc_domain_hvm_getcontext_partial(self._xch, self.domid, CONSTANTS["CPU_XSAVE_CODE"],
@@ -1193,7 +829,7 @@ class XenBackend:
         ffi = self._ffi
         buf = ffi.new("uint8_t[]", 4096)         # vcpu_guest_context_any_t is 352 bytes on arm64
         if self._xc.xc_vcpu_getcontext(self._xch, self.domid, vcpu, ffi.cast("vcpu_guest_context_any_t *", buf)) < 0:
-            raise _error("get_registers", "xc_vcpu_getcontext", ffi.errno, f"vCPU {vcpu}")
+            raise call_error("get_registers", "xc_vcpu_getcontext", ffi.errno, f"vCPU {vcpu}")
         return registers_from_arm64_context(bytes(ffi.buffer(buf, ARM64_VCPU_CONTEXT_SIZE)))
 
     def set_registers(self, vcpu: int, registers: Mapping[str, int]) -> None:
@@ -1210,15 +846,15 @@ class XenBackend:
         try:
             size = self._xc.xc_domain_hvm_getcontext(self._xch, self.domid, ffi.NULL, 0)
             if size <= 0:
-                raise _error(op, "xc_domain_hvm_getcontext", ffi.errno)
+                raise call_error(op, "xc_domain_hvm_getcontext", ffi.errno)
             buf = ffi.new("uint8_t[]", size)
             got = self._xc.xc_domain_hvm_getcontext(self._xch, self.domid, buf, size)
             if got <= 0:
-                raise _error(op, "xc_domain_hvm_getcontext", ffi.errno)
+                raise call_error(op, "xc_domain_hvm_getcontext", ffi.errno)
             blob = build_cpu_context(bytes(ffi.buffer(buf, got)), vcpu, registers)
             cblob = ffi.new("uint8_t[]", blob)
             if self._xc.xc_domain_hvm_setcontext(self._xch, self.domid, cblob, len(blob)) < 0:
-                raise _error(op, "xc_domain_hvm_setcontext", ffi.errno, f"vCPU {vcpu}")
+                raise call_error(op, "xc_domain_hvm_setcontext", ffi.errno, f"vCPU {vcpu}")
         finally:
             self.unpause()
 
@@ -1231,11 +867,11 @@ class XenBackend:
         self._not_on_arm64(op, "Xen on Arm has no exception injection for a monitor")
         if not 0 <= vector < 32:
             raise InvalidArgument(op, f"vector {vector}", _errno.EINVAL)
-        kind = _ET_SW_EXC if software else _ET_HW_EXC
+        kind = ET_SW_EXC if software else ET_HW_EXC
         code = _NO_ERROR_CODE if error_code is None else error_code & 0xFFFFFFFF
         if self._dm.xendevicemodel_inject_event(self._dmh, self.domid, vcpu, vector, kind, code,
                                                 insn_length, 0) < 0:
-            raise _error(op, "xendevicemodel_inject_event", self._ffi.errno, f"vector {vector}, vCPU {vcpu}")
+            raise call_error(op, "xendevicemodel_inject_event", self._ffi.errno, f"vector {vector}, vCPU {vcpu}")
 
     # ================================================================== the ring
     # The kinds whose DENY must go through `put_responses` (held until the vCPU left its pCPU):
@@ -1257,40 +893,25 @@ class XenBackend:
         return self._native_evtchn()[0]
 
     def native_wait(self) -> tuple[Any, Any]:
-        """The wait as a C function and its argument (`vm_evtchn_wait`: poll the handle's descriptor,
-        then xenevtchn_pending and xenevtchn_unmask, as `wait` does): with `native_notify` the whole
-        answering loop, waits included, stays in one native call while events flow."""
+        """The wait as a C function and its argument (`vm_evtchn_wait`: `wait`'s poll, pending and unmask
+        in C): with `native_notify`, the answering loop stays in one native call while events flow."""
         self._check_ring("native_wait")
         return self._native_evtchn()[1]
 
     def _native_evtchn(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-        """Made once per ring: the kick's and the wait's (function, argument), over one struct that
-        holds libxenevtchn's calls, the handle, the port and the handle's descriptor."""
-        if self._kick is None:
-            nffi, nlib = abi._native()
-            xffi, ev = self._ffi, self._ev
-
-            def c_function(ctype: str, fn: Any) -> Any:
-                return nffi.cast(ctype, int(xffi.cast("uintptr_t", fn)))
-
-            k = nffi.new("struct vm_evtchn_kick *")
-            k.notify = c_function("int (*)(void *, uint32_t)", ev.xenevtchn_notify)
-            k.pending = c_function("int (*)(void *)", ev.xenevtchn_pending)
-            k.unmask = c_function("int (*)(void *, uint32_t)", ev.xenevtchn_unmask)
-            k.xce = nffi.cast("void *", int(xffi.cast("uintptr_t", self._xce)))
-            k.port = self._port
-            k.fd = ev.xenevtchn_fd(self._xce)
-            ctx = nffi.cast("void *", k)
-            self._kick = ((nffi.addressof(nlib, "vm_evtchn_kick"), ctx),
-                          (nffi.addressof(nlib, "vm_evtchn_wait"), ctx), k)
+        self._kick = self._kick or native_event_channel(self._ffi, self._ev, self._xce, self._port)  # once a ring
         return self._kick[0], self._kick[1]
+
+    def sync_outstanding(self) -> dict[int, int]:
+        """vCPU -> sync requests taken from the ring and not answered yet (those vCPUs are paused)."""
+        return {v: n for v, n in self._sync_out.items() if n > 0}
 
     def take_requests(self, limit: int = 8) -> list[bytes]:
         ring = self._check_ring("take_requests")
         out = [r.raw for r in ring.take_requests(limit)]
         for raw in out:
             _, flags, _, v, _ = abi.HEADER.unpack_from(raw)
-            if flags & _F_PAUSED:
+            if flags & F_PAUSED:
                 self._sync_out[v] = self._sync_out.get(v, 0) + 1
         return out
 
@@ -1309,7 +930,7 @@ class XenBackend:
         ring.push_responses()
         for raw in batch:
             _, flags, _, v, _ = abi.HEADER.unpack_from(raw)
-            if flags & _F_PAUSED:
+            if flags & F_PAUSED:
                 if self._sync_out.get(v, 0) > 0:
                     self._sync_out[v] -= 1
 
@@ -1322,7 +943,7 @@ class XenBackend:
         2 emulated pCPUs: one denied CR4 write and one LSTAR write landed in 205."""
         for raw in batch:
             _, flags, reason, vcpu, _ = abi.HEADER.unpack_from(raw)
-            if not flags & _F_DENY or reason not in _REGISTER_WRITE_REASONS:
+            if not flags & F_DENY or reason not in _REGISTER_WRITE_REASONS:
                 continue
             self.deny_holds["checked"] += 1
             info = self._ffi.new("xc_vcpuinfo_t *")
@@ -1330,7 +951,7 @@ class XenBackend:
             held = False
             while True:
                 if self._xc.xc_vcpu_getinfo(self._xch, self.domid, vcpu, info) < 0:
-                    raise _error("put_responses", "xc_vcpu_getinfo", self._ffi.errno, f"vCPU {vcpu}")
+                    raise call_error("put_responses", "xc_vcpu_getinfo", self._ffi.errno, f"vCPU {vcpu}")
                 if not info.running:
                     break
                 held = True
@@ -1346,7 +967,7 @@ class XenBackend:
     def notify(self) -> None:
         self._check_ring("notify")
         if self._ev.xenevtchn_notify(self._xce, self._port) < 0:
-            raise _error("notify", "xenevtchn_notify", self._ffi.errno)
+            raise call_error("notify", "xenevtchn_notify", self._ffi.errno)
 
     def wait(self, timeout: float) -> bool:
         """True at once when requests are on the ring; else poll() the event channel's fd for up to
@@ -1362,9 +983,9 @@ class XenBackend:
             return ring.unconsumed_requests > 0
         port = self._ev.xenevtchn_pending(self._xce)
         if port < 0:
-            raise _error("wait", "xenevtchn_pending", self._ffi.errno)
+            raise call_error("wait", "xenevtchn_pending", self._ffi.errno)
         if self._ev.xenevtchn_unmask(self._xce, port) < 0:
-            raise _error("wait", "xenevtchn_unmask", self._ffi.errno)
+            raise call_error("wait", "xenevtchn_unmask", self._ffi.errno)
         return True
 
     def __repr__(self) -> str:
@@ -1373,115 +994,6 @@ class XenBackend:
 
 # --------------------------------------------------------------------------- helpers
 
-_C = abi.constants()
-_F_PAUSED = _C["VM_EVENT_FLAG_VCPU_PAUSED"]
-_F_DENY = _C["VM_EVENT_FLAG_DENY"]
-_REGISTER_WRITE_REASONS = (_C["VM_EVENT_REASON_WRITE_CTRLREG"], _C["VM_EVENT_REASON_MOV_TO_MSR"])
-_ET_HW_EXC = _C["X86_EVENTTYPE_HW_EXCEPTION"]
-_ET_SW_EXC = _C["X86_EVENTTYPE_SW_EXCEPTION"]
-_CR_INDEX = {"cr0": _C["VM_EVENT_X86_CR0"], "cr3": _C["VM_EVENT_X86_CR3"],
-             "cr4": _C["VM_EVENT_X86_CR4"], "xcr0": _C["VM_EVENT_X86_XCR0"]}
+_REGISTER_WRITE_REASONS = (RS_WRITE_CTRLREG, RS_MOV_TO_MSR)
 
 
-def build_cpu_context(context: bytes, vcpu: int, registers: Mapping[str, int]) -> bytes:
-    """From a whole HVM context (hvm_save_descriptor {u16 typecode, u16 instance, u32 length} + data,
-    repeated, ending with END), the context to load: its HEADER record, vCPU `vcpu`'s CPU record
-    with `registers` patched in, and END."""
-    header = cpu = None
-    pos = 0
-    while pos + 8 <= len(context):
-        code = int.from_bytes(context[pos:pos + 2], "little")
-        inst = int.from_bytes(context[pos + 2:pos + 4], "little")
-        length = int.from_bytes(context[pos + 4:pos + 8], "little")
-        rec = context[pos:pos + 8 + length]
-        if code == CONSTANTS["HVM_SAVE_CODE(HEADER)"]:
-            header = rec
-        elif code == CONSTANTS["HVM_SAVE_CODE(CPU)"] and inst == vcpu:
-            cpu = rec
-        elif code == CONSTANTS["HVM_SAVE_CODE(END)"]:
-            break
-        pos += 8 + length
-    if header is None or cpu is None:
-        raise BackendError("set_registers", f"the HVM context has no {'header' if header is None else 'CPU'} "
-                                            f"record for vCPU {vcpu}")
-    if len(cpu) - 8 < HVM_HW_CPU_SIZE:
-        raise BackendError("set_registers", f"vCPU {vcpu}'s CPU record is {len(cpu) - 8} bytes, expected "
-                                            f"{HVM_HW_CPU_SIZE}")
-    patched = cpu[:8] + patch_hvm_cpu(cpu[8:], registers)
-    return header + patched + bytes(8)
-
-
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU vendor string dom0 sees ("GenuineIntel", "AuthenticAMD", ...); "" when unknown."""
-    try:
-        with open(cpuinfo, encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def arch_from_vendor(vendor: str) -> str:
-    """The Backend arch for an x86 host: VMX/EPT on Intel, SVM/NPT on AMD and Hygon."""
-    if vendor in ("AuthenticAMD", "HygonGenuine"):
-        return "x86_64-svm"
-    if vendor == "GenuineIntel":
-        return "x86_64"
-    raise Unsupported("attach", f"unknown CPU vendor '{vendor}' (expected GenuineIntel or AuthenticAMD)",
-                      _errno.EOPNOTSUPP)
-
-
-def resolve_domain(spec: str) -> tuple[int, str]:
-    """(domid, name) for a domid or a domain name. A name is looked up in xenstore
-    (/local/domain/*/name, xs_open/xs_directory/xs_read); for a domid the name is read back when
-    xenstore answers, else the name is the domid."""
-    spec = spec.strip()
-    if spec.isdigit():
-        domid = int(spec)
-        if domid >= 0x7FF0:
-            raise InvalidArgument("attach", f"{domid} is not a guest domid", _errno.EINVAL)
-        try:
-            names = _xenstore_names()
-        except BackendError:
-            return domid, spec
-        return domid, names.get(domid, spec)
-    if not spec:
-        raise InvalidArgument("attach", "empty domain name", _errno.EINVAL)
-    names = _xenstore_names()
-    found = [d for d, n in names.items() if n == spec]
-    if not found:
-        raise BackendError("attach", f"no domain named '{spec}' in xenstore", _errno.ENOENT)
-    return found[0], spec
-
-
-def _xenstore_names() -> dict[int, str]:
-    ffi = _ffi()
-    xs = load_library("xenstore")
-    libc = load_library("c")
-    h = xs.xs_open(0)
-    if h == ffi.NULL:
-        raise BackendError("attach", f"xs_open failed: {os.strerror(ffi.errno)}: cannot resolve domain names "
-                                     "(give the domid)", ffi.errno)
-    try:
-        num = ffi.new("unsigned int *")
-        entries = xs.xs_directory(h, 0, b"/local/domain", num)
-        if entries == ffi.NULL:
-            raise BackendError("attach", f"xs_directory(/local/domain) failed: {os.strerror(ffi.errno)}",
-                               ffi.errno)
-        ids = [ffi.string(entries[i]).decode() for i in range(num[0])]
-        libc.free(entries)
-        out: dict[int, str] = {}
-        for d in ids:
-            if not d.isdigit():
-                continue
-            n = ffi.new("unsigned int *")
-            value = xs.xs_read(h, 0, f"/local/domain/{d}/name".encode(), n)
-            if value == ffi.NULL:
-                continue
-            out[int(d)] = bytes(ffi.buffer(value, n[0])).decode(errors="replace")
-            libc.free(value)
-        return out
-    finally:
-        xs.xs_close(h)

@@ -112,12 +112,13 @@ def test_coverage_of_the_examples_lists_every_rule_with_its_hits(capsys, monkeyp
     assert main(["test", "--coverage", "--format", "json", "examples/"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["failed"] == 0
-    from policyc import check_policy
+    from policyc import Diagnostics, check_policy
 
     expected_rules: dict[str, set[str]] = {}
     for policy in sorted((EXAMPLES / "policies").iterdir()):
         if policy.suffix in (".vmi", ".yaml") and policy.name != "linux-common.vmi":  # include-only
-            model, diagnostics = check_policy(policy.relative_to(ROOT))
+            diagnostics = Diagnostics()
+            model = check_policy(policy.relative_to(ROOT), diagnostics)
             assert model is not None, diagnostics.items
             expected_rules[str(policy.relative_to(ROOT))] = {r.name for r in model.rules}
     assert {f: set(v["rules"]) for f, v in report["files"].items()} == expected_rules

@@ -21,9 +21,9 @@ from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
 from policyc.lower import compile_plan
 from policyc.native import abi
-from policyc.runtime.decide import (AFTER, BEFORE, DATA_SLACK, Binding, Decision, DecisionEngine,
-                                    classify_access, pack_response)
+from policyc.runtime.decide import AFTER, BEFORE, DATA_SLACK, Binding, Decision, DecisionEngine, classify_access
 from policyc.runtime.decision_log import DecisionLog
+from policyc.runtime.vm_event_layout import pack_response
 from policyc.runtime.sim import SimulatedXen, build_linux_x86_64
 from policyc.runtime.sim.guest import MSR
 from helpers import reads_missing_field

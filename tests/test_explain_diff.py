@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from policyc.cli import main
-from policyc.explain import explain_dot, explain_text, render_condition
+from policyc.explain import explain_dot, explain_text
+from policyc.plan_text import render_condition
 from policyc.plan import dump_plan, load_plan, plan_schema
 from policyc.plan_diff import diff_plans
 

@@ -24,10 +24,12 @@ import pytest
 from policyc.native import abi
 from policyc.runtime.backend import BackendError
 from policyc.runtime.bind import bind_plan
-from policyc.runtime.install import (InstallError, Installation, TeardownError, install, recover,
-                                     remap_view_ids, run_with_teardown, state_path_for)
+from policyc.runtime.install import (InstallError, Installation, TeardownError, install, remap_view_ids,
+                                     run_with_teardown)
 from policyc.runtime.paging import PageTables
+from policyc.runtime.recover import recover
 from policyc.runtime.sim import Guest, Op, SimulatedXen, build_linux_x86_64
+from policyc.runtime.state_record import state_path_for
 from policyc.symbols import load_symbol_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +148,7 @@ def test_install_then_teardown_leaves_the_guest_exactly_as_before(symbols, tmp_p
     g = xen.guest
     # what install did
     assert inst.view_map == {0: 0, 1: 1, 2: 2}
-    assert xen._altp2m and [xen.current_view(i) for i in range(2)] == [2, 2]
+    assert xen.altp2m_get_state() and [xen.current_view(i) for i in range(2)] == [2, 2]
     assert not xen.paused_vcpus()
     mons = xen.monitors()
     assert set(mons) == {"write_ctrlreg", "mov_to_msr", "software_breakpoint", "singlestep"}
@@ -597,17 +599,17 @@ class _Crash(Flaky):
 
 
 def test_recover_after_a_kill_in_the_middle_of_install(symbols, tmp_path, monkeypatch):
-    import policyc.runtime.install as mod
+    from policyc.runtime.state_record import StateRecord
     total, log = _count_mutating_calls(symbols, tmp_path)
     before = guest_snapshot(mk())
-    save, delete = mod._Record.save, mod._Record.delete
+    save, delete = StateRecord.save, StateRecord.delete
     for k in sorted({2, log.index("create_view") + 2, log.index("set_access") + 1, log.index("change_gfn") + 1,
                      log.index("monitor_write_ctrlreg") + 2, total - 1, total}):
         xen = mk()
         bound = bind_plan(plan(), xen, symbols)
         dead = {"yes": False}
-        monkeypatch.setattr(mod._Record, "save", lambda self, j: None if dead["yes"] else save(self, j))
-        monkeypatch.setattr(mod._Record, "delete", lambda self: None if dead["yes"] else delete(self))
+        monkeypatch.setattr(StateRecord, "save", lambda self, j: None if dead["yes"] else save(self, j))
+        monkeypatch.setattr(StateRecord, "delete", lambda self: None if dead["yes"] else delete(self))
         with pytest.raises(_Died):
             install(bound, _Crash(xen, k, dead), state_dir=tmp_path)
         path = state_path_for(xen.name, tmp_path)
@@ -736,7 +738,7 @@ def test_a_rootkit_splitting_the_large_page_itself_is_followed_too(symbols, tmp_
     inst.put_responses([abi.make_response(req, flags=F.EMULATE | F.EMULATE_NOWRITE).raw])   # refused
     assert remap.done and not remap.took_effect
     inst.teardown()
-    assert not xen.paused_vcpus() and not xen._altp2m
+    assert not xen.paused_vcpus() and not xen.altp2m_get_state()
 
 
 def test_remap_of_a_breakpoint_page_moves_the_shadow(symbols, tmp_path):
@@ -783,7 +785,7 @@ def test_a_plan_on_the_host_p2m_alone_restores_host_access(symbols, tmp_path):
     bound = bind_plan(p, xen, symbols)
     inst = install(bound, xen, state_dir=tmp_path)
     gfn = bound.region_frames("syscalls")[0][0]
-    assert not xen._altp2m and xen.get_access(0, gfn) == "r"
+    assert not xen.altp2m_get_state() and xen.get_access(0, gfn) == "r"
     assert all(xen.get_access(0, t) in ("rx", "r") for t in bound.pt_watch)
     inst.teardown()
     assert_same(before, guest_snapshot(xen))
@@ -852,7 +854,7 @@ def test_stray_temporary_journals_are_removed(symbols, tmp_path):
     xen = mk()
     path = state_path_for(xen.name, tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stray = path.parent / (path.name + ".k1ll3d")           # _Record.save killed before its rename
+    stray = path.parent / (path.name + ".k1ll3d")           # StateRecord.save killed before its rename
     stray.write_text("{")
     other = path.parent / "another-guest.json.x"
     other.write_text("{")
@@ -869,11 +871,11 @@ def test_the_recover_command_refuses_another_domain_and_changes_nothing(tmp_path
     from contextlib import redirect_stderr, redirect_stdout
 
     from policyc.cli import main
-    from policyc.runtime.install import _Record
+    from policyc.runtime.state_record import StateRecord
 
     guest = "simhost:/nonexistent.sock"
     path = state_path_for(guest, tmp_path)
-    record = _Record(path, guest, plan(), {"kind": "sim", "name": "sim-x86_64", "instance": "0" * 32})
+    record = StateRecord(path, guest, plan(), {"kind": "sim", "name": "sim-x86_64", "instance": "0" * 32})
     record.save([])
 
     class Hosted:      # what `connect` returns for a simhost that is another domain now

@@ -126,10 +126,11 @@ class Requests:
     def __init__(self, engine: DecisionEngine, native: NativeEngine, seed: int) -> None:
         self.r = random.Random(seed)
         self.e = engine
-        self.gfns = sorted(set().union(*(t.keys() for t in engine._mem))) or [0x1000]
-        self.sites = sorted(engine._sites) or [0xFFFFFFFF81000000]
-        self.msrs = sorted(engine._msr) + [0xC0000080, 0x176, 0x1B]
-        self.leaves = sorted(engine._cpuid_leaf) + [0, 7, 0x40000000]
+        keys = engine.table_keys()
+        self.gfns = sorted(keys["gfns"]) or [0x1000]
+        self.sites = sorted(keys["sites"]) or [0xFFFFFFFF81000000]
+        self.msrs = sorted(keys["msrs"]) + [0xC0000080, 0x176, 0x1B]
+        self.leaves = sorted(keys["cpuid_leaves"]) + [0, 7, 0x40000000]
         self.values = [native.e.consts[i] for i in range(native.e.nconsts)] or [0]
         self.arm = engine.arm
 
@@ -268,7 +269,7 @@ def _stateless(policy: str, target: str) -> bool:
     if got is None or got[0] == "skip":
         return False
     reference, _w, native = engines(*got, Clocks())
-    return not native._stateful and not reference.arm
+    return not native.stateful and not reference.arm
 
 
 def compare(policy: str, target: str, got: tuple, share: int, seed: int) -> int:
@@ -277,7 +278,7 @@ def compare(policy: str, target: str, got: tuple, share: int, seed: int) -> int:
     clocks = Clocks()
     reference, wrapped, native = engines(plan, bound, clocks)
     gen = Requests(reference, native, seed=(hash((policy, target)) + seed) & 0xFFFF)
-    stateless = not native._stateful and not reference.arm
+    stateless = not native.stateful and not reference.arm
     if not stateless:
         share = min(share, 6000)          # the Python engine decides each of these too
     distinct = list(recorded(policy, target)) + [gen.one() for _ in range(min(share, 3000))]

@@ -418,8 +418,8 @@ def test_lstar_alone_still_binds_with_a_note(symbols):
     xen = mk()
     v = xen.vcpu(0)
     v.idtr_base = NONPAGED_POOL_VA + 0x7FF000          # IDTR unreadable (vCPU 0 only: the region is per vCPU)
-    from policyc.runtime.bind import find_slide, _Space
-    slide, ev, notes = find_slide(xen, [symbols], _Space(xen, v.cr3), xen.get_registers(0), arch="x86_64")
+    from policyc.runtime.guest_kernel import GuestSpace, find_slide
+    slide, ev, notes = find_slide(xen, [symbols], GuestSpace(xen, v.cr3), xen.get_registers(0), arch="x86_64")
     assert slide == BASE and notes == ["image base from LSTAR only: the IDT gave no cross-check"]
     assert list(ev["pe_scan"]) == ["LSTAR"]
 

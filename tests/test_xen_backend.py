@@ -26,6 +26,7 @@ from policyc.cli import main
 from policyc.native import abi
 from policyc.runtime import xen_arm64 as xa
 from policyc.runtime import xen_backend as xb
+from policyc.runtime import xen_libs as xl
 from policyc.runtime.backend import ACCESS_VALUES, BackendError, InvalidArgument
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,14 +50,14 @@ def _c_type(ret: str, params: str) -> str:
     return f"{ret} (*)({params})"
 
 
-def _checker_source(release: xb.XenRelease = xb.RELEASES[0]) -> str:
+def _checker_source(release: xl.XenRelease = xl.RELEASES[0]) -> str:
     lines = ["#include <stdbool.h>", "#include <stddef.h>", "#include <stdint.h>", "#include <stdio.h>",
              "#include <stdlib.h>", "#include <sys/mman.h>"]
     lines += [f"#include <{h}>" for h in HEADERS]
     lines += ["#include <xen/vm_event.h>", "#include <xen/hvm/save.h>", "#include <xen/domctl.h>",
               "#include <xen/sysctl.h>", ""]
     # every prototype the module declares, exactly as it declares it
-    for decls in xb.DECLARATIONS.values():
+    for decls in xl.DECLARATIONS.values():
         for ret, name, params in decls:
             lines.append(f'_Static_assert(__builtin_types_compatible_p(__typeof__(&{name}), '
                          f'{_c_type(ret, params)}), "declaration of {name} differs from the header");')
@@ -66,17 +67,17 @@ def _checker_source(release: xb.XenRelease = xb.RELEASES[0]) -> str:
         lines.append(f'_Static_assert(__builtin_types_compatible_p({ours}, {theirs}), "{theirs} is not {ours}");')
     lines.append('_Static_assert(sizeof(xenmem_access_t) == 4, "xenmem_access_t is not 4 bytes");')
     lines += ["int main(void) {"]
-    for struct_name, fields in xb.STRUCTS.items():
+    for struct_name, fields in xl.STRUCTS.items():
         lines.append(f'  printf("sizeof {struct_name} %zu\\n", sizeof({struct_name}));')
         for field, _decl in fields:
             lines.append(f'  printf("offsetof {struct_name}.{field} %zu\\n", offsetof({struct_name}, {field}));')
     lines.append('  printf("sizeof struct_hvm_hw_cpu %zu\\n", sizeof(struct hvm_hw_cpu));')
-    for field in xb.HVM_HW_CPU_FIELDS:
+    for field in xl.HVM_HW_CPU_FIELDS:
         lines.append(f'  printf("hvm_hw_cpu {field} %zu %zu\\n", offsetof(struct hvm_hw_cpu, {field}), '
                      f'sizeof(((struct hvm_hw_cpu *)0)->{field}));')
-    for expr in xb.CONSTANTS:
+    for expr in xl.CONSTANTS:
         lines.append(f'  printf("const {expr.replace(" ", "")} %llu\\n", (unsigned long long)({expr}));')
-    for name in xb.MONITOR_EVENT_BITS:
+    for name in xl.MONITOR_EVENT_BITS:
         lines.append(f'  printf("const {name} %llu\\n", (unsigned long long)({name}));')
     for value in release.access_order:
         lines.append(f'  printf("const XENMEM_access_{value} %llu\\n", (unsigned long long)(XENMEM_access_{value}));')
@@ -86,13 +87,13 @@ def _checker_source(release: xb.XenRelease = xb.RELEASES[0]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _release_of(include: Path) -> xb.XenRelease:
+def _release_of(include: Path) -> xl.XenRelease:
     """The release whose headers these are, by domctl.h's interface version."""
     import re
 
     m = re.search(r"#define XEN_DOMCTL_INTERFACE_VERSION\s+(0x[0-9a-fA-F]+)", (include / "xen" / "domctl.h").read_text())
     version = int(m[1], 16) if m else None
-    for r in xb.RELEASES:
+    for r in xl.RELEASES:
         if r.domctl_interface == version:
             return r
     raise AssertionError(f"{include}: headers of a Xen release the backend does not know (domctl {version})")
@@ -129,13 +130,13 @@ def header_facts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 def test_every_declared_prototype_matches_the_headers(header_facts):
     # The compile above is the check (one _Static_assert per function); here: it covered them all.
-    declared = sum(len(d) for d in xb.DECLARATIONS.values())
+    declared = sum(len(d) for d in xl.DECLARATIONS.values())
     assert declared >= 60 and header_facts      # the program ran, so every assertion held
 
 
 def test_struct_layouts_match_the_headers(header_facts):
-    ffi = xb._ffi()
-    for struct_name, fields in xb.STRUCTS.items():
+    ffi = xl.xen_ffi()
+    for struct_name, fields in xl.STRUCTS.items():
         assert ffi.sizeof(struct_name) == header_facts[f"sizeof {struct_name}"], struct_name
         for field, _decl in fields:
             assert ffi.offsetof(struct_name, field) == header_facts[f"offsetof {struct_name}.{field}"], \
@@ -143,18 +144,18 @@ def test_struct_layouts_match_the_headers(header_facts):
 
 
 def test_hvm_hw_cpu_layout_matches_the_header(header_facts):
-    assert xb.HVM_HW_CPU_SIZE == header_facts["sizeof struct_hvm_hw_cpu"]
-    for field, (off, size) in xb.HVM_HW_CPU_FIELDS.items():
+    assert xl.HVM_HW_CPU_SIZE == header_facts["sizeof struct_hvm_hw_cpu"]
+    for field, (off, size) in xl.HVM_HW_CPU_FIELDS.items():
         assert (off, size) == header_facts[f"hvm_hw_cpu {field}"], field
 
 
 def test_hard_coded_constants_match_the_headers(header_facts):
-    for expr, value in xb.CONSTANTS.items():
+    for expr, value in xl.CONSTANTS.items():
         assert header_facts[f"const {expr.replace(' ', '')}"] == value, expr
 
 
 def test_capability_bits_match_the_headers(header_facts):
-    for name, (bit, _monitor) in xb.MONITOR_EVENT_BITS.items():
+    for name, (bit, _monitor) in xl.MONITOR_EVENT_BITS.items():
         assert header_facts[f"const {name}"] == bit, name
 
 
@@ -163,7 +164,7 @@ def test_access_names_follow_the_xenmem_access_enum(header_facts):
     for i, value in enumerate(release.access_order):
         assert header_facts[f"const XENMEM_access_{value}"] == i, value
         if value in ACCESS_VALUES:
-            assert xb.access_code(value, release=release) == i and xb.access_name(i, release=release) == value
+            assert xl.access_code(value, release=release) == i and xl.access_name(i, release=release) == value
     assert set(ACCESS_VALUES) <= set(release.access_order)
 
 
@@ -174,23 +175,23 @@ def test_the_raw_domctl_speaks_the_headers_interface_version(header_facts):
 def test_xen_4_20_moved_default_past_r_pw():
     # Debian 13's Xen inserted XENMEM_access_r_pw before default: "default" is 11 there, and a 10
     # read back is r_pw, which policyc never sets (refused, not taken for "default")
-    new = xb.RELEASES[1]
+    new = xl.RELEASES[1]
     assert new.version == "4.20"
-    assert xb.access_code("default", release=new) == 11 and xb.access_code("default") == 10
+    assert xl.access_code("default", release=new) == 11 and xl.access_code("default") == 10
     with pytest.raises(BackendError, match="r_pw"):
-        xb.access_name(10, release=new)
+        xl.access_name(10, release=new)
 
 
 # =========================================================================== the libraries
 
-@pytest.mark.parametrize("key", sorted(xb.LIBRARIES))
+@pytest.mark.parametrize("key", sorted(xl.LIBRARIES))
 def test_the_library_loads_and_exports_every_declared_function(key):
-    soname = xb.LIBRARIES[key]
+    soname = xl.LIBRARIES[key]
     if ctypes.util.find_library(key) is None and not any(
             (Path(d) / soname).exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/usr/lib64")):
         _skip(f"{soname} is not installed (Debian: libxenmisc4.17 and friends)")
-    lib = xb.load_library(key)
-    for _ret, name, _params in xb.DECLARATIONS[key]:
+    lib = xl.load_library(key)
+    for _ret, name, _params in xl.DECLARATIONS[key]:
         assert getattr(lib, name) is not None, f"{soname} does not export {name}"
 
 
@@ -199,21 +200,21 @@ def test_the_library_loads_and_exports_every_declared_function(key):
 def test_a_host_without_privcmd_is_refused_in_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(xb, "PRIVCMD", str(tmp_path / "no-privcmd"))
     try:
-        xb.load_library("xenctrl")
-    except xb.XenUnavailable as exc:            # no libxenctrl: refused earlier, same message shape
+        xl.load_library("xenctrl")
+    except xl.XenUnavailable as exc:            # no libxenctrl: refused earlier, same message shape
         assert exc.message.startswith("not a Xen dom0 (or no privcmd): ")
         return
-    with pytest.raises(xb.XenUnavailable) as info:
+    with pytest.raises(xl.XenUnavailable) as info:
         xb.XenBackend.open("1")
     assert info.value.message.startswith("not a Xen dom0 (or no privcmd): ")
     assert "privcmd" in info.value.message and info.value.errno == errno.ENOENT
 
 
 def test_a_missing_library_is_refused_naming_it(monkeypatch):
-    monkeypatch.setitem(xb.LIBRARIES, "xenctrl", "libxenctrl.so.0.no-such-version")
-    monkeypatch.setattr(xb, "RELEASES", (xb.XenRelease("0.0", "libxenctrl.so.0.no-such-version", 0, ()),))
-    monkeypatch.setattr(xb, "_LIBS", {})
-    with pytest.raises(xb.XenUnavailable) as info:
+    monkeypatch.setitem(xl.LIBRARIES, "xenctrl", "libxenctrl.so.0.no-such-version")
+    monkeypatch.setattr(xl, "RELEASES", (xl.XenRelease("0.0", "libxenctrl.so.0.no-such-version", 0, ()),))
+    monkeypatch.setattr(xl, "_LIBS", {})
+    with pytest.raises(xl.XenUnavailable) as info:
         xb.XenBackend.open("1")
     assert info.value.message.startswith("not a Xen dom0 (or no privcmd): ")
     assert "libxenctrl.so.0.no-such-version" in info.value.message
@@ -246,51 +247,51 @@ def test_recover_on_a_host_without_xen_exits_2_with_one_line():
 
 def test_unknown_access_names_are_invalid_arguments():
     with pytest.raises(InvalidArgument) as info:
-        xb.access_code("rwxz")
+        xl.access_code("rwxz")
     assert info.value.errno == errno.EINVAL and "rwxz" in info.value.message
     with pytest.raises(BackendError):
-        xb.access_name(11)
+        xl.access_name(11)
 
 
 def test_capability_bitmaps_decode_to_the_simulators_monitor_names():
     # 0x1f7b is what Xen 4.17.7 reported under both emulators in the lab (NOTES.md): no singlestep
     # (bit 2, no MTF) and no privileged_call (bit 7, ARM only); bits 8, 10-12 have no Backend monitor.
-    assert xb.monitors_from_capabilities(0x1F7B) == {
+    assert xl.monitors_from_capabilities(0x1F7B) == {
         "write_ctrlreg", "mov_to_msr", "software_breakpoint", "guest_request", "debug_exception", "cpuid",
         "descriptor_access"}
-    assert xb.monitors_from_capabilities(1 << 2) == {"singlestep"}
-    assert xb.monitors_from_capabilities(1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13) == frozenset()
+    assert xl.monitors_from_capabilities(1 << 2) == {"singlestep"}
+    assert xl.monitors_from_capabilities(1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13) == frozenset()
 
 
 def test_vendor_picks_the_backend_arch(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
-    assert xb.arch_from_vendor(xb.cpu_vendor(str(info))) == "x86_64-svm"
-    assert xb.arch_from_vendor("GenuineIntel") == "x86_64"
+    assert xl.arch_from_vendor(xl.cpu_vendor(str(info))) == "x86_64-svm"
+    assert xl.arch_from_vendor("GenuineIntel") == "x86_64"
     with pytest.raises(BackendError):
-        xb.arch_from_vendor("")
+        xl.arch_from_vendor("")
 
 
 def _hvm_cpu(**values: int) -> bytearray:
-    blob = bytearray(xb.HVM_HW_CPU_SIZE)
+    blob = bytearray(xl.HVM_HW_CPU_SIZE)
     for field, value in values.items():
-        off, size = xb.HVM_HW_CPU_FIELDS[field]
+        off, size = xl.HVM_HW_CPU_FIELDS[field]
         blob[off:off + size] = value.to_bytes(size, "little")
     return blob
 
 
 def test_registers_come_from_the_right_hvm_hw_cpu_fields():
     # every field gets a distinct value, so a swapped offset shows
-    values = {f: 0x1000 + i for i, f in enumerate(xb.HVM_HW_CPU_FIELDS) if f != "fpu_regs"}
+    values = {f: 0x1000 + i for i, f in enumerate(xl.HVM_HW_CPU_FIELDS) if f != "fpu_regs"}
     values["cs_sel"] = 0xABCD0010            # only the low 16 bits are a selector
     values["ss_arbytes"] = 0xC93 | 3 << 5    # DPL 3 in the VMX access-rights format
-    regs = xb.registers_from_hvm_cpu(bytes(_hvm_cpu(**values)))
+    regs = xl.registers_from_hvm_cpu(bytes(_hvm_cpu(**values)))
     assert regs["rip"] == values["rip"] and regs["cr3"] == values["cr3"] and regs["r15"] == values["r15"]
     assert regs["msr_lstar"] == values["msr_lstar"] and regs["idtr_base"] == values["idtr_base"]
     assert regs["idtr_limit"] == values["idtr_limit"] and regs["shadow_gs"] == values["shadow_gs"]
     assert regs["fs_base"] == values["fs_base"] and regs["sysenter_eip"] == values["sysenter_eip"]
     assert regs["cs_sel"] == 0x0010 and regs["tr_sel"] == values["tr_sel"] and regs["cpl"] == 3
-    for name, field in xb._REG_FIELDS.items():
+    for name, field in xl._REG_FIELDS.items():
         expected = values[field] & (0xFFFF if name.endswith("_sel") else (1 << 64) - 1)
         assert regs[name] == expected, name
 
@@ -300,20 +301,20 @@ def test_register_names_are_the_simulators():
     from policyc.runtime.sim.xen import SimulatedXen
 
     sim = SimulatedXen(Guest(1 << 20, vcpus=1), "x86_64")
-    ours = set(xb.registers_from_hvm_cpu(bytes(xb.HVM_HW_CPU_SIZE)))
+    ours = set(xl.registers_from_hvm_cpu(bytes(xl.HVM_HW_CPU_SIZE)))
     # xcr0 lives in the CPU_XSAVE record, read separately by get_registers when Xen gives it
     assert ours | {"xcr0"} == set(sim.get_registers(0))
 
 
 def test_set_registers_patches_only_the_named_fields_and_refuses_others():
     blob = bytes(_hvm_cpu(rip=0x1000, rax=7, cr3=0x5000))
-    patched = xb.patch_hvm_cpu(blob, {"rip": 0x1003, "rax": 9})
-    regs = xb.registers_from_hvm_cpu(patched)
+    patched = xl.patch_hvm_cpu(blob, {"rip": 0x1003, "rax": 9})
+    regs = xl.registers_from_hvm_cpu(patched)
     assert (regs["rip"], regs["rax"], regs["cr3"]) == (0x1003, 9, 0x5000)
-    assert xb.patch_hvm_cpu(blob, {"pc": 0x2000})[xb.HVM_HW_CPU_FIELDS["rip"][0]:][:8] == (0x2000).to_bytes(8, "little")
+    assert xl.patch_hvm_cpu(blob, {"pc": 0x2000})[xl.HVM_HW_CPU_FIELDS["rip"][0]:][:8] == (0x2000).to_bytes(8, "little")
     for name in ("cpl", "xcr0", "nonsense"):
         with pytest.raises(InvalidArgument):
-            xb.patch_hvm_cpu(blob, {name: 1})
+            xl.patch_hvm_cpu(blob, {name: 1})
 
 
 def _record(code: int, instance: int, data: bytes) -> bytes:
@@ -325,35 +326,32 @@ def test_the_context_loaded_back_holds_header_the_patched_cpu_record_and_end():
     cpu0 = _record(2, 0, bytes(_hvm_cpu(rip=0x10)))
     cpu1 = _record(2, 1, bytes(_hvm_cpu(rip=0x20)))
     other = _record(5, 0, b"P" * 16)
-    blob = xb.build_cpu_context(header + cpu0 + other + cpu1 + _record(0, 0, b""), 1, {"rip": 0x21})
+    blob = xl.build_cpu_context(header + cpu0 + other + cpu1 + _record(0, 0, b""), 1, {"rip": 0x21})
     assert blob.startswith(header) and blob.endswith(bytes(8))
     body = blob[len(header):-8]
-    assert body[:8] == cpu1[:8] and xb.registers_from_hvm_cpu(body[8:])["rip"] == 0x21
+    assert body[:8] == cpu1[:8] and xl.registers_from_hvm_cpu(body[8:])["rip"] == 0x21
     with pytest.raises(BackendError):
-        xb.build_cpu_context(header + cpu0 + _record(0, 0, b""), 3, {"rip": 1})
+        xl.build_cpu_context(header + cpu0 + _record(0, 0, b""), 3, {"rip": 1})
 
 
 # =========================================================================== the ring bookkeeping
 
-def _ring_only_backend() -> xb.XenBackend:
+def _ring_only_backend(**kw) -> xb.XenBackend:
     """A XenBackend with a private ring and no Xen: enough for the ring methods that need no hypercall."""
-    b = xb.XenBackend.__new__(xb.XenBackend)
-    b._ring = abi.Ring()
-    b._sync_out = {}
-    return b
+    return xb.XenBackend.detached(ring=abi.Ring(), **kw)
 
 
 def test_sync_requests_are_tracked_until_answered():
     b = _ring_only_backend()
-    ring = b._ring
+    ring = b.native_ring()
     paused = abi.Flag.VCPU_PAUSED
     ring.put_requests([abi.make_request(abi.Reason.MEM_ACCESS, 1, flags=paused),
                        abi.make_request(abi.Reason.GUEST_REQUEST, 2)])        # async: vCPU 2 runs on
     ring.push_requests()
     reqs = b.take_requests(8)
-    assert len(reqs) == 2 and b._sync_out == {1: 1}
+    assert len(reqs) == 2 and b.sync_outstanding() == {1: 1}
     b.put_responses([abi.make_response(r).raw for r in reqs])
-    assert b._sync_out == {1: 0}
+    assert b.sync_outstanding() == {}
     assert [r.vcpu_id for r in ring.take_responses()] == [1, 2]
 
 
@@ -363,7 +361,7 @@ def test_bare_unpause_responses_on_a_quiet_ring_are_accepted():
     bare = [struct.pack("<IIIIH", abi.VERSION, int(abi.Flag.VCPU_PAUSED), 0, v, 0).ljust(abi.EVENT_SIZE, b"\0")
             for v in range(3)]
     b.put_responses(bare)
-    assert [r.vcpu_id for r in b._ring.take_responses()] == [0, 1, 2]
+    assert [r.vcpu_id for r in b.native_ring().take_responses()] == [0, 1, 2]
     with pytest.raises(BackendError) as info:
         b.put_responses(bare * 3)                # more than a ring's worth
     assert info.value.errno == errno.EINVAL
@@ -382,41 +380,39 @@ class _VcpuStillRunning:
         return 0
 
 
-def _deny_backend(running_for: int) -> xb.XenBackend:
-    b = _ring_only_backend()
-    b._ffi, b._xch, b.domid = xb._ffi(), None, 7
-    b._xc = _VcpuStillRunning(running_for)
-    b.deny_holds = {"checked": 0, "held": 0, "max_wait_ms": 0.0, "unconfirmed": 0}
-    return b
+def _deny_backend(running_for: int) -> tuple[xb.XenBackend, _VcpuStillRunning]:
+    xc = _VcpuStillRunning(running_for)
+    return _ring_only_backend(domid=7, libraries={"xenctrl": xc}, handles={"xch": None}), xc
 
 
 def _answer(b: xb.XenBackend, reason: int, flags: int) -> list:
-    b._ring.put_requests([abi.make_request(reason, 1, flags=abi.Flag.VCPU_PAUSED)])
-    b._ring.push_requests()
+    ring = b.native_ring()
+    ring.put_requests([abi.make_request(reason, 1, flags=abi.Flag.VCPU_PAUSED)])
+    ring.push_requests()
     (raw,) = b.take_requests(8)
     b.put_responses([abi.make_response(abi.parse_request(raw), flags=flags).raw])
-    return b._ring.take_responses()
+    return ring.take_responses()
 
 
 @pytest.mark.parametrize("reason", [abi.Reason.WRITE_CTRLREG, abi.Reason.MOV_TO_MSR])
 def test_a_register_write_deny_waits_until_its_vcpu_left_its_pcpu(reason):
-    b = _deny_backend(running_for=3)
+    b, xc = _deny_backend(running_for=3)
     (rsp,) = _answer(b, reason, abi.Flag.VCPU_PAUSED | abi.Flag.DENY)
     assert rsp.flags & abi.Flag.DENY
-    assert b._xc.asked == 4                       # asked until the vCPU was off, then sent
+    assert xc.asked == 4                       # asked until the vCPU was off, then sent
     assert b.deny_holds["checked"] == 1 and b.deny_holds["held"] == 1 and b.deny_holds["unconfirmed"] == 0
 
 
 def test_other_answers_are_not_held():
-    b = _deny_backend(running_for=10**6)
+    b, xc = _deny_backend(running_for=10**6)
     _answer(b, abi.Reason.WRITE_CTRLREG, abi.Flag.VCPU_PAUSED)                    # allow
     _answer(b, abi.Reason.MEM_ACCESS, abi.Flag.VCPU_PAUSED | abi.Flag.EMULATE)    # no early-DENY gap there
-    assert b._xc.asked == 0 and b.deny_holds["checked"] == 0
+    assert xc.asked == 0 and b.deny_holds["checked"] == 0
 
 
 def test_a_vcpu_that_never_leaves_its_pcpu_gets_its_answer_anyway(monkeypatch):
     monkeypatch.setattr(xb.XenBackend, "DENY_HOLD_LIMIT", 0.01)
-    b = _deny_backend(running_for=10**6)
+    b, _xc = _deny_backend(running_for=10**6)
     (rsp,) = _answer(b, abi.Reason.MOV_TO_MSR, abi.Flag.VCPU_PAUSED | abi.Flag.DENY)
     assert rsp.flags & abi.Flag.DENY and b.deny_holds["unconfirmed"] == 1
 
@@ -440,31 +436,25 @@ class _ForeignMemoryWithHoles:
 
 
 def test_population_probe_skips_holes_in_whole_batches_and_single_frames():
-    b = _ring_only_backend()
-    b._ffi = xb._ffi()
-    b._fmh, b.domid = None, 3
     holes = set(range(0xA0, 0xC0)) | {1023, 1024, 5000}       # VGA hole, a batch boundary, a lone frame
-    b._fm = _ForeignMemoryWithHoles(b._ffi, holes)
+    fm = _ForeignMemoryWithHoles(xl.xen_ffi(), holes)
+    b = _ring_only_backend(domid=3, libraries={"xenforeignmemory": fm}, handles={"fmh": None})
     found = b._probe_population(0, 6143)
     assert found == [g for g in range(6144) if g not in holes]
-    assert b._fm.calls == 6                                   # 1024 frames per map call
+    assert fm.calls == 6                                   # 1024 frames per map call
 
 
 def test_populated_among_probes_only_the_runs_it_is_asked_about():
-    b = _ring_only_backend()
-    b._ffi = xb._ffi()
-    b._fmh, b.domid = None, 3
-    b._populated, b._population_index, b._known = None, None, {}
-    b._fm = _ForeignMemoryWithHoles(b._ffi, set(range(0xA0, 0xC0)))
+    fm = _ForeignMemoryWithHoles(xl.xen_ffi(), set(range(0xA0, 0xC0)))
+    b = _ring_only_backend(domid=3, libraries={"xenforeignmemory": fm}, handles={"fmh": None})
     want = {10, 11, 0xA5, 5000, 0x100000}
     assert b.populated_among(want) == want - {0xA5}
-    assert b._fm.calls == 3                      # [10..0xa5], [5000], [0x100000]: not the whole range
-    assert b.populated_among({11, 5000}) == {11, 5000} and b._fm.calls == 3     # answered from memory
+    assert fm.calls == 3                      # [10..0xa5], [5000], [0x100000]: not the whole range
+    assert b.populated_among({11, 5000}) == {11, 5000} and fm.calls == 3     # answered from memory
 
 
 def test_ring_methods_without_a_ring_fail_with_enodev():
-    b = _ring_only_backend()
-    b._ring = None
+    b = xb.XenBackend.detached(ring=None)
     for call in (lambda: b.take_requests(), lambda: b.put_responses([]), lambda: b.set_access(0, [1], "r")):
         with pytest.raises(BackendError) as info:
             call()
@@ -520,7 +510,7 @@ class _ViewWithoutTheFrame:
         self.ffi = ffi
 
     def xc_get_mem_access(self, xch, domid, gfn, acc) -> int:
-        acc[0] = xb.access_code("rx")
+        acc[0] = xl.access_code("rx")
         return 0
 
     def xc_altp2m_get_mem_access(self, xch, domid, view, gfn, acc) -> int:
@@ -529,9 +519,8 @@ class _ViewWithoutTheFrame:
 
 
 def test_access_in_a_view_that_never_held_the_frame_is_the_hosts():
-    b = object.__new__(xb.XenBackend)
-    b._ffi, b._xch, b.domid, b.xen_release = xb._ffi(), None, 7, xb.RELEASES[0]
-    b._xc = _ViewWithoutTheFrame(b._ffi)
+    b = xb.XenBackend.detached(domid=7, libraries={"xenctrl": _ViewWithoutTheFrame(xl.xen_ffi())},
+                               handles={"xch": None}, xen_release=xl.RELEASES[0])
     assert b.get_access(2, 0x201) == "rx"
     with pytest.raises(InvalidArgument):            # any other failure is still an error
         b.get_access(2, 0x202)
@@ -606,18 +595,17 @@ def _backend_over_stand_in_evtchn(fd: int, pending: list[int], calls: list) -> t
     class _Evtchn:
         pass
 
-    b = object.__new__(xb.XenBackend)
-    b._ffi, b._kick, b._port, b._ring = xb._ffi(), None, 7, object()
-    ffi = b._ffi
-    b._ev = _Evtchn()
-    b._ev.xenevtchn_notify = ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
-                                      ctypes.cast(keep[0], ctypes.c_void_p).value)
-    b._ev.xenevtchn_pending = ffi.cast("xenevtchn_port_or_error_t (*)(xenevtchn_handle *)",
-                                       ctypes.cast(keep[1], ctypes.c_void_p).value)
-    b._ev.xenevtchn_unmask = ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
-                                      ctypes.cast(keep[2], ctypes.c_void_p).value)
-    b._ev.xenevtchn_fd = lambda xce: fd
-    b._xce = ffi.cast("xenevtchn_handle *", 0x1234)
+    ffi = xl.xen_ffi()
+    ev = _Evtchn()
+    ev.xenevtchn_notify = ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
+                                   ctypes.cast(keep[0], ctypes.c_void_p).value)
+    ev.xenevtchn_pending = ffi.cast("xenevtchn_port_or_error_t (*)(xenevtchn_handle *)",
+                                    ctypes.cast(keep[1], ctypes.c_void_p).value)
+    ev.xenevtchn_unmask = ffi.cast("int (*)(xenevtchn_handle *, evtchn_port_t)",
+                                   ctypes.cast(keep[2], ctypes.c_void_p).value)
+    ev.xenevtchn_fd = lambda xce: fd
+    b = xb.XenBackend.detached(libraries={"xenevtchn": ev}, handles={"xce": ffi.cast("xenevtchn_handle *", 0x1234)},
+                               ring=abi.Ring(), port=7)
     return b, keep
 
 

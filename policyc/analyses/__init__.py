@@ -1,5 +1,8 @@
 """Analyses over a lowered plan: the plan's "analyses" section and diagnostics PC502-PC506.
 
+Stage: after lowering, over the plan being built: reports (the plan's "analyses") and diagnostics.
+May import: the compiler's model, diagnostics, targets and (today, for the view layout) lower.
+
 `run_analyses` runs four passes, in this order:
 
 1. views       (views.py)      the view layout report: contexts (`cr3 == K` rules), which view serves

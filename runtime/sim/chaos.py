@@ -206,7 +206,7 @@ def _learn_clean_run(p: _Prepared) -> None:
 
 def _run_one(p: _Prepared, t: Trial) -> FaultyBackend:
     from ..enforce import Enforcer, EnforcerError
-    from ..install import recover_guest
+    from ..recover import recover_guest
     from ..policy_test import diff_snapshots
     from .scenario import ScenarioRunner, build_scenario
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..guest_memory import FRAME_MASK, FRAME_SHIFT, FRAME_SIZE, GuestMemory
+from ...errors import PolicycError
 
 __all__ = [
     "GuestFault", "Guest", "VCpu", "Walk", "TranslationFault",
@@ -102,7 +103,7 @@ class GuestFault:
         return f"{self.name}{where}{code}{' [injected]' if self.injected else ''}"
 
 
-class TranslationFault(Exception):
+class TranslationFault(PolicycError):
     """The guest's own page walk failed: a #PF (or #GP for a non-canonical address).
 
     ``reads`` are the paging-structure entries read before the walk stopped,

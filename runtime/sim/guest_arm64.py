@@ -29,8 +29,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..guest_memory import FRAME_SHIFT
-from ..paging_arm64 import (LINUX_TCR_48, PSTATE_PAN, SCTLR_M, Stage1Fault, Stage1Tables, Translation,
-                            WalkStep)
+from ..paging import WalkStep
+from ..paging_arm64 import LINUX_TCR_48, PSTATE_PAN, SCTLR_M, Stage1Fault, Stage1Tables, Translation
 from .guest import Guest, GuestFault, TranslationFault, Walk
 
 __all__ = ["Arm64VCpu", "Arm64Guest", "Arm64TranslationFault", "GUEST_RAM0_BASE", "EC_DABT_CUR", "EC_IABT_CUR",

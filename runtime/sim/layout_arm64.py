@@ -58,12 +58,12 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from ...symbols import SymbolFileError, load_symbol_table
+from ...symbols import SymbolFileError, SymbolTable, load_symbol_table
 from ..guest_memory import FRAME_SHIFT
 from ..paging_arm64 import (BLOCK_2M, DESC_DBM, LINUX_TCR_48, PAGE_4K, SCTLR_M, TABLE_PXN, TABLE_UXN,
                             Stage1Tables)
 from .guest_arm64 import CPSR_EL1H, GUEST_RAM0_BASE, Arm64Guest
-from .layouts import _down, _up, page_runs, parse_size
+from .layout_pages import align_down, align_up, page_runs, parse_size
 
 __all__ = ["build_linux_arm64", "PAGE_OFFSET", "KIMAGE_REGION", "ARM64_NOP", "IMAGE_MAGIC", "SLIDE_ALIGN",
            "image_header", "SYSCALL_NUMBERS", "NR_SYSCALLS"]
@@ -109,6 +109,41 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
     except SymbolFileError as exc:
         raise ValueError(str(exc)) from None
     size = parse_size(memory)
+    _check_arguments(kaslr_slide, vcpus, size, ram_base)
+    image = _Image(table, kaslr_slide, ram_base)
+    percpu_pa0 = align_up(image.pa_of_link(image.end_link), PERCPU_STRIDE)
+    frames = (ram_base + size) >> FRAME_SHIFT
+    alloc_lo = frames - min(max(size // 4 >> FRAME_SHIFT, 1), (64 << 20) >> FRAME_SHIFT)
+    if percpu_pa0 + vcpus * PERCPU_STRIDE > alloc_lo << FRAME_SHIFT:
+        raise ValueError(f"{size >> 20} MiB of memory is too small for the kernel image "
+                         f"({image.size >> 20} MiB), {vcpus} per-CPU areas and the page tables")
+
+    g = Arm64Guest(size, vcpus, ram_base=ram_base)
+    g.layout = "linux-arm64"
+    g.symbols = {name: s.address + kaslr_slide for name, s in table.symbols.items() if not s.percpu}
+    g.percpu = {name: s.address for name, s in table.symbols.items() if s.percpu}
+    g.kaslr_slide = kaslr_slide
+    g.direct_map_base = PAGE_OFFSET - align_down(ram_base, MEMSTART_ALIGN)
+    g.kimage_voffset = image.va("_text") - ram_base            # type: ignore[attr-defined]
+
+    # TTBR1: swapper_pg_dir is the level 0 table
+    swapper_pa = image.pa("swapper_pg_dir")
+    pt = Stage1Tables(g.memory, swapper_pa, 0, tcr=LINUX_TCR_48, sctlr=_SCTLR_KERNEL)
+    _map_kernel(pt, image, g.direct_map_base, ram_base, size)
+    _fill_kernel(g, image)
+    # per-CPU areas
+    pcpu_start = image.va("__per_cpu_start") if table.lookup("__per_cpu_start") else None
+    g.percpu_base = [g.direct_map_base + percpu_pa0 + i * PERCPU_STRIDE for i in range(vcpus)]
+    offsets = [(base - pcpu_start) & ((1 << 64) - 1) if pcpu_start is not None else 0 for base in g.percpu_base]
+    if table.lookup("__per_cpu_offset"):
+        g.memory.write(image.pa("__per_cpu_offset"), struct.pack(f"<{vcpus}Q", *offsets))
+    _boot_vcpus(g, image, swapper_pa, offsets)
+    g.text_range = (image.va("_stext"), image.va("_etext"))      # type: ignore[attr-defined]
+    g.page_tables = g.vcpus[0].tables(g.memory)       # type: ignore[attr-defined, union-attr]
+    return g
+
+
+def _check_arguments(kaslr_slide: int, vcpus: int, size: int, ram_base: int) -> None:
     if isinstance(kaslr_slide, bool) or not isinstance(kaslr_slide, int) or kaslr_slide < 0:
         raise ValueError(f"kaslr_slide must be a non-negative number, got {kaslr_slide!r}")
     if kaslr_slide % SLIDE_ALIGN:
@@ -120,96 +155,96 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
     if ram_base % BLOCK_2M:
         raise ValueError(f"ram_base {ram_base:#x} must be 2 MiB aligned")
 
-    def link(name: str) -> int:
-        sym = table.lookup(name)
+
+class _Image:
+    """The kernel image's addresses: link-time (System.map), slid (virtual) and physical (at ram_base)."""
+
+    def __init__(self, table: SymbolTable, kaslr_slide: int, ram_base: int) -> None:
+        self.table = table
+        self.kaslr_slide = kaslr_slide
+        self.ram_base = ram_base
+        self.text_link = self.link("_text")
+        if self.text_link < KIMAGE_REGION:
+            raise ValueError(f"_text is {self.text_link:#x}: not an arm64 kernel with 48-bit VAs (its image lives "
+                             f"above {KIMAGE_REGION:#x})")
+        self.end_link = self.link("_end")
+        if self.end_link + kaslr_slide >= 1 << 64:
+            raise ValueError(f"kaslr_slide {kaslr_slide:#x} moves the image past the top of the address space")
+        self.size = self.end_link - self.text_link
+
+    def link(self, name: str) -> int:
+        sym = self.table.lookup(name)
         if sym is None or sym.percpu:
             raise ValueError(f"the symbol map has no '{name}', which the linux-arm64 layout needs (is it an arm64 "
                              "System.map?)")
         return sym.address
 
-    text_link = link("_text")
-    if text_link < KIMAGE_REGION:
-        raise ValueError(f"_text is {text_link:#x}: not an arm64 kernel with 48-bit VAs (its image lives above "
-                         f"{KIMAGE_REGION:#x})")
-    end_link = link("_end")
-    if end_link + kaslr_slide >= 1 << 64:
-        raise ValueError(f"kaslr_slide {kaslr_slide:#x} moves the image past the top of the address space")
-    image_size = end_link - text_link
-    pa_of_link = lambda a: a - text_link + ram_base          # noqa: E731
-    va_of = lambda name: link(name) + kaslr_slide            # noqa: E731
-    percpu_pa0 = _up(pa_of_link(end_link), PERCPU_STRIDE)
-    frames = (ram_base + size) >> FRAME_SHIFT
-    alloc_lo = frames - min(max(size // 4 >> FRAME_SHIFT, 1), (64 << 20) >> FRAME_SHIFT)
-    if percpu_pa0 + vcpus * PERCPU_STRIDE > alloc_lo << FRAME_SHIFT:
-        raise ValueError(f"{size >> 20} MiB of memory is too small for the kernel image ({image_size >> 20} MiB), "
-                         f"{vcpus} per-CPU areas and the page tables")
+    def va(self, name: str) -> int:
+        return self.link(name) + self.kaslr_slide
 
-    g = Arm64Guest(size, vcpus, ram_base=ram_base)
-    mem = g.memory
-    g.layout = "linux-arm64"
-    g.symbols = {name: s.address + kaslr_slide for name, s in table.symbols.items() if not s.percpu}
-    g.percpu = {name: s.address for name, s in table.symbols.items() if s.percpu}
-    g.kaslr_slide = kaslr_slide
-    memstart = _down(ram_base, MEMSTART_ALIGN)
-    g.direct_map_base = PAGE_OFFSET - memstart
-    g.kimage_voffset = va_of("_text") - ram_base            # type: ignore[attr-defined]
+    def pa_of_link(self, address: int) -> int:
+        return address - self.text_link + self.ram_base
 
-    # -- TTBR1: swapper_pg_dir is the level 0 table
-    swapper_pa = pa_of_link(link("swapper_pg_dir"))
-    pt = Stage1Tables(mem, swapper_pa, 0, tcr=LINUX_TCR_48, sctlr=_SCTLR_KERNEL)
+    def pa(self, name: str) -> int:
+        return self.pa_of_link(self.link(name))
 
+
+def _map_kernel(pt: Stage1Tables, image: _Image, direct_map_base: int, ram_base: int, size: int) -> None:
+    """The image's segments in TTBR1's range, and the linear map: RAM read-write, the kernel's text and
+    rodata alias read-only, in 4 KiB pages."""
     def segment(start: str, end: str, *, writable: bool, executable: bool) -> None:
-        s, e = _down(va_of(start), PAGE_4K), _up(va_of(end), PAGE_4K)
+        s, e = align_down(image.va(start), PAGE_4K), align_up(image.va(end), PAGE_4K)
         if e > s:
-            _map_segment(pt, s, pa_of_link(s - kaslr_slide), e - s, writable=writable, executable=executable,
-                         blocks=True, table_flags=TABLE_UXN)
+            _map_segment(pt, s, image.pa_of_link(s - image.kaslr_slide), e - s, writable=writable,
+                         executable=executable, blocks=True, table_flags=TABLE_UXN)
 
     segment("_stext", "_etext", writable=False, executable=True)
     segment("__start_rodata", "__init_begin", writable=False, executable=False)
     segment("_sdata", "_end", writable=True, executable=False)
 
-    # -- the linear map: RAM read-write, the kernel's text and rodata alias read-only; 4 KiB pages
     def linear(pa: int, n: int, *, writable: bool) -> None:
         if n > 0:
-            _map_segment(pt, g.direct_map_base + pa, pa, n, writable=writable, executable=False, blocks=False,
+            _map_segment(pt, direct_map_base + pa, pa, n, writable=writable, executable=False, blocks=False,
                          table_flags=TABLE_PXN | TABLE_UXN)
 
-    ro_lo, ro_hi = pa_of_link(link("_stext")), pa_of_link(_up(link("__init_begin"), PAGE_4K))
+    ro_lo, ro_hi = image.pa("_stext"), image.pa_of_link(align_up(image.link("__init_begin"), PAGE_4K))
     linear(ram_base, ro_lo - ram_base, writable=True)
     linear(ro_lo, ro_hi - ro_lo, writable=False)
     linear(ro_hi, ram_base + size - ro_hi, writable=True)
 
-    # -- contents
-    mem.write(pa_of_link(text_link), image_header(image_size))
-    text_lo, text_hi = pa_of_link(link("_stext")), pa_of_link(_up(link("_etext"), PAGE_4K))
-    nops = struct.pack("<I", ARM64_NOP) * (PAGE_4K // 4)
+
+_NOPS = struct.pack("<I", ARM64_NOP) * (PAGE_4K // 4)
+
+
+def _fill_kernel(g: Arm64Guest, image: _Image) -> None:
+    """The Image header, text as NOPs, sys_call_table, and the strings an attacker overwrites."""
+    mem, table = g.memory, image.table
+    mem.write(image.pa_of_link(image.text_link), image_header(image.size))
+    text_lo, text_hi = image.pa("_stext"), image.pa_of_link(align_up(image.link("_etext"), PAGE_4K))
     for pa in range(text_lo, text_hi, PAGE_4K):
-        mem.write(pa, nops)
-    stext = va_of("_stext")
+        mem.write(pa, _NOPS)
+    stext = image.va("_stext")
     if table.lookup("sys_call_table"):
         entries = [stext] * NR_SYSCALLS
         for name, nr in SYSCALL_NUMBERS.items():
             if name in g.symbols:
                 entries[nr] = g.symbols[name]
-        mem.write(pa_of_link(link("sys_call_table")), struct.pack(f"<{NR_SYSCALLS}Q", *entries))
+        mem.write(image.pa("sys_call_table"), struct.pack(f"<{NR_SYSCALLS}Q", *entries))
     for name, text in (("modprobe_path", b"/sbin/modprobe\0"), ("core_pattern", b"core\0"),
                        ("linux_banner", (table.banner or "").encode("ascii") + b"\0")):
         if table.lookup(name):
-            mem.write(pa_of_link(link(name)), text)
+            mem.write(image.pa(name), text)
 
-    # -- per-CPU areas
-    pcpu_start = va_of("__per_cpu_start") if table.lookup("__per_cpu_start") else None
-    g.percpu_base = [g.direct_map_base + percpu_pa0 + i * PERCPU_STRIDE for i in range(vcpus)]
-    offsets = [(base - pcpu_start) & ((1 << 64) - 1) if pcpu_start is not None else 0 for base in g.percpu_base]
-    if table.lookup("__per_cpu_offset"):
-        mem.write(pa_of_link(link("__per_cpu_offset")), struct.pack(f"<{vcpus}Q", *offsets))
 
-    # -- processes and registers
-    pc = g.symbols.get("invoke_syscall", stext)
+def _boot_vcpus(g: Arm64Guest, image: _Image, swapper_pa: int, offsets: list[int]) -> None:
+    """Each vCPU in the kernel on behalf of a process of its own (a user page table with code and a
+    stack), with the registers Linux has then."""
+    mem = g.memory
+    pc = g.symbols.get("invoke_syscall", image.va("_stext"))
     for i, v in enumerate(g.vcpus):
         user = Stage1Tables(mem, swapper_pa, None, tcr=LINUX_TCR_48, sctlr=_SCTLR_KERNEL)
         code, stack = mem.alloc_frame() << FRAME_SHIFT, mem.alloc_frame() << FRAME_SHIFT
-        mem.write(code, nops)
+        mem.write(code, _NOPS)
         user.map(USER_CODE, code, PAGE_4K, writable=False, executable=False, user=True, global_=False,
                  user_executable=True, table_flags=TABLE_PXN)
         user.map(USER_STACK, stack, PAGE_4K, writable=True, executable=False, user=True, global_=False,
@@ -220,12 +255,9 @@ def build_linux_arm64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int 
         v.sctlr = _SCTLR_KERNEL
         v.cpsr = CPSR_EL1H
         v.rip = pc
-        v.vbar = va_of("vectors")
+        v.vbar = image.va("vectors")
         v.tpidr_el1 = offsets[i]
         v.sp_el1 = g.percpu_base[i] + PERCPU_STRIDE - 0x100
         v.sp_el0 = USER_STACK + PAGE_4K - 0x40
         v.elr_el1 = USER_CODE + 0x10       # the instruction after the SVC that entered the kernel
         v.spsr_el1 = 0                      # EL0t, nothing masked
-    g.text_range = (stext, va_of("_etext"))      # type: ignore[attr-defined]
-    g.page_tables = g.vcpus[0].tables(mem)       # type: ignore[attr-defined, union-attr]
-    return g

@@ -61,9 +61,10 @@ import struct
 from pathlib import Path
 
 from ...symbols import PdbIdentity, SymbolFileError, SymbolTable, load_symbol_table
+from ..guest_memory import GuestMemory
 from ..paging import PAGE_2M, PAGE_4K, PageTables
 from .guest import CR0, CR4, EFER, MSR, Guest
-from .layouts import _map_range, _up, parse_size
+from .layout_pages import align_up, map_range, parse_size
 
 __all__ = ["build_windows_x86_64", "KERNEL_IMAGE_RANGE", "IMAGE_PA", "SECTIONS", "SIZE_OF_IMAGE",
            "LSTAR_RVA", "CSTAR_RVA", "IDT_STUB_RVA", "KI_SERVICE_TABLE_RVA", "NONPAGED_POOL_VA",
@@ -226,6 +227,46 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
         table = symbols if isinstance(symbols, SymbolTable) else load_symbol_table(symbols)
     except SymbolFileError as exc:
         raise ValueError(str(exc)) from None
+    _check_arguments(table, image_base, image_pa)
+    size = parse_size(memory)
+    if vcpus < 1:
+        raise ValueError("a guest needs at least one vCPU")
+    pool_pa = align_up(image_pa + SIZE_OF_IMAGE, PAGE_2M)
+    pool_size = vcpus * PROCESSOR_BLOCK_SIZE + _POOL_MISC_SIZE
+    frames = size >> 12
+    alloc_lo = frames - min(max(frames // 4, 1), (64 << 20) >> 12)
+    if pool_pa + pool_size > alloc_lo << 12:
+        raise ValueError(f"{size >> 20} MiB of memory is too small for the kernel image "
+                         f"({SIZE_OF_IMAGE >> 20} MiB at {image_pa:#x}) and {vcpus} processor blocks")
+
+    g = Guest(size, vcpus)
+    g.layout = "windows-x86_64"
+    g.symbols = {name: image_base + s.address for name, s in table.symbols.items()}
+    g.kaslr_slide = image_base
+    g.direct_map_base = None
+    g.holes = [(0xA0, 0xC0)]   # the VGA hole of an HVM guest
+    image = _Image(table, image_base, image_pa)
+
+    # -- page tables and the image's sections
+    pt = PageTables(g.memory)
+    map_range(pt, image_base, image_pa, SECTIONS[".text"][1], writable=False, executable=True)  # headers + .text
+    for name in (".rdata", ".data"):
+        start, end, writable, executable, _chars = SECTIONS[name]
+        map_range(pt, image.va(start), image.pa(start), end - start, writable=writable, executable=executable)
+    _fill_image(g.memory, image)
+    misc_va, misc_pa = _map_pool(pt, vcpus, pool_pa)
+    _write_system_process(g, image, misc_va, misc_pa, pt.cr3)
+    _write_loaded_modules(g, image, misc_va, misc_pa)
+    _boot_vcpus(g, image, pool_pa, pt.cr3)
+    g.text_range = (image.va(SECTIONS[".text"][0]), image.va(SECTIONS[".text"][1]))   # type: ignore[attr-defined]
+    g.image_base = image_base                                              # type: ignore[attr-defined]
+    g.image_size = SIZE_OF_IMAGE                                           # type: ignore[attr-defined]
+    g.pdb = table.pdb                                                      # type: ignore[attr-defined]
+    g.page_tables = pt                                                     # type: ignore[attr-defined]
+    return g
+
+
+def _check_arguments(table: SymbolTable, image_base: int, image_pa: int) -> None:
     if table.os != "windows":
         raise ValueError(f"'{Path(table.source).name}' is not a Windows ISF (no metadata.windows): "
                          "the windows-x86_64 layout needs one")
@@ -245,35 +286,28 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
     if outside:
         raise ValueError(f"symbols outside the {SIZE_OF_IMAGE:#x}-byte image this layout builds: "
                          f"{', '.join(outside[:5])} (are the addresses RVAs?)")
-    size = parse_size(memory)
-    if vcpus < 1:
-        raise ValueError("a guest needs at least one vCPU")
-    pool_pa = _up(image_pa + SIZE_OF_IMAGE, PAGE_2M)
-    pool_size = vcpus * PROCESSOR_BLOCK_SIZE + _POOL_MISC_SIZE
-    frames = size >> 12
-    alloc_lo = frames - min(max(frames // 4, 1), (64 << 20) >> 12)
-    if pool_pa + pool_size > alloc_lo << 12:
-        raise ValueError(f"{size >> 20} MiB of memory is too small for the kernel image "
-                         f"({SIZE_OF_IMAGE >> 20} MiB at {image_pa:#x}) and {vcpus} processor blocks")
 
-    g = Guest(size, vcpus)
-    mem = g.memory
-    g.layout = "windows-x86_64"
-    g.symbols = {name: image_base + s.address for name, s in table.symbols.items()}
-    g.kaslr_slide = image_base
-    g.direct_map_base = None
-    g.holes = [(0xA0, 0xC0)]   # the VGA hole of an HVM guest
-    va = lambda rva: image_base + rva  # noqa: E731
-    pa = lambda rva: image_pa + rva  # noqa: E731
 
-    # -- page tables and the image's sections
-    pt = PageTables(mem)
-    _map_range(pt, image_base, image_pa, SECTIONS[".text"][1], writable=False, executable=True)  # headers + .text
-    for name in (".rdata", ".data"):
-        start, end, writable, executable, _chars = SECTIONS[name]
-        _map_range(pt, va(start), pa(start), end - start, writable=writable, executable=executable)
+class _Image:
+    """ntoskrnl's addresses: RVAs (the ISF's), virtual at image_base, physical at image_pa."""
 
-    # -- image contents
+    def __init__(self, table: SymbolTable, image_base: int, image_pa: int) -> None:
+        self.table, self.image_base, self.image_pa = table, image_base, image_pa
+
+    def va(self, rva: int) -> int:
+        return self.image_base + rva
+
+    def pa(self, rva: int) -> int:
+        return self.image_pa + rva
+
+    def sym_pa(self, name: str) -> int | None:
+        s = self.table.lookup(name)
+        return self.pa(s.address) if s is not None else None
+
+
+def _fill_image(mem: GuestMemory, image: _Image) -> None:
+    """PE headers, text as NOPs, the service tables, and the variables set at boot."""
+    table, image_base, va, pa, sym_pa = image.table, image.image_base, image.va, image.pa, image.sym_pa
     header, debug = _pe_headers(image_base, table.pdb)
     mem.write(pa(0), header)
     mem.write(pa(_DEBUG_DIR_RVA), debug)
@@ -284,11 +318,6 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
     entries = [((0x20000 + 0x40 * i) << 4) | (i % 5) for i in range(NUMBER_OF_SERVICES)]
     mem.write(pa(KI_SERVICE_TABLE_RVA), struct.pack(f"<{NUMBER_OF_SERVICES}I", *entries))
     mem.write(pa(KI_ARGUMENT_TABLE_RVA), bytes(4 * (i % 5) for i in range(NUMBER_OF_SERVICES)))
-
-    def sym_pa(name: str) -> int | None:
-        s = table.lookup(name)
-        return pa(s.address) if s is not None else None
-
     descriptor = struct.pack("<QQIIQ", va(KI_SERVICE_TABLE_RVA), 0, NUMBER_OF_SERVICES, 0,
                              va(KI_ARGUMENT_TABLE_RVA))
     for name in ("KeServiceDescriptorTable", "KeServiceDescriptorTableShadow"):
@@ -306,7 +335,10 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
     if where is not None:
         mem.write_u64(where, MM_PFN_DATABASE)
 
-    # -- nonpaged memory: processor blocks, then the System process and loader entries
+
+def _map_pool(pt: PageTables, vcpus: int, pool_pa: int) -> tuple[int, int]:
+    """Nonpaged memory: the processor blocks, then the rest (System process, loader entries); returns
+    where the rest starts (virtual, physical)."""
     pool_va = NONPAGED_POOL_VA
     for i in range(vcpus):
         off = i * PROCESSOR_BLOCK_SIZE
@@ -315,10 +347,12 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
     misc_off = vcpus * PROCESSOR_BLOCK_SIZE
     pt.map(pool_va + misc_off, pool_pa + misc_off, _POOL_MISC_SIZE, PAGE_4K, writable=True,
            executable=False, global_=True)
-    cr3 = pt.cr3
-    misc_va, misc_pa = pool_va + misc_off, pool_pa + misc_off
+    return pool_va + misc_off, pool_pa + misc_off
 
-    # The System process: an _EPROCESS with the ISF's own member offsets (what Volatility walks).
+
+def _write_system_process(g: Guest, image: _Image, misc_va: int, misc_pa: int, cr3: int) -> None:
+    """The System process: an _EPROCESS with the ISF's own member offsets (what Volatility walks)."""
+    mem, table, sym_pa = g.memory, image.table, image.sym_pa
     eprocess_va = misc_va
     system_pa = misc_pa
     try:
@@ -342,6 +376,11 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
         where = sym_pa("PsInitialSystemProcess")
         if where is not None:
             mem.write_u64(where, eprocess_va)
+
+
+def _write_loaded_modules(g: Guest, image: _Image, misc_va: int, misc_pa: int) -> None:
+    """PsLoadedModuleList and ntoskrnl's loader entry."""
+    mem, image_base, va, sym_pa = g.memory, image.image_base, image.va, image.sym_pa
     # PsLoadedModuleList heads the loader entries; ntoskrnl's own is the first. The entry follows
     # the public x64 _KLDR_DATA_TABLE_ENTRY layout (not in the ISF): InLoadOrderLinks 0x0, DllBase
     # 0x30, EntryPoint 0x38, SizeOfImage 0x40, FullDllName 0x48, BaseDllName 0x58.
@@ -359,7 +398,12 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
         mem.write(entry_pa + 0x100, full + b"\0\0")
         mem.write(head_pa, struct.pack("<QQ", entry_va, entry_va))
 
-    # -- per-vCPU: KPCR, GDT, IDT, TSS, stack; registers
+
+
+def _boot_vcpus(g: Guest, image: _Image, pool_pa: int, cr3: int) -> None:
+    """Per vCPU: KPCR, GDT, IDT, TSS and stack in its processor block; registers as Windows has them."""
+    mem, image_base, va = g.memory, image.image_base, image.va
+    pool_va = NONPAGED_POOL_VA
     idt = _idt(image_base)
     g.percpu_base = []
     for i, v in enumerate(g.vcpus):
@@ -399,9 +443,3 @@ def build_windows_x86_64(symbols: str | Path | SymbolTable, *, image_base: int, 
         v.rip = va(LSTAR_RVA) + 0x80
         v.gpr["rsp"] = stack_top - 0x100
         v.rflags = 0x246
-    g.text_range = (va(SECTIONS[".text"][0]), va(SECTIONS[".text"][1]))   # type: ignore[attr-defined]
-    g.image_base = image_base                                              # type: ignore[attr-defined]
-    g.image_size = SIZE_OF_IMAGE                                           # type: ignore[attr-defined]
-    g.pdb = table.pdb                                                      # type: ignore[attr-defined]
-    g.page_tables = pt                                                     # type: ignore[attr-defined]
-    return g

@@ -31,17 +31,18 @@ slide, what Linux 6.1 on x86-64 has set up once it has booted:
 
 from __future__ import annotations
 
-import re
 import struct
 from pathlib import Path
-from typing import Iterator
 
-from ...symbols import load_symbol_table
+from ...symbols import SymbolTable, load_symbol_table
 
 from ..paging import PAGE_1G, PAGE_2M, PAGE_4K, PageTables
 from .guest import CR0, CR4, EFER, MSR, Guest
+from .layout_arm64 import build_linux_arm64
+from .layout_pages import align_down, align_up, map_range, parse_size
+from .layout_windows import build_windows_x86_64
 
-__all__ = ["LAYOUTS", "build_guest", "build_linux_x86_64", "build_bare", "parse_size",
+__all__ = ["LAYOUTS", "build_guest", "build_linux_x86_64", "build_bare",
            "START_KERNEL_MAP", "LOAD_PHYSICAL_ADDR", "CPU_ENTRY_AREA_IDT", "DEFAULT_PAGE_OFFSET"]
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -60,52 +61,6 @@ _SYSCALLS = {"__x64_sys_mprotect": 10, "__x64_sys_execve": 59, "__x64_sys_kill":
              "__x64_sys_getdents64": 217, "__x64_sys_process_vm_writev": 311,
              "__x64_sys_finit_module": 313, "__x64_sys_memfd_create": 319, "__x64_sys_bpf": 321}
 NR_SYSCALLS = 451
-
-
-def parse_size(text: int | str) -> int:
-    """``256M``, ``1G``, ``4096``, ``512K`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]i?B?)?\s*", str(text))
-    if not m:
-        raise ValueError(f"'{text}' is not a size (e.g. 256M)")
-    value = int(m.group(1), 0)
-    unit = (m.group(2) or "").upper()[:1]
-    return value << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
-
-
-def _up(x: int, a: int) -> int:
-    return (x + a - 1) & ~(a - 1)
-
-
-def _down(x: int, a: int) -> int:
-    return x & ~(a - 1)
-
-
-def page_runs(va: int, pa: int, size: int, *, large: bool = True) -> Iterator[tuple[int, int, int, int]]:
-    """``(va, pa, length, page size)`` runs that map [va, va+size) to [pa, pa+size) the way the
-    kernels do: 2 MiB pages (x86-64) or blocks (AArch64) where va, pa and the range allow and ``large``,
-    4 KiB pages elsewhere. Small pages stop at each 2 MiB boundary, so that an aligned stretch after a
-    misaligned head still gets large pages."""
-    end = va + size
-    cur = va
-    while cur < end:
-        p = pa + (cur - va)
-        if large and cur % PAGE_2M == 0 and p % PAGE_2M == 0 and cur + PAGE_2M <= end:
-            n = _down(end - cur, PAGE_2M)
-            yield cur, p, n, PAGE_2M
-            cur += n
-            continue
-        nxt = min(end, _up(cur + 1, PAGE_2M)) if large else end
-        yield cur, p, nxt - cur, PAGE_4K
-        cur = nxt
-
-
-def _map_range(pt: PageTables, va: int, pa: int, size: int, *, writable: bool, executable: bool,
-               large: bool = True) -> None:
-    """Map [va, va+size) as :func:`page_runs` splits it, global (kernel mappings)."""
-    for v, p, n, page_size in page_runs(va, pa, size, large=large):
-        pt.map(v, p, n, page_size, writable=writable, executable=executable, global_=True)
 
 
 def build_bare(memory: int | str = 64 << 20, vcpus: int = 1) -> Guest:
@@ -130,94 +85,120 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
                        vcpus: int = 1, phys_slide: int | None = None,
                        page_offset_base: int = DEFAULT_PAGE_OFFSET) -> Guest:
     """The ``linux-x86_64`` layout (see the module docstring)."""
-    table = load_symbol_table(symbols)
     size = parse_size(memory)
     if kaslr_slide % PAGE_2M:
         raise ValueError(f"kaslr_slide {kaslr_slide:#x} must be 2 MiB aligned (CONFIG_PHYSICAL_ALIGN)")
     phys_slide = kaslr_slide if phys_slide is None else phys_slide
     if phys_slide % PAGE_2M:
         raise ValueError(f"phys_slide {phys_slide:#x} must be 2 MiB aligned")
-
-    def link(name: str) -> int:
-        sym = table.lookup(name)
-        if sym is None or sym.percpu:
-            raise ValueError(f"the symbol map has no '{name}' (needed by the linux-x86_64 layout)")
-        return sym.address
-
-    end_link = link("_end")
-    phys_of_link = lambda a: a - START_KERNEL_MAP + phys_slide  # noqa: E731
-    image_pa_end = phys_of_link(end_link)
-    percpu_pa0 = _up(image_pa_end, PERCPU_STRIDE)
+    image = _Image(load_symbol_table(symbols), kaslr_slide, phys_slide)
+    image_pa_end = image.pa_of_link(image.link("_end"))
+    percpu_pa0 = align_up(image_pa_end, PERCPU_STRIDE)
     frames = size >> 12
     alloc_lo = frames - min(max(frames // 4, 1), (64 << 20) >> 12)
     if percpu_pa0 + vcpus * PERCPU_STRIDE > alloc_lo << 12:
         raise ValueError(f"{size >> 20} MiB of memory is too small for the kernel image "
                          f"(ends at {image_pa_end:#x}) and {vcpus} per-CPU areas")
 
+    table = image.table
     g = Guest(size, vcpus)
-    mem = g.memory
-    slid = {name: s.address + kaslr_slide for name, s in table.symbols.items()
-            if not s.percpu and s.address >= START_KERNEL_MAP}
-    g.symbols = slid
+    g.symbols = image.slid
     g.percpu = {name: s.address for name, s in table.symbols.items() if s.percpu}
     g.kaslr_slide = kaslr_slide
     g.layout = "linux-x86_64"
     g.direct_map_base = page_offset_base
     g.holes = [(0xA0, 0xC0)]   # the VGA hole of an HVM guest
 
-    def pa_of(name: str) -> int:
-        return phys_of_link(link(name))
-
     # -- page tables: PML4 at init_top_pgt's frame
-    pml4_pa = pa_of("init_top_pgt") if table.lookup("init_top_pgt") else None
-    pt = PageTables(mem, pml4_pa)
-    va = lambda name: link(name) + kaslr_slide  # noqa: E731
+    pt = PageTables(g.memory, image.pa("init_top_pgt") if table.lookup("init_top_pgt") else None)
+    _map_image(pt, image)
+    _map_direct(pt, page_offset_base, size)
+    idt_pa = None
+    if table.lookup("idt_table"):                 # the CPU entry area's read-only IDT alias
+        idt_pa = image.pa("idt_table")
+        pt.map(CPU_ENTRY_AREA_IDT, align_down(idt_pa, PAGE_4K), PAGE_4K, PAGE_4K,
+               writable=False, executable=False, global_=True)
+    _fill_image(g, image, idt_pa, page_offset_base)
+    _boot_vcpus(g, image, pt, percpu_pa0, page_offset_base)
+    if "__per_cpu_offset" in image.slid:
+        g.memory.write(image.pa("__per_cpu_offset"), struct.pack(f"<{vcpus}Q", *g.percpu_base))
+    g.text_range = (image.va("_stext"), image.va("_etext"))     # type: ignore[attr-defined]
+    g.page_tables = pt                             # type: ignore[attr-defined]
+    return g
 
+
+class _Image:
+    """The kernel image's addresses: link-time (System.map), slid (virtual) and physical."""
+
+    def __init__(self, table: SymbolTable, kaslr_slide: int, phys_slide: int) -> None:
+        self.table = table
+        self.kaslr_slide = kaslr_slide
+        self.phys_slide = phys_slide
+        self.slid = {name: s.address + kaslr_slide for name, s in table.symbols.items()
+                     if not s.percpu and s.address >= START_KERNEL_MAP}
+
+    def link(self, name: str) -> int:
+        sym = self.table.lookup(name)
+        if sym is None or sym.percpu:
+            raise ValueError(f"the symbol map has no '{name}' (needed by the linux-x86_64 layout)")
+        return sym.address
+
+    def va(self, name: str) -> int:
+        return self.link(name) + self.kaslr_slide
+
+    def pa_of_link(self, address: int) -> int:
+        return address - START_KERNEL_MAP + self.phys_slide
+
+    def pa(self, name: str) -> int:
+        return self.pa_of_link(self.link(name))
+
+
+def _map_image(pt: PageTables, image: _Image) -> None:
+    """Text read-execute, rodata read-only, data and bss read-write; init memory freed."""
     def section(start: str, end: str, *, writable: bool, executable: bool) -> None:
-        s, e = _down(va(start), PAGE_4K), _up(va(end), PAGE_4K)
+        s, e = align_down(image.va(start), PAGE_4K), align_up(image.va(end), PAGE_4K)
         if e > s:
-            _map_range(pt, s, phys_of_link(s - kaslr_slide), e - s, writable=writable, executable=executable)
+            map_range(pt, s, image.pa_of_link(s - image.kaslr_slide), e - s, writable=writable,
+                      executable=executable)
 
     section("_stext", "_etext", writable=False, executable=True)
     section("__start_rodata", "__end_rodata", writable=False, executable=False)
-    data_end = "__init_begin" if table.lookup("__init_begin") else "_edata"
+    data_end = "__init_begin" if image.table.lookup("__init_begin") else "_edata"
     section("_sdata", data_end, writable=True, executable=False)
     section("__bss_start", "_end", writable=True, executable=False)
 
-    # -- the direct map
+
+def _map_direct(pt: PageTables, page_offset_base: int, size: int) -> None:
+    """All RAM at page_offset_base: 1 GiB pages for whole gigabytes, 2 MiB, then 4 KiB for the rest."""
     cur = 0
-    gib = _down(size, PAGE_1G)
+    gib = align_down(size, PAGE_1G)
     if gib:
         pt.map(page_offset_base, 0, gib, PAGE_1G, writable=True, executable=False, global_=True)
         cur = gib
     if size - cur >= PAGE_2M:
-        n = _down(size - cur, PAGE_2M)
+        n = align_down(size - cur, PAGE_2M)
         pt.map(page_offset_base + cur, cur, n, PAGE_2M, writable=True, executable=False, global_=True)
         cur += n
     if size > cur:
         pt.map(page_offset_base + cur, cur, size - cur, PAGE_4K, writable=True, executable=False,
                global_=True)
 
-    # -- the CPU entry area's read-only IDT alias
-    idt_pa = None
-    if table.lookup("idt_table"):
-        idt_pa = pa_of("idt_table")
-        pt.map(CPU_ENTRY_AREA_IDT, _down(idt_pa, PAGE_4K), PAGE_4K, PAGE_4K,
-               writable=False, executable=False, global_=True)
 
-    # -- contents
-    text_pa, text_end_pa = pa_of("_stext"), phys_of_link(_up(link("_etext"), PAGE_4K))
+def _fill_image(g: Guest, image: _Image, idt_pa: int | None, page_offset_base: int) -> None:
+    """Text as NOPs, sys_call_table, the IDT's gates, and the variables the kernel set at boot."""
+    mem, slid = g.memory, image.slid
+    text_pa, text_end_pa = image.pa("_stext"), image.pa_of_link(align_up(image.link("_etext"), PAGE_4K))
     nop_frame = b"\x90" * PAGE_4K
-    for pa in range(_down(text_pa, PAGE_4K), text_end_pa, PAGE_4K):
+    for pa in range(align_down(text_pa, PAGE_4K), text_end_pa, PAGE_4K):
         mem.write(pa, nop_frame)
-    stext = va("_stext")
-    if table.lookup("sys_call_table"):
+    stext = image.va("_stext")
+    if image.table.lookup("sys_call_table"):
         fallback = slid.get("x64_sys_call", stext)
         entries = [fallback] * NR_SYSCALLS
         for name, nr in _SYSCALLS.items():
             if name in slid:
                 entries[nr] = slid[name]
-        mem.write(pa_of("sys_call_table"), struct.pack(f"<{NR_SYSCALLS}Q", *entries))
+        mem.write(image.pa("sys_call_table"), struct.pack(f"<{NR_SYSCALLS}Q", *entries))
     if idt_pa is not None:
         handlers = {3: "asm_exc_int3", 13: "asm_exc_general_protection", 14: "asm_exc_page_fault",
                     0x80: "asm_int80_emulation"}
@@ -229,13 +210,15 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
                                  h >> 32, 0)
         mem.write(idt_pa, bytes(gates))
     if "phys_base" in slid:
-        mem.write_u64(pa_of("phys_base"), phys_slide)
+        mem.write_u64(image.pa("phys_base"), image.phys_slide)
     if "page_offset_base" in slid:
-        mem.write_u64(pa_of("page_offset_base"), page_offset_base)
+        mem.write_u64(image.pa("page_offset_base"), page_offset_base)
     if "vmemmap_base" in slid:
-        mem.write_u64(pa_of("vmemmap_base"), VMEMMAP_BASE)
+        mem.write_u64(image.pa("vmemmap_base"), VMEMMAP_BASE)
 
-    # -- per-CPU areas, GDTs, registers
+
+def _boot_vcpus(g: Guest, image: _Image, pt: PageTables, percpu_pa0: int, page_offset_base: int) -> None:
+    """Each vCPU's per-CPU area and GDT, and its registers as Linux leaves them after boot."""
     gdt_off = g.percpu.get("gdt_page", 0xB000)
     gdt = struct.pack("<16Q", 0, 0x00CF9B000000FFFF, 0x00AF9B000000FFFF, 0x00CF93000000FFFF,
                       0x00CFFB000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF, 0,
@@ -245,21 +228,21 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
         area_pa = percpu_pa0 + i * PERCPU_STRIDE
         area = page_offset_base + area_pa
         g.percpu_base.append(area)
-        mem.write(area_pa + gdt_off, gdt)
+        g.memory.write(area_pa + gdt_off, gdt)
         if "cpu_tss_rw" in g.percpu:
-            mem.write_u64(area_pa + g.percpu["cpu_tss_rw"] + 4, area + PERCPU_STRIDE - 0x1000)  # sp0
+            g.memory.write_u64(area_pa + g.percpu["cpu_tss_rw"] + 4, area + PERCPU_STRIDE - 0x1000)  # sp0
         v.cr3 = pt.cr3
         v.cr0 = CR0.PE | CR0.MP | CR0.ET | CR0.NE | CR0.WP | CR0.AM | CR0.PG
         v.cr4 = (CR4.PSE | CR4.PAE | CR4.MCE | CR4.PGE | CR4.OSFXSR | CR4.OSXMMEXCPT | CR4.FSGSBASE
                  | CR4.OSXSAVE | CR4.SMEP | CR4.SMAP)
         v.xcr0 = 0x7
         v.msrs[MSR["EFER"]] = EFER.SCE | EFER.LME | EFER.LMA | EFER.NXE
-        v.msrs[MSR["LSTAR"]] = va("entry_SYSCALL_64")
+        v.msrs[MSR["LSTAR"]] = image.va("entry_SYSCALL_64")
         v.msrs[MSR["STAR"]] = (USER32_CS - 3) << 48 | KERNEL_CS << 32
-        v.msrs[MSR["CSTAR"]] = slid.get("entry_SYSCALL_compat", 0)
+        v.msrs[MSR["CSTAR"]] = image.slid.get("entry_SYSCALL_compat", 0)
         v.msrs[MSR["SFMASK"]] = 0x47700
         v.msrs[MSR["SYSENTER_CS"]] = KERNEL_CS
-        v.msrs[MSR["SYSENTER_EIP"]] = slid.get("entry_SYSENTER_compat", 0)
+        v.msrs[MSR["SYSENTER_EIP"]] = image.slid.get("entry_SYSENTER_compat", 0)
         v.msrs[MSR["SYSENTER_ESP"]] = CPU_ENTRY_AREA_IDT + 0x1000 + i * 0x3B000 + 0x2000
         v.msrs[MSR["GS_BASE"]] = area
         v.msrs[MSR["KERNEL_GS_BASE"]] = 0
@@ -267,30 +250,13 @@ def build_linux_x86_64(symbols: str | Path, *, kaslr_slide: int = 0, memory: int
         v.gdtr_base, v.gdtr_limit = area + gdt_off, GDT_ENTRIES * 8 - 1
         v.sel.update(cs=KERNEL_CS, ss=KERNEL_DS, ds=0, es=0, fs=0, gs=0)
         v.tr = 8 * 8
-        v.rip = slid.get("do_syscall_64", stext)
+        v.rip = image.slid.get("do_syscall_64", image.va("_stext"))
         v.gpr["rsp"] = area + PERCPU_STRIDE - 0x1100
         v.rflags = 0x246
-    if "__per_cpu_offset" in slid:
-        mem.write(pa_of("__per_cpu_offset"), struct.pack(f"<{vcpus}Q", *g.percpu_base))
-    g.text_range = (stext, va("_etext"))           # type: ignore[attr-defined]
-    g.page_tables = pt                             # type: ignore[attr-defined]
-    return g
 
 
-def _build_windows_x86_64(**kwargs) -> Guest:
-    # Imported when used: layout_windows imports its helpers from here.
-    from .layout_windows import build_windows_x86_64
-    return build_windows_x86_64(**kwargs)
-
-
-def _build_linux_arm64(**kwargs) -> Guest:
-    # Imported when used, for the same reason (layout_arm64 imports its helpers from here).
-    from .layout_arm64 import build_linux_arm64
-    return build_linux_arm64(**kwargs)
-
-
-LAYOUTS = {"linux-x86_64": build_linux_x86_64, "windows-x86_64": _build_windows_x86_64,
-           "linux-arm64": _build_linux_arm64, "bare": build_bare}
+LAYOUTS = {"linux-x86_64": build_linux_x86_64, "windows-x86_64": build_windows_x86_64,
+           "linux-arm64": build_linux_arm64, "bare": build_bare}
 
 
 def build_guest(layout: str, **kwargs) -> Guest:

@@ -37,8 +37,10 @@ from ...yaml_form import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, BoundedLoader
 from ... import syntax as S
 from ..guest_memory import MemorySnapshot
 from .guest import MSR, GuestFault, TranslationFault
-from .layouts import build_guest, parse_size
+from .layout_pages import parse_size
+from .layouts import build_guest
 from .xen import Op, SimulatedXen
+from ...errors import PolicycError
 
 __all__ = ["ScenarioError", "Scenario", "Step", "StepResult", "ScenarioRunner", "load_scenario",
            "load_scenario_text", "build_scenario", "run_scenario", "OPS"]
@@ -76,7 +78,7 @@ MAX_MEMORY = 8 << 30                # the simulator builds page tables and frame
 WRITE_ROUTES = ("auto", "va", "alias")
 
 
-class ScenarioError(Exception):
+class ScenarioError(PolicycError):
     """A scenario that cannot be used; ``line``/``col`` locate the culprit (1-based)."""
 
     def __init__(self, message: str, path: str = "<scenario>", line: int | None = None,
