@@ -54,8 +54,10 @@ _SKIPS = ("advance_ip", "advance_pc")
 DONE = ("done",)
 
 
-def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | None) -> dict:
-    graph, _ = build_graph(plan, policy, target)
+def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | None, *, report: bool = True) -> dict:
+    """The livelocks (PC505 each), with the graph's size when `report` (without, the answers that
+    complete the access are not put in the graph: they cannot be on a cycle)."""
+    graph, _ = build_graph(plan, policy, target, completing_answers=report)
     # Only answers that do not complete can take part in a cycle: search those alone (a plan of 100,000
     # trapped ranges has 100,000 fault states but next to no such edges).
     pending_edges: dict[tuple, tuple] = {}
@@ -65,7 +67,7 @@ def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | Non
                 via = pending_edges.get((answer[1], nxt))
                 pending_edges[(answer[1], nxt)] = min(filter(None, (via, answer)), key=repr)
     summary = {"states": sum(1 for n in graph if n[0] not in ("answer", "run", "done")),
-               "transitions": graph.number_of_edges()}
+               "transitions": graph.number_of_edges()} if report else {}
     if not pending_edges:
         return {**summary, "livelocks": []}
     import networkx as nx  # only a plan with answers that do not complete needs the graph algorithms
@@ -140,7 +142,9 @@ class StateGraph:
         return node in self.nodes
 
 
-def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]:
+def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: bool = True) -> tuple[StateGraph, dict]:
+    """The state graph; without `completing_answers`, an answer all of whose ways lead to done is left
+    out (with its edges): what is left is every state and every way an access can fail to complete."""
     x86 = (target.name if hasattr(target, "name") else str(target)).startswith("x86_64")
     enforce = plan.get("policy", {}).get("mode", policy.mode) == "enforce"
     views = {v["id"]: v for v in plan.get("views", [])}
@@ -231,16 +235,24 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]
             return again(response["altp2m_idx"]) or [DONE]
         return [state]
 
+    labels: dict[tuple[str, str], str] = {}  # (kind, verdict) -> the answer's label: one response each
+
     def add_answers(state: tuple, kind: str, verdicts: list[str], access: str | None, again) -> None:
         table = responses.get(kind, {})
         for verdict in verdicts:
             response = table.get(verdict)
             if not isinstance(response, dict):
                 continue
+            nexts = follow(state, kind, response, access, again)
+            if not completing_answers and nexts == [DONE]:
+                continue
+            label = labels.get((kind, verdict))
+            if label is None:
+                label = labels[(kind, verdict)] = _describe(verdict, response)
             answer = ("answer", state, verdict)
-            g.add_node(answer, label=_describe(verdict, response))
+            g.add_node(answer, label=label)
             g.add_edge(state, answer)
-            for nxt in follow(state, kind, response, access, again):
+            for nxt in nexts:
                 g.add_edge(answer, nxt)
 
     # Memory faults, per view.
