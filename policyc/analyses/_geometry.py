@@ -31,6 +31,8 @@ Intervals = list[Interval]  # sorted, disjoint, non-adjacent
 
 def norm(ivs: Iterable[Interval]) -> Intervals:
     """Sort and merge (overlapping or adjacent) intervals; drop empty ones."""
+    if type(ivs) is list and len(ivs) == 1 and ivs[0][1] > ivs[0][0]:
+        return list(ivs)  # most regions are one extent: nothing to sort or merge
     out: Intervals = []
     for lo, hi in sorted(iv for iv in ivs if iv[1] > iv[0]):
         if out and lo <= out[-1][1]:

@@ -102,11 +102,17 @@ def _target_key(t: M.Trigger) -> tuple:
 
 
 def _memory_intervals(rule: M.Rule, geo: "_Geometry") -> list[tuple[str, str, int, int]]:
+    """(access letter, space, lo, hi) of every byte interval the memory rule watches (the conflict and
+    the shadowing sweeps both ask: worked out once per rule)."""
+    found = geo.intervals.get(rule.name)
+    if found is not None:
+        return found
     t = rule.trigger
     out = []
     for space, ivs in geo.regions(t.regions).items():  # type: ignore[union-attr]
         for letter in _ACCESS[t.access]:  # type: ignore[union-attr]
             out.extend((letter, space, lo, hi) for lo, hi in ivs)
+    geo.intervals[rule.name] = out
     return out
 
 
@@ -181,15 +187,28 @@ class _Geometry:
     def __init__(self, policy: M.Policy) -> None:
         self.policy = policy
         self.table = G.region_table(policy)
+        self.unions: dict[tuple[str, ...], G.SpaceMap] = {}  # region names -> their bytes together
+        self.intervals: dict[str, list[tuple[str, str, int, int]]] = {}  # rule -> _memory_intervals
+
     def region(self, name: str) -> G.SpaceMap:
         return G.named_region_bytes(self.policy, name)
 
     def regions(self, names) -> G.SpaceMap:
-        acc: dict[str, list] = {}
-        for n in names:
-            for space, ivs in self.region(n).items():
-                acc.setdefault(space, []).extend(ivs)
-        return {s: G.norm(v) for s, v in acc.items()}
+        """The bytes of these regions together (shared: callers must not change the lists)."""
+        key = tuple(names)
+        found = self.unions.get(key)
+        if found is not None:
+            return found
+        if len(key) == 1:
+            found = self.region(key[0])
+        else:
+            acc: dict[str, list] = {}
+            for n in key:
+                for space, ivs in self.region(n).items():
+                    acc.setdefault(space, []).extend(ivs)
+            found = {s: G.norm(v) for s, v in acc.items()}
+        self.unions[key] = found
+        return found
 
 
 def _targets_overlap(a: M.Trigger, b: M.Trigger, geo: _Geometry) -> bool:
