@@ -98,6 +98,9 @@ def measure(a: Intervals) -> int:
 
 def to_pages(byte_ivs: Intervals) -> Intervals:
     """Byte intervals -> the page-number intervals they touch."""
+    if len(byte_ivs) == 1:  # most regions are one extent
+        lo, hi = byte_ivs[0]
+        return [(lo // PAGE, (hi + PAGE - 1) // PAGE)] if hi > lo else []
     return norm(((lo // PAGE, (hi + PAGE - 1) // PAGE) for lo, hi in byte_ivs))
 
 
@@ -193,6 +196,14 @@ class IntervalSet:
 
     def __bool__(self) -> bool:
         return bool(self._lo)
+
+
+def interval_set(sets: dict, key: object) -> IntervalSet:
+    """The set kept under `key`, made empty when there is none yet (setdefault would make one per call)."""
+    found = sets.get(key)
+    if found is None:
+        found = sets[key] = IntervalSet()
+    return found
 
 
 class Indexed:

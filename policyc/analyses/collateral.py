@@ -41,13 +41,20 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
     x86 = target.name.startswith("x86_64")
     traps: dict[str, set[str]] = {}  # region -> access letters trapped on its pages
     watched_regions: dict[str, set[str]] = {a: set() for a in "rwx"}
+    # Per access kind, once: its letters and what its traps take (on x86, a read trap traps writes too).
+    kinds = {kind: (letters, letters | ({"w"} if x86 and "r" in letters else set()))
+             for kind, letters in ((k, set(v)) for k, v in _ACCESS.items())}
     for rule in policy.rules:
         t = rule.trigger
         if rule.name not in usable or not isinstance(t, M.MemoryTrigger):
             continue
-        letters = set(_ACCESS[t.access])
+        letters, trapped_letters = kinds[t.access]
         for region in t.regions:
-            traps.setdefault(region, set()).update(letters | ({"w"} if x86 and "r" in letters else set()))
+            here = traps.get(region)
+            if here is None:
+                traps[region] = set(trapped_letters)
+            else:
+                here.update(trapped_letters)
             for a in letters:
                 watched_regions[a].add(region)
     watched = {a: G.regions_bytes(policy, sorted(names)) for a, names in watched_regions.items()}

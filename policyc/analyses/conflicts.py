@@ -136,7 +136,7 @@ def _conflicting_pairs(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Ru
                 partner = next(e for e in group if _conflict(e, rule, geo))
                 out.append((partner, rule))
             for letter, space, lo, hi in mine:
-                sets.setdefault((verdict, letter, space), G.IntervalSet()).add(lo, hi)
+                G.interval_set(sets, (verdict, letter, space)).add(lo, hi)
         else:
             partner = next((e for e in group if _explicit(e) == opposite and _conflict(e, rule, geo)), None)
             if partner is not None:
@@ -177,7 +177,7 @@ def _shadowed_rules(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Rule,
                 if isinstance(rule.trigger, M.MemoryTrigger):
                     sets = unions.setdefault(key, {})
                     for letter, space, lo, hi in _memory_intervals(rule, geo):
-                        sets.setdefault((letter, space), G.IntervalSet()).add(lo, hi)
+                        G.interval_set(sets, (letter, space)).add(lo, hi)
     return out
 
 

@@ -169,6 +169,7 @@ def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: boo
     g.add_node(DONE)
 
     trapped: dict[tuple, G.IntervalSet] = {}  # (view, access, space) -> pages some range traps
+    untrapped = G.IntervalSet()  # only ever asked
     indexed: set = set()
 
     def view_traps(view_id, access: str, space: str) -> G.IntervalSet:
@@ -178,8 +179,8 @@ def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: boo
                 for a in traps(rng):
                     for sp, ivs in region_pages(rng["region"]).items():
                         for lo, hi in ivs:
-                            trapped.setdefault((view_id, a, sp), G.IntervalSet()).add(lo, hi)
-        return trapped.get((view_id, access, space)) or G.IntervalSet()
+                            G.interval_set(trapped, (view_id, a, sp)).add(lo, hi)
+        return trapped.get((view_id, access, space)) or untrapped
 
     def mem_faults(view_id, region: str, access: str) -> list[tuple]:
         """Faults of the same access on the same pages, in view `view_id`."""
@@ -217,23 +218,18 @@ def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: boo
                 out.append(("mem", view_id, rng["region"], "x"))
         return out
 
-    def follow(state: tuple, kind: str, response: dict, access: str | None, again) -> list[tuple]:
+    outcomes: dict[tuple, object] = {}  # (kind, verdict, access) -> _outcome: one response each
+
+    def follow(state: tuple, kind: str, verdict: str, response: dict, access: str | None, again) -> list[tuple]:
         """Where the answer leads. `again(view)` gives the faults of re-executing in a view."""
-        flags = set(response.get("flags", []))
-        if "inject" in response or "reinject" in response:
+        outcome = outcomes.get((kind, verdict, access))
+        if outcome is None:
+            outcome = outcomes[(kind, verdict, access)] = _outcome(kind, response, access)
+        if outcome is _COMPLETES:
             return [DONE]
-        if flags & {"EMULATE", "EMULATE_NOWRITE"} or any(k in response for k in _SKIPS) \
-                or response.get("restore_original"):
-            return [DONE]
-        if access is not None and access in str(response.get("relax_access", "")):
-            return [DONE]
-        if kind in ("write_ctrlreg", "mov_to_msr") and "DENY" in flags:
-            return [DONE]
-        if kind in _HYPERVISOR_COMPLETES:
-            return [DONE]
-        if "ALTERNATE_P2M" in flags and isinstance(response.get("altp2m_idx"), int):
-            return again(response["altp2m_idx"]) or [DONE]
-        return [state]
+        if outcome is _REPEATS:
+            return [state]
+        return again(outcome) or [DONE]
 
     labels: dict[tuple[str, str], str] = {}  # (kind, verdict) -> the answer's label: one response each
 
@@ -243,7 +239,7 @@ def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: boo
             response = table.get(verdict)
             if not isinstance(response, dict):
                 continue
-            nexts = follow(state, kind, response, access, again)
+            nexts = follow(state, kind, verdict, response, access, again)
             if not completing_answers and nexts == [DONE]:
                 continue
             label = labels.get((kind, verdict))
@@ -305,6 +301,29 @@ def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: boo
                                     else [])
             add_answers(state, kind, verdicts, None, lambda t, state=state: [state])
     return g, {"resident": resident}
+
+
+_COMPLETES, _REPEATS = "completes", "repeats"
+
+
+def _outcome(kind: str, response: dict, access: str | None) -> object:
+    """What a response does to the access: _COMPLETES, _REPEATS (re-executed in the same view), or the
+    view (an int) it is re-executed in."""
+    flags = set(response.get("flags", []))
+    if "inject" in response or "reinject" in response:
+        return _COMPLETES
+    if flags & {"EMULATE", "EMULATE_NOWRITE"} or any(k in response for k in _SKIPS) \
+            or response.get("restore_original"):
+        return _COMPLETES
+    if access is not None and access in str(response.get("relax_access", "")):
+        return _COMPLETES
+    if kind in ("write_ctrlreg", "mov_to_msr") and "DENY" in flags:
+        return _COMPLETES
+    if kind in _HYPERVISOR_COMPLETES:
+        return _COMPLETES
+    if "ALTERNATE_P2M" in flags and isinstance(response.get("altp2m_idx"), int):
+        return response["altp2m_idx"]
+    return _REPEATS
 
 
 def _describe(verdict: str, response: dict) -> str:

@@ -187,13 +187,13 @@ def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_bre
             continue
         t = rule.trigger
         if isinstance(t, M.MemoryTrigger):
-            ctx = contexts.setdefault(rule_context(rule), _Context(rule_context(rule)))
+            ctx = _context_of(contexts, rule)
             for region in t.regions:
                 ctx.regions.setdefault(region, set()).update(_TRAPS[t.access])
                 ctx.rules_of.setdefault(region, set()).add(rule.name)
             ctx.rules.append(rule)
         elif isinstance(t, M.Breakpoint) and shadow_breakpoints:
-            ctx = contexts.setdefault(rule_context(rule), _Context(rule_context(rule)))
+            ctx = _context_of(contexts, rule)
             ctx.breakpoints.add((t.address.value, t.address.percpu))
             ctx.rules.append(rule)
     glob = contexts[GLOBAL]
@@ -213,6 +213,15 @@ def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_bre
     if target.has("altp2m"):
         return _altp2m_layout(policy, target, full, maps, names, diagnostics)
     return _host_layout(policy, target, full, maps, names, diagnostics)
+
+
+def _context_of(contexts: dict[str, _Context], rule: M.Rule) -> _Context:
+    """The rule's context, made when it is the first rule of it."""
+    name = rule_context(rule)
+    ctx = contexts.get(name)
+    if ctx is None:
+        ctx = contexts[name] = _Context(name)
+    return ctx
 
 
 def _ranges(members: Iterable[_Context], target: TargetInfo) -> list[dict]:
