@@ -53,6 +53,7 @@ class _Lowering:
     # The view layout with what it was computed from (usable rules, shadow breakpoints): the analyses
     # reuse it when their inputs are the same.
     layout: tuple | None = None
+    report: bool = True  # compile_plan(report=False): no figures nothing is made from
 
     def at(self, span: Span) -> str:
         """A source position relative to the root policy's folder: plans must not depend on the cwd."""
@@ -81,7 +82,7 @@ def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | No
 
 
 def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str, sealed: bool, report: bool) -> dict | None:
-    low = _Lowering(policy, TARGETS[arch], diagnostics)
+    low = _Lowering(policy, TARGETS[arch], diagnostics, report=report)
     errors_before = diagnostics.error_count
     seen_before = len(diagnostics.items)
     check_capabilities(low)
@@ -301,7 +302,8 @@ def layout_views(low: _Lowering) -> list[dict]:
     from .analyses.views import layout
     usable = {r.name for r in low.policy.rules if r.name not in low.unusable}
     shadow = low.strategies.get("breakpoint") == "int3-shadow-frame"
-    made = layout(low.policy, low.target, usable=usable, shadow_breakpoints=shadow, diagnostics=low.d)
+    made = layout(low.policy, low.target, usable=usable, shadow_breakpoints=shadow, diagnostics=low.d,
+                  figures=low.report)
     low.layout = (usable, shadow, made)
     return made.views
 

@@ -185,8 +185,8 @@ def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: boo
     def mem_faults(view_id, region: str, access: str) -> list[tuple]:
         """Faults of the same access on the same pages, in view `view_id`."""
         view = views.get(view_id)
-        if view is None:
-            return []
+        if view is None or not view.get("ranges"):
+            return []  # (stepping in the unrestricted view, which traps nothing, is every allow's way)
         mine = region_pages(region)
         if not any(view_traps(view_id, access, sp).overlaps(lo, hi) for sp, ivs in mine.items() for lo, hi in ivs):
             return []  # the common case, without walking the view's ranges
