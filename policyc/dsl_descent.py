@@ -456,6 +456,14 @@ class _Reader:
         return left, start, end
 
     def _binary(self, weakest: int) -> tuple[S.Expr, int, int]:
+        tok = (self.tok or self.peek())
+        if tok[0] == "INT" and self.ahead:
+            # A number no operator after it binds to (the next token, lexed ahead, says so): the operand
+            # is the number alone, as the loop below would find after _unary.
+            kind, op, _, _ = self.ahead[-1]
+            if kind != "OP" or _BINARY.get(op, 0) < weakest:
+                self.take()
+                return self.number(tok), tok[2], tok[3]
         depth = self.depth
         left, start, end = self._unary()
         while True:

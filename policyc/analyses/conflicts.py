@@ -125,7 +125,7 @@ def _conflicting_pairs(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Ru
         verdict = _explicit(rule)
         if verdict is None:
             continue
-        key = (_target_key(rule.trigger), rule.condition)
+        key = geo.group_key(rule)
         group = groups.setdefault(key, [])
         opposite = "allow" if verdict == "deny" else "deny"
         if isinstance(rule.trigger, M.MemoryTrigger):
@@ -154,7 +154,7 @@ def _shadowed_rules(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Rule,
     out = []
     for rule in rules:
         verdicts = {a for a in rule.actions if isinstance(a, M.Verdict)}
-        key_base = (_target_key(rule.trigger), rule.condition)
+        key_base = geo.group_key(rule)
         pure = bool(verdicts) and len(verdicts) == 1 and all(isinstance(a, M.Verdict) for a in rule.actions)
         if pure:
             key = key_base + (next(iter(verdicts)),)
@@ -189,6 +189,17 @@ class _Geometry:
         self.table = G.region_table(policy)
         self.unions: dict[tuple[str, ...], G.SpaceMap] = {}  # region names -> their bytes together
         self.intervals: dict[str, list[tuple[str, str, int, int]]] = {}  # rule -> _memory_intervals
+        self.group_keys: dict[str, tuple] = {}  # rule -> (trigger target, condition number)
+        self.condition_numbers: dict = {}  # condition -> a number: equal conditions, equal numbers
+
+    def group_key(self, rule: M.Rule) -> tuple:
+        """Rules with the same key share a target and a condition. Conditions are numbered once per rule:
+        hashing a condition tree for every look-up of both sweeps cost more than the sweeps."""
+        key = self.group_keys.get(rule.name)
+        if key is None:
+            number = self.condition_numbers.setdefault(rule.condition, len(self.condition_numbers))
+            key = self.group_keys[rule.name] = (_target_key(rule.trigger), number)
+        return key
 
     def region(self, name: str) -> G.SpaceMap:
         return G.named_region_bytes(self.policy, name)
