@@ -111,8 +111,20 @@ class _Subset:
 
 
 def _enum(_s: _Subset, options: list, value: Any) -> bool:
-    # Stricter than JSON's equality (1 and 1.0 differ here): a miss only means asking jsonschema.
-    return any(type(o) is type(value) and o == value for o in options)
+    # Every keyword's "invalid" must be exact, not merely cautious: under `not` it turns into "valid". So
+    # JSON's equality of scalars (1 equals 1.0, True does not equal 1); a list or mapping among the options
+    # is left to jsonschema (Python's == inside them takes True for 1).
+    if any(isinstance(o, (dict, list)) for o in options):
+        raise _Unsure
+    return any(_json_equal(o, value) for o in options)
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
 
 
 _KEYWORDS = {

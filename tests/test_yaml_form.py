@@ -137,6 +137,8 @@ def test_schema_subset_is_unsure_of_what_it_does_not_interpret():
     assert not accepts({"$ref": "https://example.invalid/x"}, 1)
     assert not accepts({"type": "string"}, b"bytes")  # not a JSON value
     assert accepts({"enum": [1, "a"]}, 1) and not accepts({"enum": [1]}, True)
+    # Under `not` a keyword's "invalid" becomes "valid": each must be exact (1.0 is JSON's 1).
+    assert not accepts({"not": {"enum": [1]}}, 1.0) and accepts({"not": {"enum": [1]}}, True)
 
 
 def test_schema_file_is_the_packaged_one():
