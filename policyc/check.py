@@ -17,6 +17,7 @@ of them; `check_policy` returns a model only when there were no errors.
 
 from __future__ import annotations
 
+import operator
 import re
 import string
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ SUPPORTED_XEN = (4, 17)
 KEYWORD_NAMES = frozenset({"va", "pa", "register", "symbol", "percpu", "not", "on"})
 U64 = (1 << 64) - 1
 META_TEMPLATE_FIELDS = ("rule", "verdict", "policy", "domain", "time", "decision")
+_ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv,
+               "%": operator.mod, "<<": operator.lshift, ">>": operator.rshift, "&": operator.and_,
+               "|": operator.or_, "^": operator.xor}
 
 
 def check_policy(path: str | Path, diagnostics: Diagnostics, *, target_arch: str | None = None) -> M.Policy | None:
@@ -444,9 +448,7 @@ class _Checker:
         if e.op in ("<<", ">>") and not 0 <= b < 64:
             self.d.error("PC406", e.span, f"shift by {b}: shifts take 0..63")
             return None
-        result = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a // b,
-                  "%": lambda: a % b, "<<": lambda: a << b, ">>": lambda: a >> b, "&": lambda: a & b,
-                  "|": lambda: a | b, "^": lambda: a ^ b}[e.op]()
+        result = _ARITHMETIC[e.op](a, b)
         if not -(1 << 63) <= result <= U64:
             self.d.error("PC406", e.span, f"the result {result:#x} does not fit in 64 bits")
             return None

@@ -63,6 +63,7 @@ _BINARY = {"|": 1, "^": 2, "&": 3, "<<": 4, ">>": 4, "+": 5, "-": 5, "*": 6, "/"
 _ITEMS = frozenset({"target", "symbols", "mode", "const", "region", "rule", "include"})
 _EVENTS = {"guest_request": "guest_request", "debug_exception": "debug_exception", "smc": "smc"}
 _EOF = ("EOF", "", -1, -1)
+LEX_AHEAD = 2048  # characters lexed in one scan (to the end of the line this far on)
 
 
 def read_well_formed(text: str, path: str) -> tuple[list, list[S.Comment]] | None:
@@ -98,19 +99,28 @@ class _Reader:
         self.path = path
         self.pos = 0
         self.tok: tuple[str, str, int, int] | None = None
+        self.ahead: list[tuple[str, str, int, int]] = []  # the tokens after self.tok, last first
         self.comments: list[tuple[int, int]] = []
         self.depth = 0
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self.line_cache = (1, 0, self.line_starts[1] if len(self.line_starts) > 1 else len(text) + 1)
 
     # -- positions
     def span(self, start: int, end: int) -> Span:
         """Span of text[start:end] as Lark's positions give it (end column inclusive, never before the start)."""
-        starts = self.line_starts
-        line = bisect_right(starts, start)
-        line_start = starts[line - 1]
+        # Nodes are made in text order, so most spans start on the line the last one did: a bisection in
+        # the line table only when they do not.
+        line, line_start, next_start = self.line_cache
+        if not line_start <= start < next_start:
+            starts = self.line_starts
+            line = bisect_right(starts, start)
+            line_start = starts[line - 1]
+            next_start = starts[line] if line < len(starts) else len(self.text) + 1
+            self.line_cache = (line, line_start, next_start)
         col = start - line_start + 1
         last = end - 1 if end > start else start
-        if line < len(starts) and last >= starts[line]:  # ends on a later line
+        if last >= next_start:  # ends on a later line
+            starts = self.line_starts
             end_line = bisect_right(starts, last)
             end_col = last - starts[end_line - 1] + 1
         else:
@@ -135,6 +145,9 @@ class _Reader:
 
     def peek(self) -> tuple[str, str, int, int]:
         if self.tok is None:
+            if self.ahead:
+                self.tok = self.ahead.pop()
+                return self.tok
             m = _TOKEN.match(self.text, self.pos)
             if m is not None and m.lastgroup == "HASH":
                 self._skip()
@@ -147,7 +160,27 @@ class _Reader:
                 self.tok = _EOF
             else:
                 self.tok = (kind, m.group(kind), m.start(kind), m.end())  # type: ignore[assignment]
+                self._lex_ahead(m.end())
         return self.tok  # type: ignore[return-value]
+
+    def _lex_ahead(self, pos: int) -> None:
+        """Lex the tokens after `pos` up to a line end about LEX_AHEAD characters on, in one scan (a match
+        a token cost a Python call each): into `ahead`, last first. It stops before a `#` (a comment, or a
+        vector: `_skip` decides), before anything that is not a token (the single match gives up there),
+        and before the end of the text. Tokens never span lines, so a chunk ending at one cuts none."""
+        text = self.text
+        end = text.find("\n", pos + LEX_AHEAD)
+        if end < 0:
+            end = len(text)
+        found = []
+        for m in _TOKEN.finditer(text, pos, end):
+            kind = m.lastgroup
+            if m.start() != pos or kind == "HASH" or kind == "EOF":
+                break
+            pos = m.end()
+            found.append((kind, m.group(kind), m.start(kind), pos))
+        found.reverse()
+        self.ahead = found
 
     def take(self) -> tuple[str, str, int, int]:
         tok = (self.tok or self.peek())
@@ -171,6 +204,7 @@ class _Reader:
         """A token only one place of the grammar lexes (VERSION, ARCH, VECTOR)."""
         if self.tok is not None:
             raise _GiveUp
+        self.ahead = []  # lexed as ordinary tokens: this token is lexed its own way, from self.pos
         self._skip(vector)
         m = regex.match(self.text, self.pos)
         if m is None:
@@ -299,6 +333,11 @@ class _Reader:
             prep = _ACCESS_PREP.match(self.text, start)
             if prep is not None:
                 self.pos, self.tok = prep.end(), None
+                ahead = self.ahead
+                if ahead and ahead[-1][3] == prep.end():
+                    ahead.pop()  # `of` or `to`, lexed ahead: the rest lexed ahead still follows
+                else:
+                    self.ahead = []
                 terms, _, end = self.region_terms()
                 return S.MemoryTrigger(word, terms, self.span(start, end))
         self.take()
@@ -417,6 +456,14 @@ class _Reader:
         return left, start, end
 
     def _binary(self, weakest: int) -> tuple[S.Expr, int, int]:
+        tok = (self.tok or self.peek())
+        if tok[0] == "INT" and self.ahead:
+            # A number no operator after it binds to (the next token, lexed ahead, says so): the operand
+            # is the number alone, as the loop below would find after _unary.
+            kind, op, _, _ = self.ahead[-1]
+            if kind != "OP" or _BINARY.get(op, 0) < weakest:
+                self.take()
+                return self.number(tok), tok[2], tok[3]
         depth = self.depth
         left, start, end = self._unary()
         while True:

@@ -50,6 +50,10 @@ class _Lowering:
     unusable: set[str] = field(default_factory=set)  # rules that cannot be lowered
 
     relative: dict[str, str] = field(default_factory=dict)  # source file -> as the plan names it
+    # The view layout with what it was computed from (usable rules, shadow breakpoints): the analyses
+    # reuse it when their inputs are the same.
+    layout: tuple | None = None
+    report: bool = True  # compile_plan(report=False): no figures nothing is made from
 
     def at(self, span: Span) -> str:
         """A source position relative to the root policy's folder: plans must not depend on the cwd."""
@@ -61,21 +65,24 @@ class _Lowering:
 
 
 def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | None = None,
-                 sealed: bool = True) -> dict | None:
+                 sealed: bool = True, report: bool = True) -> dict | None:
     """Lower a checked policy for a target (default: the policy's). None when there were errors.
 
     `sealed=False` is for `policyc check`, which wants the diagnostics and throws the plan away: the
-    policy hash and the plan's content hash (a canonical serialisation of each) are left out."""
+    policy hash and the plan's content hash (a canonical serialisation of each) are left out.
+    `report=False`, for the same use, also leaves out whatever of the analyses' report no diagnostic
+    is made from (`run_analyses(report=False)`): the diagnostics are the same, the plan is not one to
+    keep."""
     arch = target or policy.target.arch
     if arch not in TARGETS:
         diagnostics.error("PC411", policy.span, f"unknown target '{arch}'", f"targets: {', '.join(TARGETS)}")
         return None
     with gc_paused():
-        return _compile(policy, diagnostics, arch, sealed)
+        return _compile(policy, diagnostics, arch, sealed, report)
 
 
-def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str, sealed: bool) -> dict | None:
-    low = _Lowering(policy, TARGETS[arch], diagnostics)
+def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str, sealed: bool, report: bool) -> dict | None:
+    low = _Lowering(policy, TARGETS[arch], diagnostics, report=report)
     errors_before = diagnostics.error_count
     seen_before = len(diagnostics.items)
     check_capabilities(low)
@@ -105,7 +112,7 @@ def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str, sealed: bool
         "rules": {r.name: _rule_summary(r, low) for r in policy.rules},
     }
     from .analyses import run_analyses
-    plan["analyses"] = run_analyses(plan, policy, low.target, diagnostics)
+    plan["analyses"] = run_analyses(plan, policy, low.target, diagnostics, layout=low.layout, report=report)
     if diagnostics.error_count != errors_before:
         return None
     own = sorted(diagnostics.items[seen_before:], key=lambda x: x.sort_key())
@@ -295,7 +302,10 @@ def layout_views(low: _Lowering) -> list[dict]:
     from .analyses.views import layout
     usable = {r.name for r in low.policy.rules if r.name not in low.unusable}
     shadow = low.strategies.get("breakpoint") == "int3-shadow-frame"
-    return layout(low.policy, low.target, usable=usable, shadow_breakpoints=shadow, diagnostics=low.d).views
+    made = layout(low.policy, low.target, usable=usable, shadow_breakpoints=shadow, diagnostics=low.d,
+                  figures=low.report)
+    low.layout = (usable, shadow, made)
+    return made.views
 
 
 def _allowed_access(traps: set[str], target: TargetInfo) -> str:

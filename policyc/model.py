@@ -259,9 +259,10 @@ class Rule:
     generated_name: bool = field(default=False, compare=False)
     span: Span = _span()
 
-    @property
+    @functools.cached_property
     def verdict(self) -> str:
-        """The rule's own verdict: deny if it says deny anywhere (also behind a limit), else allow."""
+        """The rule's own verdict: deny if it says deny anywhere (also behind a limit), else allow. Asked
+        for a rule by every pass of the back end: worked out once."""
         def denies(a: Action) -> bool:
             return (isinstance(a, Verdict) and a.verdict == "deny") or (isinstance(a, RateLimit) and denies(a.then))
         return "deny" if any(denies(a) for a in self.actions) else "allow"

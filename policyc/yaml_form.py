@@ -41,6 +41,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from . import syntax as S
 from .diagnostics import Diagnostics, Span, closest_names
+from .schema_subset import accepts
 
 __all__ = [
     "parse_yaml_text",
@@ -89,6 +90,12 @@ def policy_schema() -> dict:
 
 
 @functools.lru_cache(maxsize=1)
+def _schema() -> dict:
+    """The schema, parsed once (shared: not to be changed)."""
+    return policy_schema()
+
+
+@functools.lru_cache(maxsize=1)
 def _validator():
     from jsonschema import Draft202012Validator, validators
 
@@ -96,7 +103,7 @@ def _validator():
     checker = Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
     strict = validators.extend(Draft202012Validator, type_checker=checker)
-    return strict(policy_schema())
+    return strict(_schema())
 
 
 # ---------------------------------------------------------------- positioned values
@@ -620,6 +627,8 @@ def _dotted(path: Iterable) -> str:
 
 
 def _validate(tree: _PMap, path: str, diagnostics: Diagnostics) -> None:
+    if accepts(_schema(), tree.plain):
+        return  # certainly valid: jsonschema (a third of a check's start-up) is imported only to report
     try:
         errors = list(_validator().iter_errors(tree.plain))
     except RecursionError:

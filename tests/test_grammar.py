@@ -148,6 +148,20 @@ _WORDS = ["on", "rule", "region", "const", "not", "in", "and", "or", "size", "sy
           "<", "<<", "-", "~", "x", "0x10", "0b2", '"s"', "# c\n", "\n"]
 
 
+@pytest.mark.parametrize("ahead", [0, 1, 40])
+def test_descent_reader_lexes_ahead_across_lines_as_lark_does(monkeypatch, ahead):
+    # The reader lexes a line-bounded chunk at a time: with chunks of a line or two, every line end of
+    # the examples is a chunk end, and the trees (spans and comments included) must not change.
+    import policyc.dsl_descent as descent
+    monkeypatch.setattr(descent, "LEX_AHEAD", ahead)
+    for path in sorted((REPO / "examples" / "policies").glob("*.vmi")):
+        text = path.read_text(encoding="utf-8")
+        fast, reference, d = _both(text, path.name)
+        assert not d.has_errors and fast is not None, path
+        assert _same(fast[0], reference.items) is None, path
+        assert _same(fast[1], reference.comments) is None, path
+
+
 def test_descent_reader_agrees_with_lark_on_mutated_examples():
     # Random token-level edits of the example policies: whatever the descent reader accepts, Lark must
     # accept too and build the same tree (spans included); what Lark rejects, the reader must give up on.

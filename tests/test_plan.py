@@ -405,6 +405,27 @@ def test_an_unsealed_compile_is_the_plan_without_its_hashes_and_the_same_diagnos
     assert unsealed_plan == sealed_plan
 
 
+@pytest.mark.parametrize("target", ["x86_64", "x86_64-nomtf", "x86_64-svm", "arm64"])
+def test_a_compile_without_the_report_gives_the_same_diagnostics(target):
+    # `policyc check` compiles with report=False: the analyses compute only what diagnostics come from.
+    paths = sorted(EXAMPLES.glob("*.vmi")) + sorted(EXAMPLES.glob("*.yaml")) + \
+        sorted((REPO / "tests" / "broken").glob("contradictory-*.vmi"))
+    compiled = 0
+    for path in paths:
+        runs = []
+        for report in (True, False):
+            d = Diagnostics()
+            policy = check_policy(path, d)
+            if policy is None:
+                break
+            plan = compile_plan(policy, d, target=target, sealed=False, report=report)
+            runs.append(([(x.code, x.severity, x.span, x.message, x.hint) for x in d.sorted()], plan is None))
+        if runs:
+            compiled += 1
+            assert runs[0] == runs[1], path
+    assert compiled >= 10
+
+
 def test_the_condition_form_evaluator_imports_nothing_from_the_compiler_model():
     import subprocess
     import sys

@@ -19,6 +19,7 @@ from policyc import yaml_form
 from policyc.diagnostics import CODES, Diagnostics
 from policyc.dsl import parse_policy_text
 from policyc.yaml_form import MAX_DEPTH, MAX_NODES, parse_yaml_text, policy_schema
+from test_frontends_fuzz import VALUES, mutated_documents
 
 LANGUAGE_MD = Path("/work/shared/spec/LANGUAGE.md")
 
@@ -97,6 +98,47 @@ def test_schema_closes_every_object_and_documents_it():
     assert set(defs["triggerMap"]["properties"]) == {"read", "write", "execute", "access", "cpuid"}
     assert set(defs["trigger"]["anyOf"][0]["enum"]) == {"cpuid", *S.EVENT_TRIGGERS}
     assert set(defs["actionMap"]["properties"]) == {"deny", "log", "alert", "limit"}
+
+
+# The quick validity check that spares valid documents the jsonschema import must never accept what
+# jsonschema refuses (its misses only cost that import).
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _strict_validator():
+    return yaml_form._validator()
+
+
+def test_schema_subset_agrees_on_every_yaml_file_of_the_repository(monkeypatch):
+    from policyc.schema_subset import accepts
+    documents = []  # the trees the YAML reader validates (its own loader: `on:` is a key, not True)
+    monkeypatch.setattr(yaml_form, "accepts", lambda schema, doc: documents.append(doc) or accepts(schema, doc))
+    for path in sorted(REPO.glob("examples/**/*.yaml")) + sorted(REPO.glob("tests/**/*.yaml")):
+        parse_yaml_text(path.read_text(encoding="utf-8", errors="replace"), str(path), Diagnostics())
+    schema = policy_schema()
+    verdicts = [(accepts(schema, doc), _strict_validator().is_valid(doc)) for doc in documents]
+    assert all(ours == full for ours, full in verdicts), [d for d, v in zip(documents, verdicts) if v[0] != v[1]]
+    assert sum(full for _, full in verdicts) >= 5 and sum(not full for _, full in verdicts) >= 5
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(mutated_documents(), VALUES))
+def test_schema_subset_never_accepts_what_jsonschema_refuses(document):
+    from policyc.schema_subset import accepts
+    if accepts(policy_schema(), document):
+        assert _strict_validator().is_valid(document), document
+
+
+def test_schema_subset_is_unsure_of_what_it_does_not_interpret():
+    from policyc.schema_subset import accepts
+    assert accepts({"type": "object", "properties": {"a": {"type": "integer"}}}, {"a": 1})
+    assert not accepts({"type": "object", "properties": {"a": {"type": "integer"}}}, {"a": True})
+    assert not accepts({"format": "date"}, "2020-01-01")  # an unknown keyword: jsonschema decides
+    assert not accepts({"$ref": "https://example.invalid/x"}, 1)
+    assert not accepts({"type": "string"}, b"bytes")  # not a JSON value
+    assert accepts({"enum": [1, "a"]}, 1) and not accepts({"enum": [1]}, True)
+    # Under `not` a keyword's "invalid" becomes "valid": each must be exact (1.0 is JSON's 1).
+    assert not accepts({"not": {"enum": [1]}}, 1.0) and accepts({"not": {"enum": [1]}}, True)
 
 
 def test_schema_file_is_the_packaged_one():

@@ -31,6 +31,8 @@ Intervals = list[Interval]  # sorted, disjoint, non-adjacent
 
 def norm(ivs: Iterable[Interval]) -> Intervals:
     """Sort and merge (overlapping or adjacent) intervals; drop empty ones."""
+    if type(ivs) is list and len(ivs) == 1 and ivs[0][1] > ivs[0][0]:
+        return list(ivs)  # most regions are one extent: nothing to sort or merge
     out: Intervals = []
     for lo, hi in sorted(iv for iv in ivs if iv[1] > iv[0]):
         if out and lo <= out[-1][1]:
@@ -96,6 +98,9 @@ def measure(a: Intervals) -> int:
 
 def to_pages(byte_ivs: Intervals) -> Intervals:
     """Byte intervals -> the page-number intervals they touch."""
+    if len(byte_ivs) == 1:  # most regions are one extent
+        lo, hi = byte_ivs[0]
+        return [(lo // PAGE, (hi + PAGE - 1) // PAGE)] if hi > lo else []
     return norm(((lo // PAGE, (hi + PAGE - 1) // PAGE) for lo, hi in byte_ivs))
 
 
@@ -191,6 +196,14 @@ class IntervalSet:
 
     def __bool__(self) -> bool:
         return bool(self._lo)
+
+
+def interval_set(sets: dict, key: object) -> IntervalSet:
+    """The set kept under `key`, made empty when there is none yet (setdefault would make one per call)."""
+    found = sets.get(key)
+    if found is None:
+        found = sets[key] = IntervalSet()
+    return found
 
 
 class Indexed:

@@ -34,17 +34,27 @@ _ACCESS = {"read": "r", "write": "w", "execute": "x", "access": "rwx"}
 _NAMES = {"r": "read", "w": "write", "x": "execute"}
 
 
-def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics | None) -> dict:
+def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics | None, *,
+            report: bool = True) -> dict:
+    """Per region and overall figures, PC506 notes. Without `report`, only each region's figures (what
+    the notes are made from): no partially watched runs, no overall figures."""
     x86 = target.name.startswith("x86_64")
     traps: dict[str, set[str]] = {}  # region -> access letters trapped on its pages
     watched_regions: dict[str, set[str]] = {a: set() for a in "rwx"}
+    # Per access kind, once: its letters and what its traps take (on x86, a read trap traps writes too).
+    kinds = {kind: (letters, letters | ({"w"} if x86 and "r" in letters else set()))
+             for kind, letters in ((k, set(v)) for k, v in _ACCESS.items())}
     for rule in policy.rules:
         t = rule.trigger
         if rule.name not in usable or not isinstance(t, M.MemoryTrigger):
             continue
-        letters = set(_ACCESS[t.access])
+        letters, trapped_letters = kinds[t.access]
         for region in t.regions:
-            traps.setdefault(region, set()).update(letters | ({"w"} if x86 and "r" in letters else set()))
+            here = traps.get(region)
+            if here is None:
+                traps[region] = set(trapped_letters)
+            else:
+                here.update(trapped_letters)
             for a in letters:
                 watched_regions[a].add(region)
     watched = {a: G.regions_bytes(policy, sorted(names)) for a, names in watched_regions.items()}
@@ -66,6 +76,8 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
             w = sum(index.get((a, space), nothing).measure_within(ivs) for space, ivs in span.items())
             t = n_pages * G.PAGE
             by_access[_NAMES[a]] = _numbers(t, w)
+            if not report:
+                continue
             for space, ivs in span.items():
                 trapped_by_access[a].setdefault(space, []).extend(ivs)
                 gaps.setdefault(space, []).extend(index.get((a, space), nothing).gaps_within(ivs))
@@ -73,9 +85,10 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
         claimed = sum(v["watched_bytes"] for v in by_access.values())
         entry = {"accesses": "".join(sorted(traps[name])), "pages": n_pages, **_numbers(trapped, claimed),
                  "by_access": by_access}
-        partial = {space: G.to_pages(G.norm(ivs)) for space, ivs in sorted(gaps.items())}
-        entry["partial_page_count"] = G.space_map_measure(partial)
-        entry["partial_runs"] = _list_runs(partial, sorted(traps[name]), index)
+        if report:
+            partial = {space: G.to_pages(G.norm(ivs)) for space, ivs in sorted(gaps.items())}
+            entry["partial_page_count"] = G.space_map_measure(partial)
+            entry["partial_runs"] = _list_runs(partial, sorted(traps[name]), index)
         assumed = sorted(s for s in pages if s in ("idtr", "gdtr"))
         if assumed:
             entry["assumes_page_aligned"] = assumed
@@ -87,6 +100,8 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
                 f"({entry['unclaimed_share']:.1%}) are watched by no rule: their events are collateral, "
                 "allowed after a round trip to the enforcer",
                 "sub-page regions trap whole 4 KiB pages; a busy neighbour on the same page costs every time")
+    if not report:
+        return {"regions": regions}
 
     total_t = total_w = 0
     overall_by_access = {}

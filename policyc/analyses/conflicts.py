@@ -102,11 +102,17 @@ def _target_key(t: M.Trigger) -> tuple:
 
 
 def _memory_intervals(rule: M.Rule, geo: "_Geometry") -> list[tuple[str, str, int, int]]:
+    """(access letter, space, lo, hi) of every byte interval the memory rule watches (the conflict and
+    the shadowing sweeps both ask: worked out once per rule)."""
+    found = geo.intervals.get(rule.name)
+    if found is not None:
+        return found
     t = rule.trigger
     out = []
     for space, ivs in geo.regions(t.regions).items():  # type: ignore[union-attr]
         for letter in _ACCESS[t.access]:  # type: ignore[union-attr]
             out.extend((letter, space, lo, hi) for lo, hi in ivs)
+    geo.intervals[rule.name] = out
     return out
 
 
@@ -119,7 +125,7 @@ def _conflicting_pairs(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Ru
         verdict = _explicit(rule)
         if verdict is None:
             continue
-        key = (_target_key(rule.trigger), rule.condition)
+        key = geo.group_key(rule)
         group = groups.setdefault(key, [])
         opposite = "allow" if verdict == "deny" else "deny"
         if isinstance(rule.trigger, M.MemoryTrigger):
@@ -130,7 +136,7 @@ def _conflicting_pairs(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Ru
                 partner = next(e for e in group if _conflict(e, rule, geo))
                 out.append((partner, rule))
             for letter, space, lo, hi in mine:
-                sets.setdefault((verdict, letter, space), G.IntervalSet()).add(lo, hi)
+                G.interval_set(sets, (verdict, letter, space)).add(lo, hi)
         else:
             partner = next((e for e in group if _explicit(e) == opposite and _conflict(e, rule, geo)), None)
             if partner is not None:
@@ -148,7 +154,7 @@ def _shadowed_rules(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Rule,
     out = []
     for rule in rules:
         verdicts = {a for a in rule.actions if isinstance(a, M.Verdict)}
-        key_base = (_target_key(rule.trigger), rule.condition)
+        key_base = geo.group_key(rule)
         pure = bool(verdicts) and len(verdicts) == 1 and all(isinstance(a, M.Verdict) for a in rule.actions)
         if pure:
             key = key_base + (next(iter(verdicts)),)
@@ -171,7 +177,7 @@ def _shadowed_rules(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Rule,
                 if isinstance(rule.trigger, M.MemoryTrigger):
                     sets = unions.setdefault(key, {})
                     for letter, space, lo, hi in _memory_intervals(rule, geo):
-                        sets.setdefault((letter, space), G.IntervalSet()).add(lo, hi)
+                        G.interval_set(sets, (letter, space)).add(lo, hi)
     return out
 
 
@@ -181,15 +187,39 @@ class _Geometry:
     def __init__(self, policy: M.Policy) -> None:
         self.policy = policy
         self.table = G.region_table(policy)
+        self.unions: dict[tuple[str, ...], G.SpaceMap] = {}  # region names -> their bytes together
+        self.intervals: dict[str, list[tuple[str, str, int, int]]] = {}  # rule -> _memory_intervals
+        self.group_keys: dict[str, tuple] = {}  # rule -> (trigger target, condition number)
+        self.condition_numbers: dict = {}  # condition -> a number: equal conditions, equal numbers
+
+    def group_key(self, rule: M.Rule) -> tuple:
+        """Rules with the same key share a target and a condition. Conditions are numbered once per rule:
+        hashing a condition tree for every look-up of both sweeps cost more than the sweeps."""
+        key = self.group_keys.get(rule.name)
+        if key is None:
+            number = self.condition_numbers.setdefault(rule.condition, len(self.condition_numbers))
+            key = self.group_keys[rule.name] = (_target_key(rule.trigger), number)
+        return key
+
     def region(self, name: str) -> G.SpaceMap:
         return G.named_region_bytes(self.policy, name)
 
     def regions(self, names) -> G.SpaceMap:
-        acc: dict[str, list] = {}
-        for n in names:
-            for space, ivs in self.region(n).items():
-                acc.setdefault(space, []).extend(ivs)
-        return {s: G.norm(v) for s, v in acc.items()}
+        """The bytes of these regions together (shared: callers must not change the lists)."""
+        key = tuple(names)
+        found = self.unions.get(key)
+        if found is not None:
+            return found
+        if len(key) == 1:
+            found = self.region(key[0])
+        else:
+            acc: dict[str, list] = {}
+            for n in key:
+                for space, ivs in self.region(n).items():
+                    acc.setdefault(space, []).extend(ivs)
+            found = {s: G.norm(v) for s, v in acc.items()}
+        self.unions[key] = found
+        return found
 
 
 def _targets_overlap(a: M.Trigger, b: M.Trigger, geo: _Geometry) -> bool:

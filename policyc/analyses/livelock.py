@@ -54,8 +54,10 @@ _SKIPS = ("advance_ip", "advance_pc")
 DONE = ("done",)
 
 
-def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | None) -> dict:
-    graph, _ = build_graph(plan, policy, target)
+def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | None, *, report: bool = True) -> dict:
+    """The livelocks (PC505 each), with the graph's size when `report` (without, the answers that
+    complete the access are not put in the graph: they cannot be on a cycle)."""
+    graph, _ = build_graph(plan, policy, target, completing_answers=report)
     # Only answers that do not complete can take part in a cycle: search those alone (a plan of 100,000
     # trapped ranges has 100,000 fault states but next to no such edges).
     pending_edges: dict[tuple, tuple] = {}
@@ -65,7 +67,7 @@ def analyse(plan: dict, policy: M.Policy, target, diagnostics: Diagnostics | Non
                 via = pending_edges.get((answer[1], nxt))
                 pending_edges[(answer[1], nxt)] = min(filter(None, (via, answer)), key=repr)
     summary = {"states": sum(1 for n in graph if n[0] not in ("answer", "run", "done")),
-               "transitions": graph.number_of_edges()}
+               "transitions": graph.number_of_edges()} if report else {}
     if not pending_edges:
         return {**summary, "livelocks": []}
     import networkx as nx  # only a plan with answers that do not complete needs the graph algorithms
@@ -140,7 +142,9 @@ class StateGraph:
         return node in self.nodes
 
 
-def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]:
+def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: bool = True) -> tuple[StateGraph, dict]:
+    """The state graph; without `completing_answers`, an answer all of whose ways lead to done is left
+    out (with its edges): what is left is every state and every way an access can fail to complete."""
     x86 = (target.name if hasattr(target, "name") else str(target)).startswith("x86_64")
     enforce = plan.get("policy", {}).get("mode", policy.mode) == "enforce"
     views = {v["id"]: v for v in plan.get("views", [])}
@@ -165,6 +169,7 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]
     g.add_node(DONE)
 
     trapped: dict[tuple, G.IntervalSet] = {}  # (view, access, space) -> pages some range traps
+    untrapped = G.IntervalSet()  # only ever asked
     indexed: set = set()
 
     def view_traps(view_id, access: str, space: str) -> G.IntervalSet:
@@ -174,14 +179,14 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]
                 for a in traps(rng):
                     for sp, ivs in region_pages(rng["region"]).items():
                         for lo, hi in ivs:
-                            trapped.setdefault((view_id, a, sp), G.IntervalSet()).add(lo, hi)
-        return trapped.get((view_id, access, space)) or G.IntervalSet()
+                            G.interval_set(trapped, (view_id, a, sp)).add(lo, hi)
+        return trapped.get((view_id, access, space)) or untrapped
 
     def mem_faults(view_id, region: str, access: str) -> list[tuple]:
         """Faults of the same access on the same pages, in view `view_id`."""
         view = views.get(view_id)
-        if view is None:
-            return []
+        if view is None or not view.get("ranges"):
+            return []  # (stepping in the unrestricted view, which traps nothing, is every allow's way)
         mine = region_pages(region)
         if not any(view_traps(view_id, access, sp).overlaps(lo, hi) for sp, ivs in mine.items() for lo, hi in ivs):
             return []  # the common case, without walking the view's ranges
@@ -213,23 +218,20 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]
                 out.append(("mem", view_id, rng["region"], "x"))
         return out
 
-    def follow(state: tuple, kind: str, response: dict, access: str | None, again) -> list[tuple]:
+    outcomes: dict[tuple, object] = {}  # (kind, verdict, access) -> _outcome: one response each
+
+    def follow(state: tuple, kind: str, verdict: str, response: dict, access: str | None, again) -> list[tuple]:
         """Where the answer leads. `again(view)` gives the faults of re-executing in a view."""
-        flags = set(response.get("flags", []))
-        if "inject" in response or "reinject" in response:
+        outcome = outcomes.get((kind, verdict, access))
+        if outcome is None:
+            outcome = outcomes[(kind, verdict, access)] = _outcome(kind, response, access)
+        if outcome is _COMPLETES:
             return [DONE]
-        if flags & {"EMULATE", "EMULATE_NOWRITE"} or any(k in response for k in _SKIPS) \
-                or response.get("restore_original"):
-            return [DONE]
-        if access is not None and access in str(response.get("relax_access", "")):
-            return [DONE]
-        if kind in ("write_ctrlreg", "mov_to_msr") and "DENY" in flags:
-            return [DONE]
-        if kind in _HYPERVISOR_COMPLETES:
-            return [DONE]
-        if "ALTERNATE_P2M" in flags and isinstance(response.get("altp2m_idx"), int):
-            return again(response["altp2m_idx"]) or [DONE]
-        return [state]
+        if outcome is _REPEATS:
+            return [state]
+        return again(outcome) or [DONE]
+
+    labels: dict[tuple[str, str], str] = {}  # (kind, verdict) -> the answer's label: one response each
 
     def add_answers(state: tuple, kind: str, verdicts: list[str], access: str | None, again) -> None:
         table = responses.get(kind, {})
@@ -237,10 +239,16 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]
             response = table.get(verdict)
             if not isinstance(response, dict):
                 continue
+            nexts = follow(state, kind, verdict, response, access, again)
+            if not completing_answers and nexts == [DONE]:
+                continue
+            label = labels.get((kind, verdict))
+            if label is None:
+                label = labels[(kind, verdict)] = _describe(verdict, response)
             answer = ("answer", state, verdict)
-            g.add_node(answer, label=_describe(verdict, response))
+            g.add_node(answer, label=label)
             g.add_edge(state, answer)
-            for nxt in follow(state, kind, response, access, again):
+            for nxt in nexts:
                 g.add_edge(answer, nxt)
 
     # Memory faults, per view.
@@ -293,6 +301,29 @@ def build_graph(plan: dict, policy: M.Policy, target) -> tuple[StateGraph, dict]
                                     else [])
             add_answers(state, kind, verdicts, None, lambda t, state=state: [state])
     return g, {"resident": resident}
+
+
+_COMPLETES, _REPEATS = "completes", "repeats"
+
+
+def _outcome(kind: str, response: dict, access: str | None) -> object:
+    """What a response does to the access: _COMPLETES, _REPEATS (re-executed in the same view), or the
+    view (an int) it is re-executed in."""
+    flags = set(response.get("flags", []))
+    if "inject" in response or "reinject" in response:
+        return _COMPLETES
+    if flags & {"EMULATE", "EMULATE_NOWRITE"} or any(k in response for k in _SKIPS) \
+            or response.get("restore_original"):
+        return _COMPLETES
+    if access is not None and access in str(response.get("relax_access", "")):
+        return _COMPLETES
+    if kind in ("write_ctrlreg", "mov_to_msr") and "DENY" in flags:
+        return _COMPLETES
+    if kind in _HYPERVISOR_COMPLETES:
+        return _COMPLETES
+    if "ALTERNATE_P2M" in flags and isinstance(response.get("altp2m_idx"), int):
+        return response["altp2m_idx"]
+    return _REPEATS
 
 
 def _describe(verdict: str, response: dict) -> str:

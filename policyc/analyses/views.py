@@ -177,23 +177,24 @@ def _group_cost(group: Iterable[str], maps: dict[str, PageMap]) -> int:
 # ---------------------------------------------------------------- the layout
 
 def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_breakpoints: bool,
-           diagnostics: Diagnostics | None = None) -> Layout:
+           diagnostics: Diagnostics | None = None, figures: bool = True) -> Layout:
     """Lay out the permission maps. `usable`: names of rules that were lowered; `shadow_breakpoints`:
     breakpoints are int3s on shadow frames remapped in the restricted views (so they belong to views).
-    Diagnostics (PC502) are emitted only when `diagnostics` is given."""
+    Diagnostics (PC502) are emitted only when `diagnostics` is given. Without `figures` the report's
+    page counts (each a pass over every page run) are None: for a caller that keeps no report."""
     contexts: dict[str, _Context] = {GLOBAL: _Context(GLOBAL)}
     for rule in policy.rules:
         if rule.name not in usable:
             continue
         t = rule.trigger
         if isinstance(t, M.MemoryTrigger):
-            ctx = contexts.setdefault(rule_context(rule), _Context(rule_context(rule)))
+            ctx = _context_of(contexts, rule)
             for region in t.regions:
                 ctx.regions.setdefault(region, set()).update(_TRAPS[t.access])
                 ctx.rules_of.setdefault(region, set()).add(rule.name)
             ctx.rules.append(rule)
         elif isinstance(t, M.Breakpoint) and shadow_breakpoints:
-            ctx = contexts.setdefault(rule_context(rule), _Context(rule_context(rule)))
+            ctx = _context_of(contexts, rule)
             ctx.breakpoints.add((t.address.value, t.address.percpu))
             ctx.rules.append(rule)
     glob = contexts[GLOBAL]
@@ -211,8 +212,17 @@ def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_bre
     maps = {name: pm.page_map(ctx) for name, ctx in full.items()}
     names = _sorted_contexts(full)
     if target.has("altp2m"):
-        return _altp2m_layout(policy, target, full, maps, names, diagnostics)
-    return _host_layout(policy, target, full, maps, names, diagnostics)
+        return _altp2m_layout(policy, target, full, maps, names, diagnostics, figures)
+    return _host_layout(policy, target, full, maps, names, diagnostics, figures)
+
+
+def _context_of(contexts: dict[str, _Context], rule: M.Rule) -> _Context:
+    """The rule's context, made when it is the first rule of it."""
+    name = rule_context(rule)
+    ctx = contexts.get(name)
+    if ctx is None:
+        ctx = contexts[name] = _Context(name)
+    return ctx
 
 
 def _ranges(members: Iterable[_Context], target: TargetInfo) -> list[dict]:
@@ -231,8 +241,10 @@ def _breakpoint_list(members: Iterable[_Context]) -> list[str]:
     return [("percpu+" if percpu else "") + hex(value) for value, percpu in sorted(sites)]
 
 
-def _context_report(full: dict[str, _Context], maps: dict[str, PageMap], view_of: dict[str, int]) -> dict:
-    return {name: {"rule_count": len(full[name].rules), "pages_restricted": _restricted_pages(maps[name]),
+def _context_report(full: dict[str, _Context], maps: dict[str, PageMap], view_of: dict[str, int],
+                    figures: bool) -> dict:
+    return {name: {"rule_count": len(full[name].rules),
+                   "pages_restricted": _restricted_pages(maps[name]) if figures else None,
                    "view": view_of.get(name, VIEW_HOST)}
             for name in _sorted_contexts(full)}
 
@@ -243,12 +255,11 @@ def _first_rule(full: dict[str, _Context], names: Iterable[str], policy: M.Polic
 
 
 def _host_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context], maps: dict[str, PageMap],
-                 names: list[str], d: Diagnostics | None) -> Layout:
+                 names: list[str], d: Diagnostics | None, figures: bool) -> Layout:
     ranges = _ranges(full.values(), target)
     views = [{"id": VIEW_HOST, "role": "host", "default_access": "rwx", "ranges": ranges}] if ranges else []
     merges: list[dict] = []
-    distinct = {_freeze(maps[n]) for n in names}
-    if ranges and len(distinct) > 1:
+    if ranges and len(names) > 1 and len({_freeze(maps[n]) for n in names}) > 1:
         cost = _group_cost(names, maps)
         merges.append({"contexts": [[n] for n in names], "view": VIEW_HOST, "extra_trapped_pages": cost})
         if d is not None:
@@ -258,13 +269,13 @@ def _host_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context]
                       f"{VIEW_HOST}), which traps {cost} more page(s) than their own maps (counted per context); "
                       "the other contexts' events there are filtered at run time",
                       "on x86_64 (Intel VT-x, altp2m) each context gets its own view")
-    merged = _union_maps(maps.values())
     report = {
         "mechanism": "host-p2m",
         "available": 0,
         "default_view": VIEW_HOST,
-        "contexts": _context_report(full, maps, {}),
-        "views": [{"id": VIEW_HOST, "contexts": names, "pages_restricted": _restricted_pages(merged),
+        "contexts": _context_report(full, maps, {}, figures),
+        "views": [{"id": VIEW_HOST, "contexts": names,
+                   "pages_restricted": _restricted_pages(_union_maps(maps.values())) if figures else None,
                    "breakpoints": []}] if ranges else [],
         "merges": merges,
         "extra_trapped_pages": sum(m["extra_trapped_pages"] for m in merges),
@@ -274,17 +285,17 @@ def _host_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context]
 
 
 def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context], maps: dict[str, PageMap],
-                   names: list[str], d: Diagnostics | None) -> Layout:
+                   names: list[str], d: Diagnostics | None, figures: bool) -> Layout:
     available = max(target.max_views - 2, 1)
     nodes = [n for n in names if maps[n]]
     if not nodes:
         report = {"mechanism": "altp2m", "available": available, "default_view": VIEW_HOST,
-                  "contexts": _context_report(full, maps, {}), "views": [], "merges": [],
+                  "contexts": _context_report(full, maps, {}, figures), "views": [], "merges": [],
                   "extra_trapped_pages": 0, "monitors_needed": {}, "conflict_graph": {"nodes": 0, "edges": 0}}
         return Layout([], report, [])
 
     # The conflict graph: contexts whose maps differ cannot share a view for free.
-    frozen = {n: _freeze(maps[n]) for n in nodes}
+    frozen = {n: _freeze(maps[n]) for n in nodes} if len(nodes) > 1 else {}
     conflicts: dict[str, list[str]] = {n: [] for n in nodes}
     edges = 0
     for a, b in combinations(nodes, 2):
@@ -325,7 +336,8 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
         views.append({"id": VIEW_RESTRICTED + i, "role": "restricted", "contexts": list(g), "default_access": "rwx",
                       "ranges": _ranges(members, target)})
         view_reports.append({"id": VIEW_RESTRICTED + i, "contexts": list(g),
-                             "pages_restricted": _restricted_pages(_union_maps(maps[c] for c in g)),
+                             "pages_restricted": _restricted_pages(_union_maps(maps[c] for c in g))
+                             if figures else None,
                              "breakpoints": _breakpoint_list(members)})
 
     merges = []
@@ -345,7 +357,7 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
         "mechanism": "altp2m",
         "available": available,
         "default_view": view_of.get(GLOBAL, VIEW_HOST),
-        "contexts": _context_report(full, maps, view_of),
+        "contexts": _context_report(full, maps, view_of, figures),
         "views": view_reports,
         "merges": merges,
         "extra_trapped_pages": sum(w for _, _, w in steps),
