@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .diagnostics import Diagnostics
+from .plan_source import Compiled, PlanSourceError, load_plan_source
 
 __all__ = ["add_runtime_commands"]
 
@@ -117,84 +118,20 @@ class _Usage(Exception):
     """A usage problem: one line, exit 2."""
 
 
-@dataclass
-class _Compiled:
-    plan: dict
-    symbols: list
-
-
 def _compile(policy: str, target: str | None, *, audit: bool = False, command: str,
-             warnings: bool = True, symbols_dir: str | None = None) -> _Compiled:
-    from .check import check_policy
+             warnings: bool = True, symbols_dir: str | None = None) -> Compiled:
+    """`load_plan_source` for a command: its diagnostics shown, a failure a usage error (exit 2)."""
     from .cli import _emit
-    from .lower import compile_plan
-    from .symbols import SymbolFileError, load_symbol_table
-
-    path = Path(policy)
-    if not path.is_file():
-        raise _Usage(f"no such policy file: {policy}")
-    if path.suffix.lower() == ".json":
-        compiled = _compiled_plan(path, target, symbols_dir=symbols_dir)
-        return _Compiled(_audited(compiled.plan) if audit else compiled.plan, compiled.symbols)
-    diagnostics = Diagnostics()
-    model = check_policy(path, diagnostics, target_arch=target)
-    plan = compile_plan(model, diagnostics, target=target) if model is not None else None
     from .diagnostics import Severity
-    shown = [d for d in diagnostics.sorted() if warnings or d.severity is Severity.ERROR]
-    _emit(shown, "text")
-    if plan is None or model is None:
-        raise _Usage(f"{policy} does not compile (see above): nothing was installed")
-    if audit:
-        plan = _audited(plan)
-    try:
-        symbols = [load_symbol_table(s.path) for s in model.symbols]
-    except (OSError, SymbolFileError) as exc:
-        raise _Usage(f"cannot load the policy's symbols: {exc}") from None
-    return _Compiled(plan, symbols)
-
-
-def _audited(plan: dict) -> dict:
-    """The plan in audit mode (`--audit`), resealed: every deny answered allow and logged as would-deny."""
-    from .plan import seal
-
-    if plan["policy"].get("mode") == "audit":
-        return plan
-    return seal({**plan, "policy": {**plan["policy"], "mode": "audit"}})
-
-
-def _compiled_plan(path: Path, target: str | None, *, symbols_dir: str | None) -> _Compiled:
-    """A plan file as `policyc compile` wrote it: schema and content hash checked, run for the target it
-    was compiled for (never recompiled), with the very symbol files it was compiled against."""
-    import hashlib
-
-    from .plan import PlanError, load_plan
-    from .symbols import SymbolFileError, load_symbol_table
 
     try:
-        plan = load_plan(path)
-    except PlanError as exc:
-        raise _Usage(f"{exc}: nothing was installed") from None
-    planned = plan["target"]["arch"]
-    if target and target != planned:
-        raise _Usage(f"{path} is a plan compiled for {planned}: a plan runs on the target it was compiled for; "
-                     f"compile the policy with --target {target}")
-    where = Path(symbols_dir) if symbols_dir else path.parent
-    symbols = []
-    for ref in plan["policy"].get("symbols", ()):
-        file = where / ref["name"]
-        try:
-            digest = hashlib.sha256(file.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise _Usage(f"the plan needs its symbol file {ref['name']}: {exc.strerror} in {where}"
-                         + ("" if symbols_dir else " (give --symbols DIR)")) from None
-        if digest != ref["sha256"]:
-            raise _Usage(f"{file} is not the symbol file the plan was compiled against (sha256 {digest[:12]}…, "
-                         f"the plan names {ref['sha256'][:12]}…)")
-        try:
-            symbols.append(load_symbol_table(file))
-        except SymbolFileError as exc:
-            raise _Usage(f"cannot load the plan's symbols: {exc}") from None
-    return _Compiled(plan, symbols)
+        compiled = load_plan_source(policy, target, audit=audit, symbols_dir=symbols_dir)
+    except PlanSourceError as exc:
+        _emit([d for d in exc.diagnostics if warnings or d.severity is Severity.ERROR], "text")
+        see = " (see above)" if exc.diagnostics else ""
+        raise _Usage(f"{exc}{see}: nothing was installed" if exc.unusable else str(exc)) from None
+    _emit([d for d in compiled.diagnostics if warnings or d.severity is Severity.ERROR], "text")
+    return compiled
 
 
 def _use_bundle(args: argparse.Namespace) -> None:
@@ -308,6 +245,17 @@ def _output_failures(log: Any, recorder: Any, enforcer: Any) -> list[str]:
     if recorder is not None and getattr(recorder, "error", None) is not None:
         out.append(f"trace incomplete: {recorder.error} (it ends at its last whole record)")
     return out
+
+
+def _print_reloads(enforcer: Any, out: Any) -> None:
+    """The run summary's reload lines: each reload tried, and how many took."""
+    from .runtime.reload import reload_results_summary
+
+    if not enforcer.reloads:
+        return
+    for r in enforcer.reloads:
+        print("  " + r.describe(), file=out)
+    print(reload_results_summary(enforcer.reloads), file=out)
 
 
 def _usage_guard(fn: Any) -> Any:
@@ -437,6 +385,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     print(f"teardown: {clean if not diff else 'NOT CLEAN: ' + '; '.join(diff)}"
           f"; requests {enf.requests}, responses {enf.responses}, decision records {enf.records}", file=out)
     print(log.summary(), file=out)
+    _print_reloads(enf, out)
     if args.record:
         print(f"recorded {recorder.batches if recorder else 0} batch(es) to {args.record}", file=out)
     lost = _output_failures(log, recorder, enf)
@@ -563,6 +512,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     log.close()
     errors = enforcer.installation.teardown_errors if enforcer.installation else []
     print(log.summary(), file=sys.stderr)
+    _print_reloads(enforcer, sys.stderr)
     c = enforcer.counters()
     verified = enforcer.installation.verified if enforcer.installation else {"frames": 0, "bytes": 0}
     print(f"requests {c['requests']}, responses {c['responses']}, decision records {c['records']}; teardown "

@@ -46,13 +46,16 @@ import gc
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .bind import BoundPlan, bind_plan
 from .decide import AFTER, BEFORE, Decision, DecisionEngine, SideEffect
 from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available
+
+if TYPE_CHECKING:
+    from .reload import ReloadResult
 
 __all__ = ["Enforcer", "EnforcerError", "BATCH"]
 
@@ -126,6 +129,7 @@ class Enforcer:
         self.log_error: str | None = None
         self._pending_rebinds: list[_PendingRebind] = []
         self._native_path: tuple[Any, Any] | None = None    # (ring, kick) for native service, once known
+        self.reloads: list[ReloadResult] = []  # every reload tried, in order (runtime/reload.py)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
@@ -147,12 +151,7 @@ class Enforcer:
             raise EnforcerError(f"cannot install on guest '{self.guest}': {exc} (nothing was left behind)") \
                 from None
         t2 = time.monotonic()
-        self.engine = DecisionEngine(self.installation.engine_plan(), self.bound, clock=self.clock)
-        if self.use_native:
-            inst = self.installation
-            self.native = NativeEngine(self.engine, plan_hash=self.log.plan_hash,
-                                       pt_frames=lambda: inst.bound.pt_frames,
-                                       python_denies=getattr(self.backend, "python_denies", ()))
+        self.engine, self.native = self.build_engines(self.installation, self.log.plan_hash)
         # The plan, binding and tables live as long as the enforcer: keep the cyclic GC from scanning
         # them on every full collection (with 100,000 regions that scan dominated decision time).
         gc.collect()
@@ -164,6 +163,41 @@ class Enforcer:
         self.startup_seconds = {"bind": round(t1 - t0, 3), "install": round(t2 - t1, 3),
                                 "engine": round(time.monotonic() - t2, 3)}
         return self.installation
+
+    def reload(self, plan: Mapping[str, Any], symbols: Any) -> "ReloadResult":
+        """Replace the running plan by `plan` without a moment unenforced; on any failure the running
+        plan keeps enforcing (runtime/reload.py). Every result is kept in `reloads`."""
+        from .reload import reload_plan
+
+        result = reload_plan(self, plan, symbols)
+        self.note_reload(result)
+        return result
+
+    def note_reload(self, result: "ReloadResult") -> None:
+        """Count a reload's result and say it in the decision log (also for one that failed before it
+        reached the enforcer: a policy that does not compile)."""
+        self.reloads.append(result)
+        self.log.event("reload", result.as_dict(), alert=None if result.ok else result.describe())
+
+    def build_engines(self, installation: Installation, plan_hash: str) -> tuple[DecisionEngine, NativeEngine | None]:
+        """The decision engines for an installation's plan (view ids as the backend handed them out)."""
+        engine = DecisionEngine(installation.engine_plan(), installation.bound, clock=self.clock)
+        if self.engine is not None:
+            engine.audit = engine.audit or self.engine.audit     # allow-and-count after a log failure stays
+        native = None
+        if self.use_native:
+            inst = self.installation if self.installation is not None else installation
+            native = NativeEngine(engine, plan_hash=plan_hash, pt_frames=lambda: inst.bound.pt_frames,
+                                  python_denies=getattr(self.backend, "python_denies", ()))
+        return engine, native
+
+    def adopt_plan(self, plan: Mapping[str, Any], bound: BoundPlan, engine: DecisionEngine,
+                   native: NativeEngine | None) -> None:
+        """Switch to a reloaded plan's engines: every later decision is the new plan's, and its
+        records name its hash."""
+        self.plan, self.bound, self.engine, self.native = plan, bound, engine, native
+        self.log.plan_hash = plan.get("content_hash", "")
+        self._pending_rebinds = []
 
     def stop(self) -> list[str]:
         """Tear down (idempotent). Returns teardown errors (empty when the guest is as it was)."""
@@ -452,4 +486,6 @@ class Enforcer:
 
     def counters(self) -> dict[str, int]:
         return {"requests": self.requests, "responses": self.responses, "records": self.records,
-                "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged}
+                "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged,
+                "reloads": sum(1 for r in self.reloads if r.result == "ok"),
+                "reload_failures": sum(1 for r in self.reloads if r.result == "failed")}
