@@ -24,7 +24,6 @@ import os
 import stat
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,8 +65,27 @@ def add_runtime_commands(sub: Any) -> None:
                           "fail-closed (default) keeps deciding by the policy, denies included; allow-and-count "
                           "answers allow from then on; stop tears down and exits. Every request is answered "
                           "and the decisions not recorded are counted, in each mode; the run exits 1")
+    run.add_argument("--control-socket", metavar="PATH", help="listen on this Unix socket (0600) for "
+                     "`policyc reload --socket PATH`; SIGHUP (`policyc reload --pid`) reloads without it "
+                     "(simhost: and xen: guests)")
     run.add_argument("-v", "--verbose", action="store_true", help="show every decision under its step")
     run.set_defaults(run=_cmd_run)
+
+    rl = sub.add_parser("reload", help="make a running `policyc run` enforce a new plan, with no gap",
+                        description="Ask a running `policyc run` (simhost: or xen: guest) to reload: from FILE "
+                                    "(a policy or a compiled plan), else from the file it was started with, "
+                                    "edited in place. The new plan is compiled, bound and built beside the "
+                                    "running one, then switched to; if anything fails the running plan keeps "
+                                    "enforcing. Exit 0 when the new plan enforces (or was the running one), 1 "
+                                    "when the reload failed and the old plan still enforces, 2 when the run "
+                                    "could not be asked.")
+    target = rl.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=int, metavar="PID", help="the run's process id (SIGHUP)")
+    target.add_argument("--socket", metavar="PATH", help="the run's --control-socket")
+    rl.add_argument("file", metavar="FILE", nargs="?", help="the policy or compiled plan to enforce now")
+    rl.add_argument("--state-dir", metavar="DIR", help="the run's --state-dir (with --pid)")
+    rl.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait (default 60)")
+    rl.set_defaults(run=_cmd_reload)
 
     test = sub.add_parser("test", help="run scenario files with expect: against their policies (CI)",
                           description="Run scenario files (YAML with scenario:, steps:, expect:) on the simulator "
@@ -471,18 +489,22 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
     enforcer.on_log_failure = args.on_log_failure
-    # Signals arriving before the loop's own handlers are in place must not kill a half-made install.
+    # Signals arriving before the loop's own handlers are in place must not kill a half-made install
+    # (a SIGHUP then is a reload asked for early: the loop does it once it runs).
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
+    control = _reload_control(args)
     try:
         enforcer.start()
     except EnforcerError as exc:
+        control.close()
         log.close()
         raise _Usage(str(exc)) from None
     except KeyboardInterrupt:
+        control.close()
         return 130
     phases = {"compile": compile_seconds, **enforcer.startup_seconds}
-    print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop",
-          file=sys.stderr)
+    print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop, "
+          "SIGHUP to reload", file=sys.stderr)
     print("in place after " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
           f" ({sum(phases.values()):.2f} s)", file=sys.stderr, flush=True)
     notifier = Notifier()
@@ -491,6 +513,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
 
     def finished() -> bool:
         notifier.watchdog()          # called from the answering loop: a stuck loop stops the pings
+        control.poll(enforcer)
         status_every[0] += 1
         if status_every[0] % 50:
             return False
@@ -507,6 +530,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         notifier.stopping(f"stopped by an error: {exc}")
         log.close()
         return EXIT_PROBLEMS
+    finally:
+        control.close()
     notifier.stopping("torn down")
     notifier.close()
     log.close()
@@ -529,6 +554,58 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     if enforcer.stop_requested:
         print(f"STOPPED (--on-log-failure stop): {enforcer.log_error}", file=sys.stderr)
     return EXIT_OK if not errors and not lost else EXIT_PROBLEMS
+
+
+def _reload_control(args: argparse.Namespace) -> Any:
+    """SIGHUP and --control-socket for a run that has started enforcing (runtime/reload_control.py)."""
+    from .runtime.install import default_state_dir
+    from .runtime.reload_control import ReloadControl
+
+    def report(result: Any) -> None:
+        print("policyc run: " + result.describe(), file=sys.stderr, flush=True)
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    try:
+        control = ReloadControl(args.policy, args.target, state_dir=state_dir, symbols_dir=args.symbols,
+                                audit=args.audit, socket_path=args.control_socket, report=report)
+    except OSError as exc:
+        print(f"policyc run: no control socket: {exc}; SIGHUP still reloads", file=sys.stderr)
+        control = ReloadControl(args.policy, args.target, state_dir=state_dir, symbols_dir=args.symbols,
+                                audit=args.audit, report=report)
+    control.install_signal()
+    return control
+
+
+@_usage_guard
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from .runtime.install import default_state_dir
+    from .runtime.reload_control import ask_socket, request_reload
+
+    if args.file is not None and not Path(args.file).is_file():
+        raise _Usage(f"no such policy or plan file: {args.file}")
+    try:
+        if args.socket is not None:
+            answer = ask_socket(args.socket, args.file, timeout=args.timeout)
+        else:
+            state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+            answer = request_reload(args.pid, args.file, state_dir, timeout=args.timeout)
+    except ProcessLookupError:
+        raise _Usage(f"no process {args.pid}") from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise _Usage(f"cannot ask the run to reload: {exc}") from None
+    result = answer.get("result")
+    if result == "failed":
+        print(f"reload FAILED ({answer.get('stage')}): {answer.get('error')}; the old plan "
+              f"{str(answer.get('old_plan'))[:19]}… still enforces", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if result == "unchanged":
+        print(f"plan {str(answer.get('new_plan'))[:19]}… is the one running; nothing changed")
+    else:
+        print(f"reloaded: plan {str(answer.get('old_plan'))[:19]}… -> {str(answer.get('new_plan'))[:19]}… "
+              f"in {answer.get('seconds')} s")
+        for late in answer.get("released_late") or ():
+            print(f"  not released yet (teardown removes it): {late}")
+    return EXIT_OK
 
 
 def _cmd_service_unit(args: argparse.Namespace) -> int:

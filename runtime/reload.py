@@ -275,6 +275,7 @@ def _release_old(inst: Installation, beside: Installation) -> list[str]:
     kept: list[dict[str, Any]] = []
     late: list[str] = []
     dead_views: set[int] = set()
+    stuck_views: set[int] = set()
 
     def undo(entry: dict[str, Any]) -> bool:
         try:
@@ -299,13 +300,16 @@ def _release_old(inst: Installation, beside: Installation) -> list[str]:
             else:
                 undo(entry)
         elif op == "shadow":
-            undo(entry)
+            if not undo(entry):                # its views stay until teardown has undone it
+                stuck_views.update(entry.get("views", {}), entry.get("restricted", {}))
         elif op == "access" and entry["view"] in old_views:
             kept.append(entry)                 # dropped below once its view is gone
         elif op == "access":                   # the host view, shared: one entry, the original access kept
             _merge_host_access(inst, entry, new_host, undo)
         elif op == "view":
-            if undo(entry):
+            if entry["view"] in stuck_views:
+                kept.append(entry)
+            elif undo(entry):
                 dead_views.add(entry["view"])
         elif op == "altp2m":
             if keep_altp2m:

@@ -35,3 +35,14 @@ def reads_missing_field(plan: dict, placeholder: str, missing: str) -> dict:
     edited one) may still hold one: the engine must answer anyway."""
     text = json.dumps(plan).replace(json.dumps(["field", placeholder]), json.dumps(["field", missing]))
     return json.loads(text)
+
+
+def start_simhost(scenario, socket_path: str):
+    """`python -m policyc.runtime.sim.host SCENARIO --forever --no-start` on `socket_path`, once it serves."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "policyc.runtime.sim.host", str(scenario), "--socket",
+                             socket_path, "--forever", "--no-start"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
