@@ -65,6 +65,13 @@ def add_runtime_commands(sub: Any) -> None:
                           "fail-closed (default) keeps deciding by the policy, denies included; allow-and-count "
                           "answers allow from then on; stop tears down and exits. Every request is answered "
                           "and the decisions not recorded are counted, in each mode; the run exits 1")
+    run.add_argument("--budget", type=float, metavar="EVENTS", help="a global budget of events per second "
+                     "decided in full, to keep the ring from filling in a storm; past it events are answered "
+                     "as --over-budget says and counted (default: no budget)")
+    run.add_argument("--over-budget", choices=("then", "allow"), default="then",
+                     help="events past --budget: 'then' (default, for security) runs each matching rule's "
+                          "`then` as if past its own rate limit, a rule without one keeps its verdict and "
+                          "drops its messages; 'allow' answers allow (recorded as would-deny)")
     run.add_argument("--control-socket", metavar="PATH", help="listen on this Unix socket (0600) for "
                      "`policyc reload --socket PATH`; SIGHUP (`policyc reload --pid`) reloads without it "
                      "(simhost: and xen: guests)")
@@ -276,6 +283,22 @@ def _print_reloads(enforcer: Any, out: Any) -> None:
     print(reload_results_summary(enforcer.reloads), file=out)
 
 
+def _budget(per_second: float, over_budget: str, clock: Any) -> Any:
+    from .runtime.budget import Budget
+
+    return Budget(per_second, clock, over_budget=over_budget)
+
+
+def _print_overload(enforcer: Any, out: Any) -> None:
+    """The run summary's overload lines: the global budget, and how often the ring was full."""
+    c = enforcer.counters()
+    if enforcer.budget is not None:
+        print(enforcer.budget.describe(), file=out)
+    stalls = getattr(enforcer.backend, "ring_full_stalls", None)
+    print(f"ring_full: {c['ring_full_seen']} ring read(s) found all {enforcer.ring_slots} slots taken"
+          + (f"; {stalls} vCPU stall(s) waiting for a slot" if isinstance(stalls, int) else ""), file=out)
+
+
 def _usage_guard(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -314,6 +337,8 @@ def _step_label(step: Any) -> str:
 @_usage_guard
 def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
+    if args.budget is not None and not args.budget > 0:
+        raise _Usage(f"--budget {args.budget:g}: a positive number of events per second")
     if args.bundle is not None:
         _use_bundle(args)
     if scheme == "sim":
@@ -392,7 +417,8 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
 
     try:
         run = run_on_simulator(scenario, plan, compiled.symbols, log=log, recorder=recorder, on_start=on_start,
-                               on_step=on_step, on_log_failure=args.on_log_failure)
+                               on_step=on_step, on_log_failure=args.on_log_failure,
+                               budget=(args.budget, args.over_budget) if args.budget is not None else None)
     except (EnforcerError, ScenarioError) as exc:
         log.close()
         raise _Usage(str(exc)) from None
@@ -404,6 +430,7 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
           f"; requests {enf.requests}, responses {enf.responses}, decision records {enf.records}", file=out)
     print(log.summary(), file=out)
     _print_reloads(enf, out)
+    _print_overload(enf, out)
     if args.record:
         print(f"recorded {recorder.batches if recorder else 0} batch(es) to {args.record}", file=out)
     lost = _output_failures(log, recorder, enf)
@@ -489,6 +516,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
     enforcer.on_log_failure = args.on_log_failure
+    if args.budget is not None:
+        enforcer.budget = _budget(args.budget, args.over_budget, enforcer.clock)
     # Signals arriving before the loop's own handlers are in place must not kill a half-made install
     # (a SIGHUP then is a reload asked for early: the loop does it once it runs).
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
@@ -538,6 +567,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     errors = enforcer.installation.teardown_errors if enforcer.installation else []
     print(log.summary(), file=sys.stderr)
     _print_reloads(enforcer, sys.stderr)
+    _print_overload(enforcer, sys.stderr)
     c = enforcer.counters()
     verified = enforcer.installation.verified if enforcer.installation else {"frames": 0, "bytes": 0}
     print(f"requests {c['requests']}, responses {c['responses']}, decision records {c['records']}; teardown "

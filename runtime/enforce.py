@@ -55,6 +55,7 @@ from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available
 
 if TYPE_CHECKING:
+    from .budget import Budget
     from .reload import ReloadResult
 
 __all__ = ["Enforcer", "EnforcerError", "BATCH"]
@@ -130,6 +131,9 @@ class Enforcer:
         self._pending_rebinds: list[_PendingRebind] = []
         self._native_path: tuple[Any, Any] | None = None    # (ring, kick) for native service, once known
         self.reloads: list[ReloadResult] = []  # every reload tried, in order (runtime/reload.py)
+        self.budget: Budget | None = None       # the global event budget (runtime/budget.py), set before start
+        self.ring_slots = 8                     # the ring's request slots (from the backend at start)
+        self.ring_full_seen = 0                 # ring reads that found every slot taken
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
@@ -141,6 +145,7 @@ class Enforcer:
         backend = self.recorder.wrap(self.backend) if self.recorder is not None else self.backend
         t0 = time.monotonic()
         try:
+            self.ring_slots = getattr(self.backend.capabilities(), "ring_slots", 8)
             self.bound = bind_plan(self.plan, backend, self.symbols, slide=self.slide)
         except (BindError, BackendError) as exc:      # binding only reads the guest: nothing to undo
             raise EnforcerError(f"cannot bind the plan to guest '{self.guest}': {exc}") from None
@@ -266,7 +271,8 @@ class Enforcer:
         while True:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)
-            if ring is not None:
+            over = 0                            # the batch's last `over` requests are past the budget
+            if ring is not None and (self.budget is None or self.budget.has(self.batch)):
                 # Native calls drain, decide, log and answer; they hand back what needs Python.
                 try:
                     taken, served, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch,
@@ -283,6 +289,9 @@ class Enforcer:
                     continue
                 if not taken:
                     break
+                self._note_taken(taken)
+                if self.budget is not None:
+                    self.budget.spend(taken)
                 self._count_served(served, notify)
                 answered += served
                 if batch is None:
@@ -296,17 +305,21 @@ class Enforcer:
                 reqs = inst.take_requests(self.batch)
                 if not reqs:
                     break
+                self._note_taken(len(reqs))
                 self.requests += len(reqs)
                 if self.recorder is not None:
                     self.recorder.requests(reqs)
-                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native else None
+                if self.budget is not None:
+                    over = len(reqs) - self.budget.take(len(reqs))
+                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native and not over \
+                    else None
             if batch is not None:
                 # Native where it could; the Python engine's decisions are the ones with side effects.
                 responses = batch.responses
                 pairs = [(rsp, d) for _i, rsp, d in batch.decisions]
                 self._write_log(len(reqs), lambda: self.log.write_text(batch.text, batch.alerts))
             else:
-                pairs = engine.decide_batch(reqs)
+                pairs = self._decide(engine, reqs, over)
                 responses = [rsp for rsp, _ in pairs]
                 for _rsp, d in pairs:
                     watch(d)
@@ -322,6 +335,25 @@ class Enforcer:
                 self._rebind(gfn, offset)
                 self._pending_rebinds.append(_PendingRebind(gfn, offset))
         return answered
+
+    def _decide(self, engine: DecisionEngine, reqs: Sequence[bytes], over: int) -> list[tuple[bytes, Decision]]:
+        """The Python engine's decisions; the last `over` requests past the global budget (runtime/budget.py)."""
+        if not over:
+            return engine.decide_batch(reqs)
+        pairs = engine.decide_batch(reqs[:len(reqs) - over])
+        audit = engine.audit
+        engine.over_budget = True
+        engine.audit = audit or (self.budget is not None and self.budget.over_budget == "allow")
+        try:
+            pairs += engine.decide_batch(reqs[len(reqs) - over:])
+        finally:
+            engine.over_budget, engine.audit = False, audit
+        return pairs
+
+    def _note_taken(self, taken: int) -> None:
+        """A read that found the ring full: vCPUs were (or were about to be) stalled for a slot."""
+        if taken >= self.ring_slots:
+            self.ring_full_seen += 1
 
     def _after_log_failure(self) -> None:
         if self.on_log_failure == "allow-and-count":
@@ -487,5 +519,8 @@ class Enforcer:
     def counters(self) -> dict[str, int]:
         return {"requests": self.requests, "responses": self.responses, "records": self.records,
                 "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged,
+                "over_budget": self.budget.over if self.budget is not None else 0,
+                "ring_full_seen": self.ring_full_seen,
+                "ring_full_stalls": int(getattr(self.backend, "ring_full_stalls", 0) or 0),
                 "reloads": sum(1 for r in self.reloads if r.result == "ok"),
                 "reload_failures": sum(1 for r in self.reloads if r.result == "failed")}

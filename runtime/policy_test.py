@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .decide import Decision
 from .decision_log import DecisionLog, render_template
+from .budget import Budget
 from .enforce import Enforcer
 from .reload import scenario_reloader
 from .sim.scenario import Scenario, ScenarioError, ScenarioRunner, StepResult, build_scenario
@@ -76,10 +77,12 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
                      log: DecisionLog | None = None, recorder: Any = None,
                      on_start: Callable[[Enforcer], None] | None = None,
                      on_step: Callable[[StepResult, list[Decision]], None] | None = None,
-                     on_log_failure: str = "fail-closed") -> SimulatedRun:
+                     on_log_failure: str = "fail-closed",
+                     budget: tuple[float, str] | None = None) -> SimulatedRun:
     """Build the scenario's guest, enforce `plan` on it while its steps run, tear down.
     Raises `EnforcerError` (nothing installed) when the plan cannot be bound or installed.
-    With `on_log_failure="stop"` a log that cannot be written ends the run after that step."""
+    With `on_log_failure="stop"` a log that cannot be written ends the run after that step. `budget`:
+    (events per second, over-budget mode) for the enforcer's global budget (runtime/budget.py)."""
     target = (plan.get("target") or {}).get("arch", scenario.profile)
     xen = build_scenario(scenario, profile=target)
     before = xen.state_snapshot(memory=False)
@@ -89,7 +92,7 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
 
     reloads: list[tuple[int, Any]] = []
     decided_by: list[tuple[str, str]] = []
-    reloading = any(s.op == "reload" or any(b.op == "reload" for b in s.body) for s in scenario.steps)
+    reloading = scenario.reloads
 
     def observe(pairs: Sequence[tuple[bytes, Decision]], requests: Sequence[bytes]) -> None:
         # A storm step keeps the raw requests of its first iterations only (LOOP_KEEP_RAW): keep as
@@ -105,6 +108,8 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
         enforcer = Enforcer(plan, xen, symbols, guest=f"sim-{scenario.name}", log=log, recorder=recorder,
                             state_dir=state_dir, observer=observe)
         enforcer.on_log_failure = on_log_failure
+        if budget is not None:
+            enforcer.budget = Budget(budget[0], enforcer.clock, over_budget=budget[1])
         enforcer.start()
         if on_start is not None:
             on_start(enforcer)

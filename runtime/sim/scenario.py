@@ -328,6 +328,11 @@ class Scenario:
     expect: list[Any]
     guest_extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def reloads(self) -> bool:
+        """Whether a step (or a step inside one) reloads the enforcer's plan."""
+        return any(s.op == "reload" for s in _walk(self.steps))
+
 
 @dataclass
 class StepResult:

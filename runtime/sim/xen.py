@@ -422,6 +422,7 @@ class SimulatedXen:
         self._last_wake = -1
         self._evtchn = False
         self.requests_put = 0
+        self.ring_full_stalls = 0
         self.responses_consumed = 0
         self.dropped_responses: list[bytes] = []
         self._closed = False
@@ -1080,6 +1081,7 @@ class SimulatedXen:
         if ring.free_requests == 0:
             s.waiting = (reason, u, sync, op, after)
             self._waitq.append(s)
+            self.ring_full_stalls += 1      # a vCPU that stopped for want of a ring slot
             return 3
         rc = self._put(s, reason, u, sync, op)
         if after is not None:
