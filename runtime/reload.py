@@ -124,13 +124,15 @@ def reload_plan(enforcer: Any, plan: Mapping[str, Any], symbols: Any) -> ReloadR
     moved: list[dict[str, Any]] = []
     try:
         _build_and_switch(enforcer, inst, beside, caps, plan, moved, result)
-    except Exception as exc:  # noqa: BLE001 - any failure before the switch keeps the old plan
+    except BaseException as exc:  # noqa: BLE001 - any failure before the switch keeps the old plan
         result = failed(old_hash, new_hash, "install", f"{type(exc).__name__}: {exc}"
                         if not isinstance(exc, (BackendError, InstallError)) else str(exc))
         undo_errors = _roll_back(inst, beside, moved)
         if undo_errors:
             result.error += (f"; rolling back the new plan's pieces failed ({'; '.join(undo_errors[:3])}): they "
                              "stay in the journal for teardown and 'policyc recover'")
+        if not isinstance(exc, Exception):
+            raise                               # an interrupt: rolled back, and it goes on up
     finally:
         _unpause(enforcer, inst, result)
     if result.ok:
