@@ -564,6 +564,11 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     notifier.stopping("torn down")
     notifier.close()
     log.close()
+    return _backend_summary(enforcer, log, recorder, backend)
+
+
+def _backend_summary(enforcer: Any, log: Any, recorder: Any, backend: Any) -> int:
+    """What a simhost: or xen: run prints once torn down (stderr), and its exit code."""
     errors = enforcer.installation.teardown_errors if enforcer.installation else []
     print(log.summary(), file=sys.stderr)
     _print_reloads(enforcer, sys.stderr)
