@@ -33,7 +33,7 @@ POLICIES = EXAMPLES / "policies"
 V1 = POLICIES / "linux-kernel-integrity.vmi"
 V2 = POLICIES / "reload" / "syscalls-and-text.vmi"
 V3_PLAN = POLICIES / "reload" / "syscalls-only.plan.json"
-BROKEN = EXAMPLES / "scenarios" / "reload" / "broken-syscalls.vmi"
+BROKEN = EXAMPLES / "scenarios" / "reload" / "broken-syscalls.edit"
 SCENARIO = EXAMPLES / "scenarios" / "reload-under-writes.yaml"
 WRITERS = ROOT / "tests" / "data" / "scenarios" / "reload-writers.yaml"
 
@@ -80,7 +80,7 @@ def test_a_decision_record_names_the_plan_that_made_it(tmp_path):
     reloads = [r for r in records if r.get("record") == "reload"]
     assert [r["result"] for r in reloads] == ["ok", "ok", "failed", "ok"]
     assert [r["new_plan"] for r in reloads if r["result"] == "ok"] == hashes[1:]
-    assert "broken-syscalls.vmi:11:9" in reloads[2]["error"]         # where the broken policy is wrong
+    assert "broken-syscalls.edit:12:9" in reloads[2]["error"]         # where the broken policy is wrong
     # every in-flight write is answered by the plan running when the reload began, the rest by the new one
     decisions = [r for r in records if "decision_id" in r]
     assert len(decisions) == 16 and all(d["verdict"] == "deny" for d in decisions)
