@@ -24,13 +24,13 @@ import os
 import stat
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_outputs import RunOutputs, add_output_arguments
 from .cli_shared import is_scenario_file
 from .diagnostics import Diagnostics
+from .plan_source import Compiled, PlanSourceError, load_plan_source
 
 __all__ = ["add_runtime_commands"]
 
@@ -67,9 +67,35 @@ def add_runtime_commands(sub: Any) -> None:
                           "fail-closed (default) keeps deciding by the policy, denies included; allow-and-count "
                           "answers allow from then on; stop tears down and exits. Every request is answered "
                           "and the decisions not recorded are counted, in each mode; the run exits 1")
+    run.add_argument("--budget", type=float, metavar="EVENTS", help="a global budget of events per second "
+                     "decided in full, to keep the ring from filling in a storm; past it events are answered "
+                     "as --over-budget says and counted (default: no budget)")
+    run.add_argument("--over-budget", choices=("then", "allow"), default="then",
+                     help="events past --budget: 'then' (default, for security) runs each matching rule's "
+                          "`then` as if past its own rate limit, a rule without one keeps its verdict and "
+                          "drops its messages; 'allow' answers allow (recorded as would-deny)")
+    run.add_argument("--control-socket", metavar="PATH", help="listen on this Unix socket (0600) for "
+                     "`policyc reload --socket PATH`; SIGHUP (`policyc reload --pid`) reloads without it "
+                     "(simhost: and xen: guests)")
     run.add_argument("-v", "--verbose", action="store_true", help="show every decision under its step")
     add_output_arguments(run)
     run.set_defaults(run=_cmd_run)
+
+    rl = sub.add_parser("reload", help="make a running `policyc run` enforce a new plan, with no gap",
+                        description="Ask a running `policyc run` (simhost: or xen: guest) to reload: from FILE "
+                                    "(a policy or a compiled plan), else from the file it was started with, "
+                                    "edited in place. The new plan is compiled, bound and built beside the "
+                                    "running one, then switched to; if anything fails the running plan keeps "
+                                    "enforcing. Exit 0 when the new plan enforces (or was the running one), 1 "
+                                    "when the reload failed and the old plan still enforces, 2 when the run "
+                                    "could not be asked.")
+    target = rl.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=int, metavar="PID", help="the run's process id (SIGHUP)")
+    target.add_argument("--socket", metavar="PATH", help="the run's --control-socket")
+    rl.add_argument("file", metavar="FILE", nargs="?", help="the policy or compiled plan to enforce now")
+    rl.add_argument("--state-dir", metavar="DIR", help="the run's --state-dir (with --pid)")
+    rl.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait (default 60)")
+    rl.set_defaults(run=_cmd_reload)
 
     test = sub.add_parser("test", help="run scenario files with expect: against their policies (CI)",
                           description="Run scenario files (YAML with scenario:, steps:, expect:) on the simulator "
@@ -120,84 +146,20 @@ class _Usage(Exception):
     """A usage problem: one line, exit 2."""
 
 
-@dataclass
-class _Compiled:
-    plan: dict
-    symbols: list
-
-
 def _compile(policy: str, target: str | None, *, audit: bool = False, command: str,
-             warnings: bool = True, symbols_dir: str | None = None) -> _Compiled:
-    from .check import check_policy
+             warnings: bool = True, symbols_dir: str | None = None) -> Compiled:
+    """`load_plan_source` for a command: its diagnostics shown, a failure a usage error (exit 2)."""
     from .cli_shared import emit_diagnostics
-    from .lower import compile_plan
-    from .symbols import SymbolFileError, load_symbol_table
-
-    path = Path(policy)
-    if not path.is_file():
-        raise _Usage(f"no such policy file: {policy}")
-    if path.suffix.lower() == ".json":
-        compiled = _compiled_plan(path, target, symbols_dir=symbols_dir)
-        return _Compiled(_audited(compiled.plan) if audit else compiled.plan, compiled.symbols)
-    diagnostics = Diagnostics()
-    model = check_policy(path, diagnostics, target_arch=target)
-    plan = compile_plan(model, diagnostics, target=target) if model is not None else None
     from .diagnostics import Severity
-    shown = [d for d in diagnostics.sorted() if warnings or d.severity is Severity.ERROR]
-    emit_diagnostics(shown, "text")
-    if plan is None or model is None:
-        raise _Usage(f"{policy} does not compile (see above): nothing was installed")
-    if audit:
-        plan = _audited(plan)
-    try:
-        symbols = [load_symbol_table(s.path) for s in model.symbols]
-    except (OSError, SymbolFileError) as exc:
-        raise _Usage(f"cannot load the policy's symbols: {exc}") from None
-    return _Compiled(plan, symbols)
-
-
-def _audited(plan: dict) -> dict:
-    """The plan in audit mode (`--audit`), resealed: every deny answered allow and logged as would-deny."""
-    from .plan import seal
-
-    if plan["policy"].get("mode") == "audit":
-        return plan
-    return seal({**plan, "policy": {**plan["policy"], "mode": "audit"}})
-
-
-def _compiled_plan(path: Path, target: str | None, *, symbols_dir: str | None) -> _Compiled:
-    """A plan file as `policyc compile` wrote it: schema and content hash checked, run for the target it
-    was compiled for (never recompiled), with the very symbol files it was compiled against."""
-    import hashlib
-
-    from .plan import PlanError, load_plan
-    from .symbols import SymbolFileError, load_symbol_table
 
     try:
-        plan = load_plan(path)
-    except PlanError as exc:
-        raise _Usage(f"{exc}: nothing was installed") from None
-    planned = plan["target"]["arch"]
-    if target and target != planned:
-        raise _Usage(f"{path} is a plan compiled for {planned}: a plan runs on the target it was compiled for; "
-                     f"compile the policy with --target {target}")
-    where = Path(symbols_dir) if symbols_dir else path.parent
-    symbols = []
-    for ref in plan["policy"].get("symbols", ()):
-        file = where / ref["name"]
-        try:
-            digest = hashlib.sha256(file.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise _Usage(f"the plan needs its symbol file {ref['name']}: {exc.strerror} in {where}"
-                         + ("" if symbols_dir else " (give --symbols DIR)")) from None
-        if digest != ref["sha256"]:
-            raise _Usage(f"{file} is not the symbol file the plan was compiled against (sha256 {digest[:12]}…, "
-                         f"the plan names {ref['sha256'][:12]}…)")
-        try:
-            symbols.append(load_symbol_table(file))
-        except SymbolFileError as exc:
-            raise _Usage(f"cannot load the plan's symbols: {exc}") from None
-    return _Compiled(plan, symbols)
+        compiled = load_plan_source(policy, target, audit=audit, symbols_dir=symbols_dir)
+    except PlanSourceError as exc:
+        emit_diagnostics([d for d in exc.diagnostics if warnings or d.severity is Severity.ERROR], "text")
+        see = " (see above)" if exc.diagnostics else ""
+        raise _Usage(f"{exc}{see}: nothing was installed" if exc.unusable else str(exc)) from None
+    emit_diagnostics([d for d in compiled.diagnostics if warnings or d.severity is Severity.ERROR], "text")
+    return compiled
 
 
 def _use_bundle(args: argparse.Namespace) -> None:
@@ -314,6 +276,33 @@ def _output_failures(log: Any, recorder: Any, enforcer: Any) -> list[str]:
     return out
 
 
+def _print_reloads(enforcer: Any, out: Any) -> None:
+    """The run summary's reload lines: each reload tried, and how many took."""
+    from .runtime.reload import reload_results_summary
+
+    if not enforcer.reloads:
+        return
+    for r in enforcer.reloads:
+        print("  " + r.describe(), file=out)
+    print(reload_results_summary(enforcer.reloads), file=out)
+
+
+def _budget(per_second: float, over_budget: str, clock: Any) -> Any:
+    from .runtime.budget import Budget
+
+    return Budget(per_second, clock, over_budget=over_budget)
+
+
+def _print_overload(enforcer: Any, out: Any) -> None:
+    """The run summary's overload lines: the global budget, and how often the ring was full."""
+    c = enforcer.counters()
+    if enforcer.budget is not None:
+        print(enforcer.budget.describe(), file=out)
+    stalls = getattr(enforcer.backend, "ring_full_stalls", None)
+    print(f"ring_full: {c['ring_full_seen']} ring read(s) found all {enforcer.ring_slots} slots taken"
+          + (f"; {stalls} vCPU stall(s) waiting for a slot" if isinstance(stalls, int) else ""), file=out)
+
+
 def _usage_guard(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -352,6 +341,8 @@ def _step_label(step: Any) -> str:
 @_usage_guard
 def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
+    if args.budget is not None and not args.budget > 0:
+        raise _Usage(f"--budget {args.budget:g}: a positive number of events per second")
     if args.bundle is not None:
         _use_bundle(args)
     args.outputs = RunOutputs(args, scheme, _Usage, _open_out)
@@ -434,7 +425,8 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
 
     try:
         run = run_on_simulator(scenario, plan, compiled.symbols, log=log, recorder=recorder, on_start=on_start,
-                               on_step=on_step, on_log_failure=args.on_log_failure)
+                               on_step=on_step, on_log_failure=args.on_log_failure,
+                               budget=(args.budget, args.over_budget) if args.budget is not None else None)
     except (EnforcerError, ScenarioError) as exc:
         log.close()
         raise _Usage(str(exc)) from None
@@ -445,6 +437,8 @@ def _run_sim(args: argparse.Namespace, scenario_path: Path) -> int:
     print(f"teardown: {clean if not diff else 'NOT CLEAN: ' + '; '.join(diff)}"
           f"; requests {enf.requests}, responses {enf.responses}, decision records {enf.records}", file=out)
     print(log.summary(), file=out)
+    _print_reloads(enf, out)
+    _print_overload(enf, out)
     if args.record:
         print(f"recorded {recorder.batches if recorder else 0} batch(es) to {args.record}", file=out)
     lost = _output_failures(log, recorder, enf) + args.outputs.report()
@@ -539,20 +533,26 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
                         state_dir=args.state_dir)
     enforcer.on_log_failure = args.on_log_failure
-    # Signals arriving before the loop's own handlers are in place must not kill a half-made install.
+    if args.budget is not None:
+        enforcer.budget = _budget(args.budget, args.over_budget, enforcer.clock)
+    # Signals arriving before the loop's own handlers are in place must not kill a half-made install
+    # (a SIGHUP then is a reload asked for early: the loop does it once it runs).
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
+    control = _reload_control(args)
     try:
         enforcer.start()
     except EnforcerError as exc:
         outputs.failed(str(exc))
+        control.close()
         log.close()
         raise _Usage(str(exc)) from None
     except KeyboardInterrupt:
+        control.close()
         return 130
     outputs.protected(enforcer, backend, plan)
     phases = {"compile": compile_seconds, **enforcer.startup_seconds}
-    print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop",
-          file=sys.stderr)
+    print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop, "
+          "SIGHUP to reload", file=sys.stderr)
     if (kernel := _kernel_build_line(enforcer.bound)) is not None:
         print(kernel, file=sys.stderr)
     print("in place after " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) +
@@ -564,6 +564,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     def finished() -> bool:
         notifier.watchdog()          # called from the answering loop: a stuck loop stops the pings
         outputs.on_turn()
+        control.poll(enforcer)
         status_every[0] += 1
         if status_every[0] % 50:
             return False
@@ -582,12 +583,21 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         outputs.unprotected(f"stopped by an error: {exc}")
         log.close()
         return EXIT_PROBLEMS
+    finally:
+        control.close()
     outputs.unprotected()
     notifier.stopping("torn down")
     notifier.close()
     log.close()
+    return _backend_summary(enforcer, log, recorder, backend, outputs)
+
+
+def _backend_summary(enforcer: Any, log: Any, recorder: Any, backend: Any, outputs: Any) -> int:
+    """What a simhost: or xen: run prints once torn down (stderr), and its exit code."""
     errors = enforcer.installation.teardown_errors if enforcer.installation else []
     print(log.summary(), file=sys.stderr)
+    _print_reloads(enforcer, sys.stderr)
+    _print_overload(enforcer, sys.stderr)
     c = enforcer.counters()
     verified = enforcer.installation.verified if enforcer.installation else {"frames": 0, "bytes": 0}
     print(f"requests {c['requests']}, responses {c['responses']}, decision records {c['records']}; teardown "
@@ -612,6 +622,58 @@ def _identity(backend: Any) -> dict:
         return dict(backend.domain_identity())
     except Exception:  # noqa: BLE001 - a record without the UUID beats no run
         return {}
+
+
+def _reload_control(args: argparse.Namespace) -> Any:
+    """SIGHUP and --control-socket for a run that has started enforcing (runtime/reload_control.py)."""
+    from .runtime.state_record import default_state_dir
+    from .runtime.reload_control import ReloadControl
+
+    def report(result: Any) -> None:
+        print("policyc run: " + result.describe(), file=sys.stderr, flush=True)
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    try:
+        control = ReloadControl(args.policy, args.target, state_dir=state_dir, symbols_dir=args.symbols,
+                                audit=args.audit, socket_path=args.control_socket, report=report)
+    except OSError as exc:
+        print(f"policyc run: no control socket: {exc}; SIGHUP still reloads", file=sys.stderr)
+        control = ReloadControl(args.policy, args.target, state_dir=state_dir, symbols_dir=args.symbols,
+                                audit=args.audit, report=report)
+    control.install_signal()
+    return control
+
+
+@_usage_guard
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from .runtime.state_record import default_state_dir
+    from .runtime.reload_control import ask_socket, request_reload
+
+    if args.file is not None and not Path(args.file).is_file():
+        raise _Usage(f"no such policy or plan file: {args.file}")
+    try:
+        if args.socket is not None:
+            answer = ask_socket(args.socket, args.file, timeout=args.timeout)
+        else:
+            state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+            answer = request_reload(args.pid, args.file, state_dir, timeout=args.timeout)
+    except ProcessLookupError:
+        raise _Usage(f"no process {args.pid}") from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise _Usage(f"cannot ask the run to reload: {exc}") from None
+    result = answer.get("result")
+    if result == "failed":
+        print(f"reload FAILED ({answer.get('stage')}): {answer.get('error')}; the old plan "
+              f"{str(answer.get('old_plan'))[:19]}… still enforces", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if result == "unchanged":
+        print(f"plan {str(answer.get('new_plan'))[:19]}… is the one running; nothing changed")
+    else:
+        print(f"reloaded: plan {str(answer.get('old_plan'))[:19]}… -> {str(answer.get('new_plan'))[:19]}… "
+              f"in {answer.get('seconds')} s")
+        for late in answer.get("released_late") or ():
+            print(f"  not released yet (teardown removes it): {late}")
+    return EXIT_OK
 
 
 def _cmd_service_unit(args: argparse.Namespace) -> int:

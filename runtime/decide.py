@@ -450,6 +450,7 @@ class DecisionEngine:
         self.wall_clock_ns = wall_clock_ns
         self.plan_hash: str = plan.get("content_hash", "")
         self.audit = plan.get("policy", {}).get("mode") == "audit"
+        self.over_budget = False        # set by the enforcer for events past its global budget
         self.arch: str = plan.get("target", {}).get("arch", "x86_64")
         self.arm = self.arch == "arm64"
         self.strategies: dict[str, str] = dict(plan.get("strategies", {}))
@@ -693,12 +694,13 @@ class DecisionEngine:
         for rule in matched:
             r_verdict, r_feed, r_vector = rule.verdict, rule.feed, rule.vector
             messages, pause, disarm = rule.messages, rule.pause, rule.disarm
-            if rule.limit is not None and not rule.take_token(now):
+            if self.over_budget or (rule.limit is not None and not rule.take_token(now)):
+                # Past the rule's rate limit, or the enforcer's global budget: the rule's `then`
+                # runs; a rule without one keeps its verdict and drops its actions.
                 then = rule.then
-                assert then is not None
                 limited.append(rule.name)
-                messages, pause, disarm = then.messages, then.pause, then.disarm
-                if then.verdict is not None:
+                messages, pause, disarm = (then.messages, then.pause, then.disarm) if then else ((), False, False)
+                if then is not None and then.verdict is not None:
                     r_verdict, r_feed, r_vector = then.verdict, then.feed, then.vector
             d.messages.extend(messages)
             if pause:

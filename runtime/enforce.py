@@ -48,7 +48,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .backend import BackendError
 from .bind import BoundPlan, bind_plan
@@ -57,6 +57,10 @@ from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available
 from ..errors import PolicycError
+
+if TYPE_CHECKING:
+    from .budget import Budget
+    from .reload import ReloadResult
 
 __all__ = ["Enforcer", "EnforcerError", "BATCH"]
 
@@ -130,6 +134,10 @@ class Enforcer:
         self.log_error: str | None = None
         self._pending_rebinds: list[_PendingRebind] = []
         self._native_path: tuple[Any, Any, Any] | None = None    # (ring, kick, wait) for native service, once known
+        self.reloads: list[ReloadResult] = []  # every reload tried, in order (runtime/reload.py)
+        self.budget: Budget | None = None       # the global event budget (runtime/budget.py), set before start
+        self.ring_slots = 8                     # the ring's request slots (from the backend at start)
+        self.ring_full_seen = 0                 # ring reads that found every slot taken
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
@@ -140,6 +148,7 @@ class Enforcer:
         backend = self.recorder.wrap(self.backend) if self.recorder is not None else self.backend
         t0 = time.monotonic()
         try:
+            self.ring_slots = getattr(self.backend.capabilities(), "ring_slots", 8)
             self.bound = bind_plan(self.plan, backend, self.symbols, slide=self.slide)
         except (BindError, BackendError) as exc:      # binding only reads the guest: nothing to undo
             raise EnforcerError(f"cannot bind the plan to guest '{self.guest}': {exc}") from None
@@ -150,12 +159,7 @@ class Enforcer:
             raise EnforcerError(f"cannot install on guest '{self.guest}': {exc} (nothing was left behind)") \
                 from None
         t2 = time.monotonic()
-        self.engine = DecisionEngine(self.installation.engine_plan(), self.bound, clock=self.clock)
-        if self.use_native:
-            inst = self.installation
-            self.native = NativeEngine(self.engine, plan_hash=self.log.plan_hash,
-                                       pt_frames=lambda: inst.bound.pt_frames,
-                                       python_denies=getattr(self.backend, "python_denies", ()))
+        self.engine, self.native = self.build_engines(self.installation, self.log.plan_hash)
         # The plan, binding and tables live as long as the enforcer: keep the cyclic GC from scanning
         # them on every full collection (with 100,000 regions that scan dominated decision time).
         gc.collect()
@@ -167,6 +171,41 @@ class Enforcer:
         self.startup_seconds = {"bind": round(t1 - t0, 3), "install": round(t2 - t1, 3),
                                 "engine": round(time.monotonic() - t2, 3)}
         return self.installation
+
+    def reload(self, plan: Mapping[str, Any], symbols: Any) -> "ReloadResult":
+        """Replace the running plan by `plan` without a moment unenforced; on any failure the running
+        plan keeps enforcing (runtime/reload.py). Every result is kept in `reloads`."""
+        from .reload import reload_plan
+
+        result = reload_plan(self, plan, symbols)
+        self.note_reload(result)
+        return result
+
+    def note_reload(self, result: "ReloadResult") -> None:
+        """Count a reload's result and say it in the decision log (also for one that failed before it
+        reached the enforcer: a policy that does not compile)."""
+        self.reloads.append(result)
+        self.log.event("reload", result.as_dict(), alert=None if result.ok else result.describe())
+
+    def build_engines(self, installation: Installation, plan_hash: str) -> tuple[DecisionEngine, NativeEngine | None]:
+        """The decision engines for an installation's plan (view ids as the backend handed them out)."""
+        engine = DecisionEngine(installation.engine_plan(), installation.bound, clock=self.clock)
+        if self.engine is not None:
+            engine.audit = engine.audit or self.engine.audit     # allow-and-count after a log failure stays
+        native = None
+        if self.use_native:
+            inst = self.installation if self.installation is not None else installation
+            native = NativeEngine(engine, plan_hash=plan_hash, pt_frames=lambda: inst.bound.pt_frames,
+                                  python_denies=getattr(self.backend, "python_denies", ()))
+        return engine, native
+
+    def adopt_plan(self, plan: Mapping[str, Any], bound: BoundPlan, engine: DecisionEngine,
+                   native: NativeEngine | None) -> None:
+        """Switch to a reloaded plan's engines: every later decision is the new plan's, and its
+        records name its hash."""
+        self.plan, self.bound, self.engine, self.native = plan, bound, engine, native
+        self.log.plan_hash = plan.get("content_hash", "")
+        self._pending_rebinds = []
 
     def stop(self) -> list[str]:
         """Tear down (idempotent). Returns teardown errors (empty when the guest is as it was)."""
@@ -237,7 +276,8 @@ class Enforcer:
         while True:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)
-            if ring is not None:
+            over = 0                            # the batch's last `over` requests are past the budget
+            if ring is not None and (self.budget is None or self.budget.has(self.batch)):
                 # Native calls drain, decide, log and answer; they hand back what needs Python.
                 try:
                     taken, served, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch,
@@ -256,6 +296,9 @@ class Enforcer:
                 self._count_served(served, notify)
                 if self._after_native_kick() or not taken:
                     break
+                self._note_taken(taken)
+                if self.budget is not None:
+                    self.budget.spend(taken)
                 answered += served
                 if batch is None:
                     if notify is not None or served < self.batch:
@@ -268,17 +311,21 @@ class Enforcer:
                 reqs = inst.take_requests(self.batch)
                 if not reqs:
                     break
+                self._note_taken(len(reqs))
                 self.requests += len(reqs)
                 if self.recorder is not None:
                     self.recorder.requests(reqs)
-                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native else None
+                if self.budget is not None:
+                    over = len(reqs) - self.budget.take(len(reqs))
+                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native and not over \
+                    else None
             if batch is not None:
                 # Native where it could; the Python engine's decisions are the ones with side effects.
                 responses = batch.responses
                 pairs = [(rsp, d) for _i, rsp, d in batch.decisions]
                 self._write_log(len(reqs), lambda: self.log.write_text(batch.text, batch.alerts))
             else:
-                pairs = engine.decide_batch(reqs)
+                pairs = self._decide(engine, reqs, over)
                 responses = [rsp for rsp, _ in pairs]
                 for _rsp, d in pairs:
                     watch(d)
@@ -294,6 +341,25 @@ class Enforcer:
                 self._rebind(gfn, offset)
                 self._pending_rebinds.append(_PendingRebind(gfn, offset))
         return answered
+
+    def _decide(self, engine: DecisionEngine, reqs: Sequence[bytes], over: int) -> list[tuple[bytes, Decision]]:
+        """The Python engine's decisions; the last `over` requests past the global budget (runtime/budget.py)."""
+        if not over:
+            return engine.decide_batch(reqs)
+        pairs = engine.decide_batch(reqs[:len(reqs) - over])
+        audit = engine.audit
+        engine.over_budget = True
+        engine.audit = audit or (self.budget is not None and self.budget.over_budget == "allow")
+        try:
+            pairs += engine.decide_batch(reqs[len(reqs) - over:])
+        finally:
+            engine.over_budget, engine.audit = False, audit
+        return pairs
+
+    def _note_taken(self, taken: int) -> None:
+        """A read that found the ring full: vCPUs were (or were about to be) stalled for a slot."""
+        if taken >= self.ring_slots:
+            self.ring_full_seen += 1
 
     def _after_log_failure(self) -> None:
         if self.on_log_failure == "allow-and-count":
@@ -486,4 +552,9 @@ class Enforcer:
 
     def counters(self) -> dict[str, int]:
         return {"requests": self.requests, "responses": self.responses, "records": self.records,
-                "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged}
+                "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged,
+                "over_budget": self.budget.over if self.budget is not None else 0,
+                "ring_full_seen": self.ring_full_seen,
+                "ring_full_stalls": int(getattr(self.backend, "ring_full_stalls", 0) or 0),
+                "reloads": sum(1 for r in self.reloads if r.result == "ok"),
+                "reload_failures": sum(1 for r in self.reloads if r.result == "failed")}

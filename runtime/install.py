@@ -132,6 +132,8 @@ class Installation:
         self.leftover: list[dict[str, Any]] = []               # entries whose undo failed
         self.skipped_frames: dict[int, list[int]] = {}         # plan view -> unpopulated gfns not set
         self.verified = {"frames": 0, "bytes": 0}              # read back after their undo at teardown
+        # A reload's entries for the new plan, saved after ours while it is built (runtime/reload.py)
+        self.pending: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ journal
     def _log(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +144,7 @@ class Installation:
     def _save(self) -> None:
         self.record.data["paused"] = self.paused
         self.record.data["view_map"] = {str(k): v for k, v in self.view_map.items()}
-        self.record.save(self.leftover + self.journal)
+        self.record.save(self.leftover + self.journal + self.pending)
 
     def note_policy_pause(self) -> None:
         """The policy's `pause` action paused the domain on purpose: recorded, so that `recover` after
@@ -219,13 +221,30 @@ class Installation:
     # ------------------------------------------------------------------ install steps
     def _install(self) -> None:
         b, bound = self.backend, self.bound
-        plan = bound.plan
         caps = b.capabilities()
         self._check(caps)
         self._pause()
+        self.view_map[0] = 0
+        self._arm(caps)                        # 1-4: views, access, breakpoints, monitors
+        # 5. every vCPU in the restricted view
+        default = bound.default_view()
+        if default is not None:
+            current = getattr(b, "current_view", None)
+            prior = current(0) if callable(current) else 0
+            self._log({"op": "switch_view", "view": prior})
+            b.switch_view(self.view_map[default])
+        # 6. run
+        self.record.data["phase"] = "installed"
+        self._unpause()
+        self.installed = True
+
+    def _arm(self, caps: Any, *, planted: Mapping[int, dict[str, Any]] | None = None) -> None:
+        """Install steps 1-4 (views, access, breakpoints, monitors), journalled; the domain is paused.
+        A reload runs them for the new plan beside the running one (runtime/reload.py): `planted`
+        holds the running plan's inline breakpoints by physical address, which stay as they are."""
+        b, bound = self.backend, self.bound
         # 1. altp2m and views
         extra = [v for v in sorted(bound.views.values(), key=lambda v: v.id) if v.id != 0]
-        self.view_map[0] = 0
         if extra:
             existing = _existing_views(b, caps)
             active = bool(existing)
@@ -251,20 +270,9 @@ class Installation:
                 continue
             self._apply_access(v.id, v.access, populated)
         # 3. breakpoints
-        self._plant_all(populated)
+        self._plant_all(populated, planted or {})
         # 4. monitors
-        self._enable_monitors(plan.get("monitors") or {}, caps)
-        # 5. every vCPU in the restricted view
-        default = bound.default_view()
-        if default is not None:
-            current = getattr(b, "current_view", None)
-            prior = current(0) if callable(current) else 0
-            self._log({"op": "switch_view", "view": prior})
-            b.switch_view(self.view_map[default])
-        # 6. run
-        self.record.data["phase"] = "installed"
-        self._unpause()
-        self.installed = True
+        self._enable_monitors(self.bound.plan.get("monitors") or {}, caps)
 
     def _check(self, caps: Any) -> None:
         bound = self.bound
@@ -304,11 +312,13 @@ class Installation:
         set_access_map(b, actual, {g: access[g] for g in gfns})
 
     # -- breakpoints
-    def _plant_all(self, populated: set[int]) -> None:
+    def _plant_all(self, populated: set[int], planted: Mapping[int, dict[str, Any]]) -> None:
         by_gfn: dict[int, list[BoundBreakpoint]] = {}
         for bp in self.bound.breakpoints:
             if bp.mechanism == "int3-shadow-frame":
                 by_gfn.setdefault(bp.gfn, []).append(bp)
+            elif bp.pa in planted:
+                self._inline[bp.id] = planted[bp.pa]     # already there: it stays, in the running journal
             else:
                 self._plant_inline(bp)
         for gfn, sites in sorted(by_gfn.items()):

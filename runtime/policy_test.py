@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import tempfile
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from .decide import Decision
 from .decision_log import DecisionLog, render_template
+from .budget import Budget
 from .enforce import Enforcer
+from .reload import scenario_reloader
 from .sim.scenario import Scenario, ScenarioError, ScenarioRunner, StepResult, build_scenario
 from .sim.xen import SimulatedXen
 
@@ -44,7 +46,7 @@ __all__ = ["SimulatedRun", "Expectation", "ExpectationResult", "run_on_simulator
            "describe_decision", "diff_snapshots", "STEP_KEYS", "END_KEYS"]
 
 DECISIONS_KEPT_PER_STEP = 4096
-STEP_KEYS = ("step", "verdict", "rule", "log", "alert", "collateral", "events", "would_deny", "comment")
+STEP_KEYS = ("step", "verdict", "rule", "log", "alert", "collateral", "events", "would_deny", "reload", "comment")
 END_KEYS = ("memory", "register", "paused_vcpus", "unchanged", "value", "comment")
 
 
@@ -63,6 +65,9 @@ class SimulatedRun:
     after: dict[str, Any]
     teardown_errors: list[str]
     trapped: dict[int, str]                      # gfn -> access in the default restricted view
+    reloads: list[tuple[int, Any]] = field(default_factory=list)    # (step index, ReloadResult) of reload steps
+    # the plan hash each decision's record named, in decision order, and the engine's that decided it
+    decided_by: list[tuple[str, str]] = field(default_factory=list)
 
     def step_decisions(self, index: int) -> list[Decision]:
         return self.decisions.get(index, [])
@@ -72,10 +77,12 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
                      log: DecisionLog | None = None, recorder: Any = None,
                      on_start: Callable[[Enforcer], None] | None = None,
                      on_step: Callable[[StepResult, list[Decision]], None] | None = None,
-                     on_log_failure: str = "fail-closed") -> SimulatedRun:
+                     on_log_failure: str = "fail-closed",
+                     budget: tuple[float, str] | None = None) -> SimulatedRun:
     """Build the scenario's guest, enforce `plan` on it while its steps run, tear down.
     Raises `EnforcerError` (nothing installed) when the plan cannot be bound or installed.
-    With `on_log_failure="stop"` a log that cannot be written ends the run after that step."""
+    With `on_log_failure="stop"` a log that cannot be written ends the run after that step. `budget`:
+    (events per second, over-budget mode) for the enforcer's global budget (runtime/budget.py)."""
     target = (plan.get("target") or {}).get("arch", scenario.profile)
     xen = build_scenario(scenario, profile=target)
     before = xen.state_snapshot(memory=False)
@@ -83,9 +90,15 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
     by_request: dict[bytes, deque[Decision]] = defaultdict(deque)
     kept = [0]
 
+    reloads: list[tuple[int, Any]] = []
+    decided_by: list[tuple[str, str]] = []
+    reloading = scenario.reloads
+
     def observe(pairs: Sequence[tuple[bytes, Decision]], requests: Sequence[bytes]) -> None:
         # A storm step keeps the raw requests of its first iterations only (LOOP_KEEP_RAW): keep as
         # many decisions as a step can claim, not a million.
+        if reloading:
+            decided_by.extend([(log.plan_hash, enforcer.engine.plan_hash)] * len(pairs))
         for raw, (_rsp, d) in zip(requests, pairs):
             if kept[0] < DECISIONS_KEPT_PER_STEP:
                 by_request[bytes(raw)].append(d)
@@ -95,10 +108,13 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
         enforcer = Enforcer(plan, xen, symbols, guest=f"sim-{scenario.name}", log=log, recorder=recorder,
                             state_dir=state_dir, observer=observe)
         enforcer.on_log_failure = on_log_failure
+        if budget is not None:
+            enforcer.budget = Budget(budget[0], enforcer.clock, over_budget=budget[1])
         enforcer.start()
         if on_start is not None:
             on_start(enforcer)
         runner = ScenarioRunner(scenario, xen, lambda _xen: enforcer.service())
+        runner.reloader = scenario_reloader(enforcer, target, reloads)
         decisions: dict[int, list[Decision]] = {}
         unmatched: list[Decision] = []
         try:
@@ -125,7 +141,7 @@ def run_on_simulator(scenario: Scenario, plan: Mapping[str, Any], symbols: Any, 
     unmatched.extend(d for q in by_request.values() for d in q)
     after = xen.state_snapshot(memory=False)
     return SimulatedRun(scenario, xen, runner, enforcer, runner.results, decisions, unmatched, before, after,
-                        teardown_errors, trapped)
+                        teardown_errors, trapped, reloads, decided_by)
 
 
 def _trapped_pages(enforcer: Enforcer) -> dict[int, str]:
@@ -199,6 +215,8 @@ def parse_expectations(scenario: Scenario) -> list[Expectation]:
                                     scenario.path, line, col)
             if "verdict" in spec and spec["verdict"] not in ("allow", "deny"):
                 raise ScenarioError("verdict: allow or deny", scenario.path, line, col)
+            if "reload" in spec and spec["reload"] not in ("ok", "failed"):
+                raise ScenarioError("reload: ok or failed", scenario.path, line, col)
         elif "memory" in spec or "register" in spec:
             if not spec.get("unchanged") and "value" not in spec:
                 raise ScenarioError("an end-state expectation needs 'unchanged: true' or 'value: N'",
@@ -214,9 +232,33 @@ def check_expectations(run: SimulatedRun) -> list[ExpectationResult]:
     out.append(ExpectationResult(None, "every request answered and logged", enf.requests == enf.responses ==
                                  enf.records, f"requests {enf.requests}, responses {enf.responses}, "
                                  f"decision records {enf.records}"))
+    if run.reloads:
+        out.append(_check_decision_plans(run))
     diff, note = teardown_differences(run)
     out.append(ExpectationResult(None, "teardown restored the domain", not diff, "; ".join(diff) or note))
     return out
+
+
+def _check_decision_plans(run: SimulatedRun) -> ExpectationResult:
+    """With reloads: every decision's record names the plan whose engine made it, one of the plans
+    that enforced, and no decision comes from a plan after the next one took over."""
+    first = run.reloads[0][1].old_hash
+    order = [first] + [r.new_hash for _i, r in run.reloads if r.result == "ok"]
+    problems = []
+    at = 0
+    for named, engine in run.decided_by:
+        if named != engine:
+            problems.append(f"a record names plan {named[:19]}… but plan {engine[:19]}… decided it")
+        elif named not in order[at:]:
+            problems.append(f"a decision by plan {named[:19]}… " + ("after a later plan took over" if named in order
+                                                                     else "which never enforced"))
+        else:
+            at = order.index(named, at)
+        if len(problems) >= 3:
+            break
+    counts = {h[:19] + "…": sum(1 for n, _e in run.decided_by if n == h) for h in dict.fromkeys(order)}
+    return ExpectationResult(None, "every decision names the plan that made it", not problems,
+                             "; ".join(problems) or f"decisions per plan: {counts}")
 
 
 def teardown_differences(run: SimulatedRun) -> tuple[list[str], str]:
@@ -300,6 +342,13 @@ def _check_step(run: SimulatedRun, e: Expectation) -> ExpectationResult:
         got = _collateral(run, res, ds)
         if got != bool(s["collateral"]):
             problems.append(f"collateral is {str(got).lower()}, expected {str(bool(s['collateral'])).lower()}")
+    if "reload" in s:
+        mine = [r for i, r in run.reloads if i == index]
+        want_ok = s["reload"] == "ok"
+        if not mine:
+            problems.append("the step reloads nothing")
+        elif any(r.ok != want_ok for r in mine):
+            problems.append("; ".join(r.describe() for r in mine))
     if "would_deny" in s:
         got = any(d.would_deny for d in ds)
         if got != bool(s["would_deny"]):

@@ -70,6 +70,24 @@ def _decode(entry: Mapping[str, Any]) -> dict:
     return out
 
 
+def write_json_atomically(path: Path, data: Any) -> None:
+    """`data` as JSON at `path`, whole or not at all (temp file, fsync, rename): 0600 in a 0700 directory."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 class StateRecord:
     """The on-disk state record: written atomically (temp file + rename), 0600 in a 0700 directory."""
 
@@ -84,20 +102,7 @@ class StateRecord:
 
     def save(self, journal: Sequence[Mapping[str, Any]]) -> None:
         self.data["journal"] = [_encode(e) for e in journal]
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_json_atomically(self.path, self.data)
 
     def delete(self) -> None:
         try:

@@ -83,3 +83,14 @@ def run_storm_on_simhost(where: Path, rounds: int, run_args: list[str]) -> int:
         host_proc.terminate()
         host_proc.wait(10)
     return int(re.search(r"requests (\d+), responses (\d+), decision records (\d+)", err)[1])
+
+
+def start_simhost(scenario, socket_path: str):
+    """`python -m policyc.runtime.sim.host SCENARIO --forever --no-start` on `socket_path`, once it serves."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "policyc.runtime.sim.host", str(scenario), "--socket",
+                             socket_path, "--forever", "--no-start"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc

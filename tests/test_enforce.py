@@ -25,6 +25,7 @@ from policyc.runtime.enforce import Enforcer, EnforcerError
 from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator
 from policyc.native import abi
 from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests
+from policyc.runtime.reload import scenario_reloader
 from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario, load_scenario_text
 from policyc.symbols import load_symbol_table
 
@@ -525,7 +526,7 @@ def test_outputs_that_cannot_be_written_are_one_clear_line(tmp_path):
 
 # =========================================================================== native and Python enforcers
 
-_VARIABLE = re.compile(r'"(decision_id|time)":"[^"]*"|"(latency_ns|time_ns)":\d+')
+_VARIABLE = re.compile(r'"(decision_id|time)":"[^"]*"|"(latency_ns|time_ns)":\d+|"seconds":[\d.]+')
 
 
 def _enforce_scenario(path: Path, tmp_path: Path, native: bool) -> tuple[list[str], list[str], Enforcer]:
@@ -542,6 +543,7 @@ def _enforce_scenario(path: Path, tmp_path: Path, native: bool) -> tuple[list[st
                        state_dir=tmp_path / tag, native=native, clock=lambda: 1000.0)   # rate limits: no refill
         enf.start()
         runner = ScenarioRunner(scenario, xen, lambda _x: enf.service())
+        runner.reloader = scenario_reloader(enf, scenario.profile)
         for step in scenario.steps:
             runner.results.append(runner.run_step(step))
             enf.idle()

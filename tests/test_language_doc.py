@@ -34,7 +34,7 @@ def examples_dir(tmp_path_factory):
     """Every block written next to the example symbol files, as a reader would save them."""
     where = tmp_path_factory.mktemp("language")
     for f in (ROOT / "examples" / "policies").iterdir():
-        if not f.name.endswith(".vmi") and not f.name.endswith(".yaml"):
+        if f.is_file() and not f.name.endswith(".vmi") and not f.name.endswith(".yaml"):   # reload/: a folder
             shutil.copy(f, where / f.name)
     for name, _options, text in _blocks():
         (where / name).write_text(text)

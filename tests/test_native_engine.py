@@ -52,9 +52,9 @@ def _guests() -> dict[Path, Path]:
     """Example policy -> a scenario whose guest it protects."""
     out = {}
     for sc in sorted(SCENARIOS.glob("*.yaml")):
-        policy = load_scenario(sc).policy
-        if policy:
-            out.setdefault(Path(policy).resolve(), sc)
+        scenario = load_scenario(sc)
+        if scenario.policy and not scenario.reloads:     # a reload changes the plan under the comparison
+            out.setdefault(Path(scenario.policy).resolve(), sc)
     return out
 
 

@@ -6,7 +6,7 @@ Each trial takes an example scenario (`examples/scenarios/`, or those given) and
 makes exactly one call the enforcer makes to the simulated Xen fail: the N-th call of the whole
 run (every `Backend` method: discovery, pausing, access, altp2m, monitors, memory, registers,
 injection, the ring and its event channel), with an errno drawn from those Xen's calls return.
-The phase the call falls in (install, enforce, teardown) is whatever the N-th call turns out to be;
+The phase the call falls in (install, enforce, reload, teardown) is whatever the N-th call turns out to be;
 N is drawn over the calls a clean run of the same scenario makes (runs are deterministic, so the
 N-th call is the same call again): first a (scenario, call site) pair, the first trials taking
 each pair in turn, then one of that site's calls, so every call site is injected.
@@ -18,7 +18,9 @@ The invariant, after every trial: the domain equals its pre-install snapshot (ev
 in every view, views and altp2m, monitors, per-vCPU view and single-step, nothing paused, no
 request left on the ring, not crashed), or the enforcer is still enforcing (the fault was absorbed
 and the run went on to its end); and in both cases no vCPU is left paused and no request
-unanswered. A trial that breaks it is a violation, printed with its seed and call site so that
+unanswered. A scenario's reload steps are a phase of their own: a reload the fault made fail must
+leave the last good plan enforcing, armed exactly as before it (checked at once), and one that
+succeeded must have the new plan enforcing. A trial that breaks it is a violation, printed with its seed and call site so that
 `--trials 1 --seed S` replays it.
 
 Output: `trials`, `faults_injected`, `restored_exactly`, `still_enforcing`, `recovered` (of the
@@ -174,6 +176,7 @@ class _Prepared:
     at: dict = field(default_factory=dict)   # site -> the call numbers (from 1) where a clean run makes it
     # vCPUs a clean run leaves paused: the policy's own `pause` action pauses the domain on purpose
     intended_pause: tuple = ()
+    sources: dict = field(default_factory=dict)   # reload steps' files, compiled once
 
 
 def _prepare(path: Path) -> _Prepared:
@@ -227,6 +230,7 @@ def _run_one(p: _Prepared, t: Trial) -> FaultyBackend:
             return backend
         backend.phase = "enforce"
         runner = ScenarioRunner(p.scenario, xen, lambda _x: enforcer.service())
+        runner.reloader = _reloader(p, enforcer, backend, xen, t)
         aborted = None
         try:
             for step in p.scenario.steps:
@@ -254,9 +258,55 @@ def _run_one(p: _Prepared, t: Trial) -> FaultyBackend:
         if aborted is not None and backend.injected is None:
             t.problems.append(f"the run failed with no fault injected: {type(aborted).__name__}: {aborted}")
         # the fault was absorbed while enforcing: the run went on to its end under the plan
-        enforcing = aborted is None and (t.fail_at == 0 or (t.site or "").startswith("enforce:"))
+        enforcing = aborted is None and (t.fail_at == 0 or (t.site or "").startswith(("enforce:", "reload:")))
         _judge(xen, before, t, diff_snapshots, enforcing=enforcing, intended_pause=p.intended_pause)
     return backend
+
+
+def _reloader(p: _Prepared, enforcer: Any, backend: FaultyBackend, xen: Any, t: Trial) -> Any:
+    """A scenario's reload steps, as a call site of their own (phase `reload`), with the invariant of
+    a reload checked at once: one that failed leaves the last good plan enforcing, armed as it was."""
+    from ...plan_source import PlanSourceError, load_plan_source
+
+    def reload_step(step: Any, _index: int) -> bool:
+        if step.source not in p.sources:
+            try:
+                p.sources[step.source] = load_plan_source(step.source, p.plan["target"]["arch"])
+            except PlanSourceError as exc:
+                p.sources[step.source] = exc
+        source = p.sources[step.source]
+        if isinstance(source, PlanSourceError):
+            return False                      # a broken policy: the reload never reaches the guest
+        old = enforcer.plan.get("content_hash")
+        armed = _armed(xen)
+        backend.phase = "reload"
+        try:
+            result = enforcer.reload(source.plan, source.symbols)
+        finally:
+            backend.phase = "enforce"
+        now = enforcer.plan.get("content_hash")
+        if result.ok and now != source.plan.get("content_hash"):
+            t.problems.append(f"reload said ok but plan {now} enforces")
+        if not result.ok:
+            if now != old:
+                t.problems.append(f"a failed reload ({result.error}) left plan {now} enforcing, not {old}")
+            elif _armed(xen) != armed:
+                t.problems.append(f"a failed reload ({result.error}) changed what is armed: "
+                                  + "; ".join(_diff_armed(armed, _armed(xen))))
+        return result.ok
+    return reload_step
+
+
+def _armed(xen: Any) -> dict[str, Any]:
+    """What a plan arms in the domain (the ring and pause state move with the events in flight)."""
+    snap = xen.state_snapshot(memory=False)
+    return {k: snap[k] for k in ("access", "altp2m", "views", "monitors", "single_step")}
+
+
+def _diff_armed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    from ..policy_test import diff_snapshots
+
+    return diff_snapshots(before, after)[:4]
 
 
 def _judge(xen: Any, before: dict, t: Trial, diff: Any, *, enforcing: bool, intended_pause: tuple = ()) -> None:

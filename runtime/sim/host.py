@@ -162,8 +162,8 @@ class HostedXen:
                 for _ in range(self._runner.loop_count(s)):
                     yield from self._flat(s.body)
             elif s.op == "parallel":
-                yield from s.body
-            else:
+                yield from (b for b in s.body if b.op != "reload")
+            elif s.op != "reload":      # the enforcer's step: here it reloads on SIGHUP or `policyc reload`
                 yield s
 
 

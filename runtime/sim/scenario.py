@@ -67,6 +67,7 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "smc": ((), ()),
     "loop": (("steps",), ("count", "times")),
     "parallel": (("steps",), ()),
+    "reload": ((), ("policy", "plan")),
 }
 _COMMON = ("vcpu", "op", "rip", "cr3", "insn_length", "comment", "name")
 _EXPR_KEYS = ("va", "value", "size", "base", "limit", "leaf", "subleaf", "to_pa", "rip", "cr3",
@@ -324,6 +325,7 @@ class Step:
     count: Compiled | None = None
     msr: int | None = None
     cr: str | None = None
+    source: str | None = None                 # reload: the policy or plan file (beside the scenario)
 
 
 @dataclass
@@ -340,6 +342,11 @@ class Scenario:
     steps: list[Step]
     expect: list[Any]
     guest_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reloads(self) -> bool:
+        """Whether a step (or a step inside one) reloads the enforcer's plan."""
+        return any(s.op == "reload" for s in _walk(self.steps))
 
 
 @dataclass
@@ -496,6 +503,11 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
                 raise ScenarioError(f"msr: unknown MSR '{msr}'", path, *item.value_pos["msr"]) from None
         else:
             raise ScenarioError("msr: expected an MSR name or number", path, *item.value_pos["msr"])
+    if op == "reload":
+        given = [k for k in ("policy", "plan") if k in item]
+        if len(given) != 1 or not isinstance(item[given[0]], str) or not item[given[0]]:
+            raise ScenarioError("reload needs one of 'policy: FILE' or 'plan: FILE'", path, *pos)
+        step.source = os.path.normpath(Path(path).parent / item[given[0]])
     if op == "loop":
         body = item.get("steps")
         if not isinstance(body, _PList) or not body:
@@ -519,9 +531,13 @@ def _step(item: Any, pos: tuple[int, int], path: str, counter: list[int]) -> Ste
                                 *item.value_pos.get("steps", pos))
         step.body = _steps(body, path, [0])
         seen: set[int] = set()
+        if sum(1 for s in step.body if s.op == "reload") > 1:
+            raise ScenarioError("parallel: one reload at most", path, *pos)
         for s in step.body:
             if s.op in ("loop", "parallel"):
                 raise ScenarioError(f"parallel runs one operation per vCPU, not a {s.op}", path, s.line, s.col)
+            if s.op == "reload":
+                continue                     # the enforcer's, not a vCPU's: it runs with the events in flight
             if s.vcpu in seen:
                 raise ScenarioError(f"parallel: vCPU {s.vcpu} has two operations (one per vCPU)", path,
                                     s.line, s.col)
@@ -590,6 +606,10 @@ class ScenarioRunner:
         self.scenario = scenario
         self.xen = xen if xen is not None else build_scenario(scenario)
         self.responder = responder
+        # Runs a `reload` step (the enforcer's: policy tests set it), given the top-level step it is part
+        # of; returns whether the new plan took.
+        self.reloader: Callable[[Step, int], bool] | None = None
+        self._top = 0
         self.results: list[StepResult] = []
         for step in _walk(scenario.steps):
             if step.vcpu >= len(self.xen.guest.vcpus):
@@ -650,10 +670,13 @@ class ScenarioRunner:
         return _check_loop_count(step.count(_Env(self, step.vcpu)), self.scenario.path, (step.line, step.col))
 
     def run_step(self, step: Step) -> StepResult:
+        self._top = step.index
         if step.op == "loop":
             return self._run_loop(step)
         if step.op == "parallel":
             return self._run_parallel(step, record=True)
+        if step.op == "reload":
+            return self._run_reload(step)
         res, op = self._run_single(step, record=True)
         if op.kind in ("read", "write", "rmw", "exec") and op.va is not None:
             res.frames = self._frames(step.vcpu, op.va, op.size if op.kind != "exec" else 1)
@@ -687,16 +710,31 @@ class ScenarioRunner:
         res.paused = step.vcpu in self.xen.paused_vcpus()
         return res
 
+    def _run_reload(self, step: Step) -> StepResult:
+        """The enforcer replaces its plan (`took_effect`: the new plan took; a failed one keeps the old)."""
+        if self.reloader is None:
+            raise ValueError("a reload step needs an enforcer in this process (policyc test, run --guest sim:)")
+        took = self.reloader(step, self._top)
+        return StepResult(step.index, "reload", step.vcpu, took, 0, [], [], [], False, False,
+                          note=f"reload {step.source}: " + ("the new plan enforces" if took else
+                                                           "failed, the old plan still enforces"),
+                          line=step.line)
+
     def _run_parallel(self, step: Step, record: bool) -> StepResult:
         """Each vCPU starts its operation before any event is answered, as vCPUs run at once: the
-        events meet on the ring and the responder gets them in batches."""
+        events meet on the ring and the responder gets them in batches. A reload among them runs
+        once every operation has started: their events are in flight across the switch."""
         ops = []
         for inner in step.body:
-            op = self._make_op(inner, record=record)
-            ops.append((inner, self.xen.execute(inner.vcpu, op)))
+            if inner.op != "reload":
+                op = self._make_op(inner, record=record)
+                ops.append((inner, self.xen.execute(inner.vcpu, op)))
+        reloads = [self._run_reload(inner) for inner in step.body if inner.op == "reload"]
         for inner, op in ops:
             self._drive(inner.vcpu, op)
         res = StepResult(step.index, "parallel", step.vcpu, True, 0, [], [], [], False, False, line=step.line)
+        if reloads:
+            res.note = reloads[0].note
         for inner, op in ops:
             r = self._result(inner, op)
             res.events += r.events
@@ -713,6 +751,8 @@ class ScenarioRunner:
             return self._run_loop(step)
         if step.op == "parallel":
             return self._run_parallel(step, record)
+        if step.op == "reload":
+            return self._run_reload(step)
         return self._run_single(step, record)[0]
 
     def _run_single(self, step: Step, record: bool) -> tuple[StepResult, Op]:

@@ -141,6 +141,7 @@ class SimulatedXen(AccessMixin, RingMixin, MonitorMixin, ResponseMixin, MemoryMi
         self._last_wake = -1
         self._evtchn = False
         self.requests_put = 0
+        self.ring_full_stalls = 0
         self.responses_consumed = 0
         self.dropped_responses: list[bytes] = []
         self._closed = False

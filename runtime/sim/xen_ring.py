@@ -99,6 +99,7 @@ class RingMixin:
         if ring.free_requests == 0:
             s.waiting = (reason, u, sync, op, after)
             self._waitq.append(s)
+            self.ring_full_stalls += 1      # a vCPU that stopped for want of a ring slot
             return 3
         rc = self._put(s, reason, u, sync, op)
         if after is not None:

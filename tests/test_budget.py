@@ -1,0 +1,92 @@
+"""The global event budget (runtime/budget.py) and the ring_full count, on a storm wider than the ring."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from policyc.cli import main
+from policyc.plan_source import load_plan_source
+from policyc.runtime.budget import Budget
+from policyc.runtime.decision_log import DecisionLog
+from policyc.runtime.enforce import Enforcer
+from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+STORM = ROOT / "tests" / "data" / "scenarios" / "ring-storm.yaml"       # 12 vCPUs x 100 rounds, 8 slots
+KERNEL_INTEGRITY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
+
+
+def test_the_bucket_holds_a_second_of_events_and_refills_at_its_rate():
+    now = [0.0]
+    b = Budget(10, lambda: now[0])
+    assert b.take(4) == 4 and b.take(10) == 6 and b.over == 4
+    now[0] = 0.5                                   # half a second: five tokens back
+    assert b.take(10) == 5 and b.over == 9
+    now[0] = 100.0                                 # never more than a second's worth
+    assert b.take(30) == 10
+    with pytest.raises(ValueError):
+        Budget(0, lambda: 0.0)
+    with pytest.raises(ValueError):
+        Budget(5, lambda: 0.0, over_budget="drop")
+
+
+def storm(tmp_path, over_budget: str, *, native: bool = True):
+    scenario = load_scenario(STORM)
+    xen = build_scenario(scenario)
+    v = load_plan_source(str(KERNEL_INTEGRITY), None)
+    decisions = []
+    enf = Enforcer(v.plan, xen, v.symbols, guest="storm", state_dir=tmp_path, clock=lambda: 1000.0,  # no refill
+                   native=native, log=DecisionLog(None, plan_hash=v.plan["content_hash"]),
+                   observer=None if native else lambda pairs, _reqs: decisions.extend(d for _r, d in pairs))
+    enf.budget = Budget(100, enf.clock, over_budget=over_budget)
+    enf.start()
+    runner = ScenarioRunner(scenario, xen, lambda _x: enf.service())
+    runner.run()
+    table = runner.read_memory(runner.evaluate("symbol sys_call_table"), 96)
+    initial = runner.read_memory(runner.evaluate("symbol sys_call_table"), 96, initial=True)
+    assert enf.stop() == []
+    return enf, xen, decisions, table == initial
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_past_the_budget_a_deny_rule_without_then_still_denies(tmp_path, native):
+    enf, xen, decisions, unchanged = storm(tmp_path, "then", native=native)
+    c = enf.counters()
+    assert c["requests"] == c["responses"] == c["records"] == 1200
+    assert enf.budget.over == 1100                  # a second's worth (100) decided in full
+    assert unchanged                                # no write landed
+    assert enf.stats.verdicts["deny"] == 1200 and enf.stats.alerts == 100   # alerts: only within the budget
+    if not native:
+        full = [d for d in decisions if not d.limited]
+        past = [d for d in decisions if d.limited]
+        assert len(full) == 100 and len(past) == 1100
+        assert all(d.verdict == "deny" and d.messages for d in full)
+        # past the budget: the rule's verdict, none of its actions (protect_tables has no `then`)
+        assert all(d.verdict == "deny" and d.limited == ("protect_tables",) and not d.messages for d in past)
+    # the storm is wider than the ring: four vCPUs a round wait for a slot
+    assert xen.ring_full_stalls == 400 and c["ring_full_stalls"] == 400 and c["ring_full_seen"] >= 100
+
+
+def test_over_budget_allow_lets_the_storm_through_and_counts_it(tmp_path):
+    enf, _xen, decisions, unchanged = storm(tmp_path, "allow", native=False)
+    assert enf.budget.over == 1100 and not unchanged          # availability over protection, as asked
+    past = [d for d in decisions if d.limited]
+    assert len(past) == 1100 and all(d.would_deny and d.response == "allow" for d in past)
+    assert enf.counters()["requests"] == enf.counters()["responses"] == 1200
+
+
+def test_the_run_summary_reports_the_budget_and_ring_full_stalls():
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["run", "--guest", f"sim:{STORM}", "--budget", "100"])
+    text = out.getvalue()
+    assert code == 0, text + err.getvalue()
+    assert "budget 100 events/s:" in text and "event(s) past it, answered by their rules' then" in text
+    assert "ring_full: 100 ring read(s) found all 8 slots taken; 400 vCPU stall(s) waiting for a slot" in text
+    with redirect_stdout(io.StringIO()), redirect_stderr(err := io.StringIO()):
+        assert main(["run", "--guest", f"sim:{STORM}", "--budget", "0"]) == 2
+    assert "--budget 0: a positive number" in err.getvalue()
