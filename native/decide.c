@@ -579,7 +579,9 @@ static int select_candidates(const pe_engine *e, const uint8_t *raw, decision *d
         uint64_t rip = rd(raw + OFF_RIP, 8), gfn = rd(raw + OFF_U, 8);
         d->kind = PE_K_BP;
         f = find_key(e->bps, e->nbps, rip);
-        if (!f && gfn != ~(uint64_t)0)
+        /* by frame too: a frame number of 52 bits or more is no frame (shifted, it would wrap onto
+           one of ours; the Python engine's unbounded integers never match there) */
+        if (!f && gfn != ~(uint64_t)0 && !(gfn >> 52))
             f = find_key(e->bps, e->nbps, (gfn << 12) | (rip & 0xfff));
         if (!f || f->extra < 0)
             return PE_P_NOT_OURS;
