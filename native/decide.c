@@ -892,8 +892,9 @@ static int service_batch(pe_engine *e, pe_call *c)
 /* One batch, or with a native notify, batch after batch (notifying after each) until the ring
  * is empty, a batch needs the caller, or max_batches were served. With a native wait too, an
  * empty ring is waited on (after the ring's final check, so no request published meanwhile is
- * missed) until wait_ms have passed since the call began: the whole answering loop runs in C, and
- * the caller sees signals, idle work and stop requests at least that often. c->served counts the
+ * missed) until wait_ms have passed since the call began, and a ring that never empties is left
+ * then too: the whole answering loop runs in C, and the caller sees signals, idle work and stop
+ * requests at least that often. c->served counts the
  * requests answered whole; the last batch's state is as service_batch leaves it. */
 int pe_service(pe_engine *e, pe_call *c)
 {
@@ -919,6 +920,11 @@ int pe_service(pe_engine *e, pe_call *c)
                 return status;
             }
             if (++b >= c->max_batches)
+                return status;
+            /* A ring that never empties (every vCPU trapping as fast as it is answered) must
+             * still hand back to the caller by the deadline: it sees signals only between calls.
+             * Every 16th batch, so the clock is not read per event. */
+            if (deadline && (b & 15) == 0 && mono_ns() >= deadline)
                 return status;
             continue;
         }

@@ -58,6 +58,10 @@ from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available
 from ..errors import PolicycError
 
+# How long one `service()` call from the run loop goes on answering a ring that never empties before
+# it returns (the loop then sees signals and stop requests, and calls it again).
+SERVICE_SLICE_S = 0.05
+
 if TYPE_CHECKING:
     from .budget import Budget
     from .reload import ReloadResult
@@ -214,7 +218,7 @@ class Enforcer:
         from .install import TeardownError
 
         try:
-            self.service()
+            self.service(slice_s=SERVICE_SLICE_S)    # teardown answers whatever arrives after
         finally:
             try:
                 errors = self.installation.teardown()
@@ -243,10 +247,10 @@ class Enforcer:
             if self.stop_requested or (stop is not None and stop()):
                 return False
             if self._native_waits():
-                if not self.service(wait=wait):   # waits in C while the ring is empty
+                if not self.service(wait=wait, slice_s=SERVICE_SLICE_S):   # waits in C while the ring is empty
                     self.idle()
             elif backend.wait(wait):
-                self.service()
+                self.service(slice_s=SERVICE_SLICE_S)
             else:
                 self.idle()
             if progress is not None:
@@ -262,10 +266,11 @@ class Enforcer:
             if progress is not None:
                 progress.finish()
 
-    def service(self, wait: float = 0.0) -> int:
+    def service(self, wait: float = 0.0, *, slice_s: float | None = None) -> int:
         """Answer every request on the ring now; returns how many were answered. With `wait`, when
         the backend's wait is native (`native_wait()`), go on answering what arrives for up to that
-        long in one native call (`run` does; the ring's wait is then never a Python call)."""
+        long in one native call (`run` does; the ring's wait is then never a Python call). With
+        `slice_s`, return after about that long (or `wait`) even if the ring never empties."""
         inst, engine = self.installation, self.engine
         assert inst is not None and engine is not None, "start() first"
         answered = 0
@@ -273,7 +278,10 @@ class Enforcer:
         if inst.notify_owed:                   # responses on the ring that Xen was never told of
             inst.notify()
         ring, notify, native_wait = self._native_path or self._find_native_path()
-        while True:
+        # Bounded: a guest that traps as fast as it is answered keeps the ring busy for ever, and
+        # the run loop must still see SIGTERM and stop requests (a signal handler only sets a flag).
+        deadline = None if slice_s is None else time.monotonic() + max(wait, slice_s)
+        while deadline is None or not answered or time.monotonic() < deadline:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)
             over = 0                            # the batch's last `over` requests are past the budget

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import re
 import signal
 import subprocess
@@ -417,6 +418,36 @@ def test_the_run_loop_waits_in_c_when_the_backend_has_a_native_wait(tmp_path):
     assert backend.wrong == 0 and backend.paused_vcpus() == frozenset()
     with open(log_path) as f:
         assert sum(1 for _ in f) == count
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_the_run_loop_stops_while_the_ring_never_empties(tmp_path, native):
+    """A guest that traps as fast as it is answered keeps the ring busy for ever; a stop request (as a
+    SIGTERM sets) must still end the run and tear down, long before the replay runs dry (in the lab a
+    busy guest kept one `service()` call going until the enforcer was killed)."""
+    per_iteration = 7
+    plan, symbols = compiled(KERNEL_INTEGRITY)
+    recorded = record_requests(plan, symbols, load_scenario(storm(5, tmp_path)), tmp_path / "record")
+    count = 50_000_000 * per_iteration
+    backend = ReplayBackend(build_scenario(load_scenario(storm(1, tmp_path))), recorded, count)
+    turns = []
+
+    def stop() -> bool:
+        turns.append(backend.answered)
+        return backend.answered > 0 and len(turns) > 3
+
+    with open(tmp_path / "decisions.jsonl", "w") as f:
+        enf = Enforcer(plan, backend, symbols, guest="storm", log=DecisionLog(f), state_dir=tmp_path / "state",
+                       native=native)
+        enf.start()
+        # in a thread, so that a run that never looks at its stop request fails here instead of hanging
+        loop = threading.Thread(target=enf.run, kwargs={"stop": stop, "wait": 0.05}, daemon=True)
+        loop.start()
+        loop.join(120)
+        assert not loop.is_alive(), "the run loop never saw its stop request"
+    assert 0 < backend.answered < count
+    assert enf.requests == enf.responses == enf.records
+    # (no vCPU check: the replay has no monitor to disable, it refills the ring after teardown too)
 
 
 def test_a_failed_native_kick_is_owed_and_retried_before_the_next_take(tmp_path):
