@@ -56,6 +56,21 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* Wall time from the monotonic clock and an offset re-read once a second: a record's time is then
+ * one clock read, not two, and a step of the wall clock shows within a second. */
+#define WALL_OFFSET_REFRESH_NS 1000000000u
+
+static uint64_t wall_ns(pe_call *c, uint64_t mono)
+{
+    if (!c->wall_offset_at || mono - c->wall_offset_at >= WALL_OFFSET_REFRESH_NS) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        c->wall_offset_ns = (int64_t)((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) - (int64_t)mono;
+        c->wall_offset_at = mono;
+    }
+    return (uint64_t)((int64_t)mono + c->wall_offset_ns);
+}
+
 /* ---- conditions --------------------------------------------------------- */
 
 int pe_verify_code(const pe_engine *e, uint32_t kind, uint32_t off, uint32_t len)
@@ -770,7 +785,7 @@ static void sort_messages(const pe_engine *e, decision *d)
 static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out, size_t i,
                       const wbuf *time_text)
 {
-    uint64_t t0 = mono_ns(), latency;
+    uint64_t t0 = c->mono_ns, latency;   /* the batch's start, or the decision before this one's end */
     decision d;
     candidates cs;
     verdict_state v;
@@ -802,7 +817,8 @@ static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out
         }
     }
     sort_messages(e, &d);
-    latency = mono_ns() - t0;
+    c->mono_ns = mono_ns();
+    latency = c->mono_ns - t0;
     count(e, &d, latency);
     if (c->log) {
         record(e, c, &d, raw, (uint32_t)rd(out + 4, 4), latency, &has_alert, time_text);
@@ -822,12 +838,11 @@ size_t pe_decide(pe_engine *e, pe_call *c, const uint8_t *reqs, size_t n, uint8_
     wbuf time_text = {tbuf, 0};
 
     c->punt = -1;
+    c->mono_ns = mono_ns();
+    c->mono_fresh = 1;
     if (c->own_clocks) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        c->now_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-        clock_gettime(CLOCK_MONOTONIC, &ts);   /* as time.monotonic(): ns / 1e9 */
-        c->clock = (double)((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) / 1e9;
+        c->now_ns = wall_ns(c, c->mono_ns);
+        c->clock = (double)c->mono_ns / 1e9;   /* as time.monotonic(): ns / 1e9 */
     }
     put_time(&time_text, c->now_ns);
     for (i = 0; i < n; i++) {
@@ -932,7 +947,9 @@ int pe_service(pe_engine *e, pe_call *c)
             return status;
         if (vm_ring_final_check_for_requests(c->back))
             continue;
-        now = mono_ns();
+        /* the last decision's clock is new enough for the deadline (a batch is microseconds) */
+        now = c->mono_fresh ? c->mono_ns : mono_ns();
+        c->mono_fresh = 0;
         if (now >= deadline)
             return status;
         errno = 0;

@@ -270,6 +270,12 @@ typedef struct {                      /* one call's inputs and outputs */
     size_t served;                    /* out: requests answered whole here, all batches */
     int32_t notify_failed;            /* out: the last kick failed (the caller owes the other side one) */
     int32_t wait_errno;               /* out: the wait failed with this errno (0: it did not) */
+    /* the clocks, read as seldom as a record allows (each read a system call where the vDSO cannot
+       serve it, as in a Xen PV dom0 whose TSC is unstable) */
+    uint64_t mono_ns;                 /* out: CLOCK_MONOTONIC when the last decision was made */
+    uint8_t mono_fresh;               /* mono_ns was read after the last wait */
+    int64_t wall_offset_ns;           /* CLOCK_REALTIME - CLOCK_MONOTONIC, read at wall_offset_at */
+    uint64_t wall_offset_at;          /* (0: never) */
 } pe_call;
 
 /* Batches on the monitor's side of a ring: see decide.c. */

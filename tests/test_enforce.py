@@ -450,6 +450,33 @@ def test_the_run_loop_stops_while_the_ring_never_empties(tmp_path, native):
     # (no vCPU check: the replay has no monitor to disable, it refills the ring after teardown too)
 
 
+def test_native_records_carry_the_wall_time_and_a_latency(tmp_path):
+    """The native engine reads the wall clock once a second and derives each record's time from the
+    monotonic clock: every record's time lies within the run, and decisions are timed."""
+    from datetime import datetime
+
+    per_iteration = 7
+    plan, symbols = compiled(KERNEL_INTEGRITY)
+    recorded = record_requests(plan, symbols, load_scenario(storm(5, tmp_path)), tmp_path / "record")
+    count = 3_000 * per_iteration
+    backend = ReplayBackend(build_scenario(load_scenario(storm(1, tmp_path))), recorded, count)
+    log_path = tmp_path / "decisions.jsonl"
+    before = time.time()
+    with open(log_path, "w") as f:
+        enf = Enforcer(plan, backend, symbols, guest="storm", log=DecisionLog(f), state_dir=tmp_path / "state")
+        enf.start()
+        enf.run(stop=backend.done, wait=0.05)
+    after = time.time()
+    assert enf.native.decided_natively() == count
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    times = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in records]
+    assert len(records) == count
+    assert before - 0.001 <= min(times) and max(times) <= after + 0.001
+    assert times == sorted(times)
+    assert any(r["latency_ns"] > 0 for r in records)
+
+
 def test_a_failed_native_kick_is_owed_and_retried_before_the_next_take(tmp_path):
     import ctypes
 
