@@ -205,12 +205,23 @@ def test_summary_does_not_count_a_skipped_check_or_a_missing_side():
     assert not dom0_check.summarize(broken)["verdicts_agree"]
 
 
-def test_like_for_like_ratio_uses_the_guests_own_count():
-    result = {"enforce_baseline": {"guest_rate_from_first_decision": {"cpuid": 450.0}},
-              "xen_access": [{"mode": "cpuid", "guest_rate_from_first_event": {"cpuid": 300.0},
-                              "events_per_second": 299.0}]}
-    like = dom0_check.summarize(result)["like_for_like_cpuid"]
-    assert like == {"policyc_cpuid_per_second": 450.0, "xen_access_cpuid_per_second": 300.0, "ratio": 1.5}
+def test_like_for_like_ratio_uses_the_guests_own_count_and_the_median_round():
+    def side(rate: float, cpu: float, key: str) -> dict:
+        return {key: {"cpuid": rate}, "seconds": 10.0, "cpu_seconds_in_window": cpu}
+
+    rounds = [{"first": "policyc", "policyc": side(450.0, 0.9, "guest_rate_from_first_decision"),
+               "xen_access": side(300.0, 0.3, "guest_rate_from_first_event")},
+              {"first": "xen_access", "policyc": side(200.0, 0.4, "guest_rate_from_first_decision"),
+               "xen_access": side(400.0, 0.4, "guest_rate_from_first_event")},
+              {"first": "policyc", "policyc": side(330.0, 0.33, "guest_rate_from_first_decision"),
+               "xen_access": side(300.0, 0.3, "guest_rate_from_first_event")}]
+    like = dom0_check.summarize({"like_for_like_rounds": rounds})["like_for_like_cpuid"]
+    assert [r["ratio"] for r in like["rounds"]] == [1.5, 0.5, 1.1]
+    assert like["ratio"] == 1.1                       # the median round, not the first
+    assert like["rounds"][0]["policyc_cpu_ms_per_event"] == 0.2      # 0.9 s over 4,500 events
+    assert like["rounds"][1]["xen_access_cpu_ms_per_event"] == 0.1
+    assert dom0_check.summarize({"like_for_like_rounds": rounds[:2]})["like_for_like_cpuid"]["ratio"] == 1.0
+    assert dom0_check.summarize({})["like_for_like_cpuid"] is None
 
 
 def test_rate_counts_from_the_first_decision():
@@ -273,3 +284,13 @@ def test_the_split_tlb_comparison_fails_each_way_a_run_can_go_wrong(spoil: str) 
     elif spoil == "no_after":
         run["guest_after"] = {}
     assert not dom0_check_arm64.compare_split(run, _PROBE)["ok"]
+
+
+def test_strace_counts_reads_calls_per_system_call():
+    table = ("% time     seconds  usecs/call     calls    errors syscall\n"
+             "------ ----------- ----------- --------- --------- ----------------\n"
+             " 40.00    0.000400          10        40           poll\n"
+             " 30.00    0.000300          10        30         2 ioctl\n"
+             "------ ----------- ----------- --------- --------- ----------------\n"
+             "100.00    0.000700                    70         2 total\n")
+    assert dom0_check.strace_counts(table) == {"poll": 40, "ioctl": 30}

@@ -38,10 +38,12 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 class GuestKind:
     """What the check knows of one test guest: its report page's layout, which rule each of its
@@ -119,6 +121,16 @@ KERNEL_OWN_CREDS = 2
 # The guest has run at least this many whole rounds since the enforcer exited before the "after"
 # counters are read, so no increment of an attempt made while enforced is still on its way.
 SETTLE_ROUNDS = 2
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a running process (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def uptime() -> float:
@@ -252,11 +264,14 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
                 samples.append(page.read())
             if first_decision is None and os.path.exists(log) and os.path.getsize(log) > 0:
                 first_decision = time.monotonic()
+                cpu_first = process_cpu_seconds(proc.pid)
                 res["first_decision_after"] = round(first_decision - t_start, 2)
                 deadline = first_decision + seconds
         exited_early = proc.poll() is not None
         if page and not exited_early:
             samples.append(page.read())      # the window's end: protection still in place
+        if first_decision is not None and not exited_early:
+            res["cpu_seconds_in_window"] = _cpu_delta(cpu_first, process_cpu_seconds(proc.pid))
         if not exited_early:
             proc.send_signal(signal.SIGTERM)
         t_term = time.monotonic()
@@ -585,8 +600,10 @@ def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | No
                 samples.append(page.read())
             if first is None and marker in _read(out_path):
                 first = time.monotonic()
+                cpu_first = process_cpu_seconds(proc.pid)
                 deadline = first + seconds
         t_term = time.monotonic()
+        cpu_seconds = _cpu_delta(cpu_first, process_cpu_seconds(proc.pid)) if first is not None else None
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -600,11 +617,73 @@ def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | No
            "first_event_after": round(first - t0, 2) if first else None,
            # every event it printed, over the time from its first event (polled every 0.25 s) to SIGTERM
            "events_per_second": round(n / max(1e-3, t_term - first), 1) if first else 0.0,
-           "head": lines[:4], "tail": lines[-3:]}
+           "head": lines[:4], "tail": lines[-3:], "cpu_seconds_in_window": cpu_seconds}
     if page and first is not None:
         res["guest_rate_from_first_event"] = guest_rates(page, samples, first)
     res["state_after"] = domain_state(domid)
     return res
+
+
+def _cpu_delta(a: float | None, b: float | None) -> float | None:
+    return round(b - a, 3) if a is not None and b is not None else None
+
+
+def step_syscalls(cmd: list[str], ready: Callable[[str], bool], domid: int, page: ReportPage | None,
+                  seconds: float = 6.0) -> dict:
+    """One client's system calls per guest cpuid event: `strace -c -f` attached for `seconds` once
+    it answers (a run of its own, outside the measured rounds: tracing slows what it traces)."""
+    if shutil.which("strace") is None or page is None:
+        return {"skipped": "no strace in dom0" if page else "no report page"}
+    name = os.path.basename(cmd[0]) if cmd[0] != sys.executable else "policyc"
+    out_path, trace_path = f"/tmp/syscalls-{name}.out", f"/tmp/syscalls-{name}.strace"
+    res: dict = {"cmd": " ".join(cmd[1:] if name == "policyc" else cmd), "seconds": seconds}
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline and not ready(out_path):
+            time.sleep(0.25)
+        if proc.poll() is not None or not ready(out_path):
+            proc.kill()
+            proc.wait()
+            return {**res, "error": "the client never answered"}
+        a = page.read()
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(proc.pid), "-o", trace_path],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(seconds)
+        tracer.send_signal(signal.SIGINT)
+        try:
+            tracer.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+        b = page.read()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    res["rc"] = proc.returncode
+    if name == "policyc" and proc.returncode != 0:
+        res["recover_rc"] = run([sys.executable, "-m", "policyc", "recover", "--guest", f"xen:{domid}"], timeout=300)[0]
+    events = b["cpuid"] - a["cpuid"]
+    calls = strace_counts(_read(trace_path))
+    res["events"] = events
+    if events > 0 and calls:
+        res["per_event"] = {k: round(v / events, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}
+        res["total_per_event"] = round(sum(calls.values()) / events, 2)
+    return res
+
+
+def strace_counts(text: str) -> dict[str, int]:
+    """`strace -c`'s table: calls per system call."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        f = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(f) >= 5 and f[-1] not in ("total", "syscall") and f[3].isdigit():
+            counts[f[-1]] = int(f[3])
+    return counts
 
 
 def guest_rates(page: ReportPage, samples: list[dict], since: float) -> dict:
@@ -623,12 +702,7 @@ def summarize(result: dict) -> dict:
     enforcer_ran = bool(enf.get("decisions"))
     base = result.get("enforce_baseline", {})
     xa = {x["mode"]: x for x in result.get("xen_access", [])}
-    like = None
-    if base and "cpuid" in xa:
-        ours = base.get("guest_rate_from_first_decision", {}).get("cpuid")
-        theirs = xa["cpuid"].get("guest_rate_from_first_event", {}).get("cpuid")
-        like = {"policyc_cpuid_per_second": ours, "xen_access_cpuid_per_second": theirs,
-                "ratio": round(ours / theirs, 3) if ours and theirs else None}
+    like = like_for_like(result.get("like_for_like_rounds", []))
     return {
         "import_policyc": env.get("import_policyc") == "ok",
         "policyc_check": env.get("check_rc") == 0,          # skipped is not passed
@@ -648,6 +722,30 @@ def summarize(result: dict) -> dict:
     }
 
 
+def like_for_like(rounds: list[dict]) -> dict | None:
+    """The enforcer (cpuid-only policy) against xen-access cpuid, round by round in one boot: the
+    guest's own cpuid count per second from each client's first event, the ratio of each round, and
+    their median (rounds alternate which client goes first, so a drift of the emulator's speed
+    through the boot does not favour either); dom0 CPU per event of each client."""
+    per_round = []
+    for r in rounds:
+        ours = r["policyc"].get("guest_rate_from_first_decision", {}).get("cpuid")
+        theirs = r["xen_access"].get("guest_rate_from_first_event", {}).get("cpuid")
+        row = {"first": r["first"], "policyc_cpuid_per_second": ours, "xen_access_cpuid_per_second": theirs,
+               "ratio": round(ours / theirs, 3) if ours and theirs else None}
+        for who, side, rate in (("policyc", r["policyc"], ours), ("xen_access", r["xen_access"], theirs)):
+            cpu = side.get("cpu_seconds_in_window")
+            if cpu is not None and rate:
+                row[f"{who}_cpu_ms_per_event"] = round(1000 * cpu / (rate * side["seconds"]), 3)
+        per_round.append(row)
+    ratios = sorted(r["ratio"] for r in per_round if r["ratio"] is not None)
+    if not ratios:
+        return None
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else round((ratios[mid - 1] + ratios[mid]) / 2, 3)
+    return {"ratio": median, "rounds": per_round}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=("qemu", *VMX_MODES), required=True)
@@ -660,6 +758,8 @@ def main() -> int:
     ap.add_argument("--domid", type=int, required=True)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--baseline", help="a cpuid-only policy, run like --policy, to compare with xen-access cpuid")
+    ap.add_argument("--like-rounds", type=int, default=3,
+                    help="rounds of the baseline against xen-access cpuid (alternating which goes first)")
     ap.add_argument("--startup", type=float, default=240, help="seconds allowed until the first decision")
     ap.add_argument("--must-refuse", help="a memory policy this host's target cannot enforce: compiling it for "
                     "--host-target must fail with the capability error")
@@ -721,13 +821,33 @@ def main() -> int:
         result["backend_calls"] = calls = step_backend_calls(a.domid, page_gfn, page)
         emit("backend_calls", calls)
 
-    if a.baseline:
-        result["enforce_baseline"] = base = step_enforce(a.baseline, a.domid, a.seconds, page, a.startup)
-        base.pop("output_tail", None)
-        emit("enforce_baseline", base)
-
     result["xen_access"] = []
-    for m in (["cpuid"] + (["write"] if a.mode in VMX_MODES else [])):
+    result["like_for_like_rounds"] = rounds = []
+    for i in range(a.like_rounds if a.baseline else 0):
+        sides = {}
+        order = ("policyc", "xen_access") if i % 2 == 0 else ("xen_access", "policyc")
+        for who in order:
+            if who == "policyc":
+                sides[who] = base = step_enforce(a.baseline, a.domid, a.seconds, page, a.startup)
+                base.pop("output_tail", None)
+                emit(f"enforce_baseline_{i + 1}", base)
+            else:
+                sides[who] = xa = step_xen_access(a.domid, "cpuid", a.seconds, page)
+                emit(f"xen_access_cpuid_{i + 1}", xa)
+        rounds.append({"first": order[0], **sides})
+        if i == 0:
+            result["enforce_baseline"] = sides["policyc"]
+            result["xen_access"].append(sides["xen_access"])
+    if rounds:
+        log = "/tmp/decisions-syscalls.jsonl"
+        result["syscalls_per_event"] = sc = {
+            "policyc": step_syscalls([sys.executable, "-m", "policyc", "run", a.baseline, "--guest", f"xen:{a.domid}",
+                                      "--log", log], lambda _out: os.path.exists(log) and os.path.getsize(log) > 0,
+                                     a.domid, page),
+            "xen_access": step_syscalls(["xen-access", str(a.domid), "cpuid"], lambda out: "CPUID" in _read(out),
+                                        a.domid, page)}
+        emit("syscalls_per_event", sc)
+    for m in (["cpuid"] if not rounds else []) + (["write"] if a.mode in VMX_MODES else []):
         xa = step_xen_access(a.domid, m, a.seconds, page)
         result["xen_access"].append(xa)
         emit(f"xen_access_{m}", xa)

@@ -41,7 +41,7 @@ packages() {
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends \
-    qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 busybox-static cpio binutils cpp \
+    qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 busybox-static cpio binutils cpp strace \
     bochs bochs-term bochsbios vgabios grub-pc-bin grub-common xorriso mtools \
     make gcc "linux-headers-$KV"                        # the Linux guest's attacker module
 }
@@ -89,6 +89,9 @@ build_initrd() {
   mkdir -p $S/{var/log/xen,var/lib/xen,var/lib/xenstored,etc/xen}
   cp /bin/busybox "$S/bin/busybox"                              # busybox-static (Debian's other one is dynamic)
   cp /sbin/ldconfig "$S/sbin/ldconfig"                          # static; ctypes.util.find_library needs `ldconfig -p`
+  if command -v strace >/dev/null; then                          # the lab's system calls per event, where present
+    cp "$(command -v strace)" "$S/usr/local/bin/strace"; copy_libs "$S" "$(command -v strace)"
+  fi
   local XB="xl xenstored xenconsoled xen-init-dom0 xen-access"
   for b in $XB; do cp /usr/lib/xen-4.17/bin/$b "$S/usr/lib/xen-4.17/bin/"; done
   cp -a /usr/lib/x86_64-linux-gnu/libxen*.so* "$S/lib/x86_64-linux-gnu/"   # every libxen* for the cffi backend
