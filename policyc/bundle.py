@@ -38,7 +38,7 @@ from typing import Mapping
 from .errors import PolicycError
 
 __all__ = ["Bundle", "BundleError", "BundleStore", "build_bundle", "verify_bundle", "fetch_bundle",
-           "generate_key", "MANIFEST_FORMAT"]
+           "generate_key", "is_url", "MANIFEST_FORMAT"]
 
 MANIFEST_FORMAT = "policyc-bundle/1"
 MAX_BUNDLE_BYTES = 512 << 20        # a plan and a kernel's ISF fit many times over
@@ -185,10 +185,15 @@ def verify_bundle(raw: bytes, *, trusted_pem: bytes, active_revision: int | None
     return Bundle(manifest, plan_text, symbols, raw)
 
 
+def is_url(source: str) -> bool:
+    """Whether a bundle source is fetched over HTTP(S) (and so can be polled), not read from a file."""
+    return source.startswith(("http://", "https://"))
+
+
 def fetch_bundle(source: str, *, etag: str | None = None, timeout: float = 30.0) -> tuple[bytes | None, str | None]:
     """The bundle's bytes from a file path or an http(s) URL, and its ETag. With `etag`, a server
     that answers 304 Not Modified gives (None, etag)."""
-    if not source.startswith(("http://", "https://")):
+    if not is_url(source):
         try:
             with open(source, "rb") as f:
                 data = f.read(MAX_BUNDLE_BYTES + 1)

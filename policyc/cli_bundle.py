@@ -9,10 +9,11 @@ import argparse
 import datetime as _dt
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_bundle_commands", "resolve_bundle"]
+__all__ = ["ResolvedBundle", "add_bundle_commands", "resolve_bundle"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -44,12 +45,29 @@ def add_bundle_commands(sub: Any) -> None:
     b.set_defaults(run=lambda args: (b.print_help(sys.stderr), EXIT_USAGE)[1])
 
 
-def resolve_bundle(source: str, trust: str, cache: str | None) -> tuple[str, str, str]:
-    """The plan to run for `run --bundle`: (plan path, symbols dir, a line saying which bundle).
+@dataclass
+class ResolvedBundle:
+    """What `run --bundle` runs: the unpacked plan and its symbols, the verified bundle, where the
+    last good one is kept, the trusted key and the ETag the bundle was fetched with (for polling)."""
+
+    plan: str
+    symbols: str
+    how: str
+    bundle: Any
+    store: Any
+    trusted: bytes
+    etag: str | None = None
+    fetched: bool = True
+
+
+def resolve_bundle(source: str, trust: str, cache: str | None, *, last_good_first: bool = False) -> ResolvedBundle:
+    """The plan to run for `run --bundle`.
 
     The bundle is fetched and verified; it must be at least as new as the last good one kept in
     `cache`, where it then replaces it. When it cannot be had or does not verify, the last good
-    bundle runs instead (verified again) and the line says why; with none, `BundleError`."""
+    bundle runs instead (verified again) and `how` says why; with none, `BundleError`. With
+    `last_good_first` (a run that polls the URL), a last good bundle runs at once without asking
+    the network: the poller fetches the URL as soon as protection is in place."""
     from .bundle import BundleError, BundleStore, fetch_bundle, verify_bundle
 
     trusted = _read_key(trust, "--trust")
@@ -59,19 +77,25 @@ def resolve_bundle(source: str, trust: str, cache: str | None) -> tuple[str, str
     except BundleError as exc:
         print(f"policyc run: the last good bundle is not usable: {exc}", file=sys.stderr)
         last_good = None
-    try:
-        raw, _etag = fetch_bundle(source)
-        bundle = verify_bundle(raw or b"", trusted_pem=trusted,
-                               active_revision=last_good.revision if last_good else None, allow_same_revision=True)
-        store.save(bundle)
-        how = f"bundle revision {bundle.revision} from {source}"
-    except BundleError as exc:
-        if last_good is None:
-            raise
+    etag, fetched = None, False
+    if last_good_first and last_good is not None:
         bundle = last_good
-        how = f"the last good bundle, revision {bundle.revision} ({source}: {exc})"
+        how = f"the last good bundle, revision {bundle.revision} (kept in {store.path}); polling {source}"
+    else:
+        try:
+            raw, etag = fetch_bundle(source)
+            bundle = verify_bundle(raw or b"", trusted_pem=trusted,
+                                   active_revision=last_good.revision if last_good else None,
+                                   allow_same_revision=True)
+            store.save(bundle)
+            how, fetched = f"bundle revision {bundle.revision} from {source}", True
+        except BundleError as exc:
+            if last_good is None:
+                raise
+            bundle, etag = last_good, None
+            how = f"the last good bundle, revision {bundle.revision} ({source}: {exc})"
     plan = bundle.unpack(store.directory / "active")
-    return str(plan), str(plan.parent), how
+    return ResolvedBundle(str(plan), str(plan.parent), how, bundle, store, trusted, etag, fetched)
 
 
 # --------------------------------------------------------------------------- commands

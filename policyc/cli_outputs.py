@@ -153,6 +153,11 @@ class RunOutputs:
         self.metrics.serve_snapshots(lambda: take_snapshot(enforcer, backend, [s.failures for s in sinks]))
         self.metrics.set_protected(True)
 
+    def watch_bundle(self, poller: Any) -> None:
+        """A polled --bundle URL: its fetches are counted on /metrics, its revision shown on /status."""
+        if self.metrics is not None:
+            self.metrics.bundle = poller
+
     def failed(self, error: str) -> None:
         if self.metrics is not None:
             self.metrics.activated(None, "failure")

@@ -37,6 +37,7 @@ __all__ = ["add_runtime_commands"]
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 SCENARIO_SUFFIXES = (".yaml", ".yml")
 BUNDLED_SCENARIOS = Path("examples") / "scenarios"
+DEFAULT_BUNDLE_POLL = 60.0      # seconds between fetches of a --bundle URL (OPA's bundles: 60-120 s)
 
 
 def add_runtime_commands(sub: Any) -> None:
@@ -58,6 +59,11 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--trust", metavar="KEYFILE", help="the Ed25519 public key bundles must be signed with")
     run.add_argument("--bundle-cache", metavar="DIR", help="where the last good bundle is kept across restarts "
                      "(default: $STATE_DIRECTORY/bundles under systemd, else beside the install journal)")
+    run.add_argument("--bundle-poll", type=float, default=DEFAULT_BUNDLE_POLL, metavar="SECONDS",
+                     help="with --bundle URL on a simhost: or xen: guest: fetch the URL about this often "
+                          "(If-None-Match, each wait jittered by up to 25%%) and hot-reload a newer bundle that "
+                          f"verifies; a restart enforces the last good bundle before asking the network "
+                          f"(default {DEFAULT_BUNDLE_POLL:g}; 0: read the bundle at start only)")
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
@@ -162,20 +168,42 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     return compiled
 
 
-def _use_bundle(args: argparse.Namespace) -> None:
-    """`run --bundle`: the verified bundle's plan and symbols stand in for POLICY and --symbols."""
-    from .bundle import BundleError
+def _use_bundle(args: argparse.Namespace, scheme: str) -> None:
+    """`run --bundle`: the verified bundle's plan and symbols stand in for POLICY and --symbols; a URL
+    on a guest that keeps running is polled (`args.bundle_polled`, started once protection is in place)."""
+    from .bundle import BundleError, is_url
     from .cli_bundle import resolve_bundle
 
     if args.policy is not None:
         raise _Usage("give a POLICY or --bundle, not both")
     if not args.trust:
         raise _Usage("--bundle needs --trust KEYFILE (the public key the bundle must be signed with)")
+    polled = is_url(args.bundle) and scheme != "sim" and args.bundle_poll > 0
     try:
-        args.policy, args.symbols, how = resolve_bundle(args.bundle, args.trust, args.bundle_cache)
+        resolved = resolve_bundle(args.bundle, args.trust, args.bundle_cache, last_good_first=polled)
     except BundleError as exc:
         raise _Usage(f"--bundle {args.bundle}: {exc}: nothing was installed") from None
-    print(f"policyc run: {how}", file=sys.stderr)
+    args.policy, args.symbols = resolved.plan, resolved.symbols
+    args.bundle_polled = resolved if polled else None
+    print(f"policyc run: {resolved.how}", file=sys.stderr)
+
+
+def _bundle_poller(args: argparse.Namespace, outputs: Any) -> Any:
+    """The poller of a --bundle URL (runtime/bundle_poll.py), started; None when the run does not poll."""
+    resolved = getattr(args, "bundle_polled", None)
+    if resolved is None:
+        return None
+    from .runtime.bundle_poll import BundlePoller
+
+    def report(bundle: Any, result: Any) -> None:
+        print(f"policyc run: bundle revision {bundle.revision}: {result.describe()}", file=sys.stderr, flush=True)
+
+    poller = BundlePoller(args.bundle, resolved.trusted, resolved.store, resolved.bundle, every=args.bundle_poll,
+                          etag=resolved.etag, target=args.target, audit=args.audit,
+                          first_now=not resolved.fetched, report=report)
+    outputs.watch_bundle(poller)
+    poller.start()
+    return poller
 
 
 def _guest(spec: str) -> tuple[str, str]:
@@ -343,8 +371,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
     if args.budget is not None and not args.budget > 0:
         raise _Usage(f"--budget {args.budget:g}: a positive number of events per second")
+    if not args.bundle_poll >= 0:
+        raise _Usage(f"--bundle-poll {args.bundle_poll:g}: a number of seconds (0: do not poll)")
     if args.bundle is not None:
-        _use_bundle(args)
+        _use_bundle(args, scheme)
     args.outputs = RunOutputs(args, scheme, _Usage, _open_out)
     try:
         if scheme == "sim":
@@ -538,7 +568,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     # Signals arriving before the loop's own handlers are in place must not kill a half-made install
     # (a SIGHUP then is a reload asked for early: the loop does it once it runs).
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
-    control = _reload_control(args)
+    control = _reload_control(args, enforcer)
     try:
         enforcer.start()
     except EnforcerError as exc:
@@ -550,6 +580,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         control.close()
         return 130
     outputs.protected(enforcer, backend, plan)
+    poller = _bundle_poller(args, outputs)
     phases = {"compile": compile_seconds, **enforcer.startup_seconds}
     print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop, "
           "SIGHUP to reload", file=sys.stderr)
@@ -565,6 +596,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         notifier.watchdog()          # called from the answering loop: a stuck loop stops the pings
         outputs.on_turn()
         control.poll(enforcer)
+        if poller is not None:
+            poller.poll(enforcer)
         status_every[0] += 1
         if status_every[0] % 50:
             return False
@@ -585,6 +618,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         return EXIT_PROBLEMS
     finally:
         control.close()
+        if poller is not None:
+            poller.close()
     outputs.unprotected()
     notifier.stopping("torn down")
     notifier.close()
@@ -624,7 +659,7 @@ def _identity(backend: Any) -> dict:
         return {}
 
 
-def _reload_control(args: argparse.Namespace) -> Any:
+def _reload_control(args: argparse.Namespace, enforcer: Any) -> Any:
     """SIGHUP and --control-socket for a run that has started enforcing (runtime/reload_control.py)."""
     from .runtime.state_record import default_state_dir
     from .runtime.reload_control import ReloadControl

@@ -182,10 +182,15 @@ class Enforcer:
         return result
 
     def note_reload(self, result: "ReloadResult") -> None:
-        """Count a reload's result and say it in the decision log (also for one that failed before it
-        reached the enforcer: a policy that does not compile)."""
+        """Count a reload's result, say it in the decision log and count it as a plan activation on the
+        metrics server, if one runs (also for a reload that failed before it reached the enforcer: a
+        policy that does not compile)."""
+        from .metrics import record_activation
+
         self.reloads.append(result)
         self.log.event("reload", result.as_dict(), alert=None if result.ok else result.describe())
+        if not result.unchanged:             # a reload to the running plan activates nothing
+            record_activation(self.plan if result.ok else None, "success" if result.ok else "failure")
 
     def build_engines(self, installation: Installation, plan_hash: str) -> tuple[DecisionEngine, NativeEngine | None]:
         """The decision engines for an installation's plan (view ids as the backend handed them out)."""

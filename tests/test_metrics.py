@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 from policyc.runtime.metrics import MetricsServer, Snapshot, parse_address, record_activation
 
-from helpers import storm_scenario
+from helpers import http_get, storm_scenario, wait_for
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser", reason="prometheus-client is not installed")
 
@@ -27,23 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL_INTEGRITY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def _families(text: str) -> dict[str, list]:
     return {f.name: f.samples for f in prometheus_parser.text_string_to_metric_families(text)}
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_metrics_count_what_the_decision_log_holds_and_health_follows_protection(tmp_path):
@@ -65,17 +48,17 @@ def test_metrics_count_what_the_decision_log_holds_and_health_follows_protection
         assert m, line
         base = f"http://127.0.0.1:{m[1]}"
         assert int(m[1]) > 0
-        assert _get(base + "/health") == (503, "not protected\n")
-        status = json.loads(_get(base + "/status")[1])
+        assert http_get(base + "/health") == (503, "not protected\n")
+        status = json.loads(http_get(base + "/status")[1])
         assert status["protected"] is False and status["plan"] is None
         os.kill(host.pid, signal.SIGCONT)
-        _wait_for(lambda: _get(base + "/health")[0] == 200)
+        wait_for(lambda: http_get(base + "/health")[0] == 200)
 
         from policyc.runtime.sim.host import connect
         connect(host_sock).start_workload()
-        _wait_for(lambda: log.exists() and log.stat().st_size > 400_000)
-        fams = _families(_get(base + "/metrics")[1])
-        status = json.loads(_get(base + "/status")[1])
+        wait_for(lambda: log.exists() and log.stat().st_size > 400_000)
+        fams = _families(http_get(base + "/metrics")[1])
+        status = json.loads(http_get(base + "/status")[1])
         enf.send_signal(signal.SIGTERM)
         assert enf.wait(60) == 0, enf.stderr.read()
     finally:
@@ -138,7 +121,7 @@ def test_a_scrape_gets_the_loops_snapshot_or_the_last_one_when_the_loop_is_busy(
         assert len(taken) == 1
         # nobody refreshes (a loop in a long batch): the scrape waits a little, then shows the last one
         t0 = time.monotonic()
-        fams = _families(_get(f"http://127.0.0.1:{port}/metrics")[1])
+        fams = _families(http_get(f"http://127.0.0.1:{port}/metrics")[1])
         assert time.monotonic() - t0 >= 0.4 and len(taken) == 1
         assert [s.value for s in fams["policyc_decisions"]] == [1.0]
         server.refresh()                       # the loop's next turn answers the scrape that gave up
@@ -148,11 +131,11 @@ def test_a_scrape_gets_the_loops_snapshot_or_the_last_one_when_the_loop_is_busy(
         record_activation({"policy": {"name": "p"}, "content_hash": "sha256:ab", "target": {"arch": "arm64"}},
                           "success")
         record_activation(None, "failure")
-        fams = _families(_get(f"http://127.0.0.1:{port}/metrics")[1])
+        fams = _families(http_get(f"http://127.0.0.1:{port}/metrics")[1])
         assert [s.labels for s in fams["policyc_plan_info"]] == [{"policy": "p", "plan_hash": "sha256:ab",
                                                                   "target": "arm64"}]
         assert {s.labels["result"]: s.value for s in fams["policyc_plan_activations"]} == {"success": 1, "failure": 1}
-        assert _get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+        assert http_get(f"http://127.0.0.1:{port}/nothing")[0] == 404
     finally:
         server.close()
     record_activation(None, "failure")         # no server: nothing to count, no error
