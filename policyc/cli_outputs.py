@@ -164,9 +164,10 @@ class RunOutputs:
             self.metrics.set_protected(False, error)
 
     def unprotected(self, why: str | None = None) -> None:
-        """Teardown begins (or the run stopped on an error): /health answers 503 from now on."""
+        """Teardown begins, or is done (or the run stopped on an error): /health answers 503 from now
+        on; the figures are taken once more (the loop may not turn again)."""
         if self.metrics is not None:
-            self.metrics.refresh()
+            self.metrics.refresh(now=True)
             self.metrics.set_protected(False, why)
 
     def close(self) -> None:

@@ -329,6 +329,12 @@ def _print_overload(enforcer: Any, out: Any) -> None:
     stalls = getattr(enforcer.backend, "ring_full_stalls", None)
     print(f"ring_full: {c['ring_full_seen']} ring read(s) found all {enforcer.ring_slots} slots taken"
           + (f"; {stalls} vCPU stall(s) waiting for a slot" if isinstance(stalls, int) else ""), file=out)
+    if c["events_lost"]:
+        print("events lost (no policy decided them): " + ", ".join(
+            f"{n} {_LOST_WORDS.get(reason, reason)}" for reason, n in sorted(enforcer.events_lost.items())), file=out)
+
+
+_LOST_WORDS = {"teardown": "request(s) after the last batch, released undecided at teardown"}
 
 
 def _usage_guard(fn: Any) -> Any:

@@ -555,11 +555,23 @@ class Enforcer:
     def stats(self) -> Any:
         return self.log.stats
 
+    @property
+    def events_lost(self) -> dict[str, int]:
+        """Events no policy decided, by reason (`policyc_events_lost_total`): ``teardown``, requests
+        that came after the last batch and were released undecided by teardown. (A full ring loses no
+        event a guest vCPU causes: the vCPU waits for a slot, which `ring_full_seen` and
+        `ring_full_stalls` count; Xen drops only events raised from another domain's context, and
+        tells nobody. Events past --budget are decided, by their rules' `then` or as would-deny.)"""
+        inst = self.installation
+        lost = {"teardown": inst.released_undecided if inst is not None else 0}
+        return {reason: n for reason, n in lost.items() if n}
+
     def counters(self) -> dict[str, int]:
         return {"requests": self.requests, "responses": self.responses, "records": self.records,
                 "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged,
                 "over_budget": self.budget.over if self.budget is not None else 0,
                 "ring_full_seen": self.ring_full_seen,
                 "ring_full_stalls": int(getattr(self.backend, "ring_full_stalls", 0) or 0),
+                "events_lost": sum(self.events_lost.values()),
                 "reloads": sum(1 for r in self.reloads if r.result == "ok"),
                 "reload_failures": sum(1 for r in self.reloads if r.result == "failed")}

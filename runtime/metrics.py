@@ -165,9 +165,10 @@ class MetricsServer:
         self._source = source
         self._publish(source())
 
-    def refresh(self) -> None:
-        """Once per loop turn: take a snapshot when a scrape asked for one (else only a flag test)."""
-        if self._wanted.is_set() and self._source is not None:
+    def refresh(self, *, now: bool = False) -> None:
+        """Once per loop turn: take a snapshot when a scrape asked for one (else only a flag test);
+        `now`: take one anyway (the run's last, after teardown: what teardown released counts too)."""
+        if (now or self._wanted.is_set()) and self._source is not None:
             self._wanted.clear()
             self._publish(self._source())
 

@@ -154,3 +154,42 @@ def test_metrics_need_a_guest_that_keeps_running():
     p = subprocess.run([sys.executable, "-m", "policyc", "run", "--guest", "sim:rootkit-hooks-syscall-table",
                         "--metrics", "127.0.0.1:0"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "simhost: or xen:" in p.stderr
+
+
+@pytest.mark.parametrize("ending", ["stop", "teardown only"])
+def test_requests_teardown_releases_undecided_are_counted_as_events_lost(tmp_path, ending):
+    """A request that arrives after the enforcer's last batch is released by teardown with no decision:
+    `policyc_events_lost_total{reason="teardown"}` counts it. `stop()` answers the ring first, so
+    there it is decided and nothing is lost."""
+    from policyc.plan_source import load_plan_source
+    from policyc.runtime.enforce import Enforcer
+    from policyc.runtime.metrics import take_snapshot
+    from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario
+
+    scenario = load_scenario(ROOT / "examples" / "scenarios" / "rootkit-hooks-syscall-table.yaml")
+    xen = build_scenario(scenario)
+    compiled = load_plan_source(str(KERNEL_INTEGRITY), None)
+    enf = Enforcer(compiled.plan, xen, compiled.symbols, guest="lost", state_dir=tmp_path)
+    enf.start()
+    server = MetricsServer(("127.0.0.1", 0))
+    port = server.start()
+    try:
+        server.serve_snapshots(lambda: take_snapshot(enf, xen))
+        ScenarioRunner(scenario, xen).start_step(scenario.steps[0])     # the table write traps
+        assert xen.paused_vcpus() == {0}
+        if ending == "stop":
+            assert enf.stop() == []
+        else:
+            assert enf.installation.teardown() == []         # the loop never took it
+        assert xen.paused_vcpus() == frozenset()
+        server.refresh(now=True)
+        fams = _families(http_get(f"http://127.0.0.1:{port}/metrics")[1])
+        lost = {s.labels["reason"]: s.value for s in fams["policyc_events_lost"]}
+        status = json.loads(http_get(f"http://127.0.0.1:{port}/status")[1])
+    finally:
+        server.close()
+    if ending == "stop":
+        assert enf.records == 1 and lost == {} and enf.events_lost == {}
+    else:
+        assert enf.records == 0 and lost == {"teardown": 1.0} and enf.events_lost == {"teardown": 1}
+        assert status["events_lost"] == {"teardown": 1} and status["counters"]["events_lost"] == 1
