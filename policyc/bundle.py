@@ -100,6 +100,12 @@ def build_bundle(plan_path: str | Path, *, key_pem: bytes, revision: int, not_af
     where = Path(symbols_dir) if symbols_dir else plan_path.parent
     members: dict[str, bytes] = {"plan.json": plan_path.read_bytes()}
     for ref in plan["policy"].get("symbols", ()):
+        name = ref["name"]
+        if "/" in name or "\\" in name or name in (".", ".."):
+            # a bundle holds symbols/NAME; a path there is refused by every host (verify_bundle)
+            raise BundleError(f"the plan names its symbol file by a path, '{name}': a bundle holds symbol "
+                              "files by their name alone; compile a policy whose `symbols` line names a file "
+                              "beside it")
         try:
             data = (where / ref["name"]).read_bytes()
         except OSError as exc:

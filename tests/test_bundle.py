@@ -190,3 +190,11 @@ def test_build_writes_through_devices_and_replaces_regular_files_whole(plan_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bundle", "k.key", "k.pub"]   # no temporary left
     assert main(args + [str(tmp_path)]) == 2                        # a directory: one line, exit 2
     assert "it is a directory" in capsys.readouterr().err
+
+
+def test_a_plan_that_names_its_symbols_by_a_path_is_refused_at_build_not_on_the_hosts(keys, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert main(["compile", str(ROOT / "examples" / "policies" / "reload" / "syscalls-only.vmi"), "-o", str(plan)]) == 0
+    with pytest.raises(BundleError, match="names its symbol file by a path, '../linux-6.1.System.map'"):
+        build_bundle(plan, key_pem=keys[0], revision=1, not_after=NOW + dt.timedelta(days=1),
+                     symbols_dir=ROOT / "examples" / "policies" / "reload")
