@@ -3,7 +3,8 @@
 Across processes, on loopback: a simulated host whose writers never stop attacking the system call
 table, `policyc run --bundle URL --bundle-poll 0.1 --metrics` on it, and a static HTTP server
 (tests/helpers.BundleServer) that publishes, in turn, an unchanged bundle (answered 304), a
-tampered one, an expired one, an older revision replayed, nothing (down), and a good new revision.
+tampered one, an expired one, an older revision replayed, nothing (down), a good bundle this host
+cannot run, and a good new revision.
 Every assertion is on what the run shows (its decision log, /status, /metrics, the kept bundle),
 each waited for, never on how long it took. Then a restart with the server down enforces the last
 good bundle at once.
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "examples" / "policies"
 PLAN_A = POLICIES / "linux-kernel-integrity.vmi"
 PLAN_B = POLICIES / "reload" / "syscalls-only.vmi"
+PLAN_ARM64 = POLICIES / "linux-arm64-integrity.vmi"
 WRITERS = ROOT / "tests" / "data" / "scenarios" / "reload-writers.yaml"
 NOW = dt.datetime.now(dt.timezone.utc)
 
@@ -41,11 +43,13 @@ NOW = dt.datetime.now(dt.timezone.utc)
 def plans(tmp_path_factory):
     """Two compiled plans, both protecting the system call table, with their symbol files beside."""
     out = {}
-    for name, policy in (("A", PLAN_A), ("B", PLAN_B)):
+    for name, policy in (("A", PLAN_A), ("B", PLAN_B), ("arm64", PLAN_ARM64)):
         d = tmp_path_factory.mktemp(f"plan{name}")
-        (d / "linux-6.1.System.map").write_bytes((POLICIES / "linux-6.1.System.map").read_bytes())
+        text = policy.read_text()
+        symbols = re.search(r'symbols "([^"]*)"', text)[1]
+        (d / Path(symbols).name).write_bytes((policy.parent / symbols).read_bytes())
         source = d / policy.name                 # its symbol file beside it, as a bundle lays them out
-        source.write_text(re.sub(r'symbols "[^"]*"', 'symbols "linux-6.1.System.map"', policy.read_text()))
+        source.write_text(text.replace(f'"{symbols}"', f'"{Path(symbols).name}"'))
         assert main(["compile", str(source), "-o", str(d / "plan.json")]) == 0
         out[name] = d / "plan.json"
     return out
@@ -176,8 +180,22 @@ def test_a_polled_bundle_url_refuses_bad_bundles_and_activates_a_good_new_revisi
         assert {d["plan_hash"] for d in later} == {hash_a}
         seen += len(later)
 
-        # back, with a good new revision: verified, bound and switched to, kept as the last good one
+        # back, with a bundle that verifies but cannot be activated here (a plan for arm64 on this
+        # x86_64 host): the reload fails before any switch, the old plan and bundle stay
         server = server.reopen()
+        server.body = _bundle(plans, keys, "arm64", 4)
+        wait_for(lambda: run.polls().get("new", 0) == 1, what="revision 4 fetched")
+        wait_for(lambda: "did not activate" in (run.status()["bundle"]["last_error"] or ""), what="revision 4 tried")
+        status = run.status()
+        assert status["plan"]["plan_hash"] == hash_a and status["bundle"]["revision"] == 2
+        assert "the plan is for arm64 but the host is x86_64" in status["bundle"]["last_error"]
+        assert status["activations"] == {"success": 1, "failure": 1}
+        later = run.more_decisions(seen)
+        assert {d["plan_hash"] for d in later} == {hash_a}
+        seen += len(later)
+        assert BundleStore(tmp_path / "cache").load(keys[1]).revision == 2
+
+        # a good new revision: verified, bound and switched to, kept as the last good one
         server.body = _bundle(plans, keys, "B", 5)
         wait_for(lambda: run.status()["bundle"]["revision"] == 5, what="revision 5 activated")
         status = run.status()
@@ -186,21 +204,22 @@ def test_a_polled_bundle_url_refuses_bad_bundles_and_activates_a_good_new_revisi
         assert [s.labels for s in fams["policyc_plan_info"]] == \
             [{"policy": "syscalls-only", "plan_hash": hash_b, "target": "x86_64"}]
         assert {s.labels["result"]: s.value for s in fams["policyc_plan_activations"]} == \
-            {"success": 2.0, "failure": 0.0}
+            {"success": 2.0, "failure": 1.0}
         polls = {s.labels["result"]: s.value for s in fams["policyc_bundle_polls"]}
-        assert polls["new"] == 1 and polls["refused"] == 3 and polls["unreachable"] >= 3 and polls["not_modified"] >= 3
+        assert polls["new"] == 2 and polls["refused"] == 3 and polls["unreachable"] >= 3 and polls["not_modified"] >= 3
         later = run.more_decisions(seen)
         assert later[-1]["plan_hash"] == hash_b and all(d["verdict"] == "deny" for d in later)
         assert BundleStore(tmp_path / "cache").load(keys[1]).revision == 5
         assert "bundle revision 5: reloaded" in run.stderr()
         assert host.stop_workload()
         assert run.stop() == 0, run.stderr()
-        assert "reloads: 1 applied, 0 failed" in run.stderr() and "teardown clean" in run.stderr()
+        assert "reloads: 1 applied, 1 failed" in run.stderr() and "teardown clean" in run.stderr()
 
         # every decision names the plan that made it: A until the one reload, B after
         records = [json.loads(line) for line in run.log.read_text().splitlines()]
         reloads = [r for r in records if r.get("record") == "reload"]
-        assert [(r["result"], r["old_plan"], r["new_plan"]) for r in reloads] == [("ok", hash_a, hash_b)]
+        assert [(r["result"], r["old_plan"], r["new_plan"]) for r in reloads] == \
+            [("failed", hash_a, _plan_hash(plans, "arm64")), ("ok", hash_a, hash_b)]
         hashes = [r["plan_hash"] for r in records if "decision_id" in r]
         switch = hashes.index(hash_b)
         assert set(hashes[:switch]) == {hash_a} and set(hashes[switch:]) == {hash_b}
