@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResolvedBundle", "add_bundle_commands", "resolve_bundle"]
+__all__ = ["ResolvedBundle", "add_bundle_commands", "add_bundle_run_arguments", "resolve_bundle"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+DEFAULT_BUNDLE_POLL = 60.0      # seconds between fetches of a --bundle URL (OPA's bundles: 60-120 s)
 
 
 def add_bundle_commands(sub: Any) -> None:
@@ -58,6 +59,20 @@ class ResolvedBundle:
     trusted: bytes
     etag: str | None = None
     fetched: bool = True
+
+
+def add_bundle_run_arguments(run: Any) -> None:
+    """`policyc run`'s --bundle, --trust, --bundle-cache and --bundle-poll."""
+    run.add_argument("--bundle", metavar="FILE|URL", help="run the plan of a signed bundle (`policyc bundle build`) "
+                     "instead of POLICY; when it cannot be fetched or does not verify, the last good bundle runs")
+    run.add_argument("--trust", metavar="KEYFILE", help="the Ed25519 public key bundles must be signed with")
+    run.add_argument("--bundle-cache", metavar="DIR", help="where the last good bundle is kept across restarts "
+                     "(default: $STATE_DIRECTORY/bundles under systemd, else beside the install journal)")
+    run.add_argument("--bundle-poll", type=float, default=DEFAULT_BUNDLE_POLL, metavar="SECONDS",
+                     help="with --bundle URL on a simhost: or xen: guest: fetch the URL about this often "
+                          "(If-None-Match, each wait jittered by up to 25%%) and hot-reload a newer bundle that "
+                          f"verifies; a restart enforces the last good bundle before asking the network "
+                          f"(default {DEFAULT_BUNDLE_POLL:g}; 0: read the bundle at start only)")
 
 
 def resolve_bundle(source: str, trust: str, cache: str | None, *, last_good_first: bool = False) -> ResolvedBundle:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_bundle import add_bundle_run_arguments
 from .cli_outputs import RunOutputs, add_output_arguments
 from .cli_shared import is_scenario_file
 from .diagnostics import Diagnostics
@@ -37,7 +38,6 @@ __all__ = ["add_runtime_commands"]
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 SCENARIO_SUFFIXES = (".yaml", ".yml")
 BUNDLED_SCENARIOS = Path("examples") / "scenarios"
-DEFAULT_BUNDLE_POLL = 60.0      # seconds between fetches of a --bundle URL (OPA's bundles: 60-120 s)
 
 
 def add_runtime_commands(sub: Any) -> None:
@@ -54,16 +54,7 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
     run.add_argument("--symbols", metavar="DIR", help="where a plan's symbol files are (default: beside the plan)")
-    run.add_argument("--bundle", metavar="FILE|URL", help="run the plan of a signed bundle (`policyc bundle build`) "
-                     "instead of POLICY; when it cannot be fetched or does not verify, the last good bundle runs")
-    run.add_argument("--trust", metavar="KEYFILE", help="the Ed25519 public key bundles must be signed with")
-    run.add_argument("--bundle-cache", metavar="DIR", help="where the last good bundle is kept across restarts "
-                     "(default: $STATE_DIRECTORY/bundles under systemd, else beside the install journal)")
-    run.add_argument("--bundle-poll", type=float, default=DEFAULT_BUNDLE_POLL, metavar="SECONDS",
-                     help="with --bundle URL on a simhost: or xen: guest: fetch the URL about this often "
-                          "(If-None-Match, each wait jittered by up to 25%%) and hot-reload a newer bundle that "
-                          f"verifies; a restart enforces the last good bundle before asking the network "
-                          f"(default {DEFAULT_BUNDLE_POLL:g}; 0: read the bundle at start only)")
+    add_bundle_run_arguments(run)
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
@@ -574,7 +565,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     # Signals arriving before the loop's own handlers are in place must not kill a half-made install
     # (a SIGHUP then is a reload asked for early: the loop does it once it runs).
     _signal.signal(_signal.SIGTERM, _signal.default_int_handler)
-    control = _reload_control(args, enforcer)
+    control = _reload_control(args)
     try:
         enforcer.start()
     except EnforcerError as exc:
@@ -665,7 +656,7 @@ def _identity(backend: Any) -> dict:
         return {}
 
 
-def _reload_control(args: argparse.Namespace, enforcer: Any) -> Any:
+def _reload_control(args: argparse.Namespace) -> Any:
     """SIGHUP and --control-socket for a run that has started enforcing (runtime/reload_control.py)."""
     from .runtime.state_record import default_state_dir
     from .runtime.reload_control import ReloadControl
