@@ -38,7 +38,7 @@ from typing import Mapping
 from .errors import PolicycError
 
 __all__ = ["Bundle", "BundleError", "BundleStore", "build_bundle", "verify_bundle", "fetch_bundle",
-           "generate_key", "MANIFEST_FORMAT"]
+           "generate_key", "is_url", "MANIFEST_FORMAT"]
 
 MANIFEST_FORMAT = "policyc-bundle/1"
 MAX_BUNDLE_BYTES = 512 << 20        # a plan and a kernel's ISF fit many times over
@@ -100,6 +100,12 @@ def build_bundle(plan_path: str | Path, *, key_pem: bytes, revision: int, not_af
     where = Path(symbols_dir) if symbols_dir else plan_path.parent
     members: dict[str, bytes] = {"plan.json": plan_path.read_bytes()}
     for ref in plan["policy"].get("symbols", ()):
+        name = ref["name"]
+        if "/" in name or "\\" in name or name in (".", ".."):
+            # a bundle holds symbols/NAME; a path there is refused by every host (verify_bundle)
+            raise BundleError(f"the plan names its symbol file by a path, '{name}': a bundle holds symbol "
+                              "files by their name alone; compile a policy whose `symbols` line names a file "
+                              "beside it")
         try:
             data = (where / ref["name"]).read_bytes()
         except OSError as exc:
@@ -185,10 +191,15 @@ def verify_bundle(raw: bytes, *, trusted_pem: bytes, active_revision: int | None
     return Bundle(manifest, plan_text, symbols, raw)
 
 
+def is_url(source: str) -> bool:
+    """Whether a bundle source is fetched over HTTP(S) (and so can be polled), not read from a file."""
+    return source.startswith(("http://", "https://"))
+
+
 def fetch_bundle(source: str, *, etag: str | None = None, timeout: float = 30.0) -> tuple[bytes | None, str | None]:
     """The bundle's bytes from a file path or an http(s) URL, and its ETag. With `etag`, a server
     that answers 304 Not Modified gives (None, etag)."""
-    if not source.startswith(("http://", "https://")):
+    if not is_url(source):
         try:
             with open(source, "rb") as f:
                 data = f.read(MAX_BUNDLE_BYTES + 1)

@@ -9,12 +9,14 @@ import argparse
 import datetime as _dt
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_bundle_commands", "resolve_bundle"]
+__all__ = ["ResolvedBundle", "add_bundle_commands", "add_bundle_run_arguments", "resolve_bundle"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+DEFAULT_BUNDLE_POLL = 60.0      # seconds between fetches of a --bundle URL (OPA's bundles: 60-120 s)
 
 
 def add_bundle_commands(sub: Any) -> None:
@@ -44,12 +46,43 @@ def add_bundle_commands(sub: Any) -> None:
     b.set_defaults(run=lambda args: (b.print_help(sys.stderr), EXIT_USAGE)[1])
 
 
-def resolve_bundle(source: str, trust: str, cache: str | None) -> tuple[str, str, str]:
-    """The plan to run for `run --bundle`: (plan path, symbols dir, a line saying which bundle).
+@dataclass
+class ResolvedBundle:
+    """What `run --bundle` runs: the unpacked plan and its symbols, the verified bundle, where the
+    last good one is kept, the trusted key and the ETag the bundle was fetched with (for polling)."""
+
+    plan: str
+    symbols: str
+    how: str
+    bundle: Any
+    store: Any
+    trusted: bytes
+    etag: str | None = None
+    fetched: bool = True
+
+
+def add_bundle_run_arguments(run: Any) -> None:
+    """`policyc run`'s --bundle, --trust, --bundle-cache and --bundle-poll."""
+    run.add_argument("--bundle", metavar="FILE|URL", help="run the plan of a signed bundle (`policyc bundle build`) "
+                     "instead of POLICY; when it cannot be fetched or does not verify, the last good bundle runs")
+    run.add_argument("--trust", metavar="KEYFILE", help="the Ed25519 public key bundles must be signed with")
+    run.add_argument("--bundle-cache", metavar="DIR", help="where the last good bundle is kept across restarts "
+                     "(default: $STATE_DIRECTORY/bundles under systemd, else beside the install journal)")
+    run.add_argument("--bundle-poll", type=float, default=DEFAULT_BUNDLE_POLL, metavar="SECONDS",
+                     help="with --bundle URL on a simhost: or xen: guest: fetch the URL about this often "
+                          "(If-None-Match, each wait jittered by up to 25%%) and hot-reload a newer bundle that "
+                          f"verifies; a restart enforces the last good bundle before asking the network "
+                          f"(default {DEFAULT_BUNDLE_POLL:g}; 0: read the bundle at start only)")
+
+
+def resolve_bundle(source: str, trust: str, cache: str | None, *, last_good_first: bool = False) -> ResolvedBundle:
+    """The plan to run for `run --bundle`.
 
     The bundle is fetched and verified; it must be at least as new as the last good one kept in
     `cache`, where it then replaces it. When it cannot be had or does not verify, the last good
-    bundle runs instead (verified again) and the line says why; with none, `BundleError`."""
+    bundle runs instead (verified again) and `how` says why; with none, `BundleError`. With
+    `last_good_first` (a run that polls the URL), a last good bundle runs at once without asking
+    the network: the poller fetches the URL as soon as protection is in place."""
     from .bundle import BundleError, BundleStore, fetch_bundle, verify_bundle
 
     trusted = _read_key(trust, "--trust")
@@ -59,19 +92,25 @@ def resolve_bundle(source: str, trust: str, cache: str | None) -> tuple[str, str
     except BundleError as exc:
         print(f"policyc run: the last good bundle is not usable: {exc}", file=sys.stderr)
         last_good = None
-    try:
-        raw, _etag = fetch_bundle(source)
-        bundle = verify_bundle(raw or b"", trusted_pem=trusted,
-                               active_revision=last_good.revision if last_good else None, allow_same_revision=True)
-        store.save(bundle)
-        how = f"bundle revision {bundle.revision} from {source}"
-    except BundleError as exc:
-        if last_good is None:
-            raise
+    etag, fetched = None, False
+    if last_good_first and last_good is not None:
         bundle = last_good
-        how = f"the last good bundle, revision {bundle.revision} ({source}: {exc})"
+        how = f"the last good bundle, revision {bundle.revision} (kept in {store.path}); polling {source}"
+    else:
+        try:
+            raw, etag = fetch_bundle(source)
+            bundle = verify_bundle(raw or b"", trusted_pem=trusted,
+                                   active_revision=last_good.revision if last_good else None,
+                                   allow_same_revision=True)
+            store.save(bundle)
+            how, fetched = f"bundle revision {bundle.revision} from {source}", True
+        except BundleError as exc:
+            if last_good is None:
+                raise
+            bundle, etag = last_good, None
+            how = f"the last good bundle, revision {bundle.revision} ({source}: {exc})"
     plan = bundle.unpack(store.directory / "active")
-    return str(plan), str(plan.parent), how
+    return ResolvedBundle(str(plan), str(plan.parent), how, bundle, store, trusted, etag, fetched)
 
 
 # --------------------------------------------------------------------------- commands

@@ -153,15 +153,21 @@ class RunOutputs:
         self.metrics.serve_snapshots(lambda: take_snapshot(enforcer, backend, [s.failures for s in sinks]))
         self.metrics.set_protected(True)
 
+    def watch_bundle(self, poller: Any) -> None:
+        """A polled --bundle URL: its fetches are counted on /metrics, its revision shown on /status."""
+        if self.metrics is not None:
+            self.metrics.bundle = poller
+
     def failed(self, error: str) -> None:
         if self.metrics is not None:
             self.metrics.activated(None, "failure")
             self.metrics.set_protected(False, error)
 
     def unprotected(self, why: str | None = None) -> None:
-        """Teardown begins (or the run stopped on an error): /health answers 503 from now on."""
+        """Teardown begins, or is done (or the run stopped on an error): /health answers 503 from now
+        on; the figures are taken once more (the loop may not turn again)."""
         if self.metrics is not None:
-            self.metrics.refresh()
+            self.metrics.refresh(now=True)
             self.metrics.set_protected(False, why)
 
     def close(self) -> None:

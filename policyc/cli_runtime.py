@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_bundle import add_bundle_run_arguments
 from .cli_outputs import RunOutputs, add_output_arguments
 from .cli_shared import is_scenario_file
 from .diagnostics import Diagnostics
@@ -53,11 +54,7 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
     run.add_argument("--symbols", metavar="DIR", help="where a plan's symbol files are (default: beside the plan)")
-    run.add_argument("--bundle", metavar="FILE|URL", help="run the plan of a signed bundle (`policyc bundle build`) "
-                     "instead of POLICY; when it cannot be fetched or does not verify, the last good bundle runs")
-    run.add_argument("--trust", metavar="KEYFILE", help="the Ed25519 public key bundles must be signed with")
-    run.add_argument("--bundle-cache", metavar="DIR", help="where the last good bundle is kept across restarts "
-                     "(default: $STATE_DIRECTORY/bundles under systemd, else beside the install journal)")
+    add_bundle_run_arguments(run)
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
     run.add_argument("--record", metavar="TRACE", help="record the request stream for `policyc replay`")
@@ -162,20 +159,42 @@ def _compile(policy: str, target: str | None, *, audit: bool = False, command: s
     return compiled
 
 
-def _use_bundle(args: argparse.Namespace) -> None:
-    """`run --bundle`: the verified bundle's plan and symbols stand in for POLICY and --symbols."""
-    from .bundle import BundleError
+def _use_bundle(args: argparse.Namespace, scheme: str) -> None:
+    """`run --bundle`: the verified bundle's plan and symbols stand in for POLICY and --symbols; a URL
+    on a guest that keeps running is polled (`args.bundle_polled`, started once protection is in place)."""
+    from .bundle import BundleError, is_url
     from .cli_bundle import resolve_bundle
 
     if args.policy is not None:
         raise _Usage("give a POLICY or --bundle, not both")
     if not args.trust:
         raise _Usage("--bundle needs --trust KEYFILE (the public key the bundle must be signed with)")
+    polled = is_url(args.bundle) and scheme != "sim" and args.bundle_poll > 0
     try:
-        args.policy, args.symbols, how = resolve_bundle(args.bundle, args.trust, args.bundle_cache)
+        resolved = resolve_bundle(args.bundle, args.trust, args.bundle_cache, last_good_first=polled)
     except BundleError as exc:
         raise _Usage(f"--bundle {args.bundle}: {exc}: nothing was installed") from None
-    print(f"policyc run: {how}", file=sys.stderr)
+    args.policy, args.symbols = resolved.plan, resolved.symbols
+    args.bundle_polled = resolved if polled else None
+    print(f"policyc run: {resolved.how}", file=sys.stderr)
+
+
+def _bundle_poller(args: argparse.Namespace, outputs: Any) -> Any:
+    """The poller of a --bundle URL (runtime/bundle_poll.py), started; None when the run does not poll."""
+    resolved = getattr(args, "bundle_polled", None)
+    if resolved is None:
+        return None
+    from .runtime.bundle_poll import BundlePoller
+
+    def report(bundle: Any, result: Any) -> None:
+        print(f"policyc run: bundle revision {bundle.revision}: {result.describe()}", file=sys.stderr, flush=True)
+
+    poller = BundlePoller(args.bundle, resolved.trusted, resolved.store, resolved.bundle, every=args.bundle_poll,
+                          etag=resolved.etag, target=args.target, audit=args.audit,
+                          first_now=not resolved.fetched, report=report)
+    outputs.watch_bundle(poller)
+    poller.start()
+    return poller
 
 
 def _guest(spec: str) -> tuple[str, str]:
@@ -301,6 +320,12 @@ def _print_overload(enforcer: Any, out: Any) -> None:
     stalls = getattr(enforcer.backend, "ring_full_stalls", None)
     print(f"ring_full: {c['ring_full_seen']} ring read(s) found all {enforcer.ring_slots} slots taken"
           + (f"; {stalls} vCPU stall(s) waiting for a slot" if isinstance(stalls, int) else ""), file=out)
+    if c["events_lost"]:
+        print("events lost (no policy decided them): " + ", ".join(
+            f"{n} {_LOST_WORDS.get(reason, reason)}" for reason, n in sorted(enforcer.events_lost.items())), file=out)
+
+
+_LOST_WORDS = {"teardown": "request(s) after the last batch, released undecided at teardown"}
 
 
 def _usage_guard(fn: Any) -> Any:
@@ -343,8 +368,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
     if args.budget is not None and not args.budget > 0:
         raise _Usage(f"--budget {args.budget:g}: a positive number of events per second")
+    if not args.bundle_poll >= 0:
+        raise _Usage(f"--bundle-poll {args.bundle_poll:g}: a number of seconds (0: do not poll)")
     if args.bundle is not None:
-        _use_bundle(args)
+        _use_bundle(args, scheme)
     args.outputs = RunOutputs(args, scheme, _Usage, _open_out)
     try:
         if scheme == "sim":
@@ -550,6 +577,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         control.close()
         return 130
     outputs.protected(enforcer, backend, plan)
+    poller = _bundle_poller(args, outputs)
     phases = {"compile": compile_seconds, **enforcer.startup_seconds}
     print(f"enforcing {plan['policy']['name']} on {guest} (pid {os.getpid()}); SIGINT or SIGTERM to stop, "
           "SIGHUP to reload", file=sys.stderr)
@@ -565,6 +593,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         notifier.watchdog()          # called from the answering loop: a stuck loop stops the pings
         outputs.on_turn()
         control.poll(enforcer)
+        if poller is not None:
+            poller.poll(enforcer)
         status_every[0] += 1
         if status_every[0] % 50:
             return False
@@ -585,6 +615,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
         return EXIT_PROBLEMS
     finally:
         control.close()
+        if poller is not None:
+            poller.close()
     outputs.unprotected()
     notifier.stopping("torn down")
     notifier.close()

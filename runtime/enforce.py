@@ -186,10 +186,15 @@ class Enforcer:
         return result
 
     def note_reload(self, result: "ReloadResult") -> None:
-        """Count a reload's result and say it in the decision log (also for one that failed before it
-        reached the enforcer: a policy that does not compile)."""
+        """Count a reload's result, say it in the decision log and count it as a plan activation on the
+        metrics server, if one runs (also for a reload that failed before it reached the enforcer: a
+        policy that does not compile)."""
+        from .metrics import record_activation
+
         self.reloads.append(result)
         self.log.event("reload", result.as_dict(), alert=None if result.ok else result.describe())
+        if not result.unchanged:             # a reload to the running plan activates nothing
+            record_activation(self.plan if result.ok else None, "success" if result.ok else "failure")
 
     def build_engines(self, installation: Installation, plan_hash: str) -> tuple[DecisionEngine, NativeEngine | None]:
         """The decision engines for an installation's plan (view ids as the backend handed them out)."""
@@ -558,11 +563,23 @@ class Enforcer:
     def stats(self) -> Any:
         return self.log.stats
 
+    @property
+    def events_lost(self) -> dict[str, int]:
+        """Events no policy decided, by reason (`policyc_events_lost_total`): ``teardown``, requests
+        that came after the last batch and were released undecided by teardown. (A full ring loses no
+        event a guest vCPU causes: the vCPU waits for a slot, which `ring_full_seen` and
+        `ring_full_stalls` count; Xen drops only events raised from another domain's context, and
+        tells nobody. Events past --budget are decided, by their rules' `then` or as would-deny.)"""
+        inst = self.installation
+        lost = {"teardown": inst.released_undecided if inst is not None else 0}
+        return {reason: n for reason, n in lost.items() if n}
+
     def counters(self) -> dict[str, int]:
         return {"requests": self.requests, "responses": self.responses, "records": self.records,
                 "rebinds": len(self.rebinds), "effect_errors": len(self.effect_errors), "unlogged": self.unlogged,
                 "over_budget": self.budget.over if self.budget is not None else 0,
                 "ring_full_seen": self.ring_full_seen,
                 "ring_full_stalls": int(getattr(self.backend, "ring_full_stalls", 0) or 0),
+                "events_lost": sum(self.events_lost.values()),
                 "reloads": sum(1 for r in self.reloads if r.result == "ok"),
                 "reload_failures": sum(1 for r in self.reloads if r.result == "failed")}

@@ -123,6 +123,7 @@ class Installation:
         self.in_flight: dict[int, bytes] = {}   # taken from the ring, not yet answered (by ring order)
         self.notify_owed = False                # responses pushed whose notify failed (retried)
         self.notify_failures = 0
+        self.released_undecided = 0             # requests teardown answered with a bare unpause (no decision)
         self._seq = 0
         self._access_entries: dict[int, dict[str, Any]] = {}   # backend view -> its "access" entry
         self._shadows: dict[int, dict[str, Any]] = {}          # gfn -> its "shadow" entry
@@ -478,6 +479,9 @@ class Installation:
                     break
                 if not pending:
                     break
+                # Arrived after the enforcer's last batch (or taken and never answered): the guest
+                # goes on, but no policy decided these events.
+                self.released_undecided += len(pending)
                 try:
                     b.put_responses([teardown_response(r) for r in pending])
                     b.notify()

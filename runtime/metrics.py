@@ -26,8 +26,10 @@ test an event unless a scrape asked. When the loop does not answer in time (a lo
 scrape gets the previous snapshot.
 
 Activations: the initial install counts as one (`activated(plan, "success")`); a reload (SIGHUP,
-`policyc reload`) reports its outcome through `activated(plan, result)` or, without the server at
-hand, the module's `record_activation(plan, result)`.
+`policyc reload`, a polled bundle) reports its outcome through the module's
+`record_activation(plan, result)` (`Enforcer.note_reload` calls it). With a polled `--bundle URL`
+(`bundle`, set by the run), ``policyc_bundle_polls_total{result}`` counts the fetches and /status
+says which bundle revision is active.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class MetricsServer:
         self.since: float | None = None
         self.activations: Counter[str] = Counter()
         self.last_error: str | None = None
+        self.bundle: Any = None                      # a --bundle URL's poller (runtime/bundle_poll.py)
         self.snapshot = Snapshot()
         self._source: Callable[[], Snapshot] | None = None
         self._wanted = threading.Event()
@@ -162,9 +165,10 @@ class MetricsServer:
         self._source = source
         self._publish(source())
 
-    def refresh(self) -> None:
-        """Once per loop turn: take a snapshot when a scrape asked for one (else only a flag test)."""
-        if self._wanted.is_set() and self._source is not None:
+    def refresh(self, *, now: bool = False) -> None:
+        """Once per loop turn: take a snapshot when a scrape asked for one (else only a flag test);
+        `now`: take one anyway (the run's last, after teardown: what teardown released counts too)."""
+        if (now or self._wanted.is_set()) and self._source is not None:
             self._wanted.clear()
             self._publish(self._source())
 
@@ -220,6 +224,7 @@ class MetricsServer:
                 "counters": snap.counters, "activations": dict(self.activations),
                 "decision_log_failures": snap.log_failures, "events_lost": snap.events_lost,
                 "paused_vcpus": snap.paused_vcpus, "last_error": self.last_error,
+                "bundle": self.bundle.status() if self.bundle is not None else None,
                 "snapshot_time": _iso(snap.taken) if snap.taken else None}
 
 
@@ -253,6 +258,9 @@ class _Registry:
         for result in sorted(set(server.activations) | {"success", "failure"}):
             acts.add_metric([result], server.activations[result])
         yield acts
+        if server.bundle is not None:
+            yield _counter("policyc_bundle_polls", "Fetches of the --bundle URL by result: new, not_modified, "
+                           "unchanged, refused, unreachable", server.bundle.poll_counts(), label="result")
         cumulative, buckets = 0, []
         for b, n in enumerate(snap.latency_buckets):
             cumulative += n
@@ -265,10 +273,10 @@ class _Registry:
                                 "domain pause); -1 when it cannot be read", value=snap.paused_vcpus)
 
 
-def _counter(name: str, doc: str, values: Mapping[str, int]) -> Any:
+def _counter(name: str, doc: str, values: Mapping[str, int], label: str = "reason") -> Any:
     from prometheus_client.core import CounterMetricFamily
 
-    fam = CounterMetricFamily(name, doc, labels=["reason"])
+    fam = CounterMetricFamily(name, doc, labels=[label])
     for reason, n in sorted(values.items()):
         fam.add_metric([reason], n)
     return fam

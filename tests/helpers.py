@@ -94,3 +94,115 @@ def start_simhost(scenario, socket_path: str):
                              socket_path, "--forever", "--no-start"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
+
+
+class BundleServer:
+    """A static HTTP server on 127.0.0.1 serving one body (a bundle) with ETags, as nginx or an object
+    store would: `body` is what it serves (None: 404); `answers` notes each request's If-None-Match
+    and the status sent. `close()` stops it; `reopen()` serves again on the same port."""
+
+    def __init__(self, port: int = 0) -> None:
+        import http.server
+        import threading
+
+        self.body: bytes | None = None
+        self.answers: list[tuple[str | None, int]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                asked = self.headers.get("If-None-Match")
+                body = outer.body
+                if body is None:
+                    outer.answers.append((asked, 404))
+                    self.send_error(404)
+                    return
+                import hashlib
+
+                etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+                if asked == etag:
+                    outer.answers.append((asked, 304))
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                outer.answers.append((asked, 200))
+                self.send_response(200)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/host.bundle"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def statuses(self) -> list[int]:
+        return [status for _asked, status in self.answers]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def reopen(self) -> "BundleServer":
+        """A server on this one's port, serving its body (after `close`)."""
+        again = BundleServer(self.port)
+        again.body = self.body
+        return again
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """The status and body of a GET (an HTTP error status too, not an exception)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "") -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds, naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(0.05)
+
+
+def tar_members(raw: bytes) -> dict[str, bytes]:
+    """The members of a tar archive (a bundle) by name."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def tar_of(members: dict[str, bytes], extra=None) -> bytes:
+    """A tar archive of `members` (and one more `extra` TarInfo as it is: a link, say)."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if extra is not None:
+            tar.addfile(extra)
+    return out.getvalue()
+
+
+def flip_bit(data: bytes, at: int = -10) -> bytes:
+    b = bytearray(data)
+    b[at] ^= 1
+    return bytes(b)

@@ -7,11 +7,8 @@ server on loopback."""
 from __future__ import annotations
 
 import datetime as dt
-import http.server
-import io
 import shutil
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,8 @@ pytest.importorskip("cryptography", reason="bundles need the 'cryptography' pack
 from policyc.bundle import BundleError, BundleStore, build_bundle, fetch_bundle, generate_key, verify_bundle
 from policyc.cli import main
 
+from helpers import BundleServer, flip_bit as _flip, tar_members as _members, tar_of as _repack
+
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
 SCENARIO = ROOT / "examples" / "scenarios" / "rootkit-hooks-syscall-table.yaml"
@@ -28,8 +27,8 @@ NOW = dt.datetime.now(dt.timezone.utc)
 
 
 @pytest.fixture(scope="module")
-def keys():
-    return generate_key()
+def keys(bundle_keys):
+    return bundle_keys
 
 
 @pytest.fixture(scope="module")
@@ -52,29 +51,6 @@ def test_a_good_bundle_verifies_and_is_deterministic(plan_dir, keys):
     assert set(b.symbols) == {"linux-6.1.System.map"}
     assert build_bundle(plan_dir / "plan.json", key_pem=keys[0], revision=2,
                         not_after=NOW + dt.timedelta(days=30)) == raw
-
-
-def _members(raw: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-
-
-def _repack(members: dict[str, bytes], extra: tarfile.TarInfo | None = None) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if extra is not None:
-            tar.addfile(extra)
-    return out.getvalue()
-
-
-def _flip(data: bytes, at: int = -10) -> bytes:
-    b = bytearray(data)
-    b[at] ^= 1
-    return bytes(b)
 
 
 @pytest.mark.parametrize("how,message", [
@@ -122,47 +98,9 @@ def test_expired_and_replayed_bundles_are_refused(plan_dir, keys):
     assert verify_bundle(raw, trusted_pem=keys[1], active_revision=3).revision == 4
 
 
-class _Server:
-    """A static HTTP server on loopback serving one bundle, with ETags."""
-
-    def __init__(self) -> None:
-        self.body: bytes | None = None
-        self.requests: list[str | None] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                outer.requests.append(self.headers.get("If-None-Match"))
-                if outer.body is None:
-                    self.send_error(404)
-                    return
-                etag = f'"{len(outer.body)}-{hash(outer.body) & 0xffff:x}"'
-                if self.headers.get("If-None-Match") == etag:
-                    self.send_response(304)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("ETag", etag)
-                self.send_header("Content-Length", str(len(outer.body)))
-                self.end_headers()
-                self.wfile.write(outer.body)
-
-            def log_message(self, *a) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/host.bundle"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = _Server()
+    s = BundleServer()
     yield s
     s.close()
 
@@ -172,7 +110,7 @@ def test_fetch_over_http_uses_etags(plan_dir, keys, server):
     raw, etag = fetch_bundle(server.url)
     assert raw == server.body and etag
     assert fetch_bundle(server.url, etag=etag) == (None, etag)
-    assert server.requests == [None, etag]
+    assert server.answers == [(None, 200), (etag, 304)]
 
 
 def _run(tmp_path, source, trusted: Path, capsys) -> tuple[int, str]:
@@ -252,3 +190,11 @@ def test_build_writes_through_devices_and_replaces_regular_files_whole(plan_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bundle", "k.key", "k.pub"]   # no temporary left
     assert main(args + [str(tmp_path)]) == 2                        # a directory: one line, exit 2
     assert "it is a directory" in capsys.readouterr().err
+
+
+def test_a_plan_that_names_its_symbols_by_a_path_is_refused_at_build_not_on_the_hosts(keys, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert main(["compile", str(ROOT / "examples" / "policies" / "reload" / "syscalls-only.vmi"), "-o", str(plan)]) == 0
+    with pytest.raises(BundleError, match="names its symbol file by a path, '../linux-6.1.System.map'"):
+        build_bundle(plan, key_pem=keys[0], revision=1, not_after=NOW + dt.timedelta(days=1),
+                     symbols_dir=ROOT / "examples" / "policies" / "reload")

@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 from policyc.runtime.metrics import MetricsServer, Snapshot, parse_address, record_activation
 
-from helpers import storm_scenario
+from helpers import http_get, storm_scenario, wait_for
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser", reason="prometheus-client is not installed")
 
@@ -27,23 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL_INTEGRITY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def _families(text: str) -> dict[str, list]:
     return {f.name: f.samples for f in prometheus_parser.text_string_to_metric_families(text)}
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_metrics_count_what_the_decision_log_holds_and_health_follows_protection(tmp_path):
@@ -65,17 +48,17 @@ def test_metrics_count_what_the_decision_log_holds_and_health_follows_protection
         assert m, line
         base = f"http://127.0.0.1:{m[1]}"
         assert int(m[1]) > 0
-        assert _get(base + "/health") == (503, "not protected\n")
-        status = json.loads(_get(base + "/status")[1])
+        assert http_get(base + "/health") == (503, "not protected\n")
+        status = json.loads(http_get(base + "/status")[1])
         assert status["protected"] is False and status["plan"] is None
         os.kill(host.pid, signal.SIGCONT)
-        _wait_for(lambda: _get(base + "/health")[0] == 200)
+        wait_for(lambda: http_get(base + "/health")[0] == 200)
 
         from policyc.runtime.sim.host import connect
         connect(host_sock).start_workload()
-        _wait_for(lambda: log.exists() and log.stat().st_size > 400_000)
-        fams = _families(_get(base + "/metrics")[1])
-        status = json.loads(_get(base + "/status")[1])
+        wait_for(lambda: log.exists() and log.stat().st_size > 400_000)
+        fams = _families(http_get(base + "/metrics")[1])
+        status = json.loads(http_get(base + "/status")[1])
         enf.send_signal(signal.SIGTERM)
         assert enf.wait(60) == 0, enf.stderr.read()
     finally:
@@ -138,7 +121,7 @@ def test_a_scrape_gets_the_loops_snapshot_or_the_last_one_when_the_loop_is_busy(
         assert len(taken) == 1
         # nobody refreshes (a loop in a long batch): the scrape waits a little, then shows the last one
         t0 = time.monotonic()
-        fams = _families(_get(f"http://127.0.0.1:{port}/metrics")[1])
+        fams = _families(http_get(f"http://127.0.0.1:{port}/metrics")[1])
         assert time.monotonic() - t0 >= 0.4 and len(taken) == 1
         assert [s.value for s in fams["policyc_decisions"]] == [1.0]
         server.refresh()                       # the loop's next turn answers the scrape that gave up
@@ -148,11 +131,11 @@ def test_a_scrape_gets_the_loops_snapshot_or_the_last_one_when_the_loop_is_busy(
         record_activation({"policy": {"name": "p"}, "content_hash": "sha256:ab", "target": {"arch": "arm64"}},
                           "success")
         record_activation(None, "failure")
-        fams = _families(_get(f"http://127.0.0.1:{port}/metrics")[1])
+        fams = _families(http_get(f"http://127.0.0.1:{port}/metrics")[1])
         assert [s.labels for s in fams["policyc_plan_info"]] == [{"policy": "p", "plan_hash": "sha256:ab",
                                                                   "target": "arm64"}]
         assert {s.labels["result"]: s.value for s in fams["policyc_plan_activations"]} == {"success": 1, "failure": 1}
-        assert _get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+        assert http_get(f"http://127.0.0.1:{port}/nothing")[0] == 404
     finally:
         server.close()
     record_activation(None, "failure")         # no server: nothing to count, no error
@@ -171,3 +154,42 @@ def test_metrics_need_a_guest_that_keeps_running():
     p = subprocess.run([sys.executable, "-m", "policyc", "run", "--guest", "sim:rootkit-hooks-syscall-table",
                         "--metrics", "127.0.0.1:0"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "simhost: or xen:" in p.stderr
+
+
+@pytest.mark.parametrize("ending", ["stop", "teardown only"])
+def test_requests_teardown_releases_undecided_are_counted_as_events_lost(tmp_path, ending):
+    """A request that arrives after the enforcer's last batch is released by teardown with no decision:
+    `policyc_events_lost_total{reason="teardown"}` counts it. `stop()` answers the ring first, so
+    there it is decided and nothing is lost."""
+    from policyc.plan_source import load_plan_source
+    from policyc.runtime.enforce import Enforcer
+    from policyc.runtime.metrics import take_snapshot
+    from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario
+
+    scenario = load_scenario(ROOT / "examples" / "scenarios" / "rootkit-hooks-syscall-table.yaml")
+    xen = build_scenario(scenario)
+    compiled = load_plan_source(str(KERNEL_INTEGRITY), None)
+    enf = Enforcer(compiled.plan, xen, compiled.symbols, guest="lost", state_dir=tmp_path)
+    enf.start()
+    server = MetricsServer(("127.0.0.1", 0))
+    port = server.start()
+    try:
+        server.serve_snapshots(lambda: take_snapshot(enf, xen))
+        ScenarioRunner(scenario, xen).start_step(scenario.steps[0])     # the table write traps
+        assert xen.paused_vcpus() == {0}
+        if ending == "stop":
+            assert enf.stop() == []
+        else:
+            assert enf.installation.teardown() == []         # the loop never took it
+        assert xen.paused_vcpus() == frozenset()
+        server.refresh(now=True)
+        fams = _families(http_get(f"http://127.0.0.1:{port}/metrics")[1])
+        lost = {s.labels["reason"]: s.value for s in fams["policyc_events_lost"]}
+        status = json.loads(http_get(f"http://127.0.0.1:{port}/status")[1])
+    finally:
+        server.close()
+    if ending == "stop":
+        assert enf.records == 1 and lost == {} and enf.events_lost == {}
+    else:
+        assert enf.records == 0 and lost == {"teardown": 1.0} and enf.events_lost == {"teardown": 1}
+        assert status["events_lost"] == {"teardown": 1} and status["counters"]["events_lost"] == 1
