@@ -30,7 +30,7 @@ from .source import display_path, is_yaml_path, read_policy_file
 from .symbols import Symbol, SymbolFileError, SymbolTable, load_symbol_table
 
 __all__ = ["Analysis", "Completion", "SymbolIndex", "analyze", "complete", "definition", "hover",
-           "replacements", "word_at"]
+           "keywords", "replacements", "word_at"]
 
 COMPLETION_LIMIT = 200
 # System.map type letters (nm(1)) -> the section a symbol lives in.
@@ -269,7 +269,7 @@ def _tables(analysis: Analysis) -> list[SymbolTable]:
 
 def _language_names(analysis: Analysis) -> list[Completion]:
     arch = ARCHES[analysis.arch]
-    out = [Completion(k, "keyword") for k in _keywords()]
+    out = [Completion(k, "keyword") for k in keywords()]
     for _, item in analysis.items():
         if isinstance(item, S.Region):
             out.append(Completion(item.name, "region", "region"))
@@ -288,7 +288,7 @@ def _language_names(analysis: Analysis) -> list[Completion]:
 
 
 @functools.cache
-def _keywords() -> list[str]:
+def keywords() -> list[str]:
     """The DSL's keywords, read from the grammar so the two never disagree."""
     grammar = resources.files("policyc.grammar").joinpath("policy.lark").read_text(encoding="utf-8")
     words = re.findall(r'"([a-z_]+)"', grammar) + re.findall(r"/\(?([a-z|]+)\)?\\b/", grammar)

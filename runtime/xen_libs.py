@@ -523,7 +523,7 @@ def native_event_channel(xffi: Any, ev: Any, xce: Any, port: int) -> tuple[tuple
     struct both take (`vm_evtchn_kick` and `vm_evtchn_wait` in native/ring.c), which holds the
     library's notify, pending and unmask calls, the handle, the port and the handle's descriptor.
     The struct must live as long as the two are used."""
-    nffi, nlib = abi._native()
+    nffi, nlib = abi.extension()
 
     def c_function(ctype: str, fn: Any) -> Any:
         return nffi.cast(ctype, int(xffi.cast("uintptr_t", fn)))
