@@ -21,7 +21,8 @@ from .backend import ACCESS_VALUES, BackendError, InvalidArgument, Unsupported
 
 __all__ = ["XenUnavailable", "XenRelease", "RELEASES", "LIBRARIES", "BACKEND_LIBRARIES", "TYPEDEFS", "STRUCTS",
            "DECLARATIONS", "CONSTANTS", "MONITOR_EVENT_BITS", "HVM_HW_CPU_FIELDS", "HVM_HW_CPU_SIZE", "PRIVCMD",
-           "PAGE_SIZE", "PAGE_SHIFT", "DOMCTL_SIZE", "xen_ffi", "cdef_source", "load_library", "loaded_release", "call_error",
+           "PAGE_SIZE", "PAGE_SHIFT", "DOMCTL_SIZE", "xen_ffi", "cdef_source", "load_library",
+           "forget_loaded_libraries", "loaded_release", "call_error",
            "monitors_from_capabilities", "access_code", "access_name", "registers_from_hvm_cpu", "patch_hvm_cpu",
            "build_cpu_context", "cpu_vendor", "arch_from_vendor", "resolve_domain"]
 
@@ -395,6 +396,12 @@ def load_library(key: str) -> Any:
     raise XenUnavailable("attach", f"cannot load {' or '.join(n or 'libc' for n in names)} ({errors[0]}); install "
                                    "the Xen tools libraries (Debian 12: libxenmisc4.17, Debian 13: "
                                    "libxenmisc4.20)") from None
+
+
+def forget_loaded_libraries() -> None:
+    """Drop what `load_library` opened: the next call opens the library again, as `LIBRARIES` and
+    `RELEASES` then say."""
+    _LIBS.clear()
 
 
 def loaded_release() -> XenRelease:

@@ -213,7 +213,7 @@ def test_a_host_without_privcmd_is_refused_in_one_clear_error(monkeypatch, tmp_p
 def test_a_missing_library_is_refused_naming_it(monkeypatch):
     monkeypatch.setitem(xl.LIBRARIES, "xenctrl", "libxenctrl.so.0.no-such-version")
     monkeypatch.setattr(xl, "RELEASES", (xl.XenRelease("0.0", "libxenctrl.so.0.no-such-version", 0, ()),))
-    monkeypatch.setattr(xl, "_LIBS", {})
+    xl.forget_loaded_libraries()
     with pytest.raises(xl.XenUnavailable) as info:
         xb.XenBackend.open("1")
     assert info.value.message.startswith("not a Xen dom0 (or no privcmd): ")
