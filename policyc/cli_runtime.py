@@ -163,7 +163,6 @@ def host_refusal(plan: dict, backend: Any, guest: str, policy: str) -> str | Non
     return None
 
 
-
 # --------------------------------------------------------------------------- shared
 
 class _Usage(Exception):
