@@ -13,14 +13,17 @@ The floor beside it is `policyc.native.abi.floor_loop` (bench/ring_floor.py):
 the same request/response echo through a ring page in C with no guest and
 no policy. The ratio says how far the simulator is from that floor.
 
-    python bench/sim_ring.py [--events N] [--vcpus 1,2,4,8] [--repeat K]
+    python bench/sim_ring.py [--events N] [--vcpus 1,2,4,8] [--repeat K] [--json]
 
-This is a measurement, not a test: it prints figures and exits 0.
+This is a measurement, not a test: it prints figures (with --json, the figures
+as JSON on stdout and the lines on stderr) and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -70,22 +73,34 @@ def main() -> None:
     ap.add_argument("--vcpus", default="1,2,4,8,16", help="comma-separated vCPU counts")
     ap.add_argument("--repeat", type=int, default=3, help="runs to take the median of")
     ap.add_argument("--floor-rounds", type=int, default=2_000_000, help="round trips of the C floor")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (the lines to stderr)")
     args = ap.parse_args()
+    lines = sys.stderr if args.json else sys.stdout
 
     c_floor(100_000)                              # warm up
     floor = statistics.median(c_floor(args.floor_rounds) for _ in range(args.repeat))
     print(f"C floor (abi.floor_loop, bench/ring_floor.py): {floor:,.0f} requests/s "
-          f"({1e9 / floor:.0f} ns each)")
+          f"({1e9 / floor:.0f} ns each)", file=lines, flush=True)
     counts = [int(x) for x in args.vcpus.split(",")]
     template = build_linux_x86_64(MAP, kaslr_slide=0x1E00000, memory="256M", vcpus=max(counts))
+    runs = []
     for n in counts:
         t = template if n == max(counts) else build_linux_x86_64(
             MAP, kaslr_slide=0x1E00000, memory="256M", vcpus=n)
         storm(t, n, 2_000)                        # warm up
         rates = [storm(t, n, args.events)[0] for _ in range(args.repeat)]
         rate = statistics.median(rates)
+        runs.append({"vcpus": n, "requests_per_s": round(rate), "us_per_request": round(1e6 / rate, 2),
+                     "floor_over_sim": round(floor / rate, 1), "rates": [round(r) for r in rates]})
         print(f"simulated ring, {n:2d} vCPU(s), trapped-page write storm, echo+EMULATE responder: "
-              f"{rate:,.0f} requests/s ({1e6 / rate:.1f} us each); floor/sim = {floor / rate:,.0f}x")
+              f"{rate:,.0f} requests/s ({1e6 / rate:.1f} us each); floor/sim = {floor / rate:,.0f}x",
+              file=lines, flush=True)
+    if args.json:
+        report = {"command": "python bench/sim_ring.py " + " ".join(sys.argv[1:]),
+                  "events": args.events, "repeat": args.repeat, "floor_rounds": args.floor_rounds,
+                  "floor_per_s": round(floor), "runs": runs,
+                  "load_average": [round(x, 2) for x in os.getloadavg()]}
+        print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

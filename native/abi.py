@@ -1,11 +1,13 @@
 """The vm_event ABI (Xen 4.17, interface version 7) as Python values.
 
-This module is the only place where cffi objects appear: everything it
-returns is an ``int``, ``bytes``, ``dict``, ``list``, an enum, or one of the
-classes below. The compiled extension ``policyc.native._vm_event`` (built
-from ``native/vm_event_abi.h`` and ``native/ring.c`` at install time) is
-imported on first use, so importing this module never fails; using it
-without the extension raises :class:`ExtensionNotBuilt`.
+Everything this module returns is an ``int``, ``bytes``, ``dict``, ``list``,
+an enum, or one of the classes below; cffi objects appear only through
+:func:`extension`, for the modules that hand C structures to C (the ring
+replay, the libxc bindings) and for tests of the C layouts. The compiled
+extension ``policyc.native._vm_event`` (built from ``native/vm_event_abi.h``
+and ``native/ring.c`` at install time) is imported on first use, so
+importing this module never fails; using it without the extension raises
+:class:`ExtensionNotBuilt`.
 
 Constants (loaded on first access):
 
@@ -40,6 +42,7 @@ from ..errors import PolicycError
 __all__ = [
     "ExtensionNotBuilt",
     "RingError",
+    "extension",
     "Event",
     "Request",
     "Response",
@@ -72,7 +75,9 @@ class RingError(PolicycError, RuntimeError):
 
 
 @functools.cache
-def _native() -> tuple[Any, Any]:
+def extension() -> tuple[Any, Any]:
+    """The compiled extension's ``(ffi, lib)``, imported once (``extension.cache_clear()`` forgets it);
+    :class:`ExtensionNotBuilt` when it is missing."""
     try:
         from policyc.native import _vm_event  # type: ignore[attr-defined]
     except ImportError as exc:
@@ -101,7 +106,7 @@ _PREFIXES = (
 
 def constants() -> dict[str, int]:
     """Every integer constant of vm_event_abi.h, by its C name."""
-    _, lib = _native()
+    _, lib = extension()
     out = {}
     for name in dir(lib):
         if name.startswith(_PREFIXES):
@@ -120,11 +125,11 @@ def _group(prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, int]:
 
 
 def _build_lazy(name: str) -> Any:
-    _, lib = _native()
+    _, lib = extension()
     if name == "VERSION":
         return lib.VM_EVENT_INTERFACE_VERSION
     if name == "EVENT_SIZE":
-        ffi, _ = _native()
+        ffi, _ = extension()
         return ffi.sizeof("vm_event_request_t")
     if name == "RING_SLOTS":
         return lib.VM_RING_SLOTS
@@ -268,7 +273,7 @@ class Event:
         size = _event_size()
         if len(data) != size:
             raise ValueError(f"a vm_event is {size} bytes, got {len(data)}")
-        ffi, _ = _native()
+        ffi, _ = extension()
         p = ffi.from_buffer("vm_event_request_t *", data)
         return cls(data, p.version, p.flags, p.reason, p.vcpu_id, p.altp2m_idx)
 
@@ -281,12 +286,12 @@ class Event:
 
     @property
     def paused(self) -> bool:
-        return bool(self.flags & _native()[1].VM_EVENT_FLAG_VCPU_PAUSED)
+        return bool(self.flags & extension()[1].VM_EVENT_FLAG_VCPU_PAUSED)
 
     def get(self, path: str) -> Any:
         """A field by its C path, e.g. ``"u.mem_access.gfn"``: int, bytes
         (byte arrays) or dict (structs and unions)."""
-        ffi, _ = _native()
+        ffi, _ = extension()
         p = ffi.from_buffer("vm_event_request_t *", self.raw)
         return _to_py(ffi, _walk(p, path))
 
@@ -319,7 +324,7 @@ class Response(Event):
 
 @functools.cache
 def _event_size() -> int:
-    ffi, _ = _native()
+    ffi, _ = extension()
     return int(ffi.sizeof("vm_event_request_t"))
 
 
@@ -330,7 +335,7 @@ def _reason_enum() -> Any:
 
 def _pack(fields: Mapping[str, Any], u_from: bytes | None = None) -> bytes:
     """Build an event; `u_from` (a raw event) supplies the `u` union before `fields` apply."""
-    ffi, _ = _native()
+    ffi, _ = extension()
     p = ffi.new("vm_event_request_t *")
     if u_from is not None:
         offset, size = ffi.offsetof("vm_event_request_t", "u"), ffi.sizeof(p.u)
@@ -375,7 +380,7 @@ def make_request(
     any other field by C path (``{"u.fast_singlestep.p2midx": 2}``).
     Everything else is zero.
     """
-    _, lib = _native()
+    _, lib = extension()
     values: dict[str, Any] = {
         "version": lib.VM_EVENT_INTERFACE_VERSION if version is None else version,
         "flags": int(flags),
@@ -422,7 +427,7 @@ def make_response(
     - ``regs``: SET_REGISTERS, the request's x86 registers with these
       replaced.
     """
-    _, lib = _native()
+    _, lib = extension()
     req = request if isinstance(request, Event) else parse_request(_raw(request))
     out_flags = (req.flags & lib.VM_EVENT_FLAG_VCPU_PAUSED) | int(flags)
     values: dict[str, Any] = {
@@ -481,7 +486,7 @@ class Ring:
     """
 
     def __init__(self, buffer: Any = None) -> None:
-        ffi, lib = _native()
+        ffi, lib = extension()
         page_size = lib.VM_RING_PAGE_SIZE
         if buffer is None:
             buffer = bytearray(page_size)
@@ -526,12 +531,12 @@ class Ring:
 
     def slot_bytes(self, index: int) -> bytes:
         """The raw 400 bytes of slot ``index % slots`` in the shared page."""
-        ffi, _ = _native()
+        ffi, _ = extension()
         return bytes(ffi.buffer(ffi.addressof(self._page.ring[index % self.slots])))
 
     # -- helpers ------------------------------------------------------------
     def _fill(self, array: Any, events: Iterable[RawEvent], limit: int) -> int:
-        ffi, _ = _native()
+        ffi, _ = extension()
         n = 0
         for event in events:
             if n == limit:
@@ -541,7 +546,7 @@ class Ring:
         return n
 
     def _drain(self, array: Any, n: int, cls: type[Event]) -> list[Any]:
-        ffi, _ = _native()
+        ffi, _ = extension()
         blob = ffi.buffer(array, n * self._size)[:]
         size = self._size
         return [cls.from_bytes(blob[i * size:(i + 1) * size]) for i in range(n)]
@@ -557,12 +562,12 @@ class Ring:
     # -- requesting side (Xen) ---------------------------------------------
     @property
     def free_requests(self) -> int:
-        return _native()[1].vm_ring_free_requests(self._front)
+        return extension()[1].vm_ring_free_requests(self._front)
 
     def put_requests(self, requests: Iterable[RawEvent]) -> int:
         """Write as many requests as there are free slots; returns how many
         were written. They are not visible until :meth:`push_requests`."""
-        _, lib = _native()
+        _, lib = extension()
         batch = list(requests)
         placed = 0
         while placed < len(batch):
@@ -576,21 +581,21 @@ class Ring:
     def push_requests(self) -> bool:
         """Publish written requests; True if the other side asked to be
         notified (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY)."""
-        return bool(_native()[1].vm_ring_push_requests(self._front))
+        return bool(extension()[1].vm_ring_push_requests(self._front))
 
     def put_request(self, request: RawEvent) -> bool:
         """Write and publish one request; False (nothing written) if full."""
-        _, lib = _native()
+        _, lib = extension()
         self._fill(self._front_in, (request,), 1)
         return bool(lib.vm_ring_put_request(self._front, self._front_in))
 
     @property
     def unconsumed_responses(self) -> int:
-        return _native()[1].vm_ring_unconsumed_responses(self._front)
+        return extension()[1].vm_ring_unconsumed_responses(self._front)
 
     def take_responses(self, max_count: int | None = None) -> list[Response]:
         """Published responses, oldest first (at most ``max_count``)."""
-        _, lib = _native()
+        _, lib = extension()
         n = lib.vm_ring_take_responses(
             self._front, self._front_out, self._limit(max_count, self.slots)
         )
@@ -599,17 +604,17 @@ class Ring:
     # -- responding side (the monitor) -------------------------------------
     @property
     def unconsumed_requests(self) -> int:
-        return _native()[1].vm_ring_unconsumed_requests(self._back)
+        return extension()[1].vm_ring_unconsumed_requests(self._back)
 
     @property
     def pending_responses(self) -> int:
         """Requests taken and not answered yet."""
-        return _native()[1].vm_ring_pending_responses(self._back)
+        return extension()[1].vm_ring_pending_responses(self._back)
 
     def take_requests(self, max_count: int | None = None) -> list[Request]:
         """Published requests, oldest first (at most ``max_count``), each
         copied out of the shared page once."""
-        _, lib = _native()
+        _, lib = extension()
         n = lib.vm_ring_take_requests(
             self._back, self._back_out, self._limit(max_count, self.slots)
         )
@@ -619,7 +624,7 @@ class Ring:
         """Write responses, in the order of the requests taken; they are not
         visible until :meth:`push_responses`. More responses than requests
         pending is a protocol error: :class:`RingError`, nothing written."""
-        _, lib = _native()
+        _, lib = extension()
         batch = list(responses)
         if len(batch) > self.pending_responses:
             raise RingError(
@@ -641,7 +646,7 @@ class Ring:
         responding side past the requests it ever took. The indices stay skewed
         until the ring is disabled and enabled again, so the caller must do
         that before the ring carries requests again."""
-        _, lib = _native()
+        _, lib = extension()
         batch = list(responses)
         if self.unconsumed_requests or self.pending_responses:
             raise RingError("unsolicited responses need a quiet ring: requests are unanswered")
@@ -654,15 +659,15 @@ class Ring:
     def push_responses(self) -> bool:
         """Publish written responses; True if the other side asked to be
         notified (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY)."""
-        return bool(_native()[1].vm_ring_push_responses(self._back))
+        return bool(extension()[1].vm_ring_push_responses(self._back))
 
     def final_check_for_requests(self) -> bool:
         """Before waiting on the event channel: ask to be notified of the
         next request and look once more (RING_FINAL_CHECK_FOR_REQUESTS)."""
-        return bool(_native()[1].vm_ring_final_check_for_requests(self._back))
+        return bool(extension()[1].vm_ring_final_check_for_requests(self._back))
 
 
 def floor_loop(n: int) -> int:
     """Run ``n`` request/response round trips through a private ring in C;
     returns how many came back with a correct echo (n when all is well)."""
-    return int(_native()[1].vm_ring_floor_loop(n))
+    return int(extension()[1].vm_ring_floor_loop(n))

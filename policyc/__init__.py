@@ -18,7 +18,7 @@ The public API, and all of it (anything else may change without notice):
 ``PolicycError``, ``PlanError``
     The root of every error policyc raises, and the plan loader's.
 
-The stages, one module each: `dsl` / `yaml_form` (text -> syntax tree), `check` (syntax tree ->
+The stages, one module (or package) each: `dsl` / `yaml_form` (text -> syntax tree), `check` (syntax tree ->
 checked `model.Policy`), `lower` (model -> trap plan), `plan` (the plan's schema, hash and file form),
 `fmt` (syntax tree -> text); the enforcer is `policyc.runtime`.
 """

@@ -30,7 +30,7 @@ from .source import display_path, is_yaml_path, read_policy_file
 from .symbols import Symbol, SymbolFileError, SymbolTable, load_symbol_table
 
 __all__ = ["Analysis", "Completion", "SymbolIndex", "analyze", "complete", "definition", "hover",
-           "replacements", "word_at"]
+           "keywords", "replacements", "word_at"]
 
 COMPLETION_LIMIT = 200
 # System.map type letters (nm(1)) -> the section a symbol lives in.
@@ -190,6 +190,14 @@ def replacements(d: Diagnostic) -> tuple[str, list[str]] | None:
     return wrong.group(1), re.findall(r"'([^']+)'", names.group(1))
 
 
+@functools.cache
+def keywords() -> list[str]:
+    """The DSL's keywords, read from the grammar so the two never disagree."""
+    grammar = resources.files("policyc.grammar").joinpath("policy.lark").read_text(encoding="utf-8")
+    words = re.findall(r'"([a-z_]+)"', grammar) + re.findall(r"/\(?([a-z|]+)\)?\\b/", grammar)
+    return sorted({w for group in words for w in group.split("|")} | {"symbol?"})
+
+
 class SymbolIndex:
     """A table's names, sorted once, for prefix completion by bisection."""
 
@@ -269,7 +277,7 @@ def _tables(analysis: Analysis) -> list[SymbolTable]:
 
 def _language_names(analysis: Analysis) -> list[Completion]:
     arch = ARCHES[analysis.arch]
-    out = [Completion(k, "keyword") for k in _keywords()]
+    out = [Completion(k, "keyword") for k in keywords()]
     for _, item in analysis.items():
         if isinstance(item, S.Region):
             out.append(Completion(item.name, "region", "region"))
@@ -285,14 +293,6 @@ def _language_names(analysis: Analysis) -> list[Completion]:
     out += [Completion(s, "value", "severity") for s in SEVERITIES]
     out += [Completion(v, "value", "exception vector") for v in EXCEPTION_VECTORS]
     return out
-
-
-@functools.cache
-def _keywords() -> list[str]:
-    """The DSL's keywords, read from the grammar so the two never disagree."""
-    grammar = resources.files("policyc.grammar").joinpath("policy.lark").read_text(encoding="utf-8")
-    words = re.findall(r'"([a-z_]+)"', grammar) + re.findall(r"/\(?([a-z|]+)\)?\\b/", grammar)
-    return sorted({w for group in words for w in group.split("|")} | {"symbol?"})
 
 
 def _symbol_detail(table: SymbolTable, sym: Symbol) -> str:

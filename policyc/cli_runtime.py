@@ -33,7 +33,7 @@ from .cli_shared import is_scenario_file
 from .diagnostics import Diagnostics
 from .plan_source import Compiled, PlanSourceError, load_plan_source
 
-__all__ = ["add_runtime_commands"]
+__all__ = ["add_runtime_commands", "host_refusal"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 SCENARIO_SUFFIXES = (".yaml", ".yml")
@@ -135,6 +135,29 @@ def add_runtime_commands(sub: Any) -> None:
                                       "answering loop). Install it with: policyc service-unit > "
                                       "/etc/systemd/system/policyc@.service")
     unit.set_defaults(run=_cmd_service_unit)
+
+
+def host_refusal(plan: dict, backend: Any, guest: str, policy: str) -> str | None:
+    """Why `plan` (compiled from `policy`) must not be installed on `backend`'s host `guest`, in one
+    line naming what to do, or None when it may: another architecture, no mem_access for a plan that
+    restricts memory (with the host's reason, which install's own refusal lacks), or VT-x without the
+    monitor trap flag for a plan that single-steps."""
+    from .targets import runs_on
+
+    caps = backend.capabilities()
+    planned = plan["target"]["arch"]
+    if not runs_on(planned, caps.arch):
+        return (f"{policy} is compiled for {planned}, which does not run on {guest} ({caps.arch}); "
+                f"compile it for the host with --target {caps.arch}")
+    views = [v for v in plan.get("views", ()) if v.get("ranges")]
+    if views and not caps.mem_access:
+        why = (getattr(backend, "capability_notes", None) or {}).get("mem_access")
+        return (f"the plan restricts memory access ({sum(len(v['ranges']) for v in views)} range(s)); "
+                f"{guest} ({caps.arch}) lacks the capability mem_access" + (f": {why}" if why else ""))
+    if caps.arch == "x86_64" and not caps.singlestep and "singlestep" in (plan.get("monitors") or {}):
+        return (f"{guest} has VT-x without single-stepping (no monitor trap flag), which this {planned} "
+                "plan needs to step over allowed accesses and breakpoints: use --target x86_64-nomtf")
+    return None
 
 
 # --------------------------------------------------------------------------- shared
@@ -506,17 +529,6 @@ def _run_xen(args: argparse.Namespace, spec: str) -> int:
         backend.release()
 
 
-def _memory_capability_check(plan: dict, backend: Any, guest: str) -> None:
-    """A plan that restricts memory on a host without mem_access fails here, naming why the host lacks
-    it (install refuses too, but without the host's reason)."""
-    caps = backend.capabilities()
-    views = [v for v in plan.get("views", ()) if v.get("ranges")]
-    if views and not caps.mem_access:
-        why = (getattr(backend, "capability_notes", None) or {}).get("mem_access")
-        raise _Usage(f"the plan restricts memory access ({sum(len(v['ranges']) for v in views)} range(s)); "
-                     f"{guest} ({caps.arch}) lacks the capability mem_access" + (f": {why}" if why else ""))
-
-
 def _kernel_build_line(bound: Any) -> str | None:
     """What binding checked of the guest kernel's build (its linux_banner), for the operator."""
     banner = bound.slide_evidence.get("linux_banner")
@@ -535,10 +547,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     from .runtime.enforce import Enforcer, EnforcerError
     from .runtime.service import Notifier
 
-    from .targets import runs_on
-
     _distinct_outputs(args, [args.policy])
-    caps = backend.capabilities()
     # The policy's own target (or --target), checked against the host: a plan is never quietly
     # recompiled for another target than the one its author chose and tested.
     t_compile = time.monotonic()
@@ -546,14 +555,8 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
                         symbols_dir=args.symbols)
     compile_seconds = time.monotonic() - t_compile
     plan = compiled.plan
-    planned = plan["target"]["arch"]
-    if not runs_on(planned, caps.arch):
-        raise _Usage(f"{args.policy} is compiled for {planned}, which does not run on {guest} ({caps.arch}); "
-                     f"compile it for the host with --target {caps.arch}")
-    _memory_capability_check(plan, backend, guest)
-    if caps.arch == "x86_64" and not caps.singlestep and "singlestep" in (plan.get("monitors") or {}):
-        raise _Usage(f"{guest} has VT-x without single-stepping (no monitor trap flag), which this {planned} "
-                     "plan needs to step over allowed accesses and breakpoints: use --target x86_64-nomtf")
+    if (refusal := host_refusal(plan, backend, guest, args.policy)) is not None:
+        raise _Usage(refusal)
     outputs = args.outputs
     log = outputs.decision_log(plan, guest, _identity(backend))
     recorder = _recorder(args.record, plan, guest)

@@ -88,19 +88,33 @@ _CMP = S.PRECEDENCE["=="]
 _NOT = S.PRECEDENCE["not"]
 
 
+def _binary_prec(e: S.Binary) -> int:
+    try:
+        return S.PRECEDENCE[e.op]
+    except KeyError:
+        raise ValueError(f"unknown binary operator {e.op!r}") from None
+
+
+# How tightly each kind of expression binds (every kind not here is an atom).
+_PREC_OF = {
+    S.Binary: _binary_prec,
+    S.Unary: lambda e: _NOT if e.op == "not" else _UNARY,
+    S.InRegion: lambda e: _CMP,
+    S.Num: lambda e: _UNARY if e.value < 0 else _ATOM,
+}
+
+
 def _prec(e: S.Expr) -> int:
-    if isinstance(e, S.Binary):
-        try:
-            return S.PRECEDENCE[e.op]
-        except KeyError:
-            raise ValueError(f"unknown binary operator {e.op!r}") from None
-    if isinstance(e, S.Unary):
-        return _NOT if e.op == "not" else _UNARY
-    if isinstance(e, S.InRegion):
-        return _CMP
-    if isinstance(e, S.Num) and e.value < 0:
-        return _UNARY
-    return _ATOM
+    prec = _PREC_OF.get(type(e))
+    return _ATOM if prec is None else prec(e)
+
+
+def _spelled(spellings: dict, node: object, what: str) -> str:
+    """`node` in the spelling its kind has in `spellings`; TypeError for a kind without one."""
+    spell = spellings.get(type(node))
+    if spell is None:
+        raise TypeError(f"not {what}: {node!r}")
+    return spell(node)
 
 
 def _num(n: S.Num) -> str:
@@ -121,35 +135,46 @@ def _paren(e: S.Expr, needs: bool) -> str:
 
 def format_expr(expr: S.Expr) -> str:
     """The canonical spelling of an expression, with the fewest parentheses that keep its tree."""
-    e = expr
-    if isinstance(e, S.Num):
-        return _num(e)
-    if isinstance(e, S.Name):
-        return e.name
-    if isinstance(e, S.Attr):
-        return f"{e.base}.{e.attr}"
-    if isinstance(e, S.SymbolRef):
-        # The DSL has no spelling for an optional per-CPU symbol; this is the nearest.
-        return ("percpu " if e.percpu else "") + ("symbol? " if e.optional else "symbol ") + e.name
-    if isinstance(e, S.Call):
-        return f"{e.func}({', '.join(format_expr(a) for a in e.args)})"
-    if isinstance(e, S.Unary):
-        if e.op == "not":
-            return "not " + _paren(e.operand, _prec(e.operand) < _NOT)
-        if e.op in ("-", "~"):
-            return e.op + _paren(e.operand, _prec(e.operand) < _UNARY)
-        raise ValueError(f"unknown unary operator {e.op!r}")
-    if isinstance(e, S.InRegion):
-        op = "not in" if e.negated else "in"
-        return f"{_paren(e.value, _prec(e.value) <= _CMP)} {op} {e.region}"
-    if isinstance(e, S.Binary):
-        p = _prec(e)
-        if e.op in S.COMPARISONS:  # not associative: `a < b < c` does not parse
-            left, right = _prec(e.left) <= p, _prec(e.right) <= p
-        else:  # left-associative chains
-            left, right = _prec(e.left) < p, _prec(e.right) <= p
-        return f"{_paren(e.left, left)} {e.op} {_paren(e.right, right)}"
-    raise TypeError(f"not an expression: {e!r}")
+    return _spelled(_EXPR_SPELLINGS, expr, "an expression")
+
+
+def _symbol_ref(e: S.SymbolRef) -> str:
+    # The DSL has no spelling for an optional per-CPU symbol; this is the nearest.
+    return ("percpu " if e.percpu else "") + ("symbol? " if e.optional else "symbol ") + e.name
+
+
+def _unary(e: S.Unary) -> str:
+    if e.op == "not":
+        return "not " + _paren(e.operand, _prec(e.operand) < _NOT)
+    if e.op in ("-", "~"):
+        return e.op + _paren(e.operand, _prec(e.operand) < _UNARY)
+    raise ValueError(f"unknown unary operator {e.op!r}")
+
+
+def _in_region(e: S.InRegion) -> str:
+    op = "not in" if e.negated else "in"
+    return f"{_paren(e.value, _prec(e.value) <= _CMP)} {op} {e.region}"
+
+
+def _binary(e: S.Binary) -> str:
+    p = _prec(e)
+    if e.op in S.COMPARISONS:  # not associative: `a < b < c` does not parse
+        left, right = _prec(e.left) <= p, _prec(e.right) <= p
+    else:  # left-associative chains
+        left, right = _prec(e.left) < p, _prec(e.right) <= p
+    return f"{_paren(e.left, left)} {e.op} {_paren(e.right, right)}"
+
+
+_EXPR_SPELLINGS = {
+    S.Num: _num,
+    S.Name: lambda e: e.name,
+    S.Attr: lambda e: f"{e.base}.{e.attr}",
+    S.SymbolRef: _symbol_ref,
+    S.Call: lambda e: f"{e.func}({', '.join(format_expr(a) for a in e.args)})",
+    S.Unary: _unary,
+    S.InRegion: _in_region,
+    S.Binary: _binary,
+}
 
 
 # ---------------------------------------------------------------- DSL pieces
@@ -167,17 +192,25 @@ def _guarded(e: S.Expr, words: re.Pattern) -> str:
 
 
 def _region_term(t: S.RegionTerm) -> str:
-    if isinstance(t, S.RegionRef):
-        return t.name
-    if isinstance(t, S.RangeRegion):
-        start = f"{t.space} {format_expr(t.start)}" if t.space else _guarded(t.start, _TERM_START)
-        return f"{start} .. {format_expr(t.end)}"
-    if isinstance(t, S.SizedRegion):
-        base = f"{t.space} {format_expr(t.base)}" if t.space else _guarded(t.base, _TERM_START)
-        return f"{base} size {format_expr(t.size)}"
-    if isinstance(t, S.RegisterRegion):
-        return f"register {t.register} size {format_expr(t.size)}"
-    raise TypeError(f"not a region term: {t!r}")
+    return _spelled(_REGION_TERM_SPELLINGS, t, "a region term")
+
+
+def _range_region(t: S.RangeRegion) -> str:
+    start = f"{t.space} {format_expr(t.start)}" if t.space else _guarded(t.start, _TERM_START)
+    return f"{start} .. {format_expr(t.end)}"
+
+
+def _sized_region(t: S.SizedRegion) -> str:
+    base = f"{t.space} {format_expr(t.base)}" if t.space else _guarded(t.base, _TERM_START)
+    return f"{base} size {format_expr(t.size)}"
+
+
+_REGION_TERM_SPELLINGS = {
+    S.RegionRef: lambda t: t.name,
+    S.RangeRegion: _range_region,
+    S.SizedRegion: _sized_region,
+    S.RegisterRegion: lambda t: f"register {t.register} size {format_expr(t.size)}",
+}
 
 
 def _region_terms(terms: Iterable[S.RegionTerm]) -> str:
@@ -188,62 +221,67 @@ _MEMORY_PREP = {"read": "read of", "write": "write to", "execute": "execute in",
 
 
 def _trigger(t: S.Trigger) -> str:
-    if isinstance(t, S.MemoryTrigger):
-        return f"{_MEMORY_PREP[t.access]} {_region_terms(t.regions)}"
-    if isinstance(t, S.ExecuteTrigger):
-        if t.space:
-            return f"execute {t.space} {format_expr(t.address)}"
-        return f"execute {_guarded(t.address, _EXECUTE_START)}"
-    if isinstance(t, S.RegisterTrigger):
-        return f"{t.access} {t.register}"
-    if isinstance(t, S.MsrTrigger):
-        return f"write msr {format_expr(t.msr)}"
-    if isinstance(t, S.CpuidTrigger):
-        return "cpuid" if t.leaf is None else f"cpuid leaf {format_expr(t.leaf)}"
-    if isinstance(t, S.EventTrigger):
-        return t.kind
-    raise TypeError(f"not a trigger: {t!r}")
+    return _spelled(_TRIGGER_SPELLINGS, t, "a trigger")
+
+
+def _execute_trigger(t: S.ExecuteTrigger) -> str:
+    if t.space:
+        return f"execute {t.space} {format_expr(t.address)}"
+    return f"execute {_guarded(t.address, _EXECUTE_START)}"
+
+
+_TRIGGER_SPELLINGS = {
+    S.MemoryTrigger: lambda t: f"{_MEMORY_PREP[t.access]} {_region_terms(t.regions)}",
+    S.ExecuteTrigger: _execute_trigger,
+    S.RegisterTrigger: lambda t: f"{t.access} {t.register}",
+    S.MsrTrigger: lambda t: f"write msr {format_expr(t.msr)}",
+    S.CpuidTrigger: lambda t: "cpuid" if t.leaf is None else f"cpuid leaf {format_expr(t.leaf)}",
+    S.EventTrigger: lambda t: t.kind,
+}
 
 
 def _action(a: S.Action) -> str:
-    if isinstance(a, S.Allow):
-        return "allow"
-    if isinstance(a, S.Deny):
-        text = "deny"
-        if a.feed is not None:
-            text += f" feed {encode_string(a.feed)}"
-        if a.exception is not None:
-            text += f" with {a.exception}"
-        return text
-    if isinstance(a, S.Report):
-        return f"{a.kind} {a.severity} {encode_string(a.template)}"
-    if isinstance(a, S.Pause):
-        return "pause"
-    if isinstance(a, S.Disarm):
-        return "disarm"
-    if isinstance(a, S.Limit):
-        return f"limit {format_expr(a.rate)} per {a.per} then {_action(a.then)}"
-    if isinstance(a, S.Priority):
-        return f"priority {format_expr(a.value)}"
-    raise TypeError(f"not an action: {a!r}")
+    return _spelled(_ACTION_SPELLINGS, a, "an action")
+
+
+def _deny(a: S.Deny) -> str:
+    text = "deny"
+    if a.feed is not None:
+        text += f" feed {encode_string(a.feed)}"
+    if a.exception is not None:
+        text += f" with {a.exception}"
+    return text
+
+
+_ACTION_SPELLINGS = {
+    S.Allow: lambda a: "allow",
+    S.Deny: _deny,
+    S.Report: lambda a: f"{a.kind} {a.severity} {encode_string(a.template)}",
+    S.Pause: lambda a: "pause",
+    S.Disarm: lambda a: "disarm",
+    S.Limit: lambda a: f"limit {format_expr(a.rate)} per {a.per} then {_action(a.then)}",
+    S.Priority: lambda a: f"priority {format_expr(a.value)}",
+}
 
 
 def _item(item: S.Item) -> str:
     """The one line of an item other than a rule or a policy block."""
-    if isinstance(item, S.Target):
-        version = f" {item.op} {item.version}" if item.version is not None else ""
-        return f"target {item.hypervisor}{version} on {item.arch}"
-    if isinstance(item, S.Symbols):
-        return "symbols " + ", ".join(encode_string(p) for p in item.paths)
-    if isinstance(item, S.Mode):
-        return f"mode {item.mode}"
-    if isinstance(item, S.Const):
-        return f"const {item.name} = {format_expr(item.value)}"
-    if isinstance(item, S.Region):
-        return f"region {item.name} = {_region_terms(item.terms)}"
-    if isinstance(item, S.Include):
-        return f"include {encode_string(item.path)}"
-    raise TypeError(f"not an item: {item!r}")
+    return _spelled(_ITEM_SPELLINGS, item, "an item")
+
+
+def _target(item: S.Target) -> str:
+    version = f" {item.op} {item.version}" if item.version is not None else ""
+    return f"target {item.hypervisor}{version} on {item.arch}"
+
+
+_ITEM_SPELLINGS = {
+    S.Target: _target,
+    S.Symbols: lambda item: "symbols " + ", ".join(encode_string(p) for p in item.paths),
+    S.Mode: lambda item: f"mode {item.mode}",
+    S.Const: lambda item: f"const {item.name} = {format_expr(item.value)}",
+    S.Region: lambda item: f"region {item.name} = {_region_terms(item.terms)}",
+    S.Include: lambda item: f"include {encode_string(item.path)}",
+}
 
 
 def _region_lines(region: S.Region, indent: str) -> list[str]:
@@ -266,19 +304,13 @@ def _rule_header(rule: S.Rule) -> str:
     return f"rule{name} on {_trigger(rule.trigger)}{where} {{"
 
 
+# Items of one kind sit together; a blank line separates kinds (and surrounds rules and blocks).
+_KIND_OF = {S.Target: "settings", S.Symbols: "settings", S.Mode: "settings", S.Include: "include",
+            S.Const: "const", S.Region: "region", S.Rule: "rule"}
+
+
 def _kind(item: object) -> str:
-    """Items of one kind sit together; a blank line separates kinds (and surrounds rules and blocks)."""
-    if isinstance(item, (S.Target, S.Symbols, S.Mode)):
-        return "settings"
-    if isinstance(item, S.Include):
-        return "include"
-    if isinstance(item, S.Const):
-        return "const"
-    if isinstance(item, S.Region):
-        return "region"
-    if isinstance(item, S.Rule):
-        return "rule"
-    return "block"
+    return _KIND_OF.get(type(item), "block")
 
 
 # ---------------------------------------------------------------- comments
@@ -606,19 +638,23 @@ def _yaddr(e: S.Expr, space: str | None) -> str:
 
 
 def _yregion(t: S.RegionTerm) -> str:
-    if isinstance(t, S.RegionRef):
-        return _ystr(t.name)
-    if isinstance(t, S.RangeRegion):
-        return _flow([("from", _yaddr(t.start, t.space)), ("to", _yaddr(t.end, t.space))])
-    if isinstance(t, S.SizedRegion):
-        sym = _symbol_form(t.base) if t.space is None else None
-        if sym is not None:
-            return _flow(_symbol_pairs(*sym) + [("size", _yexpr(t.size))])
-        # A base with no space is virtual, which is what `va` says.
-        return _flow([(t.space or "va", _yexpr(t.base)), ("size", _yexpr(t.size))])
-    if isinstance(t, S.RegisterRegion):
-        return _flow([("register", _ystr(t.register)), ("size", _yexpr(t.size))])
-    raise TypeError(f"not a region term: {t!r}")
+    return _spelled(_YAML_REGION_TERMS, t, "a region term")
+
+
+def _ysized_region(t: S.SizedRegion) -> str:
+    sym = _symbol_form(t.base) if t.space is None else None
+    if sym is not None:
+        return _flow(_symbol_pairs(*sym) + [("size", _yexpr(t.size))])
+    # A base with no space is virtual, which is what `va` says.
+    return _flow([(t.space or "va", _yexpr(t.base)), ("size", _yexpr(t.size))])
+
+
+_YAML_REGION_TERMS = {
+    S.RegionRef: lambda t: _ystr(t.name),
+    S.RangeRegion: lambda t: _flow([("from", _yaddr(t.start, t.space)), ("to", _yaddr(t.end, t.space))]),
+    S.SizedRegion: _ysized_region,
+    S.RegisterRegion: lambda t: _flow([("register", _ystr(t.register)), ("size", _yexpr(t.size))]),
+}
 
 
 def _yregions(terms: list[S.RegionTerm], access: str | None = None) -> str:
@@ -635,47 +671,54 @@ def _yregions(terms: list[S.RegionTerm], access: str | None = None) -> str:
 
 
 def _ytrigger(t: S.Trigger) -> str:
-    if isinstance(t, S.MemoryTrigger):
-        return _flow([(t.access, _yregions(t.regions, t.access))])
-    if isinstance(t, S.ExecuteTrigger):
-        sym = _symbol_form(t.address) if t.space is None else None
-        if sym is not None:
-            return _flow([("execute", _flow(_symbol_pairs(*sym)))])
-        return _flow([("execute", _flow([(t.space or "va", _yexpr(t.address))]))])
-    if isinstance(t, S.RegisterTrigger):
-        return _flow([(t.access, _ystr(t.register))])
-    if isinstance(t, S.MsrTrigger):
-        msr = _ystr(t.msr.name) if isinstance(t.msr, S.Name) else _yexpr(t.msr)
-        return _flow([("write", _flow([("msr", msr)]))])
-    if isinstance(t, S.CpuidTrigger):
-        return "cpuid" if t.leaf is None else _flow([("cpuid", _flow([("leaf", _yexpr(t.leaf))]))])
-    if isinstance(t, S.EventTrigger):
-        return _ystr(t.kind)
-    raise TypeError(f"not a trigger: {t!r}")
+    return _spelled(_YAML_TRIGGERS, t, "a trigger")
+
+
+def _yexecute_trigger(t: S.ExecuteTrigger) -> str:
+    sym = _symbol_form(t.address) if t.space is None else None
+    if sym is not None:
+        return _flow([("execute", _flow(_symbol_pairs(*sym)))])
+    return _flow([("execute", _flow([(t.space or "va", _yexpr(t.address))]))])
+
+
+def _ymsr_trigger(t: S.MsrTrigger) -> str:
+    msr = _ystr(t.msr.name) if isinstance(t.msr, S.Name) else _yexpr(t.msr)
+    return _flow([("write", _flow([("msr", msr)]))])
+
+
+_YAML_TRIGGERS = {
+    S.MemoryTrigger: lambda t: _flow([(t.access, _yregions(t.regions, t.access))]),
+    S.ExecuteTrigger: _yexecute_trigger,
+    S.RegisterTrigger: lambda t: _flow([(t.access, _ystr(t.register))]),
+    S.MsrTrigger: _ymsr_trigger,
+    S.CpuidTrigger: lambda t: "cpuid" if t.leaf is None else _flow([("cpuid", _flow([("leaf", _yexpr(t.leaf))]))]),
+    S.EventTrigger: lambda t: _ystr(t.kind),
+}
 
 
 def _yaction(a: S.Action) -> str:
-    if isinstance(a, S.Allow):
-        return "allow"
-    if isinstance(a, S.Pause):
-        return "pause"
-    if isinstance(a, S.Disarm):
-        return "disarm"
-    if isinstance(a, S.Deny):
-        pairs = []
-        if a.feed is not None:
-            pairs.append(("feed", _yquote(a.feed)))
-        if a.exception is not None:
-            pairs.append(("with", _yquote(a.exception)))
-        return _flow([("deny", _flow(pairs))]) if pairs else "deny"
-    if isinstance(a, S.Report):
-        return _flow([(a.kind, _flow([("severity", _ystr(a.severity)), ("message", _yquote(a.template))]))])
-    if isinstance(a, S.Limit):
-        return _flow([("limit", _flow([("rate", _yexpr(a.rate)), ("per", _ystr(a.per)),
-                                        ("then", _yaction(a.then))]))])
-    if isinstance(a, S.Priority):  # only a second `priority` in one rule ends up here
-        return _flow([("priority", _yexpr(a.value))])
-    raise TypeError(f"not an action: {a!r}")
+    return _spelled(_YAML_ACTIONS, a, "an action")
+
+
+def _ydeny(a: S.Deny) -> str:
+    pairs = []
+    if a.feed is not None:
+        pairs.append(("feed", _yquote(a.feed)))
+    if a.exception is not None:
+        pairs.append(("with", _yquote(a.exception)))
+    return _flow([("deny", _flow(pairs))]) if pairs else "deny"
+
+
+_YAML_ACTIONS = {
+    S.Allow: lambda a: "allow",
+    S.Pause: lambda a: "pause",
+    S.Disarm: lambda a: "disarm",
+    S.Deny: _ydeny,
+    S.Report: lambda a: _flow([(a.kind, _flow([("severity", _ystr(a.severity)), ("message", _yquote(a.template))]))]),
+    S.Limit: lambda a: _flow([("limit", _flow([("rate", _yexpr(a.rate)), ("per", _ystr(a.per)),
+                                                ("then", _yaction(a.then))]))]),
+    S.Priority: lambda a: _flow([("priority", _yexpr(a.value))]),  # only a second `priority` in one rule
+}
 
 
 def _ytarget(t: S.Target) -> str:

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from ..native.abi import _native
+from ..native.abi import extension
 from ..native.constants import EVENT_SIZE, F_ALTP2M, FLAG_BITS, MA_GLA_VALID, MA_IN_GPT, MA_R, MA_W, MA_X
 from .decide import Decision, DecisionEngine, _Lowered, _Rule
 from .decision_log import _DECIMAL_FIELDS, _ENCODE, _CONTROLS, _parse_template, escape_guest
@@ -123,7 +123,7 @@ OP_LIT, OP_FIELD = 1, 2
 
 def native_available() -> bool:
     try:
-        _native()
+        extension()
     except ImportError:
         return False
     return True
@@ -175,7 +175,7 @@ class NativeEngine:
     def __init__(self, engine: DecisionEngine, *, plan_hash: str | None = None,
                  pt_frames: Callable[[], frozenset[int] | set[int]] | None = None,
                  python_denies: Sequence[str] = ()) -> None:
-        self.ffi, self.lib = _native()
+        self.ffi, self.lib = extension()
         self.engine = engine
         # Kinds whose deny the backend must send itself (Xen's register-write DENY is held until
         # the vCPU left its pCPU): handed to Python whenever the native call would push them.

@@ -21,7 +21,8 @@ from .backend import ACCESS_VALUES, BackendError, InvalidArgument, Unsupported
 
 __all__ = ["XenUnavailable", "XenRelease", "RELEASES", "LIBRARIES", "BACKEND_LIBRARIES", "TYPEDEFS", "STRUCTS",
            "DECLARATIONS", "CONSTANTS", "MONITOR_EVENT_BITS", "HVM_HW_CPU_FIELDS", "HVM_HW_CPU_SIZE", "PRIVCMD",
-           "PAGE_SIZE", "PAGE_SHIFT", "DOMCTL_SIZE", "xen_ffi", "cdef_source", "load_library", "loaded_release", "call_error",
+           "PAGE_SIZE", "PAGE_SHIFT", "DOMCTL_SIZE", "xen_ffi", "cdef_source", "load_library",
+           "forget_loaded_libraries", "loaded_release", "call_error",
            "monitors_from_capabilities", "access_code", "access_name", "registers_from_hvm_cpu", "patch_hvm_cpu",
            "build_cpu_context", "cpu_vendor", "arch_from_vendor", "resolve_domain"]
 
@@ -397,6 +398,12 @@ def load_library(key: str) -> Any:
                                    "libxenmisc4.20)") from None
 
 
+def forget_loaded_libraries() -> None:
+    """Drop what `load_library` opened: the next call opens the library again, as `LIBRARIES` and
+    `RELEASES` then say."""
+    _LIBS.clear()
+
+
 def loaded_release() -> XenRelease:
     """The Xen release of the libxenctrl `load_library` found."""
     load_library("xenctrl")
@@ -523,7 +530,7 @@ def native_event_channel(xffi: Any, ev: Any, xce: Any, port: int) -> tuple[tuple
     struct both take (`vm_evtchn_kick` and `vm_evtchn_wait` in native/ring.c), which holds the
     library's notify, pending and unmask calls, the handle, the port and the handle's descriptor.
     The struct must live as long as the two are used."""
-    nffi, nlib = abi._native()
+    nffi, nlib = abi.extension()
 
     def c_function(ctype: str, fn: Any) -> Any:
         return nffi.cast(ctype, int(xffi.cast("uintptr_t", fn)))

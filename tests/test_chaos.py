@@ -44,10 +44,10 @@ def test_a_fault_while_binding_is_a_clean_refusal_not_a_traceback(tmp_path):
     from policyc.runtime.enforce import Enforcer, EnforcerError
     from policyc.runtime.policy_test import diff_snapshots
     from policyc.runtime.sim.scenario import build_scenario, load_scenario
-    from policyc.cli_runtime import _compile
+    from policyc.plan_source import load_plan_source
 
     scenario = load_scenario(SCENARIOS / "rootkit-hooks-syscall-table.yaml")
-    compiled = _compile(str(ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"), None, command="run")
+    compiled = load_plan_source(str(ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"), None)
     xen = build_scenario(scenario)
     before = xen.state_snapshot(memory=False)
     # the binder's first call (reading the guest) fails: before, a BackendError escaped start()

@@ -485,7 +485,7 @@ def test_a_failed_native_kick_is_owed_and_retried_before_the_next_take(tmp_path)
     backend = ReplayBackend(build_scenario(load_scenario(storm(1, tmp_path))), recorded, 70)
     kicks = []
     failing = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda ctx: kicks.append(ctx) or -1)
-    nffi, _ = abi._native()
+    nffi, _ = abi.extension()
     backend.native_notify = lambda: (nffi.cast("int (*)(void *)", ctypes.cast(failing, ctypes.c_void_p).value),
                                      nffi.NULL)
     with open(tmp_path / "decisions.jsonl", "w") as f:
@@ -556,9 +556,8 @@ def test_vt_x_without_mtf_enforces_with_emulation_and_inline_breakpoints(tmp_pat
 
 
 def test_run_says_which_target_a_host_without_mtf_needs():
-    from argparse import Namespace
-
-    from policyc import cli_runtime
+    from policyc.cli_runtime import host_refusal
+    from policyc.plan_source import load_plan_source
     from policyc.runtime.backend import Capabilities
 
     class NoMtf:
@@ -566,13 +565,13 @@ def test_run_says_which_target_a_host_without_mtf_needs():
             return Capabilities("x86_64", 7, 1, True, True, 10, False,
                                 frozenset({"write_ctrlreg", "mov_to_msr", "software_breakpoint"}))
 
-    args = Namespace(policy=str(KERNEL_INTEGRITY), target=None, audit=False, log=None, alerts=None,
-                     record=None, state_dir=None, symbols=None, command="run")
-    with redirect_stderr(io.StringIO()), pytest.raises(cli_runtime._Usage, match="--target x86_64-nomtf"):
-        cli_runtime._run_backend(args, NoMtf(), "xen:bochs", lambda: True)
-    svm = Namespace(**{**vars(args), "target": "x86_64-svm", "policy": str(POLICIES / "guest-agent-and-probes.vmi")})
-    with redirect_stderr(io.StringIO()), pytest.raises(cli_runtime._Usage, match="does not run on xen:bochs"):
-        cli_runtime._run_backend(svm, NoMtf(), "xen:bochs", lambda: True)
+    plan = load_plan_source(str(KERNEL_INTEGRITY), None).plan
+    assert "--target x86_64-nomtf" in host_refusal(plan, NoMtf(), "xen:bochs", str(KERNEL_INTEGRITY))
+    probes = str(POLICIES / "guest-agent-and-probes.vmi")
+    svm = load_plan_source(probes, "x86_64-svm").plan
+    assert "does not run on xen:bochs" in host_refusal(svm, NoMtf(), "xen:bochs", probes)
+    nomtf = load_plan_source(str(KERNEL_INTEGRITY), "x86_64-nomtf").plan
+    assert host_refusal(nomtf, NoMtf(), "xen:bochs", str(KERNEL_INTEGRITY)) is None
 
 
 def test_outputs_that_cannot_be_written_are_one_clear_line(tmp_path):

@@ -67,11 +67,11 @@ def test_a_bad_plan_is_caught_as_a_policyc_error(tmp_path):
 
 
 def test_the_cli_reports_an_escaped_policyc_error_without_a_traceback(monkeypatch, capsys):
-    from policyc import cli
+    from policyc import cli, plan
 
-    def fails(args):
+    def fails():
         raise BackendError("set_access", "gfn 0x10 is not populated", 22)
-    monkeypatch.setattr(cli, "_cmd_schema", fails)
-    assert cli.main(["schema"]) == cli.EXIT_PROBLEMS
+    monkeypatch.setattr(plan, "plan_schema", fails)      # what `schema --plan` prints, failing
+    assert cli.main(["schema", "--plan"]) == cli.EXIT_PROBLEMS
     err = capsys.readouterr().err
     assert err == "policyc schema: error: set_access: gfn 0x10 is not populated\n"

@@ -55,12 +55,12 @@ def test_a_short_coverage_guided_run_finds_nothing(name, tmp_path):
 def test_the_engine_target_catches_engines_that_answer_differently():
     # the differential check itself: with the reference in audit mode (deny rules answered allow),
     # the syscall-table write the example guest makes is answered differently, and that is a break
-    plan, bound = fuzz_targets._engine_plan()
+    plan, bound = fuzz_targets.engine_plan()
     try:
-        reference, *_ = fuzz_targets._engine_pair(plan, bound)
+        reference, *_ = fuzz_targets.engine_pair(plan, bound)
         reference.audit = True
         with pytest.raises(fuzz_targets.ContractBroken):
-            for raw in fuzz_targets._recorded_requests():
-                fuzz_targets._decide_both(plan, bound, [raw])
+            for raw in fuzz_targets.recorded_requests():
+                fuzz_targets.decide_both(plan, bound, [raw])
     finally:
-        fuzz_targets._PAIRS.clear()
+        fuzz_targets.forget_engine_pairs()

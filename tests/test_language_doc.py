@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from policyc.arch import ARCHES
-from policyc.authoring import _keywords
+from policyc.authoring import keywords
 from policyc.cli import main
 from policyc.fmt import check_format
 
@@ -64,7 +64,7 @@ def test_each_example_is_in_canonical_layout(name, options, text):
 def test_every_construct_has_an_example():
     examples = "\n".join(text for _, _, text in _blocks())
     words = set(re.findall(r"[A-Za-z_?]+", examples))
-    missing = [k for k in _keywords() if k not in words]
+    missing = [k for k in keywords() if k not in words]
     assert not missing, f"keywords of the grammar with no example in docs/LANGUAGE.md: {missing}"
     doc = LANGUAGE.read_text()
     assert all(f"`{arch}`" in doc for arch in ARCHES)

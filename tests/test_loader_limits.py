@@ -1,6 +1,6 @@
 """The scenario and trace loaders, and replay, on hostile or mismatched input: clear errors, no traceback.
 
-The policy loader's bounds (policyc/yaml_form.py: size, nodes, depth, alias expansion) hold for
+The policy loader's bounds (policyc/yaml_form/compose.py: size, nodes, depth, alias expansion) hold for
 scenarios too; loops and guest memory have their own; a trace is checked line by line and against
 its own header; a replay under another policy names what the trace lacks.
 """

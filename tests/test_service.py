@@ -85,15 +85,26 @@ def test_notifier_outside_systemd_does_nothing_and_survives_a_gone_socket(tmp_pa
     assert gone.errors == 2          # counted, never raised: enforcement goes on
 
 
-def test_watchdog_pings_at_half_the_interval():
+def test_watchdog_pings_at_half_the_interval(tmp_path):
     now = [0.0]
+    notify = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.setblocking(False)
+    n = Notifier({"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "1000000"}, clock=lambda: now[0])
     sent: list[str] = []
-    n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000"}, clock=lambda: now[0])
-    n._send = sent.append                       # the timing, not the socket, is under test here
-    for t in (0.0, 0.1, 0.49, 0.5, 0.9, 1.0):
-        now[0] = t
-        n.watchdog()
-    assert sent == ["WATCHDOG=1"] * 3           # at 0.0, 0.5, 1.0
+    try:
+        for t in (0.0, 0.1, 0.49, 0.5, 0.9, 1.0):
+            now[0] = t
+            n.watchdog()
+            try:
+                sent.append(f"{t}: " + listener.recv(4096).decode())
+            except BlockingIOError:
+                pass
+    finally:
+        n.close()
+        listener.close()
+    assert sent == ["0.0: WATCHDOG=1", "0.5: WATCHDOG=1", "1.0: WATCHDOG=1"]
     # a watchdog meant for another process (WATCHDOG_PID) is not ours to ping
     assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_every == 0
 

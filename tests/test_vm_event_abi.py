@@ -240,7 +240,7 @@ def xen(request, tmp_path_factory):
                                                   capture_output=True, text=True).stdout.strip(),
                        "-isystem", "/usr/aarch64-linux-gnu/include", "-isystem", ARM64_INCLUDE]
         runner = [tools["qemu-aarch64-static"]]
-    from policyc.native._vm_event import ffi, lib
+    ffi, lib = abi.extension()
 
     numeric, bitfields = _checks(ffi, lib)
     d = tmp_path_factory.mktemp(f"xenprobe-{request.param}")
@@ -342,7 +342,7 @@ def test_every_xen_vm_event_constant_is_declared(which):
 
 def test_one_page_ring_holds_what_xen_computes(xen):
     _, _, values = xen
-    from policyc.native._vm_event import ffi
+    ffi, _ = abi.extension()
 
     slots = int(values["xen:slots"])
     entry = int(values["xen:entry"])
@@ -360,7 +360,7 @@ def test_one_page_ring_holds_what_xen_computes(xen):
 
 
 def test_known_abi_figures():
-    from policyc.native._vm_event import ffi, lib
+    ffi, lib = abi.extension()
 
     assert abi.VERSION == 7
     assert abi.EVENT_SIZE == 400
@@ -714,7 +714,7 @@ def test_floor_loop_round_trips():
 def test_missing_extension_is_reported(monkeypatch):
     import policyc.native
 
-    abi._native.cache_clear()
+    abi.extension.cache_clear()
     monkeypatch.setitem(sys.modules, "policyc.native._vm_event", None)
     monkeypatch.delattr(policyc.native, "_vm_event", raising=False)
     try:
@@ -722,5 +722,5 @@ def test_missing_extension_is_reported(monkeypatch):
             abi.constants()
     finally:
         monkeypatch.undo()
-        abi._native.cache_clear()
+        abi.extension.cache_clear()
     assert abi.constants()["VM_EVENT_INTERFACE_VERSION"] == 7

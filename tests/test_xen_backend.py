@@ -213,7 +213,7 @@ def test_a_host_without_privcmd_is_refused_in_one_clear_error(monkeypatch, tmp_p
 def test_a_missing_library_is_refused_naming_it(monkeypatch):
     monkeypatch.setitem(xl.LIBRARIES, "xenctrl", "libxenctrl.so.0.no-such-version")
     monkeypatch.setattr(xl, "RELEASES", (xl.XenRelease("0.0", "libxenctrl.so.0.no-such-version", 0, ()),))
-    monkeypatch.setattr(xl, "_LIBS", {})
+    xl.forget_loaded_libraries()
     with pytest.raises(xl.XenUnavailable) as info:
         xb.XenBackend.open("1")
     assert info.value.message.startswith("not a Xen dom0 (or no privcmd): ")
@@ -439,8 +439,8 @@ def test_population_probe_skips_holes_in_whole_batches_and_single_frames():
     holes = set(range(0xA0, 0xC0)) | {1023, 1024, 5000}       # VGA hole, a batch boundary, a lone frame
     fm = _ForeignMemoryWithHoles(xl.xen_ffi(), holes)
     b = _ring_only_backend(domid=3, libraries={"xenforeignmemory": fm}, handles={"fmh": None})
-    found = b._probe_population(0, 6143)
-    assert found == [g for g in range(6144) if g not in holes]
+    found = b.populated_among(range(6144))                # one run, probed in batches
+    assert found == {g for g in range(6144) if g not in holes}
     assert fm.calls == 6                                   # 1024 frames per map call
 
 
@@ -464,9 +464,8 @@ def test_ring_methods_without_a_ring_fail_with_enodev():
 # =========================================================================== capability check in the CLI
 
 def test_a_memory_policy_on_a_host_without_mem_access_names_the_missing_capability():
-    from argparse import Namespace
-
-    from policyc import cli_runtime
+    from policyc.cli_runtime import host_refusal
+    from policyc.plan_source import load_plan_source
     from policyc.runtime.backend import Capabilities
 
     class NoMemAccess:
@@ -476,12 +475,9 @@ def test_a_memory_policy_on_a_host_without_mem_access_names_the_missing_capabili
         def capabilities(self) -> Capabilities:
             return Capabilities("x86_64", 7, 1, False, False, 0, False, frozenset({"write_ctrlreg"}))
 
-    args = Namespace(policy=str(KERNEL_INTEGRITY), target=None, audit=False, log=None, alerts=None,
-                     record=None, state_dir=None, symbols=None, command="run")
-    err = io.StringIO()
-    with redirect_stderr(err), pytest.raises(cli_runtime._Usage) as info:
-        cli_runtime._run_backend(args, NoMemAccess(), "xen:shadowed", lambda: True)
-    assert "lacks the capability mem_access: the domain runs on shadow paging (no HAP)" in str(info.value)
+    plan = load_plan_source(str(KERNEL_INTEGRITY), None).plan
+    why = host_refusal(plan, NoMemAccess(), "xen:shadowed", str(KERNEL_INTEGRITY))
+    assert "lacks the capability mem_access: the domain runs on shadow paging (no HAP)" in why
 
 
 # =========================================================================== needs Xen
@@ -615,7 +611,7 @@ def test_the_native_kick_calls_xenevtchn_notify_with_the_handle_and_port():
         calls: list = []
         b, _keep = _backend_over_stand_in_evtchn(r, [], calls)
         fn, ctx = b.native_notify()
-        nffi, nlib = abi._native()
+        nffi, nlib = abi.extension()
         assert fn == nffi.addressof(nlib, "vm_evtchn_kick")
         assert nlib.vm_evtchn_kick(ctx) == 0 and calls == [("notify", 0x1234, 7)]
         assert b.native_notify() == (fn, ctx)          # made once per ring
@@ -630,7 +626,7 @@ def test_the_native_wait_polls_the_handle_then_takes_and_unmasks_the_port_that_f
         calls: list = []
         b, _keep = _backend_over_stand_in_evtchn(r, [7], calls)
         fn, ctx = b.native_wait()
-        nffi, nlib = abi._native()
+        nffi, nlib = abi.extension()
         assert fn == nffi.addressof(nlib, "vm_evtchn_wait")
         t0 = time.monotonic()
         assert nlib.vm_evtchn_wait(ctx, 50) == 0 and calls == []      # nothing fired: timed out

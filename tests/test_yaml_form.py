@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator
 
 from policyc import syntax as S
 from policyc import yaml_form
+from policyc.yaml_form import schema as yaml_schema
 from policyc.diagnostics import CODES, Diagnostics
 from policyc.dsl import parse_policy_text
 from policyc.yaml_form import MAX_DEPTH, MAX_NODES, parse_yaml_text, policy_schema
@@ -106,13 +107,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _strict_validator():
-    return yaml_form._validator()
+    return yaml_schema.strict_validator()
 
 
 def test_schema_subset_agrees_on_every_yaml_file_of_the_repository(monkeypatch):
     from policyc.schema_subset import accepts
     documents = []  # the trees the YAML reader validates (its own loader: `on:` is a key, not True)
-    monkeypatch.setattr(yaml_form, "accepts", lambda schema, doc: documents.append(doc) or accepts(schema, doc))
+    monkeypatch.setattr(yaml_schema, "accepts", lambda schema, doc: documents.append(doc) or accepts(schema, doc))
     for path in sorted(REPO.glob("examples/**/*.yaml")) + sorted(REPO.glob("tests/**/*.yaml")):
         parse_yaml_text(path.read_text(encoding="utf-8", errors="replace"), str(path), Diagnostics())
     schema = policy_schema()
@@ -142,7 +143,7 @@ def test_schema_subset_is_unsure_of_what_it_does_not_interpret():
 
 
 def test_schema_file_is_the_packaged_one():
-    on_disk = json.loads((Path(yaml_form.__file__).parent / "schemas" / "policy.schema.json").read_text())
+    on_disk = json.loads((Path(yaml_form.__file__).parents[1] / "schemas" / "policy.schema.json").read_text())
     assert policy_schema() == on_disk
 
 

@@ -145,162 +145,185 @@ class StateGraph:
 def build_graph(plan: dict, policy: M.Policy, target, *, completing_answers: bool = True) -> tuple[StateGraph, dict]:
     """The state graph; without `completing_answers`, an answer all of whose ways lead to done is left
     out (with its edges): what is left is every state and every way an access can fail to complete."""
-    x86 = (target.name if hasattr(target, "name") else str(target)).startswith("x86_64")
-    enforce = plan.get("policy", {}).get("mode", policy.mode) == "enforce"
-    views = {v["id"]: v for v in plan.get("views", [])}
-    responses = plan.get("responses", {})
-    def region_pages(name: str) -> G.SpaceMap:
-        try:
-            return G.named_region_pages(policy, name)
-        except KeyError:
-            return {}
+    builder = _GraphBuilder(plan, policy, target, completing_answers)
+    for state in builder.add_fault_states():
+        builder.answer_fault(state)
+    builder.add_monitor_events()
+    return builder.graph, {"resident": builder.resident}
 
-    def traps(rng: dict) -> set[str]:
-        t = set(rng.get("traps", ""))
-        return t | {"w"} if x86 and "r" in t else t
 
-    denying = {r.name for r in policy.rules if r.verdict == "deny"}
-    deny_access: dict[str, set[str]] = {}  # rule -> access letters it denies
-    for r in policy.rules:
-        if r.verdict == "deny" and isinstance(r.trigger, M.MemoryTrigger):
-            deny_access[r.name] = set({"access": "rwx"}.get(r.trigger.access, _LETTER.get(r.trigger.access, "")))
+class _GraphBuilder:
+    """The plan's views, responses and breakpoints, indexed once, and the graph built from them in three
+    steps: the fault states (memory and breakpoint, per view), their answers, the monitor events."""
 
-    g = StateGraph()
-    g.add_node(DONE)
+    def __init__(self, plan: dict, policy: M.Policy, target, completing_answers: bool) -> None:
+        self.plan, self.policy, self.completing_answers = plan, policy, completing_answers
+        self.x86 = (target.name if hasattr(target, "name") else str(target)).startswith("x86_64")
+        self.enforce = plan.get("policy", {}).get("mode", policy.mode) == "enforce"
+        self.views = {v["id"]: v for v in plan.get("views", [])}
+        self.responses = plan.get("responses", {})
+        self.denying = {r.name for r in policy.rules if r.verdict == "deny"}
+        self.deny_access: dict[str, set[str]] = {}  # rule -> access letters it denies
+        for r in policy.rules:
+            if r.verdict == "deny" and isinstance(r.trigger, M.MemoryTrigger):
+                self.deny_access[r.name] = set({"access": "rwx"}.get(r.trigger.access,
+                                                                     _LETTER.get(r.trigger.access, "")))
+        self.graph = StateGraph()
+        self.graph.add_node(DONE)
+        self.trapped: dict[tuple, G.IntervalSet] = {}  # (view, access, space) -> pages some range traps
+        self.untrapped = G.IntervalSet()  # only ever asked
+        self.indexed: set = set()
+        self.bp_views: dict[str, set] = {}
+        self.bp_info: dict[str, dict] = {}
+        for site in plan.get("breakpoints", []):
+            self.bp_info[site["id"]] = site
+            # Shadow frames live in views; an inline int3 or SMC is in the guest's own frame, in every view (None).
+            vs = site.get("views") or ([site["view"]] if "view" in site else [None])
+            self.bp_views[site["id"]] = set(vs)
+        self.outcomes: dict[tuple, object] = {}  # (kind, verdict, access) -> _outcome: one response each
+        self.labels: dict[tuple[str, str], str] = {}  # (kind, verdict) -> the answer's label: one response each
+        self.resident = [v for v in sorted(self.views) if self.views[v].get("role") != "unrestricted"]
 
-    trapped: dict[tuple, G.IntervalSet] = {}  # (view, access, space) -> pages some range traps
-    untrapped = G.IntervalSet()  # only ever asked
-    indexed: set = set()
+    # ------------------------------------------------------------------ the steps
 
-    def view_traps(view_id, access: str, space: str) -> G.IntervalSet:
-        if view_id not in indexed:
-            indexed.add(view_id)
-            for rng in views[view_id].get("ranges", []):
-                for a in traps(rng):
-                    for sp, ivs in region_pages(rng["region"]).items():
-                        for lo, hi in ivs:
-                            G.interval_set(trapped, (view_id, a, sp)).add(lo, hi)
-        return trapped.get((view_id, access, space)) or untrapped
+    def add_fault_states(self) -> list[tuple]:
+        """Memory faults and breakpoints, per view, each reached from the resident views it is in."""
+        g, views, resident = self.graph, self.views, self.resident
+        todo: list[tuple] = []
+        for vid in sorted(views):
+            for rng in views[vid].get("ranges", []):
+                for a in sorted(self.traps(rng)):
+                    state = ("mem", vid, rng["region"], a)
+                    g.add_node(state, rules=list(rng.get("rules", [])))
+                    if vid in resident:
+                        g.add_edge(("run", vid), state)
+                    todo.append(state)
+        for site_id, vs in sorted(self.bp_views.items()):
+            for vid in sorted(vs, key=repr):
+                state = ("bp", vid, site_id)
+                g.add_node(state, rules=list(self.bp_info[site_id].get("rules", [])))
+                for run in ([vid] if vid is not None else resident or [0]):
+                    if run in resident or vid is None:
+                        g.add_edge(("run", run), state)
+                todo.append(state)
+        return todo
 
-    def mem_faults(view_id, region: str, access: str) -> list[tuple]:
-        """Faults of the same access on the same pages, in view `view_id`."""
-        view = views.get(view_id)
-        if view is None or not view.get("ranges"):
-            return []  # (stepping in the unrestricted view, which traps nothing, is every allow's way)
-        mine = region_pages(region)
-        if not any(view_traps(view_id, access, sp).overlaps(lo, hi) for sp, ivs in mine.items() for lo, hi in ivs):
-            return []  # the common case, without walking the view's ranges
-        out = []
-        for rng in view.get("ranges", []):
-            if access in traps(rng) and G.space_maps_overlap(mine, region_pages(rng["region"])):
-                out.append(("mem", view_id, rng["region"], access))
-        return out
+    def answer_fault(self, state: tuple) -> None:
+        """The answers to one fault state: allow, and deny when a deny rule covers it (enforce mode)."""
+        rules = self.graph.nodes[state]["rules"]
+        if state[0] == "mem":
+            _, _vid, region, a = state
+            verdicts = ["allow"]
+            if self.enforce and any(a in self.deny_access.get(r, ()) for r in rules):
+                verdicts.append(f"deny:{_ACCESS_OF[a]}")
+            self.add_answers(state, "mem_access", verdicts, a,
+                             lambda t, region=region, a=a: self.mem_faults(t, region, a))
+        else:
+            _, _vid, site_id = state
+            verdicts = ["allow"] + (["deny"] if self.enforce and any(r in self.denying for r in rules) else [])
+            self.add_answers(state, "breakpoint", verdicts, "x",
+                             lambda t, site_id=site_id, state=state: self.bp_faults(t, site_id)
+                             if state[1] is not None else [state])
 
-    bp_views: dict[str, set] = {}
-    bp_info: dict[str, dict] = {}
-    for site in plan.get("breakpoints", []):
-        bp_info[site["id"]] = site
-        # Shadow frames live in views; an inline int3 or SMC is in the guest's own frame, in every view (None).
-        vs = site.get("views") or ([site["view"]] if "view" in site else [None])
-        bp_views[site["id"]] = set(vs)
+    def add_monitor_events(self) -> None:
+        """Monitor events: any vCPU, whatever its view."""
+        g = self.graph
+        for kind, table in self.plan.get("dispatch", {}).items():
+            if kind in ("mem_access", "software_breakpoint"):
+                continue
+            keys = sorted(table) if isinstance(table, dict) else ["*"]
+            for key in keys:
+                entries = table[key] if isinstance(table, dict) else table
+                state = ("event", kind, key)
+                g.add_node(state, rules=[e["rule"] for e in entries])
+                for vid in self.resident or [0]:
+                    g.add_edge(("run", vid), state)
+                verdicts = ["allow"] + (["deny"] if self.enforce and any(e["verdict"]["verdict"] == "deny"
+                                                                         for e in entries) else [])
+                self.add_answers(state, kind, verdicts, None, lambda t, state=state: [state])
 
-    def bp_faults(view_id, site_id: str) -> list[tuple]:
-        out = []
-        if view_id in bp_views.get(site_id, ()):
-            out.append(("bp", view_id, site_id))
-        # Executing the instruction at the site may also hit an execute trap on its page in that view.
-        site = bp_info[site_id]
-        addr = int(site["address"], 16)
-        here = {"va" if site.get("relocatable", True) else "percpu": [(addr // G.PAGE, addr // G.PAGE + 1)]}
-        view = views.get(view_id)
-        for rng in (view or {}).get("ranges", []):
-            if "x" in traps(rng) and G.space_maps_overlap(here, region_pages(rng["region"])):
-                out.append(("mem", view_id, rng["region"], "x"))
-        return out
+    # ------------------------------------------------------------------ answers and where they lead
 
-    outcomes: dict[tuple, object] = {}  # (kind, verdict, access) -> _outcome: one response each
-
-    def follow(state: tuple, kind: str, verdict: str, response: dict, access: str | None, again) -> list[tuple]:
-        """Where the answer leads. `again(view)` gives the faults of re-executing in a view."""
-        outcome = outcomes.get((kind, verdict, access))
-        if outcome is None:
-            outcome = outcomes[(kind, verdict, access)] = _outcome(kind, response, access)
-        if outcome is _COMPLETES:
-            return [DONE]
-        if outcome is _REPEATS:
-            return [state]
-        return again(outcome) or [DONE]
-
-    labels: dict[tuple[str, str], str] = {}  # (kind, verdict) -> the answer's label: one response each
-
-    def add_answers(state: tuple, kind: str, verdicts: list[str], access: str | None, again) -> None:
-        table = responses.get(kind, {})
+    def add_answers(self, state: tuple, kind: str, verdicts: list[str], access: str | None, again) -> None:
+        g = self.graph
+        table = self.responses.get(kind, {})
         for verdict in verdicts:
             response = table.get(verdict)
             if not isinstance(response, dict):
                 continue
-            nexts = follow(state, kind, verdict, response, access, again)
-            if not completing_answers and nexts == [DONE]:
+            nexts = self.follow(state, kind, verdict, response, access, again)
+            if not self.completing_answers and nexts == [DONE]:
                 continue
-            label = labels.get((kind, verdict))
+            label = self.labels.get((kind, verdict))
             if label is None:
-                label = labels[(kind, verdict)] = _describe(verdict, response)
+                label = self.labels[(kind, verdict)] = _describe(verdict, response)
             answer = ("answer", state, verdict)
             g.add_node(answer, label=label)
             g.add_edge(state, answer)
             for nxt in nexts:
                 g.add_edge(answer, nxt)
 
-    # Memory faults, per view.
-    resident = [v for v in sorted(views) if views[v].get("role") != "unrestricted"]
-    todo: list[tuple] = []
-    for vid in sorted(views):
-        for rng in views[vid].get("ranges", []):
-            for a in sorted(traps(rng)):
-                state = ("mem", vid, rng["region"], a)
-                g.add_node(state, rules=list(rng.get("rules", [])))
-                if vid in resident:
-                    g.add_edge(("run", vid), state)
-                todo.append(state)
-    for site_id, vs in sorted(bp_views.items()):
-        for vid in sorted(vs, key=repr):
-            state = ("bp", vid, site_id)
-            g.add_node(state, rules=list(bp_info[site_id].get("rules", [])))
-            for run in ([vid] if vid is not None else resident or [0]):
-                if run in resident or vid is None:
-                    g.add_edge(("run", run), state)
-            todo.append(state)
-    for state in todo:
-        if state[0] == "mem":
-            _, vid, region, a = state
-            verdicts = ["allow"]
-            if enforce and any(a in deny_access.get(r, ()) for r in g.nodes[state]["rules"]):
-                verdicts.append(f"deny:{_ACCESS_OF[a]}")
-            add_answers(state, "mem_access", verdicts, a,
-                        lambda t, region=region, a=a: mem_faults(t, region, a))
-        else:
-            _, vid, site_id = state
-            verdicts = ["allow"] + (["deny"] if enforce and any(r in denying for r in g.nodes[state]["rules"])
-                                    else [])
-            add_answers(state, "breakpoint", verdicts, "x",
-                        lambda t, site_id=site_id, state=state: bp_faults(t, site_id) if state[1] is not None
-                        else [state])
+    def follow(self, state: tuple, kind: str, verdict: str, response: dict, access: str | None,
+               again) -> list[tuple]:
+        """Where the answer leads. `again(view)` gives the faults of re-executing in a view."""
+        outcome = self.outcomes.get((kind, verdict, access))
+        if outcome is None:
+            outcome = self.outcomes[(kind, verdict, access)] = _outcome(kind, response, access)
+        if outcome is _COMPLETES:
+            return [DONE]
+        if outcome is _REPEATS:
+            return [state]
+        return again(outcome) or [DONE]
 
-    # Monitor events: any vCPU, whatever its view.
-    for kind, table in plan.get("dispatch", {}).items():
-        if kind in ("mem_access", "software_breakpoint"):
-            continue
-        keys = sorted(table) if isinstance(table, dict) else ["*"]
-        for key in keys:
-            entries = table[key] if isinstance(table, dict) else table
-            state = ("event", kind, key)
-            g.add_node(state, rules=[e["rule"] for e in entries])
-            for vid in resident or [0]:
-                g.add_edge(("run", vid), state)
-            verdicts = ["allow"] + (["deny"] if enforce and any(e["verdict"]["verdict"] == "deny" for e in entries)
-                                    else [])
-            add_answers(state, kind, verdicts, None, lambda t, state=state: [state])
-    return g, {"resident": resident}
+    def mem_faults(self, view_id, region: str, access: str) -> list[tuple]:
+        """Faults of the same access on the same pages, in view `view_id`."""
+        view = self.views.get(view_id)
+        if view is None or not view.get("ranges"):
+            return []  # (stepping in the unrestricted view, which traps nothing, is every allow's way)
+        mine = self.region_pages(region)
+        if not any(self.view_traps(view_id, access, sp).overlaps(lo, hi) for sp, ivs in mine.items() for lo, hi in ivs):
+            return []  # the common case, without walking the view's ranges
+        out = []
+        for rng in view.get("ranges", []):
+            if access in self.traps(rng) and G.space_maps_overlap(mine, self.region_pages(rng["region"])):
+                out.append(("mem", view_id, rng["region"], access))
+        return out
+
+    def bp_faults(self, view_id, site_id: str) -> list[tuple]:
+        out = []
+        if view_id in self.bp_views.get(site_id, ()):
+            out.append(("bp", view_id, site_id))
+        # Executing the instruction at the site may also hit an execute trap on its page in that view.
+        site = self.bp_info[site_id]
+        addr = int(site["address"], 16)
+        here = {"va" if site.get("relocatable", True) else "percpu": [(addr // G.PAGE, addr // G.PAGE + 1)]}
+        view = self.views.get(view_id)
+        for rng in (view or {}).get("ranges", []):
+            if "x" in self.traps(rng) and G.space_maps_overlap(here, self.region_pages(rng["region"])):
+                out.append(("mem", view_id, rng["region"], "x"))
+        return out
+
+    # ------------------------------------------------------------------ pages
+
+    def region_pages(self, name: str) -> G.SpaceMap:
+        try:
+            return G.named_region_pages(self.policy, name)
+        except KeyError:
+            return {}
+
+    def traps(self, rng: dict) -> set[str]:
+        t = set(rng.get("traps", ""))
+        return t | {"w"} if self.x86 and "r" in t else t
+
+    def view_traps(self, view_id, access: str, space: str) -> G.IntervalSet:
+        if view_id not in self.indexed:
+            self.indexed.add(view_id)
+            for rng in self.views[view_id].get("ranges", []):
+                for a in self.traps(rng):
+                    for sp, ivs in self.region_pages(rng["region"]).items():
+                        for lo, hi in ivs:
+                            G.interval_set(self.trapped, (view_id, a, sp)).add(lo, hi)
+        return self.trapped.get((view_id, access, space)) or self.untrapped
 
 
 _COMPLETES, _REPEATS = "completes", "repeats"

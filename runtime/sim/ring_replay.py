@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 from ...native import abi
-from ...native.abi import _native
+from ...native.abi import extension
 
 __all__ = ["ReplayBackend", "record_requests"]
 
@@ -45,7 +45,7 @@ class ReplayBackend:
     def __init__(self, backend: Any, requests: Sequence[bytes], total: int) -> None:
         if not requests:
             raise ValueError("nothing to replay")
-        ffi, lib = _native()
+        ffi, lib = extension()
         self._inner = backend
         self.total = total
         self.ring = abi.Ring()

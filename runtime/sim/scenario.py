@@ -33,7 +33,7 @@ from ...arch import ARCHES
 from ...diagnostics import Diagnostics, Span
 from ...dsl import parse_expression
 from ...symbols import SymbolFileError
-from ...yaml_form import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, BoundedLoader, YamlBoundError, describe_yaml_error
+from ...yaml_form.compose import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES, BoundedLoader, YamlBoundError, describe_yaml_error
 from ... import syntax as S
 from ..guest_memory import MemorySnapshot
 from .guest import MSR, GuestFault, TranslationFault

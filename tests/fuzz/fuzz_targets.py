@@ -105,7 +105,7 @@ def fuzz_plan(data: bytes) -> None:
         bound = bind_plan(plan, guest(), symbols)
     except BindError:
         return
-    _decide_both(plan, bound, _recorded_requests()[:8])
+    decide_both(plan, bound, recorded_requests()[:8])
 
 
 # --------------------------------------------------------------------------- scenarios and traces
@@ -142,10 +142,10 @@ _PATCH = struct.Struct("<HQ")
 
 def fuzz_engine(data: bytes) -> None:
     """A batch of up to 8 requests (see `_hostile_batch`); both engines must answer and record alike."""
-    plan, bound = _engine_plan()
+    plan, bound = engine_plan()
     batch = _hostile_batch(data, 8)
     if batch:
-        _decide_both(plan, bound, batch)
+        decide_both(plan, bound, batch)
 
 
 def fuzz_native(data: bytes) -> None:
@@ -172,7 +172,7 @@ def _hostile_batch(data: bytes, most: int) -> list[bytes]:
     """Requests from the fuzzer's bytes: each is either raw bytes (any length: truncated, oversized,
     random) or a request an example guest raised with fields overwritten (offset, 8 bytes), so most
     get past the version check and reach the tables."""
-    base = _recorded_requests()
+    base = recorded_requests()
     batch: list[bytes] = []
     view = memoryview(data)
     pos = 0
@@ -196,11 +196,11 @@ def _hostile_batch(data: bytes, most: int) -> list[bytes]:
     return batch
 
 
-def _decide_both(plan: dict, bound: object, batch: list[bytes]) -> None:
+def decide_both(plan: dict, bound: object, batch: list[bytes]) -> None:
     """The Python engine and the native engine on one batch: identical responses and records. The
     pair lives as long as the process (one per bound plan), so state such as rate limits and
     decision ids carries from input to input in both, as it does in a run."""
-    reference, native, ref_out, nat_out, ref_log, nat_log = _engine_pair(plan, bound)
+    reference, native, ref_out, nat_out, ref_log, nat_log = engine_pair(plan, bound)
     for out in (ref_out, nat_out):
         out.seek(0)
         out.truncate()
@@ -218,7 +218,12 @@ def _decide_both(plan: dict, bound: object, batch: list[bytes]) -> None:
 _PAIRS: dict[int, tuple] = {}
 
 
-def _engine_pair(plan: dict, bound: object) -> tuple:
+def forget_engine_pairs() -> None:
+    """Drop every engine pair (`engine_pair` makes fresh ones), e.g. after a test changed one."""
+    _PAIRS.clear()
+
+
+def engine_pair(plan: dict, bound: object) -> tuple:
     from policyc.runtime.decide import DecisionEngine
     from policyc.runtime.decision_log import DecisionLog
     from policyc.runtime.native_engine import NativeEngine
@@ -256,7 +261,7 @@ def _engine_guest() -> tuple[Callable[[], object], list]:
 
 
 @lru_cache(maxsize=None)
-def _engine_plan() -> tuple[dict, object]:
+def engine_plan() -> tuple[dict, object]:
     from policyc.check import check_policy
     from policyc.diagnostics import Diagnostics
     from policyc.lower import compile_plan
@@ -275,17 +280,17 @@ def _native_alone() -> tuple:
     from policyc.runtime.decision_log import DecisionLog
     from policyc.runtime.native_engine import NativeEngine
 
-    plan, bound = _engine_plan()
+    plan, bound = engine_plan()
     out = io.StringIO()
     return NativeEngine(DecisionEngine(bound.plan, bound)), out, DecisionLog(out, io.StringIO(), plan["content_hash"])
 
 
 @lru_cache(maxsize=None)
-def _recorded_requests() -> tuple[bytes, ...]:
+def recorded_requests() -> tuple[bytes, ...]:
     from policyc.runtime.sim.ring_replay import record_requests
     from policyc.runtime.sim.scenario import load_scenario
 
-    plan, _bound = _engine_plan()
+    plan, _bound = engine_plan()
     _guest, symbols = _engine_guest()
     with tempfile.TemporaryDirectory() as state:
         return tuple(record_requests(plan, symbols, load_scenario(SCENARIOS / ENGINE_SCENARIO), state))
@@ -304,5 +309,5 @@ def prepare(name: str) -> None:
             for f in ("linux-6.1.System.map", "linux-6.1-arm64.System.map", "ntoskrnl-22621-9074FC2B.isf.json"):
                 shutil.copy(POLICIES / f, work / d / f)
     if name in ("plan", "engine", "native"):
-        _engine_plan()
-        _recorded_requests()
+        engine_plan()
+        recorded_requests()
