@@ -56,6 +56,99 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* ---- clocks ------------------------------------------------------------- */
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+#define HAVE_CYCLES 1
+static inline uint64_t cycles(void) { return __rdtsc(); }
+#elif defined(__aarch64__)
+#define HAVE_CYCLES 1
+static inline uint64_t cycles(void)
+{
+    uint64_t v;
+    __asm__ volatile("isb; mrs %0, cntvct_el0" : "=r"(v));
+    return v;
+}
+#else
+#define HAVE_CYCLES 0
+static inline uint64_t cycles(void) { return 0; }
+#endif
+
+#define ANCHOR_NS 1000000000u         /* the cycle counter is re-scaled against the clock this often */
+
+/* The system clock is "slow" when 16 reads of it cost over 8 times 16 reads of the coarse clock,
+ * which the vDSO always serves (best of three, so an interrupt does not decide). */
+static int system_clock_is_slow(void)
+{
+    uint64_t best_fine = ~0ull, best_coarse = ~0ull, y0, y1, y2;
+    struct timespec ts;
+    int round, i;
+
+    for (round = 0; round < 3; round++) {
+        y0 = cycles();
+        for (i = 0; i < 16; i++)
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+        y1 = cycles();
+        for (i = 0; i < 16; i++)
+            clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+        y2 = cycles();
+        if (y1 - y0 < best_fine)
+            best_fine = y1 - y0;
+        if (y2 - y1 < best_coarse)
+            best_coarse = y2 - y1;
+    }
+    return best_fine > 8 * best_coarse;
+}
+
+/* Read both clocks; from the second reading on, the scale is the cycles' rate between the two
+ * (kept when it is implausible: the thread moved to a CPU whose counter is offset). */
+static void anchor(pe_call *c)
+{
+    uint64_t ns = mono_ns(), y = cycles();
+
+    if (c->anchor_ns && y > c->anchor_cycles && ns > c->anchor_ns) {
+        double rate = (double)(ns - c->anchor_ns) / (double)(y - c->anchor_cycles);
+        if (c->ns_per_cycle <= 0 || (rate > c->ns_per_cycle * 0.8 && rate < c->ns_per_cycle * 1.25))
+            c->ns_per_cycle = rate;
+    }
+    c->anchor_ns = ns;
+    c->anchor_cycles = y;
+}
+
+/* CLOCK_MONOTONIC's time in ns, from the source the call chose; never earlier than the last. */
+static uint64_t now_ns(pe_call *c)
+{
+    uint64_t t, y, elapsed;
+
+    if (c->clock_source == PE_CLOCK_AUTO) {
+        c->clock_source = HAVE_CYCLES && system_clock_is_slow() ? PE_CLOCK_CYCLES : PE_CLOCK_SYSTEM;
+        if (c->clock_source == PE_CLOCK_CYCLES) {     /* a first scale over a millisecond */
+            anchor(c);
+            do
+                t = mono_ns();
+            while (t - c->anchor_ns < 1000000u);
+            anchor(c);
+        }
+    }
+    if (c->clock_source != PE_CLOCK_CYCLES || !HAVE_CYCLES)
+        return mono_ns();
+    if (c->ns_per_cycle <= 0)
+        anchor(c);
+    y = cycles();
+    elapsed = y > c->anchor_cycles ? (uint64_t)((double)(y - c->anchor_cycles) * c->ns_per_cycle) : 0;
+    if (y < c->anchor_cycles || elapsed >= ANCHOR_NS || c->ns_per_cycle <= 0) {
+        anchor(c);
+        t = c->anchor_ns;
+    } else {
+        t = c->anchor_ns + elapsed;
+    }
+    if (t < c->last_ns)
+        t = c->last_ns;
+    c->last_ns = t;
+    return t;
+}
+
 /* Wall time from the monotonic clock and an offset re-read once a second: a record's time is then
  * one clock read, not two, and a step of the wall clock shows within a second. */
 #define WALL_OFFSET_REFRESH_NS 1000000000u
@@ -817,7 +910,7 @@ static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out
         }
     }
     sort_messages(e, &d);
-    c->mono_ns = mono_ns();
+    c->mono_ns = now_ns(c);
     latency = c->mono_ns - t0;
     count(e, &d, latency);
     if (c->log) {
@@ -838,7 +931,7 @@ size_t pe_decide(pe_engine *e, pe_call *c, const uint8_t *reqs, size_t n, uint8_
     wbuf time_text = {tbuf, 0};
 
     c->punt = -1;
-    c->mono_ns = mono_ns();
+    c->mono_ns = now_ns(c);
     c->mono_fresh = 1;
     if (c->own_clocks) {
         c->now_ns = wall_ns(c, c->mono_ns);
@@ -921,7 +1014,7 @@ int pe_service(pe_engine *e, pe_call *c)
     c->notify_failed = 0;
     c->wait_errno = 0;
     if (c->wait_fn)
-        deadline = mono_ns() + (uint64_t)c->wait_ms * 1000000u;
+        deadline = now_ns(c) + (uint64_t)c->wait_ms * 1000000u;
     for (;;) {
         status = service_batch(e, c);
         if (status != PE_SERVED)
@@ -939,7 +1032,7 @@ int pe_service(pe_engine *e, pe_call *c)
             /* A ring that never empties (every vCPU trapping as fast as it is answered) must
              * still hand back to the caller by the deadline: it sees signals only between calls.
              * Every 16th batch, so the clock is not read per event. */
-            if (deadline && (b & 15) == 0 && mono_ns() >= deadline)
+            if (deadline && (b & 15) == 0 && now_ns(c) >= deadline)
                 return status;
             continue;
         }
@@ -948,7 +1041,7 @@ int pe_service(pe_engine *e, pe_call *c)
         if (vm_ring_final_check_for_requests(c->back))
             continue;
         /* the last decision's clock is new enough for the deadline (a batch is microseconds) */
-        now = c->mono_fresh ? c->mono_ns : mono_ns();
+        now = c->mono_fresh ? c->mono_ns : now_ns(c);
         c->mono_fresh = 0;
         if (now >= deadline)
             return status;

@@ -276,7 +276,18 @@ typedef struct {                      /* one call's inputs and outputs */
     uint8_t mono_fresh;               /* mono_ns was read after the last wait */
     int64_t wall_offset_ns;           /* CLOCK_REALTIME - CLOCK_MONOTONIC, read at wall_offset_at */
     uint64_t wall_offset_at;          /* (0: never) */
+    uint8_t clock_source;             /* PE_CLOCK_*: 0 chooses at the first read */
+    uint64_t anchor_cycles, anchor_ns, last_ns;  /* PE_CLOCK_CYCLES: a reading of both clocks, the last time given */
+    double ns_per_cycle;
 } pe_call;
+
+/* Where the engine's monotonic time comes from. The system clock unless reading it is a system call
+   (no vDSO for it: a Xen PV dom0 whose TSC Linux calls unstable); then the CPU's cycle counter
+   (x86 TSC, native in a PV dom0; arm64's virtual counter), scaled by the system clock re-read once
+   a second. */
+#define PE_CLOCK_AUTO   0
+#define PE_CLOCK_SYSTEM 1
+#define PE_CLOCK_CYCLES 2
 
 /* Batches on the monitor's side of a ring: see decide.c. */
 #define PE_SERVED    1      /* taken, decided, recorded and answered */

@@ -55,7 +55,7 @@ from .bind import BoundPlan, bind_plan
 from .decide import AFTER, BEFORE, Decision, DecisionEngine, SideEffect
 from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
-from .native_engine import NativeEngine, NativeLogError, native_available
+from .native_engine import NativeEngine, NativeLogError, native_available, native_clock_request
 from ..errors import PolicycError
 
 # How long one `service()` call from the run loop goes on answering a ring that never empties before
@@ -126,6 +126,8 @@ class Enforcer:
         # The native engine answers what it can express; an observer (policy tests) needs every
         # decision as an object, so it keeps the Python engine alone.
         self.use_native = native and observer is None and native_available()
+        if self.use_native:
+            native_clock_request()     # a bad $POLICYC_NATIVE_CLOCK is refused before anything is installed
         self.native: NativeEngine | None = None
         self.startup_seconds: dict[str, float] = {}   # bind, install, engine: set by start()
         self.requests = 0

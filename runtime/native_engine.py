@@ -38,6 +38,7 @@ is not a 400-byte version-7 event, is the Python engine's.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import time
@@ -51,11 +52,13 @@ from .decision_log import _DECIMAL_FIELDS, _ENCODE, _CONTROLS, _parse_template, 
 from .vm_event_layout import EVENT_SUMMARY, FLAG_FOR_DATA, X86_NAMES
 from ..errors import PolicycError
 
-__all__ = ["NativeEngine", "NativeBatch", "PUNT_REASONS", "native_available"]
+__all__ = ["CLOCK_SOURCES", "NativeEngine", "NativeBatch", "PUNT_REASONS", "native_available", "native_clock_request"]
 
 U64 = (1 << 64) - 1
 PUNT_REASONS = ("size", "version", "reason", "rule", "response", "page_table", "next_page", "not_ours",
                 "cr3_view", "limit", "arch")
+# pe_call.clock_source's values, in order (decide.h's PE_CLOCK_*)
+CLOCK_SOURCES = ("auto", "system", "cycles")
 KINDS = ("mem_access", "write_ctrlreg", "mov_to_msr", "software_breakpoint", "cpuid", "descriptor_access",
          "guest_request")
 _RESPONSE_KIND = {"software_breakpoint": "breakpoint"}
@@ -169,13 +172,24 @@ class _Pool:
         return found
 
 
+def native_clock_request(clock: str | None = None) -> str:
+    """The clock source asked for (`clock`, else $POLICYC_NATIVE_CLOCK, else "auto"), checked."""
+    clock = clock or os.environ.get("POLICYC_NATIVE_CLOCK") or "auto"
+    if clock not in CLOCK_SOURCES:
+        raise PolicycError(f"POLICYC_NATIVE_CLOCK={clock!r}: expected one of {', '.join(CLOCK_SOURCES)}")
+    return clock
+
+
 class NativeEngine:
     """`native/decide.c` over one `DecisionEngine`'s tables (see the module docstring)."""
 
     def __init__(self, engine: DecisionEngine, *, plan_hash: str | None = None,
                  pt_frames: Callable[[], frozenset[int] | set[int]] | None = None,
-                 python_denies: Sequence[str] = ()) -> None:
+                 python_denies: Sequence[str] = (), clock: str | None = None) -> None:
         self.ffi, self.lib = extension()
+        # Where C's monotonic time comes from (decide.h, PE_CLOCK_*): "auto" takes the CPU's cycle
+        # counter only where each read of the system clock is a system call.
+        self._clock_request = CLOCK_SOURCES.index(native_clock_request(clock))
         self.engine = engine
         # Kinds whose deny the backend must send itself (Xen's register-write DENY is held until
         # the vCPU left its pCPU): handed to Python whenever the native call would push them.
@@ -197,6 +211,11 @@ class NativeEngine:
         self._build()
 
     # ------------------------------------------------------------------ public
+    @property
+    def clock_source(self) -> str:
+        """"system" or "cycles" once C has read its clock ("auto" before)."""
+        return CLOCK_SOURCES[self._call.clock_source]
+
     @property
     def stateful(self) -> bool:
         """Whether a rule keeps state between events (a rate limit, a disarm) that the native and the
@@ -485,6 +504,7 @@ class NativeEngine:
         call = self._call = ffi.new("pe_call *")
         call.line_end, call.alert = self._line_end, self._alert
         call.own_clocks = self._own_clocks
+        call.clock_source = self._clock_request
         self._ring_key = None
         call.log_cap = len(self._log)
         call.record_max = self._record_max

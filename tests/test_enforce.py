@@ -450,10 +450,15 @@ def test_the_run_loop_stops_while_the_ring_never_empties(tmp_path, native):
     # (no vCPU check: the replay has no monitor to disable, it refills the ring after teardown too)
 
 
-def test_native_records_carry_the_wall_time_and_a_latency(tmp_path):
+@pytest.mark.parametrize("clock", ["auto", "system", "cycles"])
+def test_native_records_carry_the_wall_time_and_a_latency(tmp_path, monkeypatch, clock):
     """The native engine reads the wall clock once a second and derives each record's time from the
-    monotonic clock: every record's time lies within the run, and decisions are timed."""
+    monotonic clock (the system's, or the cycle counter scaled by it where each read of the system
+    clock is a system call): every record's time lies within the run, in order, and decisions are
+    timed."""
     from datetime import datetime
+
+    monkeypatch.setenv("POLICYC_NATIVE_CLOCK", clock)
 
     per_iteration = 7
     plan, symbols = compiled(KERNEL_INTEGRITY)
@@ -468,6 +473,7 @@ def test_native_records_carry_the_wall_time_and_a_latency(tmp_path):
         enf.run(stop=backend.done, wait=0.05)
     after = time.time()
     assert enf.native.decided_natively() == count
+    assert enf.native.clock_source == ("system" if clock == "auto" else clock)   # this host's vDSO serves the clock
     with open(log_path) as f:
         records = [json.loads(line) for line in f]
     times = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in records]
@@ -475,6 +481,17 @@ def test_native_records_carry_the_wall_time_and_a_latency(tmp_path):
     assert before - 0.001 <= min(times) and max(times) <= after + 0.001
     assert times == sorted(times)
     assert any(r["latency_ns"] > 0 for r in records)
+
+
+def test_a_bad_native_clock_setting_is_refused_before_anything_is_installed(tmp_path, monkeypatch):
+    from policyc.errors import PolicycError
+
+    monkeypatch.setenv("POLICYC_NATIVE_CLOCK", "sundial")
+    plan, symbols = compiled(KERNEL_INTEGRITY)
+    xen = build_scenario(load_scenario(storm(1, tmp_path)))
+    with pytest.raises(PolicycError, match="POLICYC_NATIVE_CLOCK='sundial': expected one of auto, system, cycles"):
+        Enforcer(plan, xen, symbols, guest="storm", state_dir=tmp_path / "state")
+    assert not (tmp_path / "state").exists()
 
 
 def test_a_failed_native_kick_is_owed_and_retried_before_the_next_take(tmp_path):

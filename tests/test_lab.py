@@ -132,7 +132,7 @@ def test_qemu_lab() -> None:
     if reason := _skip_reason("qemu"):
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    lab = _run_lab("qemu", timeout=900)
+    lab = _run_lab("qemu", timeout=1500)
     s = _check_common(lab)
     # the AMD host cannot watch memory: compiling the memory policy for its target is refused
     assert s["memory_policy_refused"], lab["result"].get("capability_refusal")

@@ -240,7 +240,7 @@ qemu() {
   [ -f dom0.cpio.gz ] || { log "run '$0 setup' first"; exit 1; }
   local t0=$SECONDS
   # -smap / -monitor: see the header. nrip-save is missing under TCG (a harmless warning).
-  timeout "${LAB_TIMEOUT:-600}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi \
+  timeout "${LAB_TIMEOUT:-1200}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi \
     -cpu EPYC,+svm,+npt,-smap,-monitor -smp 2 -m 3G -nographic -no-reboot \
     -kernel xen-4.17.elf \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all" \
