@@ -43,7 +43,6 @@ landed yet is still followed, one batch later.
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import sys
 import time
@@ -57,6 +56,7 @@ from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available
 from ..errors import PolicycError
+from ..gc_pause import freeze_long_lived, refreeze_long_lived, release_long_lived
 
 if TYPE_CHECKING:
     from .budget import Budget
@@ -138,6 +138,7 @@ class Enforcer:
         self.budget: Budget | None = None       # the global event budget (runtime/budget.py), set before start
         self.ring_slots = 8                     # the ring's request slots (from the backend at start)
         self.ring_full_seen = 0                 # ring reads that found every slot taken
+        self._frozen = False                    # our graph is frozen from the collector (start to teardown)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
@@ -162,8 +163,9 @@ class Enforcer:
         self.engine, self.native = self.build_engines(self.installation, self.log.plan_hash)
         # The plan, binding and tables live as long as the enforcer: keep the cyclic GC from scanning
         # them on every full collection (with 100,000 regions that scan dominated decision time).
-        gc.collect()
-        gc.freeze()
+        # Given back at a reload and at teardown (policyc/gc_pause.py).
+        freeze_long_lived()
+        self._frozen = True
         if self.recorder is not None:
             self.recorder.installed(self.installation)
         # How long the guest ran unprotected after the plan was ready: what an operator sizing a
@@ -179,6 +181,8 @@ class Enforcer:
 
         result = reload_plan(self, plan, symbols)
         self.note_reload(result)
+        if self._frozen and result.ok and not result.unchanged:
+            refreeze_long_lived()              # the old plan's graph was frozen: now it is garbage
         return result
 
     def note_reload(self, result: "ReloadResult") -> None:
@@ -203,6 +207,8 @@ class Enforcer:
                    native: NativeEngine | None) -> None:
         """Switch to a reloaded plan's engines: every later decision is the new plan's, and its
         records name its hash."""
+        if self.native is not None and self.native is not native:
+            self.native.detach()
         self.plan, self.bound, self.engine, self.native = plan, bound, engine, native
         self.log.plan_hash = plan.get("content_hash", "")
         self._pending_rebinds = []
@@ -223,7 +229,13 @@ class Enforcer:
             self.log.flush()
             if self.recorder is not None:
                 self.recorder.close()
+            self._thaw()
         return errors
+
+    def _thaw(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            release_long_lived()
 
     def __enter__(self) -> "Enforcer":
         self.start()
@@ -261,6 +273,7 @@ class Enforcer:
                 self.recorder.close()
             if progress is not None:
                 progress.finish()
+            self._thaw()
 
     def service(self, wait: float = 0.0) -> int:
         """Answer every request on the ring now; returns how many were answered. With `wait`, when

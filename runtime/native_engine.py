@@ -402,6 +402,13 @@ class NativeEngine:
                 out.extend(log.alert_lines(self.ffi.buffer(self._log, ends[x + 1])[ends[x]:].decode("ascii")))
         return out
 
+    def detach(self) -> None:
+        """Replaced (a reload): what this engine counted goes into the log's stats a last time, and the
+        log stops asking it."""
+        if self._counted_in is not None:
+            self._counted_in.retire_counter_source(self.fold_stats)
+            self._counted_in = None
+
     def fold_stats(self, stats: Any) -> None:
         """Add the native decisions counted since the last fold to a `decision_log.Stats`."""
         s = self.stats
