@@ -194,6 +194,7 @@ class Enforcer:
     def build_engines(self, installation: Installation, plan_hash: str) -> tuple[DecisionEngine, NativeEngine | None]:
         """The decision engines for an installation's plan (view ids as the backend handed them out)."""
         engine = DecisionEngine(installation.engine_plan(), installation.bound, clock=self.clock)
+        engine.budget = self.budget
         if self.engine is not None:
             engine.audit = engine.audit or self.engine.audit     # allow-and-count after a log failure stays
         native = None
@@ -289,8 +290,7 @@ class Enforcer:
         while True:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)
-            over = 0                            # the batch's last `over` requests are past the budget
-            if ring is not None and (self.budget is None or self.budget.has(self.batch)):
+            if ring is not None:
                 # Native calls drain, decide, log and answer; they hand back what needs Python.
                 try:
                     taken, served, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch,
@@ -310,8 +310,6 @@ class Enforcer:
                 if self._after_native_kick() or not taken:
                     break
                 self._note_taken(taken)
-                if self.budget is not None:
-                    self.budget.spend(taken)
                 answered += served
                 if batch is None:
                     if notify is not None or served < self.batch:
@@ -328,17 +326,14 @@ class Enforcer:
                 self.requests += len(reqs)
                 if self.recorder is not None:
                     self.recorder.requests(reqs)
-                if self.budget is not None:
-                    over = len(reqs) - self.budget.take(len(reqs))
-                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native and not over \
-                    else None
+                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native else None
             if batch is not None:
                 # Native where it could; the Python engine's decisions are the ones with side effects.
                 responses = batch.responses
                 pairs = [(rsp, d) for _i, rsp, d in batch.decisions]
                 self._write_log(len(reqs), lambda: self.log.write_text(batch.text, batch.alerts))
             else:
-                pairs = self._decide(engine, reqs, over)
+                pairs = engine.decide_batch(reqs)
                 responses = [rsp for rsp, _ in pairs]
                 for _rsp, d in pairs:
                     watch(d)
@@ -354,20 +349,6 @@ class Enforcer:
                 self._rebind(gfn, offset)
                 self._pending_rebinds.append(_PendingRebind(gfn, offset))
         return answered
-
-    def _decide(self, engine: DecisionEngine, reqs: Sequence[bytes], over: int) -> list[tuple[bytes, Decision]]:
-        """The Python engine's decisions; the last `over` requests past the global budget (runtime/budget.py)."""
-        if not over:
-            return engine.decide_batch(reqs)
-        pairs = engine.decide_batch(reqs[:len(reqs) - over])
-        audit = engine.audit
-        engine.over_budget = True
-        engine.audit = audit or (self.budget is not None and self.budget.over_budget == "allow")
-        try:
-            pairs += engine.decide_batch(reqs[len(reqs) - over:])
-        finally:
-            engine.over_budget, engine.audit = False, audit
-        return pairs
 
     def _note_taken(self, taken: int) -> None:
         """A read that found the ring full: vCPUs were (or were about to be) stalled for a slot."""
