@@ -385,6 +385,7 @@ static void put_time(wbuf *w, uint64_t ns)
 typedef struct {
     uint32_t kind, vcpu, flags, nmatched, nmsgs, nlimited, nregions;
     int paused, collateral, conservative, would_deny, deny, winner;
+    int over;                         /* past the global budget: every rule as past its limit */
     const char *note;
     size_t note_len;
     uint32_t resp_off, resp_len;
@@ -775,7 +776,9 @@ static int decide_verdict(const pe_engine *e, const pe_call *c, decision *d, ver
         uint32_t moff = r->msg_off, mlen = r->msg_len;
         int32_t foff = r->feed_off, flen = r->feed_len;
         v->took[j] = 0;
-        if (r->limit > 0) {
+        if (d->over) {
+            ok = 0;                     /* decide.py: the global budget, before the rule's own limit */
+        } else if (r->limit > 0) {
             double t = st->tokens;
             if (st->has_stamp) {
                 double refill = t + (c->clock - st->stamp) * r->limit;
@@ -821,6 +824,7 @@ static int respond(const pe_engine *e, const uint8_t *raw, uint8_t *out, decisio
     const pe_slot *s;
     const pe_low *low;
     uint64_t step = 0;
+    int audit;
 
     if (d->kind == PE_K_CPUID && e->cpuid_no_response) {
         /* Not in the plan, yet it arrived: CPUID has run but rip has not moved (livelock otherwise). */
@@ -832,9 +836,10 @@ static int respond(const pe_engine *e, const uint8_t *raw, uint8_t *out, decisio
             echo(raw, out);
         return -1;
     }
-    if (d->deny && e->audit)
+    audit = e->audit || (d->over && e->budget->allow);
+    if (d->deny && audit)
         d->would_deny = 1;
-    s = &e->slots[d->kind][d->deny && !e->audit ? cs->deny_slot : PE_R_ALLOW];
+    s = &e->slots[d->kind][d->deny && !audit ? cs->deny_slot : PE_R_ALLOW];
     d->resp_off = s->name_off;
     d->resp_len = s->name_len;
     if (!d->paused) {
@@ -873,6 +878,22 @@ static void sort_messages(const pe_engine *e, decision *d)
     }
 }
 
+/* The global budget's bucket at c->clock, as runtime/budget.py's Budget.take(1): refilled, then
+ * one token if a whole one is there. Computed into *tokens / *stamp, committed once decided. */
+static int over_budget(const pe_budget *b, const pe_call *c, double *tokens, double *stamp)
+{
+    double t = b->tokens, refill;
+
+    *stamp = b->stamp;
+    if (c->clock > b->stamp) {
+        refill = t + (c->clock - b->stamp) * b->rate;
+        t = refill < b->rate ? refill : b->rate;
+        *stamp = c->clock;
+    }
+    *tokens = t >= 1.0 ? t - 1.0 : t;
+    return t < 1.0;
+}
+
 /* Returns -1 when decided (response and record written), else a PE_P_* reason; nothing is
  * changed for an event handed over. */
 static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out, size_t i,
@@ -884,6 +905,7 @@ static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out
     verdict_state v;
     uint32_t j;
     int why, has_alert = 0;
+    double budget_tokens = 0.0, budget_stamp = 0.0;
 
     if (!e->enabled)
         return PE_P_ARCH;
@@ -894,13 +916,20 @@ static int decide_one(pe_engine *e, pe_call *c, const uint8_t *raw, uint8_t *out
     d.flags = (uint32_t)rd(raw + 4, 4);
     d.vcpu = (uint32_t)rd(raw + 12, 4);
     d.paused = (d.flags & VM_EVENT_FLAG_VCPU_PAUSED) != 0;
+    if (e->budget)
+        d.over = over_budget(e->budget, c, &budget_tokens, &budget_stamp);
     cs.n = 0;
     cs.claims = NULL;
     if ((why = select_candidates(e, raw, &d, &cs)) >= 0 || (why = match(e, raw, &d, &cs)) >= 0 ||
         (why = decide_verdict(e, c, &d, &v)) >= 0 || (why = respond(e, raw, out, &d, &cs, &v)) >= 0)
         return why;
 
-    /* Decided here: commit the rule state, then count and record. */
+    /* Decided here: commit the budget and the rule state, then count and record. */
+    if (e->budget) {
+        e->budget->tokens = budget_tokens;
+        e->budget->stamp = budget_stamp;
+        e->budget->over += (uint64_t)d.over;
+    }
     for (j = 0; j < d.nmatched; j++) {
         if (v.took[j]) {
             pe_state *st = &e->state[d.matched[j]];

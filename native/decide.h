@@ -180,6 +180,13 @@ typedef struct {                     /* per rule counters (indexed like rules) *
     uint64_t lat_total, lat_max;
 } pe_rule_stats;
 
+typedef struct {                     /* the enforcer's global budget (runtime/budget.py), per event */
+    double rate;                     /* tokens a second, and the bucket's size */
+    double tokens, stamp;            /* shared with the Python engine's Budget (copied both ways) */
+    uint64_t over;                   /* events answered past it */
+    uint8_t allow;                   /* past it: answered allow (else by each rule's `then`) */
+} pe_budget;
+
 typedef struct {
     /* what the engine is */
     uint8_t audit, enabled;
@@ -234,6 +241,7 @@ typedef struct {
     pe_stats *stats;
     pe_rule_stats *rule_stats;
     uint64_t punts[11];
+    pe_budget *budget;                    /* NULL: no global budget */
 } pe_engine;
 
 /* The other side's kick after responses are published (Xen's event channel; a producer in tests). */

@@ -13,7 +13,10 @@ the cheap way and counted (`over`), as `over_budget` says:
 * `allow`: every event past the budget is answered allow (recorded as would-deny where the policy
   denies): availability over protection, for a guest that must never be slowed.
 
-`Budget.take(n)` says how many of the next `n` events fit; the enforcer decides the rest past it.
+Per event: the decision engine takes a token for each request before deciding it
+(`DecisionEngine.decide`; the native engine in C, `native/decide.c`, with the same arithmetic on
+a copy of this bucket, copied back after each native call), and decides one that finds no whole
+token past the budget. `Budget.take(n)` says how many of the next `n` events fit.
 """
 
 from __future__ import annotations
@@ -47,16 +50,6 @@ class Budget:
         self.tokens -= fit
         self.over += n - fit
         return fit
-
-    def spend(self, n: int) -> None:
-        """`n` events were answered in full before the budget could be asked (a native batch): the
-        bucket may go below zero, and the next events pay for it."""
-        self._refill()
-        self.tokens -= n
-
-    def has(self, n: int) -> bool:
-        self._refill()
-        return self.tokens >= n
 
     def describe(self) -> str:
         how = "answered by their rules' then (a rule without one kept its verdict)" if self.over_budget == "then" \

@@ -450,7 +450,8 @@ class DecisionEngine:
         self.wall_clock_ns = wall_clock_ns
         self.plan_hash: str = plan.get("content_hash", "")
         self.audit = plan.get("policy", {}).get("mode") == "audit"
-        self.over_budget = False        # set by the enforcer for events past its global budget
+        self.budget: Any = None         # the enforcer's global budget (runtime/budget.py): a token an event
+        self.over_budget = False        # the event being decided is past it
         self.arch: str = plan.get("target", {}).get("arch", "x86_64")
         self.arm = self.arch == "arm64"
         self.strategies: dict[str, str] = dict(plan.get("strategies", {}))
@@ -608,6 +609,20 @@ class DecisionEngine:
         return out
 
     def decide(self, raw: bytes) -> tuple[bytes, Decision]:
+        """One request: its response and its decision. With a global budget each request takes a token
+        from it first; one past it is decided as `budget.over_budget` says (runtime/budget.py)."""
+        budget = self.budget
+        if budget is None or budget.take(1):
+            return self._decide(raw)
+        audit = self.audit
+        self.over_budget = True
+        self.audit = audit or budget.over_budget == "allow"
+        try:
+            return self._decide(raw)
+        finally:
+            self.over_budget, self.audit = False, audit
+
+    def _decide(self, raw: bytes) -> tuple[bytes, Decision]:
         t0 = time.perf_counter_ns()
         try:
             raw = bytes(raw)

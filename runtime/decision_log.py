@@ -289,6 +289,13 @@ class DecisionLog:
         """`fold(stats)` adds decisions counted elsewhere (the native engine) whenever stats are read."""
         self._folds.append(fold)
 
+    def retire_counter_source(self, fold: Callable[[Stats], None]) -> None:
+        """Fold what `fold` counted one last time, then stop asking it (a native engine a reload
+        replaced: kept here, it kept its whole plan alive)."""
+        if fold in self._folds:
+            fold(self._stats)
+            self._folds.remove(fold)
+
     def close_after(self, follower: Any) -> None:
         """`follower.close()` once this log's files are flushed and closed (a log shipper reading them:
         runtime/log_shipping.py)."""

@@ -43,7 +43,6 @@ landed yet is still followed, one batch later.
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import sys
 import time
@@ -57,6 +56,7 @@ from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available, native_clock_request
 from ..errors import PolicycError
+from ..gc_pause import freeze_long_lived, refreeze_long_lived, release_long_lived
 
 # How long one `service()` call from the run loop goes on answering a ring that never empties before
 # it returns (the loop then sees signals and stop requests, and calls it again).
@@ -144,6 +144,7 @@ class Enforcer:
         self.budget: Budget | None = None       # the global event budget (runtime/budget.py), set before start
         self.ring_slots = 8                     # the ring's request slots (from the backend at start)
         self.ring_full_seen = 0                 # ring reads that found every slot taken
+        self._frozen = False                    # our graph is frozen from the collector (start to teardown)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Installation:
@@ -168,8 +169,9 @@ class Enforcer:
         self.engine, self.native = self.build_engines(self.installation, self.log.plan_hash)
         # The plan, binding and tables live as long as the enforcer: keep the cyclic GC from scanning
         # them on every full collection (with 100,000 regions that scan dominated decision time).
-        gc.collect()
-        gc.freeze()
+        # Given back at a reload and at teardown (policyc/gc_pause.py).
+        freeze_long_lived()
+        self._frozen = True
         if self.recorder is not None:
             self.recorder.installed(self.installation)
         # How long the guest ran unprotected after the plan was ready: what an operator sizing a
@@ -185,6 +187,8 @@ class Enforcer:
 
         result = reload_plan(self, plan, symbols)
         self.note_reload(result)
+        if self._frozen and result.ok and not result.unchanged:
+            refreeze_long_lived()              # the old plan's graph was frozen: now it is garbage
         return result
 
     def note_reload(self, result: "ReloadResult") -> None:
@@ -201,6 +205,7 @@ class Enforcer:
     def build_engines(self, installation: Installation, plan_hash: str) -> tuple[DecisionEngine, NativeEngine | None]:
         """The decision engines for an installation's plan (view ids as the backend handed them out)."""
         engine = DecisionEngine(installation.engine_plan(), installation.bound, clock=self.clock)
+        engine.budget = self.budget
         if self.engine is not None:
             engine.audit = engine.audit or self.engine.audit     # allow-and-count after a log failure stays
         native = None
@@ -214,6 +219,8 @@ class Enforcer:
                    native: NativeEngine | None) -> None:
         """Switch to a reloaded plan's engines: every later decision is the new plan's, and its
         records name its hash."""
+        if self.native is not None and self.native is not native:
+            self.native.detach()
         self.plan, self.bound, self.engine, self.native = plan, bound, engine, native
         self.log.plan_hash = plan.get("content_hash", "")
         self._pending_rebinds = []
@@ -234,7 +241,13 @@ class Enforcer:
             self.log.flush()
             if self.recorder is not None:
                 self.recorder.close()
+            self._thaw()
         return errors
+
+    def _thaw(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            release_long_lived()
 
     def __enter__(self) -> "Enforcer":
         self.start()
@@ -272,6 +285,7 @@ class Enforcer:
                 self.recorder.close()
             if progress is not None:
                 progress.finish()
+            self._thaw()
 
     def service(self, wait: float = 0.0, *, slice_s: float | None = None) -> int:
         """Answer every request on the ring now; returns how many were answered. With `wait`, when
@@ -291,8 +305,7 @@ class Enforcer:
         while deadline is None or not answered or time.monotonic() < deadline:
             pt_writes: list[tuple[int, int]] = []
             watch = self._page_table_watch(pt_writes)
-            over = 0                            # the batch's last `over` requests are past the budget
-            if ring is not None and (self.budget is None or self.budget.has(self.batch)):
+            if ring is not None:
                 # Native calls drain, decide, log and answer; they hand back what needs Python.
                 try:
                     taken, served, batch = self.native.service_ring(ring, self.log, self.batch, on_python=watch,
@@ -312,8 +325,6 @@ class Enforcer:
                 if self._after_native_kick() or not taken:
                     break
                 self._note_taken(taken)
-                if self.budget is not None:
-                    self.budget.spend(taken)
                 answered += served
                 if batch is None:
                     if notify is not None or served < self.batch:
@@ -330,17 +341,14 @@ class Enforcer:
                 self.requests += len(reqs)
                 if self.recorder is not None:
                     self.recorder.requests(reqs)
-                if self.budget is not None:
-                    over = len(reqs) - self.budget.take(len(reqs))
-                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native and not over \
-                    else None
+                batch = self.native.decide_batch(reqs, self.log, on_python=watch) if self.native else None
             if batch is not None:
                 # Native where it could; the Python engine's decisions are the ones with side effects.
                 responses = batch.responses
                 pairs = [(rsp, d) for _i, rsp, d in batch.decisions]
                 self._write_log(len(reqs), lambda: self.log.write_text(batch.text, batch.alerts))
             else:
-                pairs = self._decide(engine, reqs, over)
+                pairs = engine.decide_batch(reqs)
                 responses = [rsp for rsp, _ in pairs]
                 for _rsp, d in pairs:
                     watch(d)
@@ -356,20 +364,6 @@ class Enforcer:
                 self._rebind(gfn, offset)
                 self._pending_rebinds.append(_PendingRebind(gfn, offset))
         return answered
-
-    def _decide(self, engine: DecisionEngine, reqs: Sequence[bytes], over: int) -> list[tuple[bytes, Decision]]:
-        """The Python engine's decisions; the last `over` requests past the global budget (runtime/budget.py)."""
-        if not over:
-            return engine.decide_batch(reqs)
-        pairs = engine.decide_batch(reqs[:len(reqs) - over])
-        audit = engine.audit
-        engine.over_budget = True
-        engine.audit = audit or (self.budget is not None and self.budget.over_budget == "allow")
-        try:
-            pairs += engine.decide_batch(reqs[len(reqs) - over:])
-        finally:
-            engine.over_budget, engine.audit = False, audit
-        return pairs
 
     def _note_taken(self, taken: int) -> None:
         """A read that found the ring full: vCPUs were (or were about to be) stalled for a slot."""

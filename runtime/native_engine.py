@@ -205,6 +205,9 @@ class NativeEngine:
         # The engine's clocks are the system's: C reads them itself (no Python call a batch).
         self._own_clocks = engine.clock is time.monotonic and engine.wall_clock_ns is time.time_ns
         self.state = self.ffi.new("pe_state[]", max(1, len(self.rules)))
+        # The global budget's bucket in C (decided per event there), copied from and back to the
+        # engine's `Budget` around every native call: the Budget stays the one record between calls.
+        self._budget = self.ffi.new("pe_budget *") if engine.budget is not None else self.ffi.NULL
         self.stats = self.ffi.new("pe_stats *")
         self.rule_stats = self.ffi.new("pe_rule_stats[]", max(1, len(self.rules)))
         self._push_state(range(len(self.rules)))
@@ -244,17 +247,29 @@ class NativeEngine:
         render = self._prepare(log)
         self._call.log = self._log if render else self.ffi.NULL
         self._call.log_len = 0
-        return self._finish(requests, 0, log, render, on_python)
+        self._push_budget()
+        try:
+            return self._finish(requests, 0, log, render, on_python)
+        finally:
+            self._pull_budget()
 
     def decide_blob(self, blob: bytes) -> bytes:
         """Requests packed back to back (400 bytes each) -> their responses, packed likewise; no
         records (they are counted). The engine alone, as a benchmark measures it."""
-        ffi, lib, engine = self.ffi, self.lib, self.engine
         n = len(blob) // EVENT_SIZE
         if n > self._capacity:
             self._grow(n)
+        self._call.log = self.ffi.NULL
+        self._push_budget()
+        try:
+            self._decide_blob(blob, n)
+        finally:
+            self._pull_budget()
+        return self.ffi.buffer(self._rsp, n * EVENT_SIZE)[:]
+
+    def _decide_blob(self, blob: bytes, n: int) -> None:
+        ffi, lib, engine = self.ffi, self.lib, self.engine
         call, rsp = self._call, self._rsp
-        call.log = ffi.NULL
         i = 0
         while i < n:
             call.next_id = engine.next_id
@@ -264,12 +279,9 @@ class NativeEngine:
             i += lib.pe_decide(self.e, call, ffi.from_buffer(blob) + i * EVENT_SIZE, n - i, rsp + i * EVENT_SIZE)
             engine.next_id = call.next_id
             if i < n:
-                self._pull_state(self._stateful)
-                response, _d = engine.decide(blob[i * EVENT_SIZE:(i + 1) * EVENT_SIZE])
-                self._push_state(self._stateful)
+                response, _d = self._python_decides(blob[i * EVENT_SIZE:(i + 1) * EVENT_SIZE])
                 ffi.memmove(rsp + i * EVENT_SIZE, response, EVENT_SIZE)
                 i += 1
-        return ffi.buffer(rsp, n * EVENT_SIZE)[:]
 
     def service_ring(self, ring: Any, log: Any, max_count: int,
                      on_python: Callable[[Decision], None] | None = None,
@@ -295,7 +307,11 @@ class NativeEngine:
         if not self._own_clocks:
             call.now_ns = engine.wall_clock_ns()
             call.clock = engine.clock()
-        status = self._pe_service(self.e, call)
+        self._push_budget()
+        try:
+            status = self._pe_service(self.e, call)
+        finally:
+            self._pull_budget()
         engine.next_id = call.next_id
         served = call.served
         if status == self._served:
@@ -305,7 +321,11 @@ class NativeEngine:
         requests = [raw[k * EVENT_SIZE:(k + 1) * EVENT_SIZE] for k in range(taken)]
         if status == self.lib.PE_LOG_FAILED:
             raise NativeLogError(requests, self._responses(taken), served)
-        return served + taken, served, self._finish(requests, call.decided, log, self._ring_render, on_python)
+        self._push_budget()
+        try:
+            return served + taken, served, self._finish(requests, call.decided, log, self._ring_render, on_python)
+        finally:
+            self._pull_budget()
 
     @property
     def notify_failed(self) -> bool:
@@ -395,9 +415,7 @@ class NativeEngine:
             if render and call.log_len > cut:
                 pieces.append(ffi.buffer(buf, call.log_len)[cut:].decode("ascii"))
                 cut = call.log_len
-            self._pull_state(self._stateful)      # the Python engine sees the rate-limit state ...
-            response, d = engine.decide(requests[i])
-            self._push_state(self._stateful)      # ... and leaves its own
+            response, d = self._python_decides(requests[i])
             ffi.memmove(rsp + i * EVENT_SIZE, response, EVENT_SIZE)
             python.append((i, response, d))
             if on_python is not None:
@@ -420,6 +438,13 @@ class NativeEngine:
             if self._alert[x]:
                 out.extend(log.alert_lines(self.ffi.buffer(self._log, ends[x + 1])[ends[x]:].decode("ascii")))
         return out
+
+    def detach(self) -> None:
+        """Replaced (a reload): what this engine counted goes into the log's stats a last time, and the
+        log stops asking it."""
+        if self._counted_in is not None:
+            self._counted_in.retire_counter_source(self.fold_stats)
+            self._counted_in = None
 
     def fold_stats(self, stats: Any) -> None:
         """Add the native decisions counted since the last fold to a `decision_log.Stats`."""
@@ -454,7 +479,28 @@ class NativeEngine:
         size = self.ffi.sizeof("pe_rule_stats") * max(1, len(self.rules))
         self.ffi.memmove(self.rule_stats, bytes(size), size)
 
-    # ------------------------------------------------------------------ rule state
+    # ------------------------------------------------------------------ rule state, the budget
+    def _python_decides(self, raw: bytes) -> tuple[bytes, Decision]:
+        """An event handed over: the Python engine sees the rate-limit and budget state and leaves its own."""
+        self._pull_state(self._stateful)
+        self._pull_budget()
+        try:
+            return self.engine.decide(raw)
+        finally:
+            self._push_state(self._stateful)
+            self._push_budget()
+
+    def _push_budget(self) -> None:
+        budget, b = self.engine.budget, self._budget
+        if b:
+            b.rate, b.tokens, b.stamp = budget.per_second, budget.tokens, budget.stamp
+            b.over, b.allow = budget.over, budget.over_budget == "allow"
+
+    def _pull_budget(self) -> None:
+        budget, b = self.engine.budget, self._budget
+        if b:
+            budget.tokens, budget.stamp, budget.over = b.tokens, b.stamp, int(b.over)
+
     def _push_state(self, indices: Any) -> None:
         for i in indices:
             r, st = self.rules[i], self.state[i]
@@ -485,6 +531,7 @@ class NativeEngine:
         e.enabled = not engine.arm
         e.nrules = len(self.rules)
         e.state = self.state
+        e.budget = self._budget
         e.stats = self.stats
         e.rule_stats = self.rule_stats
         arr = self._array
@@ -585,7 +632,8 @@ class NativeEngine:
                 self.unexpressible[rule.name] = str(exc)
                 continue
             then = rule.then
-            if then is None:
+            if then is None:        # past its limit (or the budget) it keeps its verdict, drops its actions
+                c.then_native = 1
                 continue
             c.then_verdict = {None: 0, "allow": 1, "deny": 2}[then.verdict]
             c.then_feed_off, c.then_feed_len = self._feed(then.feed, feeds)

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from helpers import storm_scenario
+from policyc.check import check_policy
 from policyc.cli import main
+from policyc.diagnostics import Diagnostics
+from policyc.lower import compile_plan
 from policyc.plan_source import load_plan_source
 from policyc.runtime.budget import Budget
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.enforce import Enforcer
+from policyc.runtime.native_engine import native_available
+from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests
 from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario
+from policyc.symbols import load_symbol_table
 
 ROOT = Path(__file__).resolve().parents[1]
 STORM = ROOT / "tests" / "data" / "scenarios" / "ring-storm.yaml"       # 12 vCPUs x 100 rounds, 8 slots
@@ -90,3 +97,36 @@ def test_the_run_summary_reports_the_budget_and_ring_full_stalls():
     with redirect_stdout(io.StringIO()), redirect_stderr(err := io.StringIO()):
         assert main(["run", "--guest", f"sim:{STORM}", "--budget", "0"]) == 2
     assert "--budget 0: a positive number" in err.getvalue()
+
+
+@pytest.mark.skipif(not native_available(), reason="the native extension is not built")
+@pytest.mark.parametrize("over_budget", ["then", "allow"])
+def test_the_budget_is_taken_per_event_inside_the_native_wait(tmp_path, over_budget):
+    """`run` with a native kick and wait answers batch after batch in one native call (up to 4,096, for
+    up to `wait` seconds): the budget is taken per event in C, not checked between those calls. With the
+    clock standing still, exactly the bucket's 1,000 events are decided in full."""
+    d = Diagnostics()
+    model = check_policy(KERNEL_INTEGRITY, d)
+    plan = compile_plan(model, d)
+    symbols = [load_symbol_table(s.path) for s in model.symbols]
+    recorded = record_requests(plan, symbols, load_scenario(storm_scenario(tmp_path, 5)), tmp_path / "record")
+    count = 2_000 * 7                                  # 7 requests a round
+    backend = ReplayBackend(build_scenario(load_scenario(storm_scenario(tmp_path, 1))), recorded, count)
+    log = DecisionLog(None, plan_hash=plan["content_hash"])
+    enf = Enforcer(plan, backend, symbols, guest="budget", log=log, state_dir=tmp_path / "state",
+                   clock=lambda: 1000.0)
+    enf.budget = Budget(1000, enf.clock, over_budget=over_budget)
+    enf.start()
+    enf.run(stop=backend.done, wait=0.05)
+    assert enf.requests == enf.responses == backend.answered == count and backend.wrong == 0
+    assert enf.native.decided_natively() == count        # all of it in C
+    assert enf.budget.over == count - 1000 and enf.budget.tokens == 0.0
+    stats = log.stats
+    guard = stats.rules["protect_tables"]              # past the budget: limited, and silent
+    assert guard.matches > 1000 and guard.limited + guard.alerts == guard.matches
+    assert 0 < guard.alerts < 1000
+    if over_budget == "then":                          # protect_tables has no `then`: its deny stays
+        assert guard.deny == guard.matches and guard.would_deny == 0
+    else:                                              # past the budget the writes are let through
+        assert guard.deny == guard.alerts and guard.would_deny == guard.limited
+    assert enf.stop() == []

@@ -28,6 +28,7 @@ from policyc.diagnostics import Diagnostics
 from policyc.lower import compile_plan
 from policyc.native import abi
 from policyc.runtime.bind import BindError, bind_plan
+from policyc.runtime.budget import Budget
 from policyc.runtime.decide import DecisionEngine
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.native_engine import NativeEngine, native_available
@@ -107,9 +108,15 @@ class Clocks:
         return self.wall
 
 
-def engines(plan, bound, clocks: Clocks) -> tuple[DecisionEngine, DecisionEngine, NativeEngine]:
-    mk = lambda: DecisionEngine(bound.plan, bound, clock=clocks.clock, wall_clock_ns=clocks.wall_ns,  # noqa: E731
-                                id_prefix="diff")
+def engines(plan, bound, clocks: Clocks, budget: tuple[float, str] | None = None
+            ) -> tuple[DecisionEngine, DecisionEngine, NativeEngine]:
+    """The reference, the Python engine the native one wraps, and the native one; with `budget`
+    (events a second, over_budget) each Python engine has a global budget of its own."""
+    def mk() -> DecisionEngine:
+        engine = DecisionEngine(bound.plan, bound, clock=clocks.clock, wall_clock_ns=clocks.wall_ns, id_prefix="diff")
+        if budget is not None:
+            engine.budget = Budget(budget[0], clocks.clock, over_budget=budget[1])
+        return engine
     reference, wrapped = mk(), mk()
     return reference, wrapped, NativeEngine(wrapped)
 
@@ -247,6 +254,22 @@ def test_native_and_python_engines_answer_and_record_identically(policy, target)
     COMPARED[(policy, target)] = compare(policy, target, got, TOTAL // len(CASES), seed=0)
 
 
+BUDGET_CASES = [(p, t, mode) for p, t in CASES if t in ("x86_64", "arm64") for mode in ("then", "allow")]
+
+
+@pytest.mark.parametrize("policy, target, over_budget", BUDGET_CASES)
+def test_native_and_python_engines_agree_past_a_global_budget(policy, target, over_budget):
+    """A token per event, in C as in runtime/budget.py: which events are past the budget, what each
+    rule does past it (its `then`, or its verdict without actions; `allow`: audit), and the bucket
+    itself after every batch (both engines' Budgets end equal)."""
+    got = bound_plan(policy, target)
+    if got is None:
+        pytest.skip(f"{policy} does not compile for {target}")
+    if got[0] == "skip":
+        pytest.skip(f"{policy} for {target} does not bind to its scenario's guest: {got[1]}")
+    compare(policy, target, got, 3000, seed=2, budget=(200.0, over_budget))
+
+
 def test_at_least_the_total_is_compared():
     """The plans without state take whatever the cases above left of the total (memoized: fast)."""
     stateless = [(p, t) for p, t in CASES if _stateless(p, t)]
@@ -272,13 +295,15 @@ def _stateless(policy: str, target: str) -> bool:
     return not native.stateful and not reference.arm
 
 
-def compare(policy: str, target: str, got: tuple, share: int, seed: int) -> int:
-    """Both engines on `share` requests for one bound plan; returns how many were compared."""
+def compare(policy: str, target: str, got: tuple, share: int, seed: int,
+            budget: tuple[float, str] | None = None) -> int:
+    """Both engines on `share` requests for one bound plan (with `budget`, each under a global budget
+    of its own); returns how many were compared."""
     plan, bound = got
     clocks = Clocks()
-    reference, wrapped, native = engines(plan, bound, clocks)
+    reference, wrapped, native = engines(plan, bound, clocks, budget)
     gen = Requests(reference, native, seed=(hash((policy, target)) + seed) & 0xFFFF)
-    stateless = not native.stateful and not reference.arm
+    stateless = not native.stateful and not reference.arm and budget is None
     if not stateless:
         share = min(share, 6000)          # the Python engine decides each of these too
     distinct = list(recorded(policy, target)) + [gen.one() for _ in range(min(share, 3000))]
@@ -317,6 +342,10 @@ def compare(policy: str, target: str, got: tuple, share: int, seed: int) -> int:
     if not stateless or done <= len(distinct):
         assert _counters(nat_log) == _counters(ref_log)
         assert nat_alerts.getvalue() == ref_alerts.getvalue()
+    if budget is not None:
+        ours, theirs = wrapped.budget, reference.budget
+        assert (ours.over, ours.tokens, ours.stamp) == (theirs.over, theirs.tokens, theirs.stamp)
+        assert 0 < ours.over < done, "the budget was never reached, or never had room"
     print(f"{policy} {target}: {done} requests, native share "
           f"{native.decided_natively() / max(1, done):.3f}, handed over {native.punts}")
     return done

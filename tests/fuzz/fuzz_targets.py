@@ -13,7 +13,10 @@ Targets:
   scenario    the scenario loader, then building the simulated guest it describes
   trace       the trace reader
   engine      the request decoder and both decision engines on hostile batches (bytes laid over
-              requests the example guests really raise, and raw bytes of any length)
+              requests the example guests really raise, and raw bytes of any length); an input of
+              odd length goes to a pair under a global budget (runtime/budget.py; length 1 mod 4:
+              over_budget then, 3 mod 4: allow) whose clock moves 10 ms an input, so events fall
+              within it and past it
   native      the native engine alone, at volume: batches of up to 64 such requests decided and
               recorded in C; one response each, one record line each, every line valid JSON
 """
@@ -145,7 +148,7 @@ def fuzz_engine(data: bytes) -> None:
     plan, bound = engine_plan()
     batch = _hostile_batch(data, 8)
     if batch:
-        decide_both(plan, bound, batch)
+        decide_both(plan, bound, batch, budget={1: "then", 3: "allow"}.get(len(data) % 4))
 
 
 def fuzz_native(data: bytes) -> None:
@@ -196,11 +199,12 @@ def _hostile_batch(data: bytes, most: int) -> list[bytes]:
     return batch
 
 
-def decide_both(plan: dict, bound: object, batch: list[bytes]) -> None:
-    """The Python engine and the native engine on one batch: identical responses and records. The
-    pair lives as long as the process (one per bound plan), so state such as rate limits and
-    decision ids carries from input to input in both, as it does in a run."""
-    reference, native, ref_out, nat_out, ref_log, nat_log = engine_pair(plan, bound)
+def decide_both(plan: dict, bound: object, batch: list[bytes], *, budget: str | None = None) -> None:
+    """The Python engine and the native engine on one batch: identical responses and records (and,
+    with `budget`, identical global budgets after it). The pair lives as long as the process (one per
+    bound plan), so state such as rate limits and decision ids carries from input to input in both,
+    as it does in a run."""
+    reference, native, ref_out, nat_out, ref_log, nat_log = engine_pair(plan, bound, budget)
     for out in (ref_out, nat_out):
         out.seek(0)
         out.truncate()
@@ -213,9 +217,16 @@ def decide_both(plan: dict, bound: object, batch: list[bytes]) -> None:
     if _LATENCY.sub("", nat_out.getvalue()) != _LATENCY.sub("", ref_out.getvalue()):
         raise ContractBroken(f"records differ for {[r.hex() for r in batch]}:\n"
                              f"native: {nat_out.getvalue()}\npython: {ref_out.getvalue()}")
+    if budget:
+        ours, theirs = native.engine.budget, reference.budget
+        if (ours.over, ours.tokens, ours.stamp) != (theirs.over, theirs.tokens, theirs.stamp):
+            raise ContractBroken(f"budgets differ: native {ours.over} over, {ours.tokens} tokens; python "
+                                 f"{theirs.over} over, {theirs.tokens} tokens")
+        _BUDGET_CLOCK[0] += 0.01
 
 
-_PAIRS: dict[int, tuple] = {}
+_PAIRS: dict[tuple, tuple] = {}
+_BUDGET_CLOCK = [1000.0]            # the budgeted pair's time: both engines', moved after each input
 
 
 def forget_engine_pairs() -> None:
@@ -223,19 +234,24 @@ def forget_engine_pairs() -> None:
     _PAIRS.clear()
 
 
-def engine_pair(plan: dict, bound: object) -> tuple:
+def engine_pair(plan: dict, bound: object, budget: str | None = None) -> tuple:
+    from policyc.runtime.budget import Budget
     from policyc.runtime.decide import DecisionEngine
     from policyc.runtime.decision_log import DecisionLog
     from policyc.runtime.native_engine import NativeEngine
 
-    key = id(bound)
+    key = (id(bound), budget)
     if key not in _PAIRS:
         if len(_PAIRS) > 64:                             # plans from the plan target: keep a few
             _PAIRS.clear()
-        clock = lambda: 1000.0                           # noqa: E731 - both engines, one fixed time
+        clock = (lambda: _BUDGET_CLOCK[0]) if budget else (lambda: 1000.0)  # noqa: E731 - both engines
         wall = lambda: 1_765_000_000_123_456_789         # noqa: E731
-        make = lambda: DecisionEngine(bound.plan, bound, clock=clock, wall_clock_ns=wall,  # noqa: E731
-                                      id_prefix="fuzz")
+
+        def make() -> DecisionEngine:
+            engine = DecisionEngine(bound.plan, bound, clock=clock, wall_clock_ns=wall, id_prefix="fuzz")
+            if budget:                                   # half a token an input, for up to 8 events
+                engine.budget = Budget(50, clock, over_budget=budget)
+            return engine
         ref_out, nat_out = io.StringIO(), io.StringIO()
         _PAIRS[key] = (make(), NativeEngine(make()), ref_out, nat_out,
                        DecisionLog(ref_out, io.StringIO(), plan["content_hash"]),
