@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
 
 
-def generate(directory: Path, rules: int, pages: int) -> Path:
+def generate(directory: Path, rules: int, pages: int, descending: bool = False) -> Path:
+    """The policy file; `descending`: the rules listed from the highest address down (the order of the
+    rules is the order the analyses sweep them in)."""
     pages_per_region = max(1, pages // rules)
     span = pages_per_region * PAGE
     lines = ['policy "compile-scale" {', "    target xen >= 4.17 on x86_64",
@@ -44,7 +46,7 @@ def generate(directory: Path, rules: int, pages: int) -> Path:
         lines.append(f"    region r{i} = symbol _text - 0x200000000 + 0x{i * (span + PAGE):x} size 0x{span:x}")
     lines.append("")
     kinds = ["write to", "execute in", "read of", "write to"]
-    for i in range(rules):
+    for i in (reversed(range(rules)) if descending else range(rules)):
         kind = kinds[i % len(kinds)]
         where = f" where rip not in r{(i + 1) % rules}" if i % 5 == 0 else ""
         verdict = "deny" if kind != "read of" else 'log info "read {gla:#x}"'
