@@ -65,6 +65,30 @@ _EVENTS = {"guest_request": "guest_request", "debug_exception": "debug_exception
 _EOF = ("EOF", "", -1, -1)
 LEX_AHEAD = 2048  # characters lexed in one scan (to the end of the line this far on)
 
+# The two lines generated policies are made of, each read whole by one match (`_Reader.line_item`):
+#   region NAME = symbol NAME (+|- INT)... size INT
+#   rule NAME: on (write to|read of|access to|execute in) NAME [where NAME [not] in NAME] { VERDICT }
+# with VERDICT `allow`, `deny`, or `log|alert SEVERITY "STRING"`. Names are no keyword of the grammar
+# and numbers plain decimal or hex, so each token is what the reader's own lexer would make of it; a
+# line that is anything else (a comment, an operator, a term over two lines) is read token by token.
+_KEYWORDS = ("alert|allow|and|const|cpuid|debug_exception|deny|disarm|execute|feed|guest_request|in|include|"
+             "leaf|limit|log|mode|msr|not|on|or|pause|per|percpu|policy|priority|read|region|register|rule|"
+             "second|size|smc|symbol|symbols|target|then|where|with|write|va|pa|access|to|of")
+_NAME = rf"(?!(?:{_KEYWORDS})(?![A-Za-z0-9_]))[A-Za-z_][A-Za-z0-9_]*"
+_INT = r"(?:0[xX][0-9a-fA-F]+|[0-9]+)(?![A-Za-z0-9_])"
+_ITEM_END = r"[ \t\r]*(?=\n|\Z)"
+_REGION_LINE = re.compile(rf"""[ \t\r\n]*(?P<start>region)[ \t]+(?P<name>{_NAME})[ \t]*=[ \t]*
+    (?P<base>symbol[ \t]+{_NAME}(?:[ \t]*[-+][ \t]*{_INT}){{0,8}})[ \t]+size[ \t]+(?P<size>{_INT}){_ITEM_END}
+    # nothing on the next lines continues the region: an item, the policy's end or the text's
+    (?=[ \t\r\n]*(?:\}}|(?:region|rule|const|target|symbols|mode|include)(?![A-Za-z0-9_])|\Z))""", re.X)
+_BASE_TOKEN = re.compile(rf"[ \t]*(?:(?P<op>[-+])|(?P<int>{_INT})|(?P<symbol>symbol)[ \t]+(?P<sym>[A-Za-z_][A-Za-z0-9_]*))")
+_RULE_LINE = re.compile(rf"""[ \t\r\n]*(?P<start>rule)[ \t]+(?P<name>{_NAME})[ \t]*:[ \t]*on[ \t]+
+    (?P<access>write(?=[ \t]+to[ \t])|read(?=[ \t]+of[ \t])|access(?=[ \t]+to[ \t])|execute(?=[ \t]+in[ \t]))
+    [ \t]+[a-z]{{2}}[ \t]+(?P<region>{_NAME})
+    (?:[ \t]+where[ \t]+(?P<value>{_NAME})[ \t]+(?P<not>not[ \t]+)?in[ \t]+(?P<in>{_NAME}))?
+    [ \t]*\{{[ \t]*(?:(?P<verdict>allow|deny)|(?P<report>log|alert)[ \t]+(?P<severity>{_NAME})[ \t]+
+    (?P<string>"(?:[^"\\\n]|\\.)*"))[ \t]*(?P<end>\}})""", re.X)
+
 
 def read_well_formed(text: str, path: str) -> tuple[list, list[S.Comment]] | None:
     """The items and comments of a DSL file, or None when anything in it is not plainly well formed."""
@@ -232,9 +256,76 @@ class _Reader:
         name, _, _ = self.string()
         self.expect("OP", "{")
         items = []
-        while self.take_if("OP", "}") is None:
+        while True:
+            if self.tok is None and not self.ahead:  # nothing lexed ahead: a whole line may be read at once
+                item = self.line_item()
+                if item is not None:
+                    items.append(item)
+                    continue
+            if self.take_if("OP", "}") is not None:
+                break
             items.append(self.item())
         return S.PolicyBlock(name, items, self.span(start, self.pos))
+
+    def line_item(self) -> S.Region | S.Rule | None:
+        """A region or rule of the common one-line forms (`_REGION_LINE`, `_RULE_LINE`) read by one match,
+        the same nodes and spans as `item` makes of it; None (nothing read) for anything else."""
+        m = _RULE_LINE.match(self.text, self.pos)
+        if m is not None:
+            return self._rule_line(m)
+        m = _REGION_LINE.match(self.text, self.pos)
+        if m is not None:
+            return self._region_line(m)
+        return None
+
+    def _region_line(self, m: re.Match) -> S.Region:
+        span = self.span
+        base: S.Expr | None = None
+        op = None
+        for t in _BASE_TOKEN.finditer(self.text, m.start("base"), m.end("base")):
+            if t.lastgroup == "op":
+                op = t.group("op")
+            elif t.lastgroup == "sym":
+                base = S.SymbolRef(t.group("sym"), False, False, span(t.start("symbol"), t.end()))
+            else:
+                right = self._plain_number(t.group("int"), t.start("int"), t.end())
+                base = S.Binary(op, base, right, join_spans(base.span, right.span))  # type: ignore[arg-type]
+        size = self._plain_number(m.group("size"), m.start("size"), m.end("size"))
+        end = m.end("size")
+        sized = S.SizedRegion(base, size, None, span(m.start("base"), end))
+        self.pos = m.end()
+        return S.Region(m.group("name"), [sized], span(m.start("start"), end))
+
+    def _rule_line(self, m: re.Match) -> S.Rule | None:
+        span = self.span
+        if m.group("string") is not None:
+            try:
+                template = decode_string(m.group("string"))
+            except ValueError:
+                return None  # the token by token path gives up on it too, and Lark says why
+        a, b = m.span("region")
+        trigger = S.MemoryTrigger(m.group("access"), [S.RegionRef(m.group("region"), span(a, b))],
+                                  span(m.start("access"), b))
+        where = None
+        if m.group("value") is not None:
+            a, b = m.span("value")
+            s, e = m.span("in")
+            where = S.InRegion(S.Name(m.group("value"), span(a, b)), m.group("in"), m.group("not") is not None,
+                               span(a, e), span(s, e))
+        if m.group("verdict") is not None:
+            a, b = m.span("verdict")
+            action = S.Allow(span(a, b)) if m.group("verdict") == "allow" else S.Deny(None, None, span(a, b))
+        else:
+            a, b = m.span("report")
+            s, e = m.span("string")
+            action = S.Report(m.group("report"), m.group("severity"), template, span(a, e), span(s, e))
+        self.pos = m.end()
+        return S.Rule(trigger, [action], m.group("name"), where, span(m.start("start"), m.end("end")))
+
+    def _plain_number(self, text: str, start: int, end: int) -> S.Num:
+        """A number `_INT` matched (plain decimal or hex), as `number` makes it."""
+        radix = 16 if text[:2] in ("0x", "0X") else 10
+        return S.Num(int(text, radix), radix, self.span(start, end))
 
     def item(self):
         kind, word, start, _ = (self.tok or self.peek())
