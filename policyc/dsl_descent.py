@@ -126,6 +126,7 @@ class _Reader:
         self.ahead: list[tuple[str, str, int, int]] = []  # the tokens after self.tok, last first
         self.comments: list[tuple[int, int]] = []
         self.depth = 0
+        self.line_hits = self.line_misses = 0  # items read by `line_item`, and not
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
         self.line_cache = (1, 0, self.line_starts[1] if len(self.line_starts) > 1 else len(text) + 1)
 
@@ -257,11 +258,17 @@ class _Reader:
         self.expect("OP", "{")
         items = []
         while True:
-            if self.tok is None and not self.ahead:  # nothing lexed ahead: a whole line may be read at once
+            tok = self.tok
+            # Lines are tried whole while at least one in five is of the common forms: in a file of other
+            # forms a failed match is all they would cost.
+            if (tok is None or tok[0] == "WORD" and tok[1] in ("region", "rule")) and \
+                    self.line_misses <= 4 * self.line_hits + 16:
                 item = self.line_item()
                 if item is not None:
+                    self.line_hits += 1
                     items.append(item)
                     continue
+                self.line_misses += 1
             if self.take_if("OP", "}") is not None:
                 break
             items.append(self.item())
@@ -271,12 +278,17 @@ class _Reader:
         """A region or rule of the common one-line forms (`_REGION_LINE`, `_RULE_LINE`) read by one match,
         the same nodes and spans as `item` makes of it; None (nothing read) for anything else."""
         m = _RULE_LINE.match(self.text, self.pos)
-        if m is not None:
-            return self._rule_line(m)
-        m = _REGION_LINE.match(self.text, self.pos)
-        if m is not None:
-            return self._region_line(m)
-        return None
+        item = None if m is None else self._rule_line(m)
+        if item is None:
+            m = _REGION_LINE.match(self.text, self.pos)
+            item = None if m is None else self._region_line(m)
+        if item is not None:
+            # The tokens lexed ahead of the line are read: the next one lexed is after it. (An expression
+            # ends where the token after it says, so a region read token by token leaves that one lexed.)
+            self.tok, ahead, end = None, self.ahead, self.pos
+            while ahead and ahead[-1][2] < end:
+                ahead.pop()
+        return item
 
     def _region_line(self, m: re.Match) -> S.Region:
         span = self.span
