@@ -77,11 +77,16 @@ _KEYWORDS = ("alert|allow|and|const|cpuid|debug_exception|deny|disarm|execute|fe
 _NAME = rf"(?!(?:{_KEYWORDS})(?![A-Za-z0-9_]))[A-Za-z_][A-Za-z0-9_]*"
 _INT = r"(?:0[xX][0-9a-fA-F]+|[0-9]+)(?![A-Za-z0-9_])"
 _ITEM_END = r"[ \t\r]*(?=\n|\Z)"
-_REGION_LINE = re.compile(rf"""[ \t\r\n]*(?P<start>region)[ \t]+(?P<name>{_NAME})[ \t]*=[ \t]*
-    (?P<base>symbol[ \t]+{_NAME}(?:[ \t]*[-+][ \t]*{_INT}){{0,8}})[ \t]+size[ \t]+(?P<size>{_INT}){_ITEM_END}
+_SYMBOL_PLUS = rf"symbol[ \t]+{_NAME}(?:[ \t]*[-+][ \t]*{_INT}){{0,8}}"  # only + and -: no precedence to mind
+_SIZE = rf"(?:{_INT}|{_NAME})(?:[ \t]*\*[ \t]*(?:{_INT}|{_NAME}))?"  # one * at most
+_REGION_LINE = re.compile(rf"""[ \t\r\n]*(?P<start>region)[ \t]+(?P<name>{_NAME})[ \t]*=[ \t]*(?:
+    (?:(?P<space>va|pa)[ \t]+)?(?P<base>{_SYMBOL_PLUS}|{_INT})[ \t]+
+        (?:size[ \t]+(?P<size>{_SIZE})|\.\.[ \t]*(?P<last>{_SYMBOL_PLUS}|{_INT}))
+  | (?P<union>{_NAME}(?:[ \t]*,[ \t]*{_NAME})*)){_ITEM_END}
     # nothing on the next lines continues the region: an item, the policy's end or the text's
     (?=[ \t\r\n]*(?:\}}|(?:region|rule|const|target|symbols|mode|include)(?![A-Za-z0-9_])|\Z))""", re.X)
-_BASE_TOKEN = re.compile(rf"[ \t]*(?:(?P<op>[-+])|(?P<int>{_INT})|(?P<symbol>symbol)[ \t]+(?P<sym>[A-Za-z_][A-Za-z0-9_]*))")
+_SIMPLE_TOKEN = re.compile(rf"[ \t,]*(?:(?P<op>[-+*])|(?P<int>{_INT})|(?P<symbol>symbol)[ \t]+(?P<sym>[A-Za-z_][A-Za-z0-9_]*)"
+                           r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*))")
 _RULE_LINE = re.compile(rf"""[ \t\r\n]*(?P<start>rule)[ \t]+(?P<name>{_NAME})[ \t]*:[ \t]*on[ \t]+
     (?P<access>write(?=[ \t]+to[ \t])|read(?=[ \t]+of[ \t])|access(?=[ \t]+to[ \t])|execute(?=[ \t]+in[ \t]))
     [ \t]+[a-z]{{2}}[ \t]+(?P<region>{_NAME})
@@ -292,21 +297,42 @@ class _Reader:
 
     def _region_line(self, m: re.Match) -> S.Region:
         span = self.span
-        base: S.Expr | None = None
-        op = None
-        for t in _BASE_TOKEN.finditer(self.text, m.start("base"), m.end("base")):
-            if t.lastgroup == "op":
-                op = t.group("op")
-            elif t.lastgroup == "sym":
-                base = S.SymbolRef(t.group("sym"), False, False, span(t.start("symbol"), t.end()))
-            else:
-                right = self._plain_number(t.group("int"), t.start("int"), t.end())
-                base = S.Binary(op, base, right, join_spans(base.span, right.span))  # type: ignore[arg-type]
-        size = self._plain_number(m.group("size"), m.start("size"), m.end("size"))
-        end = m.end("size")
-        sized = S.SizedRegion(base, size, None, span(m.start("base"), end))
         self.pos = m.end()
-        return S.Region(m.group("name"), [sized], span(m.start("start"), end))
+        if m.group("union") is not None:
+            refs = [S.RegionRef(e.name, e.span) for e in self._simple_operands("union", m)]
+            return S.Region(m.group("name"), refs, span(m.start("start"), m.end("union")))
+        base = self._simple_operands("base", m)[0]
+        start = m.start("space") if m.group("space") is not None else m.start("base")
+        if m.group("size") is not None:
+            size, end = self._simple_operands("size", m)[0], m.end("size")
+            term: S.RegionTerm = S.SizedRegion(base, size, m.group("space"), span(start, end))
+        else:
+            last, end = self._simple_operands("last", m)[0], m.end("last")
+            term = S.RangeRegion(base, last, m.group("space"), span(start, end))
+        return S.Region(m.group("name"), [term], span(m.start("start"), end))
+
+    def _simple_operands(self, group: str, m: re.Match) -> list[S.Expr]:
+        """The expressions in a group of `_REGION_LINE`: numbers, names, `symbol S`, separated by commas
+        or joined left to right by operators of one strength (the regex allows no other)."""
+        out: list[S.Expr] = []
+        op = None
+        for t in _SIMPLE_TOKEN.finditer(self.text, m.start(group), m.end(group)):
+            kind = t.lastgroup
+            if kind == "op":
+                op = t.group("op")
+                continue
+            if kind == "int":
+                node: S.Expr = self._plain_number(t.group("int"), t.start("int"), t.end())
+            elif kind == "sym":
+                node = S.SymbolRef(t.group("sym"), False, False, self.span(t.start("symbol"), t.end()))
+            else:
+                node = S.Name(t.group("name"), self.span(t.start("name"), t.end()))
+            if op is not None:
+                node = S.Binary(op, out[-1], node, join_spans(out[-1].span, node.span))
+                out.pop()
+                op = None
+            out.append(node)
+        return out
 
     def _rule_line(self, m: re.Match) -> S.Rule | None:
         span = self.span

@@ -225,6 +225,15 @@ LINE_FORMS = '''policy "p" {
     region in = symbol _text size 1
     rule w7: on write to in { deny }
     rule w8: on write to r5 where rip not in in { deny }
+    region v0 = va 0xffffffff81000000 size 4096
+    region v1 = pa 0x1000 .. 0x2000
+    region v2 = symbol _text + 0x10 .. symbol _etext - 8
+    region v3 = symbol _text size 8 * PAGE
+    region v4 = symbol _text size PAGE * 2
+    region v5 = symbol _text size PAGE
+    region v6 = v0, v1 ,v2
+    region v7 = v6
+    region v8 = symbol _text size 2 * 3 + 1
 }
 '''
 
