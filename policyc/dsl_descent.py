@@ -65,6 +65,30 @@ _EVENTS = {"guest_request": "guest_request", "debug_exception": "debug_exception
 _EOF = ("EOF", "", -1, -1)
 LEX_AHEAD = 2048  # characters lexed in one scan (to the end of the line this far on)
 
+class _Lazy:
+    """A regex compiled when first used: the line forms below took a cold start 20 ms to compile, and
+    files under `LINES_WHOLE_FROM` characters never use them."""
+
+    __slots__ = ("source", "flags", "compiled")
+
+    def __init__(self, source: str, flags: int = 0) -> None:
+        self.source, self.flags, self.compiled = source, flags, None
+
+    def match(self, text: str, pos: int) -> re.Match | None:
+        if self.compiled is None:
+            self.compiled = re.compile(self.source, self.flags)
+        return self.compiled.match(text, pos)
+
+    def finditer(self, text: str, pos: int, endpos: int):
+        if self.compiled is None:
+            self.compiled = re.compile(self.source, self.flags)
+        return self.compiled.finditer(text, pos, endpos)
+
+
+# Lines are read whole (`_Reader.line_item`) in files of this many characters or more; in smaller ones
+# the time saved is less than compiling the patterns costs.
+LINES_WHOLE_FROM = 64 * 1024
+
 # The two lines generated policies are made of, each read whole by one match (`_Reader.line_item`):
 #   region NAME = symbol NAME (+|- INT)... size INT
 #   rule NAME: on (write to|read of|access to|execute in) NAME [where NAME [not] in NAME] { VERDICT }
@@ -79,15 +103,15 @@ _INT = r"(?:0[xX][0-9a-fA-F]+|[0-9]+)(?![A-Za-z0-9_])"
 _ITEM_END = r"[ \t\r]*(?=\n|\Z)"
 _SYMBOL_PLUS = rf"symbol[ \t]+{_NAME}(?:[ \t]*[-+][ \t]*{_INT}){{0,8}}"  # only + and -: no precedence to mind
 _SIZE = rf"(?:{_INT}|{_NAME})(?:[ \t]*\*[ \t]*(?:{_INT}|{_NAME}))?"  # one * at most
-_REGION_LINE = re.compile(rf"""[ \t\r\n]*(?P<start>region)[ \t]+(?P<name>{_NAME})[ \t]*=[ \t]*(?:
+_REGION_LINE = _Lazy(rf"""[ \t\r\n]*(?P<start>region)[ \t]+(?P<name>{_NAME})[ \t]*=[ \t]*(?:
     (?:(?P<space>va|pa)[ \t]+)?(?P<base>{_SYMBOL_PLUS}|{_INT})[ \t]+
         (?:size[ \t]+(?P<size>{_SIZE})|\.\.[ \t]*(?P<last>{_SYMBOL_PLUS}|{_INT}))
   | (?P<union>{_NAME}(?:[ \t]*,[ \t]*{_NAME})*)){_ITEM_END}
     # nothing on the next lines continues the region: an item, the policy's end or the text's
     (?=[ \t\r\n]*(?:\}}|(?:region|rule|const|target|symbols|mode|include)(?![A-Za-z0-9_])|\Z))""", re.X)
-_SIMPLE_TOKEN = re.compile(rf"[ \t,]*(?:(?P<op>[-+*])|(?P<int>{_INT})|(?P<symbol>symbol)[ \t]+(?P<sym>[A-Za-z_][A-Za-z0-9_]*)"
+_SIMPLE_TOKEN = _Lazy(rf"[ \t,]*(?:(?P<op>[-+*])|(?P<int>{_INT})|(?P<symbol>symbol)[ \t]+(?P<sym>[A-Za-z_][A-Za-z0-9_]*)"
                            r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*))")
-_RULE_LINE = re.compile(rf"""[ \t\r\n]*(?P<start>rule)[ \t]+(?P<name>{_NAME})[ \t]*:[ \t]*on[ \t]+
+_RULE_LINE = _Lazy(rf"""[ \t\r\n]*(?P<start>rule)[ \t]+(?P<name>{_NAME})[ \t]*:[ \t]*on[ \t]+
     (?P<access>write(?=[ \t]+to[ \t])|read(?=[ \t]+of[ \t])|access(?=[ \t]+to[ \t])|execute(?=[ \t]+in[ \t]))
     [ \t]+[a-z]{{2}}[ \t]+(?P<region>{_NAME})
     (?:[ \t]+where[ \t]+(?P<value>{_NAME})[ \t]+(?P<not>not[ \t]+)?in[ \t]+(?P<in>{_NAME}))?
@@ -132,6 +156,7 @@ class _Reader:
         self.comments: list[tuple[int, int]] = []
         self.depth = 0
         self.line_hits = self.line_misses = 0  # items read by `line_item`, and not
+        self.lines_whole = len(text) >= LINES_WHOLE_FROM
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
         self.line_cache = (1, 0, self.line_starts[1] if len(self.line_starts) > 1 else len(text) + 1)
 
@@ -266,7 +291,7 @@ class _Reader:
             tok = self.tok
             # Lines are tried whole while at least one in five is of the common forms: in a file of other
             # forms a failed match is all they would cost.
-            if (tok is None or tok[0] == "WORD" and tok[1] in ("region", "rule")) and \
+            if self.lines_whole and (tok is None or tok[0] == "WORD" and tok[1] in ("region", "rule")) and \
                     self.line_misses <= 4 * self.line_hits + 16:
                 item = self.line_item()
                 if item is not None:

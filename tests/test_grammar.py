@@ -245,6 +245,7 @@ def test_descent_reader_reads_the_one_line_forms_as_lark_does(monkeypatch, ahead
     # A line is read whole where nothing after it was lexed ahead: every line with chunks of a line.
     import policyc.dsl_descent as descent
     monkeypatch.setattr(descent, "LEX_AHEAD", ahead)
+    monkeypatch.setattr(descent, "LINES_WHOLE_FROM", 0)
     fast, reference, d = _both(LINE_FORMS, "l.vmi")
     assert not d.has_errors and fast is not None
     assert _same(fast[0], reference.items) is None
@@ -259,6 +260,7 @@ def test_descent_reader_agrees_with_lark_on_mutated_one_line_forms(monkeypatch):
 
     import policyc.dsl_descent as descent
     monkeypatch.setattr(descent, "LEX_AHEAD", 0)
+    monkeypatch.setattr(descent, "LINES_WHOLE_FROM", 0)
     tokens = re.findall(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*\n|\s+|[A-Za-z_0-9?#.]+|.', LINE_FORMS)
     accepted, rejected = _mutations_agree({"l.vmi": tokens}, random.Random(7), 200, edits=2)
     assert accepted and rejected
