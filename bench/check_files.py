@@ -5,6 +5,7 @@ Reports figures; asserts only that the command checked what was generated
 
     python bench/check_files.py [--files 500] [--jobs 2] [--json]      # 500 policies, `policyc check -j 2 DIR`
     python bench/check_files.py --big [--rules 82000] [--json]          # one ~10 MB policy, `policyc check FILE`
+    python bench/check_files.py --big --descending [--json]            # the same, rules from the highest address down
 
 Many files: `--files` policies of `--rules` rules and `--regions` regions each
 (bench/check_scale.py's generator, one seed per file, every form of region,
@@ -73,6 +74,8 @@ def main() -> int:
     parser.add_argument("--regions", type=int, default=60, help="regions per file (many files)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--big", action="store_true", help="one large policy instead of many files")
+    parser.add_argument("--descending", action="store_true", help="(--big) the rules listed from the highest "
+                        "address down")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,9 +83,10 @@ def main() -> int:
         start = time.perf_counter()
         if args.big:
             rules = args.rules or 82_000
-            path = compile_scale.generate(directory, rules, 1_000_000)
+            path = compile_scale.generate(directory, rules, 1_000_000, descending=args.descending)
             generated = time.perf_counter() - start
-            figures = {"case": "one policy", "rules": rules, "policy_bytes": path.stat().st_size,
+            figures = {"case": "one policy", "rules": rules, "order": "descending" if args.descending else "ascending",
+                       "policy_bytes": path.stat().st_size,
                        **run_check([str(path)])}
         else:
             rules = args.rules or 20

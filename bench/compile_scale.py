@@ -4,6 +4,7 @@ Reports figures; asserts only that the generated policy checks and compiles
 (a generator bug would otherwise measure the wrong thing).
 
     python bench/compile_scale.py [--rules 10000] [--pages 1000000] [--target x86_64] [--json]
+    python bench/compile_scale.py --contexts 200 [--json]   # every 10th rule in one of 200 `cr3 ==` contexts
 
 The check, the compile and the serialisation run in a fresh interpreter; each
 is timed alone (`check_s`, `compile_s`, `serialise_s`: wall seconds; the
@@ -33,7 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
 
 
-def generate(directory: Path, rules: int, pages: int) -> Path:
+def generate(directory: Path, rules: int, pages: int, descending: bool = False, contexts: int = 0) -> Path:
+    """The policy file; `descending`: the rules listed from the highest address down (the order of the
+    rules is the order the analyses sweep them in); `contexts`: every tenth rule (the second of each ten)
+    is in one of that many `cr3 == K` contexts, in turn, each with a view map of its own."""
     pages_per_region = max(1, pages // rules)
     span = pages_per_region * PAGE
     lines = ['policy "compile-scale" {', "    target xen >= 4.17 on x86_64",
@@ -44,9 +48,11 @@ def generate(directory: Path, rules: int, pages: int) -> Path:
         lines.append(f"    region r{i} = symbol _text - 0x200000000 + 0x{i * (span + PAGE):x} size 0x{span:x}")
     lines.append("")
     kinds = ["write to", "execute in", "read of", "write to"]
-    for i in range(rules):
+    for i in (reversed(range(rules)) if descending else range(rules)):
         kind = kinds[i % len(kinds)]
         where = f" where rip not in r{(i + 1) % rules}" if i % 5 == 0 else ""
+        if contexts and i % 10 == 1:
+            where = f" where cr3 == {0x1000 * (1 + i // 10 % contexts):#x}"
         verdict = "deny" if kind != "read of" else 'log info "read {gla:#x}"'
         lines.append(f"    rule w{i}: on {kind} r{i}{where} {{ {verdict} }}")
     lines.append("}")
@@ -113,6 +119,7 @@ def main() -> int:
     parser.add_argument("--rules", type=int, default=10_000)
     parser.add_argument("--pages", type=int, default=1_000_000)
     parser.add_argument("--target", default="x86_64")
+    parser.add_argument("--contexts", type=int, default=0, help="`cr3 ==` contexts of every tenth rule (0: none)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--measure", metavar="POLICY", help=argparse.SUPPRESS)  # the fresh process's part
     args = parser.parse_args()
@@ -120,7 +127,9 @@ def main() -> int:
         print(json.dumps(measure(Path(args.measure), args.target)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        figures = measure_in_fresh_process(generate(Path(tmp), args.rules, args.pages), args.target)
+        policy = generate(Path(tmp), args.rules, args.pages, contexts=args.contexts)
+        figures = measure_in_fresh_process(policy, args.target)
+        figures["contexts"] = args.contexts
     report(figures, args.json)
     return 0
 

@@ -65,6 +65,59 @@ _EVENTS = {"guest_request": "guest_request", "debug_exception": "debug_exception
 _EOF = ("EOF", "", -1, -1)
 LEX_AHEAD = 2048  # characters lexed in one scan (to the end of the line this far on)
 
+class _Lazy:
+    """A regex compiled when first used: the line forms below took a cold start 20 ms to compile, and
+    files under `LINES_WHOLE_FROM` characters never use them."""
+
+    __slots__ = ("source", "flags", "compiled")
+
+    def __init__(self, source: str, flags: int = 0) -> None:
+        self.source, self.flags, self.compiled = source, flags, None
+
+    def match(self, text: str, pos: int) -> re.Match | None:
+        if self.compiled is None:
+            self.compiled = re.compile(self.source, self.flags)
+        return self.compiled.match(text, pos)
+
+    def finditer(self, text: str, pos: int, endpos: int):
+        if self.compiled is None:
+            self.compiled = re.compile(self.source, self.flags)
+        return self.compiled.finditer(text, pos, endpos)
+
+
+# Lines are read whole (`_Reader.line_item`) in files of this many characters or more; in smaller ones
+# the time saved is less than compiling the patterns costs.
+LINES_WHOLE_FROM = 64 * 1024
+
+# The two lines generated policies are made of, each read whole by one match (`_Reader.line_item`):
+#   region NAME = symbol NAME (+|- INT)... size INT
+#   rule NAME: on (write to|read of|access to|execute in) NAME [where NAME [not] in NAME] { VERDICT }
+# with VERDICT `allow`, `deny`, or `log|alert SEVERITY "STRING"`. Names are no keyword of the grammar
+# and numbers plain decimal or hex, so each token is what the reader's own lexer would make of it; a
+# line that is anything else (a comment, an operator, a term over two lines) is read token by token.
+_KEYWORDS = ("alert|allow|and|const|cpuid|debug_exception|deny|disarm|execute|feed|guest_request|in|include|"
+             "leaf|limit|log|mode|msr|not|on|or|pause|per|percpu|policy|priority|read|region|register|rule|"
+             "second|size|smc|symbol|symbols|target|then|where|with|write|va|pa|access|to|of")
+_NAME = rf"(?!(?:{_KEYWORDS})(?![A-Za-z0-9_]))[A-Za-z_][A-Za-z0-9_]*"
+_INT = r"(?:0[xX][0-9a-fA-F]+|[0-9]+)(?![A-Za-z0-9_])"
+_ITEM_END = r"[ \t\r]*(?=\n|\Z)"
+_SYMBOL_PLUS = rf"symbol[ \t]+{_NAME}(?:[ \t]*[-+][ \t]*{_INT}){{0,8}}"  # only + and -: no precedence to mind
+_SIZE = rf"(?:{_INT}|{_NAME})(?:[ \t]*\*[ \t]*(?:{_INT}|{_NAME}))?"  # one * at most
+_REGION_LINE = _Lazy(rf"""[ \t\r\n]*(?P<start>region)[ \t]+(?P<name>{_NAME})[ \t]*=[ \t]*(?:
+    (?:(?P<space>va|pa)[ \t]+)?(?P<base>{_SYMBOL_PLUS}|{_INT})[ \t]+
+        (?:size[ \t]+(?P<size>{_SIZE})|\.\.[ \t]*(?P<last>{_SYMBOL_PLUS}|{_INT}))
+  | (?P<union>{_NAME}(?:[ \t]*,[ \t]*{_NAME})*)){_ITEM_END}
+    # nothing on the next lines continues the region: an item, the policy's end or the text's
+    (?=[ \t\r\n]*(?:\}}|(?:region|rule|const|target|symbols|mode|include)(?![A-Za-z0-9_])|\Z))""", re.X)
+_SIMPLE_TOKEN = _Lazy(rf"[ \t,]*(?:(?P<op>[-+*])|(?P<int>{_INT})|(?P<symbol>symbol)[ \t]+(?P<sym>[A-Za-z_][A-Za-z0-9_]*)"
+                           r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*))")
+_RULE_LINE = _Lazy(rf"""[ \t\r\n]*(?P<start>rule)[ \t]+(?P<name>{_NAME})[ \t]*:[ \t]*on[ \t]+
+    (?P<access>write(?=[ \t]+to[ \t])|read(?=[ \t]+of[ \t])|access(?=[ \t]+to[ \t])|execute(?=[ \t]+in[ \t]))
+    [ \t]+[a-z]{{2}}[ \t]+(?P<region>{_NAME})
+    (?:[ \t]+where[ \t]+(?P<value>{_NAME})[ \t]+(?P<not>not[ \t]+)?in[ \t]+(?P<in>{_NAME}))?
+    [ \t]*\{{[ \t]*(?:(?P<verdict>allow|deny)|(?P<report>log|alert)[ \t]+(?P<severity>{_NAME})[ \t]+
+    (?P<string>"(?:[^"\\\n]|\\.)*"))[ \t]*(?P<end>\}})""", re.X)
+
 
 def read_well_formed(text: str, path: str) -> tuple[list, list[S.Comment]] | None:
     """The items and comments of a DSL file, or None when anything in it is not plainly well formed."""
@@ -102,6 +155,8 @@ class _Reader:
         self.ahead: list[tuple[str, str, int, int]] = []  # the tokens after self.tok, last first
         self.comments: list[tuple[int, int]] = []
         self.depth = 0
+        self.line_hits = self.line_misses = 0  # items read by `line_item`, and not
+        self.lines_whole = len(text) >= LINES_WHOLE_FROM
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
         self.line_cache = (1, 0, self.line_starts[1] if len(self.line_starts) > 1 else len(text) + 1)
 
@@ -232,9 +287,108 @@ class _Reader:
         name, _, _ = self.string()
         self.expect("OP", "{")
         items = []
-        while self.take_if("OP", "}") is None:
+        while True:
+            tok = self.tok
+            # Lines are tried whole while at least one in five is of the common forms: in a file of other
+            # forms a failed match is all they would cost.
+            if self.lines_whole and (tok is None or tok[0] == "WORD" and tok[1] in ("region", "rule")) and \
+                    self.line_misses <= 4 * self.line_hits + 16:
+                item = self.line_item()
+                if item is not None:
+                    self.line_hits += 1
+                    items.append(item)
+                    continue
+                self.line_misses += 1
+            if self.take_if("OP", "}") is not None:
+                break
             items.append(self.item())
         return S.PolicyBlock(name, items, self.span(start, self.pos))
+
+    def line_item(self) -> S.Region | S.Rule | None:
+        """A region or rule of the common one-line forms (`_REGION_LINE`, `_RULE_LINE`) read by one match,
+        the same nodes and spans as `item` makes of it; None (nothing read) for anything else."""
+        m = _RULE_LINE.match(self.text, self.pos)
+        item = None if m is None else self._rule_line(m)
+        if item is None:
+            m = _REGION_LINE.match(self.text, self.pos)
+            item = None if m is None else self._region_line(m)
+        if item is not None:
+            # The tokens lexed ahead of the line are read: the next one lexed is after it. (An expression
+            # ends where the token after it says, so a region read token by token leaves that one lexed.)
+            self.tok, ahead, end = None, self.ahead, self.pos
+            while ahead and ahead[-1][2] < end:
+                ahead.pop()
+        return item
+
+    def _region_line(self, m: re.Match) -> S.Region:
+        span = self.span
+        self.pos = m.end()
+        if m.group("union") is not None:
+            refs = [S.RegionRef(e.name, e.span) for e in self._simple_operands("union", m)]
+            return S.Region(m.group("name"), refs, span(m.start("start"), m.end("union")))
+        base = self._simple_operands("base", m)[0]
+        start = m.start("space") if m.group("space") is not None else m.start("base")
+        if m.group("size") is not None:
+            size, end = self._simple_operands("size", m)[0], m.end("size")
+            term: S.RegionTerm = S.SizedRegion(base, size, m.group("space"), span(start, end))
+        else:
+            last, end = self._simple_operands("last", m)[0], m.end("last")
+            term = S.RangeRegion(base, last, m.group("space"), span(start, end))
+        return S.Region(m.group("name"), [term], span(m.start("start"), end))
+
+    def _simple_operands(self, group: str, m: re.Match) -> list[S.Expr]:
+        """The expressions in a group of `_REGION_LINE`: numbers, names, `symbol S`, separated by commas
+        or joined left to right by operators of one strength (the regex allows no other)."""
+        out: list[S.Expr] = []
+        op = None
+        for t in _SIMPLE_TOKEN.finditer(self.text, m.start(group), m.end(group)):
+            kind = t.lastgroup
+            if kind == "op":
+                op = t.group("op")
+                continue
+            if kind == "int":
+                node: S.Expr = self._plain_number(t.group("int"), t.start("int"), t.end())
+            elif kind == "sym":
+                node = S.SymbolRef(t.group("sym"), False, False, self.span(t.start("symbol"), t.end()))
+            else:
+                node = S.Name(t.group("name"), self.span(t.start("name"), t.end()))
+            if op is not None:
+                node = S.Binary(op, out[-1], node, join_spans(out[-1].span, node.span))
+                out.pop()
+                op = None
+            out.append(node)
+        return out
+
+    def _rule_line(self, m: re.Match) -> S.Rule | None:
+        span = self.span
+        if m.group("string") is not None:
+            try:
+                template = decode_string(m.group("string"))
+            except ValueError:
+                return None  # the token by token path gives up on it too, and Lark says why
+        a, b = m.span("region")
+        trigger = S.MemoryTrigger(m.group("access"), [S.RegionRef(m.group("region"), span(a, b))],
+                                  span(m.start("access"), b))
+        where = None
+        if m.group("value") is not None:
+            a, b = m.span("value")
+            s, e = m.span("in")
+            where = S.InRegion(S.Name(m.group("value"), span(a, b)), m.group("in"), m.group("not") is not None,
+                               span(a, e), span(s, e))
+        if m.group("verdict") is not None:
+            a, b = m.span("verdict")
+            action = S.Allow(span(a, b)) if m.group("verdict") == "allow" else S.Deny(None, None, span(a, b))
+        else:
+            a, b = m.span("report")
+            s, e = m.span("string")
+            action = S.Report(m.group("report"), m.group("severity"), template, span(a, e), span(s, e))
+        self.pos = m.end()
+        return S.Rule(trigger, [action], m.group("name"), where, span(m.start("start"), m.end("end")))
+
+    def _plain_number(self, text: str, start: int, end: int) -> S.Num:
+        """A number `_INT` matched (plain decimal or hex), as `number` makes it."""
+        radix = 16 if text[:2] in ("0x", "0X") else 10
+        return S.Num(int(text, radix), radix, self.span(start, end))
 
     def item(self):
         kind, word, start, _ = (self.tok or self.peek())

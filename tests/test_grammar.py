@@ -170,12 +170,21 @@ def test_descent_reader_agrees_with_lark_on_mutated_examples():
 
     rng = random.Random(12)
     sources = sorted(p for p in (REPO / "examples" / "policies").glob("*.vmi"))
-    tokens_of = {p: re.findall(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*\n|\s+|[A-Za-z_0-9?#.]+|.', p.read_text()) for p in sources}
+    tokens_of = {p.name: re.findall(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*\n|\s+|[A-Za-z_0-9?#.]+|.', p.read_text())
+                 for p in sources}
+    accepted, rejected = _mutations_agree(tokens_of, rng, 150, edits=3)
+    assert accepted and rejected  # both outcomes were exercised
+
+
+def _mutations_agree(tokens_of: dict[str, list[str]], rng, rounds: int, edits: int) -> tuple[int, int]:
+    """Apply 1..`edits` random token edits to one of the texts `rounds` times; each edited text the descent
+    reader accepts must be Lark's tree, each Lark rejects the reader must give up on. (accepted, rejected)."""
+    names = list(tokens_of)
     accepted = rejected = 0
-    for _ in range(150):
-        path = rng.choice(sources)
-        tokens = list(tokens_of[path])
-        for _ in range(rng.randint(1, 3)):
+    for _ in range(rounds):
+        name = rng.choice(names)
+        tokens = list(tokens_of[name])
+        for _ in range(rng.randint(1, edits)):
             i = rng.randrange(len(tokens))
             edit = rng.randrange(3)
             if edit == 0:
@@ -186,7 +195,7 @@ def test_descent_reader_agrees_with_lark_on_mutated_examples():
                 j = rng.randrange(len(tokens))
                 tokens[i], tokens[j] = tokens[j], tokens[i]
         text = "".join(tokens)
-        fast, reference, d = _both(text, path.name)
+        fast, reference, d = _both(text, name)
         if d.has_errors:
             assert fast is None, text
             rejected += 1
@@ -194,4 +203,64 @@ def test_descent_reader_agrees_with_lark_on_mutated_examples():
             assert _same(fast[0], reference.items) is None, text
             assert _same(fast[1], reference.comments) is None, text
             accepted += 1
-    assert accepted and rejected  # both outcomes were exercised
+    return accepted, rejected
+
+
+LINE_FORMS = '''policy "p" {
+    region r0 = symbol _text - 0x200000000 + 0x0 size 0x19000
+    region r1 = symbol _text + 0x10 size 16
+        + 4
+    region r2 = symbol _text size 0x10, symbol _stext size 8
+    region r3 = symbol _text size 0x10 # trailing
+    region r4 = symbol _text size 0x10
+    , symbol _stext size 8
+    rule w0: on write to r0 { deny }
+    rule w1: on execute in r1 where rip not in r0 { deny }
+    rule w2: on read of r2 { log info "read {gla:#x}" }
+    rule w3: on access to r3 where rip in r2 { alert high "a\\tb" }
+    rule w4: on write to r4 { allow } rule w5: on write to r4 { deny }
+    region size2 = symbol _text size 010
+    region r5 = symbol _text - 5 - 0X1F size 0
+    rule w6  :  on  write to  r5 {deny}
+    region in = symbol _text size 1
+    rule w7: on write to in { deny }
+    rule w8: on write to r5 where rip not in in { deny }
+    region v0 = va 0xffffffff81000000 size 4096
+    region v1 = pa 0x1000 .. 0x2000
+    region v2 = symbol _text + 0x10 .. symbol _etext - 8
+    region v3 = symbol _text size 8 * PAGE
+    region v4 = symbol _text size PAGE * 2
+    region v5 = symbol _text size PAGE
+    region v6 = v0, v1 ,v2
+    region v7 = v6
+    region v8 = symbol _text size 2 * 3 + 1
+}
+'''
+
+
+@pytest.mark.parametrize("ahead", [0, 2048])
+def test_descent_reader_reads_the_one_line_forms_as_lark_does(monkeypatch, ahead):
+    # Region and rule lines that policyc.dsl_descent reads whole (_REGION_LINE, _RULE_LINE), beside
+    # lines that only look like them (a term continued on the next line, a comment, a keyword as a name).
+    # A line is read whole where nothing after it was lexed ahead: every line with chunks of a line.
+    import policyc.dsl_descent as descent
+    monkeypatch.setattr(descent, "LEX_AHEAD", ahead)
+    monkeypatch.setattr(descent, "LINES_WHOLE_FROM", 0)
+    fast, reference, d = _both(LINE_FORMS, "l.vmi")
+    assert not d.has_errors and fast is not None
+    assert _same(fast[0], reference.items) is None
+    assert _same(fast[1], reference.comments) is None
+    bad_escape = LINE_FORMS[:-2] + '    rule w9: on read  of r5 { log info "\\q" }\n}\n'
+    assert _both(bad_escape, "l.vmi")[0] is None  # Lark's to report
+
+
+def test_descent_reader_agrees_with_lark_on_mutated_one_line_forms(monkeypatch):
+    import random
+    import re
+
+    import policyc.dsl_descent as descent
+    monkeypatch.setattr(descent, "LEX_AHEAD", 0)
+    monkeypatch.setattr(descent, "LINES_WHOLE_FROM", 0)
+    tokens = re.findall(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*\n|\s+|[A-Za-z_0-9?#.]+|.', LINE_FORMS)
+    accepted, rejected = _mutations_agree({"l.vmi": tokens}, random.Random(7), 200, edits=2)
+    assert accepted and rejected

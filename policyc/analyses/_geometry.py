@@ -19,6 +19,7 @@ analyses know nothing (overlap is neither proven nor excluded):
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import Iterable
 
 from .. import model as M
@@ -162,40 +163,90 @@ def space_map_measure(m: SpaceMap) -> int:
 
 
 class IntervalSet:
-    """A growing set of points kept as merged [lo, hi) intervals, with bisect look-ups: adding and
-    querying cost O(log n) plus the intervals merged, so a rule-by-rule sweep stays near-linear."""
+    """A growing set of points kept as merged [lo, hi) intervals, with bisect look-ups. The intervals are
+    kept in blocks of at most `_BLOCK` (with each block's first start and last end indexed): an add moves
+    at most one block's entries and the index's, whatever order intervals come in (one flat list made an
+    add before all the others move every entry, and rules in descending address order quadratic)."""
 
-    __slots__ = ("_lo", "_hi")
+    __slots__ = ("_los", "_his", "_firsts", "_lasts")
+    _BLOCK = 512
 
     def __init__(self) -> None:
-        self._lo: list[int] = []
-        self._hi: list[int] = []
+        self._los: list[list[int]] = []  # block -> its intervals' starts
+        self._his: list[list[int]] = []  # block -> its intervals' ends
+        self._firsts: list[int] = []  # block -> its first start
+        self._lasts: list[int] = []  # block -> its last end
 
     def add(self, lo: int, hi: int) -> None:
         if hi <= lo:
             return
-        from bisect import bisect_left, bisect_right
-        i = bisect_left(self._hi, lo)  # first interval ending at or after lo (touching merges)
-        j = bisect_right(self._lo, hi)  # intervals starting at or before hi
-        if i < j:
-            lo, hi = min(lo, self._lo[i]), max(hi, self._hi[j - 1])
-        self._lo[i:j] = [lo]
-        self._hi[i:j] = [hi]
+        los, his, lasts = self._los, self._his, self._lasts
+        b = bisect_left(lasts, lo)  # the block of the first interval ending at or after lo (touching merges)
+        if b == len(lasts):  # after every interval
+            if not los:
+                los.append([lo])
+                his.append([hi])
+                self._firsts.append(lo)
+                lasts.append(hi)
+                return
+            b -= 1
+            los[b].append(lo)
+            his[b].append(hi)
+            lasts[b] = hi
+            self._split(b)
+            return
+        i = bisect_left(his[b], lo)
+        e = bisect_right(self._firsts, hi) - 1  # the block of the last interval starting at or before hi
+        j = bisect_right(los[e], hi) - 1 if e >= 0 else -1
+        if e < b or e == b and j < i:  # nothing to merge with: insert before (b, i)
+            los[b].insert(i, lo)
+            his[b].insert(i, hi)
+            if i == 0:
+                self._firsts[b] = lo
+            self._split(b)
+            return
+        lo, hi = min(lo, los[b][i]), max(hi, his[e][j])
+        if b == e:
+            los[b][i:j + 1] = [lo]
+            his[b][i:j + 1] = [hi]
+        else:
+            los[b][i:] = [lo]
+            his[b][i:] = [hi]
+            del los[e][:j + 1], his[e][:j + 1]
+            gone = e + 1 if not los[e] else e  # the blocks emptied: those between b and e, and e when all of it merged
+            if los[e]:
+                self._firsts[e] = los[e][0]
+            del los[b + 1:gone], his[b + 1:gone], self._firsts[b + 1:gone], lasts[b + 1:gone]
+        self._firsts[b] = los[b][0]
+        lasts[b] = his[b][-1]
+
+    def _split(self, b: int) -> None:
+        los, his = self._los[b], self._his[b]
+        if len(los) <= 2 * self._BLOCK:
+            return
+        half = len(los) // 2
+        self._los[b + 1:b + 1] = [los[half:]]
+        self._his[b + 1:b + 1] = [his[half:]]
+        del los[half:], his[half:]
+        self._firsts.insert(b + 1, self._los[b + 1][0])
+        self._lasts.insert(b, his[-1])
 
     def overlaps(self, lo: int, hi: int) -> bool:
-        from bisect import bisect_right
-        i = bisect_right(self._hi, lo)  # first interval ending after lo
-        return i < len(self._lo) and self._lo[i] < hi
+        b = bisect_right(self._lasts, lo)  # the block of the first interval ending after lo
+        if b == len(self._lasts):
+            return False
+        return self._los[b][bisect_right(self._his[b], lo)] < hi
 
     def covers(self, lo: int, hi: int) -> bool:
-        from bisect import bisect_right
         if hi <= lo:
             return True
-        i = bisect_right(self._lo, lo) - 1  # last interval starting at or before lo
-        return i >= 0 and self._hi[i] >= hi
+        b = bisect_right(self._firsts, lo) - 1  # the block of the last interval starting at or before lo
+        if b < 0:
+            return False
+        return self._his[b][bisect_right(self._los[b], lo) - 1] >= hi
 
     def __bool__(self) -> bool:
-        return bool(self._lo)
+        return bool(self._los)
 
 
 def interval_set(sets: dict, key: object) -> IntervalSet:
@@ -218,7 +269,6 @@ class Indexed:
 
     def clip(self, lo: int, hi: int) -> Intervals:
         """The set's points inside [lo, hi)."""
-        from bisect import bisect_right
         out = []
         j = bisect_right(self.hi, lo)
         while j < len(self.lo) and self.lo[j] < hi:

@@ -31,6 +31,7 @@ not the same for all of them.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Iterable
@@ -116,11 +117,39 @@ def _sorted_contexts(names: Iterable[str]) -> list[str]:
 # ---------------------------------------------------------------- permission maps
 
 class _Maps:
-    """Page maps of contexts, with the region geometry cached."""
+    """Each context's permission map, kept as the global map (`glob`) plus the pages only that context
+    restricts, per (space, bit) (`residual`). A context's map is the global restrictions plus its own,
+    so two contexts' maps are equal when their residuals are, and what merging contexts adds is what
+    their residuals add: the global map is walked once, not once per context (which was quadratic in
+    contexts times global regions for policies with many `cr3 ==` contexts)."""
 
-    def __init__(self, policy: M.Policy, target: TargetInfo) -> None:
+    def __init__(self, policy: M.Policy, target: TargetInfo, contexts: dict[str, _Context]) -> None:
         self.policy = policy
         self.x86 = target.name.startswith("x86_64")
+        self.glob = self.page_map(contexts[GLOBAL])
+        index = {k: G.Indexed(ivs) for k, ivs in self.glob.items()}
+        self.residual: dict[str, PageMap] = {GLOBAL: {}}
+        for name, ctx in contexts.items():
+            if name != GLOBAL:
+                own = ((k, index[k].gaps_within(ivs) if k in index else ivs) for k, ivs in self.page_map(ctx).items())
+                self.residual[name] = {k: ivs for k, ivs in own if ivs}
+        self._glob_restricted: tuple[int, dict[str, G.Indexed]] | None = None
+
+    def restricts(self, name: str) -> bool:
+        """The context's map restricts something."""
+        return bool(self.glob) or bool(self.residual[name])
+
+    def restricted_pages(self, names: Iterable[str]) -> int:
+        """Pages the contexts' maps together restrict some access on (breakpoints aside)."""
+        if self._glob_restricted is None:
+            runs = _restricted_runs(self.glob)
+            self._glob_restricted = (sum(map(G.measure, runs.values())),
+                                     {space: G.Indexed(ivs) for space, ivs in runs.items()})
+        total, glob = self._glob_restricted
+        for space, ivs in _restricted_runs(_union_maps(self.residual[n] for n in names)).items():
+            total += G.measure(glob[space].gaps_within(ivs) if space in glob else ivs)
+        return total
+
     def region_pages(self, name: str) -> G.SpaceMap:
         return G.named_region_pages(self.policy, name)
 
@@ -160,12 +189,13 @@ def _stricter_pages(merged: PageMap, own: PageMap) -> int:
     return sum(G.measure(G.norm(v)) for v in per_space.values())
 
 
-def _restricted_pages(m: PageMap, bits: str = "rwx") -> int:
+def _restricted_runs(m: PageMap, bits: str = "rwx") -> dict[str, G.Intervals]:
+    """Per space, the pages on which the map restricts some access of `bits`."""
     per_space: dict[str, list[G.Interval]] = {}
     for (space, bit), ivs in m.items():
         if bit in bits:
             per_space.setdefault(space, []).extend(ivs)
-    return sum(G.measure(G.norm(v)) for v in per_space.values())
+    return {space: G.norm(v) for space, v in per_space.items()}
 
 
 def _group_cost(group: Iterable[str], maps: dict[str, PageMap]) -> int:
@@ -197,23 +227,11 @@ def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_bre
             ctx = _context_of(contexts, rule)
             ctx.breakpoints.add((t.address.value, t.address.percpu))
             ctx.rules.append(rule)
-    glob = contexts[GLOBAL]
-    # Each context's map: the global restrictions plus its own.
-    full: dict[str, _Context] = {}
-    for name, ctx in contexts.items():
-        merged = _Context(name, rules=ctx.rules)
-        for part in (glob, ctx) if name != GLOBAL else (glob,):
-            for region, traps in part.regions.items():
-                merged.regions.setdefault(region, set()).update(traps)
-                merged.rules_of.setdefault(region, set()).update(part.rules_of[region])
-            merged.breakpoints |= part.breakpoints
-        full[name] = merged
-    pm = _Maps(policy, target)
-    maps = {name: pm.page_map(ctx) for name, ctx in full.items()}
-    names = _sorted_contexts(full)
+    maps = _Maps(policy, target, contexts)
+    names = _sorted_contexts(contexts)
     if target.has("altp2m"):
-        return _altp2m_layout(policy, target, full, maps, names, diagnostics, figures)
-    return _host_layout(policy, target, full, maps, names, diagnostics, figures)
+        return _altp2m_layout(policy, target, contexts, maps, names, diagnostics, figures)
+    return _host_layout(policy, target, contexts, maps, names, diagnostics, figures)
 
 
 def _context_of(contexts: dict[str, _Context], rule: M.Rule) -> _Context:
@@ -236,34 +254,38 @@ def _ranges(members: Iterable[_Context], target: TargetInfo) -> list[dict]:
              "rules": sorted(rules[name])} for name, t in sorted(traps.items())]
 
 
+def _members(contexts: dict[str, _Context], group: Iterable[str]) -> list[_Context]:
+    """What a view serving `group` restricts: the global context's and each member context's own."""
+    return [contexts[GLOBAL]] + [contexts[c] for c in group if c != GLOBAL]
+
+
 def _breakpoint_list(members: Iterable[_Context]) -> list[str]:
     sites = set().union(*(c.breakpoints for c in members))
     return [("percpu+" if percpu else "") + hex(value) for value, percpu in sorted(sites)]
 
 
-def _context_report(full: dict[str, _Context], maps: dict[str, PageMap], view_of: dict[str, int],
-                    figures: bool) -> dict:
-    return {name: {"rule_count": len(full[name].rules),
-                   "pages_restricted": _restricted_pages(maps[name]) if figures else None,
+def _context_report(contexts: dict[str, _Context], maps: _Maps, view_of: dict[str, int], figures: bool) -> dict:
+    return {name: {"rule_count": len(contexts[name].rules),
+                   "pages_restricted": maps.restricted_pages([name]) if figures else None,
                    "view": view_of.get(name, VIEW_HOST)}
-            for name in _sorted_contexts(full)}
+            for name in _sorted_contexts(contexts)}
 
 
-def _first_rule(full: dict[str, _Context], names: Iterable[str], policy: M.Policy) -> M.Rule | None:
-    wanted = {r.name for n in names for r in full[n].rules}
+def _first_rule(contexts: dict[str, _Context], names: Iterable[str], policy: M.Policy) -> M.Rule | None:
+    wanted = {r.name for n in names for r in contexts[n].rules}
     return next((r for r in policy.rules if r.name in wanted), None)
 
 
-def _host_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context], maps: dict[str, PageMap],
+def _host_layout(policy: M.Policy, target: TargetInfo, contexts: dict[str, _Context], maps: _Maps,
                  names: list[str], d: Diagnostics | None, figures: bool) -> Layout:
-    ranges = _ranges(full.values(), target)
+    ranges = _ranges(contexts.values(), target)
     views = [{"id": VIEW_HOST, "role": "host", "default_access": "rwx", "ranges": ranges}] if ranges else []
     merges: list[dict] = []
-    if ranges and len(names) > 1 and len({_freeze(maps[n]) for n in names}) > 1:
-        cost = _group_cost(names, maps)
+    if ranges and len(names) > 1 and len({_freeze(maps.residual[n]) for n in names}) > 1:
+        cost = _group_cost(names, maps.residual)
         merges.append({"contexts": [[n] for n in names], "view": VIEW_HOST, "extra_trapped_pages": cost})
         if d is not None:
-            rule = _first_rule(full, [n for n in names if n != GLOBAL], policy)
+            rule = _first_rule(contexts, [n for n in names if n != GLOBAL], policy)
             d.warning("PC502", rule.span if rule else policy.span,
                       f"{target.name} has no altp2m: contexts {', '.join(names)} all share the host p2m (view "
                       f"{VIEW_HOST}), which traps {cost} more page(s) than their own maps (counted per context); "
@@ -273,9 +295,9 @@ def _host_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context]
         "mechanism": "host-p2m",
         "available": 0,
         "default_view": VIEW_HOST,
-        "contexts": _context_report(full, maps, {}, figures),
+        "contexts": _context_report(contexts, maps, {}, figures),
         "views": [{"id": VIEW_HOST, "contexts": names,
-                   "pages_restricted": _restricted_pages(_union_maps(maps.values())) if figures else None,
+                   "pages_restricted": maps.restricted_pages(names) if figures else None,
                    "breakpoints": []}] if ranges else [],
         "merges": merges,
         "extra_trapped_pages": sum(m["extra_trapped_pages"] for m in merges),
@@ -284,45 +306,32 @@ def _host_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context]
     return Layout(views, report, merges)
 
 
-def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Context], maps: dict[str, PageMap],
+def _altp2m_layout(policy: M.Policy, target: TargetInfo, contexts: dict[str, _Context], maps: _Maps,
                    names: list[str], d: Diagnostics | None, figures: bool) -> Layout:
     available = max(target.max_views - 2, 1)
-    nodes = [n for n in names if maps[n]]
+    nodes = [n for n in names if maps.restricts(n)]
     if not nodes:
         report = {"mechanism": "altp2m", "available": available, "default_view": VIEW_HOST,
-                  "contexts": _context_report(full, maps, {}, figures), "views": [], "merges": [],
+                  "contexts": _context_report(contexts, maps, {}, figures), "views": [], "merges": [],
                   "extra_trapped_pages": 0, "monitors_needed": {}, "conflict_graph": {"nodes": 0, "edges": 0}}
         return Layout([], report, [])
 
-    # The conflict graph: contexts whose maps differ cannot share a view for free.
-    frozen = {n: _freeze(maps[n]) for n in nodes} if len(nodes) > 1 else {}
-    conflicts: dict[str, list[str]] = {n: [] for n in nodes}
-    edges = 0
-    for a, b in combinations(nodes, 2):
-        if frozen[a] != frozen[b]:
-            conflicts[a].append(b)
-            conflicts[b].append(a)
-            edges += 1
-    colouring = _greedy_colouring(nodes, conflicts)
-    classes: dict[int, list[str]] = {}
+    # The conflict graph: contexts whose maps differ cannot share a view for free. It is complete
+    # multipartite (a part per distinct map), so its greedy colouring (largest degree first) gives each
+    # part one colour of its own: the groups are the contexts with equal maps, found by hashing the
+    # residuals rather than by comparing every pair of contexts.
+    classes: dict[tuple, list[str]] = {}
     for n in nodes:
-        classes.setdefault(colouring[n], []).append(n)
+        classes.setdefault(_freeze(maps.residual[n]), []).append(n)
     groups = sorted((tuple(_sorted_contexts(c)) for c in classes.values()), key=_group_key)
+    edges = (len(nodes) ** 2 - sum(len(c) ** 2 for c in classes.values())) // 2
     colour_count = len(groups)
 
     # Too many colours for the views there are: merge the cheapest pair of groups (the quotient graph
     # is complete: any two groups can share a view at some cost), until the groups fit.
     steps: list[tuple[tuple[str, ...], tuple[str, ...], int]] = []
-    costs = {(u, v): _merge_cost(u, v, maps) for u, v in combinations(groups, 2)} if len(groups) > available else {}
-    while len(groups) > available:
-        a, b, w = min(((*sorted(pair, key=_group_key), w) for pair, w in costs.items()),
-                      key=lambda e: (e[2], _group_key(e[0]), _group_key(e[1])))
-        merged = tuple(_sorted_contexts(a + b))
-        groups = [g for g in groups if g not in (a, b)]
-        costs = {pair: w for pair, w in costs.items() if a not in pair and b not in pair}
-        costs.update({(merged, o): _merge_cost(merged, o, maps) for o in groups})
-        groups.append(merged)
-        steps.append((a, b, w))
+    if len(groups) > available:
+        steps, groups = _merge_to_fit(groups, available, maps.residual)
     final = sorted(groups, key=_group_key)
     view_of = {c: VIEW_RESTRICTED + i for i, g in enumerate(final) for c in g}
 
@@ -332,12 +341,11 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
     ]
     view_reports = []
     for i, g in enumerate(final):
-        members = [full[c] for c in g]
+        members = _members(contexts, g)
         views.append({"id": VIEW_RESTRICTED + i, "role": "restricted", "contexts": list(g), "default_access": "rwx",
                       "ranges": _ranges(members, target)})
         view_reports.append({"id": VIEW_RESTRICTED + i, "contexts": list(g),
-                             "pages_restricted": _restricted_pages(_union_maps(maps[c] for c in g))
-                             if figures else None,
+                             "pages_restricted": maps.restricted_pages(g) if figures else None,
                              "breakpoints": _breakpoint_list(members)})
 
     merges = []
@@ -345,7 +353,7 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
         view = view_of[a[0]]
         merges.append({"contexts": [list(a), list(b)], "view": view, "extra_trapped_pages": w})
         if d is not None:
-            rule = _first_rule(full, [c for c in a + b if c != GLOBAL] or [GLOBAL], policy)
+            rule = _first_rule(contexts, [c for c in a + b if c != GLOBAL] or [GLOBAL], policy)
             d.warning("PC502", rule.span if rule else policy.span,
                       f"views merged: {len(nodes)} contexts need their own permission maps but {target.name} has "
                       f"{available} restricted views; contexts {', '.join(a)} and {', '.join(b)} share view "
@@ -357,7 +365,7 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
         "mechanism": "altp2m",
         "available": available,
         "default_view": view_of.get(GLOBAL, VIEW_HOST),
-        "contexts": _context_report(full, maps, view_of, figures),
+        "contexts": _context_report(contexts, maps, view_of, figures),
         "views": view_reports,
         "merges": merges,
         "extra_trapped_pages": sum(w for _, _, w in steps),
@@ -368,9 +376,44 @@ def _altp2m_layout(policy: M.Policy, target: TargetInfo, full: dict[str, _Contex
     return Layout(views, report, merges)
 
 
-def _merge_cost(a: tuple[str, ...], b: tuple[str, ...], maps: dict[str, PageMap]) -> int:
-    """What merging two groups adds to the trapped pages (counted per context)."""
-    return _group_cost(a + b, maps) - _group_cost(a, maps) - _group_cost(b, maps)
+Group = tuple[str, ...]
+
+
+def _merge_to_fit(groups: list[Group], available: int, maps: dict[str, PageMap]
+                  ) -> tuple[list[tuple[Group, Group, int]], list[Group]]:
+    """Merge the cheapest pair of groups (cost, then the groups' keys) until `available` are left: the
+    merges (group, group, cost) and the groups left. The pairs wait in a heap ordered as the choice is,
+    and each merge prices only the new group against the others (a minimum over every pair at every
+    merge was cubic in the groups)."""
+    keys = {g: _group_key(g) for g in groups}
+    own: dict[Group, int] = {}
+
+    def cost(g: Group) -> int:
+        found = own.get(g)
+        if found is None:
+            found = own[g] = _group_cost(g, maps)
+        return found
+
+    def pair(a: Group, b: Group) -> tuple:
+        a, b = sorted((a, b), key=keys.__getitem__)
+        return (cost(a + b) - cost(a) - cost(b), keys[a], keys[b], a, b)
+
+    heap = [pair(a, b) for a, b in combinations(groups, 2)]
+    heapq.heapify(heap)
+    alive = set(groups)
+    steps = []
+    while len(alive) > available:
+        w, _, _, a, b = heapq.heappop(heap)
+        if a not in alive or b not in alive:
+            continue  # a pair of a group merged since
+        merged = tuple(_sorted_contexts(a + b))
+        keys[merged] = _group_key(merged)
+        alive -= {a, b}
+        for other in alive:
+            heapq.heappush(heap, pair(merged, other))
+        alive.add(merged)
+        steps.append((a, b, w))
+    return steps, list(alive)
 
 
 # ---------------------------------------------------------------- what the rest of the plan needs
@@ -412,14 +455,3 @@ def _breakpoint_contexts(policy: M.Policy) -> dict[tuple[int, bool], set[str]]:
                 index.setdefault((a.value, a.percpu), set()).add(rule_context(r))
         _BREAKPOINT_CONTEXTS[:] = [policy, index]
     return _BREAKPOINT_CONTEXTS[1]
-
-
-def _greedy_colouring(nodes: list[str], neighbours: dict[str, list[str]]) -> dict[str, int]:
-    """Greedy colouring, largest degree first (ties in `nodes` order): each node takes the smallest
-    colour none of its coloured neighbours has. The same colouring as networkx's
-    greedy_color(strategy="largest_first"), without importing networkx for it."""
-    colours: dict[str, int] = {}
-    for n in sorted(nodes, key=lambda m: len(neighbours[m]), reverse=True):
-        taken = {colours[m] for m in neighbours[n] if m in colours}
-        colours[n] = next(c for c in range(len(taken) + 1) if c not in taken)
-    return colours
