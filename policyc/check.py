@@ -289,7 +289,7 @@ class _Checker:
                     table = load_symbol_table(path)
                 except SymbolFileError as exc:
                     hint = None
-                    if not path.exists() and path.parent.is_dir():
+                    if "\x00" not in name and not path.exists() and path.parent.is_dir():
                         hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
                     self.d.error("PC304", u.item.span, str(exc), hint)
                     continue

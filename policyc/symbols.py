@@ -118,6 +118,8 @@ MAX_SYMBOL_FILE_BYTES = 512 * 1024 * 1024
 def load_symbol_table(path: str | Path) -> SymbolTable:
     """Load a System.map or an ISF (optionally .xz/.gz compressed). Cached per file version."""
     p = Path(os.path.normpath(path))
+    if "\x00" in str(p):           # no file system takes one; os.stat raises ValueError, not OSError
+        raise SymbolFileError(f"cannot read symbol file {str(p)!r}: its name holds a NUL character")
     try:
         st = p.stat()
     except OSError as exc:

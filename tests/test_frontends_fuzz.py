@@ -91,6 +91,15 @@ def test_smallest_policies_give_a_model_or_an_error(fuzz_dir, name, text):
         assert d.span is None or Path(d.span.file).name == name, f"{d.code} points at {d.span}"
 
 
+def test_a_symbol_file_named_with_a_nul_character_is_an_error_not_a_traceback(fuzz_dir):
+    """Found by test_token_soup_inside_a_policy: a string escape makes a NUL that os.stat refuses
+    with ValueError, not OSError."""
+    diags = check_never_raises(fuzz_dir / "nul.vmi", b'policy "p" {\n    target xen >= 4.17 on x86_64\n'
+                                                   b'    symbols "\\xff\\x00"\n}\n')
+    assert [(d.code, d.span.line) for d in diags if d.severity == "error"] == [("PC304", 3)]
+    assert "NUL character" in next(d.message for d in diags if d.code == "PC304")
+
+
 # ---------------------------------------------------------------- arbitrary bytes
 
 @FUZZ
