@@ -209,6 +209,7 @@ def step_environment(policies: list[str]) -> dict:
     except Exception as e:  # record, go on
         env["import_policyc"] = f"{type(e).__name__}: {e}"
     env["import_seconds"] = round(time.monotonic() - t0, 2)
+    env.update(xen_release())
     t0 = time.monotonic()
     if not policies:
         env["check_rc"] = "skipped"
@@ -217,6 +218,23 @@ def step_environment(policies: list[str]) -> dict:
     env["check_rc"], env["check_output"] = rc, out.strip().splitlines()[-3:]
     env["check_seconds"] = round(time.monotonic() - t0, 2)
     return env
+
+
+def xen_release() -> dict:
+    """The hypervisor's release (`xl info`) and the libxenctrl release policyc's backend loads: the
+    lab runs 4.17 or 4.20 (lab.sh's LAB_XEN), and each must meet its own."""
+    facts: dict = {}
+    rc, out = run(["xl", "info"])
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line) if rc == 0 else {}
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    facts["xen_version"] = (f"{info['xen_major']}.{info['xen_minor']}{info.get('xen_extra', '')}"
+                            if "xen_major" in info else f"xl info failed (rc {rc}): {out.strip()[-200:]}")
+    try:
+        from policyc.runtime.xen_libs import LIBRARIES, loaded_release
+        facts["xen_library"] = f"{LIBRARIES['xenctrl']} (Xen {loaded_release().version})"
+    except Exception as e:  # record, go on
+        facts["xen_library"] = f"{type(e).__name__}: {e}"
+    return facts
 
 
 def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
