@@ -231,7 +231,8 @@ def xen_release() -> dict:
                             if "xen_major" in info else f"xl info failed (rc {rc}): {out.strip()[-200:]}")
     try:
         from policyc.runtime.xen_libs import LIBRARIES, loaded_release
-        facts["xen_library"] = f"{LIBRARIES['xenctrl']} (Xen {loaded_release().version})"
+        release = loaded_release()          # first: it picks the soname LIBRARIES then names
+        facts["xen_library"] = f"{LIBRARIES['xenctrl']} (Xen {release.version})"
     except Exception as e:  # record, go on
         facts["xen_library"] = f"{type(e).__name__}: {e}"
     return facts
@@ -253,7 +254,8 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
         cmd += ["--target", target]
     res["cmd"] = " ".join(cmd[1:])
     t_start = time.monotonic()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # a crash of the enforcer (a signal) leaves its Python stack in the output tail
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     in_place = None          # index of the first sample taken after "in place after ..."
     with open("/tmp/policyc-run.out", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
