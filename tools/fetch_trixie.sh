@@ -16,6 +16,9 @@ URI=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/nu
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $URI trixie main" > "$DIR/apt/sources.list"
 T=(-o "Dir::Etc::sourcelist=$DIR/apt/sources.list" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$DIR/apt/lists"
    -o APT::Get::List-Cleanup=0 -o APT::Sandbox::User=root)
+# the lists are kept between calls; refreshed when empty, or when a download fails (a point release
+# replaced a version they name)
 [ -n "$(ls "$DIR/apt/lists/" 2>/dev/null | grep -v partial)" ] || apt-get "${T[@]}" update -qq
-(cd "$DIR/dl" && apt-get "${T[@]}" download "$@")
-for p in "$@"; do dpkg-deb -x "$DIR/dl/${p}"_*.deb "$DIR/root"; done
+(cd "$DIR/dl" && apt-get "${T[@]}" download "$@") \
+  || { apt-get "${T[@]}" update -qq && (cd "$DIR/dl" && apt-get "${T[@]}" download "$@"); }
+for p in "$@"; do dpkg-deb -x "$(ls -t "$DIR/dl/${p}"_*.deb | head -1)" "$DIR/root"; done   # the newest fetched
