@@ -1,4 +1,5 @@
-"""The Xen lab (tests/lab/): real Xen 4.17 in QEMU TCG, policyc enforcing on a live guest.
+"""The Xen lab (tests/lab/): real Xen 4.17 (LAB_XEN=4.20: Debian 13's 4.20) in QEMU TCG, policyc
+enforcing on a live guest.
 
 Runs only with POLICYC_LAB=1 and the lab's packages installed (`tests/lab/lab.sh setup`);
 it boots the QEMU lab twice, with the tiny guest and with the Linux guest (about 2 minutes
