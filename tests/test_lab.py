@@ -1,4 +1,5 @@
-"""The Xen lab (tests/lab/): real Xen 4.17 in QEMU TCG, policyc enforcing on a live guest.
+"""The Xen lab (tests/lab/): real Xen 4.17 (LAB_XEN=4.20: Debian 13's 4.20) in QEMU TCG, policyc
+enforcing on a live guest.
 
 Runs only with POLICYC_LAB=1 and the lab's packages installed (`tests/lab/lab.sh setup`);
 it boots the QEMU lab twice, with the tiny guest and with the Linux guest (about 2 minutes
@@ -20,7 +21,10 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 LAB_SH = HERE / "lab" / "lab.sh"
-WORK = Path(os.environ.get("LAB", "/tmp/policyc-lab"))
+# LAB_XEN: the Xen release the lab runs, 4.17 (Debian 12, the machine's) or 4.20 (Debian 13's, fetched by
+# lab.sh into its own $LAB)
+LAB_XEN = os.environ.get("LAB_XEN", "4.17")
+WORK = Path(os.environ.get("LAB", "/tmp/policyc-lab" if LAB_XEN == "4.17" else f"/tmp/policyc-lab-{LAB_XEN}"))
 LINUX_GUEST_KERNEL = "6.1.0-56-amd64"   # lab.sh's KPKG: the build the example policies name
 
 
@@ -30,7 +34,9 @@ def _skip_reason(mode: str) -> str | None:
     need = ["qemu-system-x86_64", "cpio", "busybox"] + (["bochs-bin", "grub-mkrescue"] if mode == "bochs" else [])
     need += ["grub-mkrescue", "script"] if mode == "bochs3" else []
     missing = [b for b in need if shutil.which(b) is None]
-    missing += [p for p in ("/boot/xen-4.17-amd64.gz", "/usr/lib/xen-4.17/bin/xl") if not os.path.exists(p)]
+    # Xen 4.20 comes from Debian 13 at build time (lab.sh fetches it); 4.17 is installed by setup
+    missing += [p for p in ("/boot/xen-4.17-amd64.gz", "/usr/lib/xen-4.17/bin/xl")
+                if LAB_XEN == "4.17" and not os.path.exists(p)]
     if missing:
         return f"the Xen lab needs {', '.join(missing)}: run tests/lab/lab.sh setup"
     return None
@@ -69,7 +75,7 @@ def parse_lab_output(text: str) -> dict:
 
 
 def _run_lab(mode: str, timeout: int, guest: str | None = None) -> dict:
-    env = dict(os.environ, LAB=str(WORK), LAB_SECONDS=os.environ.get("LAB_SECONDS", "15"))
+    env = dict(os.environ, LAB=str(WORK), LAB_XEN=LAB_XEN, LAB_SECONDS=os.environ.get("LAB_SECONDS", "15"))
     if guest:
         env["LAB_GUEST"] = guest
     if not (WORK / "dom0.cpio.gz").exists() or os.environ.get("POLICYC_LAB_REBUILD", "1") == "1":
@@ -98,7 +104,9 @@ def run_result(lab: dict) -> dict:
             continue
         rules[rule] = dict(c, responses={k.split("/", 1)[1]: n for k, n in flags.items()
                                          if k.split("/", 1)[0] == rule})
-    return {"mode": r.get("mode"), "policy": enforce.get("policy"), "rules": rules,
+    env = r.get("environment") or {}
+    return {"mode": r.get("mode"), "xen": {k: env.get(k) for k in ("xen_version", "xen_library")},
+            "policy": enforce.get("policy"), "rules": rules,
             "enforcer": (r.get("compare") or {}).get("enforcer"), "summary": r.get("summary"),
             "times": lab.get("times"), "wall_seconds": lab.get("wall_seconds")}
 
@@ -109,6 +117,10 @@ def _check_common(lab: dict) -> dict:
     assert "result" in lab, f"no result: {lab['errors']}"
     s = lab["result"]["summary"]
     assert s["import_policyc"], lab["result"]["environment"]
+    # the hypervisor asked for, and policyc's backend speaking to it through that release's libxenctrl
+    env = lab["result"]["environment"]
+    assert str(env.get("xen_version")).startswith(LAB_XEN + "."), env
+    assert f"(Xen {LAB_XEN})" in str(env.get("xen_library")), env
     assert s["policyc_check"], lab["result"]["environment"]
     assert s["guest_running"], lab["result"]["guest_before"]
     assert s["enforcer_ran"], lab["result"]["enforce"].get("output_tail")

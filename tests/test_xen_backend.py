@@ -27,7 +27,7 @@ from policyc.native import abi
 from policyc.runtime import xen_arm64 as xa
 from policyc.runtime import xen_backend as xb
 from policyc.runtime import xen_libs as xl
-from policyc.runtime.backend import ACCESS_VALUES, BackendError, InvalidArgument
+from policyc.runtime.backend import ACCESS_VALUES, BackendError, InvalidArgument, Unsupported
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_INTEGRITY = ROOT / "examples" / "policies" / "linux-kernel-integrity.vmi"
@@ -520,6 +520,50 @@ def test_access_in_a_view_that_never_held_the_frame_is_the_hosts():
     assert b.get_access(2, 0x201) == "rx"
     with pytest.raises(InvalidArgument):            # any other failure is still an error
         b.get_access(2, 0x202)
+
+
+class _Hypervisor:
+    """libxenctrl on a hypervisor of release `version` whose vm_event interface is `vm_event`: what
+    attach asks before it turns anything on (the release, the domain, the interface version)."""
+
+    def __init__(self, ffi, version: tuple[int, int], vm_event: int) -> None:
+        self.ffi, self.version, self.vm_event = ffi, version, vm_event
+
+    def xc_interface_open(self, logger, dombuild_logger, flags):
+        return self.ffi.cast("xc_interface *", 0x1000)
+
+    def xc_version(self, xch, cmd, arg) -> int:
+        return self.version[0] << 16 | self.version[1]
+
+    def xc_domain_getinfolist(self, xch, first, n, info) -> int:
+        info.domain, info.max_vcpu_id = first, 0
+        info.flags = xl.CONSTANTS["XEN_DOMINF_hvm_guest"] | xl.CONSTANTS["XEN_DOMINF_hap"]
+        return 1
+
+    def xc_vm_event_get_version(self, xch) -> int:
+        return self.vm_event
+
+
+@pytest.mark.parametrize("release", xl.RELEASES, ids=lambda r: r.version)
+def test_attach_refuses_a_vm_event_interface_it_does_not_speak(release):
+    # Xen 4.17 and 4.20 both speak interface 7 (both header sets: test_vm_event_abi); another
+    # version's requests would be misread, so attach stops before the first monitor is on
+    hv = _Hypervisor(xl.xen_ffi(), release.hypervisor, abi.VERSION + 1)
+    b = xb.XenBackend.detached(domid=7, libraries={"xenctrl": hv}, handles={"xch": None}, xen_release=release)
+    with pytest.raises(Unsupported, match=f"interface version {abi.VERSION + 1}") as exc:
+        b._discover()
+    assert exc.value.errno == errno.EPROTO
+
+
+@pytest.mark.parametrize("release", xl.RELEASES, ids=lambda r: r.version)
+def test_attach_refuses_a_hypervisor_of_another_release(release):
+    # libxenctrl speaks to its own release only (the domctl interface version): a Debian 12 dom0
+    # library on a Debian 13 hypervisor, or the other way round, is named, not tried
+    other = next(r for r in xl.RELEASES if r is not release)
+    hv = _Hypervisor(xl.xen_ffi(), other.hypervisor, abi.VERSION)
+    b = xb.XenBackend.detached(domid=7, libraries={"xenctrl": hv}, xen_release=release)
+    with pytest.raises(xl.XenUnavailable, match=f"Xen {other.version} runs here.*{release.xenctrl}"):
+        b._open_handles()
 
 
 # =========================================================================== arm64

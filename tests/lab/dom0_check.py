@@ -221,6 +221,7 @@ def step_environment(policies: list[str]) -> dict:
     except Exception as e:  # record, go on
         env["import_policyc"] = f"{type(e).__name__}: {e}"
     env["import_seconds"] = round(time.monotonic() - t0, 2)
+    env.update(xen_release())
     t0 = time.monotonic()
     if not policies:
         env["check_rc"] = "skipped"
@@ -229,6 +230,24 @@ def step_environment(policies: list[str]) -> dict:
     env["check_rc"], env["check_output"] = rc, out.strip().splitlines()[-3:]
     env["check_seconds"] = round(time.monotonic() - t0, 2)
     return env
+
+
+def xen_release() -> dict:
+    """The hypervisor's release (`xl info`) and the libxenctrl release policyc's backend loads: the
+    lab runs 4.17 or 4.20 (lab.sh's LAB_XEN), and each must meet its own."""
+    facts: dict = {}
+    rc, out = run(["xl", "info"])
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line) if rc == 0 else {}
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    facts["xen_version"] = (f"{info['xen_major']}.{info['xen_minor']}{info.get('xen_extra', '')}"
+                            if "xen_major" in info else f"xl info failed (rc {rc}): {out.strip()[-200:]}")
+    try:
+        from policyc.runtime.xen_libs import LIBRARIES, loaded_release
+        release = loaded_release()          # first: it picks the soname LIBRARIES then names
+        facts["xen_library"] = f"{LIBRARIES['xenctrl']} (Xen {release.version})"
+    except Exception as e:  # record, go on
+        facts["xen_library"] = f"{type(e).__name__}: {e}"
+    return facts
 
 
 def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
@@ -247,7 +266,8 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
         cmd += ["--target", target]
     res["cmd"] = " ".join(cmd[1:])
     t_start = time.monotonic()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # a crash of the enforcer (a signal) leaves its Python stack in the output tail
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     in_place = None          # index of the first sample taken after "in place after ..."
     with open("/tmp/policyc-run.out", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

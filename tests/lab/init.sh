@@ -3,7 +3,7 @@
 # create the test guest, run tests/lab/dom0_check.py, print the results between the
 # markers on the console, power off (QEMU and Bochs then exit by themselves).
 /bin/busybox --install -s /bin
-export PATH=/usr/local/bin:/usr/lib/xen-4.17/bin:/bin:/sbin
+export PATH=/usr/local/bin:$(echo /usr/lib/xen-*/bin):/bin:/sbin   # xen-4.17 or xen-4.20 (LAB_XEN)
 export PYTHONHOME=/opt/py PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
 up() { cut -d' ' -f1 /proc/uptime; }
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev

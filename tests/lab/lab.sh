@@ -1,5 +1,6 @@
 #!/bin/bash
-# policyc's Xen lab: real Xen 4.17 (Debian bookworm) nested in an emulator, a PV dom0 built
+# policyc's Xen lab: real Xen 4.17 (Debian bookworm; LAB_XEN=4.20: Debian trixie's Xen 4.20 and a
+# trixie dom0 root) nested in an emulator, a PV dom0 built
 # from an initramfs that carries python3 + policyc, and two PVH test guests that attack and do
 # benign work in a loop: a tiny one (tests/lab/guest/labguest.S) and Debian's Linux 6.1.0-56 with
 # an attacker module (tests/lab/guest/linux/), the kernel the example policies were written for.
@@ -13,7 +14,12 @@
 # LAB_GUEST picks the test guest: `tiny` (QEMU's default) or `linux` (Bochs's default, with the
 # example policy linux-kernel-integrity.vmi). For Bochs it is read at `build` (it goes into the ISO).
 #
-# Everything is written under $LAB (default /tmp/policyc-lab), never into the repository.
+# LAB_XEN picks Xen: 4.17 (the default: the machine's own bookworm packages) or 4.20 (trixie's
+# hypervisor, and a dom0 whose Xen tools and libraries and glibc are trixie's, fetched into
+# $LAB/trixie by tools/fetch_trixie.sh; the dom0 kernel stays bookworm's).
+#
+# Everything is written under $LAB (default /tmp/policyc-lab, /tmp/policyc-lab-4.20 for Xen 4.20),
+# never into the repository.
 # LAB_SECONDS (default 20) is how long the enforcer, and then xen-access, run in dom0.
 # The run prints the serial console; the check's results are between
 # "=== LAB-BEGIN" and "=== LAB-END" (tests/test_lab.py parses them). See tests/lab/README.md.
@@ -27,7 +33,12 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-LAB=${LAB:-/tmp/policyc-lab}
+LAB_XEN=${LAB_XEN:-4.17}
+case "$LAB_XEN" in
+  4.17) LAB=${LAB:-/tmp/policyc-lab} ;;
+  4.20) LAB=${LAB:-/tmp/policyc-lab-4.20} ;;
+  *) echo "lab: LAB_XEN=$LAB_XEN: the lab runs Xen 4.17 (Debian 12) or 4.20 (Debian 13)" >&2; exit 2 ;;
+esac
 KPKG=${KPKG:-linux-image-6.1.0-56-amd64}
 KV=${KPKG#linux-image-}
 LAB_SECONDS=${LAB_SECONDS:-20}
@@ -46,9 +57,26 @@ packages() {
     make gcc "linux-headers-$KV"                        # the Linux guest's attacker module
 }
 
+# Where Xen's packages are unpacked: 4.17 is installed on the machine (`packages`); 4.20 is trixie's,
+# unpacked under $LAB/trixie/root with the dom0 libraries its tools need (the closure of
+# xen-utils-4.20's and libxenmisc4.20's dependencies, trixie's glibc among them).
+TRIXIE_PACKAGES="xen-hypervisor-4.20-amd64 xen-utils-4.20 libxenmisc4.20 libxencall1 libxendevicemodel1
+  libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxenstore4 libxentoollog1 libxenhypfs1 libxentoolcore1
+  libyajl2 libc6 libgcc-s1 libext2fs2t64 liblzma5 libuuid1 libzstd1 zlib1g libncurses6 libtinfo6"
+XROOT=/
+xen_root() {
+  [ "$LAB_XEN" = 4.17 ] && return 0
+  XROOT=$LAB/trixie/root
+  [ -f "$XROOT/boot/xen-$LAB_XEN-amd64.gz" ] && [ -x "$XROOT/usr/lib/xen-$LAB_XEN/bin/xl" ] && return 0
+  log "fetching Debian trixie's Xen $LAB_XEN and dom0 libraries into $LAB/trixie"
+  # shellcheck disable=SC2086
+  "$REPO/tools/fetch_trixie.sh" "$LAB/trixie" $TRIXIE_PACKAGES >&2
+}
+
 kernel() {
+  xen_root
   cd "$LAB"
-  zcat /boot/xen-4.17-amd64.gz > xen-4.17.elf          # QEMU -kernel wants the ELF32 multiboot image
+  zcat "$XROOT/boot/xen-$LAB_XEN-amd64.gz" > "xen-$LAB_XEN.elf"   # QEMU -kernel wants the ELF32 multiboot image
   if [ ! -f "kernel/boot/vmlinuz-$KV" ]; then
     rm -rf kpkg kernel && mkdir -p kpkg
     (cd kpkg && apt-get download "$KPKG")
@@ -85,7 +113,8 @@ copy_libs() {   # copy_libs STAGE FILE...: the shared libraries FILEs need (recu
 
 build_initrd() {
   local S=$LAB/stage; rm -rf "$S"
-  mkdir -p $S/{bin,sbin,lib/x86_64-linux-gnu,lib64,usr/lib/xen-4.17/bin,usr/local/bin,proc,sys,dev,tmp,run,mod,lab/policies}
+  local XBIN=/usr/lib/xen-$LAB_XEN/bin
+  mkdir -p $S/{bin,sbin,lib/x86_64-linux-gnu,lib64,usr/local/bin,proc,sys,dev,tmp,run,mod,lab/policies} "$S$XBIN"
   mkdir -p $S/{var/log/xen,var/lib/xen,var/lib/xenstored,etc/xen}
   cp /bin/busybox "$S/bin/busybox"                              # busybox-static (Debian's other one is dynamic)
   cp /sbin/ldconfig "$S/sbin/ldconfig"                          # static; ctypes.util.find_library needs `ldconfig -p`
@@ -93,12 +122,20 @@ build_initrd() {
     cp "$(command -v strace)" "$S/usr/local/bin/strace"; copy_libs "$S" "$(command -v strace)"
   fi
   local XB="xl xenstored xenconsoled xen-init-dom0 xen-access"
-  for b in $XB; do cp /usr/lib/xen-4.17/bin/$b "$S/usr/lib/xen-4.17/bin/"; done
-  cp -a /usr/lib/x86_64-linux-gnu/libxen*.so* "$S/lib/x86_64-linux-gnu/"   # every libxen* for the cffi backend
-  cp -L /lib64/ld-linux-x86-64.so.2 "$S/lib64/"
-  cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$S/lib/x86_64-linux-gnu/"     # xl aborts at exit without it
+  for b in $XB; do cp "$XROOT$XBIN/$b" "$S$XBIN/"; done
+  if [ "$LAB_XEN" = 4.17 ]; then
+    cp -a /usr/lib/x86_64-linux-gnu/libxen*.so* "$S/lib/x86_64-linux-gnu/"   # every libxen* for the cffi backend
+    cp -L /lib64/ld-linux-x86-64.so.2 "$S/lib64/"
+    cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$S/lib/x86_64-linux-gnu/"     # xl aborts at exit without it
+    (cd "$XBIN" && copy_libs "$S" $XB)
+  else
+    # trixie's dom0 libraries first: glibc 2.41 (the 4.20 tools need its symbols), every libxen* of
+    # 4.20 for the tools and the cffi backend, libgcc_s; copy_libs below adds only what the host's
+    # Python needs beyond them (built on bookworm's older glibc, it runs on trixie's)
+    find "$XROOT/usr/lib/x86_64-linux-gnu" -maxdepth 1 -name '*.so*' -exec cp -a {} "$S/lib/x86_64-linux-gnu/" \;
+    cp -L "$XROOT/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$S/lib64/"
+  fi
   cp /etc/xen/xl.conf "$S/etc/xen/" 2>/dev/null || true
-  (cd /usr/lib/xen-4.17/bin && copy_libs "$S" $XB)
   local M=$LAB/kernel/lib/modules/$KV/kernel/drivers/xen
   cp $M/xen-privcmd.ko $M/xenfs/xenfs.ko $M/xen-evtchn.ko $M/xen-gntdev.ko $M/xen-gntalloc.ko "$S/mod/"
 
@@ -196,7 +233,7 @@ EOF
 build_iso() {   # Bochs has no direct kernel loading: GRUB, multiboot v1 (v2 triple-faults there)
   command -v grub-mkrescue >/dev/null || { log "no grub-mkrescue: skipping the Bochs ISO"; return 0; }
   cd "$LAB"; rm -rf iso; mkdir -p iso/boot/grub
-  cp xen-4.17.elf iso/boot/xen
+  cp "xen-$LAB_XEN.elf" iso/boot/xen
   cp "kernel/boot/vmlinuz-$KV" iso/boot/vmlinuz
   cp dom0.cpio.gz iso/boot/dom0.cpio.gz
   # one ISO per Bochs: the mode on dom0's command line picks the target (bochs: x86_64-nomtf; bochs3: x86_64)
@@ -216,7 +253,7 @@ menuentry "xen" {
 EOF
     grub-mkrescue -o "$iso" iso >/dev/null 2>&1
   done
-  log "Bochs ISOs: $LAB/lab.iso, $LAB/lab-bochs3.iso"
+  log "Bochs ISOs (Xen $LAB_XEN): $LAB/lab.iso, $LAB/lab-bochs3.iso"
 }
 
 build_linux_guest() {   # the attacker module, built against the guest kernel's own headers
@@ -242,7 +279,7 @@ qemu() {
   # -smap / -monitor: see the header. nrip-save is missing under TCG (a harmless warning).
   timeout "${LAB_TIMEOUT:-1200}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi \
     -cpu EPYC,+svm,+npt,-smap,-monitor -smp 2 -m 3G -nographic -no-reboot \
-    -kernel xen-4.17.elf \
+    -kernel "xen-$LAB_XEN.elf" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all" \
     -initrd "kernel/boot/vmlinuz-$KV console=hvc0 lab.mode=qemu lab.seconds=$LAB_SECONDS lab.guest=${LAB_GUEST:-tiny},dom0.cpio.gz" \
     < /dev/null 2>&1 | tee qemu-serial.log
