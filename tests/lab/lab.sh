@@ -347,7 +347,7 @@ debug: action=ignore
 EOF
   rm -f bochs3-serial.log
   local t0=$SECONDS
-  timeout "${LAB_TIMEOUT:-1500}" script -qc "$BOCHS3/bin/bochs -q -f bochs3rc.txt" /dev/null < /dev/null > bochs3.out 2>&1 || true
+  timeout "${LAB_TIMEOUT:-2700}" script -qc "$BOCHS3/bin/bochs -q -f bochs3rc.txt" /dev/null < /dev/null > bochs3.out 2>&1 || true
   cat bochs3-serial.log
   echo "=== LAB-WALL bochs3 seconds=$((SECONDS - t0))" | tee -a bochs3-serial.log
 }
