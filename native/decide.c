@@ -101,15 +101,17 @@ static int system_clock_is_slow(void)
     return best_fine > 8 * best_coarse;
 }
 
-/* Read both clocks; from the second reading on, the scale is the cycles' rate between the two
- * (kept when it is implausible: the thread moved to a CPU whose counter is offset). */
+/* Read both clocks: the counter on either side of the clock's read, taking the midpoint (in a PV
+ * dom0 the read is a system call, long next to a counter's tick). From the second reading on, the
+ * scale is the counter's rate between the two: taken unless implausible (under a tenth or over ten
+ * times the last, as when the thread moved to a CPU whose counter is offset). */
 static void anchor(pe_call *c)
 {
-    uint64_t ns = mono_ns(), y = cycles();
+    uint64_t y0 = cycles(), ns = mono_ns(), y1 = cycles(), y = y0 + (y1 - y0) / 2;
 
     if (c->anchor_ns && y > c->anchor_cycles && ns > c->anchor_ns) {
         double rate = (double)(ns - c->anchor_ns) / (double)(y - c->anchor_cycles);
-        if (c->ns_per_cycle <= 0 || (rate > c->ns_per_cycle * 0.8 && rate < c->ns_per_cycle * 1.25))
+        if (c->ns_per_cycle <= 0 || (rate > c->ns_per_cycle * 0.1 && rate < c->ns_per_cycle * 10))
             c->ns_per_cycle = rate;
     }
     c->anchor_ns = ns;
@@ -123,11 +125,11 @@ static uint64_t now_ns(pe_call *c)
 
     if (c->clock_source == PE_CLOCK_AUTO) {
         c->clock_source = HAVE_CYCLES && system_clock_is_slow() ? PE_CLOCK_CYCLES : PE_CLOCK_SYSTEM;
-        if (c->clock_source == PE_CLOCK_CYCLES) {     /* a first scale over a millisecond */
+        if (c->clock_source == PE_CLOCK_CYCLES) {     /* a first scale over 20 ms, then each second's */
             anchor(c);
             do
                 t = mono_ns();
-            while (t - c->anchor_ns < 1000000u);
+            while (t - c->anchor_ns < 20000000u);
             anchor(c);
         }
     }
