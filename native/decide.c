@@ -123,20 +123,17 @@ static uint64_t now_ns(pe_call *c)
 {
     uint64_t t, y, elapsed;
 
-    if (c->clock_source == PE_CLOCK_AUTO) {
+    if (c->clock_source == PE_CLOCK_AUTO)
         c->clock_source = HAVE_CYCLES && system_clock_is_slow() ? PE_CLOCK_CYCLES : PE_CLOCK_SYSTEM;
-        if (c->clock_source == PE_CLOCK_CYCLES) {     /* a first scale over 20 ms, then each second's */
-            anchor(c);
-            do
-                t = mono_ns();
-            while (t - c->anchor_ns < 20000000u);
-            anchor(c);
-        }
-    }
     if (c->clock_source != PE_CLOCK_CYCLES || !HAVE_CYCLES)
         return mono_ns();
-    if (c->ns_per_cycle <= 0)
+    if (c->ns_per_cycle <= 0) {     /* the first scale over 20 ms (chosen or forced), then each second's */
         anchor(c);
+        do
+            t = mono_ns();
+        while (t - c->anchor_ns < 20000000u);
+        anchor(c);
+    }
     y = cycles();
     elapsed = y > c->anchor_cycles ? (uint64_t)((double)(y - c->anchor_cycles) * c->ns_per_cycle) : 0;
     if (y < c->anchor_cycles || elapsed >= ANCHOR_NS || c->ns_per_cycle <= 0) {
