@@ -123,6 +123,20 @@ KERNEL_OWN_CREDS = 2
 SETTLE_ROUNDS = 2
 
 
+def stop_process(proc: subprocess.Popen, sig: int | None, timeout: float) -> bool:
+    """Send `sig` (None: nothing, it is ending by itself) and wait up to `timeout` seconds; kill it
+    after that. True when it had to be killed."""
+    if sig is not None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """utime + stime of a running process (None once it is gone)."""
     try:
@@ -292,14 +306,8 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
             samples.append(page.read())      # the window's end: protection still in place
         if first_decision is not None and not exited_early:
             res["cpu_seconds_in_window"] = _cpu_delta(cpu_first, process_cpu_seconds(proc.pid))
-        if not exited_early:
-            proc.send_signal(signal.SIGTERM)
         t_term = time.monotonic()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if stop_process(proc, None if exited_early else signal.SIGTERM, 120):
             res["killed"] = True
     res["rc"] = proc.returncode
     res["exited_before_sigterm"] = exited_early
@@ -624,13 +632,7 @@ def step_xen_access(domid: int, mode: str, seconds: float, page: ReportPage | No
                 deadline = first + seconds
         t_term = time.monotonic()
         cpu_seconds = _cpu_delta(cpu_first, process_cpu_seconds(proc.pid)) if first is not None else None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGTERM if proc.poll() is None else None, 60)
     lines = _read(out_path).splitlines()
     n = sum(marker in line for line in lines)
     res = {"mode": mode, "rc": proc.returncode, "seconds": seconds, "events": n,
@@ -670,19 +672,9 @@ def step_syscalls(cmd: list[str], ready: Callable[[str], bool], domid: int, page
         tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(proc.pid), "-o", trace_path],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(seconds)
-        tracer.send_signal(signal.SIGINT)
-        try:
-            tracer.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            tracer.kill()
-            tracer.wait()
+        stop_process(tracer, signal.SIGINT, 60)      # strace prints its table on SIGINT
         b = page.read()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGTERM, 120)
     res["rc"] = proc.returncode
     if name == "policyc" and proc.returncode != 0:
         res["recover_rc"] = run([sys.executable, "-m", "policyc", "recover", "--guest", f"xen:{domid}"], timeout=300)[0]
