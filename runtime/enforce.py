@@ -126,8 +126,8 @@ class Enforcer:
         # The native engine answers what it can express; an observer (policy tests) needs every
         # decision as an object, so it keeps the Python engine alone.
         self.use_native = native and observer is None and native_available()
-        if self.use_native:
-            native_clock_request()     # a bad $POLICYC_NATIVE_CLOCK is refused before anything is installed
+        # a bad $POLICYC_NATIVE_CLOCK is refused here, before anything is installed
+        self.native_clock = native_clock_request() if self.use_native else None
         self.native: NativeEngine | None = None
         self.startup_seconds: dict[str, float] = {}   # bind, install, engine: set by start()
         self.requests = 0
@@ -212,7 +212,7 @@ class Enforcer:
         if self.use_native:
             inst = self.installation if self.installation is not None else installation
             native = NativeEngine(engine, plan_hash=plan_hash, pt_frames=lambda: inst.bound.pt_frames,
-                                  python_denies=getattr(self.backend, "python_denies", ()))
+                                  python_denies=getattr(self.backend, "python_denies", ()), clock=self.native_clock)
         return engine, native
 
     def adopt_plan(self, plan: Mapping[str, Any], bound: BoundPlan, engine: DecisionEngine,
