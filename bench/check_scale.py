@@ -554,7 +554,7 @@ import gc, json, sys, time
 from pathlib import Path
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics, Severity
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 policy = check_policy(Path(sys.argv[1]), Diagnostics())
 gc.collect()
 d = Diagnostics()
@@ -580,14 +580,14 @@ print(json.dumps({"lower_s": w, "lower_cpu_s": c, "serialise_s": serialise_s, "p
 
 
 def measure_lowering(path: Path) -> dict:
-    """`policyc check` (the command) also lowers each checked policy (policyc.lower.compile_plan: target
+    """`policyc check` (the command) also lowers each checked policy (policyc.compiler.compile_plan: target
     capabilities, views, conflict analyses). Its time and findings, reported, not asserted. In a fresh
     interpreter: the lowering may keep the last policy in a module-level cache, and a 100,000-region
     model kept alive here would slow every later measurement's garbage collection."""
     try:
-        import policyc.lower  # noqa: F401
+        import policyc.compiler  # noqa: F401
     except ImportError:
-        return {"lower_note": "policyc.lower does not exist"}
+        return {"lower_note": "policyc.compiler does not exist"}
     out = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT, str(path)], capture_output=True, text=True,
                          cwd=path.parent)
     if out.returncode != 0:
@@ -704,7 +704,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="in-process runs of each check; the best is reported")
     ap.add_argument("--no-yaml", action="store_true", help="skip the YAML spelling")
     ap.add_argument("--lower", action="store_true",
-                    help="also time policyc.lower.compile_plan on the checked DSL model (the command "
+                    help="also time policyc.compiler.compile_plan on the checked DSL model (the command "
                          "'policyc check' lowers too); its findings are reported, not asserted")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (the table goes "
                                                         "to stderr)")

@@ -66,7 +66,7 @@ def measure(path: Path, target: str) -> dict:
     """check, compile and serialise in this process, each timed alone (wall and CPU)."""
     from policyc.check import check_policy
     from policyc.diagnostics import Diagnostics
-    from policyc.lower import compile_plan
+    from policyc.compiler import compile_plan
     from policyc.plan import dump_plan
 
     d = Diagnostics()

@@ -38,7 +38,7 @@ MAP = ROOT / "examples" / "policies" / "linux-6.1.System.map"
 
 from policyc.check import check_policy  # noqa: E402
 from policyc.diagnostics import Diagnostics  # noqa: E402
-from policyc.lower import compile_plan  # noqa: E402
+from policyc.compiler import compile_plan  # noqa: E402
 from policyc.runtime.decide import DecisionEngine  # noqa: E402
 from policyc.runtime.decision_log import DecisionLog  # noqa: E402
 from policyc.runtime.enforce import Enforcer  # noqa: E402

@@ -45,7 +45,7 @@ from enforce_scale import policy_with_regions, scenario  # noqa: E402
 
 from policyc.check import check_policy  # noqa: E402
 from policyc.diagnostics import Diagnostics  # noqa: E402
-from policyc.lower import compile_plan  # noqa: E402
+from policyc.compiler import compile_plan  # noqa: E402
 from policyc.native import abi  # noqa: E402
 from policyc.runtime.decide import DecisionEngine  # noqa: E402
 from policyc.runtime.decision_log import DecisionLog  # noqa: E402

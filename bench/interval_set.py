@@ -1,4 +1,4 @@
-"""How the cost of `IntervalSet.add` (policyc/analyses/_geometry.py) grows with the set, by the order the
+"""How the cost of `IntervalSet.add` (policyc/lowering/geometry.py) grows with the set, by the order the
 intervals come in. The conflict and shadowing sweeps add every rule's intervals in policy order, so a
 policy listing its rules from the highest address down adds each interval before all the others.
 
@@ -20,7 +20,7 @@ import time
 
 
 def measure(order: str, n: int) -> float:
-    from policyc.analyses._geometry import IntervalSet
+    from policyc.lowering.geometry import IntervalSet
 
     starts = [2 * k for k in range(n)]
     if order == "descending":

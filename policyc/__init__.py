@@ -19,7 +19,7 @@ The public API, and all of it (anything else may change without notice):
     The root of every error policyc raises, and the plan loader's.
 
 The stages, one module (or package) each: `dsl` / `yaml_form` (text -> syntax tree), `check` (syntax tree ->
-checked `model.Policy`), `lower` (model -> trap plan), `plan` (the plan's schema, hash and file form),
+checked `model.Policy`), `compiler` (model -> trap plan: `lowering`'s passes, then `analyses`), `plan` (the plan's schema, hash and file form),
 `fmt` (syntax tree -> text); the enforcer is `policyc.runtime`.
 """
 
@@ -39,7 +39,7 @@ def __getattr__(name: str) -> Any:
     if name == "check_policy":
         from .check import check_policy as value
     elif name == "compile_plan":
-        from .lower import compile_plan as value
+        from .compiler import compile_plan as value
     elif name == "load_plan":
         from .plan import load_plan as value
     elif name == "PlanError":

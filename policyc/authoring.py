@@ -90,7 +90,7 @@ class Completion:
 def analyze(text: str, path: str | Path) -> Analysis:
     """Check `text` as the contents of `path` (includes and symbol files are read from disk)."""
     from .check import check_file_tree
-    from .lower import compile_plan
+    from .compiler import compile_plan
 
     path = Path(path)
     shown = display_path(path)

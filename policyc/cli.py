@@ -238,7 +238,7 @@ def _check_file(path: Path, target: str | None) -> FileResult:
     if policy is not None:
         # A policy its target cannot enforce, or with rules that contradict each other,
         # fails the check too: everything short of writing the plan.
-        from .lower import compile_plan
+        from .compiler import compile_plan
         compile_plan(policy, own, target=target, sealed=False, report=False)
     tree = read_policy_file(path, Diagnostics())  # the check's own parse, from the cache
     return FileResult(path.resolve(), list(own), included_files(path),
@@ -343,7 +343,7 @@ def _plan_for(source: str, target: str | None, diagnostics: Diagnostics) -> dict
             diagnostics.error("PC507", None, str(exc))
             return None
     from .check import check_policy
-    from .lower import compile_plan
+    from .compiler import compile_plan
 
     policy = check_policy(path, diagnostics, target_arch=target)
     if policy is None:

@@ -1,6 +1,6 @@
 """`policyc explain`: a trap plan as a readable report, or its views as a Graphviz graph.
 
-Everything here reads only the plan (a dict as `policyc.lower.compile_plan`
+Everything here reads only the plan (a dict as `policyc.compiler.compile_plan`
 builds it, or as `policyc.plan.load_plan` reads it back), so a plan file can be
 explained without the policy or the symbol files it came from. The output is a
 pure function of the plan: stable across runs and machines.

@@ -49,7 +49,7 @@ def load_plan_source(policy: str, target: str | None, *, audit: bool = False,
                      symbols_dir: str | None = None) -> Compiled:
     """The plan and symbols of a policy file or a compiled plan (.json); `audit` reseals it in audit mode."""
     from .check import check_policy
-    from .lower import compile_plan
+    from .compiler import compile_plan
     from .symbols import SymbolFileError, load_symbol_table
 
     path = Path(policy)

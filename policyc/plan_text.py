@@ -2,7 +2,7 @@
 back in the DSL's infix spelling (with its precedence, and bit masks by name where every bit has one),
 actions, extents, the dispatch entries in the plan's order, and the pages a view restricts.
 
-Reads only the plan (a dict as `policyc.lower.compile_plan` builds it or `policyc.plan.load_plan` reads it).
+Reads only the plan (a dict as `policyc.compiler.compile_plan` builds it or `policyc.plan.load_plan` reads it).
 """
 
 from __future__ import annotations

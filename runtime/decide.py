@@ -1,7 +1,7 @@
 """The decision engine: vm_event requests in, one response and one `Decision` each out.
 
 `DecisionEngine(plan, binding)` is built once, at install, from a trap plan
-(`policyc.lower`) and the binding of that plan to one guest (the KASLR slide,
+(`policyc.lowering`) and the binding of that plan to one guest (the KASLR slide,
 the guest frames of each region, per-CPU bases, breakpoint sites). After that
 `decide_batch(requests)` is the hot path: it answers every request it is given,
 in order, with exactly one 400-byte response.
@@ -433,7 +433,7 @@ class DecisionEngine:
     """Answers vm_event requests for one plan bound to one guest.
 
     Args:
-        plan: a trap plan (`policyc.lower.compile_plan` / `policyc.plan.load_plan`).
+        plan: a trap plan (`policyc.compiler.compile_plan` / `policyc.plan.load_plan`).
         binding: the plan bound to the guest (see `Binding`).
         clock: seconds, monotonic (rate limits); injectable for tests.
         wall_clock_ns: wall time in ns (decision timestamps).
@@ -575,7 +575,7 @@ class DecisionEngine:
                              "the binding must provide breakpoint_insn_bytes(site_id)")
 
     def _build_views(self, views: Sequence[Mapping[str, Any]]) -> None:
-        """CR3 contexts: the view each CR3 value runs in (plan.views; see policyc.analyses.views)."""
+        """CR3 contexts: the view each CR3 value runs in (plan.views; see policyc.lowering.views)."""
         self._cr3_view: dict[int, int] = {}
         self._default_view = 0
         for v in views:

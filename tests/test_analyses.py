@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from policyc import lower
-from policyc.analyses import collateral, livelock, run_analyses, usable_rules, views
+from policyc import lowering
+from policyc.analyses import collateral, livelock, run_analyses, usable_rules
+from policyc.lowering import views
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics, Severity
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 from policyc.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,14 +311,14 @@ def test_an_unrestricted_view_that_restricts_other_pages_is_no_livelock(policy_d
 
 
 def test_a_descriptor_answer_without_emulate_is_a_livelock(policy_dir: Path, monkeypatch):
-    real = lower.lower_responses
-
     def no_emulate(low):
         out = real(low)
         out["descriptor_access"]["allow"] = {"flags": []}
         return out
 
-    monkeypatch.setattr(lower, "lower_responses", no_emulate)
+    (real,) = [step for section, step in lowering.PASSES if section == "responses"]
+    passes = tuple((section, no_emulate if step is real else step) for section, step in lowering.PASSES)
+    monkeypatch.setattr(lowering.trap_plan, "PASSES", passes)
     path = write_policy(policy_dir, LIVELOCK_BODY)
     d = Diagnostics()
     policy = check_policy(path, d)
@@ -449,7 +450,8 @@ def test_compiling_twice_gives_identical_plans():
 
 def test_run_analyses_on_a_plan_reports_every_pass(policy_dir: Path):
     policy, plan, _ = compile_text(policy_dir, LIVELOCK_BODY)
-    again = run_analyses(plan, policy, TARGETS["x86_64"], Diagnostics())
-    assert again == plan["analyses"]
+    lowered = lowering.lower(policy, Diagnostics(), TARGETS["x86_64"])
+    again = run_analyses(lowered.plan, policy, TARGETS["x86_64"], Diagnostics(), layout=lowered.layout)
+    assert again == plan["analyses"] and again["views"]["matches_plan"]
     assert usable_rules(plan) == {"guard", "lidt"}
     assert collateral.analyse(policy, TARGETS["x86_64"], {"lidt"}, None)["regions"] == {}

@@ -374,7 +374,7 @@ def test_binding_walks_the_kernels_own_tables_when_vcpu0_runs_a_process(symbols)
 def test_breakpoints_by_symbol_move_with_the_slide_but_literal_va_and_pa_do_not(symbols, tmp_path):
     from policyc.check import check_policy
     from policyc.diagnostics import Diagnostics
-    from policyc.lower import compile_plan
+    from policyc.compiler import compile_plan
 
     xen = mk()
     g = xen.guest

@@ -12,7 +12,7 @@ from helpers import storm_scenario
 from policyc.check import check_policy
 from policyc.cli import main
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 from policyc.plan_source import load_plan_source
 from policyc.runtime.budget import Budget
 from policyc.runtime.decision_log import DecisionLog

@@ -19,7 +19,7 @@ import pytest
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 from policyc.native import abi
 from policyc.runtime.decide import AFTER, BEFORE, DATA_SLACK, Binding, Decision, DecisionEngine, classify_access
 from policyc.runtime.decision_log import DecisionLog

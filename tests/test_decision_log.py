@@ -16,7 +16,7 @@ import pytest
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 from policyc.native import abi
 from policyc.runtime.decide import DecisionEngine, Message
 from policyc.runtime.decision_log import (DecisionLog, Histogram, Progress, escape_guest, progress_line,

@@ -20,7 +20,7 @@ import yaml
 from policyc.check import check_policy
 from policyc.cli import main
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.enforce import Enforcer, EnforcerError
 from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator

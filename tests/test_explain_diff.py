@@ -298,7 +298,7 @@ def test_diff_json_output(policy_dir: Path, capsys):
 def _compile(path: Path) -> dict:
     from policyc.check import check_policy
     from policyc.diagnostics import Diagnostics
-    from policyc.lower import compile_plan
+    from policyc.compiler import compile_plan
 
     d = Diagnostics()
     policy = check_policy(path, d)

@@ -16,7 +16,7 @@ import pytest
 from policyc.check import check_policy
 from policyc.cli import main
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.policy_test import run_on_simulator, teardown_differences
 from policyc.runtime.sim.scenario import load_scenario

@@ -1,4 +1,4 @@
-"""`IntervalSet` (policyc/analyses/_geometry.py), the structure the conflict, shadowing and livelock
+"""`IntervalSet` (policyc/lowering/geometry.py), the structure the conflict, shadowing and livelock
 sweeps grow rule by rule: whatever order intervals are added in, it holds exactly the points added,
 as merged intervals, and answers `overlaps` and `covers` as a set of points would. Blocks of two
 intervals make every add cross, split or empty blocks. How its cost grows with the order of the
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from policyc.analyses import _geometry as G
+from policyc.lowering import geometry as G
 
 
 def _intervals(s: G.IntervalSet) -> list[tuple[int, int]]:

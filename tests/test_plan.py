@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
-from policyc.lower import PLAN_VERSION, compile_plan
+from policyc.compiler import PLAN_VERSION, compile_plan
 from policyc.plan import PlanError, dump_plan, load_plan, plan_schema, seal, validate_plan
 from policyc.plan_expr import Bindings, evaluate
 
@@ -430,6 +430,6 @@ def test_the_condition_form_evaluator_imports_nothing_from_the_compiler_model():
     import subprocess
     import sys
     code = ("import sys, policyc.condition_form, policyc.runtime.decide; "
-            "print(sorted(m for m in sys.modules if m in ('policyc.model', 'policyc.check', 'policyc.lower')))")
+            "print(sorted(m for m in sys.modules if m in ('policyc.model', 'policyc.check', 'policyc.compiler', 'policyc.lowering')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import policyc
 import policyc.runtime
-from policyc import check, diagnostics, errors, lower, plan
+from policyc import check, compiler, diagnostics, errors, lowering, plan
 from policyc.runtime import backend, bind, decide, enforce
 from policyc.runtime.sim import xen
 
 POLICYC_API = {
     "__version__": policyc.version.__version__,
     "check_policy": check.check_policy,
-    "compile_plan": lower.compile_plan,
+    "compile_plan": compiler.compile_plan,
     "load_plan": plan.load_plan,
     "Diagnostic": diagnostics.Diagnostic,
     "Diagnostics": diagnostics.Diagnostics,
@@ -81,12 +81,12 @@ def test_check_policy_has_one_meaning(tmp_path):
     bad.write_text(EXAMPLE.read_text() + "\nrule {\n")
     assert policyc.check_policy(bad, found) is None and found.error_count > 0
     plan_data = policyc.compile_plan(model, policyc.Diagnostics())
-    assert plan_data is not None and plan_data["plan_format"] == lower.PLAN_FORMAT
+    assert plan_data is not None and plan_data["plan_format"] == lowering.PLAN_FORMAT
 
 
 def test_importing_the_package_does_not_load_the_compiler():
     code = "import sys, policyc, policyc.runtime.backend; print(sorted(m for m in sys.modules if m in " \
-           "('policyc.check', 'policyc.lower', 'policyc.runtime.enforce', 'policyc.runtime.sim.xen')))"
+           "('policyc.check', 'policyc.compiler', 'policyc.lowering', 'policyc.runtime.enforce', 'policyc.runtime.sim.xen')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

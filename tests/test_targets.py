@@ -9,7 +9,7 @@ import pytest
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics, Severity
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
 

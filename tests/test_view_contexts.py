@@ -1,4 +1,4 @@
-"""The view layout with many `cr3 ==` contexts (policyc/analyses/views.py): contexts are grouped by
+"""The view layout with many `cr3 ==` contexts (policyc/lowering/views.py): contexts are grouped by
 their permission map (the global restrictions plus their own), a context whose own pages the global
 map already restricts shares the global map, and the conflict graph's figures follow from the groups.
 How the layout's cost grows with contexts is a figure: `python bench/compile_scale.py --contexts 100`."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ import pytest
 
 from policyc.check import check_policy
 from policyc.diagnostics import Diagnostics
-from policyc.lower import compile_plan
+from policyc.compiler import compile_plan
 from policyc.runtime.bind import BindError, bind_plan
 from policyc.runtime.install import install
 from policyc.runtime.paging import PageTables

@@ -68,7 +68,7 @@ def example_policies() -> list[Path]:
 def compile_one(policy: Path, target: str) -> Result:
     from policyc.check import check_policy
     from policyc.diagnostics import Diagnostics
-    from policyc.lower import compile_plan
+    from policyc.compiler import compile_plan
     from policyc.plan import dump_plan
 
     diagnostics = Diagnostics()

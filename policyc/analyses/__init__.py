@@ -1,16 +1,15 @@
 """Analyses over a lowered plan: the plan's "analyses" section and diagnostics PC502-PC506.
 
 Stage: after lowering, over the plan being built: reports (the plan's "analyses") and diagnostics.
-May import: the compiler's model, diagnostics, targets and (today, for the view layout) lower.
+May import: the compiler's model, diagnostics, targets and the lowering (its view layout and geometry).
 
 `run_analyses` runs four passes, in this order:
 
 1. views       (views.py)      the view layout report: contexts (`cr3 == K` rules), which view serves
                                each, merges and their extra trap cost, the monitors the layout needs.
-                               The layout itself is made during lowering (`lower.layout_views` calls
-                               `views.layout`, which emits PC502); here it is recomputed, without
-                               diagnostics, for the report (or the lowering's is reused when it was
-                               made from the same usable rules and breakpoint strategy).
+                               The layout itself is made once, during lowering
+                               (`policyc.lowering.views.layout`, which emits PC502); this pass
+                               reports it.
 2. conflicts   (conflicts.py)  allow/deny pairs nothing tells apart (PC503 error); rules that can
                                never match or have no effect (PC504 warning)
 3. livelock    (livelock.py)   a state graph of faults and responses; a cycle is an access that
@@ -27,6 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..lowering import views
+from . import collateral, conflicts, livelock
+
 __all__ = ["run_analyses", "usable_rules"]
 
 
@@ -40,16 +42,13 @@ def usable_rules(plan: dict) -> set[str]:
     return names
 
 
-def run_analyses(plan: dict, policy: Any, target: Any, diagnostics: Any, *, layout: tuple | None = None,
+def run_analyses(plan: dict, policy: Any, target: Any, diagnostics: Any, *, layout: views.Layout,
                  report: bool = True) -> dict:
-    """The plan's "analyses" section, diagnostics to `diagnostics` (None: none). `layout`: the lowering's
-    (usable rules, shadow breakpoints, views.Layout), reused when the plan's inputs are the same.
+    """The plan's "analyses" section, diagnostics to `diagnostics` (None: none). `layout`: the view
+    layout the lowering made the plan's views from (`Lowering.layout`): its report is the views pass.
     `report=False` (policyc check, which throws the plan away) computes only what diagnostics are made
     from: the section then holds the findings, not the figures (no views report, no collateral runs)."""
-    from . import collateral, conflicts, livelock, views
-
     usable = usable_rules(plan)
-    shadow = plan.get("strategies", {}).get("breakpoint") == "int3-shadow-frame"
     findings = {
         "conflicts": conflicts.analyse(plan, policy, usable, diagnostics),
         "livelock": livelock.analyse(plan, policy, target, diagnostics, report=report),
@@ -57,14 +56,10 @@ def run_analyses(plan: dict, policy: Any, target: Any, diagnostics: Any, *, layo
     }
     if not report:
         return findings
-    if layout is not None and layout[0] == usable and layout[1] == shadow:
-        made = layout[2]
-    else:
-        made = views.layout(policy, target, usable=usable, shadow_breakpoints=shadow, diagnostics=None)
-    view_report = dict(made.report)
-    # The layout the lowering put in the plan, recomputed: a mismatch means the plan's views were changed
-    # after layout (by hand or by a later pass), and this report describes the recomputed layout.
+    view_report = dict(layout.report)
+    # False when the plan's views were changed after the layout was made (by a later pass, or by hand in
+    # a test): the report then describes the layout, not the plan.
     keys = ("id", "role", "contexts", "default_access", "ranges")
-    view_report["matches_plan"] = [{k: v.get(k) for k in keys} for v in made.views] == \
+    view_report["matches_plan"] = [{k: v.get(k) for k in keys} for v in layout.views] == \
         [{k: v.get(k) for k in keys} for v in plan.get("views", [])]
     return {"order": ["views", "conflicts", "livelock", "collateral"], "views": view_report, **findings}

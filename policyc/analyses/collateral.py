@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .. import model as M
 from ..diagnostics import Diagnostics
-from . import _geometry as G
+from ..lowering import geometry as G
 
 __all__ = ["analyse", "NOTE_THRESHOLD"]
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from .. import model as M
 from ..diagnostics import Diagnostics
-from . import _geometry as G
-from .views import conjuncts
+from ..lowering import geometry as G
+from ..lowering.views import conjuncts
 
 __all__ = ["analyse"]
 

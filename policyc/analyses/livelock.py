@@ -41,7 +41,7 @@ from typing import Iterable
 
 from .. import model as M
 from ..diagnostics import Diagnostics
-from . import _geometry as G
+from ..lowering import geometry as G
 
 __all__ = ["analyse", "build_graph", "StateGraph"]
 

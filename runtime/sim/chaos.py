@@ -182,7 +182,7 @@ class _Prepared:
 def _prepare(path: Path) -> _Prepared:
     from ...check import check_policy
     from ...diagnostics import Diagnostics
-    from ...lower import compile_plan
+    from ...compiler import compile_plan
     from ...symbols import load_symbol_table
     from .scenario import load_scenario
 

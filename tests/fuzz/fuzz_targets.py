@@ -280,7 +280,7 @@ def _engine_guest() -> tuple[Callable[[], object], list]:
 def engine_plan() -> tuple[dict, object]:
     from policyc.check import check_policy
     from policyc.diagnostics import Diagnostics
-    from policyc.lower import compile_plan
+    from policyc.compiler import compile_plan
     from policyc.runtime.bind import bind_plan
 
     d = Diagnostics()

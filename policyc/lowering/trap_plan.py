@@ -1,6 +1,6 @@
 """The back end: a checked `Policy` lowered for one target into a trap plan.
 
-Passes, in order:
+Passes, in order (`PASSES`, at the end of this module, is the order as data):
 
 1. `check_capabilities`  every rule against the target: an error names the rule,
                          the target, the missing capability and what works
@@ -11,38 +11,40 @@ Passes, in order:
 5. `place_breakpoints`   breakpoint sites and how each is planted
 6. `build_dispatch`      per-trigger tables of rules, conditions in plan form
 7. `lower_responses`     verdicts -> response flags, per trigger, target, mode
-8. analyses              conflicts, livelock, collateral (policyc.analyses)
 
 The plan is plain JSON data (see `policyc.plan` for its schema, hashing and
-serialisation); this module only decides what goes in it.
+serialisation); this module only decides what goes in it. `policyc.compiler` runs these
+passes, then the analyses (`policyc.analyses`), then seals the plan.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from .version import __version__
-from . import model as M
-from .arch import EXCEPTION_VECTORS
-from .diagnostics import Diagnostics, Span
-from .gc_pause import gc_paused
-from .plan_expr import compile_condition
-from .targets import TARGETS, TargetInfo, access_name
+from ..version import __version__
+from .. import model as M
+from ..arch import EXCEPTION_VECTORS
+from ..diagnostics import Diagnostics, Span
+from ..plan_expr import compile_condition
+from ..targets import TargetInfo
+from .views import VIEW_HOST, VIEW_RESTRICTED, VIEW_UNRESTRICTED, Layout, allowed_access, breakpoint_views, \
+    context_monitors, layout
 
-__all__ = ["compile_plan", "PLAN_FORMAT", "PLAN_VERSION", "VIEW_HOST", "VIEW_UNRESTRICTED", "VIEW_RESTRICTED"]
+__all__ = ["Lowering", "PASSES", "PLAN_FORMAT", "PLAN_VERSION", "lower"]
 
 PLAN_FORMAT = "policyc.trap-plan"
 # 2: the collateral analysis lists partially watched pages as runs (partial_runs), not page by page.
 PLAN_VERSION = 2
 PAGE = 4096
-VIEW_HOST, VIEW_UNRESTRICTED, VIEW_RESTRICTED = 0, 1, 2
 
 _TRAPS = {"read": "r", "write": "w", "execute": "x", "access": "rwx"}
 
 
 @dataclass
-class _Lowering:
+class Lowering:
+    """What the passes share: the policy and target, what earlier passes decided, and the plan."""
     policy: M.Policy
     target: TargetInfo
     d: Diagnostics
@@ -50,10 +52,9 @@ class _Lowering:
     unusable: set[str] = field(default_factory=set)  # rules that cannot be lowered
 
     relative: dict[str, str] = field(default_factory=dict)  # source file -> as the plan names it
-    # The view layout with what it was computed from (usable rules, shadow breakpoints): the analyses
-    # reuse it when their inputs are the same.
-    layout: tuple | None = None
+    layout: Layout | None = None  # the view layout `layout_views` made: the analyses report it
     report: bool = True  # compile_plan(report=False): no figures nothing is made from
+    plan: dict = field(default_factory=dict)  # the sections the passes made, once `lower` has run them
 
     def at(self, span: Span) -> str:
         """A source position relative to the root policy's folder: plans must not depend on the cwd."""
@@ -64,69 +65,38 @@ class _Lowering:
         return f"{shown}:{span.line}:{span.col}"
 
 
-def compile_plan(policy: M.Policy, diagnostics: Diagnostics, *, target: str | None = None,
-                 sealed: bool = True, report: bool = True) -> dict | None:
-    """Lower a checked policy for a target (default: the policy's). None when there were errors.
+def lower(policy: M.Policy, diagnostics: Diagnostics, target: TargetInfo, *, sealed: bool = True,
+          report: bool = True) -> Lowering:
+    """Run the lowering's passes (`PASSES`, in order) for one target: `Lowering.plan` is the trap plan
+    without its analyses, warnings and seal (`policyc.compiler.compile_plan` adds those). Errors go to
+    `diagnostics`; the caller decides from them whether the plan is kept.
 
-    `sealed=False` is for `policyc check`, which wants the diagnostics and throws the plan away: the
-    policy hash and the plan's content hash (a canonical serialisation of each) are left out.
-    `report=False`, for the same use, also leaves out whatever of the analyses' report no diagnostic
-    is made from (`run_analyses(report=False)`): the diagnostics are the same, the plan is not one to
-    keep."""
-    arch = target or policy.target.arch
-    if arch not in TARGETS:
-        diagnostics.error("PC411", policy.span, f"unknown target '{arch}'", f"targets: {', '.join(TARGETS)}")
-        return None
-    with gc_paused():
-        return _compile(policy, diagnostics, arch, sealed, report)
-
-
-def _compile(policy: M.Policy, diagnostics: Diagnostics, arch: str, sealed: bool, report: bool) -> dict | None:
-    low = _Lowering(policy, TARGETS[arch], diagnostics, report=report)
-    errors_before = diagnostics.error_count
-    seen_before = len(diagnostics.items)
-    check_capabilities(low)
-    regions = describe_regions(low)
-    views = layout_views(low)
-    monitors = enable_monitors(low, views)
-    breakpoints = place_breakpoints(low, views)
-    dispatch = build_dispatch(low, breakpoints)
-    responses = lower_responses(low)
-    plan = {
+    `sealed=False` leaves the policy hash out (`policyc check` throws the plan away); `report=False`
+    leaves out figures no diagnostic is made from."""
+    low = Lowering(policy, target, diagnostics, report=report)
+    low.plan = {
         "plan_format": PLAN_FORMAT,
         "plan_version": PLAN_VERSION,
         "compiler": f"policyc {__version__}",
         "target": {"hypervisor": "xen", "min_version": ".".join(map(str, policy.target.min_version)),
-                   "arch": low.target.name, "description": low.target.description,
-                   "max_views": low.target.max_views},
+                   "arch": target.name, "description": target.description,
+                   "max_views": target.max_views},
         "policy": {"name": policy.name, "hash": "sha256:" + policy.content_hash() if sealed else None,
                    "mode": policy.mode,
                    "symbols": [{"name": s.name, "sha256": s.sha256} for s in policy.symbols]},
-        "regions": regions,
-        "views": views,
-        "monitors": monitors,
-        "breakpoints": breakpoints,
-        "dispatch": dispatch,
-        "responses": responses,
-        "strategies": dict(sorted(low.strategies.items())),
-        "rules": {r.name: _rule_summary(r, low) for r in policy.rules},
     }
-    from .analyses import run_analyses
-    plan["analyses"] = run_analyses(plan, policy, low.target, diagnostics, layout=low.layout, report=report)
-    if diagnostics.error_count != errors_before:
-        return None
-    own = sorted(diagnostics.items[seen_before:], key=lambda x: x.sort_key())
-    plan["warnings"] = [{"code": w.code, "message": w.message, "at": low.at(w.span) if w.span else None}
-                        for w in own if w.severity.value == "warning" and w.code.startswith("PC5")]
-    if not sealed:
-        return plan
-    from .plan import seal
-    return seal(plan)
+    for section, step in PASSES:
+        made = step(low)
+        if section is not None:
+            low.plan[section] = made
+    low.plan["strategies"] = dict(sorted(low.strategies.items()))
+    low.plan["rules"] = {r.name: _rule_summary(r, low) for r in policy.rules}
+    return low
 
 
 # ---------------------------------------------------------------- 1. capabilities
 
-def check_capabilities(low: _Lowering) -> None:
+def check_capabilities(low: Lowering) -> None:
     t = low.target
     for rule in low.policy.rules:
         kind = rule.trigger.kind
@@ -170,7 +140,7 @@ def check_capabilities(low: _Lowering) -> None:
                       "(Xen guests call PSCI through HVC)")
 
 
-def _memory_capabilities(low: _Lowering, rule: M.Rule, denies: bool) -> None:
+def _memory_capabilities(low: Lowering, rule: M.Rule, denies: bool) -> None:
     t = low.target
     access = rule.trigger.access  # type: ignore[union-attr]
     if not t.has("mem_access"):
@@ -214,7 +184,7 @@ def _memory_capabilities(low: _Lowering, rule: M.Rule, denies: bool) -> None:
                       "keeps its old value instead of being fed data")
 
 
-def _breakpoint_capabilities(low: _Lowering, rule: M.Rule, denies: bool) -> None:
+def _breakpoint_capabilities(low: Lowering, rule: M.Rule, denies: bool) -> None:
     t = low.target
     if t.has("software_breakpoint") and t.has("altp2m") and t.has("fast_singlestep"):
         low.strategies["breakpoint"] = "int3-shadow-frame"
@@ -236,26 +206,26 @@ def _breakpoint_capabilities(low: _Lowering, rule: M.Rule, denies: bool) -> None
                 "alert on it instead")
 
 
-def _need(low: _Lowering, rule: M.Rule, capability: str, doing: str) -> None:
-    from .targets import CAPABILITIES
+def _need(low: Lowering, rule: M.Rule, capability: str, doing: str) -> None:
+    from ..targets import CAPABILITIES
     if not low.target.has(capability):
         _cannot(low, rule, f"{doing} on {low.target.name}",
                 f"{low.target.name} ({low.target.description}) has no {CAPABILITIES[capability]}", None)
 
 
-def _cannot(low: _Lowering, rule: M.Rule, what: str, why: str, instead: str | None) -> None:
+def _cannot(low: Lowering, rule: M.Rule, what: str, why: str, instead: str | None) -> None:
     low.unusable.add(rule.name)
     low.d.error("PC500", rule.span, f"rule '{rule.name}' needs to {what}: {why}",
                 f"what works instead: {instead}" if instead else None)
 
 
-def _weak(low: _Lowering, rule: M.Rule, message: str) -> None:
+def _weak(low: Lowering, rule: M.Rule, message: str) -> None:
     low.d.warning("PC501", rule.span, f"rule '{rule.name}': {message}")
 
 
 # ---------------------------------------------------------------- 2. regions
 
-def describe_regions(low: _Lowering) -> dict:
+def describe_regions(low: Lowering) -> dict:
     out = {}
     for region in low.policy.regions:
         extents = []
@@ -294,27 +264,23 @@ def _count_pages(page_spans: list[tuple[int, int]]) -> int:
 
 # ---------------------------------------------------------------- 3. views
 
-def layout_views(low: _Lowering) -> list[dict]:
+def layout_views(low: Lowering) -> list[dict]:
     """Permission maps. With altp2m: 0 host (untouched), 1 unrestricted (steps), 2.. restricted, one per
     group of execution contexts (`cr3 == K` rules; "*" for the rest), merged when there are more groups
-    than the target has views (PC502). Without altp2m: the host p2m alone. See policyc.analyses.views;
-    `policyc.analyses.views.context_monitors(views)` says which monitors the layout needs."""
-    from .analyses.views import layout
+    than the target has views (PC502). Without altp2m: the host p2m alone. See policyc.lowering.views;
+    `policyc.lowering.views.context_monitors(views)` says which monitors the layout needs."""
     usable = {r.name for r in low.policy.rules if r.name not in low.unusable}
     shadow = low.strategies.get("breakpoint") == "int3-shadow-frame"
     made = layout(low.policy, low.target, usable=usable, shadow_breakpoints=shadow, diagnostics=low.d,
                   figures=low.report)
-    low.layout = (usable, shadow, made)
+    low.layout = made
     return made.views
-
-
-def _allowed_access(traps: set[str], target: TargetInfo) -> str:
-    return access_name(set("rwx") - traps, x86=target.name.startswith("x86_64"))
 
 
 # ---------------------------------------------------------------- 4. monitors
 
-def enable_monitors(low: _Lowering, views: list[dict]) -> dict:
+def enable_monitors(low: Lowering) -> dict:
+    views = low.plan["views"]
     rules = [r for r in low.policy.rules if r.name not in low.unusable]
     monitors: dict = {}
     crs: dict[str, list[M.Rule]] = {}
@@ -337,7 +303,6 @@ def enable_monitors(low: _Lowering, views: list[dict]) -> dict:
             monitors["privileged_call"] = True
     if crs:
         monitors["write_ctrlreg"] = [_cr_monitor(reg, rs) for reg, rs in sorted(crs.items())]
-    from .analyses.views import context_monitors
     for extra in context_monitors(views).get("write_ctrlreg", []):
         # Context views: the enforcer switches a vCPU's view on its CR3 writes, so every
         # CR3 write must arrive, whatever the policy's own cr3 rules filter.
@@ -393,7 +358,8 @@ def _bits_that_matter(c: M.Condition | None) -> int | None:
 
 # ---------------------------------------------------------------- 5. breakpoints
 
-def place_breakpoints(low: _Lowering, views: list[dict]) -> list[dict]:
+def place_breakpoints(low: Lowering) -> list[dict]:
+    views = low.plan["views"]
     sites: dict[tuple[int, bool, bool, bool], list[str]] = {}
     for r in low.policy.rules:
         if r.trigger.kind == "breakpoint" and r.name not in low.unusable:
@@ -409,7 +375,6 @@ def place_breakpoints(low: _Lowering, views: list[dict]) -> list[dict]:
         if physical:
             site["physical"] = True
         if mechanism == "int3-shadow-frame":
-            from .analyses.views import breakpoint_views
             # Planted in every restricted view a rule on it runs in; stepped in the unrestricted one.
             site["views"] = breakpoint_views(low.policy, views, value, percpu) or [VIEW_RESTRICTED]
             site["step_view"] = VIEW_UNRESTRICTED
@@ -419,7 +384,8 @@ def place_breakpoints(low: _Lowering, views: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- 6. dispatch
 
-def build_dispatch(low: _Lowering, breakpoints: list[dict]) -> dict:
+def build_dispatch(low: Lowering) -> dict:
+    breakpoints = low.plan["breakpoints"]
     site_of = {(int(b["address"], 16)): b["id"] for b in breakpoints}
     tables: dict = {}
     for r in low.policy.rules:
@@ -459,7 +425,7 @@ def _verdict(verdict: M.Verdict | None, default: str = "allow") -> dict:
     return v
 
 
-def _entry(r: M.Rule, low: _Lowering) -> dict:
+def _entry(r: M.Rule, low: Lowering) -> dict:
     direct = next((a for a in r.actions if isinstance(a, M.Verdict)), None)
     v = _verdict(direct, r.verdict) if direct is not None else {"verdict": "allow"}
     return {
@@ -495,13 +461,13 @@ def _sorted_tables(tables: dict) -> dict:
     return out
 
 
-def _rule_summary(r: M.Rule, low: _Lowering) -> dict:
+def _rule_summary(r: M.Rule, low: Lowering) -> dict:
     return {"trigger": r.trigger.kind, "verdict": r.verdict, "priority": r.priority, "at": low.at(r.span)}
 
 
 # ---------------------------------------------------------------- 7. responses
 
-def lower_responses(low: _Lowering) -> dict:
+def lower_responses(low: Lowering) -> dict:
     """For each trigger kind, the response for each verdict. Audit mode answers every deny with the
     allow response (the decision log records "would deny")."""
     t = low.target
@@ -564,3 +530,16 @@ def lower_responses(low: _Lowering) -> dict:
         # Xen neither executes a trapped SMC nor advances pc; it takes only pc from a response.
         out["privileged_call"] = {"allow": {"flags": ["SET_REGISTERS"], "advance_ip": 4}}
     return dict(sorted(out.items()))
+
+
+# The passes in the order they run: (the plan section each makes, or None, the pass). Each reads the
+# policy and the sections made before it.
+PASSES: tuple[tuple[str | None, Callable[[Lowering], Any]], ...] = (
+    (None, check_capabilities),
+    ("regions", describe_regions),
+    ("views", layout_views),
+    ("monitors", enable_monitors),
+    ("breakpoints", place_breakpoints),
+    ("dispatch", build_dispatch),
+    ("responses", lower_responses),
+)

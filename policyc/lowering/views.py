@@ -38,13 +38,15 @@ from typing import Iterable
 
 from .. import model as M
 from ..diagnostics import Diagnostics
-from ..lower import VIEW_HOST, VIEW_RESTRICTED, VIEW_UNRESTRICTED, _allowed_access
-from ..targets import TargetInfo
-from . import _geometry as G
+from ..targets import TargetInfo, access_name
+from . import geometry as G
 
-__all__ = ["Layout", "GLOBAL", "layout", "rule_context", "context_monitors", "breakpoint_views", "conjuncts"]
+__all__ = ["Layout", "GLOBAL", "VIEW_HOST", "VIEW_UNRESTRICTED", "VIEW_RESTRICTED", "allowed_access", "layout", "rule_context", "context_monitors", "breakpoint_views", "conjuncts"]
 
 GLOBAL = "*"
+# altp2m view numbers: 0 is the host p2m (never changed), 1 the unrestricted view the enforcer steps in,
+# 2.. the restricted views, one per group of contexts.
+VIEW_HOST, VIEW_UNRESTRICTED, VIEW_RESTRICTED = 0, 1, 2
 _TRAPS = {"read": "r", "write": "w", "execute": "x", "access": "rwx"}
 
 PageMap = dict[tuple[str, str], G.Intervals]  # (space, bit) -> page intervals; bit in r w x b(reakpoint)
@@ -206,6 +208,11 @@ def _group_cost(group: Iterable[str], maps: dict[str, PageMap]) -> int:
 
 # ---------------------------------------------------------------- the layout
 
+def allowed_access(traps: set[str], target: TargetInfo) -> str:
+    """The access a view grants on a page where `traps` (a set of r, w, x) must fault."""
+    return access_name(set("rwx") - traps, x86=target.name.startswith("x86_64"))
+
+
 def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_breakpoints: bool,
            diagnostics: Diagnostics | None = None, figures: bool = True) -> Layout:
     """Lay out the permission maps. `usable`: names of rules that were lowered; `shadow_breakpoints`:
@@ -250,7 +257,7 @@ def _ranges(members: Iterable[_Context], target: TargetInfo) -> list[dict]:
         for region, t in ctx.regions.items():
             traps.setdefault(region, set()).update(t)
             rules.setdefault(region, set()).update(ctx.rules_of[region])
-    return [{"region": name, "access": _allowed_access(t, target), "traps": "".join(sorted(t)),
+    return [{"region": name, "access": allowed_access(t, target), "traps": "".join(sorted(t)),
              "rules": sorted(rules[name])} for name, t in sorted(traps.items())]
 
 
