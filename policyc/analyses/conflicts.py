@@ -37,7 +37,7 @@ from ..diagnostics import Diagnostics
 from ..lowering import geometry as G
 from ..lowering.views import conjuncts
 
-__all__ = ["analyse"]
+__all__ = ["analyse", "overlapping_owners"]
 
 U64 = (1 << 64) - 1
 _ACCESS = {"read": "r", "write": "w", "execute": "x", "access": "rwx"}
@@ -52,8 +52,12 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
     at = {name: info.get("at") for name, info in plan.get("rules", {}).items()}
     geo = _Geometry(policy)
     conflicts, unreachable, shadowed = [], [], []
+    # A memory rule none of whose bytes another rule watches for one of its accesses can neither conflict
+    # nor shadow nor be shadowed: the two sweeps leave it out (one sort of every watched interval).
+    touching = _touching_memory_rules(rules, geo)
+    swept = [r for r in rules if r.name in touching or not isinstance(r.trigger, M.MemoryTrigger)]
 
-    for earlier, later in _conflicting_pairs(rules, geo):
+    for earlier, later in _conflicting_pairs(swept, geo):
         conflicts.append({"rules": [earlier.name, later.name], "at": [at.get(earlier.name), at.get(later.name)],
                           "trigger": later.trigger.kind})
         if diagnostics is not None:
@@ -75,7 +79,7 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
                                     "fix its condition or regions, or remove it")
 
     unreached = {u["rule"] for u in unreachable}
-    for later, by in _shadowed_rules([r for r in rules if r.name not in unreached], geo):
+    for later, by in _shadowed_rules([r for r in swept if r.name not in unreached], geo):
         shadowed.append({"rule": later.name, "at": at.get(later.name), "by": [r.name for r in by],
                          "by_at": [at.get(r.name) for r in by]})
         if diagnostics is not None:
@@ -114,6 +118,38 @@ def _memory_intervals(rule: M.Rule, geo: "_Geometry") -> list[tuple[str, str, in
             out.extend((letter, space, lo, hi) for lo, hi in ivs)
     geo.intervals[rule.name] = out
     return out
+
+
+def _touching_memory_rules(rules: list[M.Rule], geo: "_Geometry") -> set[str]:
+    """The memory rules with a byte that another rule (or another of their own regions) watches for the
+    same access in the same space."""
+    intervals = []
+    for rule in rules:
+        if isinstance(rule.trigger, M.MemoryTrigger):
+            name = rule.name
+            intervals.extend((letter, space, lo, hi, name) for letter, space, lo, hi in _memory_intervals(rule, geo))
+    return overlapping_owners(intervals)
+
+
+def overlapping_owners(intervals: list[tuple[str, str, int, int, str]]) -> set[str]:
+    """The owners (last item) of the intervals (key, key, lo, hi, owner) that share a point with another
+    interval of the same keys. One sort and one sweep: an interval starting before the furthest end seen
+    so far is marked with the interval of that end. That marks every interval that overlaps another: the
+    first interval after X in the order that overlaps X comes right after X (any between would start
+    inside X), and then X either holds the furthest end or overlapped the interval that does."""
+    intervals = sorted(intervals)
+    touching: set[str] = set()
+    where, furthest, owner = None, 0, ""
+    for letter, space, lo, hi, name in intervals:
+        if (letter, space) != where:
+            where, furthest, owner = (letter, space), hi, name
+            continue
+        if lo < furthest:
+            touching.add(name)
+            touching.add(owner)
+        if hi > furthest:
+            furthest, owner = hi, name
+    return touching
 
 
 def _conflicting_pairs(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Rule, M.Rule]]:

@@ -226,6 +226,10 @@ def _weak(low: Lowering, rule: M.Rule, message: str) -> None:
 # ---------------------------------------------------------------- 2. regions
 
 def describe_regions(low: Lowering) -> dict:
+    """Each region's extents and page count. Without `low.report` (policyc check) none: no diagnostic is
+    made from them and nothing after reads them."""
+    if not low.report:
+        return {}
     out = {}
     for region in low.policy.regions:
         extents = []

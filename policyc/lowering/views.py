@@ -128,18 +128,34 @@ class _Maps:
     def __init__(self, policy: M.Policy, target: TargetInfo, contexts: dict[str, _Context]) -> None:
         self.policy = policy
         self.x86 = target.name.startswith("x86_64")
-        self.glob = self.page_map(contexts[GLOBAL])
-        index = {k: G.Indexed(ivs) for k, ivs in self.glob.items()}
+        self._global_context = contexts[GLOBAL]
+        self._glob: PageMap | None = None  # made when first asked: a layout with no other context and no
+        # figures asks only whether it is empty
         self.residual: dict[str, PageMap] = {GLOBAL: {}}
-        for name, ctx in contexts.items():
-            if name != GLOBAL:
-                own = ((k, index[k].gaps_within(ivs) if k in index else ivs) for k, ivs in self.page_map(ctx).items())
-                self.residual[name] = {k: ivs for k, ivs in own if ivs}
+        if len(contexts) > 1:
+            index = {k: G.Indexed(ivs) for k, ivs in self.glob.items()}
+            for name, ctx in contexts.items():
+                if name != GLOBAL:
+                    own = ((k, index[k].gaps_within(ivs) if k in index else ivs) for k, ivs in self.page_map(ctx).items())
+                    self.residual[name] = {k: ivs for k, ivs in own if ivs}
         self._glob_restricted: tuple[int, dict[str, G.Indexed]] | None = None
+
+    @property
+    def glob(self) -> PageMap:
+        """The global context's map."""
+        if self._glob is None:
+            self._glob = self.page_map(self._global_context)
+        return self._glob
 
     def restricts(self, name: str) -> bool:
         """The context's map restricts something."""
-        return bool(self.glob) or bool(self.residual[name])
+        if bool(self.residual[name]):
+            return True
+        if self._glob is not None:
+            return bool(self._glob)
+        # The global map is not empty when one of its regions has a page, or it has a breakpoint.
+        ctx = self._global_context
+        return bool(ctx.breakpoints) or any(self.region_pages(region) for region in ctx.regions)
 
     def restricted_pages(self, names: Iterable[str]) -> int:
         """Pages the contexts' maps together restrict some access on (breakpoints aside)."""
