@@ -36,8 +36,9 @@ _NAMES = {"r": "read", "w": "write", "x": "execute"}
 
 def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics | None, *,
             report: bool = True) -> dict:
-    """Per region and overall figures, PC506 notes. Without `report`, only each region's figures (what
-    the notes are made from): no partially watched runs, no overall figures."""
+    """Per region and overall figures, PC506 notes. Without `report`, only the figures of the regions a
+    note may come from (`_no_note` rules the others out from their own bytes): no partially watched runs,
+    no overall figures."""
     x86 = target.name.startswith("x86_64")
     traps: dict[str, set[str]] = {}  # region -> access letters trapped on its pages
     watched_regions: dict[str, set[str]] = {a: set() for a in "rwx"}
@@ -68,8 +69,10 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
         if region.empty:
             continue
         pages = G.named_region_pages(policy, name)
-        span = {space: G.pages_to_bytes(ivs) for space, ivs in pages.items()}
         n_pages = G.space_map_measure(pages)
+        if not report and _no_note(name, traps[name], watched_regions, G.named_region_bytes(policy, name), n_pages):
+            continue
+        span = {space: G.pages_to_bytes(ivs) for space, ivs in pages.items()}
         # A region of whole pages that a rule watches for an access has every byte it traps for that
         # access watched: no look-up (with none, the watched bytes are not even indexed).
         whole = span == G.named_region_bytes(policy, name)
@@ -121,6 +124,18 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
         total_t, total_w = total_t + t, total_w + w
     return {"regions": regions, "overall": {**_numbers(total_t, total_w), "by_access": overall_by_access},
             "note_threshold": NOTE_THRESHOLD}
+
+
+def _no_note(name: str, accesses: set[str], watched_regions: dict[str, set[str]], own: G.SpaceMap,
+             n_pages: int) -> bool:
+    """No PC506 note can come of the region, whatever its neighbours: for each access a rule watches it
+    for, its own bytes are watched, and that alone claims enough of what its pages trap. (The share is
+    computed as the note's is: rounding is monotone, so the region's own share is no higher.)"""
+    k = sum(1 for a in accesses if name in watched_regions[a])
+    if not k or not n_pages:
+        return False
+    trapped = n_pages * G.PAGE * len(accesses)
+    return (trapped - k * G.space_map_measure(own)) / trapped <= NOTE_THRESHOLD
 
 
 class _WatchedIndex:

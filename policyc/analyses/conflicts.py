@@ -337,6 +337,8 @@ def _never_matches(rule: M.Rule, geo: _Geometry) -> str | None:
     if isinstance(t, M.MemoryTrigger) and all(geo.table[r].empty for r in t.regions):
         names = ", ".join(t.regions)
         return f"its region{'s' if len(t.regions) > 1 else ''} {names} {'are' if len(t.regions) > 1 else 'is'} empty"
+    if rule.condition is None:
+        return None  # nothing left that could be always false or contradict itself
     parts = conjuncts(rule.condition)
     for c in parts:
         reason = _always_false(c, t, geo)

@@ -266,15 +266,25 @@ def _context_of(contexts: dict[str, _Context], rule: M.Rule) -> _Context:
     return ctx
 
 
-def _ranges(members: Iterable[_Context], target: TargetInfo) -> list[dict]:
-    traps: dict[str, set[str]] = {}
-    rules: dict[str, set[str]] = {}
-    for ctx in members:
-        for region, t in ctx.regions.items():
-            traps.setdefault(region, set()).update(t)
-            rules.setdefault(region, set()).update(ctx.rules_of[region])
-    return [{"region": name, "access": allowed_access(t, target), "traps": "".join(sorted(t)),
-             "rules": sorted(rules[name])} for name, t in sorted(traps.items())]
+def _ranges(members: list[_Context], target: TargetInfo) -> list[dict]:
+    if len(members) == 1:  # a view of the global context alone: its own sets, not copies of them
+        traps, rules = members[0].regions, members[0].rules_of
+    else:
+        traps, rules = {}, {}
+        for ctx in members:
+            for region, t in ctx.regions.items():
+                traps.setdefault(region, set()).update(t)
+                rules.setdefault(region, set()).update(ctx.rules_of[region])
+    access: dict[str, str] = {}  # trapped letters -> the access the view allows (a few distinct ones)
+    out = []
+    for name in sorted(traps):
+        t = traps[name]
+        letters = "".join(sorted(t))
+        allowed = access.get(letters)
+        if allowed is None:
+            allowed = access[letters] = allowed_access(t, target)
+        out.append({"region": name, "access": allowed, "traps": letters, "rules": sorted(rules[name])})
+    return out
 
 
 def _members(contexts: dict[str, _Context], group: Iterable[str]) -> list[_Context]:
@@ -301,7 +311,7 @@ def _first_rule(contexts: dict[str, _Context], names: Iterable[str], policy: M.P
 
 def _host_layout(policy: M.Policy, target: TargetInfo, contexts: dict[str, _Context], maps: _Maps,
                  names: list[str], d: Diagnostics | None, figures: bool) -> Layout:
-    ranges = _ranges(contexts.values(), target)
+    ranges = _ranges(list(contexts.values()), target)
     views = [{"id": VIEW_HOST, "role": "host", "default_access": "rwx", "ranges": ranges}] if ranges else []
     merges: list[dict] = []
     if ranges and len(names) > 1 and len({_freeze(maps.residual[n]) for n in names}) > 1:
