@@ -68,10 +68,10 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
         region = table[name]
         if region.empty:
             continue
+        if not report and _no_note(name, traps[name], watched_regions, G.named_region_bytes(policy, name)):
+            continue
         pages = G.named_region_pages(policy, name)
         n_pages = G.space_map_measure(pages)
-        if not report and _no_note(name, traps[name], watched_regions, G.named_region_bytes(policy, name), n_pages):
-            continue
         span = {space: G.pages_to_bytes(ivs) for space, ivs in pages.items()}
         # A region of whole pages that a rule watches for an access has every byte it traps for that
         # access watched: no look-up (with none, the watched bytes are not even indexed).
@@ -126,13 +126,15 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
             "note_threshold": NOTE_THRESHOLD}
 
 
-def _no_note(name: str, accesses: set[str], watched_regions: dict[str, set[str]], own: G.SpaceMap,
-             n_pages: int) -> bool:
+def _no_note(name: str, accesses: set[str], watched_regions: dict[str, set[str]], own: G.SpaceMap) -> bool:
     """No PC506 note can come of the region, whatever its neighbours: for each access a rule watches it
     for, its own bytes are watched, and that alone claims enough of what its pages trap. (The share is
     computed as the note's is: rounding is monotone, so the region's own share is no higher.)"""
     k = sum(1 for a in accesses if name in watched_regions[a])
-    if not k or not n_pages:
+    if not k:
+        return False
+    n_pages = sum(G.measure(G.to_pages(ivs)) for ivs in own.values())  # (its pages, not kept: only asked once)
+    if not n_pages:
         return False
     trapped = n_pages * G.PAGE * len(accesses)
     return (trapped - k * G.space_map_measure(own)) / trapped <= NOTE_THRESHOLD

@@ -123,27 +123,31 @@ def _memory_intervals(rule: M.Rule, geo: "_Geometry") -> list[tuple[str, str, in
 def _touching_memory_rules(rules: list[M.Rule], geo: "_Geometry") -> set[str]:
     """The memory rules with a byte that another rule (or another of their own regions) watches for the
     same access in the same space."""
-    intervals = []
+    by_place: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for rule in rules:
         if isinstance(rule.trigger, M.MemoryTrigger):
             name = rule.name
-            intervals.extend((letter, space, lo, hi, name) for letter, space, lo, hi in _memory_intervals(rule, geo))
-    return overlapping_owners(intervals)
+            for letter, space, lo, hi in _memory_intervals(rule, geo):
+                found = by_place.get((letter, space))
+                if found is None:
+                    found = by_place[(letter, space)] = []
+                found.append((lo, hi, name))
+    touching: set[str] = set()
+    for intervals in by_place.values():
+        touching |= overlapping_owners(intervals)
+    return touching
 
 
-def overlapping_owners(intervals: list[tuple[str, str, int, int, str]]) -> set[str]:
-    """The owners (last item) of the intervals (key, key, lo, hi, owner) that share a point with another
-    interval of the same keys. One sort and one sweep: an interval starting before the furthest end seen
-    so far is marked with the interval of that end. That marks every interval that overlaps another: the
-    first interval after X in the order that overlaps X comes right after X (any between would start
-    inside X), and then X either holds the furthest end or overlapped the interval that does."""
+def overlapping_owners(intervals: list[tuple[int, int, str]]) -> set[str]:
+    """The owners of the intervals (lo, hi, owner) that share a point with another. One sort and one
+    sweep: an interval starting before the furthest end seen so far is marked with the interval of that
+    end. That marks every interval that overlaps another: the first interval after X in the order that
+    overlaps X comes right after X (any between would start inside X), and then X either holds the
+    furthest end or overlapped the interval that does."""
     intervals = sorted(intervals)
     touching: set[str] = set()
-    where, furthest, owner = None, 0, ""
-    for letter, space, lo, hi, name in intervals:
-        if (letter, space) != where:
-            where, furthest, owner = (letter, space), hi, name
-            continue
+    furthest, owner = intervals[0][1], intervals[0][2]
+    for lo, hi, name in intervals[1:]:
         if lo < furthest:
             touching.add(name)
             touching.add(owner)
