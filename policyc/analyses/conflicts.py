@@ -125,13 +125,15 @@ def _touching_memory_rules(rules: list[M.Rule], geo: "_Geometry") -> set[str]:
     same access in the same space."""
     by_place: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for rule in rules:
-        if isinstance(rule.trigger, M.MemoryTrigger):
+        t = rule.trigger
+        if isinstance(t, M.MemoryTrigger):
             name = rule.name
-            for letter, space, lo, hi in _memory_intervals(rule, geo):
-                found = by_place.get((letter, space))
-                if found is None:
-                    found = by_place[(letter, space)] = []
-                found.append((lo, hi, name))
+            for space, ivs in geo.regions(t.regions).items():
+                for letter in _ACCESS[t.access]:
+                    found = by_place.get((letter, space))
+                    if found is None:
+                        found = by_place[(letter, space)] = []
+                    found.extend((lo, hi, name) for lo, hi in ivs)
     touching: set[str] = set()
     for intervals in by_place.values():
         touching |= overlapping_owners(intervals)
@@ -338,7 +340,8 @@ def _conflict(a: M.Rule, b: M.Rule, geo: _Geometry) -> bool:
 
 def _never_matches(rule: M.Rule, geo: _Geometry) -> str | None:
     t = rule.trigger
-    if isinstance(t, M.MemoryTrigger) and all(geo.table[r].empty for r in t.regions):
+    if isinstance(t, M.MemoryTrigger) and (geo.table[t.regions[0]].empty if len(t.regions) == 1
+                                           else all(geo.table[r].empty for r in t.regions)):
         names = ", ".join(t.regions)
         return f"its region{'s' if len(t.regions) > 1 else ''} {names} {'are' if len(t.regions) > 1 else 'is'} empty"
     if rule.condition is None:
