@@ -235,16 +235,23 @@ def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_bre
     breakpoints are int3s on shadow frames remapped in the restricted views (so they belong to views).
     Diagnostics (PC502) are emitted only when `diagnostics` is given. Without `figures` the report's
     page counts (each a pass over every page run) are None: for a caller that keeps no report."""
-    contexts: dict[str, _Context] = {GLOBAL: _Context(GLOBAL)}
+    glob = _Context(GLOBAL)
+    contexts: dict[str, _Context] = {GLOBAL: glob}
     for rule in policy.rules:
         if rule.name not in usable:
             continue
         t = rule.trigger
         if isinstance(t, M.MemoryTrigger):
-            ctx = _context_of(contexts, rule)
+            ctx = glob if rule.condition is None else _context_of(contexts, rule)
+            letters = _TRAPS[t.access]
             for region in t.regions:
-                ctx.regions.setdefault(region, set()).update(_TRAPS[t.access])
-                ctx.rules_of.setdefault(region, set()).add(rule.name)
+                here = ctx.regions.get(region)
+                if here is None:
+                    ctx.regions[region] = set(letters)
+                    ctx.rules_of[region] = {rule.name}
+                else:
+                    here.update(letters)
+                    ctx.rules_of[region].add(rule.name)
             ctx.rules.append(rule)
         elif isinstance(t, M.Breakpoint) and shadow_breakpoints:
             ctx = _context_of(contexts, rule)
