@@ -51,10 +51,15 @@ def measure(path: Path) -> dict:
         setattr(owner, name, timed)
         undo.append((owner, name, real))
 
-    checker = getattr(check, "_Checker", None)
-    wrap(check, "read_policy_file", "parse_s")
-    if checker is not None and hasattr(checker, "run"):
-        wrap(checker, "run", "checker_s")
+    try:  # the checker as a package of passes (policyc.checking), or as one class in policyc.check
+        from policyc.checking import checker as passes, gather
+        wrap(passes, "read_policy_file", "parse_s")
+        wrap(gather, "read_policy_file", "parse_s")
+        wrap(passes, "run", "checker_s")
+    except ImportError:
+        wrap(check, "read_policy_file", "parse_s")
+        if hasattr(check, "_Checker"):
+            wrap(check._Checker, "run", "checker_s")
     wrap(compiler, "lower", "lower_s")
     for module, label in ((conflicts, "conflicts_s"), (livelock, "livelock_s"), (collateral, "collateral_s")):
         wrap(module, "analyse", label)
