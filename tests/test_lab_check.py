@@ -108,7 +108,8 @@ def _tiny_bochs3_every_strategy() -> tuple[str, object, dict]:
     res["guest_delta_enforced_window"] |= {f"{g}_landed": 0 for g in ("cr3", "lgdt", "ltr")} | {
         f"{g}_blocked": w for g in ("cr3", "lgdt", "ltr")} | {
         "sgdt": w, "sldt": w, "str": w, "greq": w, "qreq": 4, "acc": 3 * w, "bp_read_ok": w, "bp_read_bad": 0}
-    res["unclaimed_in_window"] = {"guest_request": 3, "mem_access": 2 * w}
+    res["guest_delta_enforced_window"]["int3"] = w
+    res["unclaimed_in_window"] = {"guest_request": 3, "mem_access": 2 * w, "software_breakpoint": w}
     res["policy_pauses"] = [{"round": 12, "qreq": 1, "state": "--p---", "wall": 0.0, "unpause_rc": 0}]
     return mode, kind, res
 
@@ -197,6 +198,9 @@ ALTERATIONS = {
         "paused twice": lambda r: r["policy_pauses"].append(dict(r["policy_pauses"][0])),
         "the unpause failed": _set("policy_pauses", [{"round": 12, "unpause_rc": 1}]),
         "quarantine requests after the disarm not answered": _set("unclaimed_in_window.guest_request", 0),
+        "the guest's int3 delivered twice (a re-injection dropped)": _set("unclaimed_in_window.software_breakpoint",
+                                                                          2 * 280),
+        "the guest's int3 never re-injected": _set("unclaimed_in_window.software_breakpoint", 0),
         "the shadow frame leaked the int3": _set("guest_delta_enforced_window.bp_read_bad", 1),
         "bp_site never read while enforced": _set("guest_delta_enforced_window.bp_read_ok", 0),
         "probe accesses short of the guest's": _bump("decisions_in_window.probe_access/allow", -3),

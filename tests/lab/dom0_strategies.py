@@ -84,6 +84,8 @@ def compare_more(mode: str, res: dict, win: dict, whole: dict, in_win: dict, edg
         out["quarantine"] = _quarantine(res, win, in_win, edge, count)
     if "bp_site" in rules and "bp_read_ok" in win:
         out["bp_site_read"] = _bp_read(mode, win)
+    if "bp_site" in rules and "int3" in win:
+        out["guest_int3"] = _guest_int3(res, win, edge)
     if "greq_failed" in whole and any(r in rules for r in ("agent_request", "quarantine")):
         c = {"guest_requests_failed": whole["greq_failed"]}
         out["guest_request_calls"] = _verdict(c, [f"{whole['greq_failed']} guest requests failed (the hypercall "
@@ -112,6 +114,18 @@ def _quarantine(res: dict, win: dict, in_win: dict, edge: int, count: Callable[[
     if win["qreq"] == 0:
         why.append("the guest made no quarantine request while enforced")
     return _verdict(c, why)
+
+
+def _guest_int3(res: dict, win: dict, edge: int) -> dict:
+    """The guest's own int3 (one a round; its #BP handler counts it): while the breakpoint monitor is on,
+    Xen swallows the #BP and sends it as a software_breakpoint no rule claims, which the enforcer
+    re-injects. One such event per int3 the guest's handler counted: a re-injection Xen dropped would
+    make the guest run its int3 again (two events, one count), a lost one would leave it uncounted."""
+    events = res.get("unclaimed_in_window", {}).get("software_breakpoint", 0)
+    c = {"unclaimed_breakpoints_in_window": events, "guest_int3_in_window": win["int3"]}
+    why = [f"{events} breakpoint events no rule claims in the window against {win['int3']} int3 the guest's "
+           f"handler counted (SAMPLE_EDGE {edge})"] * (abs(events - win["int3"]) > edge)
+    return _verdict(c, why + ["the guest ran no int3 while enforced"] * (not win["int3"]))
 
 
 def _bp_read(mode: str, win: dict) -> dict:
