@@ -201,6 +201,8 @@ ALTERATIONS = {
         "the guest's int3 delivered twice (a re-injection dropped)": _set("unclaimed_in_window.software_breakpoint",
                                                                           2 * 280),
         "the guest's int3 never re-injected": _set("unclaimed_in_window.software_breakpoint", 0),
+        "the guest's int3 trapped beyond the first-touch bound": _bump("unclaimed_in_window.software_breakpoint",
+                                                                       2 + 3 + 1),
         "the shadow frame leaked the int3": _set("guest_delta_enforced_window.bp_read_bad", 1),
         "bp_site never read while enforced": _set("guest_delta_enforced_window.bp_read_ok", 0),
         "probe accesses short of the guest's": _bump("decisions_in_window.probe_access/allow", -3),
@@ -429,3 +431,11 @@ def test_the_pause_watch_unpauses_only_a_stopped_paused_guest_after_install():
     states["now"] = "--p---"
     watch(still, in_place=True)
     assert calls == [["xl", "unpause", "7"]] and watch.seen[0]["qreq"] == 1
+
+
+def test_the_first_touch_of_a_fresh_view_is_the_named_bound_and_no_more():
+    mode, kind, res = _tiny_bochs3_every_strategy()
+    res["unclaimed_in_window"]["software_breakpoint"] += dom0_check.SAMPLE_EDGE + dom0_check.DELIVERY_FIRST_TOUCH
+    assert _agrees(mode, kind, res)           # seen live: 243 events against 240 int3
+    res["unclaimed_in_window"]["software_breakpoint"] = res["guest_delta_enforced_window"]["int3"] - 3
+    assert not _agrees(mode, kind, res)       # fewer events than int3 is never a first touch

@@ -126,6 +126,14 @@ SAMPLE_EDGE = 2
 # policyc's teardown, seen live under Bochs 3.0 (sysenter_eip: 1,164 denies, 1,165 refusals); it
 # only ever adds refusals, so a lost DENY (fewer refusals than denies) still fails.
 TEARDOWN_REGISTER_DROP = 1
+# DELIVERY_FIRST_TOUCH: the tiny guest's own int3 may trap once more than its #BP handler counts for
+# each page the #BP's delivery touches (its IDT, GDT and stack: 3) the first time after install, per vCPU.
+# Xen fills an altp2m view lazily (an entry is copied from the host p2m at the first EPT violation in
+# the view), that violation interrupts the delivery, and Xen never re-queues a software exception whose
+# delivery exited: the int3 runs again and traps again (XEN-SEMANTICS §10.1). Seen live: 3 extra
+# events in each of two runs (2026-12-07 09:47 and 10:05 UTC), none after the first round; only ever
+# extra events, so a lost re-injection still fails.
+DELIVERY_FIRST_TOUCH = 3
 # KERNEL_OWN_CREDS: commit_creds calls the Linux guest's kernel makes itself in the window (the
 # busybox init's children); the module counts only its own.
 KERNEL_OWN_CREDS = 2
@@ -482,7 +490,8 @@ def compare(mode: str, kind: GuestKind, res: dict) -> dict:
             compared.add(rule)
             n = decision_count(res, rule)
             out[rule] = _verdict({"decisions": n}, [f"{n} decisions for a trigger this guest never performs"] * bool(n))
-    more = strategies.compare_more(mode, res, win, whole, in_win, SAMPLE_EDGE * kind.vcpus, decision_count)
+    more = strategies.compare_more(mode, res, win, whole, in_win, SAMPLE_EDGE * kind.vcpus, decision_count,
+                                   DELIVERY_FIRST_TOUCH * kind.vcpus)
     out.update(more)
     compared.update(more)
     for rule in res.get("policy_rules", ()):
