@@ -126,13 +126,13 @@ SAMPLE_EDGE = 2
 # policyc's teardown, seen live under Bochs 3.0 (sysenter_eip: 1,164 denies, 1,165 refusals); it
 # only ever adds refusals, so a lost DENY (fewer refusals than denies) still fails.
 TEARDOWN_REGISTER_DROP = 1
-# DELIVERY_FIRST_TOUCH: the tiny guest's own int3 may trap once more than its #BP handler counts for
-# each page the #BP's delivery touches (its IDT, GDT and stack: 3) the first time after install, per vCPU.
-# Xen fills an altp2m view lazily (an entry is copied from the host p2m at the first EPT violation in
-# the view), that violation interrupts the delivery, and Xen never re-queues a software exception whose
-# delivery exited: the int3 runs again and traps again (XEN-SEMANTICS §10.1). Seen live: 3 extra
-# events in each of two runs (2026-12-07 09:47 and 10:05 UTC), none after the first round; only ever
-# extra events, so a lost re-injection still fails.
+# DELIVERY_FIRST_TOUCH: the tiny guest's own int3 may trap up to 3 times more than its #BP handler
+# counts, per vCPU, in the first round after install: the re-injected #BP's first deliveries in the
+# fresh views exit without an event (most likely Xen filling the views lazily from the host p2m, one
+# exit for each of the IDT, GDT and stack frames), and Xen never re-queues a software exception whose
+# delivery exited, so the int3 runs and traps again (XEN-SEMANTICS §10.1). Seen live: 3 extra events
+# in each of two runs (2026-12-07 09:47 and 10:05 UTC), four traps in a row in the first round, none
+# after; only ever extra events, so a lost re-injection still fails.
 DELIVERY_FIRST_TOUCH = 3
 # KERNEL_OWN_CREDS: commit_creds calls the Linux guest's kernel makes itself in the window (the
 # busybox init's children); the module counts only its own.
