@@ -439,3 +439,23 @@ def test_the_first_touch_of_a_fresh_view_is_the_named_bound_and_no_more():
     assert _agrees(mode, kind, res)           # seen live: 243 events against 240 int3
     res["unclaimed_in_window"]["software_breakpoint"] = res["guest_delta_enforced_window"]["int3"] - 3
     assert not _agrees(mode, kind, res)       # fewer events than int3 is never a first touch
+
+
+def test_decision_facts_count_would_deny_limited_and_unclaimed_in_and_out_of_the_window():
+    t_in, t_out = "2026-12-07T10:00:01Z", "2026-12-07T09:00:00Z"
+    decisions = [
+        {"time": t_in, "kind": "cpuid", "rule": "hypervisor_probe", "limited": ["hypervisor_probe"]},
+        {"time": t_in, "kind": "write_ctrlreg", "rule": "cr4_guard", "would_deny": True},
+        {"time": t_out, "kind": "write_ctrlreg", "rule": "cr4_guard", "would_deny": True},
+        {"time": t_in, "kind": "software_breakpoint", "rule": None, "event": {"rip": "0x100153", "gfn": "0x100"},
+         "response": "not_ours", "effects": [{"kind": "inject"}]},
+        {"time": t_in, "kind": "mem_access", "rule": None, "event": {"rip": "0x100397", "gfn": "0x100", "access": 1}},
+        {"record": "effect_error", "time": t_in}]
+    start = dom0_check._epoch("2026-12-07T10:00:00Z")
+    facts = dom0_check.strategies.decision_facts(decisions, start, start + 10, dom0_check._epoch)
+    assert facts["would_deny"] == {"cr4_guard": 2} and facts["would_deny_in_window"] == {"cr4_guard": 1}
+    assert facts["limited"] == {"hypervisor_probe": 1}
+    assert facts["unclaimed_in_window"] == {"software_breakpoint": 1, "mem_access": 1}
+    assert facts["unclaimed_memory"] == {"gfn=0x100 access=1 rip=0x100397": 1}
+    assert facts["log_records"] == {"effect_error": 1}
+    assert facts["sequence_sample"][0] == "cpuid/hypervisor_probe/None/None" and len(facts["sequence_sample"]) == 4

@@ -44,11 +44,12 @@ class PauseWatch:
 
 def decision_facts(decisions: list[dict], start: float, end: float, epoch: Callable[[str | None], float]) -> dict:
     """From the decision log: would-deny decisions per rule (the whole run and the window start..end), the
+    decisions past a rule's `limit` per rule, the
     decisions no rule claimed per kind (the same two), the unclaimed ones that are not memory accesses by
     kind, address and response, the log's other records by kind, and a sample of the sequence of
     decisions from the window's start (kind/rule/rip/response)."""
     would, would_win = collections.Counter(), collections.Counter()
-    unclaimed, unclaimed_win = collections.Counter(), collections.Counter()
+    unclaimed, unclaimed_win, limited = collections.Counter(), collections.Counter(), collections.Counter()
     where, records, pages = collections.Counter(), collections.Counter(), collections.Counter()
     sequence: list[str] = []
     for d in decisions:
@@ -57,6 +58,8 @@ def decision_facts(decisions: list[dict], start: float, end: float, epoch: Calla
             continue
         rule, kind, ev = d.get("rule"), d.get("kind"), d.get("event") or {}
         in_win = start <= epoch(d.get("time")) <= end
+        if d.get("limited"):         # past a rule's `limit`: its `then` ran instead
+            limited[rule] += 1
         if d.get("would_deny"):
             would[rule] += 1
             would_win[rule] += in_win
@@ -73,7 +76,7 @@ def decision_facts(decisions: list[dict], start: float, end: float, epoch: Calla
     return {"would_deny": dict(would), "would_deny_in_window": dict(would_win),
             "unclaimed": dict(unclaimed), "unclaimed_in_window": dict(unclaimed_win),
             "unclaimed_not_memory": dict(where.most_common(12)), "unclaimed_memory": dict(pages.most_common(12)),
-            "log_records": dict(records),
+            "log_records": dict(records), "limited": dict(limited),
             "sequence_sample": sequence}
 
 
