@@ -130,7 +130,7 @@ TEARDOWN_REGISTER_DROP = 1
 # counts, per vCPU, in the first round after install: the re-injected #BP's first deliveries in the
 # fresh views exit without an event (most likely Xen filling the views lazily from the host p2m, one
 # exit for each of the IDT, GDT and stack frames), and Xen never re-queues a software exception whose
-# delivery exited, so the int3 runs and traps again (XEN-SEMANTICS §10.1). Seen live: 3 extra events
+# delivery exited, so the int3 runs and traps again (XEN-SEMANTICS §11.1). Seen live: 3 extra events
 # in each of two runs (2026-12-07 09:47 and 10:05 UTC), four traps in a row in the first round, none
 # after; only ever extra events, so a lost re-injection still fails.
 DELIVERY_FIRST_TOUCH = 3
