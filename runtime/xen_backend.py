@@ -164,8 +164,7 @@ class XenBackend:
         return cls(domid, name, ring=ring)
 
     def open_handles(self) -> None:
-        """Attach, first step: the libraries' handles, once the hypervisor is known to be the release
-        they were built for. (Public with `discover` so a detached backend can be put through attach.)"""
+        """Attach's first step (public, as `discover` is, so a detached backend can be put through it)."""
         ffi = self._ffi
         self._xch = self._xc.xc_interface_open(ffi.NULL, ffi.NULL, 0)
         if self._xch == ffi.NULL:
@@ -196,7 +195,6 @@ class XenBackend:
         return info
 
     def discover(self) -> Capabilities:
-        """Attach, second step: what this host and domain can do (and refuse what the backend cannot speak)."""
         ffi, xc = self._ffi, self._xc
         if self.domid == 0:
             raise InvalidArgument("attach", "domain 0 cannot be introspected from itself", _errno.EINVAL)
