@@ -784,6 +784,21 @@ def test_debug_exception_sync_swallows_the_db():
     assert op.done and op.took_effect and op.faults[0].name == "#DB" and op.faults[0].injected
 
 
+def test_trap_flag_single_step_trap_is_a_hardware_db():
+    # the #DB after an instruction retired with RFLAGS.TF: hardware type, no length, pending_dbg 0
+    # (XEN-SEMANTICS §1.9); seen live under Bochs 3.0 (tests/lab, replay_live)
+    xen = mk()
+    xen.monitor("debug_exception", True, sync=True)
+    op = xen.execute(0, Op("trap_flag", rip=0xFFFFFFFF81000204))
+    (r,) = take(xen)
+    assert r.reason == RS.DEBUG_EXCEPTION and r.payload["type"] == abi.X86EventType.HW_EXCEPTION
+    assert r.payload["insn_length"] == 0 and r.payload["pending_dbg"] == 0
+    assert r.regs["rip"] == 0xFFFFFFFF81000204
+    xen.inject_exception(0, 1)
+    answer(xen, [r], [_rsp(r, 0)])
+    assert op.done and op.took_effect and op.faults[0].name == "#DB" and op.faults[0].injected
+
+
 # =========================================================================== views, access values
 
 def test_altp2m_view_limit_and_destroy_rules():

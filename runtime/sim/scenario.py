@@ -64,6 +64,7 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "guest_request": ((), ("rax", "rbx", "rcx", "rdx")),
     "remap": (("va", "to_pa"), ()),
     "icebp": ((), ()),
+    "trap_flag": ((), ()),
     "smc": ((), ()),
     "loop": (("steps",), ("count", "times")),
     "parallel": (("steps",), ()),

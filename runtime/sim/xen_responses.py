@@ -131,7 +131,8 @@ class ResponseMixin:
             s.inject = None
             head = s.queue[0] if s.queue else None
             if head is not None and head.started and not head.done:
-                took = (head.kind == "int3" and fault.vector == 3) or (head.kind == "icebp" and fault.vector == 1)
+                took = (head.kind == "int3" and fault.vector == 3) or (head.kind in ("icebp", "trap_flag")
+                                                                       and fault.vector == 1)
                 self._fault(s, head, fault, took_effect=took)
             else:
                 v.faults.append(fault)

@@ -159,6 +159,8 @@ class RunMixin:
             self._op_guest_request(s, op)
         elif kind == "icebp":
             self._op_icebp(s, op)
+        elif kind == "trap_flag":
+            self._op_trap_flag(s, op)
         elif kind == "smc":
             self._op_smc(s, op)
         else:  # pragma: no cover

@@ -265,11 +265,11 @@ def xen_release() -> dict:
 
 
 def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
-                 startup: float = 240, target: str | None = None) -> dict:
+                 startup: float = 240, target: str | None = None, record: str | None = None) -> dict:
     """`policyc run` for `seconds` after its first decision, then SIGTERM. The comparison window runs
     from the first report-page sample taken after the enforcer said protection is in place to the
     last one taken before SIGTERM; the whole run from before start to a settled read after exit."""
-    log = "/tmp/decisions.jsonl"
+    log = DECISION_LOG
     if os.path.exists(log):
         os.unlink(log)
     res: dict = {"policy": os.path.basename(policy), "seconds": seconds, "policy_rules": policy_rules(policy)}
@@ -278,6 +278,10 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     cmd = [sys.executable, "-m", "policyc", "run", policy, "--guest", f"xen:{domid}", "--log", log]
     if target:
         cmd += ["--target", target]
+    if record:          # the request stream, for the simulator's replay (step_replay)
+        cmd += ["--record", record]
+        if os.path.exists(record):
+            os.unlink(record)
     res["cmd"] = " ".join(cmd[1:])
     t_start = time.monotonic()
     # a crash of the enforcer (a signal) leaves its Python stack in the output tail
@@ -352,6 +356,45 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
                                             if a["wall"] <= _epoch(d.get("time")) <= b["wall"])
             res["decisions_in_window"] = dict(sorted(in_window.items()))
     return res
+
+
+TRACE = "/tmp/trace.jsonl"
+DECISION_LOG = "/tmp/decisions.jsonl"
+# Requests the dom0 replays under Bochs (its emulated CPU is slow); the host replays every one.
+DOM0_REPLAY_LIMIT = 1000
+
+
+def step_replay(trace: str, log: str, policy: str, target: str | None, limit: int | None = None) -> dict:
+    """The simulator checked against this hardware: the recorded requests' guest steps replayed
+    through SimulatedXen under the same plan and decision engine, compared request by request and
+    verdict by verdict (policyc.runtime.sim.replay_live; its summary goes into the results)."""
+    t0 = time.monotonic()
+    try:
+        from policyc.runtime.sim.replay_live import replay_live_files
+        summary = replay_live_files(trace, log, policy, target=target, limit=limit)
+    except Exception as e:  # record, go on
+        return {"error": f"{type(e).__name__}: {e}"[:600], "seconds": round(time.monotonic() - t0, 2)}
+    summary["seconds"] = round(time.monotonic() - t0, 2)
+    return summary
+
+
+def emit_trace_sample(trace: str, log: str, max_requests: int, policy: str, target: str | None) -> None:
+    """The trace (its first `max_requests` requests) with their decision records, gzipped, as `LAB-TRACE
+    i/n` lines: tests/test_lab.py writes them to $LAB/trace-<mode>-<guest>.json and replays them all on
+    the host (about 45 bytes of console a request); tests/data keeps a cut of one for CI."""
+    import base64
+    import gzip
+    try:
+        from policyc.runtime.sim.replay_live import trace_excerpt
+        sample = trace_excerpt(trace, log, max_requests)
+        sample.update(policy=os.path.basename(policy), target=target)     # what the host compiles again
+    except Exception as e:  # record, go on
+        print(f"LAB-ERR trace sample: {type(e).__name__}: {e}"[:400], flush=True)
+        return
+    text = base64.b64encode(gzip.compress(json.dumps(sample, sort_keys=True).encode())).decode()
+    parts = [text[i:i + 160] for i in range(0, len(text), 160)]
+    for i, part in enumerate(parts):
+        print(f"LAB-TRACE {i + 1}/{len(parts)} {part}", flush=True)
 
 
 def policy_rules(policy: str) -> list[str]:
@@ -728,6 +771,7 @@ def summarize(result: dict) -> dict:
         "backend_calls_ok": result.get("backend_calls", {}).get("ok"),
         "guest_restarted_before_check": "guest_restarted" in result,
         "enforcer_events_per_second": enf.get("events_per_second"),
+        "replay_matches_live": result.get("replay", {}).get("ok"),
         "enforcer_baseline_cpuid_events_per_second": base.get("events_per_second"),
         "xen_access_events_per_second": {m: x.get("events_per_second") for m, x in xa.items()},
         "like_for_like_cpuid": like,
@@ -776,6 +820,8 @@ def main() -> int:
     ap.add_argument("--must-refuse", help="a memory policy this host's target cannot enforce: compiling it for "
                     "--host-target must fail with the capability error")
     ap.add_argument("--host-target", default="x86_64-svm")
+    ap.add_argument("--sample-requests", type=int, default=30000,
+                    help="requests of the recorded trace printed (LAB-TRACE lines) for the host's replay")
     a = ap.parse_args()
     kind = GUESTS[a.guest]
     result: dict = {"mode": a.mode, "guest": a.guest, "domid": a.domid}
@@ -821,11 +867,17 @@ def main() -> int:
         emit("capability_refusal", ref)
 
     t0 = uptime()
-    result["enforce"] = enf = step_enforce(a.policy, a.domid, a.seconds, page, a.startup, a.target)
+    result["enforce"] = enf = step_enforce(a.policy, a.domid, a.seconds, page, a.startup, a.target, record=TRACE)
     enf["dom0_seconds"] = round(uptime() - t0, 2)
     emit("enforce", enf)
     result["compare"] = cmp = compare(a.mode, kind, enf)
     emit("compare", cmp)
+    # an emulated Intel CPU (Bochs) replays slowly: its first requests here, all of them on the host
+    # (tests/test_lab.py, from the LAB-TRACE lines)
+    result["replay"] = rep = step_replay(TRACE, DECISION_LOG, a.policy, a.target,
+                                         limit=None if a.mode == "qemu" else DOM0_REPLAY_LIMIT)
+    emit("replay", rep)
+    emit_trace_sample(TRACE, DECISION_LOG, a.sample_requests, a.policy, a.target)
     result["after_teardown"] = aft = step_after_teardown(a.domid, page, a.mode)
     emit("after_teardown", aft)
 
