@@ -169,6 +169,17 @@ def test_expressions_see_symbols_registers_bits_and_percpu():
         runner.evaluate("symbol no_such_symbol")
 
 
+@pytest.mark.parametrize("text, value", [
+    ("7 / 0", 0), ("7 % 0", 0), ("1 << 64", 0), ("-1 >> 63", 1), ("0 - 1", (1 << 64) - 1),
+    ("~0 + 2", 1), ("(3 == 3) + (2 < 1)", 1), ("not 5", 0), ("4 and 0 or 9", 1)])
+def test_scenario_arithmetic_is_the_plans_own(text, value):
+    """A scenario value and a rule's `when` are one evaluator (condition_form's header: 64-bit
+    wrapping, a shift by 64 or more and a division by zero give 0), so a scenario cannot drive a
+    guest to a value the enforcer would compute differently."""
+    runner = ScenarioRunner(load_scenario_text(_scenario("  - {op: read, va: 0}")))
+    assert runner.evaluate(text) == value
+
+
 # --------------------------------------------------------------------------- running
 
 def test_the_example_against_a_tiny_enforcer():

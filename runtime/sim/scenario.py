@@ -5,9 +5,11 @@ is meant for (``policy:``), what its vCPUs do (``steps:``) and, for
 ``policyc test``, what should come of it (``expect:``, kept as written for
 the test runner). `load_scenario` reads the YAML with positions, so a bad
 step or expression is reported at its line and column; expressions are
-parsed once with `policyc.dsl.parse_expression` and compiled to closures
-evaluated when the step runs, against the slid symbols and the step's vCPU
-registers at that moment ("cr0 & ~cr0.WP" reads the current CR0).
+parsed once with `policyc.dsl.parse_expression` into the plan's condition form
+and evaluated by the plans' own evaluator (`policyc.condition_form`, so a
+division by zero gives 0 as in a rule's `when`) when the step runs, against
+the slid symbols and the step's vCPU registers at that moment ("cr0 & ~cr0.WP"
+reads the current CR0).
 
 `ScenarioRunner` runs the steps in order against a `SimulatedXen`. A step
 whose vCPU pauses hands control to the RESPONDER (a callable taking the
@@ -19,17 +21,17 @@ stuck and the responder makes progress. Each step yields a `StepResult`.
 
 from __future__ import annotations
 
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from ...arch import ARCHES
+from ...condition_form import ARITH, COMPARE, U64, evaluate
 from ...diagnostics import Diagnostics, Span
 from ...dsl import parse_expression
 from ...symbols import SymbolFileError
@@ -194,13 +196,7 @@ def _mark_pos(mark: Any) -> tuple[int | None, int | None]:
 
 # --------------------------------------------------------------------------- expressions
 
-_MASK = (1 << 64) - 1
-_BINOPS: dict[str, Callable[[int, int], int]] = {
-    "+": operator.add, "-": operator.sub, "*": operator.mul, "<<": operator.lshift,
-    ">>": operator.rshift, "&": operator.and_, "|": operator.or_, "^": operator.xor,
-    "==": lambda a, b: int(a == b), "!=": lambda a, b: int(a != b), "<": lambda a, b: int(a < b),
-    "<=": lambda a, b: int(a <= b), ">": lambda a, b: int(a > b), ">=": lambda a, b: int(a >= b),
-}
+_MASK = U64
 _NAMED_BITS = {k.lower(): v for k, v in ARCHES["x86_64"].named_bits.items()}
 _MSR_NAMES = {**ARCHES["x86_64"].msrs, **MSR}
 
@@ -212,40 +208,107 @@ class _Env:
 
 
 Compiled = Callable[[_Env], int]
+# A name a scenario expression reads (a register, an MSR, a symbol), resolved when the step runs.
+_Reader = Callable[[_Env], int]
+
+
+class _Condition:
+    """A scenario expression in the plan's condition form, evaluated by the one evaluator plans use
+    (`policyc.condition_form.evaluate`): the same arithmetic, wrapping and comparisons as a rule's
+    `when`, so a scenario cannot compute a value the enforcer would compute differently. Names the
+    guest supplies (registers, MSRs, symbols) are the form's fields, read when the step runs."""
+
+    __slots__ = ("form", "readers")
+
+    def __init__(self, form: list, readers: dict[str, _Reader]) -> None:
+        self.form, self.readers = form, readers
+
+    def __call__(self, env: _Env) -> int:
+        return int(evaluate(self.form, _GuestFields(self.readers, env)))
+
+
+class _GuestFields(Mapping[str, int]):
+    """The event the evaluator reads: each field asked for is read from the guest at that moment."""
+
+    def __init__(self, readers: dict[str, _Reader], env: _Env) -> None:
+        self.readers, self.env = readers, env
+
+    def __getitem__(self, key: str) -> int:
+        return self.readers[key](self.env)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.readers)
+
+    def __len__(self) -> int:
+        return len(self.readers)
 
 
 def _compile(node: S.Expr, path: str, span: tuple[int, int]) -> Compiled:
-    line, col = span
+    readers: dict[str, _Reader] = {}
+    return _Condition(_FormBuilder(path, span, readers).form(node), readers)
 
-    def err(msg: str, n: Any = None) -> ScenarioError:
-        sp = getattr(n, "span", None)
-        if sp is not None and sp.file == path and sp.line:
-            return ScenarioError(msg, path, sp.line, sp.col)
-        return ScenarioError(msg, path, line, col)
 
-    if isinstance(node, S.Num):
-        value = node.value
-        return lambda env: value
-    if isinstance(node, S.SymbolRef):
+class _FormBuilder:
+    """Syntax tree -> condition form, dispatched on the node's type through `_FORMS`."""
+
+    def __init__(self, path: str, span: tuple[int, int], readers: dict[str, _Reader]) -> None:
+        self.path, self.span, self.readers = path, span, readers
+
+    def form(self, node: S.Expr) -> list:
+        build = _FORMS.get(type(node))
+        if build is None:
+            raise self.error(f"{type(node).__name__} is not allowed in a scenario expression", node)
+        return build(self, node)
+
+    def error(self, msg: str, node: Any = None) -> ScenarioError:
+        sp = getattr(node, "span", None)
+        if sp is not None and sp.file == self.path and sp.line:
+            return ScenarioError(msg, self.path, sp.line, sp.col)
+        return ScenarioError(msg, self.path, *self.span)
+
+    def number(self, node: S.Num) -> list:
+        return ["lit", hex(node.value & _MASK)]
+
+    def named_bit(self, node: S.Attr) -> list:
+        bits = _NAMED_BITS.get(node.base.lower(), {})
+        if node.attr not in bits:
+            raise self.error(f"unknown named bit '{node.base}.{node.attr}'", node)
+        return ["lit", hex(bits[node.attr])]
+
+    def unary(self, node: S.Unary) -> list:
+        op = _UNARY.get(node.op)
+        if op is None:
+            raise self.error(f"unsupported operator '{node.op}'", node)
+        return [op, self.form(node.operand)]
+
+    def binary(self, node: S.Binary) -> list:
+        if node.op not in ARITH and node.op not in COMPARE and node.op not in ("and", "or"):
+            raise self.error(f"unsupported operator '{node.op}'", node)
+        return [node.op, self.form(node.left), self.form(node.right)]
+
+    def symbol(self, node: S.SymbolRef) -> list:
         name, optional, percpu = node.name, node.optional, node.percpu
+        key = f"symbol {name}{'?' if optional else ''}{' percpu' if percpu else ''}"
 
-        def sym(env: _Env) -> int:
+        def read(env: _Env) -> int:
             g = env.runner.xen.guest
             if percpu or (name in g.percpu and name not in g.symbols):
                 if name not in g.percpu:
-                    raise err(f"no per-CPU symbol '{name}'", node)
+                    raise self.error(f"no per-CPU symbol '{name}'", node)
                 return g.percpu_base[env.vcpu] + g.percpu[name]
             addr = g.symbols.get(name)
             if addr is None:
                 if optional:
                     return 0
-                raise err(f"unknown symbol '{name}' in this guest", node)
+                raise self.error(f"unknown symbol '{name}' in this guest", node)
             return addr
-        return sym
-    if isinstance(node, S.Name):
+        self.readers.setdefault(key, read)
+        return ["field", key]
+
+    def register(self, node: S.Name) -> list:
         name = node.name
 
-        def reg(env: _Env) -> int:
+        def read(env: _Env) -> int:
             v = env.runner.xen.vcpu(env.vcpu)
             try:
                 return v.get(name)
@@ -254,42 +317,16 @@ def _compile(node: S.Expr, path: str, span: tuple[int, int]) -> Compiled:
             index = _MSR_NAMES.get(name) or _MSR_NAMES.get(name.upper())
             if index is not None:
                 return v.msrs.get(index, 0)
-            raise err(f"unknown register or name '{name}'", node)
-        return reg
-    if isinstance(node, S.Attr):
-        bits = _NAMED_BITS.get(node.base.lower(), {})
-        if node.attr not in bits:
-            raise err(f"unknown named bit '{node.base}.{node.attr}'", node)
-        value = bits[node.attr]
-        return lambda env: value
-    if isinstance(node, S.Unary):
-        inner = _compile(node.operand, path, span)
-        if node.op == "-":
-            return lambda env: (-inner(env)) & _MASK
-        if node.op == "~":
-            return lambda env: (~inner(env)) & _MASK
-        if node.op == "not":
-            return lambda env: int(not inner(env))
-        raise err(f"unsupported operator '{node.op}'", node)
-    if isinstance(node, S.Binary):
-        left, right = _compile(node.left, path, span), _compile(node.right, path, span)
-        op = node.op
-        if op == "and":
-            return lambda env: int(bool(left(env)) and bool(right(env)))
-        if op == "or":
-            return lambda env: int(bool(left(env)) or bool(right(env)))
-        if op in ("/", "%"):
-            def div(env: _Env) -> int:
-                b = right(env)
-                if b == 0:
-                    raise err("division by zero", node)
-                return left(env) // b if op == "/" else left(env) % b
-            return div
-        fn = _BINOPS.get(op)
-        if fn is None:
-            raise err(f"unsupported operator '{op}'", node)
-        return lambda env: fn(left(env), right(env)) & _MASK
-    raise err(f"{type(node).__name__} is not allowed in a scenario expression", node)
+            raise self.error(f"unknown register or name '{name}'", node)
+        self.readers.setdefault(name, read)
+        return ["field", name]
+
+
+_UNARY = {"-": "neg", "~": "inv", "not": "not"}
+_FORMS: dict[type, Callable[[_FormBuilder, Any], list]] = {
+    S.Num: _FormBuilder.number, S.Attr: _FormBuilder.named_bit, S.Unary: _FormBuilder.unary,
+    S.Binary: _FormBuilder.binary, S.SymbolRef: _FormBuilder.symbol, S.Name: _FormBuilder.register,
+}
 
 
 def _expression(value: Any, path: str, pos: tuple[int, int], what: str, quoted: bool = False) -> Compiled:
