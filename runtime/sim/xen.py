@@ -276,6 +276,7 @@ class SimulatedXen(AccessMixin, RingMixin, MonitorMixin, ResponseMixin, MemoryMi
         if s.inject is None:
             s.inject = GuestFault(vector, _VECTOR_NAMES.get(vector, f"#{vector}"), error_code,
                                   None, injected=True)
+            s.inject_sw = software
         if self._runnable(s):
             self._runq.append(s)
             self._drain()
