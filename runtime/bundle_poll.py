@@ -17,6 +17,10 @@ never waits on the network:
   bundle (`BundleStore`) and unpacked where a SIGHUP re-reads the plan; the next restart enforces
   it before the network is up.
 
+A bundle whose activation failed on the host (a fault mid-install, rolled back, or no room on disk
+to unpack it) is fetched again and retried at the next poll; one that cannot run here (it does not
+bind to this guest, or needs what the host lacks) waits for new bytes.
+
 `polls` counts fetch outcomes by result: ``new`` (verified, handed to the loop), ``not_modified``
 (a 304), ``unchanged`` (the active bundle's very bytes, e.g. from a server without ETags),
 ``refused`` (did not verify) and ``unreachable`` (no answer, or an HTTP error). The ETag of every
@@ -36,11 +40,15 @@ from typing import Any, Callable
 from ..bundle import Bundle, BundleError, BundleStore, fetch_bundle, verify_bundle
 from .reload import ReloadResult, failed, reload_from_file
 
-__all__ = ["BundlePoller", "JITTER", "POLL_RESULTS"]
+__all__ = ["BundlePoller", "JITTER", "POLL_RESULTS", "RETRIED_STAGES"]
 
 JITTER = 0.25               # each wait is `every` times a factor drawn from [1 - JITTER, 1 + JITTER]
 POLL_RESULTS = ("new", "not_modified", "unchanged", "refused", "unreachable")
 FETCH_TIMEOUT = 30.0
+# A bundle that failed to activate at these stages failed on the host, not on what it holds (a fault
+# mid-install, rolled back): it is fetched and tried again at the next poll, as is one that could not
+# be unpacked to disk. One whose plan does not load, bind or fit the host would fail the same way.
+RETRIED_STAGES = frozenset({"install"})
 
 
 class BundlePoller:
@@ -96,6 +104,7 @@ class BundlePoller:
         if bundle is None:
             return None
         incoming = self.store.directory / "incoming"
+        host_fault = False
         try:
             shutil.rmtree(incoming, ignore_errors=True)
             plan = bundle.unpack(incoming)
@@ -103,12 +112,16 @@ class BundlePoller:
             result = failed(enforcer.plan.get("content_hash", ""), bundle.manifest.get("plan_hash", ""), "source",
                             f"cannot unpack bundle revision {bundle.revision} into {incoming}: {exc}")
             enforcer.note_reload(result)
+            host_fault = True
         else:
             result = reload_from_file(enforcer, str(plan), self.target, symbols_dir=str(incoming), audit=self.audit)
         if result.ok:
             self._adopt(bundle)
         else:
             self._note_error(f"bundle revision {bundle.revision} did not activate ({result.stage}): {result.error}")
+            if host_fault or result.stage in RETRIED_STAGES:
+                with self._lock:
+                    self.etag = None        # a 304 would keep it from us until its bytes change
         if self.report is not None:
             self.report(bundle, result)
         return result

@@ -211,7 +211,8 @@ def _check_room(inst: Installation, bound: Any, caps: Any) -> None:
 
 def _build_and_switch(enforcer: Any, inst: Installation, beside: Installation, caps: Any,
                       plan: Mapping[str, Any], moved: list[dict[str, Any]], result: ReloadResult) -> None:
-    """Steps 2-5 (the domain is paused). Raises only before the switch."""
+    """Steps 2-5 (the domain is paused). Raises only before the new plan is adopted; a failure to
+    adopt it after the switch puts the vCPUs back in the running plan's view first."""
     result.answered_before_switch = _answer_in_flight(enforcer, inst, caps)
     enforcer.idle()                            # arm64: relaxed pages re-armed under the old plan first
     inst.pending = beside.journal              # saved with ours: `recover` sees both while we build
@@ -227,16 +228,34 @@ def _build_and_switch(enforcer: Any, inst: Installation, beside: Installation, c
     elif default is not None:
         current = getattr(backend, "current_view", None)
         switch_entry = {"op": "switch_view", "view": current(0) if callable(current) else 0}
+    running_view = _running_view(inst)
     if switch_entry is not None:
         beside.journal.append(switch_entry)    # last: undone first, before any view is destroyed
         inst._save()
         backend.switch_view(beside.view_map[default] if default is not None else switch_entry["view"])
+    try:
+        enforcer.adopt_plan(plan, beside.bound, engine, native)
+    except BaseException:
+        # The vCPUs are in the new plan's view but the old plan still decides: put them back before
+        # the rollback destroys that view (a view in use cannot be destroyed, and the old plan's
+        # traps are in its own view).
+        if switch_entry is not None:
+            backend.switch_view(running_view)
+        raise
     # -- switched: from here the new plan decides every event; nothing below may undo that
-    enforcer.adopt_plan(plan, beside.bound, engine, native)
     try:
         result.released_late = _release_old(inst, beside)
     except Exception as exc:  # noqa: BLE001 - a state record that cannot be written, say
         result.released_late.append(f"releasing the old plan's pieces: {exc}")
+
+
+def _running_view(inst: Installation) -> int:
+    """The view the running plan keeps its vCPUs in (what a failed reload switches back to)."""
+    current = getattr(inst.backend, "current_view", None)
+    if callable(current):
+        return current(0)
+    default = inst.bound.default_view()
+    return inst.view_map[default] if default is not None else 0
 
 
 def _answer_in_flight(enforcer: Any, inst: Installation, caps: Any) -> int:

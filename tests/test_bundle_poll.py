@@ -273,6 +273,48 @@ def test_the_poller_never_raises_jitters_its_waits_and_hands_over_only_newer_ver
     assert isinstance(active, Bundle) and poller.active is active      # nothing activates off the loop
 
 
+def test_a_bundle_whose_install_failed_on_a_host_fault_is_tried_again_at_the_next_poll(plans, bundle_keys, tmp_path):
+    """A verified bundle whose activation failed on a fault of the host mid-install (rolled back, the
+    old plan enforcing) is fetched again and retried at the next poll: the server's 304 for the same
+    ETag must not leave the host on the old revision until the bundle's bytes change. A bundle that
+    cannot run here (bind, capability) is not retried: the same bytes would fail the same way."""
+    from policyc.runtime.enforce import Enforcer
+    from policyc.runtime.sim.chaos import InjectedFault
+    from policyc.runtime.sim.scenario import build_scenario, load_scenario
+    keys = bundle_keys
+    active = verify_bundle(_bundle(plans, keys, "A", 2), trusted_pem=keys[1])
+    served = {"B": (_bundle(plans, keys, "B", 3), '"e3"')}
+
+    def fetch(source, *, etag=None, timeout=30.0):
+        raw, tag = served["B"]
+        return (None, tag) if etag == tag else (raw, tag)
+    xen = build_scenario(load_scenario(ROOT / "examples" / "scenarios" / "rootkit-hooks-syscall-table.yaml"))
+    unpacked = active.unpack(tmp_path / "active")
+    from policyc.plan_source import load_plan_source
+    a = load_plan_source(str(unpacked), None, symbols_dir=str(tmp_path / "active"))
+    enf = Enforcer(a.plan, xen, a.symbols, guest="retry", state_dir=tmp_path / "state")
+    enf.start()
+    real, calls = xen.create_view, [0]
+
+    def create_view_failing_once(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise InjectedFault("create_view", "injected", 12)
+        return real(*args, **kwargs)
+    xen.create_view = create_view_failing_once
+    poller = BundlePoller("http://bundles.invalid/b", keys[1], BundleStore(tmp_path / "store"), active,
+                          every=10.0, fetch=fetch)
+    assert poller.check_once() == "new"
+    first = poller.poll(enf)
+    assert first is not None and not first.ok and first.stage == "install"
+    assert enf.plan["content_hash"] == _plan_hash(plans, "A") and poller.active.revision == 2
+    assert poller.check_once() == "new"               # fetched again, not a 304 for the ETag it had
+    second = poller.poll(enf)
+    assert second is not None and second.ok, second.describe()
+    assert enf.plan["content_hash"] == _plan_hash(plans, "B") and poller.active.revision == 3
+    assert poller.check_once() == "not_modified" and enf.stop() == []
+
+
 def test_a_bad_poll_interval_is_one_usage_line(tmp_path, capsys):
     assert main(["run", "--bundle", "http://127.0.0.1:9/b", "--trust", str(tmp_path / "k.pub"), "--bundle-poll", "-1",
                  "--guest", f"simhost:{tmp_path / 'none.sock'}"]) == 2

@@ -155,6 +155,31 @@ def test_a_fault_during_a_reload_keeps_one_plan_enforcing(tmp_path, call):
     assert diff_snapshots(before_install, xen.state_snapshot(memory=False)) == []
 
 
+def test_a_failure_right_after_the_switch_puts_the_vcpus_back_in_the_running_plans_view(tmp_path):
+    """The switch to the new plan's view has happened when the enforcer fails to take the new plan's
+    engines: the rollback must first put every vCPU back in the running plan's view, or it destroys
+    views in use and the old plan enforces in a view it does not own."""
+    scenario, xen, enf = started(tmp_path)
+    before_install = build_scenario(scenario).state_snapshot(memory=False)
+    armed_before, view_before = armed(xen), xen.current_view(0)
+    v2 = load_plan_source(str(POLICIES / "reload" / "syscalls-only.vmi"), None)
+    real = enf.adopt_plan
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected: the new engines cannot be taken")
+    enf.adopt_plan = failing
+    result = enf.reload(v2.plan, v2.symbols)
+    enf.adopt_plan = real
+    assert not result.ok and result.stage == "install" and "injected" in result.error, result.describe()
+    assert "rolling back" not in result.error
+    assert xen.current_view(0) == view_before and armed(xen) == armed_before
+    runner = ScenarioRunner(scenario, xen, lambda _x: enf.service())
+    assert runner.run_step(scenario.steps[0]).verdict == "deny"
+    assert enf.reload(v2.plan, v2.symbols).ok
+    assert enf.stop() == []
+    assert diff_snapshots(before_install, xen.state_snapshot(memory=False)) == []
+
+
 def test_reloading_the_running_plan_changes_nothing(tmp_path):
     _scenario, xen, enf = started(tmp_path)
     before = armed(xen)
