@@ -18,9 +18,17 @@ is derived: a request one side sends and the other does not is a difference (`li
 
 The guest. The simulated guest gets the live one's registers and the frames binding and install read
 (the trace's guest reads before `installed`), so binding finds what it found live; its page tables are
-the guest's own where they were recorded. A guest with paging off (the lab's tiny guest) gets tables of
-its own in frames above its memory, and every access's linear address is mapped to the frame the
-request names, 4 KiB at a time, as requests come (the live guest's linear address is its physical one).
+the guest's own where they were recorded, and an access's linear address the recorded tables do not
+map is mapped, 4 KiB at a time, to the frame its request names. A guest with paging off (the lab's
+tiny guest) gets an identity map of its memory in frames above it, and an IDT the recording never
+read gets gates to the code segment it runs in (an exception's delivery reads the descriptor they
+name). What a write stored is not in its request: the step stores what the recording read from that
+frame after the batch (a page table the guest wrote), else what is there.
+
+A request live Xen sent twice running is counted (`repeats`): a loop, or an answer whose effect did
+not happen live. What differs after one, until the vCPU is past that instruction, is counted under
+`repeat_episode.*`. Differences the simulator does not model are the kinds in `DOCUMENTED`, each
+explained in docs/XEN-SEMANTICS.md §10; `LiveReplay.ok` allows those and no others.
 
 `replay_live_files(TRACE, LOG, POLICY)` does it from files (the lab's dom0 check), `trace_excerpt` cuts a
 small sample of a recording (tests/data), `load_sample` reads one back.
@@ -37,7 +45,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...native.constants import (CR_INDEX, DESC_INDEX, ET_HW_EXC, ET_PRI_SW_EXC, F_ALTP2M, MA_GLA_VALID,
-                                 MA_IN_GPT, MA_R, MA_W, MA_X, RS_CPUID, RS_DEBUG_EXCEPTION,
+                                 MA_IN_GPT, MA_W, MA_X, RS_CPUID, RS_DEBUG_EXCEPTION,
                                  RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST, RS_MEM_ACCESS, RS_MOV_TO_MSR,
                                  RS_SINGLESTEP, RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG)
 from ..guest_memory import FRAME_SHIFT, FRAME_SIZE
