@@ -396,10 +396,21 @@ def emit_trace_sample(trace: str, log: str, max_requests: int, policy: str, targ
     except Exception as e:  # record, go on
         print(f"LAB-ERR trace sample: {type(e).__name__}: {e}"[:400], flush=True)
         return
-    text = base64.b64encode(gzip.compress(json.dumps(sample, sort_keys=True).encode())).decode()
+    print_parts("LAB-TRACE", base64.b64encode(gzip.compress(json.dumps(sample, sort_keys=True).encode())).decode())
+
+
+# Xen drops console output beyond its serial buffer (16 KiB) when the emulated UART drains more slowly
+# than dom0 writes: a Bochs run lost characters in the middle of its LAB-RESULT lines that way. 50 ms a
+# line (of dom0's clock, which the UART's runs by) is four times what a line takes at 115,200 baud.
+CONSOLE_LINE_SECONDS = 0.05
+
+
+def print_parts(tag: str, text: str) -> None:
+    """`text` as `TAG i/n PART` lines of 160 characters, paced for the console."""
     parts = [text[i:i + 160] for i in range(0, len(text), 160)]
     for i, part in enumerate(parts):
-        print(f"LAB-TRACE {i + 1}/{len(parts)} {part}", flush=True)
+        print(f"{tag} {i + 1}/{len(parts)} {part}", flush=True)
+        time.sleep(CONSOLE_LINE_SECONDS)
 
 
 def policy_rules(policy: str) -> list[str]:
@@ -924,10 +935,7 @@ def main() -> int:
 
     result["summary"] = summarize(result)
     # short lines: Xen's console may slip a guest's line between two writes of a long one
-    text = json.dumps(result, sort_keys=True)
-    parts = [text[i:i + 160] for i in range(0, len(text), 160)]
-    for i, part in enumerate(parts):
-        print(f"LAB-RESULT {i + 1}/{len(parts)} {part}", flush=True)
+    print_parts("LAB-RESULT", json.dumps(result, sort_keys=True))
     return 0
 
 
