@@ -7,7 +7,7 @@ take part in equality, so two spellings of one policy compare equal.
 
 The tree is faithful to what was written (constants unfolded, names
 unresolved, comments kept) because the formatter prints it back. Resolution
-and folding happen in `policyc.check`, which turns it into the checked model.
+and folding happen in the checker (`policyc.checking`), which turns it into the checked model.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ import pytest
 
 from policyc import model as M
 from policyc.check import check_policy
+from policyc.condition_form import evaluate
 from policyc.diagnostics import Diagnostics
+from policyc.plan_expr import compile_condition
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
 SYS_CALL_TABLE = 0xFFFFFFFF82000360
@@ -119,6 +121,19 @@ def test_constants_fold_in_any_order_and_cycles_are_errors(policy_dir: Path):
     assert p.region("r").extents[0].start == M.Address(SYS_CALL_TABLE + 0x200)
     _, d = check_text(policy_dir, "    const A = B + 1\n    const B = A + 1")
     assert "PC314" in codes(d)
+
+
+@pytest.mark.parametrize("expr, value", [
+    ("1 + 2 * 3 - 10", (1 << 64) - 3), ("~-1", 0), ("0x10 ^ 0x3 | 4", 0x17), ("-(-5)", 5),
+    ("-5", (1 << 64) - 5), ("0xffffffffffffffff * 0xffffffffffffffff - 0x8000000000000000", (1 << 63) + 1),
+])
+def test_a_conditions_literal_arithmetic_folds_to_what_the_plan_computes(policy_dir: Path, expr: str, value: int):
+    # Folded in the checker, decided by the plan's evaluator: the one literal left is the 64-bit value.
+    p, d = check_text(policy_dir, f"    rule r: on write cr4 where rax == {expr} {{ deny }}")
+    assert p is not None, codes(d)
+    form = compile_condition(p.rule("r").condition)
+    assert form[2][0] == "lit", form
+    assert evaluate(form, {"rax": value}) and not evaluate(form, {"rax": value ^ 1})
 
 
 def test_isf_offsets_and_sizes(policy_dir: Path):

@@ -86,7 +86,7 @@ def test_check_policy_has_one_meaning(tmp_path):
 
 def test_importing_the_package_does_not_load_the_compiler():
     code = "import sys, policyc, policyc.runtime.backend; print(sorted(m for m in sys.modules if m in " \
-           "('policyc.check', 'policyc.compiler', 'policyc.lowering', 'policyc.runtime.enforce', 'policyc.runtime.sim.xen')))"
+           "('policyc.check', 'policyc.checking', 'policyc.compiler', 'policyc.lowering', 'policyc.runtime.enforce', 'policyc.runtime.sim.xen')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -117,3 +117,15 @@ def test_the_readme_maps_every_package_folder():
     folders = {str(p.parent.relative_to(ROOT)) for p in _package_inits()}
     assert folders <= listed, f"README's layout table lacks {sorted(folders - listed)}"
     assert all((ROOT / f).is_dir() for f in listed), "README's layout table names a folder that is not there"
+
+
+def test_the_wheel_ships_every_package_folder():
+    # pyproject.toml lists the packages by name: a package folder it misses installs without its modules.
+    import tomllib
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    installed = {source: name for name, source in setuptools["package-dir"].items()}
+    folders = {str(p.parent.relative_to(ROOT)) for p in _package_inits()}
+    top = {f: next(src for src in installed if f == src or f.startswith(src + "/")) for f in folders}
+    names = {installed[src] + f[len(src):].replace("/", ".") for f, src in top.items()}
+    missing = sorted(names - set(setuptools["packages"]))
+    assert missing == [], f"pyproject.toml's packages lack {missing}"
