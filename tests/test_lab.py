@@ -152,6 +152,12 @@ def run_result(lab: dict) -> dict:
             continue
         rules[rule] = dict(c, responses={k.split("/", 1)[1]: n for k, n in flags.items()
                                          if k.split("/", 1)[0] == rule})
+    # the audit-mode run after it in the same boot (Bochs 3.0): its rules as audit:<rule>
+    audit_flags = (r.get("audit") or {}).get("response_flags_by_rule") or {}
+    for rule, c in (r.get("compare_audit") or {}).items():
+        if rule != "enforcer":
+            rules[f"audit:{rule}"] = dict(c, responses={k.split("/", 1)[1]: n for k, n in audit_flags.items()
+                                                        if k.split("/", 1)[0] == rule})
     env = r.get("environment") or {}
     return {"mode": r.get("mode"), "xen": {k: env.get(k) for k in ("xen_version", "xen_library")},
             "policy": enforce.get("policy"), "rules": rules,
@@ -289,6 +295,10 @@ def test_bochs3_lab() -> None:
         assert any(k.startswith("secret_read/") and "SET_EMUL_READ_DATA" in k for k in flags), flags
         assert any(k.startswith("watched_write/") and "EMULATE_NOWRITE" in k for k in flags), flags
         assert any(k.startswith("exec_guard/") for k in flags), flags
+        # an allowed descriptor-table load emulated; audit mode's would-deny write stepped over, not emulated
+        assert any(k.startswith("ldt_load/") and "EMULATE" in k for k in flags), flags
+        audit = lab["result"]["audit"]["response_flags_by_rule"]
+        assert any(k.startswith("watched_write/") and "FAST_SINGLESTEP" in k for k in audit), audit
     assert s["backend_calls_ok"], lab["result"].get("backend_calls")
     print(f"bochs3 lab, {guest} guest: wall {lab.get('wall_seconds')} s, enforcer "
           f"{s['enforcer_events_per_second']} events/s, flags {flags}")

@@ -19,6 +19,12 @@ dom0_check = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(dom0_check)
 
 
+def _benign_landed(n: int) -> dict:
+    """The tiny guest's allowed work in a window of n rounds: the unwatched write, the lldt and the
+    probe page's write, each landed every round."""
+    return {k: v for g in ("unw", "lldt", "acc_wr") for k, v in ((f"{g}_landed", n), (f"{g}_blocked", 0))}
+
+
 def _tiny_qemu() -> tuple[str, object, dict]:
     kind = dom0_check.GUESTS["tiny"]
     res = {
@@ -30,7 +36,7 @@ def _tiny_qemu() -> tuple[str, object, dict]:
         "guest_delta_whole_run": {"round": 90000, "cr4_landed": 89000, "cr4_blocked": 501, "msr_landed": 89000,
                                   "msr_blocked": 501, "cpuid": 90000, "unw_landed": 90000, "unw_blocked": 0},
         "guest_delta_enforced_window": {"round": 480, "cr4_landed": 0, "cr4_blocked": 480, "msr_landed": 0,
-                                        "msr_blocked": 480, "cpuid": 481, "unw_landed": 480, "unw_blocked": 0},
+                                        "msr_blocked": 480, "cpuid": 481} | _benign_landed(480),
     }
     return "qemu", kind, res
 
@@ -73,14 +79,43 @@ def _tiny_bochs3_strategies() -> tuple[str, object, dict]:
                                 "bp_site/allow": w},
         "guest_delta_whole_run": {g: n for g in ("cr0_blocked", "cr4_blocked", "msr_blocked", "wat_blocked",
                                                  "rd_blocked", "exec_blocked")},
-        "guest_delta_enforced_window": {"round": w, "bp_passes": w, "unw_landed": w, "unw_blocked": 0}
+        "guest_delta_enforced_window": {"round": w, "bp_passes": w} | _benign_landed(w)
         | {f"{g}_landed": 0 for g in ("cr0", "cr4", "msr", "wat", "rd", "exec")}
         | {f"{g}_blocked": w for g in ("cr0", "cr4", "msr", "wat", "rd", "exec")},
     }
     return "bochs3", kind, res
 
 
-RUNS = {"qemu-tiny": _tiny_qemu, "bochs-linux": _linux_bochs, "bochs3-tiny-strategies": _tiny_bochs3_strategies}
+def _tiny_bochs3_every_strategy() -> tuple[str, object, dict]:
+    """The tiny guest under the whole of policies/lab-strategies-vmx.vmi: beside the above, CR3, lgdt and ltr
+    refused, descriptor stores and an lldt emulated, guest requests (one rule logs them, the quarantine rule
+    pauses the domain once and disarms), every access to the probe page stepped over, bp_site's byte read."""
+    mode, kind, res = _tiny_bochs3_strategies()
+    n, w = 300, 280
+    res["policy_rules"] += ["agent_request", "cr3_guard", "ldt_load", "lgdt_guard", "ltr_guard", "probe_access",
+                            "quarantine", "sgdt_probe", "sldt_probe", "str_probe"]
+    res["decisions_by_kind_rule_verdict"] |= {
+        "write_ctrlreg/cr3_guard/deny": n, "descriptor_access/lgdt_guard/deny": n,
+        "descriptor_access/ltr_guard/deny": n, "descriptor_access/sgdt_probe/allow": n,
+        "descriptor_access/ldt_load/allow": n, "descriptor_access/sldt_probe/allow": n,
+        "descriptor_access/str_probe/allow": n, "guest_request/agent_request/allow": n,
+        "guest_request/quarantine/allow": 1, "guest_request/None/allow": 4, "mem_access/probe_access/allow": 3 * n}
+    res["decisions_in_window"] |= {"cr3_guard/deny": w, "lgdt_guard/deny": w, "ltr_guard/deny": w,
+                                   "sgdt_probe/allow": w, "ldt_load/allow": w, "sldt_probe/allow": w,
+                                   "str_probe/allow": w, "agent_request/allow": w, "quarantine/allow": 1,
+                                   "probe_access/allow": 3 * w, "None/allow": 3}
+    res["guest_delta_whole_run"] |= {"cr3_blocked": n, "lgdt_blocked": n, "ltr_blocked": n, "greq_failed": 0}
+    res["guest_delta_enforced_window"] |= {f"{g}_landed": 0 for g in ("cr3", "lgdt", "ltr")} | {
+        f"{g}_blocked": w for g in ("cr3", "lgdt", "ltr")} | {
+        "sgdt": w, "sldt": w, "str": w, "greq": w, "qreq": 4, "acc": 3 * w, "bp_read_ok": w, "bp_read_bad": 0}
+    res["guest_delta_enforced_window"]["int3"] = w
+    res["unclaimed_in_window"] = {"guest_request": 3, "mem_access": 2 * w, "software_breakpoint": w}
+    res["policy_pauses"] = [{"round": 12, "qreq": 1, "state": "--p---", "wall": 0.0, "unpause_rc": 0}]
+    return mode, kind, res
+
+
+RUNS = {"qemu-tiny": _tiny_qemu, "bochs-linux": _linux_bochs, "bochs3-tiny-strategies": _tiny_bochs3_strategies,
+        "bochs3-tiny-every-strategy": _tiny_bochs3_every_strategy}
 
 
 def _agrees(mode: str, kind: object, res: dict) -> bool:
@@ -148,6 +183,30 @@ ALTERATIONS = {
         "the guarded function ran while enforced": _set("guest_delta_enforced_window.exec_landed", 2),
         "a CR0 write landed while enforced": _set("guest_delta_enforced_window.cr0_landed", 2),
         "CR0 refusals beyond the teardown drop": _bump("guest_delta_whole_run.cr0_blocked", 2),
+    },
+    "bochs3-tiny-every-strategy": {
+        "a CR3 write landed while enforced": _set("guest_delta_enforced_window.cr3_landed", 2),
+        "an lgdt refusal the guest never took": _bump("guest_delta_whole_run.lgdt_blocked", -1),
+        "an ltr landed while enforced": _set("guest_delta_enforced_window.ltr_landed", 2),
+        "sgdt decisions short of the guest's": _bump("decisions_in_window.sgdt_probe/allow", -3),
+        "an allowed lldt refused": _set("guest_delta_enforced_window.lldt_blocked", 1),
+        "an allowed lldt that never landed": _set("guest_delta_enforced_window.lldt_landed", 0),
+        "guest requests beyond the guest's": _bump("decisions_in_window.agent_request/allow", 3),
+        "a guest request failed": _set("guest_delta_whole_run.greq_failed", 1),
+        "quarantine decided again (no disarm)": _bump("decisions_by_kind_rule_verdict.guest_request/quarantine/allow", 1),
+        "the pause never seen": _set("policy_pauses", []),
+        "paused twice": lambda r: r["policy_pauses"].append(dict(r["policy_pauses"][0])),
+        "the unpause failed": _set("policy_pauses", [{"round": 12, "unpause_rc": 1}]),
+        "quarantine requests after the disarm not answered": _set("unclaimed_in_window.guest_request", 0),
+        "the guest's int3 delivered twice (a re-injection dropped)": _set("unclaimed_in_window.software_breakpoint",
+                                                                          2 * 280),
+        "the guest's int3 never re-injected": _set("unclaimed_in_window.software_breakpoint", 0),
+        "the guest's int3 trapped beyond the first-touch bound": _bump("unclaimed_in_window.software_breakpoint",
+                                                                       2 + 3 + 1),
+        "the shadow frame leaked the int3": _set("guest_delta_enforced_window.bp_read_bad", 1),
+        "bp_site never read while enforced": _set("guest_delta_enforced_window.bp_read_ok", 0),
+        "probe accesses short of the guest's": _bump("decisions_in_window.probe_access/allow", -3),
+        "the probe write refused": _set("guest_delta_enforced_window.acc_wr_blocked", 1),
     },
     "bochs-linux": {
         "sys_call_table deny count off by one": _bump("guest_delta_whole_run.sct_blocked", 1),
@@ -294,3 +353,109 @@ def test_strace_counts_reads_calls_per_system_call():
              "------ ----------- ----------- --------- --------- ----------------\n"
              "100.00    0.000700                    70         2 total\n")
     assert dom0_check.strace_counts(table) == {"poll": 40, "ioctl": 30}
+
+
+# =========================================================================== audit mode
+
+def _audit_run() -> dict:
+    """policies/lab-audit-vmx.vmi on the tiny guest: every deny answered as allow, logged as would-deny."""
+    n, w = 300, 280
+    return {"rc": 0, "teardown_clean": True, "exited_before_sigterm": False, "decisions": 2 * n,
+            "policy_rules": ["cr4_guard", "watched_write"],
+            "decisions_by_kind_rule_verdict": {"write_ctrlreg/cr4_guard/deny": n, "mem_access/watched_write/deny": n},
+            "would_deny": {"cr4_guard": n, "watched_write": n},
+            "would_deny_in_window": {"cr4_guard": w, "watched_write": w},
+            "guest_delta_whole_run": {"cr4_blocked": 0, "wat_blocked": 0},
+            "guest_delta_enforced_window": {"cr4_landed": w + 1, "wat_landed": w}}
+
+
+def _audit_agrees(res: dict) -> bool:
+    out = dom0_check.strategies.compare_audit(res, dom0_check.SAMPLE_EDGE, dom0_check.decision_count,
+                                              dom0_check._enforcer_exit(res))
+    return all(c["ok"] is True for c in out.values())
+
+
+AUDIT_ALTERATIONS = {
+    "a deny enforced in audit mode": _bump("guest_delta_whole_run.wat_blocked", 1),
+    "a deny not marked would-deny": _bump("would_deny.cr4_guard", -1),
+    "would-deny short of what landed": _bump("would_deny_in_window.watched_write", -3),
+    "would-deny beyond what landed": _bump("would_deny_in_window.cr4_guard", 4),
+    "nothing landed": _set("guest_delta_enforced_window.wat_landed", 0),
+    "a rule the guest has no counter for": lambda r: r["policy_rules"].append("mystery_rule"),
+    "teardown not clean": _set("teardown_clean", False),
+    "no window": _drop("guest_delta_enforced_window"),
+}
+
+
+def test_audit_results_that_agree_pass():
+    assert _audit_agrees(_audit_run())
+
+
+@pytest.mark.parametrize("name", sorted(AUDIT_ALTERATIONS))
+def test_each_audit_alteration_fails(name):
+    res = _audit_run()
+    AUDIT_ALTERATIONS[name](res)
+    assert not _audit_agrees(res), name
+
+
+def test_summary_counts_the_audit_run():
+    mode, kind, res = _tiny_qemu()
+    audit = _audit_run()
+    result = {"environment": {"import_policyc": "ok", "check_rc": 0},
+              "guest_before": {"magic_ok": True, "rounds_per_second": 30.0}, "enforce": res,
+              "compare": dom0_check.compare(mode, kind, res), "after_teardown": {"ok": True},
+              "compare_audit": dom0_check.strategies.compare_audit(audit, 2, dom0_check.decision_count,
+                                                                   dom0_check._enforcer_exit(audit)),
+              "after_audit": {"ok": True}}
+    assert dom0_check.summarize(result)["verdicts_agree"]
+    audit["guest_delta_whole_run"]["cr4_blocked"] = 1
+    result["compare_audit"] = dom0_check.strategies.compare_audit(audit, 2, dom0_check.decision_count,
+                                                                  dom0_check._enforcer_exit(audit))
+    s = dom0_check.summarize(result)
+    assert not s["verdicts_agree"] and "audit:cr4_guard" in s["disagreements"]
+    result["compare_audit"]["cr4_guard"]["ok"] = True
+    result["after_audit"] = {"ok": False}
+    assert not dom0_check.summarize(result)["guest_runs_after_teardown"]
+
+
+def test_the_pause_watch_unpauses_only_a_stopped_paused_guest_after_install():
+    calls = []
+    states = {"now": "--p---"}
+    watch = dom0_check.strategies.PauseWatch(7, lambda d: states["now"], lambda cmd: calls.append(cmd) or (0, ""))
+    still = [{"round": 5, "wall": 1.0, "qreq": 1}, {"round": 5, "wall": 1.25, "qreq": 1}]
+    watch(still, in_place=False)                     # installing: the enforcer's own pause
+    watch([still[0], dict(still[1], round=6)], in_place=True)   # the guest moves: not paused
+    states["now"] = "? rc=1"
+    watch(still, in_place=True)                      # `xl list` failed: not read as paused
+    assert calls == [] and watch.seen == []
+    states["now"] = "--p---"
+    watch(still, in_place=True)
+    assert calls == [["xl", "unpause", "7"]] and watch.seen[0]["qreq"] == 1
+
+
+def test_the_first_touch_of_a_fresh_view_is_the_named_bound_and_no_more():
+    mode, kind, res = _tiny_bochs3_every_strategy()
+    res["unclaimed_in_window"]["software_breakpoint"] += dom0_check.SAMPLE_EDGE + dom0_check.DELIVERY_FIRST_TOUCH
+    assert _agrees(mode, kind, res)           # seen live: 243 events against 240 int3
+    res["unclaimed_in_window"]["software_breakpoint"] = res["guest_delta_enforced_window"]["int3"] - 3
+    assert not _agrees(mode, kind, res)       # fewer events than int3 is never a first touch
+
+
+def test_decision_facts_count_would_deny_limited_and_unclaimed_in_and_out_of_the_window():
+    t_in, t_out = "2026-12-07T10:00:01Z", "2026-12-07T09:00:00Z"
+    decisions = [
+        {"time": t_in, "kind": "cpuid", "rule": "hypervisor_probe", "limited": ["hypervisor_probe"]},
+        {"time": t_in, "kind": "write_ctrlreg", "rule": "cr4_guard", "would_deny": True},
+        {"time": t_out, "kind": "write_ctrlreg", "rule": "cr4_guard", "would_deny": True},
+        {"time": t_in, "kind": "software_breakpoint", "rule": None, "event": {"rip": "0x100153", "gfn": "0x100"},
+         "response": "not_ours", "effects": [{"kind": "inject"}]},
+        {"time": t_in, "kind": "mem_access", "rule": None, "event": {"rip": "0x100397", "gfn": "0x100", "access": 1}},
+        {"record": "effect_error", "time": t_in}]
+    start = dom0_check._epoch("2026-12-07T10:00:00Z")
+    facts = dom0_check.strategies.decision_facts(decisions, start, start + 10, dom0_check._epoch)
+    assert facts["would_deny"] == {"cr4_guard": 2} and facts["would_deny_in_window"] == {"cr4_guard": 1}
+    assert facts["limited"] == {"hypervisor_probe": 1}
+    assert facts["unclaimed_in_window"] == {"software_breakpoint": 1, "mem_access": 1}
+    assert facts["unclaimed_memory"] == {"gfn=0x100 access=1 rip=0x100397": 1}
+    assert facts["log_records"] == {"effect_error": 1}
+    assert facts["sequence_sample"][0] == "cpuid/hypervisor_probe/None/None" and len(facts["sequence_sample"]) == 4

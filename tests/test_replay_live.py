@@ -21,12 +21,14 @@ from policyc.plan_source import load_plan_source
 from policyc.runtime.sim.replay_live import DOCUMENTED, load_sample, replay_live, replay_live_files, request_fields
 
 HERE = Path(__file__).resolve().parent
-SAMPLES = sorted((HERE / "data" / "live-replay").glob("*.json"))
-LAB_POLICIES = HERE / "lab" / "policies"
+SAMPLE_DIR = HERE / "data" / "live-replay"
+SAMPLES = sorted(SAMPLE_DIR.glob("*.json"))
 
 
 def _compiled(sample: dict):
-    return load_plan_source(str(LAB_POLICIES / sample["policy"]), sample.get("target"))
+    """The policy as it was when the sample was recorded (kept beside it: the lab's own may have moved
+    on with its guest)."""
+    return load_plan_source(str(SAMPLE_DIR / sample["policy"]), sample.get("target"))
 
 
 def _replay(path: Path, tmp_path: Path, alter=None) -> dict:

@@ -24,9 +24,10 @@ P=/lab/policies
 case "$MODE/$GUEST" in
   bochs3/tiny)
     # Bochs 3.0 has the monitor trap flag: the x86_64 target's strategies (altp2m views with
-    # FAST_SINGLESTEP, the breakpoint in a shadow frame, a fed read, an injected #UD, register refusals)
+    # FAST_SINGLESTEP, the breakpoint in a shadow frame, a fed read, an injected #UD, register refusals),
+    # then in the same boot the audit-mode policy (would-deny)
     NAME=labguest; xl create -q /lab/labguest-altp2m.cfg || xl create -q /lab/labguest.cfg
-    ARGS="--policy $P/lab-strategies-vmx.vmi --startup 900" ;;
+    ARGS="--policy $P/lab-strategies-vmx.vmi --audit-policy $P/lab-audit-vmx.vmi --check $P/lab-strategies-vmx.vmi $P/lab-audit-vmx.vmi --startup 900" ;;
   bochs3/linux)
     NAME=linuxguest; xl create -q /lab/linuxguest-altp2m.cfg || xl create -q /lab/linuxguest.cfg
     # the example policy as written, for x86_64 (MTF)

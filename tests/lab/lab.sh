@@ -95,7 +95,8 @@ build_guest() {
   wat=$(nm labguest.elf | awk '$3=="watched"{print $1}' | sed 's/^0*/0x/')
   for check in lab-memory-vmx:BP_SITE:bp_site lab-memory-vmx:WATCHED:watched \
                lab-strategies-vmx:BP_SITE:bp_site lab-strategies-vmx:WATCHED:watched \
-               lab-strategies-vmx:SECRET:secret lab-strategies-vmx:EXEC_FN:exec_fn; do
+               lab-strategies-vmx:SECRET:secret lab-strategies-vmx:EXEC_FN:exec_fn \
+               lab-strategies-vmx:PROBE:probe lab-audit-vmx:WATCHED:watched; do
     IFS=: read -r pol const sym <<< "$check"
     addr=$(nm labguest.elf | awk -v s="$sym" '$3==s{print $1}' | sed 's/^0*/0x/')
     grep -qi "const $const = $addr\b" "$HERE/policies/$pol.vmi" \
@@ -195,7 +196,7 @@ EOF
   # --- the lab: guest, policies, driver, /init
   cp "$LAB/guest/labguest.elf" "$S/lab/"
   cp "$HERE"/policies/*.vmi "$S/lab/policies/"
-  cp "$HERE/dom0_check.py" "$HERE/toolstack.sh" "$S/lab/"
+  cp "$HERE/dom0_check.py" "$HERE/dom0_strategies.py" "$HERE/toolstack.sh" "$S/lab/"
   cat > "$S/lab/labguest.cfg" <<'EOF'
 name = "labguest"
 type = "pvh"

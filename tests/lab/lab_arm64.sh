@@ -44,7 +44,10 @@ ALL_DEBS="python3-cffi python3-pycparser python3-ply python3-lark python3-networ
 packages() {   # linux-kbuild-6.1: the host half of the module build
   dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
   apt-get update -q
-  apt-get install -y -q --no-install-recommends qemu-system-arm gcc-aarch64-linux-gnu qemu-user-static cpio linux-kbuild-6.1 make
+  # libc6-dev-arm64-cross: the C library's headers for aarch64 (only a recommendation of the cross
+  # compiler, so --no-install-recommends leaves it out and the ring extension finds the host's headers)
+  apt-get install -y -q --no-install-recommends qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
+    qemu-user-static cpio linux-kbuild-6.1 make
 }
 
 fetch() {

@@ -20,6 +20,14 @@
  *   - lidt of another limit (landed if sidt reads it back; then the real one again), or an
  *     injected #GP, whose handler counts it and skips the 7-byte lidt
  *   - one single step (TF): the #DB handler counts it and clears TF
+ *   - a guest request (HVMOP_guest_request_vm_event, issued with vmcall, or vmmcall on AMD: there is
+ *     no hypercall page) with esi=1; every 64th round another with esi=2 (the quarantine request)
+ *   - a CR3 write (harmless with paging off) read back: did it land?
+ *   - lgdt of another limit (like lidt), sgdt; lldt of the LDT (odd rounds) or of none (even), sldt;
+ *     ltr of the TSS (its busy bit cleared first), str. A refused load is an injected #GP, which
+ *     gp_handler counts in the counter the round named (gp_count) and resumes at gp_resume
+ *   - a read, a write and a read back of the probe page (gfn 0x205; `access to` watches it)
+ *   - a read of its own first byte at bp_site: the original 0xff, or 0xcc if a breakpoint shows
  * The counters live on the report page (gfn 0x200, layout below), which the
  * dom0 driver reads with a foreign map; every REPORT_EVERY rounds the guest
  * also prints them (until round REPORT_UNTIL) on Xen's HVM debug port 0xe9 ("(dN) LABGUEST ..." on the
@@ -34,10 +42,20 @@
  *  68 cr0_landed   72 cr0_blocked   76 rd_landed     80 rd_blocked
  *  84 exec_landed  88 exec_blocked  92 sidt          96 lidt_landed
  * 100 lidt_blocked 104 db
+ * 108 greq         112 greq_failed  116 qreq          120 cr3_landed
+ * 124 cr3_blocked  128 lgdt_landed  132 lgdt_blocked  136 sgdt
+ * 140 lldt_landed  144 lldt_blocked 148 sldt          152 ltr_landed
+ * 156 ltr_blocked  160 str          164 acc           168 acc_wr_landed
+ * 172 acc_wr_blocked 176 bp_read_ok 180 bp_read_bad
  */
 #define REPORT_EVERY 1024
 #define IDT_ALT_LIMIT (31*8-1)
 #define SECRET_WORD 0x5ec2e7ed  /* the secret page's word; a `deny feed` gives another */
+#define GDT_ALT_LIMIT (5*8-1)  /* the GDT without its spare last entry */
+#define SEL_LDT 0x18
+#define SEL_TSS 0x20
+#define HYPERVISOR_hvm_op 34            /* xen/xen.h */
+#define HVMOP_guest_request_vm_event 24 /* xen/hvm/hvm_op.h */
 #define REPORT_UNTIL 8192   /* then quiet: the serial console carries the lab's markers */
         .code32
         .section .note.Xen, "a"
@@ -86,7 +104,22 @@ _start:
         cmp $32, %ebx
         jne 2b
         lidt idt_desc
-        movl $0x42414c50, R_MAGIC
+        /* the GDT's LDT (SEL_LDT) and TSS (SEL_TSS) descriptors */
+        mov $ldt_table, %eax
+        mov $gdt+SEL_LDT, %edi
+        mov $0x82, %dl
+        call set_sysdesc
+        mov $tss, %eax
+        mov $gdt+SEL_TSS, %edi
+        mov $0x89, %dl
+        call set_sysdesc
+        /* the hypercall instruction: vmcall on Intel, vmmcall on AMD ("GenuineIntel" in cpuid 0) */
+        xor %eax, %eax
+        cpuid
+        cmp $0x756e6547, %ebx
+        je 1f
+        movb $1, hc_amd
+1:      movl $0x42414c50, R_MAGIC
         movl $0xffffffff, R_FAULT
         movl $bp_site, R_BPADDR
         movl $watched, R_WADDR
@@ -179,8 +212,11 @@ bp_site:
         sidt scratch_desc
         incl R_SIDT
         /* --- lidt of another limit: landed if sidt reads it back (then the real one again); a
-           refused one is an injected #GP that gp_handler counts and skips */
+           refused one is an injected #GP, which gp_handler counts and resumes after */
+        movl $R_LIDT_BLOCKED, gp_count
+        movl $31f, gp_resume
         lidt idt_desc_alt
+31:     movl $0, gp_count
         sidt scratch_desc
         incl R_SIDT
         cmpw $IDT_ALT_LIMIT, scratch_desc
@@ -188,6 +224,87 @@ bp_site:
         incl R_LIDT_LANDED
         lidt idt_desc
 18:
+        /* --- a guest request (esi=1); every 64th round a quarantine request (esi=2) */
+        mov $1, %esi
+        call guest_request
+        testl $63, R_ROUND
+        jnz 20f
+        incl R_QREQ
+        mov $2, %esi
+        call guest_request
+20:
+        /* --- CR3 write (paging is off: the value is not used): did it land? */
+        mov %cr3, %eax
+        xor $0x1000, %eax
+        mov %eax, %cr3
+        mov %cr3, %ebx
+        cmp %eax, %ebx
+        jne 21f
+        incl R_CR3_LANDED
+        jmp 22f
+21:     incl R_CR3_BLOCKED
+22:
+        /* --- lgdt of another limit: a #GP (gp_handler counts it) or it landed (then the real one) */
+        movl $R_LGDT_BLOCKED, gp_count
+        movl $32f, gp_resume
+        lgdt gdt_desc_alt
+32:     movl $0, gp_count
+        sgdt scratch_desc
+        incl R_SGDT
+        cmpw $GDT_ALT_LIMIT, scratch_desc
+        jne 23f
+        incl R_LGDT_LANDED
+        lgdt gdt_desc
+23:
+        /* --- lldt: the LDT in odd rounds, none in even ones (allowed: sldt must read it back) */
+        xor %eax, %eax
+        testl $1, R_ROUND
+        jz 24f
+        mov $SEL_LDT, %eax
+24:     movl $R_LLDT_BLOCKED, gp_count
+        movl $25f, gp_resume
+        lldt %ax
+        movl $0, gp_count
+        xor %ebx, %ebx
+        sldt %bx
+        incl R_SLDT
+        cmp %ax, %bx
+        jne 25f
+        incl R_LLDT_LANDED
+25:     movl $0, gp_count
+        /* --- ltr of the TSS (busy bit cleared first, so a landed one can land again), str */
+        andb $0xfd, gdt+SEL_TSS+5
+        movl $R_LTR_BLOCKED, gp_count
+        movl $26f, gp_resume
+        mov $SEL_TSS, %ax
+        ltr %ax
+        movl $0, gp_count
+        incl R_LTR_LANDED
+26:     movl $0, gp_count
+        str %bx
+        incl R_STR
+        /* --- the probe page (`access to`): a read, a write, a read back */
+        mov probe, %eax
+        incl R_ACC
+        mov R_ROUND, %eax
+        mov %eax, probe
+        incl R_ACC
+        mov probe, %ebx
+        incl R_ACC
+        cmp %eax, %ebx
+        jne 27f
+        incl R_ACC_WR_LANDED
+        jmp 28f
+27:     incl R_ACC_WR_BLOCKED
+28:
+        /* --- read bp_site's own first byte (incl: 0xff); a visible breakpoint reads 0xcc */
+        movzbl bp_site, %eax
+        cmp $0xff, %eax
+        jne 29f
+        incl R_BPREAD_OK
+        jmp 30f
+29:     incl R_BPREAD_BAD
+30:
         /* --- one single step: TF set by popf traps after the next instruction; db_handler counts */
         pushf
         orl $0x100, (%esp)
@@ -264,13 +381,50 @@ db_handler:
         andl $~0x100, 8(%esp)
         iret
 
-/* #GP: only ever injected (by a refused lidt): count it, drop the error code, resume after the
-   lidt (7 bytes: 0f 01 1d disp32) */
+/* #GP: only ever injected (a refused descriptor-table load), where the round named the counter
+   (gp_count) and where to resume (gp_resume); anywhere else it is a fault like the others */
 gp_handler:
-        incl R_LIDT_BLOCKED
-        add $4, %esp
-        addl $7, (%esp)
+        cmpl $0, gp_count
+        je fault_stubs+13*8
+        push %eax
+        mov gp_count, %eax
+        incl (%eax)
+        mov gp_resume, %eax
+        mov %eax, 8(%esp)           /* the saved EIP, above the saved eax and the error code */
+        pop %eax
+        add $4, %esp                /* the error code */
         iret
+
+/* guest_request: HVMOP_guest_request_vm_event with esi as the tag the policy's rules test; counts
+   it (R_GREQ for tag 1), or a hypercall that failed */
+guest_request:
+        mov $HYPERVISOR_hvm_op, %eax
+        mov $HVMOP_guest_request_vm_event, %ebx
+        xor %ecx, %ecx
+        cmpb $0, hc_amd
+        jne 1f
+        vmcall
+        jmp 2f
+1:      vmmcall
+2:      test %eax, %eax
+        jnz 3f
+        cmp $1, %esi
+        jne 4f
+        incl R_GREQ
+        ret
+3:      incl R_GREQ_FAILED
+4:      ret
+
+/* set_sysdesc: a system descriptor at %edi: base %eax, limit 0x67, access byte %dl */
+set_sysdesc:
+        movw $0x67, (%edi)
+        movw %ax, 2(%edi)
+        shr $16, %eax
+        movb %al, 4(%edi)
+        movb %dl, 5(%edi)
+        movb $0, 6(%edi)
+        movb %ah, 7(%edi)
+        ret
 
 /* #UD: only ever injected (by `deny with #UD` on exec_fn's page), at exec_fn's first instruction
    just after `call exec_fn` pushed its return address: drop the fault frame (EIP, CS, EFLAGS; no
@@ -301,11 +455,11 @@ fault_common:
 
         .section .rodata
         .align 8
-gdt:    .quad 0
-        .quad 0x00cf9a000000ffff   /* 0x08 code32 flat */
-        .quad 0x00cf92000000ffff   /* 0x10 data32 flat */
 gdt_desc:
-        .word 23
+        .word 6*8-1
+        .long gdt
+gdt_desc_alt:                   /* the same table without its spare entry: a load that can be seen */
+        .word GDT_ALT_LIMIT
         .long gdt
 idt_desc:
         .word 32*8-1
@@ -346,11 +500,26 @@ exec_fn:                        /* gfn 0x204: code, called every round */
         incl R_EXEC_LANDED
         ret
         .align 4096
+        .globl probe
+probe:                          /* gfn 0x205: read, written and read back every round */
+        .space 4096
+        .align 8
+gdt:    .quad 0                 /* gfn 0x206: writable, for the TSS's busy bit */
+        .quad 0x00cf9a000000ffff   /* 0x08 code32 flat */
+        .quad 0x00cf92000000ffff   /* 0x10 data32 flat */
+        .quad 0                    /* SEL_LDT, set at start */
+        .quad 0                    /* SEL_TSS, set at start */
+        .quad 0                    /* spare: gdt_desc_alt leaves it out */
+gp_count: .long 0               /* the counter an injected #GP bumps now (0: none expected) */
+gp_resume: .long 0
+hc_amd: .byte 0
 
         .section .bss
         .align 4096
 idt:    .space 4096
 scratch_desc: .space 8
+ldt_table: .space 0x68
+tss:    .space 0x68
 stack:  .space 4096
 stack_top:
 
@@ -381,3 +550,22 @@ stack_top:
         .set R_LIDT_LANDED, report_page + 96
         .set R_LIDT_BLOCKED, report_page + 100
         .set R_DB,          report_page + 104
+        .set R_GREQ,        report_page + 108
+        .set R_GREQ_FAILED, report_page + 112
+        .set R_QREQ,        report_page + 116
+        .set R_CR3_LANDED,  report_page + 120
+        .set R_CR3_BLOCKED, report_page + 124
+        .set R_LGDT_LANDED, report_page + 128
+        .set R_LGDT_BLOCKED, report_page + 132
+        .set R_SGDT,        report_page + 136
+        .set R_LLDT_LANDED, report_page + 140
+        .set R_LLDT_BLOCKED, report_page + 144
+        .set R_SLDT,        report_page + 148
+        .set R_LTR_LANDED,  report_page + 152
+        .set R_LTR_BLOCKED, report_page + 156
+        .set R_STR,         report_page + 160
+        .set R_ACC,         report_page + 164
+        .set R_ACC_WR_LANDED, report_page + 168
+        .set R_ACC_WR_BLOCKED, report_page + 172
+        .set R_BPREAD_OK,   report_page + 176
+        .set R_BPREAD_BAD,  report_page + 180
