@@ -1036,3 +1036,21 @@ def test_injected_hardware_exception_whose_delivery_traps_is_injected_again():
     # delivered in the unrestricted view, no second #DB event; MTF brought the vCPU back
     assert op.done and [f.name for f in op.faults] == ["#DB"] and xen.unconsumed_requests() == 0
     assert xen.current_view(0) == view
+
+
+@pytest.mark.parametrize("kind,desc,is_write,identity", [
+    ("sldt", 3, 0, 0), ("str", 4, 0, 1), ("lldt", 3, 1, 2), ("ltr", 4, 1, 3), ("sidt", 1, 0, 1), ("lgdt", 2, 1, 2)])
+def test_descriptor_register_instructions(kind, desc, is_write, identity):
+    # LDTR/TR as IDTR/GDTR: one sync event naming the register, the direction, and (VMX) the instruction
+    # in bits 29:28 of the instruction information, as seen live (XEN-SEMANTICS §10.2, §11.2)
+    xen = mk()
+    xen.monitor("descriptor_access", True)
+    op = xen.execute(0, Op(kind, base=0x28, limit=0))
+    (r,) = take(xen)
+    assert r.reason == RS.DESCRIPTOR_ACCESS
+    assert (r.payload["descriptor"], r.payload["is_write"]) == (desc, is_write)
+    assert (r.payload["arch"]["vmx"]["instr_info"] >> 28) & 3 == identity
+    answer(xen, [r], [_rsp(r, F.EMULATE)])
+    assert op.done and op.took_effect
+    if kind in ("lldt", "ltr"):
+        assert xen.get_registers(0)["ldtr_sel" if kind == "lldt" else "tr_sel"] == 0x28

@@ -63,6 +63,9 @@ OFF_U, OFF_DATA = 24, 56
 _CR_NAME = {index: name for name, index in CR_INDEX.items()}
 _DESC_NAME = {index: name for name, index in DESC_INDEX.items()}
 _U_SS = struct.Struct("<Q")
+# (descriptor, a write) -> the instruction
+_DESC_STEP = {("idtr", False): "sidt", ("idtr", True): "lidt", ("gdtr", False): "sgdt", ("gdtr", True): "lgdt",
+              ("ldtr", False): "sldt", ("ldtr", True): "lldt", ("tr", False): "str", ("tr", True): "ltr"}
 _RIP = X86_NAMES.index("rip")
 _REASONS = {RS_MEM_ACCESS: "mem_access", RS_WRITE_CTRLREG: "write_ctrlreg", RS_MOV_TO_MSR: "mov_to_msr",
             RS_SOFTWARE_BREAKPOINT: "software_breakpoint", RS_SINGLESTEP: "singlestep",
@@ -182,7 +185,8 @@ def request_fields(raw: bytes, view_of: Mapping[int, int] | None = None) -> dict
         out.update(descriptor=_DESC_NAME.get(desc, desc), is_write=is_write, instr_info=info,
                    exit_qualification=qual)
         if info:         # VMX's VM-exit instruction information: bits 29:28 say which instruction
-            out["instruction"] = ("sgdt", "sidt", "lgdt", "lidt")[(info >> 28) & 3]
+            names = ("sldt", "str", "lldt", "ltr") if desc in (3, 4) else ("sgdt", "sidt", "lgdt", "lidt")
+            out["instruction"] = names[(info >> 28) & 3]
     out["rip"] = REGS_X86.unpack_from(raw, OFF_DATA)[_RIP]
     return out
 
@@ -367,6 +371,12 @@ class _Replayer:
             enforcer.service()
             if (xen.responses_consumed, xen.unconsumed_requests()) == before:
                 break
+        if xen.domain_pauses:
+            # the policy's `pause` paused the domain; live, the lab check unpaused it (`xl unpause`)
+            while xen.domain_pauses:
+                xen.unpause()
+            self.result.notes.append(f"the policy paused the domain at a {op.kind} step; unpaused, as live")
+            del self.result.notes[20:]
         if not op.done:
             self.result.notes.append(f"a {op.kind} step at {op.rip:#x} did not finish" if op.rip is not None
                                      else f"a {op.kind} step did not finish")
@@ -377,7 +387,7 @@ class _Replayer:
         reason, vcpu, rip = live["reason"], live["vcpu"], live["rip"]
         v = self.xen.vcpu(vcpu)
         regs = _registers(raw)
-        for name in ("rflags", "rax", "rcx", "rdx", "rbx"):
+        for name in X86_NAMES[:17]:          # the general registers and rflags (a rule's `where rsi == 2`)
             v.set(name, regs[name])
         op: Op | None = None
         if reason == "mem_access":
@@ -403,11 +413,11 @@ class _Replayer:
             kind = "icebp" if live["type"] == ET_PRI_SW_EXC else "trap_flag" if live["type"] == ET_HW_EXC else None
             op = Op(kind, vcpu, rip=rip) if kind else None
         elif reason == "descriptor_access":
-            name = live["descriptor"]
-            if name in ("idtr", "gdtr"):
-                kind = ("lidt" if name == "idtr" else "lgdt") if live["is_write"] else \
-                       ("sidt" if name == "idtr" else "sgdt")
-                op = Op(kind, vcpu, rip=rip, base=v.idtr_base, limit=v.idtr_limit)
+            kind = _DESC_STEP.get((live["descriptor"], bool(live["is_write"])))
+            if kind is not None:          # what a load loads is not in the request: what is there
+                base, limit = {"lidt": (v.idtr_base, v.idtr_limit), "lgdt": (v.gdtr_base, v.gdtr_limit),
+                               "lldt": (v.ldtr, 0), "ltr": (v.tr, 0)}.get(kind, (0, 0))
+                op = Op(kind, vcpu, rip=rip, base=base, limit=limit)
         elif reason == "guest_request":
             op = Op("guest_request", vcpu, rip=rip)
         if op is not None:

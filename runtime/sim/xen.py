@@ -196,6 +196,11 @@ class SimulatedXen(AccessMixin, RingMixin, MonitorMixin, ResponseMixin, MemoryMi
         if not self._domain_pause:
             self._run_all()
 
+    @property
+    def domain_pauses(self) -> int:
+        """How many times the domain is paused (`pause` without its `unpause`)."""
+        return self._domain_pause
+
     def is_paused(self, vcpu: int) -> bool:
         s = self._vs[vcpu]
         return bool(s.pause or s.blocked or s.waiting or self._domain_pause or self.crashed)

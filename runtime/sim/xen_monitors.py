@@ -13,7 +13,7 @@ from ...native.constants import (CR_INDEX, ET_HW_EXC, ET_PRI_SW_EXC, ET_SW_EXC, 
                                  RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST, RS_MOV_TO_MSR, RS_PRIVILEGED_CALL,
                                  RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG)
 from .xen_abi import U_CPUID, U_CR, U_DEBUG, U_DESC, U_MSR, U_PAD
-from .xen_profiles import cpuid_values
+from .xen_profiles import DESC_OPS, cpuid_values
 from .xen_state import PHASE_FINISH, Op, VState
 
 _CR_NAME = {index: name for name, index in CR_INDEX.items()}
@@ -162,14 +162,13 @@ class MonitorMixin:
             raise ValueError(f"{op.kind} is an x86 instruction")
         v = s.v
         kind = op.kind
+        desc, is_load, identity = DESC_OPS[kind]
         if self._mon.get("descriptor_access"):
-            is_idt = kind in ("lidt", "sidt")
-            is_load = kind in ("lidt", "lgdt")
-            info = ((1 if is_idt else 0) << 28 | (1 if is_load else 0) << 29) if self.capabilities().arch == "x86_64" else 0
-            u = U_DESC.pack(info, 0, 1 if is_idt else 2, 1 if is_load else 0)
+            info = identity << 28 if self.capabilities().arch == "x86_64" else 0
+            u = U_DESC.pack(info, 0, desc, 1 if is_load else 0)
             if self._send(s, op, RS_DESCRIPTOR_ACCESS, u, True):
                 return        # nothing else happens until EMULATE [doc §1.7]
-        if kind in ("lidt", "lgdt"):
+        if is_load:
             self._load_desc(v, kind, op.base, op.limit)
             op.result = (op.base, op.limit)
         else:

@@ -247,9 +247,9 @@ class ResponseMixin:
             op.took_effect = k == "exec"
             v.rip = op.rip + 1
             self._finish(s, op, native=False)
-        elif k in ("lidt", "lgdt"):
+        elif k in ("lidt", "lgdt", "lldt", "ltr"):
             base, limit = op.base, op.limit
-            if kind == "data" and data is not None:
+            if kind == "data" and data is not None and k in ("lidt", "lgdt"):
                 blob = data[:10] + bytes(max(0, 10 - len(data)))
                 limit, base = struct.unpack("<HQ", blob)
             self._load_desc(v, k, base, limit)
@@ -257,7 +257,7 @@ class ResponseMixin:
             op.result = (base, limit)
             v.rip = op.rip + op.insn_len
             self._finish(s, op, native=False)
-        elif k in ("sidt", "sgdt"):
+        elif k in ("sidt", "sgdt", "sldt", "str"):
             op.result = self._store_desc(v, k)
             op.took_effect = True
             v.rip = op.rip + op.insn_len
@@ -265,11 +265,17 @@ class ResponseMixin:
 
     @staticmethod
     def _load_desc(v: VCpu, kind: str, base: int, limit: int) -> None:
+        """A descriptor-table register loaded; LLDT and LTR load a selector (`base`)."""
         if kind == "lidt":
             v.idtr_base, v.idtr_limit = base, limit & 0xFFFF
-        else:
+        elif kind == "lgdt":
             v.gdtr_base, v.gdtr_limit = base, limit & 0xFFFF
+        elif kind == "lldt":
+            v.ldtr = base & 0xFFFF
+        else:
+            v.tr = base & 0xFFFF
 
     @staticmethod
     def _store_desc(v: VCpu, kind: str) -> tuple[int, int]:
-        return (v.idtr_base, v.idtr_limit) if kind == "sidt" else (v.gdtr_base, v.gdtr_limit)
+        return {"sidt": (v.idtr_base, v.idtr_limit), "sgdt": (v.gdtr_base, v.gdtr_limit),
+                "sldt": (v.ldtr, 0), "str": (v.tr, 0)}[kind]
