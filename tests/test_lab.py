@@ -185,6 +185,9 @@ def _check_common(lab: dict) -> dict:
     # verdicts for the recorded guest steps, but for differences documented in docs/XEN-SEMANTICS.md
     rep = lab["result"].get("replay") or {}
     assert rep.get("ok") and rep.get("requests", 0) > 0, rep
+    if "audit" in lab["result"]:      # the audit-mode run of the same boot, recorded and replayed too
+        aud = lab["result"].get("replay_audit") or {}
+        assert aud.get("ok") and aud.get("requests", 0) > 0, aud
     host = lab.get("replay_host") or {}          # the whole trace from QEMU, a cut from Bochs
     assert host.get("ok") and host["requests"] == lab["trace_sample"]["requests"] > 0, host
     assert host["requests"] == lab["result"]["enforce"]["decisions"] or lab["result"]["mode"] != "qemu", host

@@ -184,9 +184,9 @@ def request_fields(raw: bytes, view_of: Mapping[int, int] | None = None) -> dict
         info, qual, desc, is_write = U_DESC.unpack_from(u)
         out.update(descriptor=_DESC_NAME.get(desc, desc), is_write=is_write, instr_info=info,
                    exit_qualification=qual)
-        if info:         # VMX's VM-exit instruction information: bits 29:28 say which instruction
-            names = ("sldt", "str", "lldt", "ltr") if desc in (3, 4) else ("sgdt", "sidt", "lgdt", "lidt")
-            out["instruction"] = names[(info >> 28) & 3]
+        # VMX's VM-exit instruction information: bits 29:28 say which instruction
+        names = ("sldt", "str", "lldt", "ltr") if desc in (3, 4) else ("sgdt", "sidt", "lgdt", "lidt")
+        out["instruction"] = names[(info >> 28) & 3]
     out["rip"] = REGS_X86.unpack_from(raw, OFF_DATA)[_RIP]
     return out
 
@@ -245,6 +245,7 @@ class _Replayer:
         self.prev_live: dict[int, dict[str, Any]] = {}
         self.live_vcpus: list[int] = []
         self.read_after: dict[int, bytes] = {}    # frames the recording read after the current batch
+        self.restore_cr3 = False                  # a paging-off guest's CR3 write step ran: back to our tables
         self.sim_view: dict[int, int] = {}
 
     # -- set-up
@@ -371,6 +372,9 @@ class _Replayer:
             enforcer.service()
             if (xen.responses_consumed, xen.unconsumed_requests()) == before:
                 break
+        if self.restore_cr3:
+            self.restore_cr3 = False
+            xen.vcpu(vcpu).cr3 = self.builder.tables.cr3
         if xen.domain_pauses:
             # the policy's `pause` paused the domain; live, the lab check unpaused it (`xl unpause`)
             while xen.domain_pauses:
@@ -397,6 +401,8 @@ class _Replayer:
             if name is not None:
                 setattr(v, name, live["old"])
                 op = Op("write_cr", vcpu, reg=name, value=live["new"], rip=rip)
+                if name == "cr3" and self.builder.paging_off:
+                    self.restore_cr3 = True     # the replay's own tables translate; the guest's CR3 does not
         elif reason == "mov_to_msr":
             v.msrs[live["msr"]] = live["old"]
             op = Op("wrmsr", vcpu, msr=live["msr"], value=live["new"], rip=rip)

@@ -391,6 +391,7 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
 
 
 TRACE = "/tmp/trace.jsonl"
+TRACE_AUDIT = "/tmp/trace-audit.jsonl"
 DECISION_LOG = "/tmp/decisions.jsonl"
 # The requests of the trace printed under Bochs (the dom0 replays all of them; the host, these)
 BOCHS_SAMPLE_REQUESTS = 300
@@ -818,7 +819,8 @@ def summarize(result: dict) -> dict:
         "backend_calls_ok": result.get("backend_calls", {}).get("ok"),
         "guest_restarted_before_check": "guest_restarted" in result,
         "enforcer_events_per_second": enf.get("events_per_second"),
-        "replay_matches_live": result.get("replay", {}).get("ok"),
+        "replay_matches_live": bool(result.get("replay", {}).get("ok")
+                                    and result.get("replay_audit", {"ok": True}).get("ok")),
         "enforcer_baseline_cpuid_events_per_second": base.get("events_per_second"),
         "xen_access_events_per_second": {m: x.get("events_per_second") for m, x in xa.items()},
         "like_for_like_cpuid": like,
@@ -930,8 +932,11 @@ def main() -> int:
     result["after_teardown"] = aft = step_after_teardown(a.domid, page, a.mode)
     emit("after_teardown", aft)
     if a.audit_policy:
-        result["audit"] = aud = step_enforce(a.audit_policy, a.domid, a.seconds, page, a.startup, a.target)
+        result["audit"] = aud = step_enforce(a.audit_policy, a.domid, a.seconds, page, a.startup, a.target,
+                                             record=TRACE_AUDIT)
         emit("audit", aud)
+        result["replay_audit"] = rep = step_replay(TRACE_AUDIT, DECISION_LOG, a.audit_policy, a.target)
+        emit("replay_audit", rep)
         result["compare_audit"] = c = strategies.compare_audit(aud, SAMPLE_EDGE * kind.vcpus, decision_count,
                                                                _enforcer_exit(aud))
         emit("compare_audit", c)
