@@ -321,22 +321,36 @@ class _Reader:
         return item
 
     def _region_line(self, m: re.Match) -> S.Region:
-        span = self.span
+        span = self._on_line(m.start("start"))
         self.pos = m.end()
         if m.group("union") is not None:
-            refs = [S.RegionRef(e.name, e.span) for e in self._simple_operands("union", m)]
+            refs = [S.RegionRef(e.name, e.span) for e in self._simple_operands("union", m, span)]
             return S.Region(m.group("name"), refs, span(m.start("start"), m.end("union")))
-        base = self._simple_operands("base", m)[0]
+        base = self._simple_operands("base", m, span)[0]
         start = m.start("space") if m.group("space") is not None else m.start("base")
         if m.group("size") is not None:
-            size, end = self._simple_operands("size", m)[0], m.end("size")
+            size, end = self._simple_operands("size", m, span)[0], m.end("size")
             term: S.RegionTerm = S.SizedRegion(base, size, m.group("space"), span(start, end))
         else:
-            last, end = self._simple_operands("last", m)[0], m.end("last")
+            last, end = self._simple_operands("last", m, span)[0], m.end("last")
             term = S.RangeRegion(base, last, m.group("space"), span(start, end))
         return S.Region(m.group("name"), [term], span(m.start("start"), end))
 
-    def _simple_operands(self, group: str, m: re.Match) -> list[S.Expr]:
+    def _on_line(self, start: int):
+        """`span` for an item that is one line from `start` on (the line forms: their regexes match no line
+        break after the item's first word): the line is looked up once, not once a span."""
+        self.span(start, start)  # (the line, into the cache)
+        if self.base is not None:
+            return self.span
+        line, line_start, _ = self.line_cache
+        path = self.path
+
+        def span(a: int, b: int) -> Span:
+            col, end_col = a - line_start + 1, b - line_start  # the end column of b - 1, inclusive
+            return Span(path, line, col, line, end_col if end_col > col else col)
+        return span
+
+    def _simple_operands(self, group: str, m: re.Match, span) -> list[S.Expr]:
         """The expressions in a group of `_REGION_LINE`: numbers, names, `symbol S`, separated by commas
         or joined left to right by operators of one strength (the regex allows no other)."""
         out: list[S.Expr] = []
@@ -347,11 +361,13 @@ class _Reader:
                 op = t.group("op")
                 continue
             if kind == "int":
-                node: S.Expr = self._plain_number(t.group("int"), t.start("int"), t.end())
+                text = t.group("int")
+                radix = 16 if text[:2] in ("0x", "0X") else 10
+                node: S.Expr = S.Num(int(text, radix), radix, span(t.start("int"), t.end()))
             elif kind == "sym":
-                node = S.SymbolRef(t.group("sym"), False, False, self.span(t.start("symbol"), t.end()))
+                node = S.SymbolRef(t.group("sym"), False, False, span(t.start("symbol"), t.end()))
             else:
-                node = S.Name(t.group("name"), self.span(t.start("name"), t.end()))
+                node = S.Name(t.group("name"), span(t.start("name"), t.end()))
             if op is not None:
                 node = S.Binary(op, out[-1], node, join_spans(out[-1].span, node.span))
                 out.pop()
@@ -360,7 +376,7 @@ class _Reader:
         return out
 
     def _rule_line(self, m: re.Match) -> S.Rule | None:
-        span = self.span
+        span = self._on_line(m.start("start"))
         if m.group("string") is not None:
             try:
                 template = decode_string(m.group("string"))
@@ -384,11 +400,6 @@ class _Reader:
             action = S.Report(m.group("report"), m.group("severity"), template, span(a, e), span(s, e))
         self.pos = m.end()
         return S.Rule(trigger, [action], m.group("name"), where, span(m.start("start"), m.end("end")))
-
-    def _plain_number(self, text: str, start: int, end: int) -> S.Num:
-        """A number `_INT` matched (plain decimal or hex), as `number` makes it."""
-        radix = 16 if text[:2] in ("0x", "0X") else 10
-        return S.Num(int(text, radix), radix, self.span(start, end))
 
     def item(self):
         kind, word, start, _ = (self.tok or self.peek())

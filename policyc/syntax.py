@@ -26,7 +26,7 @@ def _span() -> Span:
 
 # ---------------------------------------------------------------- expressions
 
-@dataclass
+@dataclass(slots=True)
 class Num:
     """An integer literal. `radix` remembers how it was written, for the formatter."""
     value: int
@@ -34,14 +34,14 @@ class Num:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Name:
     """A bare name: a constant, a register, an event field or an MSR name."""
     name: str
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Attr:
     """`base.attr`: a named bit such as `cr0.WP` or `EFER.NXE`, or a member path."""
     base: str
@@ -49,7 +49,7 @@ class Attr:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class SymbolRef:
     """`symbol NAME`, `symbol? NAME` (optional) or `percpu symbol NAME`."""
     name: str
@@ -58,14 +58,14 @@ class SymbolRef:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Unary:
     op: str  # "-", "~", "not"
     operand: "Expr"
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Binary:
     op: str  # arithmetic, bitwise, comparison, "and", "or"
     left: "Expr"
@@ -73,7 +73,7 @@ class Binary:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class InRegion:
     """`X in REGION` / `X not in REGION`."""
     value: "Expr"
@@ -83,7 +83,7 @@ class InRegion:
     region_span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """`set(...)`, `cleared(...)`, `changed(...)`, `offsetof(T, member)`, `sizeof(T)`."""
     func: str
@@ -105,14 +105,14 @@ COMPARISONS = frozenset({"==", "!=", "<", "<=", ">", ">="})
 
 # ---------------------------------------------------------------- regions
 
-@dataclass
+@dataclass(slots=True)
 class RegionRef:
     """A region named elsewhere."""
     name: str
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class RangeRegion:
     """`[va|pa] START .. END` (half-open)."""
     start: Expr
@@ -121,7 +121,7 @@ class RangeRegion:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class SizedRegion:
     """`[va|pa] BASE size N`."""
     base: Expr
@@ -130,7 +130,7 @@ class SizedRegion:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class RegisterRegion:
     """`register idtr size N`: the base is read from the register at bind time."""
     register: str
@@ -143,7 +143,7 @@ RegionTerm = Union[RegionRef, RangeRegion, SizedRegion, RegisterRegion]
 
 # ---------------------------------------------------------------- triggers
 
-@dataclass
+@dataclass(slots=True)
 class MemoryTrigger:
     """`on read of R`, `on write to R`, `on execute in R`, `on access to R`."""
     access: str  # "read" | "write" | "execute" | "access"
@@ -151,7 +151,7 @@ class MemoryTrigger:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class ExecuteTrigger:
     """`on execute symbol S` / `on execute va 0x...`: one address, a breakpoint."""
     address: Expr
@@ -159,7 +159,7 @@ class ExecuteTrigger:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class RegisterTrigger:
     """`on write cr0`, `on read idtr`...: which register kind it is is the checker's call."""
     access: str  # "read" | "write"
@@ -167,20 +167,20 @@ class RegisterTrigger:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class MsrTrigger:
     """`on write msr LSTAR` / `on write msr 0xc0000082`."""
     msr: Expr
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class CpuidTrigger:
     leaf: Expr | None = None
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class EventTrigger:
     """Triggers with no operand: `guest_request`, `debug_exception`, `smc`."""
     kind: str
@@ -194,19 +194,19 @@ EVENT_TRIGGERS = ("guest_request", "debug_exception", "smc")
 
 # ---------------------------------------------------------------- actions
 
-@dataclass
+@dataclass(slots=True)
 class Allow:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Deny:
     feed: str | None = None       # bytes fed to a denied read, as a string of code points < 256
     exception: str | None = None  # "#UD", "#GP"... for a denied execute
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Report:
     """`log SEVERITY "template"` or `alert SEVERITY "template"`."""
     kind: str  # "log" | "alert"
@@ -216,17 +216,17 @@ class Report:
     template_span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Pause:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Disarm:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Limit:
     """`limit N per second then ACTION`."""
     rate: Expr
@@ -235,7 +235,7 @@ class Limit:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Priority:
     value: Expr
     span: Span = _span()
@@ -246,7 +246,7 @@ Action = Union[Allow, Deny, Report, Pause, Disarm, Limit, Priority]
 
 # ---------------------------------------------------------------- items
 
-@dataclass
+@dataclass(slots=True)
 class Target:
     """`target xen >= 4.17 on x86_64`."""
     hypervisor: str
@@ -256,33 +256,33 @@ class Target:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Symbols:
     paths: list[str]
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Mode:
     mode: str
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Const:
     name: str
     value: Expr
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Region:
     name: str
     terms: list[RegionTerm]
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Rule:
     trigger: Trigger
     actions: list[Action]
@@ -291,7 +291,7 @@ class Rule:
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Include:
     path: str
     span: Span = _span()
@@ -300,21 +300,21 @@ class Include:
 Item = Union[Target, Symbols, Mode, Const, Region, Rule, Include]
 
 
-@dataclass
+@dataclass(slots=True)
 class PolicyBlock:
     name: str
     items: list[Item]
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class Comment:
     """A `#` comment, kept so the formatter can put it back."""
     text: str
     span: Span = _span()
 
 
-@dataclass
+@dataclass(slots=True)
 class PolicyFile:
     """One source file: a policy block, or (for an included file) bare items."""
     path: str

@@ -158,12 +158,13 @@ class BundlePoller:
         return result
 
     def _run(self) -> None:
-        delay = 0.0 if self.first_now else self._delay()
+        delay = 0.0 if self.first_now else self.next_wait()
         while not self._stop.wait(delay):
             self.check_once()
-            delay = self._delay()
+            delay = self.next_wait()
 
-    def _delay(self) -> float:
+    def next_wait(self) -> float:
+        """Seconds until the next poll: `every`, jittered (module docstring)."""
         return self.every * (1.0 - JITTER + 2 * JITTER * self.rand())
 
     def _check(self) -> str:

@@ -99,8 +99,8 @@ class XenBackend:
                                            "module loaded and xenfs mounted)", _errno.ENOENT)
         self._init_state(domid, name, xen_ffi(), libraries, release)
         try:
-            self._open_handles()
-            self._caps = self._discover()
+            self.open_handles()
+            self._caps = self.discover()
             if ring:
                 self._enable_ring()
         except BaseException:
@@ -163,7 +163,9 @@ class XenBackend:
         domid, name = resolve_domain(spec)
         return cls(domid, name, ring=ring)
 
-    def _open_handles(self) -> None:
+    def open_handles(self) -> None:
+        """Attach, first step: the libraries' handles, once the hypervisor is known to be the release
+        they were built for. (Public with `discover` so a detached backend can be put through attach.)"""
         ffi = self._ffi
         self._xch = self._xc.xc_interface_open(ffi.NULL, ffi.NULL, 0)
         if self._xch == ffi.NULL:
@@ -193,7 +195,8 @@ class XenBackend:
             raise BackendError(op, f"no domain {self.domid}", _errno.ESRCH)
         return info
 
-    def _discover(self) -> Capabilities:
+    def discover(self) -> Capabilities:
+        """Attach, second step: what this host and domain can do (and refuse what the backend cannot speak)."""
         ffi, xc = self._ffi, self._xc
         if self.domid == 0:
             raise InvalidArgument("attach", "domain 0 cannot be introspected from itself", _errno.EINVAL)

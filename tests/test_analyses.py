@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,41 @@ def test_near_misses_are_not_conflicts(policy_dir: Path):
     assert plan["analyses"]["conflicts"] == {"conflicts": [], "unreachable": [], "shadowed": []}
 
 
+def test_the_overlap_sweep_finds_every_interval_that_shares_a_point_with_another():
+    from policyc.analyses import conflicts
+    rng = random.Random(12)
+    for _ in range(500):
+        ivs = []
+        for _ in range(rng.randint(0, 14)):
+            lo = rng.randint(0, 40)
+            ivs.append((rng.choice("rw"), rng.choice(["va", "pa"]), lo, lo + rng.randint(1, 8), f"r{rng.randint(0, 9)}"))
+        brute = {x[4] for i, x in enumerate(ivs) for j, y in enumerate(ivs)
+                 if i != j and x[:2] == y[:2] and max(x[2], y[2]) < min(x[3], y[3])}
+        places: dict = {}
+        for letter, space, lo, hi, owner in ivs:
+            places.setdefault((letter, space), []).append((lo, hi, owner))
+        found = set().union(*(conflicts.overlapping_owners(v) for v in places.values()))
+        assert found == brute, ivs
+
+
+def test_conflicts_and_shadowing_are_found_among_many_rules_on_pages_of_their_own(policy_dir: Path):
+    # The sweeps consider only rules whose bytes another rule watches: the pairs here are far apart in
+    # the policy, with 60 rules on disjoint pages between them.
+    lines = [f"    region own{i} = symbol _sdata + {2 * i} * 0x1000 size 0x1000" for i in range(60)]
+    lines += ["    region tbl = symbol sys_call_table size 16", "    region tail = symbol sys_call_table + 8 size 8",
+              "    rule guard: on write to tbl { deny }", "    rule first_read: on read of tail { deny }"]
+    lines += [f"    rule w{i}: on write to own{i} {{ {'deny' if i % 2 else 'allow'} }}" for i in range(60)]
+    lines += ["    rule open_up: on write to tail { allow }", "    rule again: on read of tail { deny }"]
+    path = write_policy(policy_dir, "\n".join(lines))
+    for report in (True, False):
+        d = Diagnostics()
+        policy = check_policy(path, d)
+        assert compile_plan(policy, d, report=report) is None
+        assert [(x.code, x.span.line) for x in d.sorted() if x.code in ("PC503", "PC504")] == \
+            [("PC503", 129), ("PC504", 130)]
+        assert "'again' has no effect" in of(d, "PC504")[0].message
+
+
 def test_rules_that_can_never_match_are_flagged(policy_dir: Path):
     body = ("    region kernel_text = symbol _stext .. symbol _etext\n"
             "    region tbl = symbol sys_call_table size 8\n"
@@ -308,6 +344,24 @@ def test_an_unrestricted_view_that_restricts_other_pages_is_no_livelock(policy_d
     d = Diagnostics()
     assert livelock.analyse(near, policy, TARGETS["x86_64"], d)["livelocks"] == []
     assert of(d, "PC505") == []
+
+
+def test_livelocks_are_the_same_without_the_report(policy_dir: Path):
+    # policyc check leaves out the fault states all of whose answers complete: the livelocks stay.
+    policy, plan, _ = compile_text(policy_dir, LIVELOCK_BODY)
+    stepping = copy.deepcopy(plan)
+    stepping["views"][1]["ranges"] = [{"region": "tbl", "access": "rx", "traps": "w", "rules": ["guard"]}]
+    pending = copy.deepcopy(plan)
+    pending["responses"]["mem_access"]["deny:write"] = {"flags": []}
+    repeating = copy.deepcopy(plan)
+    repeating["responses"]["mem_access"]["allow"] = {"flags": []}
+    for bad, count in ((plan, 0), (stepping, 1), (pending, 1), (repeating, 1)):
+        runs = []
+        for report in (True, False):
+            d = Diagnostics()
+            runs.append((livelock.analyse(bad, policy, TARGETS["x86_64"], d, report=report)["livelocks"],
+                         [(x.code, x.span, x.message) for x in d.sorted()]))
+        assert runs[0] == runs[1] and len(runs[0][0]) == count
 
 
 def test_a_descriptor_answer_without_emulate_is_a_livelock(policy_dir: Path, monkeypatch):

@@ -258,7 +258,7 @@ def test_the_poller_never_raises_jitters_its_waits_and_hands_over_only_newer_ver
     draws = iter([0.0, 1.0, 0.5])
     poller = BundlePoller("http://bundles.invalid/b", keys[1], BundleStore(tmp_path), active, every=10.0,
                           fetch=fetch, rand=lambda: next(draws))
-    assert [poller._delay() for _ in range(3)] == [10.0 * (1 - JITTER), 10.0 * (1 + JITTER), 10.0]
+    assert [poller.next_wait() for _ in range(3)] == [10.0 * (1 - JITTER), 10.0 * (1 + JITTER), 10.0]
     answers += [BundleError("http://bundles.invalid/b: [Errno 111] Connection refused"), RuntimeError("odd server"),
                 (None, '"e1"'), (active.raw, '"e1"'), (_bundle(plans, keys, "B", 1), '"e2"'),
                 (_bundle(plans, keys, "B", 3), '"e3"'), (_bundle(plans, keys, "A", 4), '"e4"')]

@@ -551,7 +551,7 @@ def test_attach_refuses_a_vm_event_interface_it_does_not_speak(release):
     hv = _Hypervisor(xl.xen_ffi(), release.hypervisor, abi.VERSION + 1)
     b = xb.XenBackend.detached(domid=7, libraries={"xenctrl": hv}, handles={"xch": None}, xen_release=release)
     with pytest.raises(Unsupported, match=f"interface version {abi.VERSION + 1}") as exc:
-        b._discover()
+        b.discover()
     assert exc.value.errno == errno.EPROTO
 
 
@@ -563,7 +563,7 @@ def test_attach_refuses_a_hypervisor_of_another_release(release):
     hv = _Hypervisor(xl.xen_ffi(), other.hypervisor, abi.VERSION)
     b = xb.XenBackend.detached(domid=7, libraries={"xenctrl": hv}, xen_release=release)
     with pytest.raises(xl.XenUnavailable, match=f"Xen {other.version} runs here.*{release.xenctrl}"):
-        b._open_handles()
+        b.open_handles()
 
 
 # =========================================================================== arm64

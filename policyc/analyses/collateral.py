@@ -36,8 +36,9 @@ _NAMES = {"r": "read", "w": "write", "x": "execute"}
 
 def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics | None, *,
             report: bool = True) -> dict:
-    """Per region and overall figures, PC506 notes. Without `report`, only each region's figures (what
-    the notes are made from): no partially watched runs, no overall figures."""
+    """Per region and overall figures, PC506 notes. Without `report`, only the figures of the regions a
+    note may come from (`_no_note` rules the others out from their own bytes): no partially watched runs,
+    no overall figures."""
     x86 = target.name.startswith("x86_64")
     traps: dict[str, set[str]] = {}  # region -> access letters trapped on its pages
     watched_regions: dict[str, set[str]] = {a: set() for a in "rwx"}
@@ -57,24 +58,32 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
                 here.update(trapped_letters)
             for a in letters:
                 watched_regions[a].add(region)
-    watched = {a: G.regions_bytes(policy, sorted(names)) for a, names in watched_regions.items()}
-    index = {(a, space): G.Indexed(ivs) for a, m in watched.items() for space, ivs in m.items()}
+    index = _WatchedIndex(policy, watched_regions)
     nothing = G.Indexed([])
 
     regions: dict[str, dict] = {}
     trapped_by_access: dict[str, dict[str, list]] = {a: {} for a in "rwx"}
+    table = G.region_table(policy)
     for name in sorted(traps):
-        region = G.region_table(policy)[name]
+        region = table[name]
         if region.empty:
             continue
+        if not report and _no_note(name, traps[name], watched_regions, G.named_region_bytes(policy, name)):
+            continue
         pages = G.named_region_pages(policy, name)
-        span = {space: G.pages_to_bytes(ivs) for space, ivs in pages.items()}
         n_pages = G.space_map_measure(pages)
+        span = {space: G.pages_to_bytes(ivs) for space, ivs in pages.items()}
+        # A region of whole pages that a rule watches for an access has every byte it traps for that
+        # access watched: no look-up (with none, the watched bytes are not even indexed).
+        whole = span == G.named_region_bytes(policy, name)
         by_access = {}
         gaps: dict[str, list] = {}
         for a in sorted(traps[name]):
-            w = sum(index.get((a, space), nothing).measure_within(ivs) for space, ivs in span.items())
             t = n_pages * G.PAGE
+            if whole and name in watched_regions[a]:
+                w = t
+            else:
+                w = sum(index.get((a, space), nothing).measure_within(ivs) for space, ivs in span.items())
             by_access[_NAMES[a]] = _numbers(t, w)
             if not report:
                 continue
@@ -117,12 +126,44 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
             "note_threshold": NOTE_THRESHOLD}
 
 
+def _no_note(name: str, accesses: set[str], watched_regions: dict[str, set[str]], own: G.SpaceMap) -> bool:
+    """No PC506 note can come of the region, whatever its neighbours: for each access a rule watches it
+    for, its own bytes are watched, and that alone claims enough of what its pages trap. (The share is
+    computed as the note's is: rounding is monotone, so the region's own share is no higher.)"""
+    k = sum(1 for a in accesses if name in watched_regions[a])
+    if not k:
+        return False
+    n_pages = sum(G.measure(G.to_pages(ivs)) for ivs in own.values())  # (its pages, not kept: only asked once)
+    if not n_pages:
+        return False
+    trapped = n_pages * G.PAGE * len(accesses)
+    return (trapped - k * G.space_map_measure(own)) / trapped <= NOTE_THRESHOLD
+
+
+class _WatchedIndex:
+    """(access letter, space) -> the bytes some rule watches for that access there, indexed; each access's
+    made when first asked."""
+
+    def __init__(self, policy: M.Policy, watched_regions: dict[str, set[str]]) -> None:
+        self.policy, self.watched_regions = policy, watched_regions
+        self.made: dict[tuple[str, str], G.Indexed] = {}
+        self.done: set[str] = set()
+
+    def get(self, key: tuple[str, str], default: G.Indexed) -> G.Indexed:
+        a = key[0]
+        if a not in self.done:
+            self.done.add(a)
+            for space, ivs in G.regions_bytes(self.policy, sorted(self.watched_regions[a])).items():
+                self.made[(a, space)] = G.Indexed(ivs)
+        return self.made.get(key, default)
+
+
 def _numbers(trapped: int, watched: int) -> dict:
     return {"trapped_bytes": trapped, "watched_bytes": watched, "unclaimed_bytes": trapped - watched,
             "unclaimed_share": (trapped - watched) / trapped if trapped else 0.0}
 
 
-def _list_runs(partial: dict[str, G.Intervals], accesses: list[str], index: dict[tuple[str, str], G.Indexed]
+def _list_runs(partial: dict[str, G.Intervals], accesses: list[str], index: "_WatchedIndex"
                ) -> list[dict]:
     """The partially watched pages as runs of consecutive pages with the same figures (each figure is
     per page), at most RUNS_LISTED of them. Figures change only at pages holding an end of a watched

@@ -37,7 +37,7 @@ from ..diagnostics import Diagnostics
 from ..lowering import geometry as G
 from ..lowering.views import conjuncts
 
-__all__ = ["analyse"]
+__all__ = ["analyse", "overlapping_owners"]
 
 U64 = (1 << 64) - 1
 _ACCESS = {"read": "r", "write": "w", "execute": "x", "access": "rwx"}
@@ -52,8 +52,12 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
     at = {name: info.get("at") for name, info in plan.get("rules", {}).items()}
     geo = _Geometry(policy)
     conflicts, unreachable, shadowed = [], [], []
+    # A memory rule none of whose bytes another rule watches for one of its accesses can neither conflict
+    # nor shadow nor be shadowed: the two sweeps leave it out (one sort of every watched interval).
+    touching = _touching_memory_rules(rules, geo)
+    swept = [r for r in rules if r.name in touching or not isinstance(r.trigger, M.MemoryTrigger)]
 
-    for earlier, later in _conflicting_pairs(rules, geo):
+    for earlier, later in _conflicting_pairs(swept, geo):
         conflicts.append({"rules": [earlier.name, later.name], "at": [at.get(earlier.name), at.get(later.name)],
                           "trigger": later.trigger.kind})
         if diagnostics is not None:
@@ -75,7 +79,7 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
                                     "fix its condition or regions, or remove it")
 
     unreached = {u["rule"] for u in unreachable}
-    for later, by in _shadowed_rules([r for r in rules if r.name not in unreached], geo):
+    for later, by in _shadowed_rules([r for r in swept if r.name not in unreached], geo):
         shadowed.append({"rule": later.name, "at": at.get(later.name), "by": [r.name for r in by],
                          "by_at": [at.get(r.name) for r in by]})
         if diagnostics is not None:
@@ -114,6 +118,44 @@ def _memory_intervals(rule: M.Rule, geo: "_Geometry") -> list[tuple[str, str, in
             out.extend((letter, space, lo, hi) for lo, hi in ivs)
     geo.intervals[rule.name] = out
     return out
+
+
+def _touching_memory_rules(rules: list[M.Rule], geo: "_Geometry") -> set[str]:
+    """The memory rules with a byte that another rule (or another of their own regions) watches for the
+    same access in the same space."""
+    by_place: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+    for rule in rules:
+        t = rule.trigger
+        if isinstance(t, M.MemoryTrigger):
+            name = rule.name
+            for space, ivs in geo.regions(t.regions).items():
+                for letter in _ACCESS[t.access]:
+                    found = by_place.get((letter, space))
+                    if found is None:
+                        found = by_place[(letter, space)] = []
+                    found.extend((lo, hi, name) for lo, hi in ivs)
+    touching: set[str] = set()
+    for intervals in by_place.values():
+        touching |= overlapping_owners(intervals)
+    return touching
+
+
+def overlapping_owners(intervals: list[tuple[int, int, str]]) -> set[str]:
+    """The owners of the intervals (lo, hi, owner) that share a point with another. One sort and one
+    sweep: an interval starting before the furthest end seen so far is marked with the interval of that
+    end. That marks every interval that overlaps another: the first interval after X in the order that
+    overlaps X comes right after X (any between would start inside X), and then X either holds the
+    furthest end or overlapped the interval that does."""
+    intervals = sorted(intervals)
+    touching: set[str] = set()
+    furthest, owner = intervals[0][1], intervals[0][2]
+    for lo, hi, name in intervals[1:]:
+        if lo < furthest:
+            touching.add(name)
+            touching.add(owner)
+        if hi > furthest:
+            furthest, owner = hi, name
+    return touching
 
 
 def _conflicting_pairs(rules: list[M.Rule], geo: "_Geometry") -> list[tuple[M.Rule, M.Rule]]:
@@ -298,9 +340,12 @@ def _conflict(a: M.Rule, b: M.Rule, geo: _Geometry) -> bool:
 
 def _never_matches(rule: M.Rule, geo: _Geometry) -> str | None:
     t = rule.trigger
-    if isinstance(t, M.MemoryTrigger) and all(geo.table[r].empty for r in t.regions):
+    if isinstance(t, M.MemoryTrigger) and (geo.table[t.regions[0]].empty if len(t.regions) == 1
+                                           else all(geo.table[r].empty for r in t.regions)):
         names = ", ".join(t.regions)
         return f"its region{'s' if len(t.regions) > 1 else ''} {names} {'are' if len(t.regions) > 1 else 'is'} empty"
+    if rule.condition is None:
+        return None  # nothing left that could be always false or contradict itself
     parts = conjuncts(rule.condition)
     for c in parts:
         reason = _always_false(c, t, geo)

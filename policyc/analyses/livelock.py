@@ -190,9 +190,15 @@ class _GraphBuilder:
         """Memory faults and breakpoints, per view, each reached from the resident views it is in."""
         g, views, resident = self.graph, self.views, self.resident
         todo: list[tuple] = []
+        # Without the completing answers, a fault every answer of which completes has no edge out: it can
+        # be on no cycle and on no way to one, so it is not made (a plan of 100,000 trapped ranges has
+        # 100,000 such states and, as a rule, not one other).
+        skipped = set() if self.completing_answers else {a for a in "rwx" if self.settles("mem_access", a)}
         for vid in sorted(views):
             for rng in views[vid].get("ranges", []):
                 for a in sorted(self.traps(rng)):
+                    if a in skipped:
+                        continue
                     state = ("mem", vid, rng["region"], a)
                     g.add_node(state, rules=list(rng.get("rules", [])))
                     if vid in resident:
@@ -243,6 +249,20 @@ class _GraphBuilder:
                 self.add_answers(state, kind, verdicts, None, lambda t, state=state: [state])
 
     # ------------------------------------------------------------------ answers and where they lead
+
+    def settles(self, kind: str, access: str) -> bool:
+        """Every answer to a fault of `kind` on `access` completes it, in whatever state: its response
+        completes the access, or steps it in a view that traps nothing."""
+        for verdict in ("allow", f"deny:{_ACCESS_OF[access]}"):
+            response = self.responses.get(kind, {}).get(verdict)
+            if not isinstance(response, dict):
+                continue
+            outcome = self.outcomes.get((kind, verdict, access))
+            if outcome is None:
+                outcome = self.outcomes[(kind, verdict, access)] = _outcome(kind, response, access)
+            if outcome is not _COMPLETES and (outcome is _REPEATS or self.views.get(outcome, {}).get("ranges")):
+                return False
+        return True
 
     def add_answers(self, state: tuple, kind: str, verdicts: list[str], access: str | None, again) -> None:
         g = self.graph

@@ -135,6 +135,10 @@ SpaceMap = dict[str, Intervals]  # space -> normalised byte (or page) intervals
 
 def region_bytes(region: M.Region) -> SpaceMap:
     """A region's bytes, per address space."""
+    if len(region.extents) == 1:  # most regions: nothing to group, sort or merge
+        e = region.extents[0]
+        lo, hi = extent_interval(e)
+        return {extent_space(e): [(lo, hi)] if hi > lo else []}
     acc: dict[str, list[Interval]] = {}
     for e in region.extents:
         acc.setdefault(extent_space(e), []).append(extent_interval(e))

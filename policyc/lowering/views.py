@@ -128,18 +128,34 @@ class _Maps:
     def __init__(self, policy: M.Policy, target: TargetInfo, contexts: dict[str, _Context]) -> None:
         self.policy = policy
         self.x86 = target.name.startswith("x86_64")
-        self.glob = self.page_map(contexts[GLOBAL])
-        index = {k: G.Indexed(ivs) for k, ivs in self.glob.items()}
+        self._global_context = contexts[GLOBAL]
+        self._glob: PageMap | None = None  # made when first asked: a layout with no other context and no
+        # figures asks only whether it is empty
         self.residual: dict[str, PageMap] = {GLOBAL: {}}
-        for name, ctx in contexts.items():
-            if name != GLOBAL:
-                own = ((k, index[k].gaps_within(ivs) if k in index else ivs) for k, ivs in self.page_map(ctx).items())
-                self.residual[name] = {k: ivs for k, ivs in own if ivs}
+        if len(contexts) > 1:
+            index = {k: G.Indexed(ivs) for k, ivs in self.glob.items()}
+            for name, ctx in contexts.items():
+                if name != GLOBAL:
+                    own = ((k, index[k].gaps_within(ivs) if k in index else ivs) for k, ivs in self.page_map(ctx).items())
+                    self.residual[name] = {k: ivs for k, ivs in own if ivs}
         self._glob_restricted: tuple[int, dict[str, G.Indexed]] | None = None
+
+    @property
+    def glob(self) -> PageMap:
+        """The global context's map."""
+        if self._glob is None:
+            self._glob = self.page_map(self._global_context)
+        return self._glob
 
     def restricts(self, name: str) -> bool:
         """The context's map restricts something."""
-        return bool(self.glob) or bool(self.residual[name])
+        if bool(self.residual[name]):
+            return True
+        if self._glob is not None:
+            return bool(self._glob)
+        # The global map is not empty when one of its regions has a page, or it has a breakpoint.
+        ctx = self._global_context
+        return bool(ctx.breakpoints) or any(self.region_pages(region) for region in ctx.regions)
 
     def restricted_pages(self, names: Iterable[str]) -> int:
         """Pages the contexts' maps together restrict some access on (breakpoints aside)."""
@@ -219,16 +235,23 @@ def layout(policy: M.Policy, target: TargetInfo, *, usable: set[str], shadow_bre
     breakpoints are int3s on shadow frames remapped in the restricted views (so they belong to views).
     Diagnostics (PC502) are emitted only when `diagnostics` is given. Without `figures` the report's
     page counts (each a pass over every page run) are None: for a caller that keeps no report."""
-    contexts: dict[str, _Context] = {GLOBAL: _Context(GLOBAL)}
+    glob = _Context(GLOBAL)
+    contexts: dict[str, _Context] = {GLOBAL: glob}
     for rule in policy.rules:
         if rule.name not in usable:
             continue
         t = rule.trigger
         if isinstance(t, M.MemoryTrigger):
-            ctx = _context_of(contexts, rule)
+            ctx = glob if rule.condition is None else _context_of(contexts, rule)
+            letters = _TRAPS[t.access]
             for region in t.regions:
-                ctx.regions.setdefault(region, set()).update(_TRAPS[t.access])
-                ctx.rules_of.setdefault(region, set()).add(rule.name)
+                here = ctx.regions.get(region)
+                if here is None:
+                    ctx.regions[region] = set(letters)
+                    ctx.rules_of[region] = {rule.name}
+                else:
+                    here.update(letters)
+                    ctx.rules_of[region].add(rule.name)
             ctx.rules.append(rule)
         elif isinstance(t, M.Breakpoint) and shadow_breakpoints:
             ctx = _context_of(contexts, rule)
@@ -250,15 +273,25 @@ def _context_of(contexts: dict[str, _Context], rule: M.Rule) -> _Context:
     return ctx
 
 
-def _ranges(members: Iterable[_Context], target: TargetInfo) -> list[dict]:
-    traps: dict[str, set[str]] = {}
-    rules: dict[str, set[str]] = {}
-    for ctx in members:
-        for region, t in ctx.regions.items():
-            traps.setdefault(region, set()).update(t)
-            rules.setdefault(region, set()).update(ctx.rules_of[region])
-    return [{"region": name, "access": allowed_access(t, target), "traps": "".join(sorted(t)),
-             "rules": sorted(rules[name])} for name, t in sorted(traps.items())]
+def _ranges(members: list[_Context], target: TargetInfo) -> list[dict]:
+    if len(members) == 1:  # a view of the global context alone: its own sets, not copies of them
+        traps, rules = members[0].regions, members[0].rules_of
+    else:
+        traps, rules = {}, {}
+        for ctx in members:
+            for region, t in ctx.regions.items():
+                traps.setdefault(region, set()).update(t)
+                rules.setdefault(region, set()).update(ctx.rules_of[region])
+    access: dict[str, str] = {}  # trapped letters -> the access the view allows (a few distinct ones)
+    out = []
+    for name in sorted(traps):
+        t = traps[name]
+        letters = "".join(sorted(t))
+        allowed = access.get(letters)
+        if allowed is None:
+            allowed = access[letters] = allowed_access(t, target)
+        out.append({"region": name, "access": allowed, "traps": letters, "rules": sorted(rules[name])})
+    return out
 
 
 def _members(contexts: dict[str, _Context], group: Iterable[str]) -> list[_Context]:
@@ -285,7 +318,7 @@ def _first_rule(contexts: dict[str, _Context], names: Iterable[str], policy: M.P
 
 def _host_layout(policy: M.Policy, target: TargetInfo, contexts: dict[str, _Context], maps: _Maps,
                  names: list[str], d: Diagnostics | None, figures: bool) -> Layout:
-    ranges = _ranges(contexts.values(), target)
+    ranges = _ranges(list(contexts.values()), target)
     views = [{"id": VIEW_HOST, "role": "host", "default_access": "rwx", "ranges": ranges}] if ranges else []
     merges: list[dict] = []
     if ranges and len(names) > 1 and len({_freeze(maps.residual[n]) for n in names}) > 1:
