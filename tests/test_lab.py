@@ -10,6 +10,8 @@ rules included, on the Linux guest (LAB_GUEST=tiny: the tiny guest's memory poli
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import os
 import re
@@ -49,10 +51,14 @@ def parse_lab_output(text: str) -> dict:
     out: dict = {"begin": begin >= 0, "end": end >= 0, "times": {}, "steps": {}, "errors": []}
     body = text[begin:end if end >= 0 else None] if begin >= 0 else ""
     parts: dict[int, str] = {}
-    total = None
+    trace_parts: dict[int, str] = {}
+    total = trace_total = None
     for line in body.splitlines():
         line = line.rstrip("\r")
-        if m := re.match(r"LAB-T (\w+) ([\d.]+)", line):
+        if m := re.match(r"LAB-TRACE (\d+)/(\d+) (\S+)$", line):
+            trace_parts[int(m.group(1))] = m.group(3)
+            trace_total = int(m.group(2))
+        elif m := re.match(r"LAB-T (\w+) ([\d.]+)", line):
             out["times"][m.group(1)] = float(m.group(2))
         elif m := re.match(r"LAB-RESULT (\d+)/(\d+) (.*)$", line):
             parts[int(m.group(1))] = m.group(3)
@@ -69,6 +75,12 @@ def parse_lab_output(text: str) -> dict:
             out["result"] = json.loads("".join(parts[i] for i in range(1, total + 1)))
         except ValueError as exc:
             out["errors"].append(f"LAB-RESULT does not parse: {exc}")
+    if trace_total and len(trace_parts) == trace_total:
+        try:
+            blob = base64.b64decode("".join(trace_parts[i] for i in range(1, trace_total + 1)))
+            out["trace_sample"] = json.loads(gzip.decompress(blob))
+        except (ValueError, OSError) as exc:
+            out["errors"].append(f"LAB-TRACE does not decode: {exc}")
     if m := re.search(r"=== LAB-WALL \w+ seconds=(\d+)", text):
         out["wall_seconds"] = int(m.group(1))
     return out
@@ -84,12 +96,48 @@ def _run_lab(mode: str, timeout: int, guest: str | None = None) -> dict:
     p = subprocess.run([str(LAB_SH), mode], env=env, timeout=timeout, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, errors="replace")
     parsed = parse_lab_output(p.stdout)
-    print(json.dumps({k: v for k, v in parsed.items() if k != "result"}, indent=1, sort_keys=True)[:20000])
+    (WORK / f"console-{mode}-{guest or env.get('LAB_GUEST', 'default')}.log").write_text(p.stdout)
+    print(json.dumps({k: v for k, v in parsed.items() if k not in ("result", "trace_sample")}, indent=1,
+                     sort_keys=True)[:20000])
+    if "trace_sample" in parsed:      # a real recording's first requests, for tests/data (replay_live)
+        sample = WORK / f"trace-{mode}-{guest or env.get('LAB_GUEST', 'default')}.json"
+        sample.write_text(json.dumps(parsed["trace_sample"], sort_keys=True) + "\n")
+        print(f"trace sample: {sample}")
+        parsed["replay_host"] = replay_on_host(sample)
+        print(f"replay on the host: {json.dumps(parsed['replay_host'], sort_keys=True)[:3000]}")
     if "result" in parsed:
         out = WORK / f"result-{mode}-{guest or env.get('LAB_GUEST', 'default')}.json"
         out.write_text(json.dumps(run_result(parsed), indent=1, sort_keys=True) + "\n")
         print(f"result: {out}")
     return parsed
+
+
+def replay_on_host(sample_path: Path) -> dict:
+    """The simulator checked against this live run (runtime/sim/replay_live.py): every recorded request
+    of the trace the dom0 printed, replayed through SimulatedXen under the policy it enforced, compiled
+    here for the same target; the summary (matched, differences by kind)."""
+    import tempfile
+
+    from policyc.plan_source import load_plan_source
+    from policyc.runtime.sim.replay_live import load_sample, replay_live
+
+    sample = json.loads(sample_path.read_text())
+    examples = HERE.parent / "examples" / "policies"
+    policy = next((p for p in (HERE / "lab" / "policies" / sample["policy"], examples / sample["policy"])
+                   if p.exists()), None)
+    if policy is None:
+        return {"ok": False, "error": f"no policy {sample['policy']} in the repository"}
+    with tempfile.TemporaryDirectory() as tmp:
+        # laid out as in dom0 (lab.sh): the policy with the example symbol files it names beside it
+        shutil.copy(policy, tmp)
+        for name in re.findall(r'^\s*symbols\s+"([^"]+)"', policy.read_text(), re.M):
+            if (examples / name).exists() and not (policy.parent / name).exists():
+                shutil.copy(examples / name, tmp)
+            elif (policy.parent / name).exists():
+                shutil.copy(policy.parent / name, tmp)
+        compiled = load_plan_source(str(Path(tmp) / policy.name), sample.get("target"))
+        trace, decisions = load_sample(sample_path, tmp)
+        return replay_live(trace, decisions, compiled.plan, compiled.symbols).summary()
 
 
 def run_result(lab: dict) -> dict:
@@ -114,6 +162,7 @@ def run_result(lab: dict) -> dict:
     return {"mode": r.get("mode"), "xen": {k: env.get(k) for k in ("xen_version", "xen_library")},
             "policy": enforce.get("policy"), "rules": rules,
             "enforcer": (r.get("compare") or {}).get("enforcer"), "summary": r.get("summary"),
+            "replay": {"dom0": r.get("replay"), "host": lab.get("replay_host")},
             "times": lab.get("times"), "wall_seconds": lab.get("wall_seconds")}
 
 
@@ -132,6 +181,16 @@ def _check_common(lab: dict) -> dict:
     assert s["enforcer_ran"], lab["result"]["enforce"].get("output_tail")
     assert s["verdicts_agree"], (s["disagreements"], lab["result"]["compare"])
     assert s["guest_runs_after_teardown"], lab["result"]["after_teardown"]
+    # the simulator checked against this hardware (runtime/sim/replay_live.py): the same requests and
+    # verdicts for the recorded guest steps, but for differences documented in docs/XEN-SEMANTICS.md
+    rep = lab["result"].get("replay") or {}
+    assert rep.get("ok") and rep.get("requests", 0) > 0, rep
+    if "audit" in lab["result"]:      # the audit-mode run of the same boot, recorded and replayed too
+        aud = lab["result"].get("replay_audit") or {}
+        assert aud.get("ok") and aud.get("requests", 0) > 0, aud
+    host = lab.get("replay_host") or {}          # the whole trace from QEMU, a cut from Bochs
+    assert host.get("ok") and host["requests"] == lab["trace_sample"]["requests"] > 0, host
+    assert host["requests"] == lab["result"]["enforce"]["decisions"] or lab["result"]["mode"] != "qemu", host
     return s
 
 

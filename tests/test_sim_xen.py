@@ -784,6 +784,21 @@ def test_debug_exception_sync_swallows_the_db():
     assert op.done and op.took_effect and op.faults[0].name == "#DB" and op.faults[0].injected
 
 
+def test_trap_flag_single_step_trap_is_a_hardware_db():
+    # the #DB after an instruction retired with RFLAGS.TF: hardware type, no length, pending_dbg 0
+    # (XEN-SEMANTICS §1.9); seen live under Bochs 3.0 (tests/lab, replay_live)
+    xen = mk()
+    xen.monitor("debug_exception", True, sync=True)
+    op = xen.execute(0, Op("trap_flag", rip=0xFFFFFFFF81000204))
+    (r,) = take(xen)
+    assert r.reason == RS.DEBUG_EXCEPTION and r.payload["type"] == abi.X86EventType.HW_EXCEPTION
+    assert r.payload["insn_length"] == 0 and r.payload["pending_dbg"] == 0
+    assert r.regs["rip"] == 0xFFFFFFFF81000204
+    xen.inject_exception(0, 1)
+    answer(xen, [r], [_rsp(r, 0)])
+    assert op.done and op.took_effect and op.faults[0].name == "#DB" and op.faults[0].injected
+
+
 # =========================================================================== views, access values
 
 def test_altp2m_view_limit_and_destroy_rules():
@@ -968,3 +983,74 @@ def test_arm64_smc_needs_pc_plus_4():
     struct.pack_into("<Q", raw, 56 + 24, 0xFFFF800008010004)  # data.regs.arm.pc
     answer(xen, [r], [bytes(raw)])
     assert op.done and xen.vcpu(0).rip == 0xFFFF800008010004
+
+
+def _gdt_unreadable_in_a_view(xen: SimulatedXen) -> tuple[int, int]:
+    """vCPU 0 in a view where its GDT's page is execute-only (as a breakpoint's shadow frame on that
+    page makes it); returns (the view, the gla of the kernel code segment's descriptor)."""
+    v = xen.vcpu(0)
+    desc = v.gdtr_base + (v.sel["cs"] & ~7)
+    xen.altp2m_set_state(True)
+    view = xen.create_view()
+    xen.set_access(view, [gfn_of(xen, desc)], "x")
+    xen.switch_view(view)
+    xen.monitor("singlestep", True)
+    return view, desc
+
+
+def test_reinjected_int3_whose_delivery_traps_runs_again():
+    # XEN-SEMANTICS §10.1, seen live under Bochs 3.0: the #BP's delivery reads the code segment's
+    # descriptor through the view; after that read's event Xen does not re-inject a software
+    # exception, the int3 runs again and is reported again, in the view the answer switched to
+    xen = mk()
+    view, desc = _gdt_unreadable_in_a_view(xen)
+    xen.monitor("software_breakpoint", True)
+    op = xen.execute(0, Op("int3", rip=0xFFFFFFFF81000100))
+    (bp,) = take(xen)
+    assert bp.reason == RS.SOFTWARE_BREAKPOINT and bp.altp2m_idx == view
+    xen.inject_exception(0, 3, insn_length=1, software=True)
+    answer(xen, [bp], [_rsp(bp, 0)])
+    (rd,) = take(xen)
+    assert rd.reason == RS.MEM_ACCESS and rd.payload["gla"] == desc and rd.regs["rip"] == 0xFFFFFFFF81000100
+    assert rd.payload["flags"] & abi.MemAccess.R and not op.done
+    answer(xen, [rd], [_rsp(rd, 0, altp2m_idx=0, fast_singlestep_p2midx=view)])
+    (again,) = take(xen)
+    assert again.reason == RS.SOFTWARE_BREAKPOINT and again.altp2m_idx == 0
+    xen.inject_exception(0, 3, insn_length=1, software=True)
+    answer(xen, [again], [_rsp(again, 0)])
+    assert op.done and [f.name for f in op.faults] == ["#BP"] and xen.current_view(0) == view
+    assert xen.unconsumed_requests() == 0
+
+
+def test_injected_hardware_exception_whose_delivery_traps_is_injected_again():
+    xen = mk()
+    view, desc = _gdt_unreadable_in_a_view(xen)
+    xen.monitor("debug_exception", True, sync=True)
+    op = xen.execute(0, Op("trap_flag", rip=0xFFFFFFFF81000104))
+    (db,) = take(xen)
+    xen.inject_exception(0, 1)
+    answer(xen, [db], [_rsp(db, 0)])
+    (rd,) = take(xen)
+    assert rd.reason == RS.MEM_ACCESS and rd.payload["gla"] == desc
+    answer(xen, [rd], [_rsp(rd, 0, altp2m_idx=0, fast_singlestep_p2midx=view)])
+    # delivered in the unrestricted view, no second #DB event; MTF brought the vCPU back
+    assert op.done and [f.name for f in op.faults] == ["#DB"] and xen.unconsumed_requests() == 0
+    assert xen.current_view(0) == view
+
+
+@pytest.mark.parametrize("kind,desc,is_write,identity", [
+    ("sldt", 3, 0, 0), ("str", 4, 0, 1), ("lldt", 3, 1, 2), ("ltr", 4, 1, 3), ("sidt", 1, 0, 1), ("lgdt", 2, 1, 2)])
+def test_descriptor_register_instructions(kind, desc, is_write, identity):
+    # LDTR/TR as IDTR/GDTR: one sync event naming the register, the direction, and (VMX) the instruction
+    # in bits 29:28 of the instruction information, as seen live (XEN-SEMANTICS §10.2, §11.2)
+    xen = mk()
+    xen.monitor("descriptor_access", True)
+    op = xen.execute(0, Op(kind, base=0x28, limit=0))
+    (r,) = take(xen)
+    assert r.reason == RS.DESCRIPTOR_ACCESS
+    assert (r.payload["descriptor"], r.payload["is_write"]) == (desc, is_write)
+    assert (r.payload["arch"]["vmx"]["instr_info"] >> 28) & 3 == identity
+    answer(xen, [r], [_rsp(r, F.EMULATE)])
+    assert op.done and op.took_effect
+    if kind in ("lldt", "ltr"):
+        assert xen.get_registers(0)["ldtr_sel" if kind == "lldt" else "tr_sel"] == 0x28

@@ -60,12 +60,17 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "lidt": (("base",), ("limit",)),
     "lgdt": (("base",), ("limit",)),
     "sidt": ((), ()),
+    "lldt": (("base",), ()),
+    "ltr": (("base",), ()),
+    "sldt": ((), ()),
+    "str": ((), ()),
     "sgdt": ((), ()),
     "cpuid": ((), ("leaf", "subleaf")),
     "int3": ((), ("va",)),
     "guest_request": ((), ("rax", "rbx", "rcx", "rdx")),
     "remap": (("va", "to_pa"), ()),
     "icebp": ((), ()),
+    "trap_flag": ((), ()),
     "smc": ((), ()),
     "loop": (("steps",), ("count", "times")),
     "parallel": (("steps",), ()),
@@ -857,6 +862,8 @@ class ScenarioRunner:
             kw.update(msr=step.msr, value=val("value"))
         elif op in ("lidt", "lgdt"):
             kw.update(base=val("base"), limit=val("limit", 0xFFF if op == "lidt" else 0x7F))
+        elif op in ("lldt", "ltr"):
+            kw.update(base=val("base"))           # the selector loaded
         elif op == "cpuid":
             kw.update(leaf=val("leaf", 0), subleaf=val("subleaf", 0))
         elif op == "remap":

@@ -196,6 +196,11 @@ class SimulatedXen(AccessMixin, RingMixin, MonitorMixin, ResponseMixin, MemoryMi
         if not self._domain_pause:
             self._run_all()
 
+    @property
+    def domain_pauses(self) -> int:
+        """How many times the domain is paused (`pause` without its `unpause`)."""
+        return self._domain_pause
+
     def is_paused(self, vcpu: int) -> bool:
         s = self._vs[vcpu]
         return bool(s.pause or s.blocked or s.waiting or self._domain_pause or self.crashed)
@@ -276,6 +281,7 @@ class SimulatedXen(AccessMixin, RingMixin, MonitorMixin, ResponseMixin, MemoryMi
         if s.inject is None:
             s.inject = GuestFault(vector, _VECTOR_NAMES.get(vector, f"#{vector}"), error_code,
                                   None, injected=True)
+            s.inject_sw = software
         if self._runnable(s):
             self._runq.append(s)
             self._drain()

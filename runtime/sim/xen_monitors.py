@@ -9,11 +9,11 @@ from typing import Mapping
 
 from ..backend import ALWAYS_SYNC_MONITORS, ON_OFF_MONITORS, BackendError, InvalidArgument, Unsupported
 from .guest import CR0, CR4, EFER, MSR_NAMES, GuestFault
-from ...native.constants import (CR_INDEX, ET_PRI_SW_EXC, ET_SW_EXC, RS_CPUID, RS_DEBUG_EXCEPTION,
+from ...native.constants import (CR_INDEX, ET_HW_EXC, ET_PRI_SW_EXC, ET_SW_EXC, RS_CPUID, RS_DEBUG_EXCEPTION,
                                  RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST, RS_MOV_TO_MSR, RS_PRIVILEGED_CALL,
                                  RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG)
 from .xen_abi import U_CPUID, U_CR, U_DEBUG, U_DESC, U_MSR, U_PAD
-from .xen_profiles import cpuid_values
+from .xen_profiles import DESC_OPS, cpuid_values
 from .xen_state import PHASE_FINISH, Op, VState
 
 _CR_NAME = {index: name for name, index in CR_INDEX.items()}
@@ -95,10 +95,19 @@ class MonitorMixin:
         self._fault(s, op, GuestFault(3, "#BP", None, v.rip), took_effect=op.kind == "int3")
 
     def _op_icebp(self, s: VState, op: Op) -> None:
+        self._debug_trap(s, op, ET_PRI_SW_EXC, 1, 0)
+
+    def _op_trap_flag(self, s: VState, op: Op) -> None:
+        """The single-step trap of an instruction retired with RFLAGS.TF set, at the next one: a #DB of
+        hardware type with no instruction length (read only for software types) and pending_dbg 0 (on
+        VMX 4.17 always 0; DR6.BS went into the guest's DR6 at the exit) [doc §1.9]."""
+        self._debug_trap(s, op, ET_HW_EXC, 0, 0)
+
+    def _debug_trap(self, s: VState, op: Op, etype: int, length: int, pending_dbg: int) -> None:
         v = s.v
         if "debug_exception" in self._mon:
             sync = self._mon["debug_exception"]
-            u = U_DEBUG.pack(self._gfn_of(s, v.rip), 0, 1, ET_PRI_SW_EXC)
+            u = U_DEBUG.pack(self._gfn_of(s, v.rip), pending_dbg, length, etype)
 
             def after(rc: int) -> None:
                 if rc == 2:   # async: the #DB reaches the guest as well
@@ -153,14 +162,13 @@ class MonitorMixin:
             raise ValueError(f"{op.kind} is an x86 instruction")
         v = s.v
         kind = op.kind
+        desc, is_load, identity = DESC_OPS[kind]
         if self._mon.get("descriptor_access"):
-            is_idt = kind in ("lidt", "sidt")
-            is_load = kind in ("lidt", "lgdt")
-            info = ((1 if is_idt else 0) << 28 | (1 if is_load else 0) << 29) if self.capabilities().arch == "x86_64" else 0
-            u = U_DESC.pack(info, 0, 1 if is_idt else 2, 1 if is_load else 0)
+            info = identity << 28 if self.capabilities().arch == "x86_64" else 0
+            u = U_DESC.pack(info, 0, desc, 1 if is_load else 0)
             if self._send(s, op, RS_DESCRIPTOR_ACCESS, u, True):
                 return        # nothing else happens until EMULATE [doc §1.7]
-        if kind in ("lidt", "lgdt"):
+        if is_load:
             self._load_desc(v, kind, op.base, op.limit)
             op.result = (op.base, op.limit)
         else:

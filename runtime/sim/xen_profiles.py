@@ -46,11 +46,18 @@ def _profile(name: str) -> Profile:
 PROFILES: dict[str, Profile] = {name: _profile(name) for name in TARGETS}
 
 # Default instruction lengths per operation (bytes): mov r/m64, NOP, mov cr, wrmsr,
-# lidt [m], cpuid, int3, vmcall, icebp, smc.
+# lidt [m], cpuid, int3, vmcall, icebp, smc; a single-step trap is no instruction of its own.
 INSN_LENGTH = {"read": 4, "write": 4, "rmw": 5, "exec": 1, "write_cr": 3, "wrmsr": 2,
-               "lidt": 3, "lgdt": 3, "sidt": 3, "sgdt": 3, "cpuid": 2, "int3": 1,
-               "guest_request": 3, "icebp": 1, "smc": 4, "remap": 4}
-X86_ONLY = frozenset({"write_cr", "wrmsr", "lidt", "lgdt", "sidt", "sgdt", "cpuid", "int3", "icebp"})
+               "lidt": 3, "lgdt": 3, "sidt": 3, "sgdt": 3, "lldt": 3, "ltr": 3, "sldt": 3, "str": 3,
+               "cpuid": 2, "int3": 1,
+               "guest_request": 3, "icebp": 1, "trap_flag": 0, "smc": 4,
+               "remap": 4}
+# The descriptor-table instructions: (VM_EVENT_DESC_* index, a load, the identity VMX's instruction
+# information gives it in bits 29:28: SGDT/SIDT/LGDT/LIDT, SLDT/STR/LLDT/LTR).
+DESC_OPS = {"sgdt": (2, False, 0), "sidt": (1, False, 1), "lgdt": (2, True, 2), "lidt": (1, True, 3),
+            "sldt": (3, False, 0), "str": (4, False, 1), "lldt": (3, True, 2), "ltr": (4, True, 3)}
+X86_ONLY = frozenset({"write_cr", "wrmsr", *DESC_OPS, "cpuid", "int3", "icebp",
+                      "trap_flag"})
 
 
 def cpuid_values(leaf: int, subleaf: int, profile: Profile) -> tuple[int, int, int, int]:

@@ -12,7 +12,7 @@ from ...native.constants import (F_ALTP2M, F_DENY, F_EMULATE, F_FAST_SS, F_INSN_
                                  F_READ_DATA, F_SET_REGS, F_TOGGLE_SS, RS_DESCRIPTOR_ACCESS, RS_MEM_ACCESS,
                                  RS_MOV_TO_MSR, RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG, VERSION)
 from .xen_abi import GPRS_IN, HDR, OFF_EMUL_READ, OFF_REGS_RIP, U_MEM
-from .xen_state import PHASE_EXEC, PHASE_FINISH, R, W, Op, VState
+from .xen_state import ALLOWED, PHASE_EXEC, PHASE_FINISH, R, W, Op, VState
 
 
 class ResponseMixin:
@@ -128,15 +128,53 @@ class ResponseMixin:
             self._finish(s, op, native=False)
         if s.inject is not None:
             fault = s.inject
-            s.inject = None
             head = s.queue[0] if s.queue else None
+            if self._p.x86 and not self._a64 and self._delivery_traps(s, head, fault.vector):
+                # Delivery trapped (its mem_access event is out, the vCPU waits). A hardware exception
+                # is injected again at the next entry; a software one (int3) is not: the instruction
+                # runs again [xen arch/x86/hvm/hvm.c hvm_event_needs_reinjection]. Seen live [doc §10.1].
+                if s.inject_sw:
+                    s.inject = None
+                return
+            s.inject = None
             if head is not None and head.started and not head.done:
-                took = (head.kind == "int3" and fault.vector == 3) or (head.kind == "icebp" and fault.vector == 1)
+                took = (head.kind == "int3" and fault.vector == 3) or (head.kind in ("icebp", "trap_flag")
+                                                                       and fault.vector == 1)
                 self._fault(s, head, fault, took_effect=took)
             else:
                 v.faults.append(fault)
                 if s.last_op is not None:
                     s.last_op.faults.append(fault)
+            if s.single_step and self._p.singlestep and (head or s.last_op) is not None:
+                # MTF: an exit is pending on the boundary after an injected event's delivery (SDM 26.7.2)
+                self._mtf(s, head or s.last_op)
+
+    def _delivery_traps(self, s: VState, op: Op | None, vector: int) -> bool:
+        """The reads of an exception's delivery, checked against the vCPU's view: the IDT gate, then the
+        descriptor of its code segment in the GDT (the exception frame's stores are not modelled).
+        True when one violated the view's access: its mem_access event is out."""
+        v = s.v
+        gate = v.idtr_base + vector * (16 if v.msrs.get(0xC0000080, 0) & 0x400 else 8)    # EFER.LMA
+        if self._implicit_read_traps(s, op, gate):
+            return True
+        try:
+            selector = int.from_bytes(self.read_guest(s.index, gate + 2, 2), "little")
+        except TranslationFault:
+            return False
+        return self._implicit_read_traps(s, op, v.gdtr_base + (selector & ~7))
+
+    def _implicit_read_traps(self, s: VState, op: Op | None, gla: int) -> bool:
+        p2m = self._cur(s)
+        host = p2m is self._host
+        res = self.guest.walk_fast(s.v.cr3, gla, None if host else p2m.frame, False, False, True, True)
+        if type(res) is TranslationFault:
+            return False
+        pa = res[0]
+        gfn = pa >> FRAME_SHIFT
+        code = p2m.access.get(gfn, p2m.default if host else -1)
+        if code >= 0 and ALLOWED[code] & R:
+            return False
+        return self._ept(s, op, gfn, R, gla, pa & FRAME_MASK, False)
 
     def _apply_deferred(self, s: VState) -> None:
         w = s.do_write
@@ -209,9 +247,9 @@ class ResponseMixin:
             op.took_effect = k == "exec"
             v.rip = op.rip + 1
             self._finish(s, op, native=False)
-        elif k in ("lidt", "lgdt"):
+        elif k in ("lidt", "lgdt", "lldt", "ltr"):
             base, limit = op.base, op.limit
-            if kind == "data" and data is not None:
+            if kind == "data" and data is not None and k in ("lidt", "lgdt"):
                 blob = data[:10] + bytes(max(0, 10 - len(data)))
                 limit, base = struct.unpack("<HQ", blob)
             self._load_desc(v, k, base, limit)
@@ -219,7 +257,7 @@ class ResponseMixin:
             op.result = (base, limit)
             v.rip = op.rip + op.insn_len
             self._finish(s, op, native=False)
-        elif k in ("sidt", "sgdt"):
+        elif k in ("sidt", "sgdt", "sldt", "str"):
             op.result = self._store_desc(v, k)
             op.took_effect = True
             v.rip = op.rip + op.insn_len
@@ -227,11 +265,17 @@ class ResponseMixin:
 
     @staticmethod
     def _load_desc(v: VCpu, kind: str, base: int, limit: int) -> None:
+        """A descriptor-table register loaded; LLDT and LTR load a selector (`base`)."""
         if kind == "lidt":
             v.idtr_base, v.idtr_limit = base, limit & 0xFFFF
-        else:
+        elif kind == "lgdt":
             v.gdtr_base, v.gdtr_limit = base, limit & 0xFFFF
+        elif kind == "lldt":
+            v.ldtr = base & 0xFFFF
+        else:
+            v.tr = base & 0xFFFF
 
     @staticmethod
     def _store_desc(v: VCpu, kind: str) -> tuple[int, int]:
-        return (v.idtr_base, v.idtr_limit) if kind == "sidt" else (v.gdtr_base, v.gdtr_limit)
+        return {"sidt": (v.idtr_base, v.idtr_limit), "sgdt": (v.gdtr_base, v.gdtr_limit),
+                "sldt": (v.ldtr, 0), "str": (v.tr, 0)}[kind]

@@ -10,7 +10,7 @@ from ..guest_memory import FRAME_SHIFT
 from .guest import MSR, GuestFault, TranslationFault
 from ...native.constants import RS_SINGLESTEP
 from .xen_abi import U_SS
-from .xen_profiles import X86_ONLY
+from .xen_profiles import DESC_OPS, X86_ONLY
 from .xen_state import PHASE_FINISH, R, W, Op, VState
 
 
@@ -147,7 +147,7 @@ class RunMixin:
             self._op_write_cr(s, op)
         elif kind == "wrmsr":
             self._op_wrmsr(s, op)
-        elif kind in ("lidt", "lgdt", "sidt", "sgdt"):
+        elif kind in DESC_OPS:
             self._op_desc(s, op)
         elif kind == "cpuid":
             self._op_cpuid(s, op)
@@ -159,6 +159,8 @@ class RunMixin:
             self._op_guest_request(s, op)
         elif kind == "icebp":
             self._op_icebp(s, op)
+        elif kind == "trap_flag":
+            self._op_trap_flag(s, op)
         elif kind == "smc":
             self._op_smc(s, op)
         else:  # pragma: no cover

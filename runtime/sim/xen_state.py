@@ -107,7 +107,7 @@ class VState:
     """Xen's per-vCPU state (what `struct vcpu` and `arch_vm_event` hold)."""
 
     __slots__ = ("v", "index", "queue", "pause", "blocked", "waiting", "view", "single_step",
-                 "fast_ss", "set_gprs", "set_pc", "emulate", "do_write", "inject", "last_op")
+                 "fast_ss", "set_gprs", "set_pc", "emulate", "do_write", "inject", "inject_sw", "last_op")
 
     def __init__(self, v: VCpu) -> None:
         self.v = v
@@ -124,6 +124,7 @@ class VState:
         self.emulate: tuple | None = None   # (flags, data)
         self.do_write: dict[str, Any] = {}  # deferred CR/MSR writes (op 4)
         self.inject: GuestFault | None = None
+        self.inject_sw = False         # the injection is a software exception (int3 re-injected)
         self.last_op: Op | None = None
 
 

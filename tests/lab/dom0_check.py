@@ -19,6 +19,11 @@ parses them. Steps, each recorded whether it works or not:
    allowed work landing, the enforcer's exit and clean teardown; then after teardown the guest
    must still run (its round counter moves, writes land again, no fault, `xl list` answering
    and the domain neither paused nor dead);
+4b. the simulator checked against this run: the enforcer recorded its requests (`--record`);
+   `policyc.runtime.sim.replay_live` turns each back into the guest step that makes it, runs the
+   steps on SimulatedXen under the same plan and decision engine and compares request by request
+   and verdict by verdict (about 31 ms a request in Bochs 3.0's dom0); the whole trace is printed
+   (`LAB-TRACE i/n`, gzipped) and the host replays it again, with the repository's code;
 5. under Bochs, the backend calls no lab policy reaches on a host without MTF, each on the
    live guest and read back: altp2m (a view, a frame restricted in it, change_gfn to a frame
    added above the guest's memory and back), and a register-context round trip;
@@ -287,11 +292,11 @@ def xen_release() -> dict:
 
 def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
                  startup: float = 240, target: str | None = None,
-                 watch: strategies.PauseWatch | None = None) -> dict:
+                 watch: strategies.PauseWatch | None = None, record: str | None = None) -> dict:
     """`policyc run` for `seconds` after its first decision, then SIGTERM. The comparison window runs
     from the first report-page sample taken after the enforcer said protection is in place to the
     last one taken before SIGTERM; the whole run from before start to a settled read after exit."""
-    log = "/tmp/decisions.jsonl"
+    log = DECISION_LOG
     if os.path.exists(log):
         os.unlink(log)
     res: dict = {"policy": os.path.basename(policy), "seconds": seconds, "policy_rules": policy_rules(policy)}
@@ -300,6 +305,10 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     cmd = [sys.executable, "-m", "policyc", "run", policy, "--guest", f"xen:{domid}", "--log", log]
     if target:
         cmd += ["--target", target]
+    if record:          # the request stream, for the simulator's replay (step_replay)
+        cmd += ["--record", record]
+        if os.path.exists(record):
+            os.unlink(record)
     res["cmd"] = " ".join(cmd[1:])
     t_start = time.monotonic()
     # a crash of the enforcer (a signal) leaves its Python stack in the output tail
@@ -379,6 +388,55 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     if watch:
         res["policy_pauses"] = watch.seen
     return res
+
+
+TRACE = "/tmp/trace.jsonl"
+TRACE_AUDIT = "/tmp/trace-audit.jsonl"
+DECISION_LOG = "/tmp/decisions.jsonl"
+# The requests of the trace printed under Bochs (the dom0 replays all of them; the host, these)
+BOCHS_SAMPLE_REQUESTS = 300
+
+
+def step_replay(trace: str, log: str, policy: str, target: str | None, limit: int | None = None) -> dict:
+    """The simulator checked against this hardware: the recorded requests' guest steps replayed
+    through SimulatedXen under the same plan and decision engine, compared request by request and
+    verdict by verdict (policyc.runtime.sim.replay_live; its summary goes into the results)."""
+    t0 = time.monotonic()
+    try:
+        from policyc.runtime.sim.replay_live import replay_live_files
+        summary = replay_live_files(trace, log, policy, target=target, limit=limit)
+    except Exception as e:  # record, go on
+        return {"error": f"{type(e).__name__}: {e}"[:600], "seconds": round(time.monotonic() - t0, 2)}
+    summary["seconds"] = round(time.monotonic() - t0, 2)
+    return summary
+
+
+def emit_trace_sample(trace: str, log: str, max_requests: int, policy: str, target: str | None) -> None:
+    """The trace (its first `max_requests` requests) with their decision records, gzipped, as `LAB-TRACE
+    i/n` lines: tests/test_lab.py writes them to $LAB/trace-<mode>-<guest>.json and replays them all on
+    the host (about 45 bytes of console a request); tests/data keeps a cut of one for CI."""
+    import base64
+    import gzip
+    try:
+        from policyc.runtime.sim.replay_live import trace_excerpt
+        sample = trace_excerpt(trace, log, max_requests)
+        sample.update(policy=os.path.basename(policy), target=target)     # what the host compiles again
+    except Exception as e:  # record, go on
+        print(f"LAB-ERR trace sample: {type(e).__name__}: {e}"[:400], flush=True)
+        return
+    print_parts("LAB-TRACE", base64.b64encode(gzip.compress(json.dumps(sample, sort_keys=True).encode())).decode(),
+                RESULT_PACE)
+
+
+def print_parts(tag: str, text: str, pace: float) -> None:
+    """`text` as `TAG i/n PART` lines of 160 characters, `pace` seconds apart: Bochs drains Xen's serial
+    slowly and Xen drops what overflows its buffer (RESULT_PACE); a Bochs 3.0 run lost characters inside
+    its LAB-RESULT lines after the LAB-TRACE ones that way (2026-12-07 10:35)."""
+    parts = [text[i:i + 160] for i in range(0, len(text), 160)]
+    for i, part in enumerate(parts):
+        print(f"{tag} {i + 1}/{len(parts)} {part}", flush=True)
+        if pace:
+            time.sleep(pace)
 
 
 def policy_rules(policy: str) -> list[str]:
@@ -761,6 +819,8 @@ def summarize(result: dict) -> dict:
         "backend_calls_ok": result.get("backend_calls", {}).get("ok"),
         "guest_restarted_before_check": "guest_restarted" in result,
         "enforcer_events_per_second": enf.get("events_per_second"),
+        "replay_matches_live": bool(result.get("replay", {}).get("ok")
+                                    and result.get("replay_audit", {"ok": True}).get("ok")),
         "enforcer_baseline_cpuid_events_per_second": base.get("events_per_second"),
         "xen_access_events_per_second": {m: x.get("events_per_second") for m, x in xa.items()},
         "like_for_like_cpuid": like,
@@ -811,6 +871,8 @@ def main() -> int:
     ap.add_argument("--must-refuse", help="a memory policy this host's target cannot enforce: compiling it for "
                     "--host-target must fail with the capability error")
     ap.add_argument("--host-target", default="x86_64-svm")
+    ap.add_argument("--sample-requests", type=int, default=30000,
+                    help="requests of the recorded trace printed (LAB-TRACE lines) for the host's replay")
     a = ap.parse_args()
     kind = GUESTS[a.guest]
     result: dict = {"mode": a.mode, "guest": a.guest, "domid": a.domid}
@@ -857,16 +919,24 @@ def main() -> int:
 
     t0 = uptime()
     result["enforce"] = enf = step_enforce(a.policy, a.domid, a.seconds, page, a.startup, a.target,
-                                           watch=strategies.PauseWatch(a.domid, domain_state, run))
+                                           watch=strategies.PauseWatch(a.domid, domain_state, run), record=TRACE)
     enf["dom0_seconds"] = round(uptime() - t0, 2)
     emit("enforce", enf)
     result["compare"] = cmp = compare(a.mode, kind, enf)
     emit("compare", cmp)
+    result["replay"] = rep = step_replay(TRACE, DECISION_LOG, a.policy, a.target)
+    emit("replay", rep)
+    # Bochs's console carries about 25 lines a minute under load (0.2 lines a request): a cut there
+    emit_trace_sample(TRACE, DECISION_LOG, a.sample_requests if a.mode == "qemu" else BOCHS_SAMPLE_REQUESTS,
+                      a.policy, a.target)
     result["after_teardown"] = aft = step_after_teardown(a.domid, page, a.mode)
     emit("after_teardown", aft)
     if a.audit_policy:
-        result["audit"] = aud = step_enforce(a.audit_policy, a.domid, a.seconds, page, a.startup, a.target)
+        result["audit"] = aud = step_enforce(a.audit_policy, a.domid, a.seconds, page, a.startup, a.target,
+                                             record=TRACE_AUDIT)
         emit("audit", aud)
+        result["replay_audit"] = rep = step_replay(TRACE_AUDIT, DECISION_LOG, a.audit_policy, a.target)
+        emit("replay_audit", rep)
         result["compare_audit"] = c = strategies.compare_audit(aud, SAMPLE_EDGE * kind.vcpus, decision_count,
                                                                _enforcer_exit(aud))
         emit("compare_audit", c)
@@ -912,14 +982,7 @@ def main() -> int:
 
     result["summary"] = summarize(result)
     # short lines: Xen's console may slip a guest's line between two writes of a long one
-    text = json.dumps(result, sort_keys=True)
-    parts = [text[i:i + 160] for i in range(0, len(text), 160)]
-    for i, part in enumerate(parts):
-        print(f"LAB-RESULT {i + 1}/{len(parts)} {part}", flush=True)
-        if a.mode in VMX_MODES:
-            # Bochs drains Xen's serial slowly and Xen drops what overflows its buffer: a run of 196 parts
-            # lost parts 93 on (2026-12-07); paced, the console keeps up
-            time.sleep(RESULT_PACE)
+    print_parts("LAB-RESULT", json.dumps(result, sort_keys=True), RESULT_PACE if a.mode in VMX_MODES else 0)
     return 0
 
 
