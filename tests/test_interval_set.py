@@ -14,7 +14,7 @@ from policyc.lowering import geometry as G
 
 
 def _intervals(s: G.IntervalSet) -> list[tuple[int, int]]:
-    return [(lo, hi) for los, his in zip(s._los, s._his) for lo, hi in zip(los, his)]
+    return s.intervals()
 
 
 def _check_against_points(s: G.IntervalSet, points: set[int], rng: random.Random, bound: int) -> None:
@@ -28,7 +28,7 @@ def _check_against_points(s: G.IntervalSet, points: set[int], rng: random.Random
 @pytest.mark.parametrize("order", ["ascending", "descending", "random"])
 @pytest.mark.parametrize("block", [1, 2, 512])
 def test_an_interval_set_holds_exactly_the_points_added_in_any_order(monkeypatch, order, block):
-    monkeypatch.setattr(G.IntervalSet, "_BLOCK", block)
+    monkeypatch.setattr(G.IntervalSet, "BLOCK", block)
     rng = random.Random(f"{order}-{block}")
     for _ in range(300):
         bound = rng.choice([40, 200, 1000])
@@ -47,12 +47,12 @@ def test_an_interval_set_holds_exactly_the_points_added_in_any_order(monkeypatch
 
 
 def test_adds_in_descending_order_keep_blocks_bounded(monkeypatch):
-    monkeypatch.setattr(G.IntervalSet, "_BLOCK", 4)
+    monkeypatch.setattr(G.IntervalSet, "BLOCK", 4)
     s = G.IntervalSet()
     for k in range(1000, 0, -1):
         s.add(3 * k, 3 * k + 1)
     assert _intervals(s) == [(3 * k, 3 * k + 1) for k in range(1, 1001)]
-    assert max(len(b) for b in s._los) <= 8
+    assert max(s.block_sizes()) <= 8
     s.add(0, 3 * 1000)  # one add that swallows every block but the last interval's end
     assert _intervals(s) == [(0, 3001)]
-    assert len(s._los) == 1
+    assert len(s.block_sizes()) == 1

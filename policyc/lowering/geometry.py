@@ -168,12 +168,12 @@ def space_map_measure(m: SpaceMap) -> int:
 
 class IntervalSet:
     """A growing set of points kept as merged [lo, hi) intervals, with bisect look-ups. The intervals are
-    kept in blocks of at most `_BLOCK` (with each block's first start and last end indexed): an add moves
+    kept in blocks of at most `BLOCK` (with each block's first start and last end indexed): an add moves
     at most one block's entries and the index's, whatever order intervals come in (one flat list made an
     add before all the others move every entry, and rules in descending address order quadratic)."""
 
     __slots__ = ("_los", "_his", "_firsts", "_lasts")
-    _BLOCK = 512
+    BLOCK = 512
 
     def __init__(self) -> None:
         self._los: list[list[int]] = []  # block -> its intervals' starts
@@ -226,7 +226,7 @@ class IntervalSet:
 
     def _split(self, b: int) -> None:
         los, his = self._los[b], self._his[b]
-        if len(los) <= 2 * self._BLOCK:
+        if len(los) <= 2 * self.BLOCK:
             return
         half = len(los) // 2
         self._los[b + 1:b + 1] = [los[half:]]
@@ -248,6 +248,14 @@ class IntervalSet:
         if b < 0:
             return False
         return self._his[b][bisect_right(self._los[b], lo) - 1] >= hi
+
+    def intervals(self) -> list[tuple[int, int]]:
+        """The merged intervals, in order."""
+        return [(lo, hi) for los, his in zip(self._los, self._his) for lo, hi in zip(los, his)]
+
+    def block_sizes(self) -> list[int]:
+        """How many intervals each block holds (an add keeps each at most twice `BLOCK`)."""
+        return [len(los) for los in self._los]
 
     def __bool__(self) -> bool:
         return bool(self._los)
