@@ -222,13 +222,12 @@ def _build_and_switch(enforcer: Any, inst: Installation, beside: Installation, c
     backend = inst.backend
     default = beside.bound.default_view()
     switch_entry = next((e for e in inst.journal if e["op"] == "switch_view"), None)
+    running_view = _running_view(inst) if switch_entry is not None or default is not None else 0
     if switch_entry is not None:
         inst.journal.remove(switch_entry)
         moved.append(switch_entry)
     elif default is not None:
-        current = getattr(backend, "current_view", None)
-        switch_entry = {"op": "switch_view", "view": current(0) if callable(current) else 0}
-    running_view = _running_view(inst)
+        switch_entry = {"op": "switch_view", "view": running_view}
     if switch_entry is not None:
         beside.journal.append(switch_entry)    # last: undone first, before any view is destroyed
         inst._save()
