@@ -24,6 +24,8 @@ from policyc.compiler import compile_plan
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.enforce import Enforcer, EnforcerError
 from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator
+from policyc.runtime.pt_step import LANDED_RESPONSE, STEP_RESPONSE
+from policyc.native.constants import F_ALTP2M, F_FAST_SS, F_TOGGLE_SS
 from policyc.native import abi
 from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests
 from policyc.runtime.reload import scenario_reloader
@@ -308,8 +310,14 @@ def test_a_remapped_syscall_table_is_followed_and_the_hook_denied():
     run = run_on_simulator(scenario, plan, symbols, log=DecisionLog(log, plan_hash="x"))
     assert all(r.passed for r in check_expectations(run)), [r for r in check_expectations(run) if not r.passed]
     assert [r.verdict for r in run.results] == ["allow", "deny", "allow", "deny", "allow"]
-    remap, hook = run.step_decisions(0)[0], run.step_decisions(1)[0]
+    (remap, landed), hook = run.step_decisions(0), run.step_decisions(1)[0]
     assert "page-table write to an entry that maps" in remap.note and "syscalls" in remap.note
+    # the write stepped with an event (runtime/pt_step.py): out of the restricted view with single-stepping
+    # on, then at its single-step event the binding follows it and the vCPU goes back to the view it faulted in
+    assert remap.response == STEP_RESPONSE and remap.response_flags & F_TOGGLE_SS and not remap.response_flags & F_FAST_SS
+    assert landed.kind == "singlestep" and landed.response == LANDED_RESPONSE and landed.pt_write == (
+        remap.event["gfn"], remap.event["offset"])
+    assert landed.response_flags & F_TOGGLE_SS and landed.response_flags & F_ALTP2M
     assert hook.rule == "protect_tables" and hook.event["gfn"] == 0x8000
     rebinds = [json.loads(l) for l in log.getvalue().splitlines() if '"record":"rebind"' in l]
     assert [r["regions"]["syscalls"]["to"] for r in rebinds] == [["0x8000"], ["0x8001"]]
@@ -327,7 +335,8 @@ def test_replay_re_decides_a_recording_and_shows_what_a_policy_change_alters(tmp
     assert code == 0, err
     code, out, err = cli("replay", str(trace), "--policy", str(KERNEL_INTEGRITY))
     assert code == 0, err
-    assert "replayed 4 request(s)" in out and "2 rebind(s) followed" in out
+    # two page-table writes (each with the single-step event it is followed at) and two hooks
+    assert "replayed 6 request(s)" in out and "2 rebind(s) followed" in out
     assert "deny 2" in out
     # a weaker policy: the table rule only logs now
     weaker = tmp_path / "weaker.vmi"
