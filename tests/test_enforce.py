@@ -192,6 +192,8 @@ def test_run_in_audit_mode_lets_everything_through_and_says_what_it_would_deny(t
     (["run", "missing.vmi", "--guest", "sim:rootkit-hooks-syscall-table"], "no such policy file: missing.vmi"),
     (["recover", "--guest", "sim:rootkit-hooks-syscall-table"], "nothing to recover"),
     (["replay", "no-trace.jsonl", "--policy", str(KERNEL_INTEGRITY)], "cannot read"),
+    (["run", "--guest", "sim:rootkit-hooks-syscall-table", "--slide", "0"], "a simulated guest's slide is its scenario's"),
+    (["run", "--guest", "xen:1", "--slide", "0x1z"], "--slide: invalid address value"),
 ])
 def test_usage_errors_are_one_clear_line(argv, message):
     code, _out, err = cli(*argv)
@@ -666,3 +668,22 @@ def test_a_native_log_write_that_fails_still_answers_every_request(tmp_path):
     assert enf.requests == enf.responses == enf.unlogged == 4 and enf.records == 0
     assert [r.verdict for r in results[:3]] == ["deny"] * 3
     assert xen.paused_vcpus() == frozenset() and err.getvalue().count("cannot be written") == 1
+
+
+def test_the_operators_slide_binds_instead_of_the_one_found(tmp_path):
+    """`policyc run --slide`: the plan's relocatable addresses slid by the operator's value (a guest with
+    no symbols to find it with: the lab's long-mode guest); the right one binds and enforces, a wrong
+    one is refused at bind, the guest untouched."""
+    from helpers import run_storm_on_simhost, storm_scenario
+
+    assert run_storm_on_simhost(tmp_path, 5, ["--slide", "0x3c00000"]) > 0       # storm.yaml's kaslr_slide
+    from policyc.runtime.sim.host import connect
+    host_proc, sock = _simhost(tmp_path, storm_scenario(tmp_path, 5))
+    try:
+        code, _out, err = cli("run", str(KERNEL_INTEGRITY), "--guest", f"simhost:{sock}", "--slide", "0x200000",
+                              "--state-dir", str(tmp_path / "state2"))
+        assert code == 2 and "cannot bind the plan" in err and "does not translate" in err, err
+        assert connect(sock).monitors() == {}
+    finally:
+        host_proc.terminate()
+        host_proc.wait(10)
