@@ -228,7 +228,8 @@ class Enforcer:
             self.native.detach()
         self.plan, self.bound, self.engine, self.native = plan, bound, engine, native
         self.log.plan_hash = plan.get("content_hash", "")
-        self._pending_rebinds = []
+        # Kept: a page-table write answered in flight under the old plan and not landed yet (no MTF:
+        # it completes when the vCPU runs on) names a guest entry, which the new binding follows too.
 
     def stop(self) -> list[str]:
         """Tear down (idempotent). Returns teardown errors (empty when the guest is as it was)."""
@@ -524,6 +525,11 @@ class Enforcer:
         if self.recorder is not None:
             self.recorder.rebind(gfn, offset)
         return True
+
+    def page_table_writes_unfollowed(self) -> bool:
+        """Whether an allowed write to a watched page-table entry has not been seen landing yet (no MTF:
+        it completes when its vCPU runs on); the next `service` re-walks for it once more."""
+        return bool(self._pending_rebinds)
 
     def _retry_rebinds(self) -> None:
         """A page-table store that had not landed when we re-walked is followed one batch later."""

@@ -10,8 +10,10 @@ The change is one transaction, the domain paused throughout (as install does):
 1. bind the new plan to the guest (reads only) and check that the host can hold it *beside* the
    running one (its views as well as the running plan's);
 2. pause; answer every request already on the ring with the running plan (a vCPU in the middle of
-   single-stepping over an allowed access is let finish its step first), so each event in flight
-   is decided by exactly one plan, the one its decision record names;
+   single-stepping over an allowed access, or over a page-table write the running plan follows, is
+   let finish its step first), so each event in flight is decided by exactly one plan, the one its
+   decision record names; then re-walk the new plan's binding, since the guest's page tables may
+   have changed since step 1 (a remap that landed in between, or one just stepped);
 3. build the new plan beside the old (`Installation._arm`): new views, their access, shadow-frame
    breakpoints, monitors the old plan lacked. What both plans need stays as it is: the host view's
    access is changed in place frame by frame (never relaxed before the switch), monitors enabled
@@ -215,6 +217,10 @@ def _build_and_switch(enforcer: Any, inst: Installation, beside: Installation, c
     adopt it after the switch puts the vCPUs back in the running plan's view first."""
     result.answered_before_switch = _answer_in_flight(enforcer, inst, caps)
     enforcer.idle()                            # arm64: relaxed pages re-armed under the old plan first
+    # The binding of step 1 was walked with the guest running: a page-table write that landed since
+    # (the running plan followed it, for its own binding only) would leave the new plan watching the
+    # frame the protected address no longer maps. The guest is paused now: walk again.
+    beside.bound.rebind(inst.backend)
     inst.pending = beside.journal              # saved with ours: `recover` sees both while we build
     planted = {e["pa"]: e for e in inst.journal if e["op"] == "bytes"}
     beside._arm(caps, planted=planted)
@@ -259,12 +265,23 @@ def _running_view(inst: Installation) -> int:
 
 def _answer_in_flight(enforcer: Any, inst: Installation, caps: Any) -> int:
     """Answer what is on the ring with the running plan; a vCPU single-stepping over an access that
-    plan allowed (in its step view) is let run its one instruction, and that event is answered too."""
+    plan allowed (in its step view) is let run its one instruction, and that event is answered too.
+    A page-table write stepped with an event (runtime/pt_step.py) is known to the running engine, also
+    where the backend cannot say which vCPUs step (Xen has no such call): its vCPU runs its one
+    instruction, and the running plan follows the write and puts it back in its view. Without MTF an
+    allowed page-table write completes only when its vCPU runs on: it is let run until the running
+    plan has followed the write (or given up on it, as it would outside a reload)."""
     before = enforcer.responses
-    stepping = getattr(inst.backend, "single_stepping", None)
+    backend_stepping = getattr(inst.backend, "single_stepping", None)
+
+    def stepping(vcpu: int) -> bool:
+        if callable(backend_stepping) and backend_stepping(vcpu):
+            return True
+        return enforcer.engine is not None and vcpu in enforcer.engine.pt_steps.pending
+
     for _ in range(STEP_ROUNDS):
         enforcer.service()
-        if not callable(stepping) or not any(stepping(v) for v in range(caps.vcpus)):
+        if not any(stepping(v) for v in range(caps.vcpus)) and not enforcer.page_table_writes_unfollowed():
             break
         inst._unpause()
         inst.backend.wait(0.001)

@@ -23,7 +23,7 @@ from helpers import start_simhost
 from policyc.cli import main
 from policyc.plan_source import load_plan_source
 from policyc.runtime.enforce import Enforcer
-from policyc.runtime.policy_test import diff_snapshots
+from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator
 from policyc.runtime.sim.chaos import FaultyBackend
 from policyc.runtime.sim.scenario import ScenarioRunner, build_scenario, load_scenario, load_scenario_text
 
@@ -36,6 +36,7 @@ V3_PLAN = POLICIES / "reload" / "syscalls-only.plan.json"
 BROKEN = EXAMPLES / "scenarios" / "reload" / "broken-syscalls.edit"
 SCENARIO = EXAMPLES / "scenarios" / "reload-under-writes.yaml"
 WRITERS = ROOT / "tests" / "data" / "scenarios" / "reload-writers.yaml"
+REMAP_DURING_RELOAD = ROOT / "tests" / "data" / "scenarios" / "reload-during-remap.yaml"
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -178,6 +179,35 @@ def test_a_failure_right_after_the_switch_puts_the_vcpus_back_in_the_running_pla
     assert enf.reload(v2.plan, v2.symbols).ok
     assert enf.stop() == []
     assert diff_snapshots(before_install, xen.state_snapshot(memory=False)) == []
+
+
+@pytest.mark.parametrize("target, backend_says_who_steps", [
+    ("x86_64", True),          # the write stepped with an event (runtime/pt_step.py), the simulator's view
+    ("x86_64", False),         # the same, as on Xen: the backend cannot say which vCPUs single-step
+    ("x86_64-nomtf", True),    # no MTF: the store completes when the vCPU runs on, after the switch
+])
+def test_a_remap_in_flight_across_a_reload_is_followed_by_the_new_plan(target, backend_says_who_steps):
+    """A page-table write the running plan answered (and followed, for its own binding) while the new
+    plan was being built: the new plan was bound before it landed, and must still watch the frame the
+    protected address maps after it, so the hook written through it is denied."""
+    scenario = load_scenario(REMAP_DURING_RELOAD)
+    compiled = load_plan_source(str(V1), target)
+
+    hidden = []
+
+    def as_on_xen(enforcer: Enforcer) -> None:
+        if not backend_says_who_steps:           # for the reload only: the snapshots after teardown ask
+            hidden.append(enforcer.installation.backend)
+            hidden[0].single_stepping = None
+
+    def after_step(_result, _decisions) -> None:
+        for backend in hidden:
+            vars(backend).pop("single_stepping", None)
+    run = run_on_simulator(scenario, compiled.plan, compiled.symbols, on_start=as_on_xen, on_step=after_step)
+    failed = [r for r in check_expectations(run) if not r.passed]
+    assert not failed, failed
+    assert run.results[0].note.endswith("the new plan enforces"), run.results[0].note
+    assert not run.teardown_errors
 
 
 def test_reloading_the_running_plan_changes_nothing(tmp_path):
