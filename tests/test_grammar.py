@@ -234,6 +234,10 @@ LINE_FORMS = '''policy "p" {
     region v6 = v0, v1 ,v2
     region v7 = v6
     region v8 = symbol _text size 2 * 3 + 1
+    region t0 =\tsymbol\t_text-0x10+8\tsize\t0x10*PAGE
+    region t1 = v0,v1,\tv2
+    region t2 = pa 0x1000..0x2000
+    rule t3:\ton\twrite to\tt0\twhere\trip\tnot in t1{\tlog\tinfo\t"x"}
 }
 '''
 
