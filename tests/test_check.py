@@ -241,3 +241,34 @@ def test_a_symbol_defined_twice_in_the_map_warns_and_names_the_address_used(poli
     [warning] = list(d)
     assert warning.code == "PC318" and warning.severity.name == "WARNING"
     assert "0xffffffff82000360, is used" in warning.message and "0xffffffff82100000" in warning.message
+
+
+def test_every_use_of_a_symbol_or_template_gets_its_own_diagnostics(policy_dir: Path):
+    """The checker remembers symbols looked up and templates checked without a diagnostic
+    (`Checking.symbol_addresses`, `sound_templates`); what is reported of a use must still be
+    reported at every use, and a template sound for one kind of event is checked again for another."""
+    uses = ("    region a = symbol gdt_page size 8\n    region b = symbol gdt_page size 8\n"
+            "    region c = percpu symbol sys_call_table size 8\n    region d = percpu symbol sys_call_table size 8\n")
+    _, d = check_text(policy_dir, uses + "    rule w: on write to a { deny }")
+    assert [(x.code, x.span.line) for x in d.sorted()] == [("PC305", 4), ("PC305", 5), ("PC305", 6), ("PC305", 7)]
+    with (policy_dir / "linux-6.1.System.map").open("a", encoding="ascii") as f:
+        f.write("ffffffff82100000 D sys_call_table\n")
+    _, d = check_text(policy_dir, "    region a = symbol sys_call_table size 8\n"
+                                  "    region b = symbol sys_call_table + 8 size 8\n    rule w: on write to a { deny }")
+    assert [(x.code, x.span.line) for x in d.sorted()] == [("PC318", 4), ("PC318", 5)]
+    policy, d = check_text(policy_dir, "    region a = symbol _text size 8\n    region b = symbol _text size 8\n"
+                                       "    rule w: on write to a { log info \"{gla:#x}\" }\n"
+                                       "    rule x: on write to b { log info \"{gla:#x}\" }\n"
+                                       "    rule y: on cpuid { log info \"{gla:#x}\" }\n"
+                                       "    rule z: on cpuid { log info \"{gla:#x}\" }\n"
+                                       "    rule v: on write to a { log info \"{nope}\" }\n"
+                                       "    rule u: on write to b { log info \"{nope}\" }")
+    assert [(x.code, x.span.line) for x in d.sorted()] == [("PC409", 8), ("PC409", 9), ("PC409", 10), ("PC409", 11)]
+    _, d = check_text(policy_dir, "    region a = symbol _text size 8\n    region b = symbol _text size 8\n"
+                                  "    rule w: on write to a { log info \"{gla:#x}\" }\n"
+                                  "    rule x: on write to b { log info \"{gla:#x}\" }")
+    assert list(d) == []
+    p, _ = check_text(policy_dir, "    region a = symbol _text size 8\n"
+                                  "    rule w: on write to a { log info \"{gla:#x} {vcpu}\" }\n"
+                                  "    rule x: on write to a { log info \"{gla:#x} {vcpu}\" }")
+    assert [a.fields for r in p.rules for a in r.actions] == [("gla", "vcpu"), ("gla", "vcpu")]

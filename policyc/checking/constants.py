@@ -53,7 +53,10 @@ def fold(chk: Checking, e: S.Expr, stack: list[str] | None = None) -> Value:
     folder = _FOLDS.get(type(e))
     if folder is None:
         raise TypeError(e)
-    return folder(chk, e, stack or [])
+    return folder(chk, e, _NO_STACK if stack is None else stack)
+
+
+_NO_STACK: list[str] = []  # (shared, never changed: a fold that goes deeper passes stack + [name])
 
 
 def _num(chk: Checking, e: S.Num, stack: list[str]) -> Value:
@@ -90,15 +93,25 @@ def _unary(chk: Checking, e: S.Unary, stack: list[str]) -> Value:
 
 
 def _binary(chk: Checking, e: S.Binary, stack: list[str]) -> Value:
-    if e.op in S.COMPARISONS or e.op in ("and", "or"):
+    if e.op in _TRUTHS:
         chk.d.error("PC400", e.span, f"'{e.op}' gives true/false; a number is needed here")
         return None
-    left, right = fold(chk, e.left, stack), fold(chk, e.right, stack)
+    # (`fold` inlined: a region's address is a chain of these, and there are 100,000 regions)
+    left, right = e.left, e.right
+    left = (_FOLDS.get(type(left)) or _unknown)(chk, left, stack)
+    right = (_FOLDS.get(type(right)) or _unknown)(chk, right, stack)
     if left is None or right is None:
         return None
     if left is ABSENT or right is ABSENT:
         return ABSENT
     return _arith(chk, e, left, right)  # type: ignore[arg-type]
+
+
+_TRUTHS = S.COMPARISONS | {"and", "or"}
+
+
+def _unknown(chk: Checking, e: S.Expr, stack: list[str]) -> Value:
+    raise TypeError(e)
 
 
 def _in_region(chk: Checking, e: S.InRegion, stack: list[str]) -> Value:

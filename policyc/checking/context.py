@@ -72,6 +72,9 @@ class Checking:
     tables: list[SymbolTable] = field(default_factory=list)
     symbol_sources: list[M.SymbolSource] = field(default_factory=list)
     symbols_decl_span: Span | None = None
+    # (name, percpu) -> the address of a symbol looked up without a diagnostic: regions by the 100,000
+    # name the same few symbols, and a look-up goes through every table
+    symbol_addresses: dict[tuple[str, bool], M.Address] = field(default_factory=dict)
     reported_no_symbols: bool = False
     # fold_constants
     const_defs: dict[str, S.Const] = field(default_factory=dict)
@@ -81,6 +84,8 @@ class Checking:
     regions: dict[str, M.Region] = field(default_factory=dict)
     # check_rules
     rules: list[M.Rule] = field(default_factory=list)
+    # (template, trigger kind) -> the fields of a message template checked without an error
+    sound_templates: dict[tuple[str, str | None], tuple[str, ...]] = field(default_factory=dict)
     # assemble
     policy: M.Policy | None = None
 

@@ -45,8 +45,9 @@ def _region(chk: Checking, name: str, stack: list[str]) -> M.Region | None:
         chk.d.error("PC315", r.span, f"region '{name}' is defined in terms of itself: {chain}")
         return None
     extents: Extents = []
+    inner = stack + [name]
     for term in r.terms:
-        extents += region_terms(chk, term, stack + [name])
+        extents += region_terms(chk, term, inner)
     region = M.Region(name, tuple(extents), r.span)
     chk.regions[name] = region
     return region

@@ -92,7 +92,10 @@ def _memory(chk: Checking, t: S.MemoryTrigger, rule_name: str) -> Checked:
         inline = f"{rule_name}#{i + 1}"
         chk.regions[inline] = M.Region(inline, tuple(region_terms(chk, term, [])), term.span)
         names.append(inline)
-    return M.MemoryTrigger(t.access, tuple(names), t.span), RuleContext("memory")
+    return M.MemoryTrigger(t.access, tuple(names), t.span), _MEMORY
+
+
+_MEMORY = RuleContext("memory")  # (no pass changes a context: one for every memory rule)
 
 
 def _execute(chk: Checking, t: S.ExecuteTrigger, rule_name: str) -> Checked:

@@ -94,7 +94,10 @@ def covers(a: Intervals, b: Intervals) -> bool:
 
 
 def measure(a: Intervals) -> int:
-    return sum(hi - lo for lo, hi in a)
+    total = 0
+    for lo, hi in a:  # (a loop, not sum() over a generator: this is asked once a region in several passes)
+        total += hi - lo
+    return total
 
 
 def to_pages(byte_ivs: Intervals) -> Intervals:
@@ -163,7 +166,11 @@ def space_maps_overlap(a: SpaceMap, b: SpaceMap) -> bool:
 
 
 def space_map_measure(m: SpaceMap) -> int:
-    return sum(measure(ivs) for ivs in m.values())
+    total = 0
+    for ivs in m.values():
+        for lo, hi in ivs:
+            total += hi - lo
+    return total
 
 
 class IntervalSet:
