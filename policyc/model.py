@@ -282,9 +282,12 @@ class Rule:
     def verdict(self) -> str:
         """The rule's own verdict: deny if it says deny anywhere (also behind a limit), else allow. Asked
         for a rule by every pass of the back end: worked out once."""
-        def denies(a: Action) -> bool:
-            return (isinstance(a, Verdict) and a.verdict == "deny") or (isinstance(a, RateLimit) and denies(a.then))
-        return "deny" if any(denies(a) for a in self.actions) else "allow"
+        for a in self.actions:
+            while type(a) is RateLimit:
+                a = a.then
+            if type(a) is Verdict and a.verdict == "deny":
+                return "deny"
+        return "allow"
 
 
 @dataclass(frozen=True, slots=True)

@@ -328,6 +328,10 @@ def region_table(policy: M.Policy) -> dict[str, M.Region]:
 def named_region_bytes(policy: M.Policy, name: str) -> SpaceMap:
     """The bytes of the policy's region `name` (KeyError when there is none), computed once per
     policy for every analysis that asks. Shared: callers must not change the lists."""
+    if _REGION_INDEX[0] is policy:  # (asked once a region by each analysis: the common case, inline)
+        found = _REGION_INDEX[2].get(name)
+        if found is not None:
+            return found
     table = region_table(policy)
     found = _REGION_INDEX[2].get(name)
     if found is None:
