@@ -384,9 +384,7 @@ class _Reader:
                 last = col + len(name) - 1
                 node = S.Name(name, Span(path, line, col, line, last))
             if op is not None:
-                left = out.pop()
-                node = S.Binary(op, left, node, Span(path, line, left.span.col, line, last))
-                op = None
+                node, op = _joined(op, out.pop(), node, path, line, last), None
             out.append(node)
             col = last + 1
         if col != end - line_start + 1:  # (the regex covers every character of the group: never)
@@ -426,9 +424,7 @@ class _Reader:
             else:
                 return None
             if op is not None:
-                left = out.pop()
-                node = S.Binary(op, left, node, Span(path, line, left.span.col, line, last))
-                op = None
+                node, op = _joined(op, out.pop(), node, path, line, last), None
             out.append(node)
             col = last + 2
         return out
@@ -757,6 +753,11 @@ class _Reader:
         except ValueError:
             raise _GiveUp from None  # Lark's path reports PC114
         return S.Num(value, radix, self.span(tok[2], tok[3]))
+
+
+def _joined(op: str, left: S.Expr, right: S.Expr, path: str, line: int, last: int) -> S.Binary:
+    """`left op right` of a line form's operands, both on `line`: from the start of `left` to column `last`."""
+    return S.Binary(op, left, right, Span(path, line, left.span.col, line, last))
 
 
 def join_spans(a: Span, b: Span) -> Span:
