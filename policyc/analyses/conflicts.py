@@ -133,7 +133,10 @@ def _touching_memory_rules(rules: list[M.Rule], geo: "_Geometry") -> set[str]:
                     found = by_place.get((letter, space))
                     if found is None:
                         found = by_place[(letter, space)] = []
-                    found.extend((lo, hi, name) for lo, hi in ivs)
+                    if len(ivs) == 1:  # (most regions: no generator to run)
+                        found.append((ivs[0][0], ivs[0][1], name))
+                    else:
+                        found.extend((lo, hi, name) for lo, hi in ivs)
     touching: set[str] = set()
     for intervals in by_place.values():
         touching |= overlapping_owners(intervals)

@@ -96,6 +96,8 @@ def _binary(chk: Checking, e: S.Binary, stack: list[str]) -> Value:
     if e.op in _TRUTHS:
         chk.d.error("PC400", e.span, f"'{e.op}' gives true/false; a number is needed here")
         return None
+    if e.op in OFFSETS and type(e.right) is S.Num and e.right.value <= U64:
+        return _offsets(chk, e, stack)
     # (`fold` inlined: a region's address is a chain of these, and there are 100,000 regions)
     left, right = e.left, e.right
     left = (_FOLDS.get(type(left)) or _unknown)(chk, left, stack)
@@ -108,6 +110,31 @@ def _binary(chk: Checking, e: S.Binary, stack: list[str]) -> Value:
 
 
 _TRUTHS = S.COMPARISONS | {"and", "or"}
+OFFSETS = frozenset({"+", "-"})  # (the operators `_offsets` folds a chain of; a test empties it)
+
+
+def _offsets(chk: Checking, e: S.Binary, stack: list[str]) -> Value:
+    """`x + n - m ...`, numbers (that fit in 64 bits) added to or taken from one operand, as `_binary`
+    folds it step by step, in one loop: the operand first, then each step's arithmetic in turn (a number
+    folds to itself with no diagnostic). Off an address (`symbol S - 0x1000 + 8`, how regions are
+    written), the steps make one Address, not one a step."""
+    steps = []
+    while type(e) is S.Binary and e.op in OFFSETS and type(e.right) is S.Num and e.right.value <= U64:
+        steps.append(e)
+        e = e.left
+    value = (_FOLDS.get(type(e)) or _unknown)(chk, e, stack)
+    for i in range(len(steps) - 1, -1, -1):
+        if value is None or value is ABSENT:
+            return value
+        if type(value) is M.Address:
+            at, parts = value.value, [value.origin]
+            for step in reversed(steps[:i + 1]):
+                n = step.right.value
+                at = at + n if step.op == "+" else at - n
+                parts.append(f"{step.op} 0x{n:x}")
+            return M.Address(at, value.percpu, " ".join(parts))
+        value = _arith(chk, steps[i], value, steps[i].right.value)  # type: ignore[arg-type]
+    return value
 
 
 def _unknown(chk: Checking, e: S.Expr, stack: list[str]) -> Value:

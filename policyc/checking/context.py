@@ -28,7 +28,7 @@ U64 = (1 << 64) - 1
 KEYWORD_NAMES = frozenset({"va", "pa", "register", "symbol", "percpu", "not", "on"})
 
 
-@dataclass
+@dataclass(slots=True)
 class Unit:
     """One item with the file it came from."""
     item: S.Item
@@ -92,9 +92,12 @@ class Checking:
     by_kind: dict[type, list[Unit]] = field(default_factory=dict)  # the units by their item's class, in order
 
     def __post_init__(self) -> None:
+        trees = {}  # (by identity: a file's units share its tree)
         for u in self.units:
-            self.broken |= u.tree.broken_names
+            trees[id(u.tree)] = u.tree
             self.by_kind.setdefault(type(u.item), []).append(u)
+        for tree in trees.values():
+            self.broken |= tree.broken_names
 
     def units_of(self, kind: type) -> list[Unit]:
         """The units whose item is a `kind` (`S.Rule`, `S.Const`, ...), in source order."""
@@ -117,7 +120,8 @@ def collect_definitions(chk: Checking, kind: type, word: str, defs: dict,
     `refused` reports, or a name defined twice is an error (the first definition stays)."""
     for u in chk.units_of(kind):
         item = u.item
-        if keyword_name(chk, item.name, word, item.span) or (refused is not None and refused(chk, item)):
+        if (item.name in KEYWORD_NAMES and keyword_name(chk, item.name, word, item.span)) or \
+                (refused is not None and refused(chk, item)):
             continue
         if item.name in defs:
             chk.d.error("PC301", item.span, f"{word} '{item.name}' is defined twice",

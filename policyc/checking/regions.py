@@ -40,7 +40,7 @@ def _region(chk: Checking, name: str, stack: list[str]) -> M.Region | None:
     if name in chk.regions:
         return chk.regions[name]
     r = chk.region_defs[name]
-    chain = cycle(stack, name)
+    chain = cycle(stack, name) if stack else None
     if chain is not None:
         chk.d.error("PC315", r.span, f"region '{name}' is defined in terms of itself: {chain}")
         return None
