@@ -251,18 +251,17 @@ class _Geometry:
 
     def regions(self, names) -> G.SpaceMap:
         """The bytes of these regions together (shared: callers must not change the lists)."""
+        if len(names) == 1:  # (a region's own bytes are kept per policy already: no union to keep)
+            return G.named_region_bytes(self.policy, names[0])
         key = tuple(names)
         found = self.unions.get(key)
         if found is not None:
             return found
-        if len(key) == 1:
-            found = self.region(key[0])
-        else:
-            acc: dict[str, list] = {}
-            for n in key:
-                for space, ivs in self.region(n).items():
-                    acc.setdefault(space, []).extend(ivs)
-            found = {s: G.norm(v) for s, v in acc.items()}
+        acc: dict[str, list] = {}
+        for n in key:
+            for space, ivs in self.region(n).items():
+                acc.setdefault(space, []).extend(ivs)
+        found = {s: G.norm(v) for s, v in acc.items()}
         self.unions[key] = found
         return found
 
