@@ -49,7 +49,7 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
     """Near-linear in the number of rules: rules are grouped by exact trigger target and condition, and
     memory rules are swept in policy order against interval sets of the earlier rules' bytes."""
     rules = [r for r in policy.rules if r.name in usable]
-    at = {name: info.get("at") for name, info in plan.get("rules", {}).items()}
+    at = _Positions(plan.get("rules", {}))
     geo = _Geometry(policy)
     conflicts, unreachable, shadowed = [], [], []
     # A memory rule none of whose bytes another rule watches for one of its accesses can neither conflict
@@ -90,6 +90,18 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
                 "same verdict",
                 "remove it, or give it a condition or an action of its own")
     return {"conflicts": conflicts, "unreachable": unreachable, "shadowed": shadowed}
+
+
+class _Positions:
+    """Rule name -> its position as the plan's rules section gives it, looked up when a finding names the
+    rule (a dict of every rule's position cost more than the sweeps that rarely find anything)."""
+
+    def __init__(self, rules: dict) -> None:
+        self.rules = rules
+
+    def get(self, name: str) -> str | None:
+        info = self.rules.get(name)
+        return None if info is None else info.get("at")
 
 
 def _target_key(t: M.Trigger) -> tuple:
