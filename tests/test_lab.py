@@ -83,6 +83,10 @@ def parse_lab_output(text: str) -> dict:
             out["errors"].append(f"LAB-TRACE does not decode: {exc}")
     if m := re.search(r"=== LAB-WALL \w+ seconds=(\d+)", text):
         out["wall_seconds"] = int(m.group(1))
+    # boots lab.sh cut and booted again because dom0's /init never began (the emulator stalled)
+    out["boot_stalls"] = re.findall(r"^=== LAB-BOOT-STALL (.*)$", text, re.M)
+    # what the console printed last, for a run that did not reach its end marker
+    out["console_tail"] = [ln for ln in text.splitlines() if ln.strip()][-25:]
     return out
 
 
@@ -97,8 +101,8 @@ def _run_lab(mode: str, timeout: int, guest: str | None = None) -> dict:
                        stderr=subprocess.STDOUT, text=True, errors="replace")
     parsed = parse_lab_output(p.stdout)
     (WORK / f"console-{mode}-{guest or env.get('LAB_GUEST', 'default')}.log").write_text(p.stdout)
-    print(json.dumps({k: v for k, v in parsed.items() if k not in ("result", "trace_sample")}, indent=1,
-                     sort_keys=True)[:20000])
+    shown = {k: v for k, v in parsed.items() if k not in ("result", "trace_sample", "console_tail")}
+    print(json.dumps(shown, indent=1, sort_keys=True)[:20000])
     if "trace_sample" in parsed:      # a real recording's first requests, for tests/data (replay_live)
         sample = WORK / f"trace-{mode}-{guest or env.get('LAB_GUEST', 'default')}.json"
         sample.write_text(json.dumps(parsed["trace_sample"], sort_keys=True) + "\n")
@@ -166,8 +170,15 @@ def run_result(lab: dict) -> dict:
             "times": lab.get("times"), "wall_seconds": lab.get("wall_seconds")}
 
 
+def _assert_reached_end(lab: dict, what: str = "the dom0 /init") -> None:
+    if lab["boot_stalls"]:
+        print(f"the emulator's boot stalled before dom0's /init and was booted again: {lab['boot_stalls']}")
+    assert lab["begin"] and lab["end"], (f"{what} did not reach the end markers; the console's last lines:\n"
+                                         + "\n".join(lab["console_tail"]))
+
+
 def _check_common(lab: dict) -> dict:
-    assert lab["begin"] and lab["end"], "the dom0 /init did not reach the end markers"
+    _assert_reached_end(lab)
     assert "toolstack_ready" in lab["times"] and "guest_created" in lab["times"]
     assert "result" in lab, f"no result: {lab['errors']}"
     s = lab["result"]["summary"]
@@ -203,6 +214,19 @@ def test_parse_lab_output() -> None:
     assert lab["steps"]["environment"] == {"check_rc": 0}
     assert lab["result"] == {"summary": {"x": 1}}
     assert lab["wall_seconds"] == 71
+    assert lab["boot_stalls"] == []
+
+
+def test_parse_lab_output_of_a_stalled_boot() -> None:
+    # the first boot cut by lab.sh's watchdog, the second reaching dom0's /init
+    text = ("[    7.2] Loading compiled-in X.509 certificates\n"
+            "=== LAB-BOOT-STALL qemu attempt=1 seconds=300 last=[    7.2] Loading compiled-in X.509 certificates\n"
+            "=== LAB-BEGIN mode=qemu seconds=1\nLAB-T dom0_init 8.11\n=== LAB-END\n=== LAB-WALL qemu seconds=371\n")
+    lab = parse_lab_output(text)
+    assert lab["begin"] and lab["end"] and lab["times"] == {"dom0_init": 8.11}
+    assert lab["boot_stalls"] == ["qemu attempt=1 seconds=300 last=[    7.2] Loading compiled-in X.509 certificates"]
+    stalled = parse_lab_output(text.split("=== LAB-BEGIN")[0])
+    assert not stalled["begin"] and stalled["console_tail"][-1].startswith("=== LAB-BOOT-STALL")
 
 
 def test_qemu_lab() -> None:
@@ -349,8 +373,9 @@ def test_arm64_lab() -> None:
     p = subprocess.run([str(LAB_ARM64_SH), "boot"], env=env, timeout=1500, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, errors="replace")
     lab = parse_lab_output(p.stdout)
-    print(json.dumps({k: v for k, v in lab.items() if k != "result"}, indent=1, sort_keys=True)[:20000])
-    assert lab["begin"] and lab["end"], "the arm64 dom0 /init did not reach the end markers"
+    print(json.dumps({k: v for k, v in lab.items() if k not in ("result", "console_tail")}, indent=1,
+                     sort_keys=True)[:20000])
+    _assert_reached_end(lab, "the arm64 dom0 /init")
     assert "result" in lab, f"no result: {lab['errors']}"
     r = lab["result"]
     run = r["run"]

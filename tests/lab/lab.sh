@@ -47,6 +47,8 @@ LAB_SECONDS=${LAB_SECONDS:-20}
 LAB_PYTHON=${LAB_PYTHON:-$(command -v python3)}
 mkdir -p "$LAB"
 log() { echo "lab: $*" >&2; }
+# shellcheck source=boot.sh
+. "$HERE/boot.sh"
 
 packages() {
   export DEBIAN_FRONTEND=noninteractive
@@ -278,12 +280,13 @@ qemu() {
   [ -f dom0.cpio.gz ] || { log "run '$0 setup' first"; exit 1; }
   local t0=$SECONDS
   # -smap / -monitor: see the header. nrip-save is missing under TCG (a harmless warning).
-  timeout "${LAB_TIMEOUT:-1200}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi \
+  # A boot stalled before dom0's /init is booted again, once (boot.sh).
+  boot_with_retry qemu qemu-serial.log \
+    timeout "${LAB_TIMEOUT:-1200}" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi \
     -cpu EPYC,+svm,+npt,-smap,-monitor -smp 2 -m 3G -nographic -no-reboot \
     -kernel "xen-$LAB_XEN.elf" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all" \
-    -initrd "kernel/boot/vmlinuz-$KV console=hvc0 lab.mode=qemu lab.seconds=$LAB_SECONDS lab.guest=${LAB_GUEST:-tiny},dom0.cpio.gz" \
-    < /dev/null 2>&1 | tee qemu-serial.log
+    -initrd "kernel/boot/vmlinuz-$KV console=hvc0 lab.mode=qemu lab.seconds=$LAB_SECONDS lab.guest=${LAB_GUEST:-tiny},dom0.cpio.gz"
   echo "=== LAB-WALL qemu seconds=$((SECONDS - t0))" | tee -a qemu-serial.log
 }
 

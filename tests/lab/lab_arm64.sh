@@ -24,6 +24,10 @@ LAB=${LAB:-/tmp/policyc-lab-arm64}
 LAB_SECONDS=${LAB_SECONDS:-20}
 mkdir -p "$LAB"
 log() { echo "lab-arm64: $*" >&2; }
+# shellcheck source=boot.sh
+. "$HERE/boot.sh"
+# dom0 reaches its /init in 1-2 min of TCG here, 3-5 under load: a longer wait than x86's
+LAB_BOOT_SECONDS=${LAB_BOOT_SECONDS:-600}
 export DEBIAN_FRONTEND=noninteractive
 
 # The arm64 packages: hypervisor, tools and libraries, a kernel (dom0 and guest), busybox, and
@@ -181,12 +185,13 @@ boot() {
   [ "$XEN" = debian ] || [ -f "$XEN" ] || XEN=debian
   [ "$XEN" = debian ] && XEN=root/boot/xen-4.17-arm64
   echo "=== LAB-XEN $XEN"
-  timeout "${LAB_TIMEOUT:-900}" qemu-system-aarch64 -machine virt,virtualization=on,gic-version=3 \
+  boot_with_retry arm64 boot-serial.log \
+    timeout "${LAB_TIMEOUT:-900}" qemu-system-aarch64 -machine virt,virtualization=on,gic-version=3 \
     -cpu "${LAB_CPU:-cortex-a57}" -accel tcg,thread=multi -smp 2 -m 3G -nographic -no-reboot \
     -kernel "$XEN" \
     -append "dom0_mem=1536M console=dtuart dtuart=/pl011@9000000 loglvl=all guest_loglvl=all" \
     -device guest-loader,addr=0x49000000,kernel=root/boot/vmlinuz-$KV,bootargs="console=hvc0 earlycon=xenboot rdinit=/init lab.seconds=$LAB_SECONDS" \
-    -device guest-loader,addr=0x50000000,initrd=dom0.cpio.gz < /dev/null 2>&1 | tee boot-serial.log
+    -device guest-loader,addr=0x50000000,initrd=dom0.cpio.gz
   echo "=== LAB-WALL arm64 seconds=$((SECONDS - t0))" | tee -a boot-serial.log
 }
 
