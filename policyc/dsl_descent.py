@@ -168,15 +168,7 @@ class _Reader:
     # -- positions
     def span(self, start: int, end: int) -> Span:
         """Span of text[start:end] as Lark's positions give it (end column inclusive, never before the start)."""
-        # Nodes are made in text order, so most spans start on the line the last one did: a bisection in
-        # the line table only when they do not.
-        line, line_start, next_start = self.line_cache
-        if not line_start <= start < next_start:
-            starts = self.line_starts
-            line = bisect_right(starts, start)
-            line_start = starts[line - 1]
-            next_start = starts[line] if line < len(starts) else len(self.text) + 1
-            self.line_cache = (line, line_start, next_start)
+        line, line_start, next_start = self._line_of(start)
         col = start - line_start + 1
         last = end - 1 if end > start else start
         if last >= next_start:  # ends on a later line
@@ -187,6 +179,18 @@ class _Reader:
             end_line, end_col = line, last - line_start + 1
         span = Span(self.path, line, col, end_line, end_col if end_col > col else col)
         return span if self.base is None else span.shifted(self.base.line - 1, self.base.col - 1)
+
+    def _line_of(self, start: int) -> tuple[int, int, int]:
+        """The line holding offset `start`: its number, its first offset and the next line's."""
+        # Nodes are made in text order, so most spans start on the line the last one did: a bisection in
+        # the line table only when they do not.
+        cached = self.line_cache
+        if cached[1] <= start < cached[2]:
+            return cached
+        starts = self.line_starts
+        line = bisect_right(starts, start)
+        cached = self.line_cache = (line, starts[line - 1], starts[line] if line < len(starts) else len(self.text) + 1)
+        return cached
 
     # -- lexing
     def _skip(self, vector: bool = False) -> None:
@@ -352,8 +356,8 @@ class _Reader:
         no line break after the item's first word), and the offset that line starts at: every span of the
         item is on it, from column (offset - line start + 1) to (end offset - line start), as `span` gives it
         for a non-empty range. (Line forms are read in files only, never with a `base`.)"""
-        self.span(start, start)  # (the line, into the cache)
-        return self.line_cache[0], self.line_cache[1]
+        line, line_start, _ = self._line_of(start)
+        return line, line_start
 
     def _simple_operands(self, start: int, end: int, line: int, line_start: int) -> list[S.Expr]:
         """The expressions in text[start:end], a group of `_REGION_LINE`: numbers, names, `symbol S`,

@@ -310,3 +310,19 @@ def test_chains_of_offsets_fold_as_step_by_step(policy_dir: Path, monkeypatch):
     assert [code for code, *_ in fast_sound[0]] == ["PC303"] and sound
     assert fast_sound[1]["a"] == [(0xFFFFFFFF81000000 - 0x200000000 + 0x10, False, "symbol _text - 0x200000000 + 0x10")]
     assert fast_sound[1]["e"][0][2] == "symbol _text + 0x10 + 0x4 - 0x2"
+
+
+def test_model_objects_hash_and_compare_as_values(policy_dir: Path):
+    """Model classes are plain (not frozen) dataclasses for speed, with the hash a frozen one has: equal
+    objects hash equal, spans and origins take no part, and conditions can key a dict (the conflicts
+    analysis numbers them so)."""
+    here, there = M.Address(0x10, False, "symbol a"), M.Address(0x10, False, "symbol b")
+    assert here == there and hash(here) == hash(there)
+    p, d = check_text(policy_dir, "    region t = symbol sys_call_table size 8\n"
+                                  "    rule r: on write to t where gla in t { deny }\n"
+                                  "    rule s: on write to t where gla in t { deny }")
+    assert p is not None, codes(d)
+    r, s = p.rules
+    assert r.condition == s.condition and len({r.condition, s.condition}) == 1
+    assert r.trigger == s.trigger and hash(r.trigger) == hash(s.trigger) and r.span != s.span
+    assert hash(p) == hash(p) and {p.region("t"): 1}[p.region("t")] == 1
