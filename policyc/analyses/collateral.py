@@ -66,7 +66,7 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
     table = G.region_table(policy)
     for name in sorted(traps):
         region = table[name]
-        if region.empty:
+        if not region.extents:  # (empty: the property, inline)
             continue
         if not report and _no_note(name, traps[name], watched_regions, G.named_region_bytes(policy, name)):
             continue

@@ -354,7 +354,7 @@ def _conflict(a: M.Rule, b: M.Rule, geo: _Geometry) -> bool:
 
 def _never_matches(rule: M.Rule, geo: _Geometry) -> str | None:
     t = rule.trigger
-    if isinstance(t, M.MemoryTrigger) and (geo.table[t.regions[0]].empty if len(t.regions) == 1
+    if isinstance(t, M.MemoryTrigger) and (not geo.table[t.regions[0]].extents if len(t.regions) == 1
                                            else all(geo.table[r].empty for r in t.regions)):
         names = ", ".join(t.regions)
         return f"its region{'s' if len(t.regions) > 1 else ''} {names} {'are' if len(t.regions) > 1 else 'is'} empty"

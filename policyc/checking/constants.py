@@ -122,18 +122,19 @@ def _offsets(chk: Checking, e: S.Binary, stack: list[str]) -> Value:
     while type(e) is S.Binary and e.op in OFFSETS and type(e.right) is S.Num and e.right.value <= U64:
         steps.append(e)
         e = e.left
+    steps.reverse()
     value = (_FOLDS.get(type(e)) or _unknown)(chk, e, stack)
-    for i in range(len(steps) - 1, -1, -1):
+    for i, step in enumerate(steps):
         if value is None or value is ABSENT:
             return value
         if type(value) is M.Address:
             at, parts = value.value, [value.origin]
-            for step in reversed(steps[:i + 1]):
-                n = step.right.value
-                at = at + n if step.op == "+" else at - n
-                parts.append(f"{step.op} 0x{n:x}")
+            for rest in steps[i:]:
+                n = rest.right.value
+                at = at + n if rest.op == "+" else at - n
+                parts.append(f"{rest.op} 0x{n:x}")
             return M.Address(at, value.percpu, " ".join(parts))
-        value = _arith(chk, steps[i], value, steps[i].right.value)  # type: ignore[arg-type]
+        value = _arith(chk, step, value, step.right.value)  # type: ignore[arg-type]
     return value
 
 
