@@ -76,15 +76,16 @@ class _Lazy:
     def __init__(self, source: str, flags: int = 0) -> None:
         self.source, self.flags, self.compiled = source, flags, None
 
-    def match(self, text: str, pos: int) -> re.Match | None:
+    def compile(self) -> re.Pattern:
         if self.compiled is None:
             self.compiled = re.compile(self.source, self.flags)
-        return self.compiled.match(text, pos)
+        return self.compiled
+
+    def match(self, text: str, pos: int) -> re.Match | None:
+        return (self.compiled or self.compile()).match(text, pos)
 
     def findall(self, text: str, pos: int, endpos: int) -> list:
-        if self.compiled is None:
-            self.compiled = re.compile(self.source, self.flags)
-        return self.compiled.findall(text, pos, endpos)
+        return (self.compiled or self.compile()).findall(text, pos, endpos)
 
 
 # Lines are read whole (`_Reader.line_item`) in files of this many characters or more; in smaller ones
@@ -316,10 +317,11 @@ class _Reader:
     def line_item(self) -> S.Region | S.Rule | None:
         """A region or rule of the common one-line forms (`_REGION_LINE`, `_RULE_LINE`) read by one match,
         the same nodes and spans as `item` makes of it; None (nothing read) for anything else."""
-        m = _RULE_LINE.match(self.text, self.pos)
+        text, pos = self.text, self.pos
+        m = (_RULE_LINE.compiled or _RULE_LINE.compile()).match(text, pos)  # (no wrapper call: once a line)
         item = None if m is None else self._rule_line(m)
         if item is None:
-            m = _REGION_LINE.match(self.text, self.pos)
+            m = (_REGION_LINE.compiled or _REGION_LINE.compile()).match(text, pos)
             item = None if m is None else self._region_line(m)
         if item is not None:
             # The tokens lexed ahead of the line are read: the next one lexed is after it. (An expression
