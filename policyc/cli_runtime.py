@@ -55,6 +55,9 @@ def add_runtime_commands(sub: Any) -> None:
     run.add_argument("--target", metavar="ARCH", help="override the policy's target (x86_64, x86_64-nomtf, x86_64-svm, arm64)")
     run.add_argument("--audit", action="store_true", help="answer every event with allow; log what would be denied")
     run.add_argument("--symbols", metavar="DIR", help="where a plan's symbol files are (default: beside the plan)")
+    run.add_argument("--slide", type=_address, metavar="ADDRESS", help="the slide of the plan's relocatable "
+                     "addresses, given instead of found from the guest (xen: and simhost: guests; e.g. 0 for a "
+                     "guest without KASLR and without the symbols to find it with)")
     add_bundle_run_arguments(run)
     run.add_argument("--log", metavar="FILE", help="decision log, JSON Lines ('-' for stdout)")
     run.add_argument("--alerts", metavar="FILE", help="alert stream, JSON Lines ('-' for stderr)")
@@ -219,6 +222,17 @@ def _bundle_poller(args: argparse.Namespace, outputs: Any) -> Any:
     outputs.watch_bundle(poller)
     poller.start()
     return poller
+
+
+def _address(text: str) -> int:
+    """A non-negative address, decimal or 0x-hex (argparse turns the ValueError into a usage error)."""
+    value = int(text, 0)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_address.__name__ = "address"          # argparse names the type in its error: "invalid address value"
 
 
 def _guest(spec: str) -> tuple[str, str]:
@@ -392,6 +406,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scheme, where = _guest(args.guest)
     if args.budget is not None and not args.budget > 0:
         raise _Usage(f"--budget {args.budget:g}: a positive number of events per second")
+    if args.slide is not None and scheme == "sim":
+        raise _Usage("--slide: a simulated guest's slide is its scenario's")
     if not args.bundle_poll >= 0:
         raise _Usage(f"--bundle-poll {args.bundle_poll:g}: a number of seconds (0: do not poll)")
     if args.bundle is not None:
@@ -562,7 +578,7 @@ def _run_backend(args: argparse.Namespace, backend: Any, guest: str, finished_no
     log = outputs.decision_log(plan, guest, _identity(backend))
     recorder = _recorder(args.record, plan, guest)
     enforcer = Enforcer(plan, backend, compiled.symbols, guest=guest, log=log, recorder=recorder,
-                        state_dir=args.state_dir)
+                        state_dir=args.state_dir, slide=args.slide)
     enforcer.on_log_failure = args.on_log_failure
     if args.budget is not None:
         enforcer.budget = _budget(args.budget, args.over_budget, enforcer.clock)

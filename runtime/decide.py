@@ -97,6 +97,7 @@ from ..native.constants import (CR_INDEX, DESC_INDEX, ET_HW_EXC, EVENT_SIZE, FLA
                                 RS_CPUID, RS_DEBUG_EXCEPTION, RS_DESCRIPTOR_ACCESS, RS_GUEST_REQUEST,
                                 RS_MEM_ACCESS, RS_MOV_TO_MSR, RS_PRIVILEGED_CALL, RS_SINGLESTEP,
                                 RS_SOFTWARE_BREAKPOINT, RS_WRITE_CTRLREG, VERSION)
+from .pt_step import PageTableSteps
 from .vm_event_layout import (ARM_NAMES, EVENT_SUMMARY, FLAG_FOR_DATA, HDR, I, OFF_CR3, OFF_DATA, OFF_PC,
                               OFF_RIP, OFF_U, Q, REGS_ARM, REGS_X86, U_CPUID, U_CR, U_DEBUG, U_DESC, U_MEM,
                               U_MSR, X86_NAMES, ZERO_READ, bare_response, pack_response)
@@ -250,6 +251,7 @@ class Decision:
     regions: tuple[str, ...] = ()   # regions that claimed a memory access
     note: str | None = None
     latency_ns: int = 0
+    pt_write: tuple[int, int] | None = None     # (gfn, offset): a stepped page-table write has landed (pt_step.py)
 
     def summary(self) -> dict[str, Any]:
         """The event fields a log record keeps (ints), kind-specific plus vcpu and rip/pc, cr3.
@@ -461,6 +463,7 @@ class DecisionEngine:
                                  in_region=lambda region, value, event: binding.in_region(region, value))
         self.rules: dict[str, _Rule] = {}
         self._pending_rearm: list[int] = []
+        self.pt_steps = PageTableSteps(binding)
         self._build_dispatch(plan.get("dispatch", {}))
         self._build_responses(plan.get("responses", {}))
         self._build_views(plan.get("views", []))
@@ -811,6 +814,9 @@ class DecisionEngine:
             d.collateral = True
             d.note = "collateral: no rule's region claims this access" if page is not None or \
                 gfn in self.trapped_gfns else "no rule traps this frame"
+            if k == WRITE and (step := self.pt_steps.step(raw, idx, d, gfn, offset,
+                                                          self._lowered("mem_access", "allow"))) is not None:
+                return step
             return self._respond(raw, flags, idx, "mem_access", "allow", d)
         seen: dict[str, _Claim] = {}
         for c in claims:
@@ -940,6 +946,8 @@ class DecisionEngine:
         is stray stepping (e.g. left over from a previous agent). Stepping would go on for every
         instruction until a response toggles it (XEN-SEMANTICS §1.10): toggle it off."""
         ev["gfn"] = Q.unpack_from(raw, OFF_U)[0]
+        if (landed := self.pt_steps.landed(raw, d)) is not None:
+            return landed
         if not d.paused:
             return bare_response(raw)
         d.note = "stray single-step: turned off"

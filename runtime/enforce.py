@@ -34,10 +34,14 @@ Counters: `requests` taken, `responses` put, `records` written, `rebinds`.
 The invariant the tests hold the enforcer to: requests == responses ==
 records, and no vCPU left paused.
 
-Known limit (real Xen): the guest's page-table store completes when the vCPU
-resumes after the response, asynchronously to us. The rebind re-walks right
-after the notify and once more at the next batch, so a store that had not
-landed yet is still followed, one batch later.
+Where the plan steps accesses over with FAST_SINGLESTEP (x86_64, MTF), such
+a write is stepped with an event instead (runtime/pt_step.py): the re-walk
+happens while that event holds the vCPU, after the store and before the
+guest's next instruction. Elsewhere (no MTF) the guest's store completes
+when the vCPU resumes after the response, asynchronously to us: the rebind
+re-walks right after the notify and once more at the next batch, so a store
+that had not landed yet is still followed, one batch later, and in between
+the guest may write through the remapped address unwatched.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from .decide import AFTER, BEFORE, Decision, DecisionEngine, SideEffect
 from .decision_log import DecisionLog, Progress
 from .install import Installation, install, run_with_teardown
 from .native_engine import NativeEngine, NativeLogError, native_available, native_clock_request
+from .pt_step import STEP_RESPONSE
 from ..errors import PolicycError
 from ..gc_pause import freeze_long_lived, refreeze_long_lived, release_long_lived
 
@@ -304,7 +309,8 @@ class Enforcer:
         deadline = None if slice_s is None else time.monotonic() + max(wait, slice_s)
         while deadline is None or not answered or time.monotonic() < deadline:
             pt_writes: list[tuple[int, int]] = []
-            watch = self._page_table_watch(pt_writes)
+            landed: list[tuple[int, int]] = []       # stepped page-table writes, their vCPU still held
+            watch = self._page_table_watch(pt_writes, landed)
             if ring is not None:
                 # Native calls drain, decide, log and answer; they hand back what needs Python.
                 try:
@@ -356,6 +362,8 @@ class Enforcer:
                     self.observer(pairs, reqs)
                 self._write_log(len(reqs), lambda: self.log.write_batch(pairs))
             self._effects(pairs, BEFORE)
+            for gfn, offset in landed:              # before the response lets that vCPU run on
+                self._rebind(gfn, offset)
             inst.put_responses(responses)
             self.responses += len(responses)
             answered += len(responses)
@@ -465,13 +473,18 @@ class Enforcer:
             self._after_log_failure()
 
     # ------------------------------------------------------------------ page-table watch
-    def _page_table_watch(self, out: list[tuple[int, int]]) -> Callable[[Decision], None]:
+    def _page_table_watch(self, out: list[tuple[int, int]], landed: list[tuple[int, int]]
+                          ) -> Callable[[Decision], None]:
         """A function that notes, for each decision it is given, a write to a watched page-table entry
-        (the binding follows it after the response) and says so in the decision."""
+        (the binding follows it after the response, into `out`; or, when the engine steps it
+        (runtime/pt_step.py), once it has landed, into `landed`) and says so in the decision."""
         inst = self.installation
         assert inst is not None
 
         def watch(d: Decision) -> None:
+            if d.pt_write is not None:
+                landed.append(d.pt_write)
+                return
             if d.kind != "mem_access":
                 return
             gfn = d.event.get("gfn")
@@ -481,7 +494,7 @@ class Enforcer:
             users = sorted(inst.bound.pt_entry_users(gfn, offset))
             if not users:
                 return
-            if d.verdict == "allow" or d.would_deny:
+            if (d.verdict == "allow" or d.would_deny) and d.response != STEP_RESPONSE:
                 out.append((gfn, offset))
             d.collateral = False               # the engine's "no rule traps this frame" is not the story
             d.note = f"page-table write to an entry that maps {', '.join(users)}: the binding follows it"

@@ -195,7 +195,9 @@ class NativeEngine:
         # the vCPU left its pCPU): handed to Python whenever the native call would push them.
         self.python_denies = frozenset(python_denies)
         self.plan_hash = engine.plan_hash if plan_hash is None else plan_hash
-        self.pt_frames = pt_frames or (lambda: frozenset())
+        # Page-table frames go to Python (the engine may step a write there, runtime/pt_step.py): by
+        # default the ones its binding watches
+        self.pt_frames = pt_frames or (lambda: getattr(engine.binding, "pt_frames", frozenset()))
         self.rules: list[_Rule] = sorted(engine.rules.values(), key=lambda r: r.order)
         self._stateful = [i for i, r in enumerate(self.rules)
                           if r.limit is not None or r.disarm or (r.then is not None and r.then.disarm)]

@@ -24,6 +24,8 @@ from policyc.compiler import compile_plan
 from policyc.runtime.decision_log import DecisionLog
 from policyc.runtime.enforce import Enforcer, EnforcerError
 from policyc.runtime.policy_test import check_expectations, diff_snapshots, run_on_simulator
+from policyc.runtime.pt_step import LANDED_RESPONSE, STEP_RESPONSE
+from policyc.native.constants import F_ALTP2M, F_FAST_SS, F_TOGGLE_SS
 from policyc.native import abi
 from policyc.runtime.sim.ring_replay import ReplayBackend, record_requests
 from policyc.runtime.reload import scenario_reloader
@@ -190,6 +192,8 @@ def test_run_in_audit_mode_lets_everything_through_and_says_what_it_would_deny(t
     (["run", "missing.vmi", "--guest", "sim:rootkit-hooks-syscall-table"], "no such policy file: missing.vmi"),
     (["recover", "--guest", "sim:rootkit-hooks-syscall-table"], "nothing to recover"),
     (["replay", "no-trace.jsonl", "--policy", str(KERNEL_INTEGRITY)], "cannot read"),
+    (["run", "--guest", "sim:rootkit-hooks-syscall-table", "--slide", "0"], "a simulated guest's slide is its scenario's"),
+    (["run", "--guest", "xen:1", "--slide", "0x1z"], "--slide: invalid address value"),
 ])
 def test_usage_errors_are_one_clear_line(argv, message):
     code, _out, err = cli(*argv)
@@ -308,8 +312,14 @@ def test_a_remapped_syscall_table_is_followed_and_the_hook_denied():
     run = run_on_simulator(scenario, plan, symbols, log=DecisionLog(log, plan_hash="x"))
     assert all(r.passed for r in check_expectations(run)), [r for r in check_expectations(run) if not r.passed]
     assert [r.verdict for r in run.results] == ["allow", "deny", "allow", "deny", "allow"]
-    remap, hook = run.step_decisions(0)[0], run.step_decisions(1)[0]
+    (remap, landed), hook = run.step_decisions(0), run.step_decisions(1)[0]
     assert "page-table write to an entry that maps" in remap.note and "syscalls" in remap.note
+    # the write stepped with an event (runtime/pt_step.py): out of the restricted view with single-stepping
+    # on, then at its single-step event the binding follows it and the vCPU goes back to the view it faulted in
+    assert remap.response == STEP_RESPONSE and remap.response_flags & F_TOGGLE_SS and not remap.response_flags & F_FAST_SS
+    assert landed.kind == "singlestep" and landed.response == LANDED_RESPONSE and landed.pt_write == (
+        remap.event["gfn"], remap.event["offset"])
+    assert landed.response_flags & F_TOGGLE_SS and landed.response_flags & F_ALTP2M
     assert hook.rule == "protect_tables" and hook.event["gfn"] == 0x8000
     rebinds = [json.loads(l) for l in log.getvalue().splitlines() if '"record":"rebind"' in l]
     assert [r["regions"]["syscalls"]["to"] for r in rebinds] == [["0x8000"], ["0x8001"]]
@@ -327,7 +337,8 @@ def test_replay_re_decides_a_recording_and_shows_what_a_policy_change_alters(tmp
     assert code == 0, err
     code, out, err = cli("replay", str(trace), "--policy", str(KERNEL_INTEGRITY))
     assert code == 0, err
-    assert "replayed 4 request(s)" in out and "2 rebind(s) followed" in out
+    # two page-table writes (each with the single-step event it is followed at) and two hooks
+    assert "replayed 6 request(s)" in out and "2 rebind(s) followed" in out
     assert "deny 2" in out
     # a weaker policy: the table rule only logs now
     weaker = tmp_path / "weaker.vmi"
@@ -657,3 +668,22 @@ def test_a_native_log_write_that_fails_still_answers_every_request(tmp_path):
     assert enf.requests == enf.responses == enf.unlogged == 4 and enf.records == 0
     assert [r.verdict for r in results[:3]] == ["deny"] * 3
     assert xen.paused_vcpus() == frozenset() and err.getvalue().count("cannot be written") == 1
+
+
+def test_the_operators_slide_binds_instead_of_the_one_found(tmp_path):
+    """`policyc run --slide`: the plan's relocatable addresses slid by the operator's value (a guest with
+    no symbols to find it with: the lab's long-mode guest); the right one binds and enforces, a wrong
+    one is refused at bind, the guest untouched."""
+    from helpers import run_storm_on_simhost, storm_scenario
+
+    assert run_storm_on_simhost(tmp_path, 5, ["--slide", "0x3c00000"]) > 0       # storm.yaml's kaslr_slide
+    from policyc.runtime.sim.host import connect
+    host_proc, sock = _simhost(tmp_path, storm_scenario(tmp_path, 5))
+    try:
+        code, _out, err = cli("run", str(KERNEL_INTEGRITY), "--guest", f"simhost:{sock}", "--slide", "0x200000",
+                              "--state-dir", str(tmp_path / "state2"))
+        assert code == 2 and "cannot bind the plan" in err and "does not translate" in err, err
+        assert connect(sock).monitors() == {}
+    finally:
+        host_proc.terminate()
+        host_proc.wait(10)

@@ -326,9 +326,40 @@ def test_bochs3_lab() -> None:
         assert any(k.startswith("ldt_load/") and "EMULATE" in k for k in flags), flags
         audit = lab["result"]["audit"]["response_flags_by_rule"]
         assert any(k.startswith("watched_write/") and "FAST_SINGLESTEP" in k for k in audit), audit
+        # then the long-mode guest (tests/lab/dom0_remap.py): a watched virtual address remapped to another
+        # frame while enforced, the binding following it
+        remap = _remap_result(WORK / f"console-bochs3-{guest}.log")
+        assert remap is not None, "no LAB-REMAP result on the console"
+        result_file = WORK / "result-bochs3-tiny.json"
+        if result_file.exists():
+            kept = json.loads(result_file.read_text())
+            kept["remap"] = {k: remap[k] for k in ("compare", "log", "after_teardown")} | {
+                "enforce": {k: v for k, v in remap["enforce"].items() if k not in ("output_tail", "head", "tail")}}
+            result_file.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+        c = remap["compare"]["counts"]
+        assert c["rc"] == 0 and c["teardown_clean"], remap["enforce"].get("output_tail")
+        assert c["rebinds"] == 1 and c["remapped_in_window"] == 1, (c, remap["log"]["rebinds"])
+        assert c["denies_frame_a"] == c["guest_refused_before_remap"] > 0, c
+        assert c["denies_frame_b"] == c["guest_refused_after_remap"] > 0, c
+        assert c["landed_while_enforced_after_remap"] == 0, c
+        assert c["frame_a_writes_landed_after_remap"] > 0 and c["frame_a_writes_refused_after_remap"] == 0, c
+        assert remap["compare"]["ok"], remap["compare"]
+        print(f"bochs3 lab, remap: {json.dumps(c, sort_keys=True)}")
     assert s["backend_calls_ok"], lab["result"].get("backend_calls")
     print(f"bochs3 lab, {guest} guest: wall {lab.get('wall_seconds')} s, enforcer "
           f"{s['enforcer_events_per_second']} events/s, flags {flags}")
+
+
+def _remap_result(console: Path) -> dict | None:
+    """The remap run's result (tests/lab/dom0_remap.py), from its `LAB-REMAP i/n PART` lines on the console."""
+    parts: dict[int, str] = {}
+    total = None
+    for line in console.read_text(errors="replace").splitlines() if console.exists() else ():
+        if m := re.match(r"LAB-REMAP (\d+)/(\d+) (.*)$", line.rstrip("\r")):
+            parts[int(m.group(1))], total = m.group(3), int(m.group(2))
+    if not total or len(parts) != total:
+        return None
+    return json.loads("".join(parts[i] for i in range(1, total + 1)))
 
 
 # =========================================================================== arm64

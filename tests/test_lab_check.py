@@ -459,3 +459,63 @@ def test_decision_facts_count_would_deny_limited_and_unclaimed_in_and_out_of_the
     assert facts["unclaimed_memory"] == {"gfn=0x100 access=1 rip=0x100397": 1}
     assert facts["log_records"] == {"effect_error": 1}
     assert facts["sequence_sample"][0] == "cpuid/hypervisor_probe/None/None" and len(facts["sequence_sample"]) == 4
+
+
+# =========================================================================== the remap run (dom0_remap.py)
+
+_RSPEC = importlib.util.spec_from_file_location(
+    "dom0_remap", Path(__file__).resolve().parent / "lab" / "dom0_remap.py")
+dom0_remap = importlib.util.module_from_spec(_RSPEC)
+_RSPEC.loader.exec_module(dom0_remap)
+
+
+def _remap_run(pre: int = 32, post: int = 200) -> tuple[dict, dict, list[dict], dict]:
+    """A remap run that agrees: `pre` writes refused on frame A (gfn 0x206), the remap's page-table write
+    followed (one rebind record), `post` refused on frame B (gfn 0x207), frame A's own writes landing."""
+    first = {"frame_a": 0x206000, "frame_b": 0x207000}
+    deny = {"kind": "mem_access", "rule": "watched_write", "verdict": "deny"}
+    decisions = [dict(deny, event={"gfn": "0x206"}) for _ in range(pre)]
+    decisions.append({"kind": "mem_access", "rule": None, "verdict": "allow", "event": {"gfn": "0x205"},
+                      "response_flags": ["VCPU_PAUSED", "ALTERNATE_P2M", "TOGGLE_SINGLESTEP"]})
+    decisions.append({"kind": "singlestep", "rule": None, "verdict": "allow", "event": {"gfn": "0x100"}})
+    decisions.append({"record": "rebind", "gfn": "0x205", "offset": 0,
+                      "regions": {"watched": {"from": ["0x206"], "to": ["0x207"]}}})
+    decisions += [dict(deny, event={"gfn": "0x207"}) for _ in range(post)]
+    enf = {"rc": 0, "teardown_clean": True, "decisions": len(decisions), "window": {"seconds": 8.0},
+           "guest_delta_whole_run": {"round": 9000, "pre_landed": 8000, "pre_blocked": pre, "post_landed": 0,
+                                     "post_blocked": post, "alias_landed": post, "alias_blocked": 0, "remapped": 1},
+           "guest_delta_enforced_window": {"round": pre + post, "pre_landed": 0, "pre_blocked": pre,
+                                           "post_landed": 0, "post_blocked": post, "alias_landed": post,
+                                           "alias_blocked": 0, "remapped": 1}}
+    return first, enf, decisions, {"ok": True}
+
+
+def _remap_verdict(first: dict, enf: dict, decisions: list[dict], aft: dict) -> dict:
+    return dom0_remap.compare(first, enf, dom0_remap.log_facts(decisions), aft)
+
+
+def test_the_remap_check_passes_a_run_that_agrees_and_counts_each_side():
+    c = _remap_verdict(*_remap_run())
+    assert c["ok"], c
+    assert c["counts"]["denies_frame_a"] == 32 and c["counts"]["denies_frame_b"] == 200
+    assert c["counts"]["rebinds"] == 1
+
+
+@pytest.mark.parametrize("spoil", ["landed_after_remap", "deny_lost_on_b", "no_rebind", "frame_a_kept",
+                                   "no_remap_while_enforced", "teardown"])
+def test_the_remap_check_fails_each_way_the_follow_could_go_wrong(spoil):
+    first, enf, decisions, aft = _remap_run()
+    win, whole = enf["guest_delta_enforced_window"], enf["guest_delta_whole_run"]
+    if spoil == "landed_after_remap":          # a write through the address landed on frame B, unwatched
+        win["post_landed"] = whole["post_landed"] = 1
+    elif spoil == "deny_lost_on_b":
+        decisions.pop()
+    elif spoil == "no_rebind":
+        decisions = [d for d in decisions if d.get("record") != "rebind"]
+    elif spoil == "frame_a_kept":              # frame A still watched: its own writes refused
+        whole["alias_blocked"] = 5
+    elif spoil == "no_remap_while_enforced":
+        win["remapped"] = 0
+    else:
+        enf["teardown_clean"] = False
+    assert not _remap_verdict(first, enf, decisions, aft)["ok"]

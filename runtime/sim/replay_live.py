@@ -499,10 +499,14 @@ class _Replayer:
 
 
 def _frames_read_after(records: list[Any], j: int) -> dict[int, bytes]:
-    """The frames the recording read between batch `j` and the next one: what its writes stored."""
+    """The frames the recording read between batch `j` and the next one: what its writes stored. A batch of
+    single-step events alone does not end it: a stepped page-table write is followed (re-walked) at its
+    single-step event (runtime/pt_step.py), so its frames are read after that batch."""
     out: dict[int, bytes] = {}
     for rec in records[j + 1:]:
         if rec.kind == "requests":
+            if rec.data and all(HDR.unpack_from(r, 0)[2] == RS_SINGLESTEP for r in rec.data):
+                continue
             break
         if rec.kind == "guest_read":
             out.update(rec.data[0])

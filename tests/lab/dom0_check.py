@@ -292,7 +292,7 @@ def xen_release() -> dict:
 
 def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | None,
                  startup: float = 240, target: str | None = None,
-                 watch: strategies.PauseWatch | None = None, record: str | None = None) -> dict:
+                 watch: strategies.PauseWatch | None = None, record: str | None = None, extra: tuple = ()) -> dict:
     """`policyc run` for `seconds` after its first decision, then SIGTERM. The comparison window runs
     from the first report-page sample taken after the enforcer said protection is in place to the
     last one taken before SIGTERM; the whole run from before start to a settled read after exit."""
@@ -302,7 +302,7 @@ def step_enforce(policy: str, domid: int, seconds: float, page: ReportPage | Non
     res: dict = {"policy": os.path.basename(policy), "seconds": seconds, "policy_rules": policy_rules(policy)}
     samples: list[dict] = []
     before = page.read() if page else None
-    cmd = [sys.executable, "-m", "policyc", "run", policy, "--guest", f"xen:{domid}", "--log", log]
+    cmd = [sys.executable, "-m", "policyc", "run", policy, "--guest", f"xen:{domid}", "--log", log, *extra]
     if target:
         cmd += ["--target", target]
     if record:          # the request stream, for the simulator's replay (step_replay)

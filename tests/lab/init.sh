@@ -59,6 +59,18 @@ if [ -n "$D" ]; then
   /opt/py/bin/python3 /lab/dom0_check.py --mode "$MODE" --guest "$GUEST" --domid "$D" --seconds "$SECS" $ARGS 2>&1
   echo "LAB-T check_done $(up) rc=$?"
   xl list | sed 's/^/LAB-INFO /'
+  if [ "$MODE/$GUEST" = bochs3/tiny ] && [ -f /lab/labguest64.elf ]; then
+    # the page-table remap followed live: the long-mode guest in its place (one emulated CPU: the tiny
+    # guest would take its time), under policies/lab-remap-vmx.vmi (tests/lab/dom0_remap.py)
+    xl destroy "$D"
+    xl create -q /lab/labguest64-altp2m.cfg
+    D64=$(xl domid labguest64 2>/dev/null)
+    echo "LAB-T remap_guest_created $(up) domid=$D64"
+    # 8 s enforced: about 1,700 writes through the watched address, the remap among them
+    [ -n "$D64" ] && /opt/py/bin/python3 /lab/dom0_remap.py --domid "$D64" --policy $P/lab-remap-vmx.vmi \
+      --seconds 8 2>&1
+    echo "LAB-T remap_done $(up) rc=$?"
+  fi
 else
   echo "LAB-ERR no guest"
 fi

@@ -105,6 +105,13 @@ build_guest() {
       || { log "$sym is at $addr: update $const in policies/$pol.vmi"; exit 1; }
   done
   log "guest built: bp_site=$bp watched=$wat"
+  # the long-mode guest of the remap run (Bochs 3.0): 64-bit ELF, its PVH entry 32-bit
+  cpp -P "$HERE/guest/labguest64.S" > labguest64.s
+  as --64 -o labguest64.o labguest64.s
+  ld -m elf_x86_64 -T "$HERE/guest/labguest64.ld" -o labguest64.elf labguest64.o
+  addr=$(nm labguest64.elf | awk '$3=="remap_va"{print $1}' | sed 's/^0*/0x/')
+  grep -qi "const REMAP_VA = $addr\b" "$HERE/policies/lab-remap-vmx.vmi" \
+    || { log "remap_va is at $addr: update REMAP_VA in policies/lab-remap-vmx.vmi"; exit 1; }
 }
 
 copy_libs() {   # copy_libs STAGE FILE...: the shared libraries FILEs need (recursively, via ldd)
@@ -196,9 +203,9 @@ EOF
   /sbin/ldconfig -r "$S" 2>/dev/null || true        # /etc/ld.so.cache for dlopen/find_library by name
 
   # --- the lab: guest, policies, driver, /init
-  cp "$LAB/guest/labguest.elf" "$S/lab/"
+  cp "$LAB/guest/labguest.elf" "$LAB/guest/labguest64.elf" "$S/lab/"
   cp "$HERE"/policies/*.vmi "$S/lab/policies/"
-  cp "$HERE/dom0_check.py" "$HERE/dom0_strategies.py" "$HERE/toolstack.sh" "$S/lab/"
+  cp "$HERE/dom0_check.py" "$HERE/dom0_strategies.py" "$HERE/dom0_remap.py" "$HERE/toolstack.sh" "$S/lab/"
   cat > "$S/lab/labguest.cfg" <<'EOF'
 name = "labguest"
 type = "pvh"
@@ -208,6 +215,7 @@ vcpus = 1
 on_crash = "preserve"
 EOF
   sed 's/^vcpus = 1/vcpus = 1\naltp2m = "external"/' "$S/lab/labguest.cfg" > "$S/lab/labguest-altp2m.cfg"
+  sed 's/labguest/labguest64/g' "$S/lab/labguest-altp2m.cfg" > "$S/lab/labguest64-altp2m.cfg"
   if [ -f "$LAB/linuxguest.cpio.gz" ]; then
     cp "$LAB/kernel/boot/vmlinuz-$KV" "$S/lab/vmlinuz"
     cp "$LAB/linuxguest.cpio.gz" "$S/lab/"
