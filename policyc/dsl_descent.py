@@ -52,6 +52,8 @@ _TOKEN = re.compile(r"""[ \t\f\r\n]*(?:
   | (?P<INT>[0-9][0-9A-Za-z_]*)
   | (?P<OP>\.\.|==|!=|<=|>=|<<|>>|[-+*/%&|^~(){},:=.<>])
   | (?P<EOF>\Z))""", re.X)
+_SIGNS = frozenset("-+*")
+_DIGITS = frozenset("0123456789")
 _VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
 _ARCH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*")
 _VECTOR = re.compile(r"#[A-Z]{2,3}\b")
@@ -74,15 +76,16 @@ class _Lazy:
     def __init__(self, source: str, flags: int = 0) -> None:
         self.source, self.flags, self.compiled = source, flags, None
 
-    def match(self, text: str, pos: int) -> re.Match | None:
+    def compile(self) -> re.Pattern:
         if self.compiled is None:
             self.compiled = re.compile(self.source, self.flags)
-        return self.compiled.match(text, pos)
+        return self.compiled
 
-    def finditer(self, text: str, pos: int, endpos: int):
-        if self.compiled is None:
-            self.compiled = re.compile(self.source, self.flags)
-        return self.compiled.finditer(text, pos, endpos)
+    def match(self, text: str, pos: int) -> re.Match | None:
+        return (self.compiled or self.compile()).match(text, pos)
+
+    def findall(self, text: str, pos: int, endpos: int) -> list:
+        return (self.compiled or self.compile()).findall(text, pos, endpos)
 
 
 # Lines are read whole (`_Reader.line_item`) in files of this many characters or more; in smaller ones
@@ -109,8 +112,11 @@ _REGION_LINE = _Lazy(rf"""[ \t\r\n]*(?P<start>region)[ \t]+(?P<name>{_NAME})[ \t
   | (?P<union>{_NAME}(?:[ \t]*,[ \t]*{_NAME})*)){_ITEM_END}
     # nothing on the next lines continues the region: an item, the policy's end or the text's
     (?=[ \t\r\n]*(?:\}}|(?:region|rule|const|target|symbols|mode|include)(?![A-Za-z0-9_])|\Z))""", re.X)
-_SIMPLE_TOKEN = _Lazy(rf"[ \t,]*(?:(?P<op>[-+*])|(?P<int>{_INT})|(?P<symbol>symbol)[ \t]+(?P<sym>[A-Za-z_][A-Za-z0-9_]*)"
-                           r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*))")
+# The tokens of one group of `_REGION_LINE`, all found by one `findall` (the separators before each are its
+# first field, so the tokens' columns follow from the lengths): a separator run, then an operator, a number,
+# `symbol ` and its name, or a name.
+_SIMPLE_TOKENS = _Lazy(rf"([ \t,]*)(?:([-+*])|({_INT})|(symbol[ \t]+)([A-Za-z_][A-Za-z0-9_]*)"
+                       r"|([A-Za-z_][A-Za-z0-9_]*))")
 _RULE_LINE = _Lazy(rf"""[ \t\r\n]*(?P<start>rule)[ \t]+(?P<name>{_NAME})[ \t]*:[ \t]*on[ \t]+
     (?P<access>write(?=[ \t]+to[ \t])|read(?=[ \t]+of[ \t])|access(?=[ \t]+to[ \t])|execute(?=[ \t]+in[ \t]))
     [ \t]+[a-z]{{2}}[ \t]+(?P<region>{_NAME})
@@ -156,22 +162,14 @@ class _Reader:
         self.comments: list[tuple[int, int]] = []
         self.depth = 0
         self.line_hits = self.line_misses = 0  # items read by `line_item`, and not
-        self.lines_whole = len(text) >= LINES_WHOLE_FROM
+        self.lines_whole = len(text) >= LINES_WHOLE_FROM and base is None
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
         self.line_cache = (1, 0, self.line_starts[1] if len(self.line_starts) > 1 else len(text) + 1)
 
     # -- positions
     def span(self, start: int, end: int) -> Span:
         """Span of text[start:end] as Lark's positions give it (end column inclusive, never before the start)."""
-        # Nodes are made in text order, so most spans start on the line the last one did: a bisection in
-        # the line table only when they do not.
-        line, line_start, next_start = self.line_cache
-        if not line_start <= start < next_start:
-            starts = self.line_starts
-            line = bisect_right(starts, start)
-            line_start = starts[line - 1]
-            next_start = starts[line] if line < len(starts) else len(self.text) + 1
-            self.line_cache = (line, line_start, next_start)
+        line, line_start, next_start = self._line_of(start)
         col = start - line_start + 1
         last = end - 1 if end > start else start
         if last >= next_start:  # ends on a later line
@@ -182,6 +180,18 @@ class _Reader:
             end_line, end_col = line, last - line_start + 1
         span = Span(self.path, line, col, end_line, end_col if end_col > col else col)
         return span if self.base is None else span.shifted(self.base.line - 1, self.base.col - 1)
+
+    def _line_of(self, start: int) -> tuple[int, int, int]:
+        """The line holding offset `start`: its number, its first offset and the next line's."""
+        # Nodes are made in text order, so most spans start on the line the last one did: a bisection in
+        # the line table only when they do not.
+        cached = self.line_cache
+        if cached[1] <= start < cached[2]:
+            return cached
+        starts = self.line_starts
+        line = bisect_right(starts, start)
+        cached = self.line_cache = (line, starts[line - 1], starts[line] if line < len(starts) else len(self.text) + 1)
+        return cached
 
     # -- lexing
     def _skip(self, vector: bool = False) -> None:
@@ -307,10 +317,11 @@ class _Reader:
     def line_item(self) -> S.Region | S.Rule | None:
         """A region or rule of the common one-line forms (`_REGION_LINE`, `_RULE_LINE`) read by one match,
         the same nodes and spans as `item` makes of it; None (nothing read) for anything else."""
-        m = _RULE_LINE.match(self.text, self.pos)
+        text, pos = self.text, self.pos
+        m = (_RULE_LINE.compiled or _RULE_LINE.compile()).match(text, pos)  # (no wrapper call: once a line)
         item = None if m is None else self._rule_line(m)
         if item is None:
-            m = _REGION_LINE.match(self.text, self.pos)
+            m = (_REGION_LINE.compiled or _REGION_LINE.compile()).match(text, pos)
             item = None if m is None else self._region_line(m)
         if item is not None:
             # The tokens lexed ahead of the line are read: the next one lexed is after it. (An expression
@@ -321,85 +332,141 @@ class _Reader:
         return item
 
     def _region_line(self, m: re.Match) -> S.Region:
-        span = self._on_line(m.start("start"))
+        line, line_start = self._on_line(m.start("start"))
         self.pos = m.end()
-        if m.group("union") is not None:
-            refs = [S.RegionRef(e.name, e.span) for e in self._simple_operands("union", m, span)]
-            return S.Region(m.group("name"), refs, span(m.start("start"), m.end("union")))
-        base = self._simple_operands("base", m, span)[0]
-        start = m.start("space") if m.group("space") is not None else m.start("base")
-        if m.group("size") is not None:
-            size, end = self._simple_operands("size", m, span)[0], m.end("size")
-            term: S.RegionTerm = S.SizedRegion(base, size, m.group("space"), span(start, end))
-        else:
-            last, end = self._simple_operands("last", m, span)[0], m.end("last")
-            term = S.RangeRegion(base, last, m.group("space"), span(start, end))
-        return S.Region(m.group("name"), [term], span(m.start("start"), end))
-
-    def _on_line(self, start: int):
-        """`span` for an item that is one line from `start` on (the line forms: their regexes match no line
-        break after the item's first word): the line is looked up once, not once a span."""
-        self.span(start, start)  # (the line, into the cache)
-        if self.base is not None:
-            return self.span
-        line, line_start, _ = self.line_cache
         path = self.path
+        name, union, space, size = m.group("name", "union", "space", "size")
+        if union is not None:
+            a, b = m.span("union")
+            refs = [S.RegionRef(e.name, e.span) for e in self._simple_operands(a, b, line, line_start)]
+            return S.Region(name, refs, Span(path, line, m.start("start") - line_start + 1, line, b - line_start))
+        a, b = m.span("base")
+        base = self._simple_operands(a, b, line, line_start)[0]
+        start = m.start("space") if space is not None else a
+        if size is not None:
+            a, end = m.span("size")
+            term: S.RegionTerm = S.SizedRegion(base, self._simple_operands(a, end, line, line_start)[0], space,
+                                               Span(path, line, start - line_start + 1, line, end - line_start))
+        else:
+            a, end = m.span("last")
+            term = S.RangeRegion(base, self._simple_operands(a, end, line, line_start)[0], space,
+                                 Span(path, line, start - line_start + 1, line, end - line_start))
+        return S.Region(name, [term], Span(path, line, m.start("start") - line_start + 1, line, end - line_start))
 
-        def span(a: int, b: int) -> Span:
-            col, end_col = a - line_start + 1, b - line_start  # the end column of b - 1, inclusive
-            return Span(path, line, col, line, end_col if end_col > col else col)
-        return span
+    def _on_line(self, start: int) -> tuple[int, int]:
+        """The line number of an item that is one line from `start` on (the line forms: their regexes match
+        no line break after the item's first word), and the offset that line starts at: every span of the
+        item is on it, from column (offset - line start + 1) to (end offset - line start), as `span` gives it
+        for a non-empty range. (Line forms are read in files only, never with a `base`.)"""
+        line, line_start, _ = self._line_of(start)
+        return line, line_start
 
-    def _simple_operands(self, group: str, m: re.Match, span) -> list[S.Expr]:
-        """The expressions in a group of `_REGION_LINE`: numbers, names, `symbol S`, separated by commas
-        or joined left to right by operators of one strength (the regex allows no other)."""
+    def _simple_operands(self, start: int, end: int, line: int, line_start: int) -> list[S.Expr]:
+        """The expressions in text[start:end], a group of `_REGION_LINE`: numbers, names, `symbol S`,
+        separated by commas or joined left to right by operators of one strength (the regex allows no other)."""
+        chunk = self.text[start:end]
+        if "\t" not in chunk and "  " not in chunk and "," not in chunk:
+            found = self._spaced_operands(chunk, start - line_start + 1, line)
+            if found is not None:
+                return found
         out: list[S.Expr] = []
         op = None
-        for t in _SIMPLE_TOKEN.finditer(self.text, m.start(group), m.end(group)):
-            kind = t.lastgroup
-            if kind == "op":
-                op = t.group("op")
+        path = self.path
+        col = start - line_start + 1  # the column of the next token's separators
+        for gap, sign, number, symbol, sym, name in _SIMPLE_TOKENS.findall(self.text, start, end):
+            col += len(gap)
+            if sign:
+                op = sign
+                col += 1
                 continue
-            if kind == "int":
-                text = t.group("int")
-                radix = 16 if text[:2] in ("0x", "0X") else 10
-                node: S.Expr = S.Num(int(text, radix), radix, span(t.start("int"), t.end()))
-            elif kind == "sym":
-                node = S.SymbolRef(t.group("sym"), False, False, span(t.start("symbol"), t.end()))
+            if number:
+                last = col + len(number) - 1
+                node: S.Expr = S.Num(int(number, 16 if number[:2] in ("0x", "0X") else 10),
+                                     16 if number[:2] in ("0x", "0X") else 10, Span(path, line, col, line, last))
+            elif sym:
+                last = col + len(symbol) + len(sym) - 1
+                node = S.SymbolRef(sym, False, False, Span(path, line, col, line, last))
             else:
-                node = S.Name(t.group("name"), span(t.start("name"), t.end()))
+                last = col + len(name) - 1
+                node = S.Name(name, Span(path, line, col, line, last))
             if op is not None:
-                node = S.Binary(op, out[-1], node, join_spans(out[-1].span, node.span))
-                out.pop()
-                op = None
+                node, op = _joined(op, out.pop(), node, path, line, last), None
             out.append(node)
+            col = last + 1
+        if col != end - line_start + 1:  # (the regex covers every character of the group: never)
+            raise _GiveUp
+        return out
+
+    def _spaced_operands(self, chunk: str, col: int, line: int) -> list[S.Expr] | None:
+        """`_simple_operands` of a group whose tokens are one space apart (the common case, and split at
+        five times the speed of the regex), from column `col`; None when a piece is more than one token
+        (`a-1`, `8*PAGE`: a name, number or symbol name that is not one)."""
+        out: list[S.Expr] = []
+        op = None
+        path = self.path
+        pieces = iter(chunk.split(" "))
+        for piece in pieces:
+            if piece in _SIGNS:
+                op = piece
+                col += 2
+                continue
+            if piece[0] in _DIGITS:
+                radix = 16 if piece[:2] in ("0x", "0X") else 10
+                try:
+                    value = int(piece, radix)
+                except ValueError:
+                    return None
+                last = col + len(piece) - 1
+                node: S.Expr = S.Num(value, radix, Span(path, line, col, line, last))
+            elif piece == "symbol":
+                sym = next(pieces, "")
+                if not sym.isidentifier():
+                    return None
+                last = col + 6 + len(sym)
+                node = S.SymbolRef(sym, False, False, Span(path, line, col, line, last))
+            elif piece.isidentifier():
+                last = col + len(piece) - 1
+                node = S.Name(piece, Span(path, line, col, line, last))
+            else:
+                return None
+            if op is not None:
+                node, op = _joined(op, out.pop(), node, path, line, last), None
+            out.append(node)
+            col = last + 2
         return out
 
     def _rule_line(self, m: re.Match) -> S.Rule | None:
-        span = self._on_line(m.start("start"))
-        if m.group("string") is not None:
+        name, access, region, value, negated, inside, verdict, report, severity, string = m.group(
+            "name", "access", "region", "value", "not", "in", "verdict", "report", "severity", "string")
+        if string is not None:
             try:
-                template = decode_string(m.group("string"))
+                template = decode_string(string)
             except ValueError:
                 return None  # the token by token path gives up on it too, and Lark says why
+        line, ls = self._on_line(m.start("start"))
+        path = self.path
+        ls -= 1  # (a column is offset - ls; a range's end column end offset - ls - 1)
         a, b = m.span("region")
-        trigger = S.MemoryTrigger(m.group("access"), [S.RegionRef(m.group("region"), span(a, b))],
-                                  span(m.start("access"), b))
+        trigger = S.MemoryTrigger(access, [S.RegionRef(region, Span(path, line, a - ls, line, b - ls - 1))],
+                                  Span(path, line, m.start("access") - ls, line, b - ls - 1))
         where = None
-        if m.group("value") is not None:
+        if value is not None:
             a, b = m.span("value")
             s, e = m.span("in")
-            where = S.InRegion(S.Name(m.group("value"), span(a, b)), m.group("in"), m.group("not") is not None,
-                               span(a, e), span(s, e))
-        if m.group("verdict") is not None:
+            where = S.InRegion(S.Name(value, Span(path, line, a - ls, line, b - ls - 1)), inside,
+                               negated is not None, Span(path, line, a - ls, line, e - ls - 1),
+                               Span(path, line, s - ls, line, e - ls - 1))
+        if verdict is not None:
             a, b = m.span("verdict")
-            action = S.Allow(span(a, b)) if m.group("verdict") == "allow" else S.Deny(None, None, span(a, b))
+            at = Span(path, line, a - ls, line, b - ls - 1)
+            action = S.Allow(at) if verdict == "allow" else S.Deny(None, None, at)
         else:
-            a, b = m.span("report")
+            a = m.start("report")
             s, e = m.span("string")
-            action = S.Report(m.group("report"), m.group("severity"), template, span(a, e), span(s, e))
-        self.pos = m.end()
-        return S.Rule(trigger, [action], m.group("name"), where, span(m.start("start"), m.end("end")))
+            action = S.Report(report, severity, template, Span(path, line, a - ls, line, e - ls - 1),
+                              Span(path, line, s - ls, line, e - ls - 1))
+        self.pos = end = m.end()
+        return S.Rule(trigger, [action], name, where, Span(path, line, m.start("start") - ls, line, end - ls - 1))
 
     def item(self):
         kind, word, start, _ = (self.tok or self.peek())
@@ -692,6 +759,11 @@ class _Reader:
         except ValueError:
             raise _GiveUp from None  # Lark's path reports PC114
         return S.Num(value, radix, self.span(tok[2], tok[3]))
+
+
+def _joined(op: str, left: S.Expr, right: S.Expr, path: str, line: int, last: int) -> S.Binary:
+    """`left op right` of a line form's operands, both on `line`: from the start of `left` to column `last`."""
+    return S.Binary(op, left, right, Span(path, line, left.span.col, line, last))
 
 
 def join_spans(a: Span, b: Span) -> Span:

@@ -25,6 +25,11 @@ __all__ = [
 
 NOWHERE = Span("<none>", 1, 1)
 
+# Model objects are never changed once made, but they are not frozen dataclasses (`unsafe_hash` gives them
+# the hash a frozen one has): a frozen dataclass's constructor sets each field through object.__setattr__
+# and costs three to four times as much, and checking a 10 MB policy makes a million of them (as with
+# `diagnostics.Span`).
+
 
 def _span() -> Span:
     return field(default=NOWHERE, compare=False, repr=False)
@@ -50,7 +55,7 @@ class _cached:
         return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Address:
     """A kernel address before binding: `value` (link-time) plus the slide found at install.
 
@@ -61,7 +66,7 @@ class Address:
     origin: str = field(default="", compare=False)  # e.g. "symbol sys_call_table + 0x1f0", for explain
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Target:
     hypervisor: str = "xen"
     min_version: tuple[int, ...] = (4, 17)
@@ -73,7 +78,7 @@ class Target:
 
 # ---------------------------------------------------------------- regions
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Extent:
     """A byte range. `space` is "va" (kernel virtual, relocatable when `start` is an Address) or "pa"."""
     space: str
@@ -82,7 +87,7 @@ class Extent:
     span: Span = _span()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RegisterExtent:
     """A range whose base is read from a descriptor-table register at bind time."""
     register: str  # "idtr" | "gdtr"
@@ -90,7 +95,7 @@ class RegisterExtent:
     span: Span = _span()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Region:
     name: str
     extents: tuple[Extent | RegisterExtent, ...]
@@ -103,57 +108,57 @@ class Region:
 
 # ---------------------------------------------------------------- conditions
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Literal:
     value: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Field:
     """An event field or a register, read from the request."""
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Unary:
     op: str  # "-", "~"
     operand: "Condition"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Binary:
     op: str  # + - * / % << >> & | ^
     left: "Condition"
     right: "Condition"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Compare:
     op: str  # == != < <= > >=
     left: "Condition"
     right: "Condition"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Logic:
     op: str  # "and" | "or"
     left: "Condition"
     right: "Condition"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Not:
     operand: "Condition"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class InRegion:
     value: "Condition"
     region: str
     negated: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class BitTest:
     """`set(BITS)`, `cleared(BITS)`, `changed(BITS)` on a register write: compares old and new under `mask`."""
     kind: str  # "set" | "cleared" | "changed"
@@ -165,7 +170,7 @@ Condition = Union[Literal, Address, Field, Unary, Binary, Compare, Logic, Not, I
 
 # ---------------------------------------------------------------- triggers
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MemoryTrigger:
     access: str  # "read" | "write" | "execute" | "access"
     regions: tuple[str, ...]  # names into Policy.regions (inline regions get generated names)
@@ -173,7 +178,7 @@ class MemoryTrigger:
     kind: str = field(default="memory", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Breakpoint:
     address: Address
     span: Span = _span()
@@ -184,14 +189,14 @@ class Breakpoint:
     physical: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ControlRegisterTrigger:
     register: str  # cr0 cr3 cr4 xcr0
     span: Span = _span()
     kind: str = field(default="control_register", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MsrTrigger:
     index: int
     name: str | None = None
@@ -199,7 +204,7 @@ class MsrTrigger:
     kind: str = field(default="msr", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DescriptorTrigger:
     access: str  # "read" | "write"
     register: str  # idtr gdtr ldtr tr
@@ -207,14 +212,14 @@ class DescriptorTrigger:
     kind: str = field(default="descriptor", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CpuidTrigger:
     leaf: int | None = None
     span: Span = _span()
     kind: str = field(default="cpuid", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class EventTrigger:
     event: str  # guest_request | debug_exception | smc
     span: Span = _span()
@@ -230,7 +235,7 @@ Trigger = Union[MemoryTrigger, Breakpoint, ControlRegisterTrigger, MsrTrigger, D
 
 # ---------------------------------------------------------------- actions and rules
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Verdict:
     """What happens to the access. `deny` details: bytes fed to a read, exception injected on execute."""
     verdict: str  # "allow" | "deny"
@@ -239,7 +244,7 @@ class Verdict:
     span: Span = _span()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class LogAction:
     kind: str  # "log" | "alert"
     severity: str
@@ -248,19 +253,19 @@ class LogAction:
     span: Span = _span()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RateLimit:
     per_second: int
     then: "Action"
     span: Span = _span()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Pause:
     span: Span = _span()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Disarm:
     span: Span = _span()
 
@@ -268,7 +273,7 @@ class Disarm:
 Action = Union[Verdict, LogAction, RateLimit, Pause, Disarm]
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)
 class Rule:
     name: str
     trigger: Trigger
@@ -282,19 +287,22 @@ class Rule:
     def verdict(self) -> str:
         """The rule's own verdict: deny if it says deny anywhere (also behind a limit), else allow. Asked
         for a rule by every pass of the back end: worked out once."""
-        def denies(a: Action) -> bool:
-            return (isinstance(a, Verdict) and a.verdict == "deny") or (isinstance(a, RateLimit) and denies(a.then))
-        return "deny" if any(denies(a) for a in self.actions) else "allow"
+        for a in self.actions:
+            while type(a) is RateLimit:
+                a = a.then
+            if type(a) is Verdict and a.verdict == "deny":
+                return "deny"
+        return "allow"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SymbolSource:
     path: str = field(compare=False)
     name: str  # the file name as written
     sha256: str
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)
 class Policy:
     name: str
     target: Target

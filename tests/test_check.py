@@ -241,3 +241,88 @@ def test_a_symbol_defined_twice_in_the_map_warns_and_names_the_address_used(poli
     [warning] = list(d)
     assert warning.code == "PC318" and warning.severity.name == "WARNING"
     assert "0xffffffff82000360, is used" in warning.message and "0xffffffff82100000" in warning.message
+
+
+def test_every_use_of_a_symbol_or_template_gets_its_own_diagnostics(policy_dir: Path):
+    """The checker remembers symbols looked up and templates checked without a diagnostic
+    (`Checking.symbol_addresses`, `sound_templates`); what is reported of a use must still be
+    reported at every use, and a template sound for one kind of event is checked again for another."""
+    uses = ("    region a = symbol gdt_page size 8\n    region b = symbol gdt_page size 8\n"
+            "    region c = percpu symbol sys_call_table size 8\n    region d = percpu symbol sys_call_table size 8\n")
+    _, d = check_text(policy_dir, uses + "    rule w: on write to a { deny }")
+    assert [(x.code, x.span.line) for x in d.sorted()] == [("PC305", 4), ("PC305", 5), ("PC305", 6), ("PC305", 7)]
+    with (policy_dir / "linux-6.1.System.map").open("a", encoding="ascii") as f:
+        f.write("ffffffff82100000 D sys_call_table\n")
+    _, d = check_text(policy_dir, "    region a = symbol sys_call_table size 8\n"
+                                  "    region b = symbol sys_call_table + 8 size 8\n    rule w: on write to a { deny }")
+    assert [(x.code, x.span.line) for x in d.sorted()] == [("PC318", 4), ("PC318", 5)]
+    policy, d = check_text(policy_dir, "    region a = symbol _text size 8\n    region b = symbol _text size 8\n"
+                                       "    rule w: on write to a { log info \"{gla:#x}\" }\n"
+                                       "    rule x: on write to b { log info \"{gla:#x}\" }\n"
+                                       "    rule y: on cpuid { log info \"{gla:#x}\" }\n"
+                                       "    rule z: on cpuid { log info \"{gla:#x}\" }\n"
+                                       "    rule v: on write to a { log info \"{nope}\" }\n"
+                                       "    rule u: on write to b { log info \"{nope}\" }")
+    assert [(x.code, x.span.line) for x in d.sorted()] == [("PC409", 8), ("PC409", 9), ("PC409", 10), ("PC409", 11)]
+    _, d = check_text(policy_dir, "    region a = symbol _text size 8\n    region b = symbol _text size 8\n"
+                                  "    rule w: on write to a { log info \"{gla:#x}\" }\n"
+                                  "    rule x: on write to b { log info \"{gla:#x}\" }")
+    assert list(d) == []
+    p, _ = check_text(policy_dir, "    region a = symbol _text size 8\n"
+                                  "    rule w: on write to a { log info \"{gla:#x} {vcpu}\" }\n"
+                                  "    rule x: on write to a { log info \"{gla:#x} {vcpu}\" }")
+    assert [a.fields for r in p.rules for a in r.actions] == [("gla", "vcpu"), ("gla", "vcpu")]
+
+
+def test_chains_of_offsets_fold_as_step_by_step(policy_dir: Path, monkeypatch):
+    """`policyc.checking.constants._offsets` folds `x + n - m ...` in one loop; with its operators
+    taken away every step goes through `_binary` again: the same values, origins and diagnostics."""
+    from policyc.checking import constants
+
+    body = ("    const C = 5 + 3 - 1\n    const D = 0xffffffffffffffff + 1\n"
+            "    const E = 1 + 0x1ffffffffffffffff - 2\n    const F = symbol _text - 8 + symbol _text\n"
+            "    const G = 0 - 5 - 0xffffffffffffffff\n    const H = nope + 1 - 2\n"
+            "    const J = symbol _text + 0x10\n    const K = (symbol _text + 1) - 1 + C\n"
+            "    region a = symbol _text - 0x200000000 + 0x10 size 8\n    region b = va C + 0x1000 - 2 size 4\n"
+            "    region c = symbol? no_such_symbol + 8 - 1 size 8\n    region d = percpu symbol gdt_page + 8 size 8\n"
+            "    region e = J + 4 - 0x2 size 8\n    region f = symbol _text * 2 + 1 size 8\n"
+            "    region g = symbol _text - symbol _stext + 4 size 8\n    region h = symbol gdt_page - 1 + 1 size 8\n"
+            "    region i = K + 0 size C - 1 + 0x10\n    rule r: on write to a { deny }")
+
+    bad = body
+
+    def checked():
+        policy, d = check_text(policy_dir, body)
+        found = [(x.code, x.span.line, x.span.col, x.message) for x in d.sorted()]
+        regions = {r.name: [(e.start.value, e.start.percpu, e.start.origin) if isinstance(e.start, M.Address)
+                            else e.start for e in r.extents] for r in policy.regions} if policy else None
+        return found, regions
+
+    fast = checked()
+    sound = body = "\n".join(line for line in body.splitlines()
+                             if line.split()[1] in "CJKabcei" or line.split()[0] == "rule")
+    fast_sound = checked()
+    monkeypatch.setattr(constants, "OFFSETS", frozenset())
+    assert checked() == fast_sound
+    body = bad
+    assert checked() == fast
+    assert {code for code, *_ in fast[0]} >= {"PC300", "PC303", "PC305", "PC406", "PC408"}
+    assert [code for code, *_ in fast_sound[0]] == ["PC303"] and sound
+    assert fast_sound[1]["a"] == [(0xFFFFFFFF81000000 - 0x200000000 + 0x10, False, "symbol _text - 0x200000000 + 0x10")]
+    assert fast_sound[1]["e"][0][2] == "symbol _text + 0x10 + 0x4 - 0x2"
+
+
+def test_model_objects_hash_and_compare_as_values(policy_dir: Path):
+    """Model classes are plain (not frozen) dataclasses for speed, with the hash a frozen one has: equal
+    objects hash equal, spans and origins take no part, and conditions can key a dict (the conflicts
+    analysis numbers them so)."""
+    here, there = M.Address(0x10, False, "symbol a"), M.Address(0x10, False, "symbol b")
+    assert here == there and hash(here) == hash(there)
+    p, d = check_text(policy_dir, "    region t = symbol sys_call_table size 8\n"
+                                  "    rule r: on write to t where gla in t { deny }\n"
+                                  "    rule s: on write to t where gla in t { deny }")
+    assert p is not None, codes(d)
+    r, s = p.rules
+    assert r.condition == s.condition and len({r.condition, s.condition}) == 1
+    assert r.trigger == s.trigger and hash(r.trigger) == hash(s.trigger) and r.span != s.span
+    assert hash(p) == hash(p) and {p.region("t"): 1}[p.region("t")] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -234,6 +235,14 @@ LINE_FORMS = '''policy "p" {
     region v6 = v0, v1 ,v2
     region v7 = v6
     region v8 = symbol _text size 2 * 3 + 1
+    region t0 =\tsymbol\t_text-0x10+8\tsize\t0x10*PAGE
+    region t1 = v0,v1,\tv2
+    region t2 = pa 0x1000..0x2000
+    region g0 = symbol _text-8 size 8*PAGE
+    region g1 = symbol _text -8 + 0x10 size PAGE
+    region g2 = symbol _text +0x10 size 16
+    region g3 = symbol symbolic + 010 .. symbol _etext
+    rule t3:\ton\twrite to\tt0\twhere\trip\tnot in t1{\tlog\tinfo\t"x"}
 }
 '''
 
@@ -264,3 +273,31 @@ def test_descent_reader_agrees_with_lark_on_mutated_one_line_forms(monkeypatch):
     tokens = re.findall(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*\n|\s+|[A-Za-z_0-9?#.]+|.', LINE_FORMS)
     accepted, rejected = _mutations_agree({"l.vmi": tokens}, random.Random(7), 200, edits=2)
     assert accepted and rejected
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_one_line_forms_read_generated_policies_as_the_token_path_does(monkeypatch, seed):
+    # Large files are read a line at a time (`_REGION_LINE`, `_RULE_LINE`, spaced operands split on
+    # spaces); the token-by-token reader, held to Lark above, must build the same tree, spans included,
+    # from the generated policies of bench/check_scale.py (every form of region, trigger and action) and
+    # bench/compile_scale.py (the 10 MB policy's lines).
+    import sys
+
+    import policyc.dsl_descent as descent
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import check_scale
+        import compile_scale
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    texts = [check_scale.Generator(300, 900, seed=seed, symbols_file="System.map").text()]
+    with tempfile.TemporaryDirectory() as tmp:
+        texts.append(compile_scale.generate(Path(tmp), 400 * seed, 4000).read_text())
+    for text in texts:
+        monkeypatch.setattr(descent, "LINES_WHOLE_FROM", 0)
+        reader = descent._Reader(text, "g.vmi")
+        whole = reader.file()
+        assert reader.line_hits > 200
+        monkeypatch.setattr(descent, "LINES_WHOLE_FROM", 1 << 60)
+        tokens = descent._Reader(text, "g.vmi").file()
+        assert _same(whole, tokens) is None

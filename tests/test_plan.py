@@ -433,3 +433,24 @@ def test_the_condition_form_evaluator_imports_nothing_from_the_compiler_model():
             "print(sorted(m for m in sys.modules if m in ('policyc.model', 'policyc.check', 'policyc.checking', 'policyc.compiler', 'policyc.lowering')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("priorities", [(0,), (0, 1, -3, 7)])
+def test_dispatch_entries_are_ordered_by_priority_then_name(priorities):
+    # `_sorted_tables` sorts by name, then (stably) by priority only where priorities differ: the order
+    # the key (-priority, name) gives, which plans were written in.
+    import random
+
+    from policyc import model as M
+    from policyc.lowering.trap_plan import _sorted_tables
+
+    rng = random.Random(5)
+    entries = [{"rule": f"r{rng.randrange(10_000)}_{i}", "priority": rng.choice(priorities)} for i in range(500)]
+    rng.shuffle(entries)
+    out = _sorted_tables({"mem_access": list(entries), "cpuid": {"*": list(entries)}})
+    expected = sorted(entries, key=lambda e: (-e["priority"], e["rule"]))
+    assert out["mem_access"] == expected and out["cpuid"]["*"] == expected
+    deny = M.Verdict("deny")
+    assert M.Rule("r", M.CpuidTrigger(), None, (M.RateLimit(5, M.RateLimit(2, deny)),)).verdict == "deny"
+    assert M.Rule("r", M.CpuidTrigger(), None, (M.Pause(), M.Verdict("allow"))).verdict == "allow"
+    assert M.Rule("r", M.CpuidTrigger(), None, (M.Verdict("allow"), deny)).verdict == "deny"

@@ -66,7 +66,7 @@ def analyse(policy: M.Policy, target, usable: set[str], diagnostics: Diagnostics
     table = G.region_table(policy)
     for name in sorted(traps):
         region = table[name]
-        if region.empty:
+        if not region.extents:  # (empty: the property, inline)
             continue
         if not report and _no_note(name, traps[name], watched_regions, G.named_region_bytes(policy, name)):
             continue
@@ -130,14 +130,25 @@ def _no_note(name: str, accesses: set[str], watched_regions: dict[str, set[str]]
     """No PC506 note can come of the region, whatever its neighbours: for each access a rule watches it
     for, its own bytes are watched, and that alone claims enough of what its pages trap. (The share is
     computed as the note's is: rounding is monotone, so the region's own share is no higher.)"""
-    k = sum(1 for a in accesses if name in watched_regions[a])
+    k = 0
+    for a in accesses:
+        if name in watched_regions[a]:
+            k += 1
     if not k:
         return False
-    n_pages = sum(G.measure(G.to_pages(ivs)) for ivs in own.values())  # (its pages, not kept: only asked once)
+    n_pages = n_bytes = 0
+    for ivs in own.values():  # its pages, not kept (only asked once); most regions are one interval
+        if len(ivs) == 1:
+            lo, hi = ivs[0]
+            n_pages += (hi + G.PAGE - 1) // G.PAGE - lo // G.PAGE
+            n_bytes += hi - lo
+        else:
+            n_pages += G.measure(G.to_pages(ivs))
+            n_bytes += G.measure(ivs)
     if not n_pages:
         return False
     trapped = n_pages * G.PAGE * len(accesses)
-    return (trapped - k * G.space_map_measure(own)) / trapped <= NOTE_THRESHOLD
+    return (trapped - k * n_bytes) / trapped <= NOTE_THRESHOLD
 
 
 class _WatchedIndex:

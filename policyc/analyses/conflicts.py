@@ -49,7 +49,7 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
     """Near-linear in the number of rules: rules are grouped by exact trigger target and condition, and
     memory rules are swept in policy order against interval sets of the earlier rules' bytes."""
     rules = [r for r in policy.rules if r.name in usable]
-    at = {name: info.get("at") for name, info in plan.get("rules", {}).items()}
+    at = _Positions(plan.get("rules", {}))
     geo = _Geometry(policy)
     conflicts, unreachable, shadowed = [], [], []
     # A memory rule none of whose bytes another rule watches for one of its accesses can neither conflict
@@ -90,6 +90,18 @@ def analyse(plan: dict, policy: M.Policy, usable: set[str], diagnostics: Diagnos
                 "same verdict",
                 "remove it, or give it a condition or an action of its own")
     return {"conflicts": conflicts, "unreachable": unreachable, "shadowed": shadowed}
+
+
+class _Positions:
+    """Rule name -> its position as the plan's rules section gives it, looked up when a finding names the
+    rule (a dict of every rule's position cost more than the sweeps that rarely find anything)."""
+
+    def __init__(self, rules: dict) -> None:
+        self.rules = rules
+
+    def get(self, name: str) -> str | None:
+        info = self.rules.get(name)
+        return None if info is None else info.get("at")
 
 
 def _target_key(t: M.Trigger) -> tuple:
@@ -133,7 +145,10 @@ def _touching_memory_rules(rules: list[M.Rule], geo: "_Geometry") -> set[str]:
                     found = by_place.get((letter, space))
                     if found is None:
                         found = by_place[(letter, space)] = []
-                    found.extend((lo, hi, name) for lo, hi in ivs)
+                    if len(ivs) == 1:  # (most regions: no generator to run)
+                        found.append((ivs[0][0], ivs[0][1], name))
+                    else:
+                        found.extend((lo, hi, name) for lo, hi in ivs)
     touching: set[str] = set()
     for intervals in by_place.values():
         touching |= overlapping_owners(intervals)
@@ -248,18 +263,17 @@ class _Geometry:
 
     def regions(self, names) -> G.SpaceMap:
         """The bytes of these regions together (shared: callers must not change the lists)."""
+        if len(names) == 1:  # (a region's own bytes are kept per policy already: no union to keep)
+            return G.named_region_bytes(self.policy, names[0])
         key = tuple(names)
         found = self.unions.get(key)
         if found is not None:
             return found
-        if len(key) == 1:
-            found = self.region(key[0])
-        else:
-            acc: dict[str, list] = {}
-            for n in key:
-                for space, ivs in self.region(n).items():
-                    acc.setdefault(space, []).extend(ivs)
-            found = {s: G.norm(v) for s, v in acc.items()}
+        acc: dict[str, list] = {}
+        for n in key:
+            for space, ivs in self.region(n).items():
+                acc.setdefault(space, []).extend(ivs)
+        found = {s: G.norm(v) for s, v in acc.items()}
         self.unions[key] = found
         return found
 
@@ -340,7 +354,7 @@ def _conflict(a: M.Rule, b: M.Rule, geo: _Geometry) -> bool:
 
 def _never_matches(rule: M.Rule, geo: _Geometry) -> str | None:
     t = rule.trigger
-    if isinstance(t, M.MemoryTrigger) and (geo.table[t.regions[0]].empty if len(t.regions) == 1
+    if isinstance(t, M.MemoryTrigger) and (not geo.table[t.regions[0]].extents if len(t.regions) == 1
                                            else all(geo.table[r].empty for r in t.regions)):
         names = ", ".join(t.regions)
         return f"its region{'s' if len(t.regions) > 1 else ''} {names} {'are' if len(t.regions) > 1 else 'is'} empty"

@@ -24,6 +24,10 @@ META_TEMPLATE_FIELDS = ("rule", "verdict", "policy", "domain", "time", "decision
 
 def check_actions(chk: Checking, r: S.Rule, ctx: RuleContext | None) -> tuple[list[M.Action], int]:
     """A rule's actions in model form and its priority (0 unless given); one verdict per rule."""
+    if len(r.actions) == 1 and type(r.actions[0]) is not S.Priority:
+        # Most rules: one action, so one verdict at most (a limit's is its action's) and no priority.
+        action = _action(chk, r.actions[0], ctx, [])
+        return ([] if action is None else [action]), 0
     out: list[M.Action] = []
     priority = 0
     priorities = [a for a in r.actions if type(a) is S.Priority]
@@ -110,7 +114,20 @@ _ACTIONS: dict[type, Callable[[Checking, S.Action, RuleContext | None, list], M.
 
 
 def _template(chk: Checking, a: S.Report, ctx: RuleContext | None) -> list[str]:
-    """The fields a message template uses, each one the event carries, with a bounded number format."""
+    """The fields a message template uses, each one the event carries, with a bounded number format.
+    A template found sound for a kind of event is not parsed again for another rule of that kind."""
+    key = (a.template, None if ctx is None else ctx.kind)
+    known = chk.sound_templates.get(key)
+    if known is not None:
+        return list(known)
+    found, sound = _template_fields(chk, a, ctx)
+    if sound:
+        chk.sound_templates[key] = tuple(found)
+    return found
+
+
+def _template_fields(chk: Checking, a: S.Report, ctx: RuleContext | None) -> tuple[list[str], bool]:
+    """`_template`'s fields, and whether the template is sound (no error reported of it)."""
     allowed = list(META_TEMPLATE_FIELDS) + list(chk.arch.registers)
     if ctx is not None:
         allowed += list(EVENT_FIELDS[ctx.kind])
@@ -120,29 +137,34 @@ def _template(chk: Checking, a: S.Report, ctx: RuleContext | None) -> list[str]:
     except ValueError as exc:
         chk.d.error("PC410", a.template_span, f"malformed message template: {exc}",
                     "fields are written {name} or {name:#x}; a literal brace is {{ or }}")
-        return []
+        return [], False
+    sound = True
     for _, field_name, spec, conversion in parsed:
         if field_name is None:
             continue
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", field_name) or conversion:
             chk.d.error("PC410", a.template_span, f"'{{{field_name}}}' is not a field reference",
                         "fields are written {name} or {name:#x}")
+            sound = False
             continue
         if field_name not in allowed:
             chk.d.error("PC409", a.template_span, f"the message uses '{{{field_name}}}', which "
                         f"{kind_words(ctx.kind) if ctx else 'this'} events do not carry",
                         did_you_mean(field_name, allowed))
+            sound = False
             continue
         too_wide = format_width_over_bound(spec or "")
         if too_wide:
             chk.d.error("PC410", a.template_span, f"'{spec}' pads to {too_wide} characters",
                         f"a field's width and precision are at most {MAX_FORMAT_WIDTH}: each record "
                         "is written per event")
+            sound = False
             continue
         try:
             format(0, spec or "")
         except ValueError:
             chk.d.error("PC410", a.template_span, f"'{spec}' is not a number format", "e.g. {gla:#x} or {vcpu}")
+            sound = False
             continue
         found.append(field_name)
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)), sound

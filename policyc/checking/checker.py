@@ -75,7 +75,12 @@ def assemble(chk: Checking) -> None:
     if chk.root_tree.policy is not None and not chk.units_of(S.Rule):
         chk.d.warning("PC504", chk.span, f"policy '{chk.name}' has no rules: it traps nothing")
     # Once per file, not per item: a policy may hold 100,000 items from a handful of files.
-    files = [display_path(f) for f in dict.fromkeys([chk.root] + [u.file for u in chk.units])]
+    # A file's units share its Path: compared by identity first (hashing a Path is a Python call).
+    distinct = [chk.root]
+    for u in chk.units:
+        if u.file is not distinct[-1]:
+            distinct.append(u.file)
+    files = [display_path(f) for f in dict.fromkeys(distinct)]
     chk.policy = M.Policy(
         name=chk.name, target=chk.target, mode=chk.mode, symbols=tuple(chk.symbol_sources),
         constants=tuple(sorted((k, v.value if isinstance(v, M.Address) else v)

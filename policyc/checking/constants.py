@@ -53,7 +53,10 @@ def fold(chk: Checking, e: S.Expr, stack: list[str] | None = None) -> Value:
     folder = _FOLDS.get(type(e))
     if folder is None:
         raise TypeError(e)
-    return folder(chk, e, stack or [])
+    return folder(chk, e, _NO_STACK if stack is None else stack)
+
+
+_NO_STACK: list[str] = []  # (shared, never changed: a fold that goes deeper passes stack + [name])
 
 
 def _num(chk: Checking, e: S.Num, stack: list[str]) -> Value:
@@ -90,15 +93,53 @@ def _unary(chk: Checking, e: S.Unary, stack: list[str]) -> Value:
 
 
 def _binary(chk: Checking, e: S.Binary, stack: list[str]) -> Value:
-    if e.op in S.COMPARISONS or e.op in ("and", "or"):
+    if e.op in _TRUTHS:
         chk.d.error("PC400", e.span, f"'{e.op}' gives true/false; a number is needed here")
         return None
-    left, right = fold(chk, e.left, stack), fold(chk, e.right, stack)
+    if e.op in OFFSETS and type(e.right) is S.Num and e.right.value <= U64:
+        return _offsets(chk, e, stack)
+    # (`fold` inlined: a region's address is a chain of these, and there are 100,000 regions)
+    left, right = e.left, e.right
+    left = (_FOLDS.get(type(left)) or _unknown)(chk, left, stack)
+    right = (_FOLDS.get(type(right)) or _unknown)(chk, right, stack)
     if left is None or right is None:
         return None
     if left is ABSENT or right is ABSENT:
         return ABSENT
     return _arith(chk, e, left, right)  # type: ignore[arg-type]
+
+
+_TRUTHS = S.COMPARISONS | {"and", "or"}
+OFFSETS = frozenset({"+", "-"})  # (the operators `_offsets` folds a chain of; a test empties it)
+
+
+def _offsets(chk: Checking, e: S.Binary, stack: list[str]) -> Value:
+    """`x + n - m ...`, numbers (that fit in 64 bits) added to or taken from one operand, as `_binary`
+    folds it step by step, in one loop: the operand first, then each step's arithmetic in turn (a number
+    folds to itself with no diagnostic). Off an address (`symbol S - 0x1000 + 8`, how regions are
+    written), the steps make one Address, not one a step."""
+    steps = []
+    while type(e) is S.Binary and e.op in OFFSETS and type(e.right) is S.Num and e.right.value <= U64:
+        steps.append(e)
+        e = e.left
+    steps.reverse()
+    value = (_FOLDS.get(type(e)) or _unknown)(chk, e, stack)
+    for i, step in enumerate(steps):
+        if value is None or value is ABSENT:
+            return value
+        if type(value) is M.Address:
+            at, parts = value.value, [value.origin]
+            for rest in steps[i:]:
+                n = rest.right.value
+                at = at + n if rest.op == "+" else at - n
+                parts.append(f"{rest.op} 0x{n:x}")
+            return M.Address(at, value.percpu, " ".join(parts))
+        value = _arith(chk, step, value, step.right.value)  # type: ignore[arg-type]
+    return value
+
+
+def _unknown(chk: Checking, e: S.Expr, stack: list[str]) -> Value:
+    raise TypeError(e)
 
 
 def _in_region(chk: Checking, e: S.InRegion, stack: list[str]) -> Value:

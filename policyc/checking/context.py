@@ -28,7 +28,7 @@ U64 = (1 << 64) - 1
 KEYWORD_NAMES = frozenset({"va", "pa", "register", "symbol", "percpu", "not", "on"})
 
 
-@dataclass
+@dataclass(slots=True)
 class Unit:
     """One item with the file it came from."""
     item: S.Item
@@ -72,6 +72,9 @@ class Checking:
     tables: list[SymbolTable] = field(default_factory=list)
     symbol_sources: list[M.SymbolSource] = field(default_factory=list)
     symbols_decl_span: Span | None = None
+    # (name, percpu) -> the address of a symbol looked up without a diagnostic: regions by the 100,000
+    # name the same few symbols, and a look-up goes through every table
+    symbol_addresses: dict[tuple[str, bool], M.Address] = field(default_factory=dict)
     reported_no_symbols: bool = False
     # fold_constants
     const_defs: dict[str, S.Const] = field(default_factory=dict)
@@ -81,15 +84,20 @@ class Checking:
     regions: dict[str, M.Region] = field(default_factory=dict)
     # check_rules
     rules: list[M.Rule] = field(default_factory=list)
+    # (template, trigger kind) -> the fields of a message template checked without an error
+    sound_templates: dict[tuple[str, str | None], tuple[str, ...]] = field(default_factory=dict)
     # assemble
     policy: M.Policy | None = None
 
     by_kind: dict[type, list[Unit]] = field(default_factory=dict)  # the units by their item's class, in order
 
     def __post_init__(self) -> None:
+        trees = {}  # (by identity: a file's units share its tree)
         for u in self.units:
-            self.broken |= u.tree.broken_names
+            trees[id(u.tree)] = u.tree
             self.by_kind.setdefault(type(u.item), []).append(u)
+        for tree in trees.values():
+            self.broken |= tree.broken_names
 
     def units_of(self, kind: type) -> list[Unit]:
         """The units whose item is a `kind` (`S.Rule`, `S.Const`, ...), in source order."""
@@ -112,7 +120,8 @@ def collect_definitions(chk: Checking, kind: type, word: str, defs: dict,
     `refused` reports, or a name defined twice is an error (the first definition stays)."""
     for u in chk.units_of(kind):
         item = u.item
-        if keyword_name(chk, item.name, word, item.span) or (refused is not None and refused(chk, item)):
+        if (item.name in KEYWORD_NAMES and keyword_name(chk, item.name, word, item.span)) or \
+                (refused is not None and refused(chk, item)):
             continue
         if item.name in defs:
             chk.d.error("PC301", item.span, f"{word} '{item.name}' is defined twice",

@@ -40,13 +40,14 @@ def _region(chk: Checking, name: str, stack: list[str]) -> M.Region | None:
     if name in chk.regions:
         return chk.regions[name]
     r = chk.region_defs[name]
-    chain = cycle(stack, name)
+    chain = cycle(stack, name) if stack else None
     if chain is not None:
         chk.d.error("PC315", r.span, f"region '{name}' is defined in terms of itself: {chain}")
         return None
     extents: Extents = []
+    inner = stack + [name]
     for term in r.terms:
-        extents += region_terms(chk, term, stack + [name])
+        extents += region_terms(chk, term, inner)
     region = M.Region(name, tuple(extents), r.span)
     chk.regions[name] = region
     return region

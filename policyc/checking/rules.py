@@ -17,7 +17,7 @@ from ..diagnostics import Span, did_you_mean
 from .actions import check_actions
 from .conditions import condition, reads_event
 from .constants import fold
-from .context import ABSENT, Checking, RuleContext, keyword_name
+from .context import ABSENT, KEYWORD_NAMES, Checking, RuleContext, keyword_name
 from .regions import region_terms
 
 __all__ = ["check_rules"]
@@ -30,7 +30,7 @@ def check_rules(chk: Checking) -> None:
     names: dict[str, Span] = {}
     for u in chk.units_of(S.Rule):
         r = u.item
-        if r.name is not None and keyword_name(chk, r.name, "rule", r.span):
+        if r.name in KEYWORD_NAMES and keyword_name(chk, r.name, "rule", r.span):
             continue
         generated = r.name is None
         name = r.name or _generated_rule_name(u.file, r.span)
@@ -92,7 +92,10 @@ def _memory(chk: Checking, t: S.MemoryTrigger, rule_name: str) -> Checked:
         inline = f"{rule_name}#{i + 1}"
         chk.regions[inline] = M.Region(inline, tuple(region_terms(chk, term, [])), term.span)
         names.append(inline)
-    return M.MemoryTrigger(t.access, tuple(names), t.span), RuleContext("memory")
+    return M.MemoryTrigger(t.access, tuple(names), t.span), _MEMORY
+
+
+_MEMORY = RuleContext("memory")  # (no pass changes a context: one for every memory rule)
 
 
 def _execute(chk: Checking, t: S.ExecuteTrigger, rule_name: str) -> Checked:

@@ -34,6 +34,9 @@ def load_symbols(chk: Checking) -> None:
 
 def lookup_symbol(chk: Checking, ref: S.SymbolRef) -> Value:
     """The symbol's address in the first table that has it; ABSENT for a missing optional symbol."""
+    known = chk.symbol_addresses.get((ref.name, ref.percpu))
+    if known is not None:  # looked up before, and nothing to report of it
+        return known
     if not chk.tables:
         if chk.symbols_decl_span is None and not chk.reported_no_symbols:
             chk.reported_no_symbols = True
@@ -59,7 +62,10 @@ def lookup_symbol(chk: Checking, ref: S.SymbolRef) -> Value:
                           f"{Path(table.source).name}; the first, 0x{sym.address:x}, is used "
                           f"(also at {', '.join(f'0x{a:x}' for a in others)})",
                           "check that the map matches the guest's kernel, or use an ISF")
-        return M.Address(sym.address, sym.percpu, f"symbol {ref.name}")
+        address = M.Address(sym.address, sym.percpu, f"symbol {ref.name}")
+        if not others:  # (a symbol defined more than once is warned of at each use)
+            chk.symbol_addresses[(ref.name, ref.percpu)] = address
+        return address
     files = ", ".join(Path(t.source).name for t in chk.tables)
     if ref.optional:
         chk.d.warning("PC303", ref.span, f"optional symbol '{ref.name}' is not in {files}: "

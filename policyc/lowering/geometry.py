@@ -94,7 +94,10 @@ def covers(a: Intervals, b: Intervals) -> bool:
 
 
 def measure(a: Intervals) -> int:
-    return sum(hi - lo for lo, hi in a)
+    total = 0
+    for lo, hi in a:  # (a loop, not sum() over a generator: this is asked once a region in several passes)
+        total += hi - lo
+    return total
 
 
 def to_pages(byte_ivs: Intervals) -> Intervals:
@@ -163,7 +166,11 @@ def space_maps_overlap(a: SpaceMap, b: SpaceMap) -> bool:
 
 
 def space_map_measure(m: SpaceMap) -> int:
-    return sum(measure(ivs) for ivs in m.values())
+    total = 0
+    for ivs in m.values():
+        for lo, hi in ivs:
+            total += hi - lo
+    return total
 
 
 class IntervalSet:
@@ -321,6 +328,10 @@ def region_table(policy: M.Policy) -> dict[str, M.Region]:
 def named_region_bytes(policy: M.Policy, name: str) -> SpaceMap:
     """The bytes of the policy's region `name` (KeyError when there is none), computed once per
     policy for every analysis that asks. Shared: callers must not change the lists."""
+    if _REGION_INDEX[0] is policy:  # (asked once a region by each analysis: the common case, inline)
+        found = _REGION_INDEX[2].get(name)
+        if found is not None:
+            return found
     table = region_table(policy)
     found = _REGION_INDEX[2].get(name)
     if found is None:

@@ -19,6 +19,7 @@ passes, then the analyses (`policyc.analyses`), then seals the plan.
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -459,12 +460,24 @@ def _action(a: M.Action) -> dict:
 
 def _sorted_tables(tables: dict) -> dict:
     def order(entries: list) -> list:
-        # Strongest first where it matters to readers; the enforcer runs every match anyway.
-        return sorted(entries, key=lambda e: (-e["priority"], e["rule"]))
+        # Strongest first where it matters to readers; the enforcer runs every match anyway. By name, then
+        # (stable) by priority where priorities differ: the order of the key (-priority, name), without a
+        # tuple an entry.
+        out = sorted(entries, key=_RULE_NAME)
+        if len({e["priority"] for e in out}) > 1:
+            out.sort(key=_NEGATED_PRIORITY)
+        return out
     out = {}
     for kind, table in sorted(tables.items()):
         out[kind] = order(table) if isinstance(table, list) else {k: order(v) for k, v in sorted(table.items())}
     return out
+
+
+_RULE_NAME = operator.itemgetter("rule")
+
+
+def _NEGATED_PRIORITY(entry: dict) -> int:
+    return -entry["priority"]
 
 
 def _rule_summary(r: M.Rule, low: Lowering) -> dict:
