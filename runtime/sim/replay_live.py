@@ -54,6 +54,7 @@ from ..trace import Trace, read_trace
 from ..vm_event_layout import HDR, REGS_X86, U_CPUID, U_CR, U_DEBUG, U_DESC, U_MEM, U_MSR, X86_NAMES, flag_names
 from .guest import CR0, Guest
 from .xen import Op, SimulatedXen
+from .xen_profiles import DESC_OPS
 
 __all__ = ["LiveReplay", "Difference", "DOCUMENTED", "replay_live", "replay_live_files", "trace_excerpt", "load_sample",
            "request_fields", "SAMPLE_FORMAT"]
@@ -62,10 +63,12 @@ SAMPLE_FORMAT = "policyc-live-sample/1"
 OFF_U, OFF_DATA = 24, 56
 _CR_NAME = {index: name for name, index in CR_INDEX.items()}
 _DESC_NAME = {index: name for name, index in DESC_INDEX.items()}
+_LDT_TR = (DESC_INDEX["ldtr"], DESC_INDEX["tr"])
 _U_SS = struct.Struct("<Q")
-# (descriptor, a write) -> the instruction
-_DESC_STEP = {("idtr", False): "sidt", ("idtr", True): "lidt", ("gdtr", False): "sgdt", ("gdtr", True): "lgdt",
-              ("ldtr", False): "sldt", ("ldtr", True): "lldt", ("tr", False): "str", ("tr", True): "ltr"}
+# The simulator's table of the descriptor-table instructions, both ways the replay reads it:
+# (descriptor, a write) -> the instruction, and (an LDTR/TR access, VMX's identity bits 29:28) -> it
+_DESC_STEP = {(_DESC_NAME[desc], load): kind for kind, (desc, load, _identity) in DESC_OPS.items()}
+_DESC_BY_IDENTITY = {(desc in _LDT_TR, identity): kind for kind, (desc, _load, identity) in DESC_OPS.items()}
 _RIP = X86_NAMES.index("rip")
 _REASONS = {RS_MEM_ACCESS: "mem_access", RS_WRITE_CTRLREG: "write_ctrlreg", RS_MOV_TO_MSR: "mov_to_msr",
             RS_SOFTWARE_BREAKPOINT: "software_breakpoint", RS_SINGLESTEP: "singlestep",
@@ -185,8 +188,7 @@ def request_fields(raw: bytes, view_of: Mapping[int, int] | None = None) -> dict
         out.update(descriptor=_DESC_NAME.get(desc, desc), is_write=is_write, instr_info=info,
                    exit_qualification=qual)
         # VMX's VM-exit instruction information: bits 29:28 say which instruction
-        names = ("sldt", "str", "lldt", "ltr") if desc in (3, 4) else ("sgdt", "sidt", "lgdt", "lidt")
-        out["instruction"] = names[(info >> 28) & 3]
+        out["instruction"] = _DESC_BY_IDENTITY[(desc in _LDT_TR, (info >> 28) & 3)]
     out["rip"] = REGS_X86.unpack_from(raw, OFF_DATA)[_RIP]
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...native.constants import DESC_INDEX
 from ...targets import TARGETS, runs_on
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ INSN_LENGTH = {"read": 4, "write": 4, "rmw": 5, "exec": 1, "write_cr": 3, "wrmsr
                "remap": 4}
 # The descriptor-table instructions: (VM_EVENT_DESC_* index, a load, the identity VMX's instruction
 # information gives it in bits 29:28: SGDT/SIDT/LGDT/LIDT, SLDT/STR/LLDT/LTR).
-DESC_OPS = {"sgdt": (2, False, 0), "sidt": (1, False, 1), "lgdt": (2, True, 2), "lidt": (1, True, 3),
-            "sldt": (3, False, 0), "str": (4, False, 1), "lldt": (3, True, 2), "ltr": (4, True, 3)}
+_IDTR, _GDTR, _LDTR, _TR = (DESC_INDEX[n] for n in ("idtr", "gdtr", "ldtr", "tr"))
+DESC_OPS = {"sgdt": (_GDTR, False, 0), "sidt": (_IDTR, False, 1), "lgdt": (_GDTR, True, 2), "lidt": (_IDTR, True, 3),
+            "sldt": (_LDTR, False, 0), "str": (_TR, False, 1), "lldt": (_LDTR, True, 2), "ltr": (_TR, True, 3)}
 X86_ONLY = frozenset({"write_cr", "wrmsr", *DESC_OPS, "cpuid", "int3", "icebp",
                       "trap_flag"})
 
