@@ -381,8 +381,8 @@ class _Reader:
                 continue
             if number:
                 last = col + len(number) - 1
-                node: S.Expr = S.Num(int(number, 16 if number[:2] in ("0x", "0X") else 10),
-                                     16 if number[:2] in ("0x", "0X") else 10, Span(path, line, col, line, last))
+                radix = 16 if number[:2] in ("0x", "0X") else 10
+                node: S.Expr = S.Num(int(number, radix), radix, Span(path, line, col, line, last))
             elif sym:
                 last = col + len(symbol) + len(sym) - 1
                 node = S.SymbolRef(sym, False, False, Span(path, line, col, line, last))
