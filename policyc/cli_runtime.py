@@ -225,9 +225,9 @@ def _bundle_poller(args: argparse.Namespace, outputs: Any) -> Any:
 
 
 def _address(text: str) -> int:
-    """A non-negative address, decimal or 0x-hex (argparse turns the ValueError into a usage error)."""
+    """A 64-bit address, decimal or 0x-hex (argparse turns the ValueError into a usage error)."""
     value = int(text, 0)
-    if value < 0:
+    if not 0 <= value < 1 << 64:
         raise ValueError(text)
     return value
 

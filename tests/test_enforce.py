@@ -194,6 +194,8 @@ def test_run_in_audit_mode_lets_everything_through_and_says_what_it_would_deny(t
     (["replay", "no-trace.jsonl", "--policy", str(KERNEL_INTEGRITY)], "cannot read"),
     (["run", "--guest", "sim:rootkit-hooks-syscall-table", "--slide", "0"], "a simulated guest's slide is its scenario's"),
     (["run", "--guest", "xen:1", "--slide", "0x1z"], "--slide: invalid address value"),
+    (["run", "--guest", "xen:1", "--slide", "0x10000000000000000"], "--slide: invalid address value"),
+    (["run", "--guest", "xen:1", "--slide", "-4096"], "--slide: invalid address value"),
 ])
 def test_usage_errors_are_one_clear_line(argv, message):
     code, _out, err = cli(*argv)
